@@ -1,0 +1,1 @@
+"""One module per backend; ``lstm_multi.registry`` imports them on demand."""

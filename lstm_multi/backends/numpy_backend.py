@@ -1,0 +1,47 @@
+"""NumPy backend: a Python time loop over the spec, hand-written backpropagation.
+
+Also the reference path for the CuPy backend, which runs this same code with
+CuPy as the array module.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from .. import bptt, network
+from ..cell import FunctionalCell
+from ..ops import ArrayModuleOps
+
+
+def unavailable_reason():
+    return None
+
+
+class ArrayModuleCell(FunctionalCell):
+    """A cell over a NumPy-like module: forward records a tape, vjp replays it backwards."""
+
+    def _forward(self, params, x, h0, c0, lengths):
+        y, h_n, c_n, _, _ = network.forward(
+            self.ops, self.variant, params, x, h0, c0, lengths, network.loop_direction
+        )
+        return y, h_n, c_n
+
+    def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n):
+        record = functools.partial(network.loop_direction, record=True)
+        _, _, _, tapes, layout = network.forward(
+            self.ops, self.variant, params, x, h0, c0, lengths, record
+        )
+        return bptt.backward(self.ops, self.variant, params, tapes, layout, dy, dh_n, dc_n)
+
+
+class Cell(ArrayModuleCell):
+    __doc__ = FunctionalCell.__doc__
+    backend = "numpy"
+    ops = ArrayModuleOps(np)
+
+    def _to_backend(self, array, name):
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"{name}: expected a numpy array, got {type(array).__name__}")
+        return array

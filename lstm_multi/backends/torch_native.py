@@ -1,0 +1,48 @@
+"""The plain LSTM on PyTorch's own kernel (``torch._VF.lstm``, cuDNN on CUDA).
+
+Canonical parameters map onto ``torch.nn.LSTM``'s as weight_ih = W^T,
+weight_hh = U^T, bias_ih = b, bias_hh = 0. Variable lengths go through
+``pack_padded_sequence`` exactly as ``nn.LSTM`` users do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+
+def supports(variant):
+    return variant.name == "lstm"
+
+
+def flat_weights(params):
+    """Canonical params -> nn.LSTM's flat list [w_ih, w_hh, b_ih, b_hh] per layer-direction."""
+    flat = []
+    for layer in params:
+        for p in layer:
+            flat += [p["W"].T, p["U"].T, p["b"], torch.zeros_like(p["b"])]
+    return flat
+
+
+def run_flat(weights, x, h0, c0, lengths, num_layers, bidirectional, has_bias=True, dropout=0.0, training=False):
+    """Time-major x (T, B, in) through ``_VF.lstm``; returns (y, h_n, c_n)."""
+    if lengths is None:
+        y, h_n, c_n = torch._VF.lstm(
+            x, (h0, c0), weights, has_bias, num_layers, dropout, training, bidirectional, False
+        )
+        return y, h_n, c_n
+    packed = pack_padded_sequence(x, lengths.detach().cpu().to(torch.int64), enforce_sorted=False)
+    order, inverse = packed.sorted_indices, packed.unsorted_indices
+    state = (h0.index_select(1, order.to(h0.device)), c0.index_select(1, order.to(c0.device)))
+    data, h_n, c_n = torch._VF.lstm(
+        packed.data, packed.batch_sizes, state, weights, has_bias, num_layers, dropout, training,
+        bidirectional,
+    )
+    out = PackedSequence(data, packed.batch_sizes, order, inverse)
+    y, _ = pad_packed_sequence(out, total_length=x.shape[0])
+    inverse = inverse.to(h_n.device)
+    return y, h_n.index_select(1, inverse), c_n.index_select(1, inverse)
+
+
+def forward(params, x, h0, c0, lengths):
+    return run_flat(flat_weights(params), x, h0, c0, lengths, len(params), len(params[0]) == 2)

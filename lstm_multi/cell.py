@@ -1,0 +1,217 @@
+"""The functional LSTM cell every backend exposes.
+
+A backend subclasses ``FunctionalCell`` and gives its ``ops``, its array
+conversion, and ``_forward`` / ``_vjp`` (the time loop and how gradients are
+taken). Everything else, the constructor, the canonical parameters, checking
+and converting inputs and the batch/time layout, is here, once.
+
+Shapes (B batch, T time, H hidden_size, L num_layers, D 1 or 2 directions)::
+
+    x        (B, T, input_size) if batch_first else (T, B, input_size)
+    y        (B, T, D * H)      if batch_first else (T, B, D * H)
+    h0, c0, h_n, c_n   (L * D, B, H)
+    lengths  (B,) integers in 1..T, or None for full sequences
+    params[layer][direction] = {"W": (in, 4H), "U": (H, 4H), "b": (4H,), ...}
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import spec, validation
+from .ops import ArrayModuleOps
+
+_NUMPY_OPS = ArrayModuleOps(np)
+
+
+class FunctionalCell:
+    """A multi-layer, optionally bidirectional LSTM as pure functions of its parameters.
+
+    Arguments:
+        input_size: features of x.
+        hidden_size: H, the width of h and c.
+        variant: "lstm", "peephole" or "peephole_full" (see ``lstm_multi.spec``).
+        num_layers: stacked layers; layer k > 0 reads the outputs of layer k - 1.
+        bidirectional: add a direction that reads each sequence reversed.
+        batch_first: x and y are (B, T, F) if True, (T, B, F) if False.
+
+    ``cell(params, x, state=None, lengths=None)`` returns ``y, (h_n, c_n)``;
+    ``cell.vjp(params, x, dy, ...)`` returns the gradients of
+    ``sum(y * dy) + sum(h_n * dh_n) + sum(c_n * dc_n)``.
+    """
+
+    backend = ""
+    ops = _NUMPY_OPS
+
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        variant="lstm",
+        num_layers=1,
+        bidirectional=False,
+        batch_first=True,
+    ):
+        self.input_size = validation.check_positive_int("input_size", input_size)
+        self.hidden_size = validation.check_positive_int("hidden_size", hidden_size)
+        self.num_layers = validation.check_positive_int("num_layers", num_layers)
+        self.bidirectional = validation.check_bool("bidirectional", bidirectional)
+        self.batch_first = validation.check_bool("batch_first", batch_first)
+        self.variant = spec.get_variant(variant)
+
+    def __repr__(self):
+        return (
+            f"{type(self).__name__}(input_size={self.input_size}, hidden_size={self.hidden_size}, "
+            f"variant={self.variant.name!r}, num_layers={self.num_layers}, "
+            f"bidirectional={self.bidirectional}, batch_first={self.batch_first})"
+        )
+
+    @property
+    def num_directions(self):
+        return 2 if self.bidirectional else 1
+
+    def param_shapes(self):
+        """Canonical shapes: ``shapes[layer][direction] = {"W": ..., "U": ..., "b": ...}``."""
+        return [
+            [
+                spec.param_shapes(
+                    self.variant,
+                    spec.layer_input_size(layer, self.input_size, self.hidden_size, self.num_directions),
+                    self.hidden_size,
+                )
+                for _ in range(self.num_directions)
+            ]
+            for layer in range(self.num_layers)
+        ]
+
+    def state_shape(self, batch):
+        return (self.num_layers * self.num_directions, batch, self.hidden_size)
+
+    # parameters ---------------------------------------------------------------
+
+    def init(self, seed=0, dtype="float32"):
+        """Fresh parameters, U(-1/sqrt(H), 1/sqrt(H)); the same seed gives the same
+        numbers on every backend."""
+        dtype = str(dtype).removeprefix("torch.")
+        validation.check_float_dtype("dtype", dtype)
+        self._check_dtype_supported("dtype", dtype)
+        np_dtype = "float32" if dtype == "bfloat16" else dtype  # NumPy has no bfloat16
+        np_params = spec.init_params(
+            self.variant, self.input_size, self.hidden_size, self.num_layers,
+            self.num_directions, seed, np_dtype,
+        )
+        params = self.from_numpy(np_params)
+        return params if dtype == np_dtype else self._cast(params, dtype)
+
+    def from_numpy(self, np_params):
+        """Canonical NumPy parameters -> this backend's arrays (same structure)."""
+        validation.check_params(_NUMPY_OPS, np_params, self.param_shapes())
+        return self._map(lambda name, a: self._to_backend(np.asarray(a), name), np_params)
+
+    def to_numpy(self, params):
+        """This backend's parameters -> canonical NumPy arrays."""
+        validation.check_params(self.ops, params, self.param_shapes())
+        return self._map(lambda name, a: self.ops.to_numpy(a), params)
+
+    def _map(self, fn, params):
+        return [
+            [{k: fn(f"params[{l}][{d}][{k!r}]", v) for k, v in p.items()} for d, p in enumerate(layer)]
+            for l, layer in enumerate(params)
+        ]
+
+    def _cast(self, params, dtype):
+        return self._map(lambda name, a: self.ops.astype(a, dtype), params)
+
+    # running ------------------------------------------------------------------
+
+    def __call__(self, params, x, state=None, lengths=None):
+        """Run the network: returns ``y, (h_n, c_n)``."""
+        params, x, h0, c0, lengths = self._prepare(params, x, state, lengths)
+        y, h_n, c_n = self._forward(params, x, h0, c0, lengths)
+        return self._from_time_major(y), (h_n, c_n)
+
+    def vjp(self, params, x, dy, state=None, lengths=None, dh_n=None, dc_n=None):
+        """Gradients of ``sum(y*dy) + sum(h_n*dh_n) + sum(c_n*dc_n)``.
+
+        Returns ``grads, dx, (dh0, dc0)`` with grads in the canonical structure.
+        dh_n and dc_n default to zeros.
+        """
+        params, x, h0, c0, lengths = self._prepare(params, x, state, lengths)
+        dtype = self.ops.dtype_name(x)
+        out_shape = tuple(x.shape[:2]) + (self.num_directions * self.hidden_size,)
+        if self.batch_first:
+            out_shape = (out_shape[1], out_shape[0], out_shape[2])
+        validation.check_array_shape(self.ops, "dy", dy, out_shape, dtype)
+        dy = self._to_time_major(self._to_backend(dy, "dy"))
+        state_shape = h0.shape
+        final = []
+        for name, grad in (("dh_n", dh_n), ("dc_n", dc_n)):
+            if grad is None:
+                final.append(self.ops.zeros(state_shape, x))
+            else:
+                validation.check_array_shape(self.ops, name, grad, state_shape, dtype)
+                final.append(self._to_backend(grad, name))
+        grads, dx, dh0, dc0 = self._vjp(params, x, h0, c0, lengths, dy, *final)
+        return grads, self._from_time_major(dx), (dh0, dc0)
+
+    # backend hooks ------------------------------------------------------------
+
+    def _forward(self, params, x, h0, c0, lengths):
+        """Time-major forward: returns (y, h_n, c_n)."""
+        raise NotImplementedError
+
+    def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n):
+        """Time-major vjp: returns (grads, dx, dh0, dc0)."""
+        raise NotImplementedError
+
+    def _to_backend(self, array, name):
+        """Convert a NumPy or backend array, changing neither dtype nor values."""
+        return self.ops.asarray(array)
+
+    def _check_dtype_supported(self, name, dtype_name):
+        """Raise if this backend cannot compute in ``dtype_name`` here."""
+
+    def _concrete(self, array):
+        """The values of ``array`` as NumPy, or None where they are not known yet (tracing)."""
+        return self.ops.to_numpy(array)
+
+    # input handling -----------------------------------------------------------
+
+    def _to_time_major(self, x):
+        return self.ops.swap_batch_time(x) if self.batch_first else x
+
+    _from_time_major = _to_time_major
+
+    def _prepare(self, params, x, state, lengths):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"x: expected an array, got {type(x).__name__}")
+        validation.check_input(self.ops, x, self.input_size, self.batch_first)
+        dtype = self.ops.dtype_name(x)
+        self._check_dtype_supported("x", dtype)
+        validation.check_params(self.ops, params, self.param_shapes(), dtype)
+        x = self._to_time_major(self._to_backend(x, "x"))
+        steps, batch = x.shape[0], x.shape[1]
+        params = self._map(self._to_backend_if_needed, params)
+        if state is None:
+            h0 = c0 = self.ops.zeros(self.state_shape(batch), x)
+        else:
+            validation.check_state(self.ops, state, self.state_shape(batch), dtype)
+            h0, c0 = (self._to_backend(s, n) for s, n in zip(state, ("state h0", "state c0")))
+        if lengths is not None:
+            lengths = self._prepare_lengths(lengths, steps, batch, x)
+        return params, x, h0, c0, lengths
+
+    def _to_backend_if_needed(self, name, array):
+        return array if self.ops.is_array(array) else self._to_backend(array, name)
+
+    def _prepare_lengths(self, lengths, steps, batch, like):
+        if isinstance(lengths, (list, tuple)):
+            lengths = np.asarray(lengths)
+        if not hasattr(lengths, "shape") or not hasattr(lengths, "dtype"):
+            raise TypeError(f"lengths: expected an array of integers, got {type(lengths).__name__}")
+        validation.check_lengths_shape(self.ops.dtype_name(lengths), lengths.shape, batch)
+        lengths = self._to_backend(lengths, "lengths")
+        values = self._concrete(lengths)
+        if values is not None:
+            validation.check_lengths_values(values, steps)
+        return self.ops.on_device_of(lengths, like)

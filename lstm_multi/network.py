@@ -1,0 +1,113 @@
+"""Stacked, bidirectional, variable-length LSTM networks, written against ``ops``.
+
+Layer semantics are ``torch.nn.LSTM``'s. Arrays are time-major here:
+x (T, B, in), states (L * D, B, H), y (T, B, D * H), where L is the number of
+layers and D the number of directions. Direction 1 reads each sequence reversed
+over its own valid steps, which this module does by a permutation of the time
+axis (``reverse``) around an ordinary forward run; the permutation is its own
+inverse, so outputs and gradients are mapped back by the same gather.
+
+The time loop over one direction (``run_direction``) is the backend's choice: a
+Python loop (``loop_direction``), ``jax.lax.scan``, or a native kernel.
+"""
+
+from __future__ import annotations
+
+from . import spec
+
+
+class TimeLayout:
+    """Where each sequence is valid, and the permutation that reverses it.
+
+    valid: (T, B, 1) booleans, t < lengths[n]; None when every sequence is full.
+    reverse_index: (T, B, 1) integers, lengths[n] - 1 - t inside the sequence
+    and t past it; None when every sequence is full (a plain flip then).
+    """
+
+    def __init__(self, ops, steps, lengths):
+        self.valid = None
+        self.reverse_index = None
+        if lengths is not None:
+            t = ops.reshape(ops.arange(steps, lengths), (steps, 1))
+            n = ops.reshape(lengths, (1, lengths.shape[0]))
+            valid = t < n
+            self.valid = ops.reshape(valid, (steps, lengths.shape[0], 1))
+            index = ops.where(valid, n - 1 - t, t)
+            self.reverse_index = ops.reshape(index, (steps, lengths.shape[0], 1))
+
+    def reverse(self, ops, xs):
+        """Reverse each sequence of (T, B, F) within its valid steps."""
+        if self.reverse_index is None:
+            return ops.flip_time(xs)
+        return ops.take_time(xs, self.reverse_index)
+
+
+def input_projection(ops, xs, p):
+    """x_t W + b for every step at once: (T, B, in) -> (T, B, 4H)."""
+    return xs @ p["W"] + p["b"]
+
+
+def extra_params(p):
+    """The parameters beyond W, U, b (the variant's own, such as peepholes)."""
+    return {k: v for k, v in p.items() if k not in ("W", "U", "b")}
+
+
+def loop_direction(ops, variant, p, xs, h0, c0, valid, record=False):
+    """Run one direction over time in a Python loop.
+
+    xs: (T, B, in); h0, c0: (B, H); valid: (T, B, 1) or None.
+    Returns (ys (T, B, H), h_T, c_T, tape); the tape (for ``backward_direction``)
+    is None unless ``record``. Past a sequence's length its state is carried
+    unchanged and its output is zero.
+    """
+    zxs = ops.unstack_time(input_projection(ops, xs, p))
+    U_eff = spec.recurrent_weight(ops, variant, p["U"])
+    extra = extra_params(p)
+    h, c = h0, c0
+    ys, caches, rs = [], [], []
+    for t, zx in enumerate(zxs):
+        if record:
+            rs.append(h if variant.recurrent_state == "h" else c)
+        h_new, c_new, cache = spec.step_forward(ops, variant, zx, h, c, U_eff, extra)
+        if valid is None:
+            h, c = h_new, c_new
+            ys.append(h_new)
+        else:
+            v = valid[t]
+            h, c = ops.where(v, h_new, h), ops.where(v, c_new, c)
+            ys.append(ops.where(v, h_new, ops.zeros_like(h_new)))
+        if record:
+            caches.append(cache)
+    tape = (xs, rs, caches) if record else None
+    return ops.stack(ys, 0), h, c, tape
+
+
+def forward(ops, variant, params, x, h0, c0, lengths, run_direction, between_layers=None):
+    """The whole network forward.
+
+    x: (T, B, in); h0, c0: (L * D, B, H); lengths: (B,) integers or None.
+    ``run_direction(ops, variant, p, xs, h0, c0, valid)`` returns
+    (ys, h_T, c_T, tape). ``between_layers`` (such as dropout) is applied to the
+    input of every layer after the first.
+    Returns (y (T, B, D * H), h_n, c_n, tapes[layer][direction], layout).
+    """
+    variant = spec.get_variant(variant)
+    num_directions = len(params[0])
+    layout = TimeLayout(ops, x.shape[0], lengths)
+    layer_input = x
+    h_n, c_n, tapes = [], [], []
+    for layer, layer_params in enumerate(params):
+        if layer > 0 and between_layers is not None:
+            layer_input = between_layers(layer_input)
+        outputs, layer_tapes = [], []
+        for direction, p in enumerate(layer_params):
+            k = layer * num_directions + direction
+            xs = layer_input if direction == 0 else layout.reverse(ops, layer_input)
+            ys, h, c, tape = run_direction(ops, variant, p, xs, h0[k], c0[k], layout.valid)
+            outputs.append(ys if direction == 0 else layout.reverse(ops, ys))
+            h_n.append(h)
+            c_n.append(c)
+            layer_tapes.append(tape)
+        layer_input = outputs[0] if num_directions == 1 else ops.concat(outputs, -1)
+        tapes.append(layer_tapes)
+    return layer_input, ops.stack(h_n, 0), ops.stack(c_n, 0), tapes, layout

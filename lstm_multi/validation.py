@@ -1,0 +1,123 @@
+"""Input checks shared by every backend.
+
+Each check raises with the argument's name, what was expected and what was
+received. Nothing is cast, truncated or broadcast to make an input fit. The
+checks read only ``.shape`` and ``.dtype`` (through ``ops``), so they work on
+every framework's arrays, including traced JAX arrays.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from .ops import FLOAT_DTYPES
+
+
+def check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+def check_float_dtype(name, dtype_name):
+    if dtype_name not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype {FLOAT_DTYPES}, got {dtype_name}")
+
+
+def check_input(ops, x, input_size, batch_first):
+    """x must be (B, T, in) if batch_first else (T, B, in), of a floating dtype."""
+    layout = "(batch, time, input_size)" if batch_first else "(time, batch, input_size)"
+    shape = tuple(x.shape)
+    if len(shape) != 3:
+        raise ValueError(f"x: expected a 3-d array {layout}, got shape {shape}")
+    if shape[2] != input_size:
+        raise ValueError(
+            f"x: expected input_size {input_size} on the last axis {layout}, got shape {shape}"
+        )
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"x: expected at least one step and one sequence {layout}, got {shape}")
+    check_float_dtype("x", ops.dtype_name(x))
+
+
+def check_same_dtype(ops, name, array, dtype_name):
+    got = ops.dtype_name(array)
+    if got != dtype_name:
+        raise TypeError(f"{name}: expected dtype {dtype_name} (the dtype of x), got {got}")
+
+
+def check_state(ops, state, expected_shape, dtype_name, name="state"):
+    """state must be a pair (h0, c0), each of ``expected_shape``."""
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise TypeError(f"{name}: expected a pair (h0, c0), got {type(state).__name__}")
+    for part, array in zip(("h0", "c0") if name == "state" else ("dh_n", "dc_n"), state):
+        check_array_shape(ops, f"{name} {part}", array, expected_shape, dtype_name)
+
+
+def check_array_shape(ops, name, array, expected_shape, dtype_name):
+    if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+        raise TypeError(f"{name}: expected an array, got {type(array).__name__}")
+    if tuple(array.shape) != tuple(expected_shape):
+        raise ValueError(
+            f"{name}: expected shape {tuple(expected_shape)}, got {tuple(array.shape)}"
+        )
+    check_same_dtype(ops, name, array, dtype_name)
+
+
+def check_lengths_shape(lengths_dtype_name, shape, batch):
+    if tuple(shape) != (batch,):
+        raise ValueError(f"lengths: expected shape ({batch},) (one per sequence), got {tuple(shape)}")
+    if not (lengths_dtype_name.startswith("int") or lengths_dtype_name.startswith("uint")):
+        raise TypeError(f"lengths: expected integers, got dtype {lengths_dtype_name}")
+
+
+def check_lengths_values(values, steps):
+    """Every length must lie in 1..T (``values`` a NumPy array)."""
+    bad = [int(v) for v in values if v < 1 or v > steps]
+    if bad:
+        raise ValueError(f"lengths: expected every value in 1..{steps} (T), got {bad[:5]}")
+
+
+def check_params(ops, params, expected_shapes, dtype_name=None, name="params"):
+    """params[layer][direction] must be a dict of exactly the expected keys and shapes."""
+    layers, directions = len(expected_shapes), len(expected_shapes[0])
+    if not isinstance(params, (list, tuple)) or len(params) != layers:
+        raise ValueError(
+            f"{name}: expected a list of {layers} layer(s), "
+            f"got {type(params).__name__} of length {_length(params)}"
+        )
+    for layer, (layer_params, layer_shapes) in enumerate(zip(params, expected_shapes)):
+        if not isinstance(layer_params, (list, tuple)) or len(layer_params) != directions:
+            raise ValueError(
+                f"{name}[{layer}]: expected a list of {directions} direction(s), "
+                f"got {type(layer_params).__name__} of length {_length(layer_params)}"
+            )
+        for direction, (p, shapes) in enumerate(zip(layer_params, layer_shapes)):
+            where = f"{name}[{layer}][{direction}]"
+            if not isinstance(p, dict) or set(p) != set(shapes):
+                got = sorted(p) if isinstance(p, dict) else type(p).__name__
+                raise ValueError(f"{where}: expected a dict with keys {sorted(shapes)}, got {got}")
+            for key, shape in shapes.items():
+                array = p[key]
+                if not hasattr(array, "shape"):
+                    raise TypeError(f"{where}[{key!r}]: expected an array, got {type(array).__name__}")
+                if tuple(array.shape) != shape:
+                    raise ValueError(
+                        f"{where}[{key!r}]: expected shape {shape}, got {tuple(array.shape)}"
+                    )
+                if dtype_name is not None:
+                    check_same_dtype(ops, f"{where}[{key!r}]", array, dtype_name)
+                else:
+                    check_float_dtype(f"{where}[{key!r}]", ops.dtype_name(array))
+
+
+def _length(value):
+    try:
+        return len(value)
+    except TypeError:
+        return "n/a"
