@@ -28,6 +28,15 @@ class ArrayModuleOps:
     def tanh(self, z):
         return self.xp.tanh(z)
 
+    # the gate math of one step; a backend overrides these with fused kernels
+    def gates_forward(self, variant, z, c_prev, extra):
+        """``variant.gates_forward`` (see ``lstm_multi.spec``), or a fused equivalent."""
+        return variant.gates_forward(self, z, c_prev, extra)
+
+    def gates_backward(self, variant, dh, dc, cache, extra):
+        """``variant.gates_backward``, or a fused equivalent."""
+        return variant.gates_backward(self, dh, dc, cache, extra)
+
     # construction and shape
     def zeros(self, shape, like):
         return self.xp.zeros(shape, dtype=like.dtype)

@@ -252,7 +252,7 @@ def step_forward(ops, variant, zx, h_prev, c_prev, U_eff, extra):
     Returns (h_t, c_t, GateCache).
     """
     r = h_prev if variant.recurrent_state == "h" else c_prev
-    return variant.gates_forward(ops, zx + r @ U_eff, c_prev, extra)
+    return ops.gates_forward(variant, zx + r @ U_eff, c_prev, extra)
 
 
 def step_backward(ops, variant, dh, dc, cache, U_eff, extra):
@@ -262,7 +262,7 @@ def step_backward(ops, variant, dh, dc, cache, U_eff, extra):
     gradient of zx; the parameter gradients of W, U, b follow from the stacked
     dz by ``projection_grads``.
     """
-    dz, dc_prev, dextra = variant.gates_backward(ops, dh, dc, cache, extra)
+    dz, dc_prev, dextra = ops.gates_backward(variant, dh, dc, cache, extra)
     dr = dz @ ops.transpose(U_eff)
     if variant.recurrent_state == "h":
         return dz, dr, dc_prev, dextra
