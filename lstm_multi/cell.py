@@ -76,7 +76,9 @@ class FunctionalCell:
             [
                 spec.param_shapes(
                     self.variant,
-                    spec.layer_input_size(layer, self.input_size, self.hidden_size, self.num_directions),
+                    spec.layer_input_size(
+                        layer, self.input_size, self.hidden_size, self.num_directions
+                    ),
                     self.hidden_size,
                 )
                 for _ in range(self.num_directions)
@@ -97,8 +99,13 @@ class FunctionalCell:
         self._check_dtype_supported("dtype", dtype)
         np_dtype = "float32" if dtype == "bfloat16" else dtype  # NumPy has no bfloat16
         np_params = spec.init_params(
-            self.variant, self.input_size, self.hidden_size, self.num_layers,
-            self.num_directions, seed, np_dtype,
+            self.variant,
+            self.input_size,
+            self.hidden_size,
+            self.num_layers,
+            self.num_directions,
+            seed,
+            np_dtype,
         )
         params = self.from_numpy(np_params)
         return params if dtype == np_dtype else self._cast(params, dtype)
@@ -115,7 +122,10 @@ class FunctionalCell:
 
     def _map(self, fn, params):
         return [
-            [{k: fn(f"params[{l}][{d}][{k!r}]", v) for k, v in p.items()} for d, p in enumerate(layer)]
+            [
+                {k: fn(f"params[{l}][{d}][{k!r}]", v) for k, v in p.items()}
+                for d, p in enumerate(layer)
+            ]
             for l, layer in enumerate(params)
         ]
 

@@ -63,7 +63,7 @@ def loop_direction(ops, variant, p, xs, h0, c0, valid, record=False):
     zxs = ops.unstack_time(input_projection(ops, xs, p))
     U_eff = spec.recurrent_weight(ops, variant, p["U"])
     extra = extra_params(p)
-    h, c = h0, c0
+    h, c = h0, ops.cast(c0, ops.state_dtype(ops.dtype_name(c0)))  # float32 for half inputs
     ys, caches, rs = [], [], []
     for t, zx in enumerate(zxs):
         if record:
@@ -79,7 +79,7 @@ def loop_direction(ops, variant, p, xs, h0, c0, valid, record=False):
         if record:
             caches.append(cache)
     tape = (xs, rs, caches) if record else None
-    return ops.stack(ys, 0), h, c, tape
+    return ops.stack(ys, 0), h, ops.cast(c, ops.dtype_name(c0)), tape
 
 
 def forward(ops, variant, params, x, h0, c0, lengths, run_direction, between_layers=None):

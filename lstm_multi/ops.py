@@ -10,6 +10,8 @@ and CuPy); the torch and jax backends subclass it where their names differ.
 from __future__ import annotations
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+#: half-precision dtypes; for these the gate math runs in float32 (see ``state_dtype``)
+HALF_DTYPES = ("float16", "bfloat16")
 
 
 class ArrayModuleOps:
@@ -29,13 +31,54 @@ class ArrayModuleOps:
         return self.xp.tanh(z)
 
     # the gate math of one step; a backend overrides these with fused kernels
+    #
+    # Half precision (float16, bfloat16): the matrix products run in the input
+    # dtype, the gate math in float32, and the cell state c is kept in float32
+    # from step to step (``state_dtype``); h is rounded to the input dtype each
+    # step, and c_n at the end of the sequence.
     def gates_forward(self, variant, z, c_prev, extra):
-        """``variant.gates_forward`` (see ``lstm_multi.spec``), or a fused equivalent."""
-        return variant.gates_forward(self, z, c_prev, extra)
+        """``variant.gates_forward`` (see ``lstm_multi.spec``), or a fused equivalent.
+
+        Returns h in z's dtype and c (and the cache) in ``state_dtype`` of it.
+        """
+        io = self.dtype_name(z)
+        state = self.state_dtype(io)
+        if state == io:
+            return variant.gates_forward(self, z, c_prev, extra)
+        extra = {k: self.cast(v, state) for k, v in extra.items()}
+        h, c, cache = variant.gates_forward(
+            self, self.cast(z, state), self.cast(c_prev, state), extra
+        )
+        return self.cast(h, io), c, cache
 
     def gates_backward(self, variant, dh, dc, cache, extra):
-        """``variant.gates_backward``, or a fused equivalent."""
-        return variant.gates_backward(self, dh, dc, cache, extra)
+        """``variant.gates_backward``, or a fused equivalent.
+
+        dz comes back in dh's dtype, dc_{t-1} in ``state_dtype``, the extra
+        grads in their parameters' dtypes.
+        """
+        io = self.dtype_name(dh)
+        state = self.state_dtype(io)
+        if state == io and self.dtype_name(dc) == io:
+            return variant.gates_backward(self, dh, dc, cache, extra)
+        extra_state = {k: self.cast(v, state) for k, v in extra.items()}
+        dz, dc_prev, dextra = variant.gates_backward(
+            self, self.cast(dh, state), self.cast(dc, state), cache, extra_state
+        )
+        dextra = {k: self.cast(g, self.dtype_name(extra[k])) for k, g in dextra.items()}
+        return self.cast(dz, io), dc_prev, dextra
+
+    def add_matmul(self, z, a, b):
+        """``z + a @ b``, with ``a`` first cast to b's dtype.
+
+        ``z`` is the caller's scratch (one step's slice of the input
+        projection): a backend may accumulate into it in place and return it.
+        """
+        return z + self.cast(a, self.dtype_name(b)) @ b
+
+    def state_dtype(self, dtype_name):
+        """The dtype the cell state and gate math use for inputs of ``dtype_name``."""
+        return "float32" if dtype_name in HALF_DTYPES else dtype_name
 
     # construction and shape
     def zeros(self, shape, like):
@@ -100,3 +143,7 @@ class ArrayModuleOps:
 
     def astype(self, x, dtype_name):
         return x.astype(dtype_name)
+
+    def cast(self, x, dtype_name):
+        """``x`` in ``dtype_name``; ``x`` itself when it already is."""
+        return x if self.dtype_name(x) == dtype_name else self.astype(x, dtype_name)

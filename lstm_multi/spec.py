@@ -146,9 +146,7 @@ class PeepholeLSTM(Variant):
         dzf = dc * c_prev * f * (1 - f)
         dzg = dc * i * (1 - g * g)
         dc_prev = dc * f + dzi * p[0] + dzf * p[1]
-        dp = ops.stack(
-            [ops.sum(dzi * c_prev, 0), ops.sum(dzf * c_prev, 0), ops.sum(dzo * c, 0)], 0
-        )
+        dp = ops.stack([ops.sum(dzi * c_prev, 0), ops.sum(dzf * c_prev, 0), ops.sum(dzo * c, 0)], 0)
         return ops.concat([dzi, dzf, dzg, dzo], -1), dc_prev, {"p": dp}
 
 
@@ -175,7 +173,9 @@ class FullPeepholeLSTM(Variant):
         return ops.concat([dzi, dzf, dzg, dzo], -1), dc * f, {}
 
 
-VARIANTS: dict[str, Variant] = {v.name: v for v in (PlainLSTM(), PeepholeLSTM(), FullPeepholeLSTM())}
+VARIANTS: dict[str, Variant] = {
+    v.name: v for v in (PlainLSTM(), PeepholeLSTM(), FullPeepholeLSTM())
+}
 
 
 def get_variant(name) -> Variant:
@@ -185,9 +185,7 @@ def get_variant(name) -> Variant:
     try:
         return VARIANTS[name]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"variant: expected one of {sorted(VARIANTS)}, got {name!r}"
-        ) from None
+        raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {name!r}") from None
 
 
 def param_shapes(variant, layer_input_size: int, hidden_size: int) -> dict[str, tuple[int, ...]]:
@@ -232,7 +230,8 @@ def recurrent_mask(ops, variant, hidden_size, like):
     if not variant.unused_recurrent_gates:
         return None
     blocks = [
-        ops.zeros((hidden_size,), like) if gate in variant.unused_recurrent_gates
+        ops.zeros((hidden_size,), like)
+        if gate in variant.unused_recurrent_gates
         else ops.zeros((hidden_size,), like) + 1
         for gate in GATE_ORDER
     ]
@@ -248,11 +247,12 @@ def recurrent_weight(ops, variant, U):
 def step_forward(ops, variant, zx, h_prev, c_prev, U_eff, extra):
     """One step: z = zx + r U_eff, then the gate math.
 
-    zx: (B, 4H) input half of the preactivations, x_t W + b.
+    zx: (B, 4H) input half of the preactivations, x_t W + b; the step may
+    overwrite it (``ops.add_matmul``), so it must be scratch of the caller.
     Returns (h_t, c_t, GateCache).
     """
     r = h_prev if variant.recurrent_state == "h" else c_prev
-    return ops.gates_forward(variant, zx + r @ U_eff, c_prev, extra)
+    return ops.gates_forward(variant, ops.add_matmul(zx, r, U_eff), c_prev, extra)
 
 
 def step_backward(ops, variant, dh, dc, cache, U_eff, extra):

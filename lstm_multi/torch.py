@@ -65,7 +65,11 @@ class LSTM(nn.Module):
         self.bias = validation.check_bool("bias", bias)
         self.batch_first = validation.check_bool("batch_first", batch_first)
         self.bidirectional = validation.check_bool("bidirectional", bidirectional)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+        if (
+            isinstance(dropout, bool)
+            or not isinstance(dropout, (int, float))
+            or not 0 <= dropout <= 1
+        ):
             raise ValueError(f"dropout: expected a number in [0, 1], got {dropout!r}")
         if dropout > 0 and num_layers == 1:
             warnings.warn(
@@ -156,14 +160,26 @@ class LSTM(nn.Module):
 
     def to_numpy_params(self):
         """Canonical NumPy parameters (for ``get_cell(...).from_numpy``)."""
-        return [[{k: OPS.to_numpy(v) for k, v in p.items()} for p in layer] for layer in self.canonical_params()]
+        return [
+            [{k: OPS.to_numpy(v) for k, v in p.items()} for p in layer]
+            for layer in self.canonical_params()
+        ]
 
     @torch.no_grad()
     def load_numpy_params(self, np_params):
         """Set the parameters from canonical ones: weight_ih = W^T, weight_hh = U^T,
         bias_ih = b, bias_hh = 0."""
         shapes = [
-            [spec.param_shapes(self.variant, spec.layer_input_size(l, self.input_size, self.hidden_size, self.num_directions), self.hidden_size)] * self.num_directions
+            [
+                spec.param_shapes(
+                    self.variant,
+                    spec.layer_input_size(
+                        l, self.input_size, self.hidden_size, self.num_directions
+                    ),
+                    self.hidden_size,
+                )
+            ]
+            * self.num_directions
             for l in range(self.num_layers)
         ]
         validation.check_params(OPS, np_params, shapes, name="np_params")
@@ -201,9 +217,17 @@ class LSTM(nn.Module):
             raise NotImplementedError(f"lstm: proj_size is not supported, got {lstm.proj_size}")
         weight = lstm.weight_ih_l0
         module = cls(
-            lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias, lstm.batch_first,
-            lstm.dropout, lstm.bidirectional, device=weight.device, dtype=weight.dtype,
-            variant=variant, native=native,
+            lstm.input_size,
+            lstm.hidden_size,
+            lstm.num_layers,
+            lstm.bias,
+            lstm.batch_first,
+            lstm.dropout,
+            lstm.bidirectional,
+            device=weight.device,
+            dtype=weight.dtype,
+            variant=variant,
+            native=native,
         )
         with torch.no_grad():
             for name, value in module.named_parameters():
@@ -221,8 +245,15 @@ class LSTM(nn.Module):
             )
         weight = self.weight_ih_l0
         lstm = nn.LSTM(
-            self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first,
-            self.dropout, self.bidirectional, device=weight.device, dtype=weight.dtype,
+            self.input_size,
+            self.hidden_size,
+            self.num_layers,
+            self.bias,
+            self.batch_first,
+            self.dropout,
+            self.bidirectional,
+            device=weight.device,
+            dtype=weight.dtype,
         )
         lstm.load_state_dict(self.state_dict())
         return lstm
@@ -237,7 +268,9 @@ class LSTM(nn.Module):
             unbatched = False
         else:
             if not isinstance(input, torch.Tensor):
-                raise TypeError(f"input: expected a tensor or PackedSequence, got {type(input).__name__}")
+                raise TypeError(
+                    f"input: expected a tensor or PackedSequence, got {type(input).__name__}"
+                )
             if input.dim() not in (2, 3):
                 raise ValueError(
                     f"input: expected a 2-D (unbatched) or 3-D tensor, got shape {tuple(input.shape)}"
@@ -257,17 +290,34 @@ class LSTM(nn.Module):
         h0, c0 = self._initial_state(hx, x, unbatched)
         if self.native and torch_native.supports(spec.get_variant(self.variant)):
             y, h_n, c_n = torch_native.run_flat(
-                self._flat_weights(), x, h0, c0, lengths, self.num_layers, self.bidirectional,
-                self.bias, self.dropout, self.training,
+                self._flat_weights(),
+                x,
+                h0,
+                c0,
+                lengths,
+                self.num_layers,
+                self.bidirectional,
+                self.bias,
+                self.dropout,
+                self.training,
             )
         else:
             between = None
             if self.dropout > 0 and self.training:
+
                 def between(layer_input):
                     return nn.functional.dropout(layer_input, self.dropout, True)
+
             y, h_n, c_n, _, _ = network.forward(
-                OPS, self.variant, self.canonical_params(), x, h0, c0,
-                None if lengths is None else lengths.to(x.device), network.loop_direction, between,
+                OPS,
+                self.variant,
+                self.canonical_params(),
+                x,
+                h0,
+                c0,
+                None if lengths is None else lengths.to(x.device),
+                network.loop_direction,
+                between,
             )
         if packed:
             order = input.sorted_indices
@@ -277,13 +327,19 @@ class LSTM(nn.Module):
                 data = pack_padded_sequence(
                     y.index_select(1, order), lengths[order.cpu()], enforce_sorted=True
                 ).data
-            return PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices), (h_n, c_n)
+            return PackedSequence(
+                data, input.batch_sizes, input.sorted_indices, input.unsorted_indices
+            ), (h_n, c_n)
         if unbatched:
             return y.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
         return (y.transpose(0, 1) if self.batch_first else y), (h_n, c_n)
 
     def _flat_weights(self):
-        kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if self.bias else ("weight_ih", "weight_hh")
+        kinds = (
+            ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            if self.bias
+            else ("weight_ih", "weight_hh")
+        )
         return [
             self._param(kind, layer, direction)
             for layer in range(self.num_layers)
@@ -305,7 +361,9 @@ class LSTM(nn.Module):
             s = s.unsqueeze(1) if unbatched and s.dim() == 2 else s
             if tuple(s.shape) != shape:
                 expected = (shape[0], shape[2]) if unbatched else shape
-                raise ValueError(f"hx {name}: expected shape {expected}, got {tuple(hx[len(state)].shape)}")
+                raise ValueError(
+                    f"hx {name}: expected shape {expected}, got {tuple(hx[len(state)].shape)}"
+                )
             if s.dtype != x.dtype:
                 raise TypeError(f"hx {name}: expected dtype {x.dtype} (the input's), got {s.dtype}")
             state.append(s)

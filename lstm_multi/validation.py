@@ -71,7 +71,9 @@ def check_array_shape(ops, name, array, expected_shape, dtype_name):
 
 def check_lengths_shape(lengths_dtype_name, shape, batch):
     if tuple(shape) != (batch,):
-        raise ValueError(f"lengths: expected shape ({batch},) (one per sequence), got {tuple(shape)}")
+        raise ValueError(
+            f"lengths: expected shape ({batch},) (one per sequence), got {tuple(shape)}"
+        )
     if not (lengths_dtype_name.startswith("int") or lengths_dtype_name.startswith("uint")):
         raise TypeError(f"lengths: expected integers, got dtype {lengths_dtype_name}")
 
@@ -105,7 +107,9 @@ def check_params(ops, params, expected_shapes, dtype_name=None, name="params"):
             for key, shape in shapes.items():
                 array = p[key]
                 if not hasattr(array, "shape"):
-                    raise TypeError(f"{where}[{key!r}]: expected an array, got {type(array).__name__}")
+                    raise TypeError(
+                        f"{where}[{key!r}]: expected an array, got {type(array).__name__}"
+                    )
                 if tuple(array.shape) != shape:
                     raise ValueError(
                         f"{where}[{key!r}]: expected shape {shape}, got {tuple(array.shape)}"

@@ -1,5 +1,8 @@
 """JAX backend: the spec in ``jax.lax.scan`` under ``jax.jit``, gradients by autodiff.
 
+Arrays live where JAX puts them: on its default device, the first GPU when
+jaxlib has CUDA (``pip install "jax[cuda12]"``) and sees one, else the CPU.
+
 The cell's calls are jitted once per cell and input structure; they are also
 pure functions of their arrays, so a cell can sit inside a user's own
 ``jax.jit``, ``jax.grad`` or ``jax.vmap``. float64 needs JAX's 64-bit mode
@@ -55,8 +58,10 @@ def scan_direction(ops, variant, p, xs, h0, c0, valid):
             jnp.where(v, h_new, jnp.zeros_like(h_new)),
         )
 
-    (h, c), ys = jax.lax.scan(step, (h0, c0), (zxs, valid))
-    return ys, h, c, None
+    # the cell state is carried in float32 for half-precision inputs (ops.state_dtype)
+    c_start = ops.cast(c0, ops.state_dtype(ops.dtype_name(c0)))
+    (h, c), ys = jax.lax.scan(step, (h0, c_start), (zxs, valid))
+    return ys, h, ops.cast(c, ops.dtype_name(c0)), None
 
 
 def x64_enabled():

@@ -33,7 +33,17 @@ class ArrayModuleCell(FunctionalCell):
         _, _, _, tapes, layout = network.forward(
             self.ops, self.variant, params, x, h0, c0, lengths, record
         )
-        return bptt.backward(self.ops, self.variant, params, tapes, layout, dy, dh_n, dc_n)
+        grads, dx, dh0, dc0 = bptt.backward(
+            self.ops, self.variant, params, tapes, layout, dy, dh_n, dc_n
+        )
+        # with half-precision inputs some sums come out in float32 (the cell state's
+        # dtype): give every gradient its primal's dtype
+        cast, dtype = self.ops.cast, self.ops.dtype_name
+        grads = [
+            [{k: cast(g, dtype(p[k])) for k, g in gp.items()} for gp, p in zip(gl, pl, strict=True)]
+            for gl, pl in zip(grads, params, strict=True)
+        ]
+        return grads, cast(dx, dtype(x)), cast(dh0, dtype(h0)), cast(dc0, dtype(c0))
 
 
 class Cell(ArrayModuleCell):

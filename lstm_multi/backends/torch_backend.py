@@ -79,18 +79,25 @@ OPS = TorchOps()
 
 
 class Cell(FunctionalCell):
-    __doc__ = (FunctionalCell.__doc__ or "") + """
+    __doc__ = (
+        (FunctionalCell.__doc__ or "")
+        + """
     Torch only: ``native=True`` (the default) runs the plain variant on PyTorch's
     own LSTM kernel; ``native=False`` always runs the generic spec loop.
     Outputs are differentiable with autograd; tensors may live on any device.
+    ``device`` (such as "cuda") is where the tensors the cell makes from NumPy
+    go (``init``, ``from_numpy``, NumPy inputs); tensors passed in stay where
+    they are, and states and gradients the cell creates follow x.
     """
+    )
 
     backend = "torch"
     ops = OPS
 
-    def __init__(self, *args, native=True, **kwargs):
+    def __init__(self, *args, native=True, device=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.native = bool(native)
+        self.device = None if device is None else torch.device(device)
 
     @property
     def uses_native(self):
@@ -100,7 +107,7 @@ class Cell(FunctionalCell):
         if isinstance(array, torch.Tensor):
             return array
         try:
-            return torch.as_tensor(array)
+            return torch.as_tensor(array, device=self.device)
         except (TypeError, RuntimeError) as error:
             raise TypeError(f"{name}: expected a torch tensor or numpy array ({error})") from None
 
@@ -121,7 +128,9 @@ class Cell(FunctionalCell):
             grads = torch.autograd.grad(
                 (y, h_n, c_n), [*leaves, x, h0, c0], (dy, dh_n, dc_n), allow_unused=True
             )
-        grads = [torch.zeros_like(a) if g is None else g for a, g in zip([*leaves, x, h0, c0], grads)]
+        grads = [
+            torch.zeros_like(a) if g is None else g for a, g in zip([*leaves, x, h0, c0], grads)
+        ]
         it = iter(grads)
         param_grads = self._map(lambda name, a: next(it), params)
         return param_grads, next(it), next(it), next(it)

@@ -24,7 +24,18 @@ def flat_weights(params):
     return flat
 
 
-def run_flat(weights, x, h0, c0, lengths, num_layers, bidirectional, has_bias=True, dropout=0.0, training=False):
+def run_flat(
+    weights,
+    x,
+    h0,
+    c0,
+    lengths,
+    num_layers,
+    bidirectional,
+    has_bias=True,
+    dropout=0.0,
+    training=False,
+):
     """Time-major x (T, B, in) through ``_VF.lstm``; returns (y, h_n, c_n)."""
     if lengths is None:
         y, h_n, c_n = torch._VF.lstm(
@@ -35,7 +46,14 @@ def run_flat(weights, x, h0, c0, lengths, num_layers, bidirectional, has_bias=Tr
     order, inverse = packed.sorted_indices, packed.unsorted_indices
     state = (h0.index_select(1, order.to(h0.device)), c0.index_select(1, order.to(c0.device)))
     data, h_n, c_n = torch._VF.lstm(
-        packed.data, packed.batch_sizes, state, weights, has_bias, num_layers, dropout, training,
+        packed.data,
+        packed.batch_sizes,
+        state,
+        weights,
+        has_bias,
+        num_layers,
+        dropout,
+        training,
         bidirectional,
     )
     out = PackedSequence(data, packed.batch_sizes, order, inverse)

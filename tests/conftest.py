@@ -1,0 +1,96 @@
+"""Shared test setup: hypothesis profiles, JAX float64, backend fixtures, tolerances.
+
+Profiles (HYPOTHESIS_PROFILE=...): "ci" (the default under CI=true; keeps the
+suite within minutes on 2 cores), "dev" (the default elsewhere), "thorough"
+(many more examples, run on demand).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+import lstm_multi
+
+settings.register_profile(
+    "ci", max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "dev", max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "thorough", max_examples=400, deadline=None, suppress_health_check=list(HealthCheck)
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+if importlib.util.find_spec("jax") is not None:
+    import jax
+
+    # float64 agreement needs JAX's 64-bit mode; the error without it is tested in a subprocess.
+    jax.config.update("jax_enable_x64", True)
+
+CPU_BACKENDS = [b for b in lstm_multi.known_backends() if b != "cupy"]
+
+
+def backend_params(names=CPU_BACKENDS):
+    """pytest params over backends, each skipped with the reason when it cannot run here."""
+    params = []
+    for name in names:
+        try:
+            lstm_multi.registry.load_backend(name)
+            marks = ()
+        except (ImportError, RuntimeError) as error:
+            marks = pytest.mark.skip(reason=str(error))
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+@pytest.fixture(scope="session", params=backend_params())
+def backend(request):
+    return request.param
+
+
+#: (rtol, atol relative to the reference's largest magnitude) by the dtype computed in
+TOLERANCES = {"float64": (1e-10, 1e-10), "float32": (1e-4, 1e-4)}
+
+
+#: the worst disagreement seen per dtype, |actual - expected| / max(1, max|expected|)
+WORST_DISAGREEMENT: dict[str, float] = {}
+
+
+def assert_close(actual, expected, dtype, what):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    rtol, atol = TOLERANCES[dtype]
+    scale = max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
+    if expected.size:
+        worst = float(np.max(np.abs(actual - expected))) / scale
+        WORST_DISAGREEMENT[dtype] = max(WORST_DISAGREEMENT.get(dtype, 0.0), worst)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale, err_msg=what)
+
+
+def to_numpy(x):
+    """Any backend's array (or a nested structure of them) as float64-capable NumPy."""
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_numpy(v) for v in x)
+    if isinstance(x, dict):
+        return {k: to_numpy(v) for k, v in x.items()}
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+    if hasattr(x, "get") and not isinstance(x, dict):  # cupy
+        x = x.get()
+    return np.asarray(x)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if WORST_DISAGREEMENT:
+        terminalreporter.section("agreement with the reference")
+        for dtype, worst in sorted(WORST_DISAGREEMENT.items()):
+            terminalreporter.write_line(
+                f"{dtype}: worst |actual - reference| / max(1, max|reference|) = {worst:.3e}"
+            )
