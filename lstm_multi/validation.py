@@ -51,12 +51,12 @@ def check_same_dtype(ops, name, array, dtype_name):
         raise TypeError(f"{name}: expected dtype {dtype_name} (the dtype of x), got {got}")
 
 
-def check_state(ops, state, expected_shape, dtype_name, name="state"):
+def check_state(ops, state, expected_shape, dtype_name):
     """state must be a pair (h0, c0), each of ``expected_shape``."""
     if not isinstance(state, (tuple, list)) or len(state) != 2:
-        raise TypeError(f"{name}: expected a pair (h0, c0), got {type(state).__name__}")
-    for part, array in zip(("h0", "c0") if name == "state" else ("dh_n", "dc_n"), state):
-        check_array_shape(ops, f"{name} {part}", array, expected_shape, dtype_name)
+        raise TypeError(f"state: expected a pair (h0, c0), got {type(state).__name__}")
+    for part, array in zip(("h0", "c0"), state):
+        check_array_shape(ops, f"state {part}", array, expected_shape, dtype_name)
 
 
 def check_array_shape(ops, name, array, expected_shape, dtype_name):

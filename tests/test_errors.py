@@ -237,3 +237,9 @@ def test_numpy_backend_refuses_foreign_arrays():
     cell, params = make("numpy")
     with pytest.raises(TypeError, match="x: expected a numpy array, got Tensor"):
         cell(params, torch.zeros(2, 5, 3))
+
+
+def test_numpy_has_no_bfloat16():
+    cell, _ = make("numpy")
+    with pytest.raises(TypeError, match="dtype: NumPy has no bfloat16"):
+        cell.init(dtype="bfloat16")

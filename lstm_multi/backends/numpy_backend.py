@@ -51,6 +51,10 @@ class Cell(ArrayModuleCell):
     backend = "numpy"
     ops = ArrayModuleOps(np)
 
+    def _check_dtype_supported(self, name, dtype_name):
+        if dtype_name == "bfloat16":
+            raise TypeError(f"{name}: NumPy has no bfloat16; use float16, float32 or float64")
+
     def _to_backend(self, array, name):
         if not isinstance(array, np.ndarray):
             raise TypeError(f"{name}: expected a numpy array, got {type(array).__name__}")

@@ -1,0 +1,444 @@
+"""The prepared GPU check: the GPU tests, then a short benchmark, in under 5 minutes.
+
+Run from the repository root on a machine with a CUDA GPU, no install step and
+no network needed (torch, jax, cupy preinstalled as available)::
+
+    PYTHONPATH=. python benchmarks/gpu_check.py [--out DIR]
+
+1. ``pytest -m gpu tests`` (every GPU backend against the torch backend on the
+   CPU in float64), its output kept in ``gpu_tests.log`` and summed up;
+2. a benchmark of every backend and variant (torch generic, torch native, jax,
+   cupy) against ``torch.nn.LSTM`` on cuDNN, at a few sizes including T=512,
+   B=64, I=H=512: forward, and forward + backward (``vjp``), float32 with TF32
+   off, warm-up first, the device synchronised around every call, the median
+   of the repeats. A time budget stops the benchmark early (the rows left are
+   marked skipped) so that the whole check ends within ``--budget-s``.
+
+Writes ``gpu_check.json`` and ``gpu_check.md`` (and ``gpu_tests.log``) to
+``--out``, or ``$OUT``, or ``./gpu_check_out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+VARIANTS = ("lstm", "peephole", "peephole_full")
+# (T, B, I, H), the required size first: the budget may cut the later ones
+SIZES = ((512, 64, 512, 512), (128, 32, 256, 256), (64, 256, 1024, 1024))
+BASELINE = "torch.nn.LSTM (cuDNN)"
+
+
+# ---------------------------------------------------------------------------
+# environment
+
+
+def environment():
+    env = {"python": sys.version.split()[0], "platform": platform.platform()}
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["torch_cuda"] = torch.version.cuda
+        env["cuda_available"] = torch.cuda.is_available()
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+            env["cudnn"] = torch.backends.cudnn.version()
+    except Exception as error:  # report, never fail here
+        env["torch"] = f"unavailable ({error})"
+    try:
+        import jax
+
+        env["jax"] = jax.__version__
+        env["jax_devices"] = [str(d) for d in jax.devices()]
+    except Exception as error:
+        env["jax"] = f"unavailable ({error})"
+    try:
+        import cupy
+
+        env["cupy"] = cupy.__version__
+        env["cupy_devices"] = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:
+        env["cupy"] = f"unavailable ({type(error).__name__}: {error})"
+    return env
+
+
+# ---------------------------------------------------------------------------
+# the GPU tests
+
+
+def run_tests(out, timeout_s, examples):
+    """``pytest -m gpu tests``; returns a summary dict, the log in ``gpu_tests.log``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["LSTM_MULTI_GPU_EXAMPLES"] = str(examples)
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "tests",
+        "-m",
+        "gpu",
+        "-q",
+        "-rs",
+        "-p",
+        "no:cacheprovider",
+    ]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
+        )
+        log, code = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired as error:
+        log = f"{error.stdout or ''}{error.stderr or ''}\n[timed out after {timeout_s} s]"
+        log, code = log if isinstance(log, str) else str(log), None
+    seconds = time.perf_counter() - start
+    (out / "gpu_tests.log").write_text(log)
+    counts = {}
+    for number, word in re.findall(
+        r"(\d+) (passed|failed|skipped|error|errors|deselected)",
+        log.splitlines()[-1] if log.strip() else "",
+    ):
+        counts[word.rstrip("s") if word == "errors" else word] = int(number)
+    skipped = sorted(set(re.findall(r"SKIPPED \[\d+\] [^:]+:\d+: (.*)", log)))
+    return {
+        "command": " ".join(command),
+        "returncode": code,
+        "seconds": round(seconds, 1),
+        "counts": counts,
+        "skip_reasons": skipped,
+        "summary": log.strip().splitlines()[-1] if log.strip() else "",
+    }
+
+
+# ---------------------------------------------------------------------------
+# the benchmark
+
+
+class Skip(Exception):
+    pass
+
+
+def _time(call, sync, repeats, warmup):
+    """Median and min wall time (ms) of ``call()`` with the device synchronised."""
+    for _ in range(warmup):
+        sync(call())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sync(call())
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), min(times)
+
+
+def _data(size, seed=0):
+    steps, batch, inp, hidden = size
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, steps, inp), dtype=np.float32)
+    dy = rng.standard_normal((batch, steps, hidden), dtype=np.float32)
+    return x, dy
+
+
+def torch_runners(dev):
+    import torch
+
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise Skip("torch: no CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+    import lstm_multi
+
+    def sync(result):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    def cudnn(variant, size):
+        if variant != "lstm":
+            raise Skip("torch.nn.LSTM has the plain variant only")
+        steps, batch, inp, hidden = size
+        lstm = torch.nn.LSTM(inp, hidden, batch_first=True).to(dev)
+        x_np, dy_np = _data(size)
+        x, dy = torch.as_tensor(x_np, device=dev), torch.as_tensor(dy_np, device=dev)
+
+        def forward():
+            with torch.no_grad():
+                return lstm(x)
+
+        def train():
+            xg = x.detach().requires_grad_(True)
+            y, _ = lstm(xg)
+            return torch.autograd.grad(y, [xg, *lstm.parameters()], dy)
+
+        return forward, train, sync
+
+    def cell(native):
+        def make(variant, size):
+            Cell = lstm_multi.get_cell("torch")
+            steps, batch, inp, hidden = size
+            c = Cell(inp, hidden, variant=variant, native=native, device=dev)
+            if native and not c.uses_native:
+                raise Skip("no native kernel for this variant")
+            params = c.init(seed=0)
+            x_np, dy_np = _data(size)
+            x, dy = torch.as_tensor(x_np, device=dev), torch.as_tensor(dy_np, device=dev)
+            return (lambda: c(params, x)), (lambda: c.vjp(params, x, dy)), sync
+
+        return make
+
+    return {
+        BASELINE: cudnn,
+        "lstm_multi torch native": cell(True),
+        "lstm_multi torch generic": cell(False),
+    }
+
+
+def jax_runners(dev):
+    import jax
+
+    try:
+        device = jax.devices("gpu" if dev == "cuda" else "cpu")[0]
+    except RuntimeError as error:
+        raise Skip(f"jax: no GPU ({error})") from None
+    jax.config.update("jax_default_matmul_precision", "highest")
+    import lstm_multi
+
+    def sync(result):
+        jax.block_until_ready(result)
+
+    def make(variant, size):
+        steps, batch, inp, hidden = size
+        c = lstm_multi.get_cell("jax")(inp, hidden, variant=variant)
+        params = jax.device_put(c.init(seed=0), device)
+        x_np, dy_np = _data(size)
+        x, dy = jax.device_put(x_np, device), jax.device_put(dy_np, device)
+        return (lambda: c(params, x)), (lambda: c.vjp(params, x, dy)), sync
+
+    return {"lstm_multi jax": make}
+
+
+def cupy_runners(dev):
+    import lstm_multi
+
+    try:
+        Cell = lstm_multi.get_cell("cupy")
+    except (ImportError, RuntimeError) as error:
+        raise Skip(f"cupy: {error}") from None
+    import cupy
+
+    def sync(result):
+        cupy.cuda.get_current_stream().synchronize()
+
+    def make(variant, size):
+        steps, batch, inp, hidden = size
+        c = Cell(inp, hidden, variant=variant)
+        params = c.init(seed=0)
+        x_np, dy_np = _data(size)
+        x, dy = cupy.asarray(x_np), cupy.asarray(dy_np)
+        return (lambda: c(params, x)), (lambda: c.vjp(params, x, dy)), sync
+
+    return {"lstm_multi cupy": make}
+
+
+def run_benchmark(deadline, repeats, warmup, sizes=SIZES, dev="cuda"):
+    runners, unavailable = {}, {}
+    for group in (torch_runners, jax_runners, cupy_runners):
+        try:
+            runners.update(group(dev))
+        except Skip as why:
+            unavailable[group.__name__.removesuffix("_runners")] = str(why)
+        except Exception as error:  # a broken framework install: report it
+            unavailable[group.__name__.removesuffix("_runners")] = (
+                f"{type(error).__name__}: {error}"
+            )
+    rows = []
+    for size, variant, (name, make) in (
+        (s, v, r) for s in sizes for v in VARIANTS for r in runners.items()
+    ):
+        row = {
+            "backend": name,
+            "variant": variant,
+            "T": size[0],
+            "B": size[1],
+            "I": size[2],
+            "H": size[3],
+        }
+        rows.append(row)
+        if time.perf_counter() > deadline:
+            row["status"] = "skipped: time budget"
+            continue
+        try:
+            forward, train, sync = make(variant, size)
+            for mode, call in (("forward", forward), ("forward+backward", train)):
+                if time.perf_counter() > deadline:
+                    row[mode] = "skipped: time budget"
+                    continue
+                start = time.perf_counter()
+                sync(call())  # first call: compilation, autotuning, allocation
+                first = time.perf_counter() - start
+                n = repeats if first < 1.0 else max(2, repeats // 3)
+                median, best = _time(call, sync, n, max(0, warmup - 1))
+                row[mode] = {
+                    "median_ms": round(median, 3),
+                    "min_ms": round(best, 3),
+                    "repeats": n,
+                    "first_call_s": round(first, 2),
+                }
+            row["status"] = "ok"
+        except Skip as why:
+            row["status"] = f"n/a: {why}"
+        except Exception as error:
+            row["status"] = f"error: {type(error).__name__}: {error}"[:300]
+    return rows, unavailable
+
+
+# ---------------------------------------------------------------------------
+# report
+
+
+def _ms(entry):
+    return f"{entry['median_ms']:.2f}" if isinstance(entry, dict) else "–"
+
+
+def markdown(result):
+    env, tests = result["environment"], result["tests"]
+    lines = ["# GPU check", ""]
+    lines.append(
+        f"- GPU: {env.get('gpu', 'none')}; torch {env.get('torch')} (CUDA "
+        f"{env.get('torch_cuda')}, cuDNN {env.get('cudnn')}); jax {env.get('jax')}; "
+        f"cupy {env.get('cupy')}; Python {env.get('python')}"
+    )
+    if tests:
+        lines.append(
+            f"- GPU tests (`{tests['command']}`): {tests['summary']} ({tests['seconds']} s)"
+        )
+        for reason in tests["skip_reasons"]:
+            lines.append(f"  - skipped: {reason}")
+    settings = result["settings"]
+    lines.append(
+        f"- benchmark on {settings.get('device', 'cuda')}: float32, TF32 off, batch_first, 1 layer, 1 direction; "
+        f"median of {settings['repeats']} timed calls after warm-up, device synchronised;"
+        f" times in ms"
+    )
+    for name, why in result.get("unavailable", {}).items():
+        lines.append(f"- {name}: not benchmarked ({why})")
+    lines.append("")
+    rows = [r for r in result.get("benchmark", []) if r.get("status") == "ok"]
+    base = {(r["T"], r["B"], r["I"], r["H"]): r for r in rows if r["backend"] == BASELINE}
+    lines.append("| T | B | I=H | backend | variant | forward | fwd+bwd | fwd+bwd vs cuDNN |")
+    lines.append("|---|---|---|---|---|---:|---:|---:|")
+    for r in rows:
+        ref = base.get((r["T"], r["B"], r["I"], r["H"]))
+        ratio = "–"
+        if (
+            ref
+            and isinstance(ref.get("forward+backward"), dict)
+            and isinstance(r.get("forward+backward"), dict)
+        ):
+            ratio = (
+                f"{r['forward+backward']['median_ms'] / ref['forward+backward']['median_ms']:.1f}x"
+            )
+        lines.append(
+            f"| {r['T']} | {r['B']} | {r['I']} | {r['backend']} | {r['variant']} | "
+            f"{_ms(r.get('forward'))} | {_ms(r.get('forward+backward'))} | {ratio} |"
+        )
+    others = [
+        r
+        for r in result.get("benchmark", [])
+        if r.get("status") != "ok" and not str(r.get("status", "")).startswith("n/a")
+    ]
+    if others:
+        lines += ["", "Not measured:", ""]
+        lines += [
+            f"- {r['backend']} {r['variant']} T={r['T']} B={r['B']} H={r['H']}: {r['status']}"
+            for r in others
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=270.0,
+        help="the whole check's time budget in seconds (default 270)",
+    )
+    parser.add_argument(
+        "--sizes",
+        default=",".join("x".join(map(str, s)) for s in SIZES),
+        help="TxBxIxH,... (default %(default)s)",
+    )
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="try the script itself without a GPU: torch and jax on the CPU",
+    )
+    parser.add_argument("--tests-timeout-s", type=float, default=150.0)
+    parser.add_argument(
+        "--examples",
+        type=int,
+        default=8,
+        help="hypothesis examples per GPU property test (default 8)",
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--skip-bench", action="store_true")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = tuple(tuple(int(n) for n in s.split("x")) for s in args.sizes.split(","))
+    dev = "cpu" if args.cpu else "cuda"
+    result = {
+        "environment": environment(),
+        "tests": None,
+        "benchmark": [],
+        "settings": {
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "dtype": "float32",
+            "tf32": False,
+            "sizes": sizes,
+            "budget_s": args.budget_s,
+            "device": dev,
+        },
+    }
+    print(json.dumps(result["environment"], indent=1), flush=True)
+    if not args.skip_tests:
+        timeout = max(30.0, min(args.tests_timeout_s, args.budget_s - 90.0))
+        result["tests"] = run_tests(out, timeout, args.examples)
+        print("tests:", result["tests"]["summary"], flush=True)
+    if not args.skip_bench:
+        deadline = start + args.budget_s - 10.0
+        result["benchmark"], result["unavailable"] = run_benchmark(
+            deadline, args.repeats, args.warmup, sizes, dev
+        )
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
+    text = markdown(result)
+    (out / "gpu_check.md").write_text(text)
+    print(text, flush=True)
+    print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {result['seconds']} s")
+    tests_ok = result["tests"] is None or result["tests"]["returncode"] == 0
+    return 0 if tests_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

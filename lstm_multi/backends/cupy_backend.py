@@ -1,0 +1,70 @@
+"""CuPy backend: the NumPy backend's code on the GPU, with one fused kernel per step.
+
+The cell is the NumPy backend's (``ArrayModuleCell``: the spec in a Python time
+loop, forward recording a tape, hand-written BPTT backward) with CuPy as the
+array module. What differs is the ops (``cupy_kernels.FusedOps``):
+
+* the input projection x_t W + b of all steps is one matrix product before the
+  loop (as on every backend); each step then accumulates r @ U into its slice
+  of that buffer with one cuBLAS gemm (beta = 1), so no temporary is made;
+* the elementwise gate math of a step is one ``cupy.ElementwiseKernel``
+  forward and one backward, generated from the per-variant source in
+  ``cupy_kernels`` (a transcription of ``lstm_multi.spec``, tested against it).
+
+Dtypes: float32, float64 and float16 (the gate math and the cell state in
+float32, see ``ArrayModuleOps.state_dtype``); CuPy has no bfloat16 here.
+Arrays may be CuPy or NumPy (copied to the current device).
+"""
+
+from __future__ import annotations
+
+import cupy
+import numpy as np
+
+from ..cell import FunctionalCell
+from .cupy_kernels import CudaKernels, FusedOps
+from .numpy_backend import ArrayModuleCell
+
+
+def unavailable_reason():
+    """None when CuPy sees a CUDA device, else a sentence saying why not."""
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # CUDARuntimeError without a driver or device, and the like
+        return f"no CUDA device is available ({type(error).__name__}: {error})"
+    if count == 0:
+        return "no CUDA device is available (cupy.cuda.runtime.getDeviceCount() = 0)"
+    return None
+
+
+class CupyOps(FusedOps):
+    def to_numpy(self, x):
+        return cupy.asnumpy(x)
+
+    def on_device_of(self, x, like):
+        if x.device.id == like.device.id:
+            return x
+        with like.device:
+            return cupy.asarray(x)
+
+
+OPS = CupyOps(CudaKernels(cupy), "cupy")
+
+
+class Cell(ArrayModuleCell):
+    __doc__ = FunctionalCell.__doc__
+    backend = "cupy"
+    ops = OPS
+
+    def _to_backend(self, array, name):
+        if isinstance(array, cupy.ndarray):
+            return array
+        if isinstance(array, np.ndarray):
+            return cupy.asarray(array)
+        raise TypeError(f"{name}: expected a cupy or numpy array, got {type(array).__name__}")
+
+    def _check_dtype_supported(self, name, dtype_name):
+        if dtype_name == "bfloat16":
+            raise TypeError(
+                f"{name}: the cupy backend has no bfloat16 (use float16, float32 or float64)"
+            )

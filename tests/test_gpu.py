@@ -1,0 +1,769 @@
+"""GPU execution: the CuPy backend, torch on CUDA, JAX on GPU, half precision.
+
+Two kinds of tests live here:
+
+* ``@pytest.mark.gpu`` tests run the core properties on every GPU backend
+  (cupy, torch-cuda, jax-gpu) against the torch backend on the CPU in float64;
+  without a GPU they are skipped with the reason shown (``pytest -rs``).
+* CPU tests of everything GPU code is made of that can run without a GPU:
+  the fused kernels' source (executed by NumPy, compiled by a host C++
+  compiler, and compiled by NVRTC where CuPy and NVRTC are installed), the
+  CuPy ops' plumbing run with NumPy arrays, the half-precision policy, and the
+  errors when CuPy has no CUDA device.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import importlib.machinery
+import importlib.util
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lstm_multi
+from lstm_multi import spec
+from lstm_multi.backends import cupy_kernels as ck
+from lstm_multi.backends.numpy_backend import ArrayModuleCell
+from lstm_multi.backends.numpy_backend import Cell as NumpyCell
+from lstm_multi.ops import ArrayModuleOps
+
+VARIANTS = sorted(spec.VARIANTS)
+NP_OPS = ArrayModuleOps(np)
+GPU_EXAMPLES = int(os.environ.get("LSTM_MULTI_GPU_EXAMPLES", "10"))
+
+
+def _gate_inputs(rng, name, batch, hidden, dtype="float64"):
+    z = rng.normal(size=(batch, 4 * hidden)) * 2
+    c_prev = rng.normal(size=(batch, hidden))
+    extra = {"p": rng.normal(size=(3, hidden))} if name == "peephole" else {}
+    dh, dc = rng.normal(size=(batch, hidden)), rng.normal(size=(batch, hidden))
+    cast = lambda a: a.astype(dtype)  # noqa: E731
+    return cast(z), cast(c_prev), {k: cast(v) for k, v in extra.items()}, cast(dh), cast(dc)
+
+
+# ---------------------------------------------------------------------------
+# the kernel source against the spec (CPU)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 5), hidden=st.integers(1, 7), seed=st.integers(0, 2**31))
+def test_kernel_body_run_by_numpy_equals_spec(name, batch, hidden, seed):
+    """The fused kernels' body, executed as Python on float64 NumPy, is the spec's math."""
+    variant = spec.VARIANTS[name]
+    z, c_prev, extra, dh, dc = _gate_inputs(np.random.default_rng(seed), name, batch, hidden)
+    h, c, cache = variant.gates_forward(NP_OPS, z, c_prev, extra)
+    kernels = ck.NumpyKernels()
+    got = kernels.forward(name, z, c_prev, extra.get("p"))
+    for a, b in zip(got, (h, c, *cache[:4], cache.act), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-15)
+    dz, dc_prev, dextra = variant.gates_backward(NP_OPS, dh, dc, cache, extra)
+    kdz, kdc_prev, terms = kernels.backward(name, dh, dc, cache, extra.get("p"))
+    np.testing.assert_allclose(kdz, dz, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(kdc_prev, dc_prev, rtol=1e-14, atol=1e-15)
+    if name == "peephole":
+        np.testing.assert_allclose(terms.sum(0), dextra["p"], rtol=1e-13, atol=1e-14)
+    else:
+        assert terms is None and dextra == {}
+
+
+def test_kernel_bodies_stay_in_the_python_and_c_subset():
+    for source in ck.SOURCES.values():
+        for step in (source.forward, source.backward):
+            lines = ck.parse_body(step.body)
+            assert {name for name, _ in lines} >= set(step.writes) - set(step.reads)
+    with pytest.raises(ValueError, match="subset"):
+        ck.parse_body("a = b / c")
+    with pytest.raises(ValueError, match="subset"):
+        ck.parse_body("a = 0.5 * b")  # a double literal would promote float math in C
+
+
+def _compiler():
+    return shutil.which("g++") or shutil.which("clang++")
+
+
+@pytest.fixture(scope="module")
+def c_kernels(tmp_path_factory):
+    """The kernels' C++ operations compiled on the host, per variant and (T, S)."""
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++ or clang++) to compile the kernel source")
+    root = tmp_path_factory.mktemp("kernels")
+    built = {}
+    for name, (t, s) in itertools.product(
+        VARIANTS, [("double", "double"), ("float", "float"), ("float", "double")]
+    ):
+        src = root / f"{name}_{t}_{s}.cpp"
+        lib = root / f"{name}_{t}_{s}.so"
+        src.write_text(ck.c_function_source(name, t, s))
+        subprocess.run(
+            [cxx, "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-o", str(lib), str(src)],
+            check=True,
+            capture_output=True,
+        )
+        built[name, t, s] = ctypes.CDLL(str(lib))
+    return built
+
+
+def _ptr(a):
+    return a.ctypes.data_as(ctypes.c_void_p)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("types_", [("double", "double"), ("float", "float"), ("float", "double")])
+def test_kernel_c_source_compiled_on_host_equals_spec(c_kernels, name, types_):
+    """The exact C++ operation the GPU kernels run, compiled by the host compiler."""
+    t, s = types_
+    lib = c_kernels[name, t, s]
+    T = np.float64 if t == "double" else np.float32
+    S = np.float64 if s == "double" else np.float32
+    variant = spec.VARIANTS[name]
+    rng = np.random.default_rng(7)
+    batch, hidden = 3, 5
+    z, c_prev, extra, dh, dc = _gate_inputs(rng, name, batch, hidden)
+    z, dh = z.astype(T), dh.astype(T)
+    c_prev, dc = c_prev.astype(S), dc.astype(S)
+    p = extra.get("p", np.zeros((3, hidden))).astype(T)
+    # reference: the spec in float64 on the same (rounded) inputs
+    ref_extra = {"p": p.astype(np.float64)} if name == "peephole" else {}
+    h, c, cache = variant.gates_forward(
+        NP_OPS, z.astype(np.float64), c_prev.astype(np.float64), ref_extra
+    )
+    n = batch * hidden
+    out_h = np.empty((batch, hidden), T)
+    outs = [np.empty((batch, hidden), S) for _ in range(6)]  # c, i, f, g, o, act
+    lib.forward(
+        ctypes.c_ssize_t(n),
+        ctypes.c_longlong(hidden),
+        _ptr(z),
+        _ptr(c_prev),
+        _ptr(p),
+        _ptr(out_h),
+        *[_ptr(o) for o in outs],
+    )
+    tol = dict(rtol=1e-12, atol=1e-13) if T is np.float64 else dict(rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(out_h, h, **tol)
+    np.testing.assert_allclose(outs[0], c, **tol)
+    for got, want in zip(outs[1:5], cache[:4], strict=True):
+        np.testing.assert_allclose(got, want, **tol)
+    np.testing.assert_allclose(outs[5], cache.act, **tol)
+    # backward from the kernel's own cache
+    k_cache = spec.GateCache(*outs[1:5], c_prev, outs[0], outs[5])
+    ref_cache = spec.GateCache(*(a.astype(np.float64) for a in k_cache))
+    dz, dc_prev, dextra = variant.gates_backward(
+        NP_OPS, dh.astype(np.float64), dc.astype(np.float64), ref_cache, ref_extra
+    )
+    out_dz = np.empty((batch, 4 * hidden), T)
+    out_dc_prev = np.empty((batch, hidden), S)
+    out_dp = np.empty((batch, 3, hidden), S)
+    lib.backward(
+        ctypes.c_ssize_t(n),
+        ctypes.c_longlong(hidden),
+        _ptr(dh),
+        _ptr(dc),
+        *[_ptr(np.ascontiguousarray(a)) for a in k_cache[:4]],
+        _ptr(c_prev),
+        _ptr(outs[0]),
+        _ptr(np.ascontiguousarray(k_cache.act)),
+        _ptr(p),
+        _ptr(out_dz),
+        _ptr(out_dc_prev),
+        _ptr(out_dp),
+    )
+    np.testing.assert_allclose(out_dz, dz, **tol)
+    np.testing.assert_allclose(out_dc_prev, dc_prev, **tol)
+    if name == "peephole":
+        np.testing.assert_allclose(out_dp.sum(0), dextra["p"], **tol)
+
+
+def _nvrtc_toolchain():
+    """cupy's kernel generator and NVRTC, usable without a GPU, or a skip."""
+    if importlib.util.find_spec("cupy") is None:
+        pytest.skip("cupy is not installed (pip install cupy-cuda12x) to generate the CUDA code")
+    try:
+        import cupy
+        from cupy._core import _carray, _kernel, _scalar, core
+        from cupy.cuda import compiler
+
+        compiler._get_nvrtc_version()
+    except Exception as error:  # no NVRTC library, or cupy internals moved
+        pytest.skip(f"NVRTC through cupy is not usable here ({type(error).__name__}: {error})")
+    return cupy, _carray, _kernel, _scalar, core, compiler
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_cuda_kernels_compile_with_nvrtc(name):
+    """cupy generates each ElementwiseKernel's CUDA code and NVRTC compiles it (no GPU needed).
+
+    Uses cupy internals (the argument metadata an ElementwiseKernel call would
+    build); it checks that the generated CUDA C++ compiles for every dtype pair.
+    """
+    cupy, _carray, _kernel, _scalar, core, compiler = _nvrtc_toolchain()
+    kernels = ck.CudaKernels(cupy)
+    header = "".join(f"#include <{h}>\n" for h in core._cupy_header_list)
+    options = tuple(core.assemble_cupy_compiler_options(())) + (
+        "-arch=compute_80",
+        "--device-as-default-execution-space",
+    )
+    for direction, (io, state) in itertools.product(
+        ("forward", "backward"),
+        [("float16", "float32"), ("float32", "float32"), ("float64", "float64")],
+    ):
+        ek = kernels._kernel(name, direction)
+        dtypes = {"T": np.dtype(io).type, "S": np.dtype(state).type}
+        in_types = tuple(None if p.ctype == "long long" else dtypes[p.ctype] for p in ek.in_params)
+        out_types = tuple(dtypes[p.ctype] for p in ek.out_params)
+        _, _, type_map = ek._decide_params_type(in_types, out_types)
+        infos = []
+        for p in ek.in_params + ek.out_params:
+            if p.ctype == "long long":
+                infos.append(_kernel._ArgInfo(3, _scalar.CScalar, np.int64, 0, True, True))
+            else:
+                infos.append(
+                    _kernel._ArgInfo(
+                        1, cupy.ndarray, dtypes[p.ctype], 2 if p.raw else 1, True, True
+                    )
+                )
+        infos.append(_kernel._ArgInfo(2, _carray.Indexer, None, 1, True, True))
+        code = _kernel._get_elementwise_kernel_code(
+            tuple(infos), type_map, ek.params, ek.operation, ek.name, ek.preamble
+        )
+        program = compiler._NVRTCProgram(header + code, "kern.cu", (), (), method="ptx")
+        ptx, _ = program.compile(options)
+        assert len(ptx) > 0, (name, direction, io)
+
+
+# ---------------------------------------------------------------------------
+# the CuPy ops' plumbing, run with NumPy arrays (CPU)
+
+
+class FusedNumpyCell(ArrayModuleCell):
+    """The CuPy backend's cell with NumPy in place of CuPy: same ops, kernels run by NumPy."""
+
+    backend = "fused-numpy"
+    ops = ck.FusedOps(ck.NumpyKernels())
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+@settings(max_examples=6, deadline=None)
+@given(
+    layers=st.integers(1, 2),
+    bidirectional=st.booleans(),
+    batch_first=st.booleans(),
+    steps=st.integers(1, 6),
+    batch=st.integers(1, 4),
+    use_lengths=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_fused_ops_equal_numpy_backend(
+    name, dtype, layers, bidirectional, batch_first, steps, batch, use_lengths, seed
+):
+    """The CuPy backend's ops (fused hooks, in-place gemm accumulation, peephole
+    reduction, half policy) give exactly the NumPy backend's numbers."""
+    rng = np.random.default_rng(seed)
+    kw = dict(
+        input_size=3,
+        hidden_size=4,
+        variant=name,
+        num_layers=layers,
+        bidirectional=bidirectional,
+        batch_first=batch_first,
+    )
+    ref, fused = NumpyCell(**kw), FusedNumpyCell(**kw)
+    params = ref.init(seed=seed % 1000, dtype=dtype)
+    shape = (batch, steps, 3) if batch_first else (steps, batch, 3)
+    x = rng.normal(size=shape).astype(dtype)
+    lengths = rng.integers(1, steps + 1, size=batch) if use_lengths else None
+    state = tuple(rng.normal(size=ref.state_shape(batch)).astype(dtype) for _ in range(2))
+    y_ref, (h_ref, c_ref) = ref(params, x, state, lengths)
+    y, (h, c) = fused(params, x, state, lengths)
+    dy = rng.normal(size=y.shape).astype(dtype)
+    dh_n, dc_n = (rng.normal(size=h.shape).astype(dtype) for _ in range(2))
+    g_ref, dx_ref, d0_ref = ref.vjp(params, x, dy, state, lengths, dh_n, dc_n)
+    g, dx, d0 = fused.vjp(params, x, dy, state, lengths, dh_n, dc_n)
+    for a, b in [(y, y_ref), (h, h_ref), (c, c_ref), (dx, dx_ref), *zip(d0, d0_ref, strict=True)]:
+        assert a.dtype == b.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(a, b)
+    for gl, rl in zip(g, g_ref, strict=True):
+        for gd, rd in zip(gl, rl, strict=True):
+            for k in rd:
+                assert gd[k].dtype == rd[k].dtype == np.dtype(dtype)
+                np.testing.assert_array_equal(gd[k], rd[k])
+
+
+def test_fused_add_matmul_accumulates_in_place():
+    ops = ck.FusedOps(ck.NumpyKernels())
+    rng = np.random.default_rng(0)
+    z, a, b = rng.normal(size=(3, 8)), rng.normal(size=(3, 2)), rng.normal(size=(2, 8))
+    expected = z + a @ b
+    scratch = z.copy()
+    out = ops.add_matmul(scratch, a, b)
+    assert out is scratch
+    np.testing.assert_allclose(out, expected, rtol=1e-14)
+
+
+# ---------------------------------------------------------------------------
+# half precision: gate math and cell state in float32 (CPU)
+
+
+def _half_backends():
+    out = [("numpy", "float16")]
+    for name in ("torch", "jax"):
+        if importlib.util.find_spec(name) is not None:
+            out += [(name, "float16"), (name, "bfloat16")]
+    return out
+
+
+def test_gates_forward_keeps_cell_state_in_float32_for_half_inputs():
+    rng = np.random.default_rng(0)
+    for name, variant in spec.VARIANTS.items():
+        z, c_prev, extra, dh, dc = _gate_inputs(rng, name, 2, 3, "float16")
+        h, c, cache = NP_OPS.gates_forward(variant, z, c_prev, extra)
+        assert h.dtype == np.float16 and c.dtype == np.float32 and cache.i.dtype == np.float32
+        dz, dc_prev, dextra = NP_OPS.gates_backward(variant, dh, c.astype(np.float32), cache, extra)
+        assert dz.dtype == np.float16 and dc_prev.dtype == np.float32
+        assert all(g.dtype == np.float16 for g in dextra.values())
+    assert NP_OPS.state_dtype("bfloat16") == "float32"
+    assert NP_OPS.state_dtype("float16") == "float32"
+    assert NP_OPS.state_dtype("float64") == "float64"
+
+
+def _converters(backend, dtype):
+    if backend == "numpy":
+        return (lambda a: np.asarray(a).astype(dtype)), (lambda a: np.asarray(a, np.float64))
+    if backend == "torch":
+        import torch
+
+        return (
+            lambda a: torch.as_tensor(np.asarray(a)).to(getattr(torch, dtype)),
+            lambda a: a.detach().cpu().float().double().numpy(),
+        )
+    import jax.numpy as jnp
+
+    return (
+        lambda a: jnp.asarray(np.asarray(a), dtype=dtype),
+        lambda a: np.asarray(a.astype("float32"), np.float64),
+    )
+
+
+@pytest.mark.parametrize("backend,dtype", _half_backends())
+@pytest.mark.parametrize("name", VARIANTS)
+def test_half_precision_matches_float64_and_keeps_dtypes(backend, dtype, name):
+    """float16 / bfloat16 inputs: outputs and gradients in the input dtype, close to float64."""
+    rng = np.random.default_rng(3)
+    kw = dict(input_size=4, hidden_size=6, variant=name, num_layers=2, bidirectional=True)
+    ref = NumpyCell(**kw)
+    p64 = ref.init(seed=1, dtype="float64")
+    to, back = _converters(backend, dtype)
+    # round everything to the half dtype first, so only the computation differs
+    p64 = [[{k: back(to(v)) for k, v in d.items()} for d in layer] for layer in p64]
+    x = back(to(rng.normal(size=(3, 12, 4))))
+    dy = back(to(rng.normal(size=(3, 12, 12))))
+    lengths = np.array([12, 5, 9])
+    y_ref, (h_ref, c_ref) = ref(p64, x, lengths=lengths)
+    g_ref, dx_ref, _ = ref.vjp(p64, x, dy, lengths=lengths)
+    Cell = lstm_multi.get_cell(backend)
+    cell = Cell(**kw, native=False) if backend == "torch" else Cell(**kw)
+    params = [[{k: to(v) for k, v in d.items()} for d in layer] for layer in p64]
+    y, (h, c) = cell(params, to(x), lengths=lengths)
+    g, dx, (dh0, dc0) = cell.vjp(params, to(x), to(dy), lengths=lengths)
+    tol = 2e-2 if dtype == "float16" else 1e-1
+    for got, want in [
+        (y, y_ref),
+        (h, h_ref),
+        (c, c_ref),
+        (dx, dx_ref),
+        (g[0][0]["U"], g_ref[0][0]["U"]),
+        (g[1][1]["W"], g_ref[1][1]["W"]),
+    ]:
+        assert str(got.dtype).removeprefix("torch.") == dtype
+        np.testing.assert_allclose(back(got), want, rtol=tol, atol=tol)
+    assert str(dc0.dtype).removeprefix("torch.") == dtype
+
+
+# ---------------------------------------------------------------------------
+# CuPy without a CUDA device (CPU)
+
+
+@pytest.fixture
+def fake_cupy():
+    """Put a stand-in ``cupy`` module in sys.modules; restore everything afterwards."""
+    saved = {k: sys.modules.get(k) for k in ("cupy", "lstm_multi.backends.cupy_backend")}
+    package = importlib.import_module("lstm_multi.backends")
+    saved_attr = package.__dict__.get("cupy_backend")
+
+    def install(count=None, error=None):
+        module = types.ModuleType("cupy")
+        module.__spec__ = importlib.machinery.ModuleSpec("cupy", None)
+
+        def get_device_count():
+            if error is not None:
+                raise error
+            return count
+
+        module.ndarray = type("ndarray", (), {})
+        module.cuda = types.SimpleNamespace(
+            runtime=types.SimpleNamespace(getDeviceCount=get_device_count)
+        )
+        sys.modules["cupy"] = module
+        sys.modules.pop("lstm_multi.backends.cupy_backend", None)
+        return module
+
+    yield install
+    for key, value in saved.items():
+        if value is None:
+            sys.modules.pop(key, None)
+        else:
+            sys.modules[key] = value
+    if saved_attr is None:
+        package.__dict__.pop("cupy_backend", None)
+    else:
+        package.cupy_backend = saved_attr
+
+
+class FakeCUDARuntimeError(RuntimeError):
+    pass
+
+
+def test_cupy_without_device_count_zero(fake_cupy):
+    fake_cupy(count=0)
+    backend = importlib.import_module("lstm_multi.backends.cupy_backend")
+    assert backend.unavailable_reason() == (
+        "no CUDA device is available (cupy.cuda.runtime.getDeviceCount() = 0)"
+    )
+    with pytest.raises(RuntimeError, match="no CUDA device is available"):
+        lstm_multi.get_cell("cupy")
+    assert "cupy" not in lstm_multi.available_backends()
+    assert "cupy" in lstm_multi.known_backends()
+
+
+def test_cupy_without_driver_reports_the_cuda_error(fake_cupy):
+    fake_cupy(error=FakeCUDARuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected"))
+    with pytest.raises(RuntimeError) as info:
+        lstm_multi.get_cell("cupy")
+    message = str(info.value)
+    assert "backend 'cupy' cannot run here: no CUDA device is available" in message
+    assert "cudaErrorNoDevice" in message and "FakeCUDARuntimeError" in message
+    assert "cupy" not in lstm_multi.available_backends()
+
+
+def test_cupy_with_a_device_is_loaded(fake_cupy):
+    fake_cupy(count=1)
+    Cell = lstm_multi.get_cell("cupy")
+    assert Cell.backend == "cupy" and issubclass(Cell, ArrayModuleCell)
+    assert "cupy" in lstm_multi.available_backends()
+    cell = Cell(2, 3)
+    with pytest.raises(TypeError, match="bfloat16"):
+        cell.init(dtype="bfloat16")
+
+
+def test_cupy_real_module_without_gpu():
+    """With the real cupy installed on a machine without a GPU (skipped otherwise)."""
+    if importlib.util.find_spec("cupy") is None:
+        pytest.skip("cupy is not installed")
+    backend = importlib.import_module("lstm_multi.backends.cupy_backend")
+    reason = backend.unavailable_reason()
+    if reason is None:
+        pytest.skip("a CUDA device is available: covered by the gpu tests")
+    assert reason.startswith("no CUDA device is available")
+    with pytest.raises(RuntimeError, match="no CUDA device is available"):
+        lstm_multi.get_cell("cupy")
+    assert "cupy" not in lstm_multi.available_backends()
+
+
+def test_torch_cell_device_argument_places_numpy_inputs():
+    torch = pytest.importorskip("torch")
+    Cell = lstm_multi.get_cell("torch")
+    cell = Cell(3, 4, variant="peephole", device="cpu")
+    params = cell.init(seed=0)
+    assert all(
+        v.device == torch.device("cpu") for layer in params for p in layer for v in p.values()
+    )
+    y, _ = cell(params, np.zeros((2, 5, 3), np.float32), lengths=[5, 2])
+    assert isinstance(y, torch.Tensor) and y.device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------
+# on a GPU: every GPU backend against the torch backend on the CPU in float64
+
+
+class GpuTarget:
+    """How to run one GPU backend: the cell, array conversion, supported dtypes."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def setup(self):
+        """Skip (with the reason) unless this target can run here; returns self."""
+        if self.name == "cupy":
+            try:
+                self.Cell = lstm_multi.get_cell("cupy")
+            except (ImportError, RuntimeError) as error:
+                pytest.skip(f"cupy: {error}")
+            import cupy
+
+            self.cupy = cupy
+            self.dtypes = ("float64", "float32", "float16")
+        elif self.name.startswith("torch"):
+            torch = pytest.importorskip("torch", reason="torch is not installed")
+            if not torch.cuda.is_available():
+                pytest.skip("torch: no CUDA device (torch.cuda.is_available() is False)")
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            self.torch = torch
+            self.Cell = lstm_multi.get_cell("torch")
+            self.dtypes = ("float64", "float32", "float16", "bfloat16")
+        else:
+            jax = pytest.importorskip("jax", reason="jax is not installed")
+            try:
+                self.device = jax.devices("gpu")[0]
+            except RuntimeError as error:
+                pytest.skip(f"jax: no GPU device ({error})")
+            jax.config.update("jax_default_matmul_precision", "highest")  # no TF32
+            self.jax = jax
+            self.Cell = lstm_multi.get_cell("jax")
+            self.dtypes = ("float32", "float16", "bfloat16") + (
+                ("float64",) if jax.config.jax_enable_x64 else ()
+            )
+        return self
+
+    def cell(self, **kw):
+        if self.name == "torch-cuda":
+            return self.Cell(**kw, native=False, device="cuda")
+        if self.name == "torch-cuda-native":
+            return self.Cell(**kw, native=True, device="cuda")
+        return self.Cell(**kw)
+
+    def to(self, array, dtype):
+        array = np.asarray(array)
+        if self.name == "cupy":
+            return self.cupy.asarray(array.astype(dtype))
+        if self.name.startswith("torch"):
+            t = self.torch.as_tensor(array)
+            return t.to(device="cuda", dtype=getattr(self.torch, dtype))
+        import jax.numpy as jnp
+
+        return self.jax.device_put(jnp.asarray(array, dtype=dtype), self.device)
+
+    def back(self, array):
+        if self.name == "cupy":
+            return self.cupy.asnumpy(array).astype(np.float64)
+        if self.name.startswith("torch"):
+            assert array.device.type == "cuda"
+            return array.detach().cpu().double().numpy()
+        assert array.devices() == {self.device}
+        return np.asarray(array).astype(np.float64)
+
+
+GPU_TARGETS = ["cupy", "torch-cuda", "torch-cuda-native", "jax-gpu"]
+TOLERANCES = {"float64": 1e-9, "float32": 2e-4, "float16": 3e-2, "bfloat16": 1.5e-1}
+
+
+@pytest.fixture(params=GPU_TARGETS)
+def gpu_target(request):
+    return GpuTarget(request.param).setup()
+
+
+@pytest.fixture(scope="module")
+def torch_reference():
+    pytest.importorskip("torch", reason="the reference is the torch backend on the CPU")
+    return lstm_multi.get_cell("torch")
+
+
+@st.composite
+def gpu_configs(draw):
+    return dict(
+        variant=draw(st.sampled_from(VARIANTS)),
+        num_layers=draw(st.integers(1, 2)),
+        bidirectional=draw(st.booleans()),
+        batch_first=draw(st.booleans()),
+        steps=draw(st.integers(1, 7)),
+        batch=draw(st.integers(1, 5)),
+        input_size=draw(st.integers(1, 6)),
+        hidden_size=draw(st.integers(1, 8)),
+        use_lengths=draw(st.booleans()),
+        use_state=draw(st.booleans()),
+        dtype_index=draw(st.integers(0, 3)),
+        seed=draw(st.integers(0, 2**31)),
+    )
+
+
+@pytest.mark.gpu
+@settings(
+    max_examples=GPU_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(config=gpu_configs())
+def test_gpu_backend_matches_torch_cpu_float64(gpu_target, torch_reference, config):
+    """Forward and vjp on the GPU equal the torch backend on the CPU in float64."""
+    target = gpu_target
+    dtype = target.dtypes[config["dtype_index"] % len(target.dtypes)]
+    kw = {
+        k: config[k]
+        for k in (
+            "input_size",
+            "hidden_size",
+            "variant",
+            "num_layers",
+            "bidirectional",
+            "batch_first",
+        )
+    }
+    if target.name == "torch-cuda-native" and kw["variant"] != "lstm":
+        kw["variant"] = "lstm"  # the native path exists for the plain variant only
+    rng = np.random.default_rng(config["seed"])
+    ref = torch_reference(**kw, native=False)
+    cell = target.cell(**kw)
+    steps, batch = config["steps"], config["batch"]
+
+    def rounded(a):  # the inputs as the GPU sees them, in float64
+        return target.back(target.to(a, dtype))
+
+    p64 = [
+        [{k: rounded(v) for k, v in p.items()} for p in layer]
+        for layer in ref.to_numpy(ref.init(seed=config["seed"] % 997, dtype="float64"))
+    ]
+    shape = (batch, steps) if kw["batch_first"] else (steps, batch)
+    x = rounded(rng.normal(size=(*shape, kw["input_size"])))
+    out_dim = kw["hidden_size"] * (2 if kw["bidirectional"] else 1)
+    dy = rounded(rng.normal(size=(*shape, out_dim)))
+    state_shape = ref.state_shape(batch)
+    state = (
+        tuple(rounded(rng.normal(size=state_shape)) for _ in range(2))
+        if config["use_state"]
+        else None
+    )
+    dh_n, dc_n = (rounded(rng.normal(size=state_shape)) for _ in range(2))
+    lengths = rng.integers(1, steps + 1, size=batch) if config["use_lengths"] else None
+
+    import torch
+
+    def t64(a):
+        return torch.as_tensor(a, dtype=torch.float64)
+
+    ref_params = ref.from_numpy(p64)
+    ref_state = None if state is None else tuple(t64(s) for s in state)
+    y_ref, (h_ref, c_ref) = ref(ref_params, t64(x), ref_state, lengths)
+    g_ref, dx_ref, (dh0_ref, dc0_ref) = ref.vjp(
+        ref_params, t64(x), t64(dy), ref_state, lengths, t64(dh_n), t64(dc_n)
+    )
+
+    params = [[{k: target.to(v, dtype) for k, v in p.items()} for p in layer] for layer in p64]
+    dev_state = None if state is None else tuple(target.to(s, dtype) for s in state)
+    y, (h, c) = cell(params, target.to(x, dtype), dev_state, lengths)
+    g, dx, (dh0, dc0) = cell.vjp(
+        params,
+        target.to(x, dtype),
+        target.to(dy, dtype),
+        dev_state,
+        lengths,
+        target.to(dh_n, dtype),
+        target.to(dc_n, dtype),
+    )
+    tol = TOLERANCES[dtype]
+    pairs = [
+        ("y", y, y_ref),
+        ("h_n", h, h_ref),
+        ("c_n", c, c_ref),
+        ("dx", dx, dx_ref),
+        ("dh0", dh0, dh0_ref),
+        ("dc0", dc0, dc0_ref),
+    ]
+    for layer, (gl, rl) in enumerate(zip(g, g_ref, strict=True)):
+        for direction, (gd, rd) in enumerate(zip(gl, rl, strict=True)):
+            pairs += [(f"d{k}[{layer}][{direction}]", gd[k], rd[k]) for k in rd]
+    for what, got, want in pairs:
+        assert str(got.dtype).removeprefix("torch.") == dtype, what
+        np.testing.assert_allclose(
+            target.back(got),
+            want.detach().numpy(),
+            rtol=tol,
+            atol=tol,
+            err_msg=f"{target.name} {dtype} {what} {kw}",
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", VARIANTS)
+def test_cupy_fused_kernels_equal_spec_on_gpu(name):
+    """The compiled ElementwiseKernels against the spec's math run by plain CuPy (float64)."""
+    target = GpuTarget("cupy").setup()
+    cupy = target.cupy
+    from lstm_multi.backends.cupy_backend import OPS
+
+    variant = spec.VARIANTS[name]
+    plain = ArrayModuleOps(cupy)
+    rng = np.random.default_rng(11)
+    z, c_prev, extra, dh, dc = (
+        cupy.asarray(a) if not isinstance(a, dict) else {k: cupy.asarray(v) for k, v in a.items()}
+        for a in _gate_inputs(rng, name, 6, 33)
+    )
+    h, c, cache = OPS.gates_forward(variant, z, c_prev, extra)
+    h_ref, c_ref, cache_ref = variant.gates_forward(plain, z, c_prev, extra)
+    for a, b in zip((h, c, *cache), (h_ref, c_ref, *cache_ref), strict=True):
+        cupy.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+    dz, dc_prev, dextra = OPS.gates_backward(variant, dh, dc, cache, extra)
+    dz_ref, dc_prev_ref, dextra_ref = variant.gates_backward(plain, dh, dc, cache_ref, extra)
+    cupy.testing.assert_allclose(dz, dz_ref, rtol=1e-12, atol=1e-13)
+    cupy.testing.assert_allclose(dc_prev, dc_prev_ref, rtol=1e-12, atol=1e-13)
+    for k in dextra_ref:
+        cupy.testing.assert_allclose(dextra[k], dextra_ref[k], rtol=1e-12, atol=1e-12)
+    # the in-place gemm accumulation (cuBLAS, beta = 1)
+    a, b = cupy.asarray(rng.normal(size=(6, 5))), cupy.asarray(rng.normal(size=(5, 12)))
+    scratch = cupy.asarray(rng.normal(size=(6, 12)))
+    expected = scratch + a @ b
+    assert OPS.add_matmul(scratch, a, b) is scratch
+    cupy.testing.assert_allclose(scratch, expected, rtol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("native", [True, False])
+def test_torch_module_on_cuda_matches_cpu(variant, native):
+    """``lstm_multi.torch.LSTM`` moved with ``.to("cuda")``: forward, PackedSequence, backward."""
+    GpuTarget("torch-cuda").setup()
+    import torch
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from lstm_multi.torch import LSTM
+
+    torch.manual_seed(0)
+    cpu = LSTM(
+        5,
+        7,
+        num_layers=2,
+        bidirectional=True,
+        batch_first=True,
+        variant=variant,
+        native=native,
+        dtype=torch.float64,
+    )
+    gpu = LSTM(
+        5, 7, num_layers=2, bidirectional=True, batch_first=True, variant=variant, native=native
+    ).to("cuda", torch.float64)
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(4, 9, 5, dtype=torch.float64)
+    lengths = torch.tensor([9, 3, 6, 1])
+    outs = []
+    for module, xs in ((cpu, x), (gpu, x.to("cuda"))):
+        xs = xs.clone().requires_grad_(True)
+        packed = pack_padded_sequence(xs, lengths, batch_first=True, enforce_sorted=False)
+        out, (h_n, c_n) = module(packed)
+        y, _ = pad_packed_sequence(out, batch_first=True)
+        (y.sum() + h_n.square().sum() + c_n.sum()).backward()
+        outs.append([y, h_n, c_n, xs.grad, *(p.grad for p in module.parameters())])
+        assert y.device == xs.device
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-9, atol=1e-9)
