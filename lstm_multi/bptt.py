@@ -20,7 +20,7 @@ def backward_direction(ops, variant, p, tape, dys, dh, dc, valid):
     final states. Returns (grads like p, dxs (T, B, in), dh0, dc0).
     """
     xs, rs, caches = tape
-    U_eff = spec.recurrent_weight(ops, variant, p["U"])
+    U_step_t = ops.prepare_step_weight_t(spec.recurrent_weight(ops, variant, p["U"]))
     extra = extra_params(p)
     dextra = {k: ops.zeros_like(v) for k, v in extra.items()}
     dzs = [None] * len(caches)
@@ -34,16 +34,16 @@ def backward_direction(ops, variant, p, tape, dys, dh, dc, valid):
             dh_step, dc_step = ops.where(v, dh_out, zeros), ops.where(v, dc, zeros)
             dh_skip, dc_skip = ops.where(v, zeros, dh), ops.where(v, zeros, dc)
         dz, dh, dc, dextra_t = spec.step_backward(
-            ops, variant, dh_step, dc_step, caches[t], U_eff, extra
+            ops, variant, dh_step, dc_step, caches[t], U_step_t, extra
         )
         if valid is not None:
             dh, dc = dh + dh_skip, dc + dc_skip
         for k, g in dextra_t.items():
             dextra[k] = dextra[k] + g
         dzs[t] = dz
-    dz_all = ops.stack(dzs, 0)
-    dW, dU, db = spec.projection_grads(ops, variant, xs, ops.stack(rs, 0), dz_all)
-    dxs = dz_all @ ops.transpose(p["W"])
+    dW, dU, db, dxs = spec.projection_grads(
+        ops, variant, xs, ops.stack(rs, 0), ops.stack(dzs, 0), p["W"]
+    )
     return {"W": dW, "U": dU, "b": db, **dextra}, dxs, dh, dc
 
 

@@ -42,11 +42,6 @@ class TimeLayout:
         return ops.take_time(xs, self.reverse_index)
 
 
-def input_projection(ops, xs, p):
-    """x_t W + b for every step at once: (T, B, in) -> (T, B, 4H)."""
-    return xs @ p["W"] + p["b"]
-
-
 def extra_params(p):
     """The parameters beyond W, U, b (the variant's own, such as peepholes)."""
     return {k: v for k, v in p.items() if k not in ("W", "U", "b")}
@@ -60,15 +55,15 @@ def loop_direction(ops, variant, p, xs, h0, c0, valid, record=False):
     is None unless ``record``. Past a sequence's length its state is carried
     unchanged and its output is zero.
     """
-    zxs = ops.unstack_time(input_projection(ops, xs, p))
-    U_eff = spec.recurrent_weight(ops, variant, p["U"])
+    zxs = ops.unstack_time(ops.project(xs, p["W"], p["b"]))
+    U_step = ops.prepare_step_weight(spec.recurrent_weight(ops, variant, p["U"]))
     extra = extra_params(p)
     h, c = h0, ops.cast(c0, ops.state_dtype(ops.dtype_name(c0)))  # float32 for half inputs
     ys, caches, rs = [], [], []
     for t, zx in enumerate(zxs):
         if record:
             rs.append(h if variant.recurrent_state == "h" else c)
-        h_new, c_new, cache = spec.step_forward(ops, variant, zx, h, c, U_eff, extra)
+        h_new, c_new, cache = spec.step_forward(ops, variant, zx, h, c, U_step, extra)
         if valid is None:
             h, c = h_new, c_new
             ys.append(h_new)

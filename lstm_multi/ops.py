@@ -68,6 +68,38 @@ class ArrayModuleOps:
         dextra = {k: self.cast(g, self.dtype_name(extra[k])) for k, g in dextra.items()}
         return self.cast(dz, io), dc_prev, dextra
 
+    # the matrix products; a backend may route them to faster GEMMs or accumulate
+    # in place. Each default is the plain product.
+    def project(self, xs, W, b):
+        """x_t W + b for every step as one (T*B, in) x (in, 4H) product -> (T, B, 4H).
+
+        The result is fresh: the steps may accumulate into it (``step_gemm``).
+        """
+        t, n, size = xs.shape
+        z = self.reshape(xs, (t * n, size)) @ W + b
+        return self.reshape(z, (t, n, W.shape[1]))
+
+    def prepare_step_weight(self, U):
+        """U in the form ``step_gemm`` takes, made once per direction and call."""
+        return U
+
+    def step_gemm(self, r, U_step, zx):
+        """zx + r U for one step (zx is one step of ``project``'s result)."""
+        return self.add_matmul(zx, r, U_step)
+
+    def prepare_step_weight_t(self, U):
+        """U^T in the form ``step_gemm_t`` takes."""
+        return self.transpose(U)
+
+    def step_gemm_t(self, dz, U_step_t):
+        """dz U^T for one step of the backward."""
+        return dz @ U_step_t
+
+    def sequence_grads(self, x2, r2, dz2, W):
+        """(X^T dZ, R^T dZ, dZ W^T) over all T*B rows (2-d arrays)."""
+        r2 = self.cast(r2, self.dtype_name(dz2))
+        return self.transpose(x2) @ dz2, self.transpose(r2) @ dz2, dz2 @ self.transpose(W)
+
     def add_matmul(self, z, a, b):
         """``z + a @ b``, with ``a`` first cast to b's dtype.
 

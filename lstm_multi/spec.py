@@ -244,42 +244,46 @@ def recurrent_weight(ops, variant, U):
     return U if mask is None else U * mask
 
 
-def step_forward(ops, variant, zx, h_prev, c_prev, U_eff, extra):
-    """One step: z = zx + r U_eff, then the gate math.
+def step_forward(ops, variant, zx, h_prev, c_prev, U_step, extra):
+    """One step: z = zx + r U, then the gate math.
 
     zx: (B, 4H) input half of the preactivations, x_t W + b; the step may
-    overwrite it (``ops.add_matmul``), so it must be scratch of the caller.
+    overwrite it (``ops.step_gemm``), so it must be scratch of the caller.
+    U_step: ``ops.prepare_step_weight(recurrent_weight(ops, variant, U))``.
     Returns (h_t, c_t, GateCache).
     """
     r = h_prev if variant.recurrent_state == "h" else c_prev
-    return ops.gates_forward(variant, ops.add_matmul(zx, r, U_eff), c_prev, extra)
+    return ops.gates_forward(variant, ops.step_gemm(r, U_step, zx), c_prev, extra)
 
 
-def step_backward(ops, variant, dh, dc, cache, U_eff, extra):
+def step_backward(ops, variant, dh, dc, cache, U_step_t, extra):
     """Backward of ``step_forward``.
 
+    U_step_t: ``ops.prepare_step_weight_t(recurrent_weight(ops, variant, U))``.
     Returns (dz (B, 4H), dh_{t-1}, dc_{t-1}, extra grads). dz is also the
-    gradient of zx; the parameter gradients of W, U, b follow from the stacked
-    dz by ``projection_grads``.
+    gradient of zx; the gradients of W, U, b and x follow from the stacked dz
+    by ``projection_grads``.
     """
     dz, dc_prev, dextra = ops.gates_backward(variant, dh, dc, cache, extra)
-    dr = dz @ ops.transpose(U_eff)
+    dr = ops.step_gemm_t(dz, U_step_t)
     if variant.recurrent_state == "h":
         return dz, dr, dc_prev, dextra
-    return dz, ops.zeros(dh.shape, dh), dc_prev + dr, dextra
+    return dz, ops.zeros_like(dh), dc_prev + dr, dextra
 
 
-def projection_grads(ops, variant, xs, rs, dzs):
-    """Gradients of W, U, b from a whole sequence.
+def projection_grads(ops, variant, xs, rs, dzs, W):
+    """Gradients of W, U, b and the inputs from a whole sequence.
 
     xs: (T, B, in) the layer's inputs; rs: (T, B, H) the recurrent inputs r;
-    dzs: (T, B, 4H) the preactivation gradients. Returns (dW, dU, db).
+    dzs: (T, B, 4H) the preactivation gradients; W: (in, 4H).
+    Returns (dW, dU, db, dxs (T, B, in)).
     """
     t, b = dzs.shape[0], dzs.shape[1]
     dz2 = ops.reshape(dzs, (t * b, dzs.shape[2]))
-    dW = ops.transpose(ops.reshape(xs, (t * b, xs.shape[2]))) @ dz2
-    dU = ops.transpose(ops.reshape(rs, (t * b, rs.shape[2]))) @ dz2
+    x2 = ops.reshape(xs, (t * b, xs.shape[2]))
+    r2 = ops.reshape(rs, (t * b, rs.shape[2]))
+    dW, dU, dx2 = ops.sequence_grads(x2, r2, dz2, W)
     mask = recurrent_mask(ops, variant, rs.shape[2], dU)
     if mask is not None:
         dU = dU * mask
-    return dW, dU, ops.sum(dz2, 0)
+    return dW, dU, ops.sum(dz2, 0), ops.reshape(dx2, (t, b, xs.shape[2]))

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import network, spec, validation
-from .backends import torch_native
+from .backends import torch_fused, torch_native
 from .backends.torch_backend import OPS
 
 __all__ = ["LSTM", "NaiveLSTM"]
@@ -316,7 +316,7 @@ class LSTM(nn.Module):
                 h0,
                 c0,
                 None if lengths is None else lengths.to(x.device),
-                network.loop_direction,
+                torch_fused.run_direction,
                 between,
             )
         if packed:

@@ -247,6 +247,13 @@ def test_cuda_kernels_compile_with_nvrtc(name):
 # the CuPy ops' plumbing, run with NumPy arrays (CPU)
 
 
+class ReferenceNumpyCell(ArrayModuleCell):
+    """The NumPy-like cell on the reference loop (what the CuPy backend runs), plain NumPy ops."""
+
+    backend = "reference-numpy"
+    ops = ArrayModuleOps(np)
+
+
 class FusedNumpyCell(ArrayModuleCell):
     """The CuPy backend's cell with NumPy in place of CuPy: same ops, kernels run by NumPy."""
 
@@ -280,7 +287,7 @@ def test_fused_ops_equal_numpy_backend(
         bidirectional=bidirectional,
         batch_first=batch_first,
     )
-    ref, fused = NumpyCell(**kw), FusedNumpyCell(**kw)
+    ref, fused = ReferenceNumpyCell(**kw), FusedNumpyCell(**kw)
     params = ref.init(seed=seed % 1000, dtype=dtype)
     shape = (batch, steps, 3) if batch_first else (steps, batch, 3)
     x = rng.normal(size=shape).astype(dtype)

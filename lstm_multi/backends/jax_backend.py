@@ -40,17 +40,26 @@ class JaxOps(ArrayModuleOps):
 
 OPS = JaxOps()
 
+#: steps per iteration of the compiled loop (``lax.scan``'s ``unroll``)
+SCAN_UNROLL = 2
+
 
 def scan_direction(ops, variant, p, xs, h0, c0, valid):
-    """One direction over time with ``lax.scan``; same contract as ``network.loop_direction``."""
-    zxs = network.input_projection(ops, xs, p)
-    U_eff = spec.recurrent_weight(ops, variant, p["U"])
+    """One direction over time with ``lax.scan``; same contract as ``network.loop_direction``.
+
+    Unlike the eager backends, the input projection x_t W + b is computed inside
+    the step: on XLA-CPU one (T*B, in) product before the scan was measured about
+    2x slower in the forward than T small ones inside it (benchmarks/NOTES.md).
+    The scan is unrolled by ``SCAN_UNROLL``.
+    """
+    U_step = ops.prepare_step_weight(spec.recurrent_weight(ops, variant, p["U"]))
     extra = network.extra_params(p)
 
     def step(carry, inputs):
         h, c = carry
-        zx, v = inputs
-        h_new, c_new, _ = spec.step_forward(ops, variant, zx, h, c, U_eff, extra)
+        x_t, v = inputs
+        zx = x_t @ p["W"] + p["b"]
+        h_new, c_new, _ = spec.step_forward(ops, variant, zx, h, c, U_step, extra)
         if v is None:
             return (h_new, c_new), h_new
         return (
@@ -60,7 +69,7 @@ def scan_direction(ops, variant, p, xs, h0, c0, valid):
 
     # the cell state is carried in float32 for half-precision inputs (ops.state_dtype)
     c_start = ops.cast(c0, ops.state_dtype(ops.dtype_name(c0)))
-    (h, c), ys = jax.lax.scan(step, (h0, c_start), (zxs, valid))
+    (h, c), ys = jax.lax.scan(step, (h0, c_start), (xs, valid), unroll=SCAN_UNROLL)
     return ys, h, ops.cast(c, ops.dtype_name(c0)), None
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import bptt, network
 from ..cell import FunctionalCell
-from ..ops import ArrayModuleOps
+from .numpy_fast import InPlaceOps
 
 
 def unavailable_reason():
@@ -49,7 +49,7 @@ class ArrayModuleCell(FunctionalCell):
 class Cell(ArrayModuleCell):
     __doc__ = FunctionalCell.__doc__
     backend = "numpy"
-    ops = ArrayModuleOps(np)
+    ops = InPlaceOps(np)
 
     def _check_dtype_supported(self, name, dtype_name):
         if dtype_name == "bfloat16":

@@ -111,12 +111,17 @@ class Cell(FunctionalCell):
         except (TypeError, RuntimeError) as error:
             raise TypeError(f"{name}: expected a torch tensor or numpy array ({error})") from None
 
+    #: the generic path's time loop; None: ``torch_fused.run_direction`` (one autograd
+    #: node per direction, tested equal to ``network.loop_direction``)
+    generic_direction = None
+
     def _forward(self, params, x, h0, c0, lengths):
         if self.uses_native:
             return torch_native.forward(params, x, h0, c0, lengths)
-        y, h_n, c_n, _, _ = network.forward(
-            self.ops, self.variant, params, x, h0, c0, lengths, network.loop_direction
-        )
+        run = type(self).generic_direction
+        if run is None:
+            from .torch_fused import run_direction as run
+        y, h_n, c_n, _, _ = network.forward(self.ops, self.variant, params, x, h0, c0, lengths, run)
         return y, h_n, c_n
 
     def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n):

@@ -63,4 +63,10 @@ def run_flat(
 
 
 def forward(params, x, h0, c0, lengths):
-    return run_flat(flat_weights(params), x, h0, c0, lengths, len(params), len(params[0]) == 2)
+    weights = flat_weights(params)
+    if torch.is_grad_enabled() and not any(t.requires_grad for t in (*weights, x, h0, c0)):
+        # nothing to differentiate: inference mode lets _VF.lstm take its fused
+        # oneDNN kernel on the CPU, about 2x faster than under grad mode
+        with torch.no_grad():
+            return run_flat(weights, x, h0, c0, lengths, len(params), len(params[0]) == 2)
+    return run_flat(weights, x, h0, c0, lengths, len(params), len(params[0]) == 2)

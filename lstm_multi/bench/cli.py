@@ -1,0 +1,196 @@
+"""The ``lstm-multi`` command: ``lstm-multi bench [options]`` (also ``python -m lstm_multi.bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import registry, spec
+from .config import DEVICES, DTYPES, MODE_ALIASES, MODES, PRESETS, BenchConfig, parse_size
+
+
+def _split(values):
+    """Repeatable, comma-separated option values -> a flat tuple (None when not given)."""
+    if not values:
+        return None
+    return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="lstm-multi",
+        description="lstm_multi tools. 'lstm-multi bench' times every backend, variant and peer.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark the backends against torch.nn.LSTM, the article's module, Flax, Equinox, Keras",
+        description=(
+            "Time every available lstm_multi backend and variant, and the installed peers, at "
+            "three sizes. Each time is also given as a ratio to torch.nn.LSTM measured "
+            "alternately in the same run, and as a percentage of the machine's limit (GEMM FLOPs "
+            "over the GEMM rate measured at the start). See benchmarks/README.md."
+        ),
+    )
+    bench.add_argument(
+        "--backend",
+        "-b",
+        action="append",
+        metavar="NAME",
+        help=f"lstm_multi backend(s), repeatable or comma-separated "
+        f"(default: every available one; known: {', '.join(registry.known_backends())})",
+    )
+    bench.add_argument(
+        "--variant",
+        "-v",
+        action="append",
+        metavar="NAME",
+        help=f"variant(s) (default: all of {', '.join(spec.VARIANTS)})",
+    )
+    bench.add_argument(
+        "--peer",
+        action="append",
+        metavar="NAME",
+        help="peer(s) to measure besides torch.nn.LSTM (default: every installed one; see --list)",
+    )
+    bench.add_argument(
+        "--no-peers",
+        action="store_true",
+        help="measure no peers except the reference torch.nn.LSTM",
+    )
+    bench.add_argument(
+        "--size",
+        "-s",
+        action="append",
+        metavar="SIZE",
+        help=f"a preset ({', '.join(f'{k} = {v.label}' for k, v in PRESETS.items())}) "
+        "or T,B,I,H; repeatable (default: small, medium, large)",
+    )
+    bench.add_argument(
+        "--mode", default="both", help="forward, forward_backward (alias fwd+bwd) or both (default)"
+    )
+    bench.add_argument("--forward-only", action="store_true", help="the same as --mode forward")
+    bench.add_argument("--device", default="cpu", choices=DEVICES, help="cpu (default) or cuda")
+    bench.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32")
+    bench.add_argument(
+        "--repeats",
+        "-r",
+        type=int,
+        default=5,
+        help="timed rounds per case; the median is reported (default 5)",
+    )
+    bench.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed calls after the (separately timed) first call (default 1)",
+    )
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument(
+        "--out", "-o", metavar="DIR", help="write results.json, results.md and results.png into DIR"
+    )
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument(
+        "--list",
+        action="store_true",
+        help="list the runners and whether they can run here, then exit",
+    )
+    return parser
+
+
+def config_from_args(args, parser):
+    """Validate the options into a BenchConfig; parser.error (exit 2) with a clear message."""
+    sizes = []
+    for text in args.size or ("small", "medium", "large"):
+        try:
+            sizes.append(parse_size(text))
+        except ValueError as error:
+            parser.error(str(error))
+    backends = _split(args.backend)
+    if backends is not None:
+        known = registry.known_backends()
+        for name in backends:
+            base = name.split("[", 1)[0]
+            if base not in known:
+                parser.error(f"--backend: unknown backend {name!r}; expected one of {known}")
+            try:
+                registry.load_backend(base)
+            except (ImportError, RuntimeError) as error:
+                parser.error(f"--backend: {name!r} cannot run here: {error}")
+    variants = _split(args.variant)
+    if variants is not None:
+        for name in variants:
+            if name not in spec.VARIANTS:
+                parser.error(
+                    f"--variant: unknown variant {name!r}; expected one of {list(spec.VARIANTS)}"
+                )
+    peers = _split(args.peer)
+    if args.no_peers:
+        peers = ()
+    elif peers is not None:
+        from .runners import peer_names
+
+        known_peers = peer_names()
+        for name in peers:
+            if name not in known_peers:
+                parser.error(f"--peer: unknown peer {name!r}; expected one of {known_peers}")
+    mode = "forward" if args.forward_only else args.mode
+    if mode == "both":
+        modes = MODES
+    elif mode in MODE_ALIASES:
+        modes = (MODE_ALIASES[mode],)
+    else:
+        parser.error(f"--mode: expected forward, forward_backward or both, got {mode!r}")
+    if args.repeats < 1:
+        parser.error(f"--repeats: expected at least 1, got {args.repeats}")
+    if args.warmup < 0:
+        parser.error(f"--warmup: expected 0 or more, got {args.warmup}")
+    return BenchConfig(
+        sizes=tuple(sizes),
+        backends=backends,
+        variants=variants,
+        peers=peers,
+        modes=modes,
+        dtype=args.dtype,
+        device=args.device,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+
+
+def list_runners(config):
+    from .frameworks import FRAMEWORKS, Unavailable
+    from .runners import all_runners
+
+    for r in all_runners():
+        fw = FRAMEWORKS[r.framework]
+        try:
+            fw.check(config.device, config.dtype)
+            state = "ok"
+        except (Unavailable, ImportError) as error:
+            state = f"not here: {error}"
+        variants = "all variants" if r.variants is None else ", ".join(r.variants)
+        print(f"{r.name:18} {r.role:10} {variants:22} {state}  - {r.description}")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command != "bench":
+        parser.print_help()
+        return 0 if args.command is None else 2
+    config = config_from_args(args, parser)
+    if args.list:
+        list_runners(config)
+        return 0
+    from .report import text_table, write
+    from .suite import run_benchmark
+
+    results = run_benchmark(config)
+    print(text_table(results))
+    if args.out:
+        paths = write(results, args.out)
+        print("\nwrote " + ", ".join(p for p in paths.values() if p))
+    return 0

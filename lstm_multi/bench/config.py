@@ -1,0 +1,95 @@
+"""What one benchmark run measures: sizes, variants, modes, dtype, device, repeats."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Size:
+    """One problem size: T steps, B sequences, I input features, H hidden units."""
+
+    steps: int
+    batch: int
+    input_size: int
+    hidden_size: int
+    name: str = ""
+
+    @property
+    def label(self):
+        text = f"T{self.steps} B{self.batch} I{self.input_size} H{self.hidden_size}"
+        return f"{self.name} ({text})" if self.name else text
+
+    @property
+    def key(self):
+        return self.name or f"T{self.steps}_B{self.batch}_I{self.input_size}_H{self.hidden_size}"
+
+    def as_dict(self):
+        return {
+            "name": self.name,
+            "T": self.steps,
+            "B": self.batch,
+            "I": self.input_size,
+            "H": self.hidden_size,
+        }
+
+
+PRESETS = {
+    "small": Size(200, 4, 32, 64, "small"),
+    "medium": Size(100, 64, 128, 256, "medium"),
+    "large": Size(50, 128, 512, 512, "large"),
+}
+DEFAULT_SIZES = ("small", "medium", "large")
+
+#: "forward": inference (no autograd graph); "forward_backward": outputs, then the
+#: gradients of every parameter and of x for a given output gradient dy.
+MODES = ("forward", "forward_backward")
+MODE_ALIASES = {
+    "forward": "forward",
+    "fwd": "forward",
+    "forward_backward": "forward_backward",
+    "forward+backward": "forward_backward",
+    "fwd+bwd": "forward_backward",
+    "train": "forward_backward",
+}
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda")
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*$")
+
+
+def parse_size(text) -> Size:
+    """A preset name (small, medium, large) or ``T,B,I,H`` -> Size; ValueError otherwise."""
+    if not isinstance(text, str):
+        raise ValueError(f"--size: expected a preset {sorted(PRESETS)} or T,B,I,H, got {text!r}")
+    if text.strip() in PRESETS:
+        return PRESETS[text.strip()]
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise ValueError(
+            f"--size: expected a preset {sorted(PRESETS)} or four positive integers T,B,I,H "
+            f"(such as 100,64,128,256), got {text!r}"
+        )
+    values = [int(v) for v in match.groups()]
+    if min(values) < 1:
+        raise ValueError(f"--size: T, B, I and H must all be at least 1, got {text!r}")
+    return Size(*values)
+
+
+@dataclass
+class BenchConfig:
+    """Everything a run needs; ``run_benchmark(config)`` measures it."""
+
+    sizes: tuple = field(default_factory=lambda: tuple(PRESETS[n] for n in DEFAULT_SIZES))
+    backends: tuple | None = None  # None: every available lstm_multi backend
+    variants: tuple | None = None  # None: every variant
+    peers: tuple | None = None  # None: every installed peer; () for none
+    modes: tuple = MODES
+    dtype: str = "float32"
+    device: str = "cpu"
+    repeats: int = 5
+    warmup: int = 1
+    seed: int = 0
+    progress: bool = True
+    max_seconds_per_case: float = 30.0  # fewer repeats for a case slower than this per round

@@ -1,0 +1,85 @@
+"""The timing method: first call, warm-up, rounds alternating with the reference, medians.
+
+Every case runs inside rounds ``ref, a, ref, b, ref, ..., ref``: each
+measurement of a case sits between two measurements of the reference
+(``torch.nn.LSTM``), and its ratio is its time over the smaller of those two
+(so a one-off spike of the reference, common on a busy 2-core machine, cannot
+shrink it). The reported ratio is the median over rounds, so slow drifts of the machine (another
+process, clock changes) cancel; the reported time is the median over rounds.
+Every call ends with the framework's synchronisation, so asynchronous work
+(JAX dispatch, CUDA kernels) is inside the measured interval.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class Measured:
+    """Timings of one case: the first call, then one time (and ratio) per round."""
+
+    def __init__(self):
+        self.first_call_s = None
+        self.times = []
+        self.ratios = []
+        self.error = None
+
+    @property
+    def median_s(self):
+        return statistics.median(self.times) if self.times else None
+
+    @property
+    def ratio(self):
+        return statistics.median(self.ratios) if self.ratios else None
+
+    @property
+    def spread(self):
+        """Relative spread of the times: (max - min) / median."""
+        if len(self.times) < 2:
+            return 0.0
+        return (max(self.times) - min(self.times)) / self.median_s
+
+
+def warm_up(fn, warmup):
+    """Time the first call (compilation, tracing, allocation), then ``warmup`` more calls."""
+    first = timed(fn)
+    for _ in range(warmup):
+        fn()
+    return first
+
+
+def alternate(reference, cases, repeats, tick=lambda: None):
+    """Rounds of ``ref, case_1, ref, case_2, ..., ref``.
+
+    reference: (callable, Measured) or None; cases: list of (callable, Measured).
+    Fills each Measured's times (and ratios when there is a reference).
+    A case that raises is marked with its error and left out of later rounds.
+    """
+    for _ in range(repeats):
+        ref_before = timed(reference[0]) if reference else None
+        if reference:
+            reference[1].times.append(ref_before)
+        for fn, measured in cases:
+            if measured.error is not None:
+                tick()
+                continue
+            try:
+                t = timed(fn)
+            except Exception as error:  # noqa: BLE001 - recorded, the run goes on
+                measured.error = f"{type(error).__name__}: {error}"
+                tick()
+                continue
+            measured.times.append(t)
+            if reference:
+                ref_after = timed(reference[0])
+                reference[1].times.append(ref_after)
+                measured.ratios.append(t / min(ref_before, ref_after))
+                ref_before = ref_after
+            tick()

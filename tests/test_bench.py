@@ -1,0 +1,258 @@
+"""``lstm-multi bench`` keeps working: it runs at a tiny size, writes well-formed results,
+and rejects bad options with a clear message. Nothing here asserts a timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from lstm_multi.bench import cli, config, targets, timing
+
+TINY = "6,2,3,4"
+ROW_KEYS = {
+    "runner",
+    "framework",
+    "role",
+    "variant",
+    "size",
+    "dims",
+    "mode",
+    "median_s",
+    "times_s",
+    "spread",
+    "first_call_s",
+    "setup_s",
+    "ratio_to_reference",
+    "ratios",
+    "flops",
+    "limit_s",
+    "pct_of_limit",
+    "error",
+}
+
+
+def check_results(results, modes, sizes):
+    assert set(results) >= {"meta", "runners", "results", "skipped", "targets"}
+    meta = results["meta"]
+    assert meta["config"]["modes"] == list(modes)
+    assert [s["T"] for s in meta["config"]["sizes"]] == [s.steps for s in sizes]
+    assert "lscpu" in meta["machine"] and "versions" in meta["machine"]
+    assert meta["gemm_rate_flops"] is None or meta["gemm_rate_flops"] > 0
+    assert results["results"], "no case was measured"
+    for row in results["results"]:
+        assert set(row) == ROW_KEYS
+        assert row["mode"] in modes
+        assert row["error"] is None, row
+        assert row["median_s"] > 0
+        if row["role"] == "reference":  # measured around every case of every round
+            assert len(row["times_s"]) > meta["config"]["repeats"]
+        else:
+            assert len(row["times_s"]) == meta["config"]["repeats"]
+        assert row["runner"] in results["runners"]
+        if meta["reference"]:
+            assert row["ratio_to_reference"] > 0
+    for skip in results["skipped"]:
+        assert skip["reason"]
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "lstm_multi.bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_console_script_runs_everything_at_a_tiny_size(tmp_path):
+    """The README's command, every backend, variant and peer, both modes, via the script."""
+    exe = shutil.which("lstm-multi") or os.path.join(os.path.dirname(sys.executable), "lstm-multi")
+    command = [exe] if os.path.exists(exe) else [sys.executable, "-m", "lstm_multi.bench"]
+    if command[0] == exe:
+        command.append("bench")
+    proc = subprocess.run(
+        [
+            *command,
+            "--size",
+            TINY,
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GEMM rate" in proc.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    check_results(results, config.MODES, [config.parse_size(TINY)])
+    import lstm_multi
+
+    measured = {(r["runner"], r["variant"]) for r in results["results"]}
+    for backend in lstm_multi.available_backends():
+        if backend == "cupy":
+            continue  # CPU run: CuPy needs --device cuda
+        for variant in lstm_multi.VARIANTS:
+            assert (backend, variant) in measured
+    md = (tmp_path / "results.md").read_text()
+    assert "# lstm-multi bench results" in md and "## Machine" in md
+    assert "forward + backward" in md and "| runner | variant |" in md
+    if importlib_util_has("matplotlib"):
+        assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def importlib_util_has(name):
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def test_module_entry_point_help():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    assert "--size" in proc.stdout and "--out" in proc.stdout
+
+
+def test_in_process_run_subset(tmp_path, capsys):
+    code = cli.main(
+        [
+            "bench",
+            "--backend",
+            "numpy",
+            "--variant",
+            "lstm,peephole",
+            "--peer",
+            "numpy.matmuls",
+            "--size",
+            TINY,
+            "--size",
+            "3,1,2,2",
+            "--mode",
+            "forward",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "numpy / lstm" in out and "numpy.matmuls" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    check_results(results, ("forward",), [config.parse_size(TINY), config.parse_size("3,1,2,2")])
+    runners = {r["runner"] for r in results["results"]}
+    assert {"numpy", "numpy.matmuls"} <= runners
+    assert not runners & {"flax", "equinox", "keras", "article", "jax", "torch"}
+    variants = {r["variant"] for r in results["results"] if r["runner"] == "numpy"}
+    assert variants == {"lstm", "peephole"}
+
+
+def test_list_runners(capsys):
+    assert cli.main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("torch.nn.LSTM", "article", "flax", "equinox", "keras", "numpy.matmuls"):
+        assert name in out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--size", "1,2,3"], "T,B,I,H"),
+        (["--size", "0,1,1,1"], "at least 1"),
+        (["--size", "huge"], "preset"),
+        (["--backend", "nosuch"], "unknown backend 'nosuch'"),
+        (["--variant", "gru"], "unknown variant 'gru'"),
+        (["--peer", "tensorflow"], "unknown peer 'tensorflow'"),
+        (["--mode", "sideways"], "--mode"),
+        (["--repeats", "0"], "--repeats"),
+        (["--dtype", "int8"], "invalid choice"),
+        (["--device", "tpu"], "invalid choice"),
+    ],
+)
+def test_option_errors_are_clear(args, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["bench", *args])
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unavailable_backend_is_a_clear_error(capsys):
+    import lstm_multi
+
+    missing = [b for b in lstm_multi.known_backends() if b not in lstm_multi.available_backends()]
+    if not missing:
+        pytest.skip("every backend is available here")
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--backend", missing[0]])
+    assert "cannot run here" in capsys.readouterr().err
+
+
+def test_parse_size():
+    assert config.parse_size("medium") == config.PRESETS["medium"]
+    size = config.parse_size(" 10, 2,3 ,4 ")
+    assert (size.steps, size.batch, size.input_size, size.hidden_size) == (10, 2, 3, 4)
+    assert config.PRESETS["large"].label == "large (T50 B128 I512 H512)"
+
+
+def test_alternate_ratios_use_the_neighbouring_reference_times(monkeypatch):
+    """ref, a, ref, b, ref: each ratio is the case over the smaller ref around it."""
+    clock = iter([1.0, 3.0, 3.0, 8.0, 5.0])  # ref, a, ref, b, ref
+    monkeypatch.setattr(timing, "timed", lambda fn: next(clock))
+    ref, a, b = timing.Measured(), timing.Measured(), timing.Measured()
+    timing.alternate((None, ref), [(None, a), (None, b)], repeats=1)
+    assert ref.times == [1.0, 3.0, 5.0]
+    assert a.ratios == [3.0 / 1.0] and b.ratios == [8.0 / 3.0]
+    assert a.median_s == 3.0
+
+
+def test_targets_compare_ratios_to_the_reference():
+    def row(runner, variant, mode, ratio, median=1.0, size="medium", role="peer"):
+        return {
+            "runner": runner,
+            "variant": variant,
+            "size": size,
+            "mode": mode,
+            "role": role,
+            "ratio_to_reference": ratio,
+            "median_s": median,
+        }
+
+    results = {
+        "meta": {"config": {"dtype": "float32", "device": "cpu"}},
+        "results": [
+            row("jax", "lstm", "forward", 0.8, role="backend"),
+            row("flax", "lstm", "forward", 1.0),
+            row("numpy", "peephole", "forward", 1.2, role="backend"),
+            row("numpy.matmuls", "*", "forward", 1.0, role="floor"),
+        ],
+    }
+    found = {(t["runner"], t["variant"]): t for t in targets.evaluate(results)}
+    assert found[("jax", "lstm")]["ratio"] == pytest.approx(0.8)
+    assert found[("jax", "lstm")]["met"] is True
+    assert found[("numpy", "peephole")]["ratio"] == pytest.approx(1.2)
+    assert found[("numpy", "peephole")]["met"] is True
+    results["meta"]["config"]["dtype"] = "float64"
+    assert targets.evaluate(results) == []
+
+
+def test_importing_the_bench_imports_no_framework():
+    code = (
+        "import sys, lstm_multi.bench, lstm_multi.bench.cli, lstm_multi.bench.report; "
+        "bad = [m for m in ('torch', 'jax', 'flax', 'equinox', 'keras', 'cupy', 'matplotlib') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
