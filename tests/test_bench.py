@@ -211,8 +211,15 @@ def test_alternate_ratios_use_the_neighbouring_reference_times(monkeypatch):
     """ref, a, ref, b, ref: each ratio is the case over the smaller ref around it."""
     clock = iter([1.0, 3.0, 3.0, 8.0, 5.0])  # ref, a, ref, b, ref
     monkeypatch.setattr(timing, "timed", lambda fn: next(clock))
+    calls = []
     ref, a, b = timing.Measured(), timing.Measured(), timing.Measured()
-    timing.alternate((None, ref), [(None, a), (None, b)], repeats=1)
+    timing.alternate(
+        (lambda: calls.append("ref"), ref),
+        [(lambda: calls.append("a"), a), (lambda: calls.append("b"), b)],
+        repeats=1,
+    )
+    # each timed call comes right after one untimed call of the same function
+    assert calls == ["ref", "a", "ref", "b", "ref"]
     assert ref.times == [1.0, 3.0, 5.0]
     assert a.ratios == [3.0 / 1.0] and b.ratios == [8.0 / 3.0]
     assert a.median_s == 3.0
