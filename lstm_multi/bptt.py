@@ -13,6 +13,23 @@ from . import spec
 from .network import extra_params
 
 
+def masked_step_backward(ops, variant, dh, dc, dy, cache, v, U_step_t, extra):
+    """Backward of ``network.masked_step``.
+
+    dh, dc: gradients of the carried h_t, c_t; dy: of the output y_t.
+    Returns (dz (B, 4H), dh_{t-1}, dc_{t-1}, extra grads of this step).
+    """
+    dh_out = dh + dy
+    if v is None:
+        return spec.step_backward(ops, variant, dh_out, dc, cache, U_step_t, extra)
+    zeros = ops.zeros_like(dh)
+    dz, dh_prev, dc_prev, dextra = spec.step_backward(
+        ops, variant, ops.where(v, dh_out, zeros), ops.where(v, dc, zeros), cache, U_step_t, extra
+    )
+    # past the length the state was carried unchanged: its gradient passes straight through
+    return dz, dh_prev + ops.where(v, zeros, dh), dc_prev + ops.where(v, zeros, dc), dextra
+
+
 def backward_direction(ops, variant, p, tape, dys, dh, dc, valid):
     """Backward of one ``loop_direction``.
 
@@ -25,22 +42,12 @@ def backward_direction(ops, variant, p, tape, dys, dh, dc, valid):
     dextra = {k: ops.zeros_like(v) for k, v in extra.items()}
     dzs = [None] * len(caches)
     for t in range(len(caches) - 1, -1, -1):
-        dh_out = dh + dys[t]
-        if valid is None:
-            dh_step, dc_step = dh_out, dc
-        else:
-            v = valid[t]
-            zeros = ops.zeros_like(dh)
-            dh_step, dc_step = ops.where(v, dh_out, zeros), ops.where(v, dc, zeros)
-            dh_skip, dc_skip = ops.where(v, zeros, dh), ops.where(v, zeros, dc)
-        dz, dh, dc, dextra_t = spec.step_backward(
-            ops, variant, dh_step, dc_step, caches[t], U_step_t, extra
+        v = None if valid is None else valid[t]
+        dzs[t], dh, dc, dextra_t = masked_step_backward(
+            ops, variant, dh, dc, dys[t], caches[t], v, U_step_t, extra
         )
-        if valid is not None:
-            dh, dc = dh + dh_skip, dc + dc_skip
         for k, g in dextra_t.items():
             dextra[k] = dextra[k] + g
-        dzs[t] = dz
     dW, dU, db, dxs = spec.projection_grads(
         ops, variant, xs, ops.stack(rs, 0), ops.stack(dzs, 0), p["W"]
     )

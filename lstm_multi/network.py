@@ -47,6 +47,20 @@ def extra_params(p):
     return {k: v for k, v in p.items() if k not in ("W", "U", "b")}
 
 
+def masked_step(ops, variant, zx, h, c, v, U_step, extra):
+    """One step of a direction: the spec's step, with sequences past their length held.
+
+    v: (B, 1) booleans (the sequence is inside its length at this step) or None.
+    Returns (h_t, c_t, y_t, cache): where v is False, h and c are carried
+    unchanged and y_t is zero.
+    """
+    h_new, c_new, cache = spec.step_forward(ops, variant, zx, h, c, U_step, extra)
+    if v is None:
+        return h_new, c_new, h_new, cache
+    y = ops.where(v, h_new, ops.zeros_like(h_new))
+    return ops.where(v, h_new, h), ops.where(v, c_new, c), y, cache
+
+
 def loop_direction(ops, variant, p, xs, h0, c0, valid, record=False):
     """Run one direction over time in a Python loop.
 
@@ -63,14 +77,9 @@ def loop_direction(ops, variant, p, xs, h0, c0, valid, record=False):
     for t, zx in enumerate(zxs):
         if record:
             rs.append(h if variant.recurrent_state == "h" else c)
-        h_new, c_new, cache = spec.step_forward(ops, variant, zx, h, c, U_step, extra)
-        if valid is None:
-            h, c = h_new, c_new
-            ys.append(h_new)
-        else:
-            v = valid[t]
-            h, c = ops.where(v, h_new, h), ops.where(v, c_new, c)
-            ys.append(ops.where(v, h_new, ops.zeros_like(h_new)))
+        v = None if valid is None else valid[t]
+        h, c, y, cache = masked_step(ops, variant, zx, h, c, v, U_step, extra)
+        ys.append(y)
         if record:
             caches.append(cache)
     tape = (xs, rs, caches) if record else None
