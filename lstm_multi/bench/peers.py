@@ -24,14 +24,15 @@ def _require(*modules):
 # torch ----------------------------------------------------------------------
 
 
-def _torch_runner(fw, case, module, x, dy):
+def _torch_runner(fw, case, module, x, dy, *state):
+    """Time ``module(x, *state)`` (forward) or it and its gradients (forward+backward)."""
     import torch
 
     if case.mode == "forward":
 
         def run():
             with torch.no_grad():
-                y, _ = module(x)
+                y, _ = module(x, *state)
             fw.sync(y)
 
         return run
@@ -39,7 +40,7 @@ def _torch_runner(fw, case, module, x, dy):
     leaves = [xg, *module.parameters()]
 
     def run():
-        y, _ = module(xg)
+        y, _ = module(xg, *state)
         fw.sync(torch.autograd.grad(y, leaves, dy))
 
     return run
@@ -79,7 +80,10 @@ def build_article(runner, case):
     fw.check(case.device, case.dtype)
     s = case.size
     module = article_module(s.input_size, s.hidden_size, peephole=case.variant == "peephole_full")
-    module = module.to(device=case.device, dtype=getattr(torch, case.dtype))
+    dtype = getattr(torch, case.dtype)
+    module = module.to(device=case.device, dtype=dtype)
+    # the article makes its default zero state in float32: pass one in the run's dtype
+    zeros = torch.zeros(s.batch, s.hidden_size, device=case.device, dtype=dtype)
     x_np, dy_np = case.data()
     return _torch_runner(
         fw,
@@ -87,6 +91,7 @@ def build_article(runner, case):
         module,
         fw.to_device(x_np, case.dtype, case.device),
         fw.to_device(dy_np, case.dtype, case.device),
+        (zeros, zeros),
     )
 
 
