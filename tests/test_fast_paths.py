@@ -166,10 +166,14 @@ def test_torch_fused_equals_autograd_reference_float64(cfg):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_torch_fused_onednn_float32_equals_reference(variant):
+def test_torch_fused_onednn_float32_equals_reference(variant, monkeypatch):
     """float32 on the CPU takes the oneDNN GEMMs (where this torch has them)."""
     fast, ref = torch_cells()
     import torch
+
+    from lstm_multi.backends.torch_fused import FusedTorchOps
+
+    monkeypatch.setattr(FusedTorchOps, "ONEDNN_MIN_MACS", 0)  # oneDNN even for these sizes
 
     cfg = {
         "variant": variant,
@@ -188,11 +192,14 @@ def test_torch_fused_onednn_float32_equals_reference(variant):
     assert_all_close(got, want, 2e-5, 2e-5)
 
 
-def test_torch_fused_ops_gemms_match_torch_mm():
+@pytest.mark.parametrize("min_macs", [0, 1 << 40], ids=["onednn", "addmm"])
+def test_torch_fused_ops_gemms_match_torch_mm(min_macs, monkeypatch):
     pytest.importorskip("torch")
     import torch
 
     from lstm_multi.backends.torch_fused import FusedTorchOps
+
+    monkeypatch.setattr(FusedTorchOps, "ONEDNN_MIN_MACS", min_macs)
 
     fused, plain = FusedTorchOps(), FusedTorchOps(use_mkldnn=False)
     g = torch.Generator().manual_seed(0)
