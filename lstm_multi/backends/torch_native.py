@@ -38,10 +38,23 @@ def run_flat(
 ):
     """Time-major x (T, B, in) through ``_VF.lstm``; returns (y, h_n, c_n)."""
     if lengths is None:
+        batch_major = x.transpose(0, 1)
+        # a time-major view of a batch-first input: let the kernel read the input as
+        # it lies (batch_first=True) rather than the transposed view; y comes back
+        # as the same kind of view
+        batch_first = batch_major.is_contiguous() and not x.is_contiguous()
         y, h_n, c_n = torch._VF.lstm(
-            x, (h0, c0), weights, has_bias, num_layers, dropout, training, bidirectional, False
+            batch_major if batch_first else x,
+            (h0, c0),
+            weights,
+            has_bias,
+            num_layers,
+            dropout,
+            training,
+            bidirectional,
+            batch_first,
         )
-        return y, h_n, c_n
+        return (y.transpose(0, 1) if batch_first else y), h_n, c_n
     packed = pack_padded_sequence(x, lengths.detach().cpu().to(torch.int64), enforce_sorted=False)
     order, inverse = packed.sorted_indices, packed.unsorted_indices
     state = (h0.index_select(1, order.to(h0.device)), c0.index_select(1, order.to(c0.device)))
