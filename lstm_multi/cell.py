@@ -72,19 +72,9 @@ class FunctionalCell:
 
     def param_shapes(self):
         """Canonical shapes: ``shapes[layer][direction] = {"W": ..., "U": ..., "b": ...}``."""
-        return [
-            [
-                spec.param_shapes(
-                    self.variant,
-                    spec.layer_input_size(
-                        layer, self.input_size, self.hidden_size, self.num_directions
-                    ),
-                    self.hidden_size,
-                )
-                for _ in range(self.num_directions)
-            ]
-            for layer in range(self.num_layers)
-        ]
+        return spec.network_param_shapes(
+            self.variant, self.input_size, self.hidden_size, self.num_layers, self.num_directions
+        )
 
     def state_shape(self, batch):
         return (self.num_layers * self.num_directions, batch, self.hidden_size)

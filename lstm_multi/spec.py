@@ -201,6 +201,21 @@ def layer_input_size(layer: int, input_size: int, hidden_size: int, num_directio
     return input_size if layer == 0 else hidden_size * num_directions
 
 
+def network_param_shapes(variant, input_size, hidden_size, num_layers, num_directions):
+    """Canonical shapes of a whole network: ``shapes[layer][direction] = {"W": ..., ...}``."""
+    return [
+        [
+            param_shapes(
+                variant,
+                layer_input_size(layer, input_size, hidden_size, num_directions),
+                hidden_size,
+            )
+            for _ in range(num_directions)
+        ]
+        for layer in range(num_layers)
+    ]
+
+
 def init_params(variant, input_size, hidden_size, num_layers, num_directions, seed, dtype):
     """Canonical NumPy parameters, every entry drawn from U(-1/sqrt(H), 1/sqrt(H)).
 

@@ -169,19 +169,9 @@ class LSTM(nn.Module):
     def load_numpy_params(self, np_params):
         """Set the parameters from canonical ones: weight_ih = W^T, weight_hh = U^T,
         bias_ih = b, bias_hh = 0."""
-        shapes = [
-            [
-                spec.param_shapes(
-                    self.variant,
-                    spec.layer_input_size(
-                        l, self.input_size, self.hidden_size, self.num_directions
-                    ),
-                    self.hidden_size,
-                )
-            ]
-            * self.num_directions
-            for l in range(self.num_layers)
-        ]
+        shapes = spec.network_param_shapes(
+            self.variant, self.input_size, self.hidden_size, self.num_layers, self.num_directions
+        )
         validation.check_params(OPS, np_params, shapes, name="np_params")
         for layer in range(self.num_layers):
             for direction in range(self.num_directions):
@@ -229,10 +219,11 @@ class LSTM(nn.Module):
             variant=variant,
             native=native,
         )
+        state = lstm.state_dict()
         with torch.no_grad():
             for name, value in module.named_parameters():
-                if name in lstm.state_dict():
-                    value.copy_(lstm.state_dict()[name])
+                if name in state:
+                    value.copy_(state[name])
                 else:
                     value.zero_()
         return module

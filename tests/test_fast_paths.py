@@ -42,6 +42,19 @@ def problems(draw):
     return cfg
 
 
+#: a fixed two-layer, bidirectional problem with states and lengths (add variant and seed)
+DEEP = {
+    "batch": 3,
+    "steps": 7,
+    "input_size": 5,
+    "hidden_size": 4,
+    "num_layers": 2,
+    "bidirectional": True,
+    "with_state": True,
+    "with_lengths": True,
+}
+
+
 def make_inputs(cfg, dtype="float64"):
     rng = np.random.default_rng(cfg["seed"])
     d = 2 if cfg["bidirectional"] else 1
@@ -117,18 +130,7 @@ def test_numpy_in_place_ops_equal_reference_float64(cfg):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_numpy_in_place_ops_equal_reference_low_precision(variant, dtype, tol):
     fast, ref = numpy_cells()
-    cfg = {
-        "variant": variant,
-        "batch": 3,
-        "steps": 7,
-        "input_size": 5,
-        "hidden_size": 4,
-        "num_layers": 2,
-        "bidirectional": True,
-        "with_state": True,
-        "with_lengths": True,
-        "seed": 3,
-    }
+    cfg = {**DEEP, "variant": variant, "seed": 3}
     got = run(fast(5, 4, **cell_kwargs(cfg)), cfg, dtype)
     want = run(ref(5, 4, **cell_kwargs(cfg)), cfg, dtype)
     assert_all_close(got, want, tol, tol)
@@ -278,18 +280,7 @@ def test_jax_unrolled_scan_equals_plain_scan_and_numpy(variant, monkeypatch):
     pytest.importorskip("jax")
     from lstm_multi.backends import jax_backend, numpy_backend
 
-    cfg = {
-        "variant": variant,
-        "batch": 3,
-        "steps": 7,
-        "input_size": 5,
-        "hidden_size": 4,
-        "num_layers": 2,
-        "bidirectional": True,
-        "with_state": True,
-        "with_lengths": True,
-        "seed": 5,
-    }
+    cfg = {**DEEP, "variant": variant, "seed": 5}
     reference = run(numpy_backend.Cell(5, 4, **cell_kwargs(cfg)), cfg)
     for unroll in (1, 2, 3):
         monkeypatch.setattr(jax_backend, "SCAN_UNROLL", unroll)
