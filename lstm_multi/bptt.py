@@ -17,29 +17,58 @@ def masked_step_backward(ops, variant, dh, dc, dy, cache, v, U_step_t, extra):
     """Backward of ``network.masked_step``.
 
     dh, dc: gradients of the carried h_t, c_t; dy: of the output y_t.
-    Returns (dz (B, 4H), dh_{t-1}, dc_{t-1}, extra grads of this step).
+    Returns (dz (B, 4H), dh_{t-1}, dc_{t-1}, extra grads of this step). Where v
+    is False (past the sequence's length) dz and the extra grads are exactly
+    zero and dh, dc pass through unchanged: ``where`` selects, it does not
+    multiply, so nothing computed at a padded step can leak in.
     """
     dh_out = dh + dy
     if v is None:
         return spec.step_backward(ops, variant, dh_out, dc, cache, U_step_t, extra)
-    zeros = ops.zeros_like(dh)
+    zero_h, zero_c = ops.zeros_like(dh), ops.zeros_like(dc)
     dz, dh_prev, dc_prev, dextra = spec.step_backward(
-        ops, variant, ops.where(v, dh_out, zeros), ops.where(v, dc, zeros), cache, U_step_t, extra
+        ops, variant, ops.where(v, dh_out, zero_h), ops.where(v, dc, zero_c), cache, U_step_t, extra
     )
     # past the length the state was carried unchanged: its gradient passes straight through
-    return dz, dh_prev + ops.where(v, zeros, dh), dc_prev + ops.where(v, zeros, dc), dextra
+    return dz, dh_prev + ops.where(v, zero_h, dh), dc_prev + ops.where(v, zero_c, dc), dextra
+
+
+def zero_extra_grads(ops, extra, like):
+    """Zero accumulators for the variant's own parameters' gradients, in ``like``'s
+    dtype (the state dtype: float32 for half-precision inputs)."""
+    dtype = ops.dtype_name(like)
+    return {k: ops.zeros_like(ops.cast(v, dtype)) for k, v in extra.items()}
+
+
+def direction_grads(ops, variant, p, xs, rs, dzs, dextra, dh0, dc0, h0, c0):
+    """The gradients of one direction once its steps are walked back.
+
+    rs: (T, B, H) recurrent inputs; dzs: (T, B, 4H) preactivation gradients;
+    dextra: the variant's own parameter gradients summed over time. Forms dW,
+    dU, db, dxs with one product each over the whole sequence, then rounds every
+    gradient to its primal's dtype, once (the sums stay in the state dtype
+    until here). Returns (grads like p, dxs (T, B, in), dh0, dc0).
+    """
+    dW, dU, db, dxs = spec.projection_grads(ops, variant, xs, rs, dzs, p["W"])
+    grads = {"W": dW, "U": dU, "b": db, **dextra}
+    dtype = ops.dtype_name
+    grads = {k: ops.cast(g, dtype(p[k])) for k, g in grads.items()}
+    return grads, ops.cast(dxs, dtype(xs)), ops.cast(dh0, dtype(h0)), ops.cast(dc0, dtype(c0))
 
 
 def backward_direction(ops, variant, p, tape, dys, dh, dc, valid):
     """Backward of one ``loop_direction``.
 
     dys: (T, B, H) gradient of the outputs; dh, dc: (B, H) gradients of the
-    final states. Returns (grads like p, dxs (T, B, in), dh0, dc0).
+    final states. Returns (grads like p, dxs (T, B, in), dh0, dc0), each in its
+    primal's dtype.
     """
     xs, rs, caches = tape
     U_step_t = ops.prepare_step_weight_t(spec.recurrent_weight(ops, variant, p["U"]))
     extra = extra_params(p)
-    dextra = {k: ops.zeros_like(v) for k, v in extra.items()}
+    h0_like, c0_like = dh, dc
+    dc = ops.cast(dc, ops.dtype_name(caches[0].c))  # the state dtype
+    dextra = zero_extra_grads(ops, extra, dc)
     dzs = [None] * len(caches)
     for t in range(len(caches) - 1, -1, -1):
         v = None if valid is None else valid[t]
@@ -48,10 +77,9 @@ def backward_direction(ops, variant, p, tape, dys, dh, dc, valid):
         )
         for k, g in dextra_t.items():
             dextra[k] = dextra[k] + g
-    dW, dU, db, dxs = spec.projection_grads(
-        ops, variant, xs, ops.stack(rs, 0), ops.stack(dzs, 0), p["W"]
+    return direction_grads(
+        ops, variant, p, xs, ops.stack(rs, 0), ops.stack(dzs, 0), dextra, dh, dc, h0_like, c0_like
     )
-    return {"W": dW, "U": dU, "b": db, **dextra}, dxs, dh, dc
 
 
 def backward(ops, variant, params, tapes, layout, dy, dh_n, dc_n):

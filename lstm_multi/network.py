@@ -35,6 +35,16 @@ class TimeLayout:
             index = ops.where(valid, n - 1 - t, t)
             self.reverse_index = ops.reshape(index, (steps, lengths.shape[0], 1))
 
+    def zero_padding(self, ops, xs):
+        """(T, B, F) with every entry past its sequence's length replaced by 0.
+
+        Padded steps are still computed (and their results masked), so the
+        input is cleaned first: NaN or inf in the padding would otherwise reach
+        the weight gradients through 0 * NaN. ``where`` selects, so the
+        gradient of the padding is exactly 0.
+        """
+        return ops.where(self.valid, xs, ops.zeros_like(xs))
+
     def reverse(self, ops, xs):
         """Reverse each sequence of (T, B, F) within its valid steps."""
         if self.reverse_index is None:
@@ -98,7 +108,7 @@ def forward(ops, variant, params, x, h0, c0, lengths, run_direction, between_lay
     variant = spec.get_variant(variant)
     num_directions = len(params[0])
     layout = TimeLayout(ops, x.shape[0], lengths)
-    layer_input = x
+    layer_input = x if layout.valid is None else layout.zero_padding(ops, x)
     h_n, c_n, tapes = [], [], []
     for layer, layer_params in enumerate(params):
         if layer > 0 and between_layers is not None:

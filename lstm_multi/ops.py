@@ -24,18 +24,30 @@ class ArrayModuleOps:
 
     # gate nonlinearities
     def sigmoid(self, z):
-        # 0.5 * tanh(z / 2) + 0.5 equals 1 / (1 + exp(-z)) and cannot overflow.
-        return 0.5 * self.xp.tanh(0.5 * z) + 0.5
+        """1 / (1 + exp(-z)), accurate to a few ulp in both tails.
+
+        With e = exp(-|z|) (never overflows), sigma(z) = 1 / (1 + e) for z >= 0 and
+        e / (1 + e) for z < 0: each branch is a product of correctly rounded
+        terms, so sigma(-20) = 2.06e-9 in float32 rather than the 0 that
+        0.5 * tanh(z / 2) + 0.5 gives (tanh rounds to -1 there).
+        """
+        xp = self.xp
+        e = xp.exp(-xp.abs(z))
+        r = 1 / (1 + e)
+        return xp.where(z >= 0, r, e * r)
 
     def tanh(self, z):
         return self.xp.tanh(z)
 
     # the gate math of one step; a backend overrides these with fused kernels
     #
-    # Half precision (float16, bfloat16): the matrix products run in the input
-    # dtype, the gate math in float32, and the cell state c is kept in float32
-    # from step to step (``state_dtype``); h is rounded to the input dtype each
-    # step, and c_n at the end of the sequence.
+    # Half precision (float16, bfloat16): the matrix products of a step run in
+    # the input dtype, the gate math in float32, and the cell state c is kept in
+    # float32 from step to step (``state_dtype``); h is rounded to the input
+    # dtype each step, and c_n at the end of the sequence. In the backward the
+    # preactivation gradients dz and every sum over time and batch (dW, dU, db
+    # and the variant's own parameters) stay in float32, and each gradient is
+    # rounded to its parameter's dtype once, at the end (``bptt``).
     def gates_forward(self, variant, z, c_prev, extra):
         """``variant.gates_forward`` (see ``lstm_multi.spec``), or a fused equivalent.
 
@@ -54,19 +66,16 @@ class ArrayModuleOps:
     def gates_backward(self, variant, dh, dc, cache, extra):
         """``variant.gates_backward``, or a fused equivalent.
 
-        dz comes back in dh's dtype, dc_{t-1} in ``state_dtype``, the extra
-        grads in their parameters' dtypes.
+        dz, dc_{t-1} and the extra grads come back in ``state_dtype`` (float32
+        for half-precision inputs): they are summed over time and batch later.
         """
-        io = self.dtype_name(dh)
-        state = self.state_dtype(io)
-        if state == io and self.dtype_name(dc) == io:
+        state = self.state_dtype(self.dtype_name(dh))
+        if self.dtype_name(dh) == self.dtype_name(dc) == state:
             return variant.gates_backward(self, dh, dc, cache, extra)
-        extra_state = {k: self.cast(v, state) for k, v in extra.items()}
-        dz, dc_prev, dextra = variant.gates_backward(
-            self, self.cast(dh, state), self.cast(dc, state), cache, extra_state
+        extra = {k: self.cast(v, state) for k, v in extra.items()}
+        return variant.gates_backward(
+            self, self.cast(dh, state), self.cast(dc, state), cache, extra
         )
-        dextra = {k: self.cast(g, self.dtype_name(extra[k])) for k, g in dextra.items()}
-        return self.cast(dz, io), dc_prev, dextra
 
     # the matrix products; a backend may route them to faster GEMMs or accumulate
     # in place. Each default is the plain product.
@@ -92,12 +101,18 @@ class ArrayModuleOps:
         return self.transpose(U)
 
     def step_gemm_t(self, dz, U_step_t):
-        """dz U^T for one step of the backward."""
-        return dz @ U_step_t
+        """dz U^T for one step of the backward, in U's dtype (dz is cast to it)."""
+        return self.cast(dz, self.dtype_name(U_step_t)) @ U_step_t
 
     def sequence_grads(self, x2, r2, dz2, W):
-        """(X^T dZ, R^T dZ, dZ W^T) over all T*B rows (2-d arrays)."""
-        r2 = self.cast(r2, self.dtype_name(dz2))
+        """(X^T dZ, R^T dZ, dZ W^T) over all T*B rows (2-d arrays), in dz2's dtype.
+
+        dz2 is in ``state_dtype`` (float32 for half-precision inputs): the
+        products then run in float32 on exactly converted inputs, so the sums
+        over time and batch are never rounded to the half type.
+        """
+        dtype = self.dtype_name(dz2)
+        x2, r2, W = (self.cast(a, dtype) for a in (x2, r2, W))
         return self.transpose(x2) @ dz2, self.transpose(r2) @ dz2, dz2 @ self.transpose(W)
 
     def add_matmul(self, z, a, b):

@@ -58,19 +58,26 @@ def backend(request):
 TOLERANCES = {"float64": (1e-10, 1e-10), "float32": (1e-4, 1e-4)}
 
 
-#: the worst disagreement seen per dtype, |actual - expected| / max(1, max|expected|)
-WORST_DISAGREEMENT: dict[str, float] = {}
+#: the worst disagreement seen, |actual - expected| / max(1, max|expected|), by dtype and
+#: by (label, dtype) for the comparisons that carry a label (such as "numpy/peephole")
+WORST_DISAGREEMENT: dict = {}
 
 
-def assert_close(actual, expected, dtype, what):
+def assert_close(actual, expected, dtype, what, label=None):
+    """actual == expected within ``TOLERANCES[dtype]``, relative to max(1, max|expected|).
+
+    The disagreement is recorded for the end-of-run summary unless ``label`` is
+    False (comparisons that are meant to fail, such as the mutation checks).
+    """
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     rtol, atol = TOLERANCES[dtype]
     scale = max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
-    if expected.size:
+    if expected.size and label is not False:
         worst = float(np.max(np.abs(actual - expected))) / scale
-        WORST_DISAGREEMENT[dtype] = max(WORST_DISAGREEMENT.get(dtype, 0.0), worst)
+        for key in (dtype,) if label is None else (dtype, (label, dtype)):
+            WORST_DISAGREEMENT[key] = max(WORST_DISAGREEMENT.get(key, 0.0), worst)
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale, err_msg=what)
 
 
@@ -90,7 +97,11 @@ def to_numpy(x):
 def pytest_terminal_summary(terminalreporter):
     if WORST_DISAGREEMENT:
         terminalreporter.section("agreement with the reference")
-        for dtype, worst in sorted(WORST_DISAGREEMENT.items()):
+        overall = {k: v for k, v in WORST_DISAGREEMENT.items() if isinstance(k, str)}
+        labelled = {k: v for k, v in WORST_DISAGREEMENT.items() if not isinstance(k, str)}
+        for dtype, worst in sorted(overall.items()):
             terminalreporter.write_line(
                 f"{dtype}: worst |actual - reference| / max(1, max|reference|) = {worst:.3e}"
             )
+        for (label, dtype), worst in sorted(labelled.items()):
+            terminalreporter.write_line(f"  {label} {dtype}: {worst:.3e}")

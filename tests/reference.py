@@ -1,10 +1,13 @@
-"""The reference every backend is checked against: the PyTorch module in float64.
+"""Test problems and the references every backend is checked against.
 
-For the "lstm" variant the reference is ``torch.nn.LSTM`` itself (with packed
-sequences when lengths are given); for the other variants it is
-``lstm_multi.torch.LSTM`` on its generic path, itself checked against the
-independent ``NaiveLSTM`` and the article's modules (test_torch_module.py,
-test_article.py).
+The reference is the independent oracle (``oracle.py``: the README's equations,
+float64, one sequence at a time, no ``lstm_multi`` import), for every variant.
+For "lstm", ``torch.nn.LSTM`` itself with packed sequences is a second
+reference (``nn_lstm_reference``), loaded directly from the canonical
+parameters without going through ``lstm_multi``.
+
+Problems are drawn from the README's shapes (``oracle.param_shapes``), not
+from the library's initialiser, so a layout the library got wrong is an error.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from hypothesis import strategies as st
+from oracle import VARIANTS, oracle, param_shapes
 
 import lstm_multi
 
@@ -35,6 +39,9 @@ class Config:
     def num_directions(self):
         return 2 if self.bidirectional else 1
 
+    def state_shape(self):
+        return (self.num_layers * self.num_directions, self.batch, self.hidden_size)
+
     def cell(self, backend, **kwargs):
         Cell = lstm_multi.get_cell(backend)
         return Cell(
@@ -49,7 +56,7 @@ class Config:
 
 
 @st.composite
-def configs(draw, variants=tuple(lstm_multi.VARIANTS), max_layers=3):
+def configs(draw, variants=VARIANTS, max_layers=3):
     return Config(
         variant=draw(st.sampled_from(variants)),
         batch=draw(st.integers(1, 4)),
@@ -67,7 +74,11 @@ def configs(draw, variants=tuple(lstm_multi.VARIANTS), max_layers=3):
 
 @dataclass
 class Problem:
-    """Float64 NumPy inputs of one config, time-major (T, B, ...)."""
+    """Float64 NumPy inputs of one config, time-major (T, B, ...).
+
+    h0, c0 are zeros when the config has no state (the cell is then called
+    with ``state=None``).
+    """
 
     params: list
     x: np.ndarray
@@ -79,26 +90,42 @@ class Problem:
     dc_n: np.ndarray
 
 
+def random_params(rng, config: Config):
+    """Canonical float64 parameters from U(-1/sqrt(H), 1/sqrt(H)); peepholes 3x wider
+    so that they matter."""
+    bound = 1 / np.sqrt(config.hidden_size)
+    shapes = param_shapes(
+        config.variant,
+        config.input_size,
+        config.hidden_size,
+        config.num_layers,
+        config.num_directions,
+    )
+    return [
+        [
+            {
+                k: rng.uniform(-bound, bound, shape) * (3 if k == "p" else 1)
+                for k, shape in p.items()
+            }
+            for p in layer
+        ]
+        for layer in shapes
+    ]
+
+
 def make_problem(config: Config) -> Problem:
     rng = np.random.default_rng(config.seed)
-    cell = config.cell("numpy")
-    params = cell.init(seed=config.seed, dtype="float64")
-    # peepholes start like the rest, in U(-1/sqrt(H), 1/sqrt(H)); scale them up so they matter
-    for layer in params:
-        for p in layer:
-            if "p" in p:
-                p["p"] = p["p"] * 3
-    state_shape = cell.state_shape(config.batch)
+    state_shape = config.state_shape()
     t, b = config.steps, config.batch
-    lengths = None
-    if config.with_lengths:
-        lengths = rng.integers(1, t + 1, size=b)
-        lengths[rng.integers(0, b)] = t  # packing needs one full-length sequence
+    lengths = rng.integers(1, t + 1, size=b) if config.with_lengths else None
+    h0, c0 = 0.5 * rng.standard_normal((2, *state_shape))
+    if not config.with_state:
+        h0, c0 = np.zeros(state_shape), np.zeros(state_shape)
     return Problem(
-        params=params,
+        params=random_params(rng, config),
         x=rng.standard_normal((t, b, config.input_size)),
-        h0=0.5 * rng.standard_normal(state_shape),
-        c0=0.5 * rng.standard_normal(state_shape),
+        h0=h0,
+        c0=c0,
         lengths=lengths,
         dy=rng.standard_normal((t, b, config.num_directions * config.hidden_size)),
         dh_n=rng.standard_normal(state_shape),
@@ -112,26 +139,39 @@ def batch_layout(config: Config, time_major):
 
 
 def reference(config: Config, problem: Problem):
-    """Outputs and gradients (float64 NumPy, time-major) from the PyTorch module."""
+    """Outputs and gradients (float64 NumPy, time-major) from the oracle."""
+    p = problem
+    return oracle(config.variant, p.params, p.x, p.h0, p.c0, p.lengths, p.dy, p.dh_n, p.dc_n)
+
+
+def nn_lstm_reference(config: Config, problem: Problem):
+    """The same from ``torch.nn.LSTM`` (packed sequences when there are lengths); "lstm" only.
+
+    nn.LSTM's weights are the canonical ones transposed (weight_ih = W^T,
+    weight_hh = U^T), its two biases b and 0.
+    """
     import torch
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-    from lstm_multi.torch import LSTM
-
-    module = LSTM(
+    assert config.variant == "lstm"
+    module = torch.nn.LSTM(
         config.input_size,
         config.hidden_size,
         config.num_layers,
         bidirectional=config.bidirectional,
-        variant=config.variant,
-        native=False,
         dtype=torch.float64,
-    ).load_numpy_params(problem.params)
-    if config.variant == "lstm":
-        module = module.to_torch()
+    )
+    with torch.no_grad():
+        for layer, layer_params in enumerate(problem.params):
+            for direction, p in enumerate(layer_params):
+                sfx = f"l{layer}{'_reverse' if direction else ''}"
+                getattr(module, f"weight_ih_{sfx}").copy_(torch.tensor(p["W"].T))
+                getattr(module, f"weight_hh_{sfx}").copy_(torch.tensor(p["U"].T))
+                getattr(module, f"bias_ih_{sfx}").copy_(torch.tensor(p["b"]))
+                getattr(module, f"bias_hh_{sfx}").zero_()
     x = torch.tensor(problem.x, requires_grad=True)
-    h0 = torch.tensor(problem.h0 if config.with_state else 0 * problem.h0, requires_grad=True)
-    c0 = torch.tensor(problem.c0 if config.with_state else 0 * problem.c0, requires_grad=True)
+    h0 = torch.tensor(problem.h0, requires_grad=True)
+    c0 = torch.tensor(problem.c0, requires_grad=True)
     if problem.lengths is None:
         y, (h_n, c_n) = module(x, (h0, c0))
     else:
@@ -154,19 +194,7 @@ def reference(config: Config, problem: Problem):
                 "U": getattr(module, f"weight_hh_{sfx}").grad.T,
                 "b": getattr(module, f"bias_ih_{sfx}").grad,
             }
-            if config.variant == "peephole":
-                g["p"] = getattr(module, f"weight_peephole_{sfx}").grad
             directions.append({k: v.detach().numpy() for k, v in g.items()})
         grads.append(directions)
-    # "peephole_full" never reads h_{t-1}: h0 then has no gradient, which is zero
-    h0_grad = torch.zeros_like(h0) if h0.grad is None else h0.grad
-    as_np = [a.detach().numpy() for a in (y, h_n, c_n, x.grad, h0_grad, c0.grad)]
-    return {
-        "y": as_np[0],
-        "h_n": as_np[1],
-        "c_n": as_np[2],
-        "grads": grads,
-        "dx": as_np[3],
-        "dh0": as_np[4],
-        "dc0": as_np[5],
-    }
+    as_np = [a.detach().numpy() for a in (y, h_n, c_n, x.grad, h0.grad, c0.grad)]
+    return dict(zip(("y", "h_n", "c_n", "dx", "dh0", "dc0"), as_np, strict=True)) | {"grads": grads}

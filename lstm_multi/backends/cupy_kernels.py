@@ -23,8 +23,9 @@ per-element peephole gradient terms ``dp_i dp_f dp_o`` (summed over the batch
 by the caller, as the spec's ``ops.sum(..., 0)``).
 
 Precision: loads are converted to the state type ``S`` (float32 for float16
-inputs, else the input type ``T``), the math runs in ``S``, and h and dz are
-stored as ``T`` (``ArrayModuleOps.state_dtype``).
+inputs, else the input type ``T``), the math runs in ``S``, h is stored as
+``T`` and everything the backward sums over time and batch (dz, the peephole
+terms) as ``S`` (``ArrayModuleOps.state_dtype``).
 """
 
 from __future__ import annotations
@@ -178,13 +179,9 @@ def parse_body(body):
 # NumPy runner: the body executed as Python
 
 
-def _np_sigmoid(z):
-    return 0.5 * np.tanh(0.5 * z) + 0.5  # as ArrayModuleOps.sigmoid
-
-
 def run_body(step: StepSource, values: dict):
     """Execute ``step.body`` on the arrays in ``values``; returns the written names."""
-    namespace = {"sigmoid": _np_sigmoid, "tanh": np.tanh}
+    namespace = {"sigmoid": ArrayModuleOps(np).sigmoid, "tanh": np.tanh}
     local = dict(values)
     missing = set(step.reads) - set(local)
     if missing:
@@ -224,7 +221,7 @@ class NumpyKernels:
         )
 
     def backward(self, name, dh, dc, cache, p):
-        """-> (dz (B, 4H) in dh's dtype, dc_prev, dp_terms (B, 3, H) or None)."""
+        """-> (dz (B, 4H), dc_prev, dp_terms (B, 3, H) or None), all in dc's dtype."""
         source = SOURCES[name]
         state = dc.dtype
         values = dict(zip(_CACHE, cache[:6], strict=True))
@@ -232,7 +229,7 @@ class NumpyKernels:
         if source.peephole:
             values.update(zip(_PEEP, p.astype(state), strict=True))
         out = run_body(source.backward, values)
-        dz = np.concatenate([out[k] for k in _DZ], -1).astype(dh.dtype)
+        dz = np.concatenate([out[k] for k in _DZ], -1)
         terms = None
         if source.peephole:
             terms = np.stack([out["dp_i"], out["dp_f"], out["dp_o"]], 1)
@@ -248,8 +245,12 @@ class NumpyKernels:
 # C++ / CUDA: the body as the operation of an ElementwiseKernel
 
 _PREAMBLE = """
+// 1 / (1 + exp(-x)) to a few ulp in both tails (as ArrayModuleOps.sigmoid):
+// e = exp(-|x|) never overflows; x < 0 gives e / (1 + e), not 1 - 1 / (1 + e)
 template <typename F> __device__ __forceinline__ F sigmoid(F x) {
-  return F(0.5) * tanh(F(0.5) * x) + F(0.5);
+  const F e = exp(-fabs(x));
+  const F r = F(1) / (F(1) + e);
+  return x >= F(0) ? r : e * r;
 }
 """
 
@@ -340,7 +341,7 @@ def backward_kernel_params(name):
     source = SOURCES[name]
     ins = "T dh, S dc, S gi, S gf, S gg, S go, S c_prev, S c, S act"
     ins += (", raw T p" if source.peephole else "") + ", int64 H"
-    outs = "raw T dz, S dc_prev" + (", raw S dp" if source.peephole else "")
+    outs = "raw S dz, S dc_prev" + (", raw S dp" if source.peephole else "")
     return ins, outs
 
 
@@ -364,7 +365,7 @@ def backward_operation(name):
     lines += _c_loads(source.backward, loads)
     lines += _c_body(source.backward, set(source.backward.reads))
     for k, gate in enumerate(_DZ):
-        lines.append(f"dz[{k} * H + lm_row] = (T)v_{gate};")
+        lines.append(f"dz[{k} * H + lm_row] = v_{gate};")
     lines.append("dc_prev = v_dc_prev;")
     if source.peephole:
         # dp is (B, 3, H): row lm_b, then the peephole row, then lm_j
@@ -388,6 +389,8 @@ def c_function_source(name, t_type, s_type):
     head = [
         "#include <cmath>",
         "#include <cstddef>",
+        "using std::exp;",
+        "using std::fabs;",
         "using std::tanh;",
         "#define __device__",
         "#define __forceinline__ inline",
@@ -410,7 +413,7 @@ extern "C" void forward(ptrdiff_t n, long long H, const T* z, const S* c_prev_a,
     backward = f"""
 extern "C" void backward(ptrdiff_t n, long long H, const T* dh_a, const S* dc_a, const S* gi_a,
                          const S* gf_a, const S* gg_a, const S* go_a, const S* c_prev_a,
-                         const S* c_a, const S* act_a, const T* p, T* dz, S* dc_prev_a, S* dp) {{
+                         const S* c_a, const S* act_a, const T* p, S* dz, S* dc_prev_a, S* dp) {{
   for (ptrdiff_t i = 0; i < n; ++i) {{
     const T& dh = dh_a[i]; const S& dc = dc_a[i]; const S& gi = gi_a[i]; const S& gf = gf_a[i];
     const S& gg = gg_a[i]; const S& go = go_a[i]; const S& c_prev = c_prev_a[i];
@@ -464,7 +467,7 @@ class CudaKernels:
         source = SOURCES[name]
         shape = dc.shape
         batch, hidden = shape
-        dz = cp.empty((batch, 4 * hidden), dtype=dh.dtype)
+        dz = cp.empty((batch, 4 * hidden), dtype=dc.dtype)
         dc_prev = cp.empty(shape, dtype=dc.dtype)
         state = dc.dtype
         args = [dh, dc, *(cp.asarray(a, dtype=state) for a in (*cache[:6], cache.act))]
@@ -531,9 +534,8 @@ class FusedOps(ArrayModuleOps):
             return super().gates_backward(variant, dh, dc, cache, extra)
         dc = self.cast(dc, self.dtype_name(cache.c))
         dz, dc_prev, terms = self.kernels.backward(variant.name, dh, dc, cache, extra.get("p"))
-        dextra = {}
-        if terms is not None:
-            dextra["p"] = self.cast(self.sum(terms, 0), self.dtype_name(extra["p"]))
+        # summed over time in the state dtype, rounded to p's dtype once (bptt)
+        dextra = {} if terms is None else {"p": self.sum(terms, 0)}
         return dz, dc_prev, dextra
 
     def add_matmul(self, z, a, b):

@@ -93,13 +93,15 @@ def _direction_forward(variant, p, xs, h0, c0, valid):
 
 def _direction_backward(variant, saved, cotangents):
     """The hand-written BPTT (``bptt.masked_step_backward``) in a reverse scan,
-    then one GEMM each for dW, dU and dx over the whole sequence."""
+    then one GEMM each for dW, dU and dx over the whole sequence
+    (``bptt.direction_grads``, which also gives each gradient its primal's dtype)."""
     ops = OPS
     p, xs, c0, valid, (rs, caches) = saved
     dys, dh, dc = cotangents
     U_step_t = ops.prepare_step_weight_t(spec.recurrent_weight(ops, variant, p["U"]))
     extra = network.extra_params(p)
-    dc = ops.cast(dc, ops.dtype_name(caches.c))
+    h0_like, c0_like = dh, dc
+    dc = ops.cast(dc, ops.dtype_name(caches.c))  # the state dtype
 
     def step(carry, inputs):
         dh, dc, dextra = carry
@@ -109,13 +111,14 @@ def _direction_backward(variant, saved, cotangents):
         )
         return (dh, dc, {k: dextra[k] + g for k, g in dextra_t.items()}), dz
 
-    dextra = {k: jnp.zeros_like(v) for k, v in extra.items()}
+    dextra = bptt.zero_extra_grads(ops, extra, dc)
     (dh0, dc0, dextra), dzs = jax.lax.scan(
         step, (dh, dc, dextra), (dys, caches, valid), reverse=True
     )
-    dW, dU, db, dxs = spec.projection_grads(ops, variant, xs, rs, dzs, p["W"])
-    grads = {"W": dW, "U": dU, "b": db, **dextra}
-    return grads, dxs, dh0, ops.cast(dc0, ops.dtype_name(c0)), None
+    grads, dxs, dh0, dc0 = bptt.direction_grads(
+        ops, variant, p, xs, rs, dzs, dextra, dh0, dc0, h0_like, c0_like
+    )
+    return grads, dxs, dh0, dc0, None
 
 
 _direction.defvjp(_direction_forward, _direction_backward)

@@ -92,6 +92,7 @@ class FusedTorchOps(TorchOps):
 
     def step_gemm_t(self, dz, weight):
         U_t, U = weight
+        dz = self.cast(dz, self.dtype_name(U_t))
         if self._use_onednn(dz, U):
             return self.linear(dz.contiguous(), U, None, "none", [], "")
         return dz @ U_t

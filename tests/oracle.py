@@ -1,0 +1,151 @@
+"""The independent oracle: an LSTM written from the README's equation table, in float64.
+
+It imports nothing from ``lstm_multi``: every agreement test compares the library
+with what the README says, not with another part of the library. It is written
+to be read against the README, not to be fast:
+
+- one sequence at a time, over its valid steps only (steps past ``lengths[n]``
+  are never read, so padding cannot reach it);
+- one gate at a time, each with its own slice of W, U and b;
+- gradients by PyTorch autograd of that plain computation.
+
+The README's contract it implements (gate order i, f, g, o; W (in, 4H),
+U (H, 4H), b (4H,), p (3, H) with rows (i, f, o); states (L * D, B, H);
+direction 1 reads each sequence reversed within its length; outputs past the
+length are zero; h_n, c_n are the states at the last valid step)::
+
+    "lstm"           r = h_{t-1}; i=σ(z_i) f=σ(z_f) g=tanh(z_g) o=σ(z_o)
+                     c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
+    "peephole"       r = h_{t-1}; i=σ(z_i + p_i c_{t-1}) f=σ(z_f + p_f c_{t-1}) g=tanh(z_g)
+                     c_t = f c_{t-1} + i g;  o=σ(z_o + p_o c_t);  h_t = o tanh(c_t)
+    "peephole_full"  r = c_{t-1}; i=σ(z_i) f=σ(z_f) o=σ(z_o) g=σ(x_t W_g + b_g)
+                     c_t = f c_{t-1} + i g;  h_t = tanh(o c_t)
+
+with z = x_t W + r U + b split into four blocks of width H.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+GATES = ("i", "f", "g", "o")
+VARIANTS = ("lstm", "peephole", "peephole_full")
+
+
+def param_shapes(variant, input_size, hidden_size, num_layers, num_directions):
+    """The README's "Canonical parameters" table: shapes[layer][direction][key]."""
+    h = hidden_size
+    shapes = []
+    for layer in range(num_layers):
+        size = input_size if layer == 0 else h * num_directions
+        one = {"W": (size, 4 * h), "U": (h, 4 * h), "b": (4 * h,)}
+        if variant == "peephole":
+            one["p"] = (3, h)
+        shapes.append([dict(one) for _ in range(num_directions)])
+    return shapes
+
+
+def _block(matrix, gate, h):
+    """The columns (or entries) of one gate: block k of width H for gate k of (i, f, g, o)."""
+    k = GATES.index(gate)
+    return matrix[..., k * h : (k + 1) * h]
+
+
+def step(variant, x_t, h_prev, c_prev, W, U, b, p):
+    """One time step of one sequence: x_t (in,), h_prev, c_prev (H,) -> (h_t, c_t)."""
+    h = c_prev.shape[-1]
+    recurrent = c_prev if variant == "peephole_full" else h_prev
+
+    def z(gate):
+        return x_t @ _block(W, gate, h) + recurrent @ _block(U, gate, h) + _block(b, gate, h)
+
+    if variant == "lstm":
+        i, f = torch.sigmoid(z("i")), torch.sigmoid(z("f"))
+        g, o = torch.tanh(z("g")), torch.sigmoid(z("o"))
+        c = f * c_prev + i * g
+        return o * torch.tanh(c), c
+    if variant == "peephole":
+        i = torch.sigmoid(z("i") + p[0] * c_prev)
+        f = torch.sigmoid(z("f") + p[1] * c_prev)
+        g = torch.tanh(z("g"))
+        c = f * c_prev + i * g
+        o = torch.sigmoid(z("o") + p[2] * c)
+        return o * torch.tanh(c), c
+    if variant == "peephole_full":
+        i, f, o = torch.sigmoid(z("i")), torch.sigmoid(z("f")), torch.sigmoid(z("o"))
+        g = torch.sigmoid(x_t @ _block(W, "g", h) + _block(b, "g", h))  # no recurrent term
+        c = f * c_prev + i * g
+        return torch.tanh(o * c), c
+    raise ValueError(f"oracle: unknown variant {variant!r}")
+
+
+def run_sequence(variant, params, xs, h0, c0):
+    """One sequence through the network: xs (L, in) its valid steps, h0, c0 (L*D, H).
+
+    Returns (ys (L, D*H), h_n (L*D, H), c_n (L*D, H)).
+    """
+    num_directions = len(params[0])
+    layer_input = xs
+    h_n, c_n = [], []
+    for layer, layer_params in enumerate(params):
+        outputs = []
+        for direction, p in enumerate(layer_params):
+            k = layer * num_directions + direction
+            order = range(len(xs)) if direction == 0 else range(len(xs) - 1, -1, -1)
+            h, c = h0[k], c0[k]
+            ys = [None] * len(xs)
+            for t in order:
+                h, c = step(variant, layer_input[t], h, c, p["W"], p["U"], p["b"], p.get("p"))
+                ys[t] = h
+            outputs.append(torch.stack(ys))
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = torch.cat(outputs, dim=-1)
+    return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+
+def oracle(variant, params, x, h0, c0, lengths, dy, dh_n, dc_n):
+    """Outputs and gradients of the README's LSTM, float64 NumPy, time-major.
+
+    params[layer][direction] = {"W", "U", "b"[, "p"]} (NumPy); x (T, B, in);
+    h0, c0, dh_n, dc_n (L*D, B, H); lengths (B,) or None; dy (T, B, D*H).
+    The gradients are those of sum(y*dy) + sum(h_n*dh_n) + sum(c_n*dc_n).
+    Returns {"y", "h_n", "c_n", "grads", "dx", "dh0", "dc0"}.
+    """
+    steps, batch = x.shape[0], x.shape[1]
+    lengths = [steps] * batch if lengths is None else [int(n) for n in lengths]
+    leaves = [
+        [
+            {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in p.items()}
+            for p in layer
+        ]
+        for layer in params
+    ]
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    h0t = torch.tensor(h0, dtype=torch.float64, requires_grad=True)
+    c0t = torch.tensor(c0, dtype=torch.float64, requires_grad=True)
+    width = dy.shape[-1]
+    y = torch.zeros(steps, batch, width, dtype=torch.float64)
+    h_n, c_n = torch.zeros_like(h0t), torch.zeros_like(c0t)
+    loss = torch.zeros((), dtype=torch.float64)
+    for n, length in enumerate(lengths):
+        ys, hs, cs = run_sequence(variant, leaves, xt[:length, n], h0t[:, n], c0t[:, n])
+        loss = loss + (ys * torch.tensor(dy[:length, n])).sum()
+        loss = loss + (hs * torch.tensor(dh_n[:, n])).sum() + (cs * torch.tensor(dc_n[:, n])).sum()
+        y[:length, n] = ys.detach()
+        h_n[:, n], c_n[:, n] = hs.detach(), cs.detach()
+    loss.backward()
+
+    def grad_of(t):
+        return np.zeros(tuple(t.shape)) if t.grad is None else t.grad.numpy()
+
+    return {
+        "y": y.numpy(),
+        "h_n": h_n.numpy(),
+        "c_n": c_n.numpy(),
+        "grads": [[{k: grad_of(v) for k, v in p.items()} for p in layer] for layer in leaves],
+        "dx": grad_of(xt),
+        "dh0": grad_of(h0t),
+        "dc0": grad_of(c0t),
+    }
