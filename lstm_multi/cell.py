@@ -171,10 +171,6 @@ class FunctionalCell:
     def _check_dtype_supported(self, name, dtype_name):
         """Raise if this backend cannot compute in ``dtype_name`` here."""
 
-    def _concrete(self, array):
-        """The values of ``array`` as NumPy, or None where they are not known yet (tracing)."""
-        return self.ops.to_numpy(array)
-
     # input handling -----------------------------------------------------------
 
     def _to_time_major(self, x):
@@ -205,13 +201,34 @@ class FunctionalCell:
         return array if self.ops.is_array(array) else self._to_backend(array, name)
 
     def _prepare_lengths(self, lengths, steps, batch, like):
+        """lengths (a list, or an integer array of any framework and dtype) -> this
+        backend's integer array on x's device, every value checked to lie in 1..T."""
         if isinstance(lengths, (list, tuple)):
             lengths = np.asarray(lengths)
         if not hasattr(lengths, "shape") or not hasattr(lengths, "dtype"):
             raise TypeError(f"lengths: expected an array of integers, got {type(lengths).__name__}")
-        validation.check_lengths_shape(self.ops.dtype_name(lengths), lengths.shape, batch)
-        lengths = self._to_backend(lengths, "lengths")
-        values = self._concrete(lengths)
-        if values is not None:
-            validation.check_lengths_values(values, steps)
-        return self.ops.on_device_of(lengths, like)
+        dtype = str(lengths.dtype).removeprefix("torch.")
+        validation.check_lengths_shape(dtype, lengths.shape, batch)
+        values = host_values(lengths)
+        if values is None:  # traced (JAX under jit): the backend checks at run time
+            return self._traced_lengths(lengths, steps)
+        validation.check_lengths_values(values, steps)
+        return self.ops.on_device_of(self._to_backend(values.astype(np.int64), "lengths"), like)
+
+    def _traced_lengths(self, lengths, steps):
+        """lengths whose values are not known yet (only JAX traces)."""
+        raise TypeError(f"lengths: expected concrete integers, got {type(lengths).__name__}")
+
+
+def host_values(array):
+    """The values of an array of any framework as NumPy, or None while traced (JAX)."""
+    if isinstance(array, np.ndarray):
+        return array
+    if hasattr(array, "detach"):  # torch, on any device
+        return array.detach().cpu().numpy()
+    if type(array).__module__.split(".")[0] == "cupy":
+        return array.get()
+    try:
+        return np.asarray(array)
+    except TypeError:  # a JAX tracer (its conversion errors are TypeErrors)
+        return None

@@ -34,6 +34,10 @@ g block of U is unused (masked to zero, so its gradient is zero)::
     c_t = f * c_{t-1} + i * g
     h_t = tanh(o * c_t)
 
+Its recurrence never reads h_{t-1}: an initial h0 is accepted (so a previous
+chunk's (h_n, c_n) can be passed on unchanged) but does not enter the
+computation, and its gradient is zero.
+
 Canonical parameters of one layer and direction (``in`` is input_size for
 layer 0 and H * num_directions after)::
 
@@ -79,6 +83,9 @@ class Variant:
     recurrent_state: str = "h"
     #: gates whose block of U is unused (its columns masked to zero)
     unused_recurrent_gates: tuple[str, ...] = ()
+    #: with its own extra parameters at zero it computes ``torch.nn.LSTM``'s function
+    #: from the same W, U, b (so nn.LSTM's weights mean the same thing in it)
+    extends_lstm: bool = False
 
     def extra_param_shapes(self, hidden_size: int) -> dict[str, tuple[int, ...]]:
         """Shapes of the parameters beyond W, U, b (empty for most variants)."""
@@ -102,6 +109,7 @@ class Variant:
 
 class PlainLSTM(Variant):
     name = "lstm"
+    extends_lstm = True
 
     def gates_forward(self, ops, z, c_prev, extra):
         zi, zf, zg, zo = split_gates(z, c_prev.shape[-1])
@@ -122,6 +130,7 @@ class PlainLSTM(Variant):
 
 class PeepholeLSTM(Variant):
     name = "peephole"
+    extends_lstm = True  # p = 0 is the plain LSTM
 
     def extra_param_shapes(self, hidden_size):
         return {"p": (3, hidden_size)}

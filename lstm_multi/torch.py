@@ -1,45 +1,79 @@
 """``torch.nn`` modules: ``LSTM`` (a drop-in for ``torch.nn.LSTM`` with variants) and
-``NaiveLSTM`` (the article's readable one-matrix-per-gate form, the reference).
+``NaiveLSTM`` (the article's readable one-matrix-per-gate form).
 
-``LSTM`` keeps ``nn.LSTM``'s constructor, defaults, return values and
+``LSTM`` is a subclass of ``torch.nn.LSTM``: same constructor, defaults, return
+values, attributes (``all_weights``, ``_flat_weights_names``, ``mode``,
+``check_forward_args``, ``permute_hidden``, ``flatten_parameters``) and
 state_dict keys (``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``,
-``bias_hh_l{k}``, with ``_reverse`` for direction 1), so an ``nn.LSTM``
-state_dict loads into it. The "peephole" variant adds ``weight_peephole_l{k}``
-of shape (3, H), rows (i, f, o). Its canonical parameters are
-W = weight_ih^T, U = weight_hh^T, b = bias_ih + bias_hh.
+``bias_hh_l{k}``, with ``_reverse`` for direction 1), so code written for
+``nn.LSTM`` keeps working and an ``nn.LSTM`` state_dict loads into it. The
+"peephole" variant adds ``weight_peephole_l{k}`` of shape (3, H), rows
+(i, f, o). Its canonical parameters are W = weight_ih^T, U = weight_hh^T,
+b = bias_ih + bias_hh.
+
+Importing this module registers ``LSTM`` and ``NaiveLSTM`` with
+``torch.serialization.add_safe_globals``, so ``torch.load`` with its default
+``weights_only=True`` restores a whole saved model, as it does ``nn.LSTM``.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
+try:
+    import torch
+except ModuleNotFoundError as error:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "lstm_multi.torch needs torch, which is not installed: pip install 'lstm_multi[torch]'"
+    ) from error
 
-import torch
+import math
+
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import network, spec, validation
+from . import spec, validation
 from .backends import torch_fused, torch_native
-from .backends.torch_backend import OPS
+from .backends.torch_backend import generic_forward
+from .backends.torch_ops import OPS
 
 __all__ = ["LSTM", "NaiveLSTM"]
+
+#: the state_dict entry (``prefix + "_extra_state"``) where a non-"lstm" module records
+#: its variant; "lstm" modules keep exactly ``nn.LSTM``'s keys
+_VARIANT_KEY = "_extra_state"
 
 
 def _suffix(direction):
     return "_reverse" if direction == 1 else ""
 
 
-class LSTM(nn.Module):
+def _recorded_variant(state_dict, prefix):
+    """The variant a state_dict was saved from: its record, else "lstm" (nn.LSTM's keys)."""
+    record = state_dict.get(prefix + _VARIANT_KEY)
+    if isinstance(record, dict) and isinstance(record.get("variant"), str):
+        return record["variant"]
+    return "lstm"
+
+
+class LSTM(nn.LSTM):
     r"""A multi-layer LSTM, ``torch.nn.LSTM``'s drop-in, with the variants of ``lstm_multi.spec``.
 
     Arguments are ``nn.LSTM``'s (``proj_size`` must be 0), plus
     ``variant`` ("lstm", "peephole", "peephole_full") and ``native``: when True
-    (the default) the plain variant runs on PyTorch's own kernel (cuDNN on CUDA),
-    as ``nn.LSTM`` does; other variants always run the spec's loop.
+    (the default) the plain variant runs ``nn.LSTM``'s own forward (its kernel,
+    cuDNN on CUDA); other variants always run the spec's loop.
 
     Inputs: ``input`` of shape (T, B, in), (B, T, in) with ``batch_first``, (T, in)
-    unbatched, or a ``PackedSequence``; ``hx = (h_0, c_0)``, each (L * D, B, H).
-    Returns ``output, (h_n, c_n)`` exactly as ``nn.LSTM`` does.
+    unbatched, or a ``PackedSequence``; ``hx = (h_0, c_0)``, each (L * D, B, H), or
+    (L * D, H) for unbatched input. Returns ``output, (h_n, c_n)`` exactly as
+    ``nn.LSTM`` does. For "peephole_full", whose recurrence reads c_{t-1} only,
+    h_0 does not enter the computation (its gradient is zero); it is accepted so
+    that a previous chunk's (h_n, c_n) can be passed on as they are.
+
+    PyTorch machinery: repeated backward (``retain_graph=True``), double
+    backward, ``gradcheck``/``gradgradcheck``, ``torch.func`` transforms (the
+    spec's loop as plain ops runs there), ``torch.autocast`` (outputs in the
+    autocast dtype, float32 cell state), and ``torch.compile``, which runs the
+    module eagerly between compiled regions, as it does ``nn.LSTM``.
     """
 
     def __init__(
@@ -58,48 +92,47 @@ class LSTM(nn.Module):
         variant="lstm",
         native=True,
     ):
-        super().__init__()
-        self.input_size = validation.check_positive_int("input_size", input_size)
-        self.hidden_size = validation.check_positive_int("hidden_size", hidden_size)
-        self.num_layers = validation.check_positive_int("num_layers", num_layers)
-        self.bias = validation.check_bool("bias", bias)
-        self.batch_first = validation.check_bool("batch_first", batch_first)
-        self.bidirectional = validation.check_bool("bidirectional", bidirectional)
+        input_size = validation.check_positive_int("input_size", input_size)
+        hidden_size = validation.check_positive_int("hidden_size", hidden_size)
+        num_layers = validation.check_positive_int("num_layers", num_layers)
+        validation.check_bool("bias", bias)
+        validation.check_bool("batch_first", batch_first)
+        validation.check_bool("bidirectional", bidirectional)
+        validation.check_bool("native", native)
         if (
             isinstance(dropout, bool)
             or not isinstance(dropout, (int, float))
             or not 0 <= dropout <= 1
         ):
             raise ValueError(f"dropout: expected a number in [0, 1], got {dropout!r}")
-        if dropout > 0 and num_layers == 1:
-            warnings.warn(
-                "dropout: applies between layers, so it has no effect with num_layers=1 "
-                f"(got dropout={dropout})",
-                stacklevel=2,
-            )
-        self.dropout = float(dropout)
         if proj_size != 0:
             raise NotImplementedError(
                 f"proj_size: projections are not supported by lstm_multi; expected 0, got {proj_size!r}"
             )
-        self.proj_size = 0
-        self.variant = spec.get_variant(variant).name
-        self.native = bool(native)
-        factory = {"device": device, "dtype": dtype}
-        num_directions = 2 if bidirectional else 1
-        h4 = 4 * hidden_size
+        variant = spec.get_variant(variant)
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers=num_layers,
+            bias=bias,
+            batch_first=batch_first,
+            dropout=dropout,
+            bidirectional=bidirectional,
+            device=device,
+            dtype=dtype,
+        )
+        self.variant = variant.name
+        self.native = native
+        # the variant's own parameters, after nn.LSTM's (which nn.LSTM.__init__ drew
+        # first, so a plain module starts with nn.LSTM's numbers for the same seed)
+        bound = 1.0 / math.sqrt(hidden_size)
         for layer in range(num_layers):
-            size = spec.layer_input_size(layer, input_size, hidden_size, num_directions)
-            for direction in range(num_directions):
-                sfx = f"l{layer}{_suffix(direction)}"
-                shapes = {f"weight_ih_{sfx}": (h4, size), f"weight_hh_{sfx}": (h4, hidden_size)}
-                if bias:
-                    shapes.update({f"bias_ih_{sfx}": (h4,), f"bias_hh_{sfx}": (h4,)})
-                for key, shape in spec.get_variant(variant).extra_param_shapes(hidden_size).items():
-                    shapes[f"weight_{self._extra_names[key]}_{sfx}"] = shape
-                for name, shape in shapes.items():
-                    self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
-        self.reset_parameters()
+            for direction in range(self.num_directions):
+                for key, shape in variant.extra_param_shapes(hidden_size).items():
+                    weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+                    nn.init.uniform_(weight, -bound, bound)
+                    name = f"weight_{self._extra_names[key]}_l{layer}{_suffix(direction)}"
+                    self.register_parameter(name, weight)
 
     #: canonical extra-parameter key -> the word in its state_dict name
     _extra_names = {"p": "peephole"}
@@ -108,28 +141,37 @@ class LSTM(nn.Module):
     def num_directions(self):
         return 2 if self.bidirectional else 1
 
-    def reset_parameters(self):
-        """Every parameter from U(-1/sqrt(H), 1/sqrt(H)), as ``nn.LSTM``."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -bound, bound)
-
-    def flatten_parameters(self):
-        """Kept for ``nn.LSTM`` compatibility; parameters are used as they are."""
-
     def extra_repr(self):
-        text = f"{self.input_size}, {self.hidden_size}"
-        if self.num_layers != 1:
-            text += f", num_layers={self.num_layers}"
-        if not self.bias:
-            text += ", bias=False"
-        if self.batch_first:
-            text += ", batch_first=True"
-        if self.dropout:
-            text += f", dropout={self.dropout}"
-        if self.bidirectional:
-            text += ", bidirectional=True"
-        return text + f", variant={self.variant!r}"
+        text = super().extra_repr() + f", variant={self.variant!r}"
+        return text if self.native else text + ", native=False"
+
+    # the variant in the state_dict ------------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.variant != "lstm":
+            destination[prefix + _VARIANT_KEY] = {"variant": self.variant}
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if prefix + _VARIANT_KEY in unexpected_keys:
+            unexpected_keys.remove(prefix + _VARIANT_KEY)
+        recorded = _recorded_variant(state_dict, prefix)
+        if strict and recorded != self.variant:
+            origin = (
+                "torch.nn.LSTM's or a 'lstm' module's (it records no variant)"
+                if prefix + _VARIANT_KEY not in state_dict
+                else f"a {recorded!r} module's"
+            )
+            error_msgs.append(
+                f"variant: this module computes the {self.variant!r} variant, but the state_dict "
+                f"is {origin}, whose weights mean something else here; "
+                "load_state_dict(..., strict=False) loads them anyway"
+            )
 
     # parameters in the canonical layout ----------------------------------------
 
@@ -195,16 +237,29 @@ class LSTM(nn.Module):
     # conversion with torch.nn.LSTM --------------------------------------------
 
     @classmethod
-    def from_torch(cls, lstm: nn.LSTM, variant="lstm", native=True):
+    def from_torch(cls, lstm: nn.LSTM, variant="lstm", native=True, *, strict=True):
         """A module with ``lstm``'s configuration and weights.
 
         With variant "peephole" the peephole weights start at zero, so the new
-        module computes exactly what ``lstm`` does until they are trained.
+        module computes exactly what ``lstm`` does until they are trained. A
+        variant that cannot compute ``lstm``'s function from its weights
+        ("peephole_full": its gates read c_{t-1} through U, its g is a sigmoid)
+        is refused unless ``strict=False``, which takes the weights as a
+        starting point only.
         """
         if not isinstance(lstm, nn.LSTM):
             raise TypeError(f"lstm: expected a torch.nn.LSTM, got {type(lstm).__name__}")
         if lstm.proj_size:
             raise NotImplementedError(f"lstm: proj_size is not supported, got {lstm.proj_size}")
+        target = spec.get_variant(variant)
+        source = getattr(lstm, "variant", "lstm")
+        same_function = source == target.name or (source == "lstm" and target.extends_lstm)
+        if strict and not same_function:
+            raise ValueError(
+                f"variant: {target.name!r} does not compute the function of a {source!r} "
+                f"LSTM, so its weights would mean something else there; "
+                "from_torch(..., strict=False) starts from them anyway"
+            )
         weight = lstm.weight_ih_l0
         module = cls(
             lstm.input_size,
@@ -216,7 +271,7 @@ class LSTM(nn.Module):
             lstm.bidirectional,
             device=weight.device,
             dtype=weight.dtype,
-            variant=variant,
+            variant=target.name,
             native=native,
         )
         state = lstm.state_dict()
@@ -251,65 +306,50 @@ class LSTM(nn.Module):
 
     # forward -------------------------------------------------------------------
 
+    @property
+    def runs_native(self):
+        """Whether a call now runs ``nn.LSTM``'s own forward (see the class doc)."""
+        return (
+            self.native
+            and torch_native.supports(spec.get_variant(self.variant))
+            and not torch_fused.functorch_active()
+        )
+
+    @torch.compiler.disable  # one graph break, run eagerly: what torch.compile does to nn.LSTM
     def forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
+        batch = self._check_input(input)
+        unbatched = not packed and input.dim() == 2
+        data = input.data if packed else input
+        self._check_state(hx, batch, unbatched, data)
+        if self.runs_native:
+            return super().forward(input, hx)
         lengths = None
         if packed:
             x, lengths = pad_packed_sequence(input)
-            unbatched = False
         else:
-            if not isinstance(input, torch.Tensor):
-                raise TypeError(
-                    f"input: expected a tensor or PackedSequence, got {type(input).__name__}"
-                )
-            if input.dim() not in (2, 3):
-                raise ValueError(
-                    f"input: expected a 2-D (unbatched) or 3-D tensor, got shape {tuple(input.shape)}"
-                )
-            unbatched = input.dim() == 2
             x = input.unsqueeze(1) if unbatched else input
             if self.batch_first and not unbatched:
                 x = x.transpose(0, 1)
-        if x.shape[-1] != self.input_size:
-            raise ValueError(
-                f"input: expected input_size {self.input_size} on the last axis, "
-                f"got shape {tuple(input.data.shape if packed else input.shape)}"
-            )
-        weight = self.weight_ih_l0
-        if x.dtype != weight.dtype:
-            raise TypeError(f"input: expected dtype {weight.dtype} (the module's), got {x.dtype}")
-        h0, c0 = self._initial_state(hx, x, unbatched)
-        if self.native and torch_native.supports(spec.get_variant(self.variant)):
-            y, h_n, c_n = torch_native.run_flat(
-                self._flat_weights(),
-                x,
-                h0,
-                c0,
-                lengths,
-                self.num_layers,
-                self.bidirectional,
-                self.bias,
-                self.dropout,
-                self.training,
-            )
+        if hx is None:
+            h0 = c0 = x.new_zeros(self.num_layers * self.num_directions, batch, self.hidden_size)
         else:
-            between = None
-            if self.dropout > 0 and self.training:
+            h0, c0 = (s.unsqueeze(1) for s in hx) if unbatched else hx
+        between = None
+        if self.dropout > 0 and self.training:
 
-                def between(layer_input):
-                    return nn.functional.dropout(layer_input, self.dropout, True)
+            def between(layer_input):
+                return nn.functional.dropout(layer_input, self.dropout, True)
 
-            y, h_n, c_n, _, _ = network.forward(
-                OPS,
-                self.variant,
-                self.canonical_params(),
-                x,
-                h0,
-                c0,
-                None if lengths is None else lengths.to(x.device),
-                torch_fused.run_direction,
-                between,
-            )
+        y, h_n, c_n = generic_forward(
+            spec.get_variant(self.variant),
+            self.canonical_params(),
+            x,
+            h0,
+            c0,
+            None if lengths is None else lengths.to(x.device),
+            between_layers=between,
+        )
         if packed:
             order = input.sorted_indices
             if order is None:
@@ -325,40 +365,79 @@ class LSTM(nn.Module):
             return y.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
         return (y.transpose(0, 1) if self.batch_first else y), (h_n, c_n)
 
-    def _flat_weights(self):
-        kinds = (
-            ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-            if self.bias
-            else ("weight_ih", "weight_hh")
-        )
-        return [
-            self._param(kind, layer, direction)
-            for layer in range(self.num_layers)
-            for direction in range(self.num_directions)
-            for kind in kinds
-        ]
+    def _check_input(self, input):
+        """Raise on a malformed input; return its batch size."""
+        if isinstance(input, PackedSequence):
+            data = input.data
+            if data.dim() != 2:
+                raise ValueError(
+                    f"input: expected a PackedSequence of 2-D data (sum of lengths, input_size), "
+                    f"got data of shape {tuple(data.shape)}"
+                )
+            batch, shape, layout = int(input.batch_sizes[0]), tuple(data.shape), ""
+        else:
+            if not isinstance(input, torch.Tensor):
+                raise TypeError(
+                    f"input: expected a tensor or PackedSequence, got {type(input).__name__}"
+                )
+            data, shape = input, tuple(input.shape)
+            layout = (
+                "(batch, time, input_size)" if self.batch_first else "(time, batch, input_size)"
+            )
+            if input.dim() == 2:
+                layout = "(time, input_size)"
+            elif input.dim() != 3:
+                raise ValueError(
+                    f"input: expected a 2-D (unbatched) or 3-D tensor, got shape {shape}"
+                )
+            time_axis = 1 if self.batch_first and input.dim() == 3 else 0
+            if shape[time_axis] == 0:
+                raise ValueError(f"input: expected at least one time step {layout}, got {shape}")
+            batch = 1 if input.dim() == 2 else shape[1 - time_axis]
+            if batch == 0:
+                raise ValueError(f"input: expected at least one sequence {layout}, got {shape}")
+        if shape[-1] != self.input_size:
+            raise ValueError(
+                f"input: expected input_size {self.input_size} on the last axis {layout}".rstrip()
+                + f", got shape {shape}"
+            )
+        weight = self.weight_ih_l0
+        if data.dtype != weight.dtype:
+            raise TypeError(
+                f"input: expected dtype {weight.dtype} (the module's), got {data.dtype}"
+            )
+        if data.device != weight.device:
+            raise ValueError(
+                f"input: expected a tensor on {weight.device} (the module's device), "
+                f"got one on {data.device}"
+            )
+        return batch
 
-    def _initial_state(self, hx, x, unbatched):
-        shape = (self.num_layers * self.num_directions, x.shape[1], self.hidden_size)
+    def _check_state(self, hx, batch, unbatched, data):
+        """Raise unless hx is None or a pair (h_0, c_0) of the right shape, dtype, device."""
         if hx is None:
-            zeros = x.new_zeros(shape)
-            return zeros, zeros
+            return
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
             raise TypeError(f"hx: expected a pair (h_0, c_0), got {type(hx).__name__}")
-        state = []
-        for name, s in zip(("h_0", "c_0"), hx):
+        layers = self.num_layers * self.num_directions
+        expected = (layers, self.hidden_size) if unbatched else (layers, batch, self.hidden_size)
+        kind = "unbatched" if unbatched else "batched"
+        for name, s in zip(("h_0", "c_0"), hx, strict=True):
             if not isinstance(s, torch.Tensor):
                 raise TypeError(f"hx {name}: expected a tensor, got {type(s).__name__}")
-            s = s.unsqueeze(1) if unbatched and s.dim() == 2 else s
-            if tuple(s.shape) != shape:
-                expected = (shape[0], shape[2]) if unbatched else shape
+            if tuple(s.shape) != expected:
                 raise ValueError(
-                    f"hx {name}: expected shape {expected}, got {tuple(hx[len(state)].shape)}"
+                    f"hx {name}: expected shape {expected} for {kind} input, got {tuple(s.shape)}"
                 )
-            if s.dtype != x.dtype:
-                raise TypeError(f"hx {name}: expected dtype {x.dtype} (the input's), got {s.dtype}")
-            state.append(s)
-        return state[0], state[1]
+            if s.dtype != data.dtype:
+                raise TypeError(
+                    f"hx {name}: expected dtype {data.dtype} (the input's), got {s.dtype}"
+                )
+            if s.device != data.device:
+                raise ValueError(
+                    f"hx {name}: expected a tensor on {data.device} (the input's device), "
+                    f"got one on {s.device}"
+                )
 
 
 class NaiveLSTM(nn.Module):
@@ -438,3 +517,6 @@ class NaiveLSTM(nn.Module):
             outputs.append(h_t)
         y = torch.stack(outputs, dim=1 if self.batch_first else 0)
         return y, (h_t.unsqueeze(0), c_t.unsqueeze(0))
+
+
+torch.serialization.add_safe_globals([LSTM, NaiveLSTM])

@@ -299,12 +299,15 @@ def test_bad_forward_inputs():
     ):
         module(torch.zeros(1, 2, 3, 3))
     with pytest.raises(
-        ValueError, match=r"input: expected input_size 3 on the last axis, got shape \(5, 2, 7\)"
+        ValueError,
+        match=r"input: expected input_size 3 on the last axis \(time, batch, input_size\), got shape \(5, 2, 7\)",
     ):
         module(torch.zeros(5, 2, 7))
     with pytest.raises(TypeError, match="input: expected dtype torch.float32 .*got torch.float64"):
         module(torch.zeros(5, 2, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"hx h_0: expected shape \(2, 2, 4\), got \(1, 2, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"hx h_0: expected shape \(2, 2, 4\) for batched input, got \(1, 2, 4\)"
+    ):
         module(torch.zeros(5, 2, 3), (torch.zeros(1, 2, 4), torch.zeros(2, 2, 4)))
     with pytest.raises(TypeError, match="hx: expected a pair"):
         module(torch.zeros(5, 2, 3), torch.zeros(2, 2, 4))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import bptt, network, spec
+from .. import bptt, network, spec, validation
 from ..cell import FunctionalCell
 from ..ops import ArrayModuleOps
 
@@ -146,17 +146,67 @@ def x64_enabled():
     return bool(jax.config.jax_enable_x64)
 
 
+def checked_lengths(lengths, steps):
+    """Traced lengths (under ``jit``), with a run-time error if any lies outside 1..T.
+
+    Why a run-time error: an out-of-range length has no meaning (T + 1 steps
+    cannot be read from T, and pack_padded_sequence refuses 0), and silently
+    clamping it would give plausible numbers for the wrong sequence. Under
+    ``jit`` the values are not known while tracing, so the check runs on the
+    device: ``lax.cond`` calls a host callback only when a value is out of
+    range (no host round trip otherwise), and the callback raises
+    ``ValueError("lengths: expected every value in 1..T ...")``, which JAX
+    reports as a ``JaxRuntimeError`` carrying that message when the result is
+    computed, the way ``equinox.error_if`` reports errors under ``jit``.
+    Concrete lengths (outside ``jit``) are checked in Python before tracing and
+    raise the ``ValueError`` itself.
+    """
+    lengths = lengths.astype(jnp.int64 if x64_enabled() else jnp.int32)
+
+    def raise_if_out_of_range(values):
+        values = np.asarray(values)
+        validation.check_lengths_values(values.ravel(), steps)
+        return values
+
+    def fail(n):
+        shape = jax.ShapeDtypeStruct(n.shape, n.dtype)
+        return jax.pure_callback(raise_if_out_of_range, shape, n, vmap_method="sequential")
+
+    out_of_range = jnp.any((lengths < 1) | (lengths > steps))
+    return jax.lax.cond(out_of_range, fail, lambda n: n, lengths)
+
+
+_FORWARD_MODE_ERROR = "can't apply forward-mode autodiff"
+
+
 class Cell(FunctionalCell):
-    __doc__ = FunctionalCell.__doc__
+    __doc__ = (
+        (FunctionalCell.__doc__ or "")
+        + """
+    JAX only: ``autodiff`` chooses how JAX differentiates the cell.
+    ``False`` (the default): a custom VJP that runs the hand-written BPTT in a
+    reverse scan, measured 7-9% faster than JAX's own derivative at
+    T100 B64 H256 and ~2x at T200 B4 H64 (CPU, float32); reverse mode only
+    (``grad``, ``vjp``, ``jacrev``), as JAX allows no forward mode through a
+    custom VJP, and ``jax.jvp`` on it raises a TypeError that says so.
+    ``True``: JAX differentiates the scan itself, so forward mode and every
+    higher order work too (``jvp``, ``jacfwd``, ``hessian``, ``linearize``).
+    Both work under ``jit``, ``vmap`` and ``checkpoint``.
+    """
+    )
     backend = "jax"
     ops = OPS
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, autodiff=False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.autodiff = validation.check_bool("autodiff", autodiff)
+        if self.autodiff:
+            self.direction = autodiff_direction
         self._jit_forward = jax.jit(self._forward_impl)
         self._jit_vjp = jax.jit(self._vjp_impl)
 
-    #: the time loop of one direction (``autodiff_direction`` for the reference)
+    #: the time loop of one direction: the custom VJP; ``autodiff_direction`` with
+    #: ``autodiff=True``
     direction = staticmethod(scan_direction)
 
     def _forward_impl(self, params, x, h0, c0, lengths):
@@ -173,7 +223,19 @@ class Cell(FunctionalCell):
         return pullback((dy, dh_n, dc_n))
 
     def _forward(self, params, x, h0, c0, lengths):
-        return self._jit_forward(params, x, h0, c0, lengths)
+        try:
+            return self._jit_forward(params, x, h0, c0, lengths)
+        except TypeError as error:
+            if _FORWARD_MODE_ERROR not in str(error) or self.autodiff:
+                raise
+            raise TypeError(
+                "autodiff: forward-mode differentiation (jax.jvp, jax.jacfwd, jax.hessian) "
+                "cannot pass the cell's custom VJP (its fast hand-written backward); build "
+                "the cell with autodiff=True to let JAX differentiate the scan itself"
+            ) from error
+
+    def _traced_lengths(self, lengths, steps):
+        return checked_lengths(lengths, steps)
 
     def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n):
         return self._jit_vjp(params, x, h0, c0, lengths, dy, dh_n, dc_n)
@@ -196,9 +258,3 @@ class Cell(FunctionalCell):
             return jnp.asarray(np.asarray(array), dtype=jnp.int64 if x64_enabled() else jnp.int32)
         self._check_dtype_supported(name, dtype_name)
         return jnp.asarray(array)
-
-    def _concrete(self, array):
-        try:
-            return np.asarray(array)
-        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-            return None

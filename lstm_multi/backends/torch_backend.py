@@ -1,81 +1,69 @@
-"""PyTorch backend: the spec in a Python time loop, gradients by autograd.
+"""PyTorch backend: the spec in a Python time loop, differentiable with autograd.
 
-For the plain variant a native path runs PyTorch's own LSTM kernel
-(``torch._VF.lstm``, what ``torch.nn.LSTM`` calls, cuDNN on CUDA); it is an
-optional capability, tested equal to the generic path.
+Paths, chosen per call:
+
+* native: for the plain variant, PyTorch's own LSTM kernel (``torch._VF.lstm``,
+  what ``torch.nn.LSTM`` calls, cuDNN on CUDA), an optional capability tested
+  equal to the generic path;
+* generic: the spec's loop with each direction one autograd node
+  (``torch_fused``);
+* under ``torch.func`` transforms: the spec's loop as plain autograd ops,
+  which every transform understands (``torch_fused.run_direction``).
+
+PyTorch machinery: under ``torch.autocast`` the generic path casts its inputs
+and parameters to the autocast dtype once and runs the half-precision policy
+of ``lstm_multi.ops`` (float32 cell state and gate math) with autocast off
+inside, so a bfloat16/float16 autocast region gives outputs in that dtype and
+float32 parameter gradients, as ``nn.LSTM`` does. ``torch.compile`` does not
+trace into the cell (``torch.compiler.disable``): the call is one graph break
+that runs eagerly, as ``torch.compile`` treats ``nn.LSTM``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import network
+from .. import network, validation
 from ..cell import FunctionalCell
-from ..ops import ArrayModuleOps
-from . import torch_native
+from . import torch_fused, torch_native
+from .torch_ops import OPS, TorchOps
+
+__all__ = ["OPS", "Cell", "TorchOps", "generic_forward", "unavailable_reason"]
 
 
 def unavailable_reason():
     return None
 
 
-class TorchOps(ArrayModuleOps):
-    name = "torch"
+def autocast_dtype(x):
+    """The dtype ``torch.autocast`` would compute x's products in, or None.
 
-    def __init__(self):
-        super().__init__(torch)
-
-    def sigmoid(self, z):
-        return torch.sigmoid(z)
-
-    def zeros(self, shape, like):
-        return torch.zeros(shape, dtype=like.dtype, device=like.device)
-
-    def arange(self, n, like):
-        return torch.arange(n, dtype=like.dtype, device=like.device)
-
-    def concat(self, arrays, axis):
-        return torch.cat(arrays, dim=axis)
-
-    def stack(self, arrays, axis):
-        return torch.stack(arrays, dim=axis)
-
-    def unstack_time(self, x):
-        # unbind, not x[t]: indexing inside the loop makes autograd's backward ~5x slower
-        return x.unbind(0)
-
-    def swap_batch_time(self, x):
-        return x.transpose(0, 1)
-
-    def flip_time(self, x):
-        return torch.flip(x, (0,))
-
-    def take_time(self, x, index):
-        return torch.take_along_dim(x, index, dim=0)
-
-    def sum(self, x, axis):
-        return torch.sum(x, dim=axis)
-
-    def is_array(self, x):
-        return isinstance(x, torch.Tensor)
-
-    def asarray(self, x):
-        return torch.as_tensor(x)
-
-    def to_numpy(self, x):
-        x = x.detach().cpu()
-        if x.dtype == torch.bfloat16:
-            x = x.float()  # NumPy has no bfloat16
-        return x.numpy()
-
-    def on_device_of(self, x, like):
-        return x.to(like.device)
-
-    def astype(self, x, dtype_name):
-        return x.to(getattr(torch, dtype_name))
+    None outside an autocast region and for float64 inputs, which autocast
+    leaves alone.
+    """
+    device = x.device.type
+    if x.dtype == torch.float64 or not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return None if dtype == x.dtype else dtype
 
 
-OPS = TorchOps()
+def generic_forward(variant, params, x, h0, c0, lengths, run_direction=None, between_layers=None):
+    """The spec's network on the generic path, autocast honoured (see the module doc).
+
+    Time-major x (T, B, in); returns (y, h_n, c_n). ``run_direction`` defaults
+    to ``torch_fused.run_direction``.
+    """
+    run_direction = run_direction or torch_fused.run_direction
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        params = [[{k: v.to(dtype) for k, v in p.items()} for p in layer] for layer in params]
+        x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        y, h_n, c_n, _, _ = network.forward(
+            OPS, variant, params, x, h0, c0, lengths, run_direction, between_layers
+        )
+    return y, h_n, c_n
 
 
 class Cell(FunctionalCell):
@@ -84,7 +72,8 @@ class Cell(FunctionalCell):
         + """
     Torch only: ``native=True`` (the default) runs the plain variant on PyTorch's
     own LSTM kernel; ``native=False`` always runs the generic spec loop.
-    Outputs are differentiable with autograd; tensors may live on any device.
+    Outputs are differentiable with autograd (repeated backward, double
+    backward, ``torch.func`` transforms); tensors may live on any device.
     ``device`` (such as "cuda") is where the tensors the cell makes from NumPy
     go (``init``, ``from_numpy``, NumPy inputs); tensors passed in stay where
     they are, and states and gradients the cell creates follow x.
@@ -96,12 +85,28 @@ class Cell(FunctionalCell):
 
     def __init__(self, *args, native=True, device=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.native = bool(native)
+        self.native = validation.check_bool("native", native)
         self.device = None if device is None else torch.device(device)
 
     @property
     def uses_native(self):
-        return self.native and torch_native.supports(self.variant)
+        """Whether calls run PyTorch's own kernel (the plain variant, outside torch.func)."""
+        return (
+            self.native
+            and torch_native.supports(self.variant)
+            and not torch_fused.functorch_active()
+        )
+
+    # torch.compile: one graph break around the whole call, which runs eagerly
+    @torch.compiler.disable
+    def __call__(self, params, x, state=None, lengths=None):
+        return super().__call__(params, x, state, lengths)
+
+    @torch.compiler.disable
+    def vjp(self, params, x, dy, state=None, lengths=None, dh_n=None, dc_n=None):
+        return super().vjp(params, x, dy, state, lengths, dh_n, dc_n)
+
+    vjp.__doc__ = FunctionalCell.vjp.__doc__
 
     def _to_backend(self, array, name):
         if isinstance(array, torch.Tensor):
@@ -119,10 +124,7 @@ class Cell(FunctionalCell):
         if self.uses_native:
             return torch_native.forward(params, x, h0, c0, lengths)
         run = type(self).generic_direction
-        if run is None:
-            from .torch_fused import run_direction as run
-        y, h_n, c_n, _, _ = network.forward(self.ops, self.variant, params, x, h0, c0, lengths, run)
-        return y, h_n, c_n
+        return generic_forward(self.variant, params, x, h0, c0, lengths, run)
 
     def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n):
         with torch.enable_grad():
@@ -134,7 +136,8 @@ class Cell(FunctionalCell):
                 (y, h_n, c_n), [*leaves, x, h0, c0], (dy, dh_n, dc_n), allow_unused=True
             )
         grads = [
-            torch.zeros_like(a) if g is None else g for a, g in zip([*leaves, x, h0, c0], grads)
+            torch.zeros_like(a) if g is None else g
+            for a, g in zip([*leaves, x, h0, c0], grads, strict=True)
         ]
         it = iter(grads)
         param_grads = self._map(lambda name, a: next(it), params)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import bptt, network
-from .torch_backend import TorchOps
+from .. import bptt, network, spec
+from .torch_ops import TorchOps
 
 
 def _mkldnn_linear():
@@ -113,30 +113,53 @@ FUSED_OPS = FusedTorchOps()
 REFERENCE_OPS = TorchOps()  # plain products, differentiable by autograd
 
 
+def _flatten_tape(tape):
+    """(xs, rs, caches) -> a flat tuple of tensors (for ``save_for_backward``)."""
+    xs, rs, caches = tape
+    return (xs, *rs, *(t for cache in caches for t in cache))
+
+
+def _unflatten_tape(tensors, steps):
+    xs, rest = tensors[0], tensors[1:]
+    rs, flat = list(rest[:steps]), rest[steps:]
+    width = len(spec.GateCache._fields)
+    caches = [spec.GateCache(*flat[t * width : (t + 1) * width]) for t in range(steps)]
+    return xs, rs, caches
+
+
 class FusedDirection(torch.autograd.Function):
-    """One direction of one layer as a single autograd node (see the module doc)."""
+    """One direction of one layer as a single autograd node (see the module doc).
+
+    Everything the backward needs (the inputs and the tape of gate activations)
+    goes through ``ctx.save_for_backward``, so autograd owns it as it owns
+    ``nn.LSTM``'s: a second backward with ``retain_graph=True`` works, and one
+    without it raises PyTorch's own "backward through the graph a second time".
+    """
 
     @staticmethod
     def forward(ctx, variant, valid, keys, xs, h0, c0, *values):
-        p = dict(zip(keys, values))
+        p = dict(zip(keys, values, strict=True))
         ys, h, c, tape = network.loop_direction(
             FUSED_OPS, variant, p, xs, h0, c0, valid, record=True
         )
-        ctx.variant, ctx.valid, ctx.keys, ctx.tape = variant, valid, keys, tape
-        ctx.save_for_backward(xs, h0, c0, *values)
+        ctx.variant, ctx.valid, ctx.keys, ctx.steps = variant, valid, keys, xs.shape[0]
+        ctx.save_for_backward(h0, c0, *values, *_flatten_tape(tape))
         return ys, h, c
 
     @staticmethod
     def backward(ctx, dys, dh, dc):
-        xs, h0, c0, *values = ctx.saved_tensors
+        h0, c0, *saved = ctx.saved_tensors
+        values, tape = saved[: len(ctx.keys)], saved[len(ctx.keys) :]
+        tape = _unflatten_tape(tape, ctx.steps)
+        xs = tape[0]
+        p = dict(zip(ctx.keys, values, strict=True))
         needs = ctx.needs_input_grad[3:]
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the reference loop, so that the
             # gradients are themselves differentiable
             inputs = [xs, h0, c0, *values]
-            wanted = [a for a, n in zip(inputs, needs) if n]
+            wanted = [a for a, n in zip(inputs, needs, strict=True) if n]
             with torch.enable_grad():
-                p = dict(zip(ctx.keys, values))
                 ys, h, c, _ = network.loop_direction(
                     REFERENCE_OPS, ctx.variant, p, xs, h0, c0, ctx.valid
                 )
@@ -147,17 +170,34 @@ class FusedDirection(torch.autograd.Function):
                 )
             grads = [next(found) if n else None for n in needs]
             return (None, None, None, *grads)
-        p = dict(zip(ctx.keys, values))
-        grads, dxs, dh0, dc0 = bptt.backward_direction(
-            FUSED_OPS, ctx.variant, p, ctx.tape, dys, dh, dc, ctx.valid
-        )
-        ctx.tape = None
+        with torch.autocast(xs.device.type, enabled=False):
+            grads, dxs, dh0, dc0 = bptt.backward_direction(
+                FUSED_OPS, ctx.variant, p, tape, dys, dh, dc, ctx.valid
+            )
         out = [dxs, dh0, dc0, *(grads[k] for k in ctx.keys)]
-        return (None, None, None, *(g if n else None for g, n in zip(out, needs)))
+        return (None, None, None, *(g if n else None for g, n in zip(out, needs, strict=True)))
+
+
+def functorch_active():
+    """True inside ``torch.func`` transforms (grad, vmap, jacrev, ...).
+
+    There the autograd.Function above is not used: the transforms need every
+    op visible to them, so the direction runs the reference loop under
+    autograd instead (``run_direction``).
+    """
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
 
 
 def run_direction(ops, variant, p, xs, h0, c0, valid):
-    """``network.loop_direction``'s contract on the fast path (no tape is returned)."""
+    """``network.loop_direction``'s contract on the fast path (no tape is returned).
+
+    Under ``torch.func`` transforms the reference loop runs instead (plain torch
+    ops that every transform understands).
+    """
+    if functorch_active():
+        ys, h, c, _ = network.loop_direction(REFERENCE_OPS, variant, p, xs, h0, c0, valid)
+        return ys, h, c, None
     tensors = (xs, h0, c0, *p.values())
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         ys, h, c = FusedDirection.apply(variant, valid, tuple(p), xs, h0, c0, *p.values())

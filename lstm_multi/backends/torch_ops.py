@@ -1,0 +1,70 @@
+"""``ops`` over PyTorch tensors: the names in which torch differs from NumPy.
+
+Shared by the torch backend's cell, its fused autograd path and the ``nn``
+module. Tensors may live on any device; what is made here follows its input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import ArrayModuleOps
+
+
+class TorchOps(ArrayModuleOps):
+    name = "torch"
+
+    def __init__(self):
+        super().__init__(torch)
+
+    def sigmoid(self, z):
+        return torch.sigmoid(z)
+
+    def zeros(self, shape, like):
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+    def arange(self, n, like):
+        return torch.arange(n, dtype=like.dtype, device=like.device)
+
+    def concat(self, arrays, axis):
+        return torch.cat(arrays, dim=axis)
+
+    def stack(self, arrays, axis):
+        return torch.stack(arrays, dim=axis)
+
+    def unstack_time(self, x):
+        # unbind, not x[t]: indexing inside the loop makes autograd's backward ~5x slower
+        return x.unbind(0)
+
+    def swap_batch_time(self, x):
+        return x.transpose(0, 1)
+
+    def flip_time(self, x):
+        return torch.flip(x, (0,))
+
+    def take_time(self, x, index):
+        return torch.take_along_dim(x, index, dim=0)
+
+    def sum(self, x, axis):
+        return torch.sum(x, dim=axis)
+
+    def is_array(self, x):
+        return isinstance(x, torch.Tensor)
+
+    def asarray(self, x):
+        return torch.as_tensor(x)
+
+    def to_numpy(self, x):
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            x = x.float()  # NumPy has no bfloat16
+        return x.numpy()
+
+    def on_device_of(self, x, like):
+        return x.to(like.device)
+
+    def astype(self, x, dtype_name):
+        return x.to(getattr(torch, dtype_name))
+
+
+OPS = TorchOps()
