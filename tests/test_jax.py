@@ -56,13 +56,6 @@ def test_jitted_calls_are_cached():
     assert cell._jit_forward._cache_size() == before
 
 
-def test_bfloat16_runs():
-    cell = lstm_multi.get_cell("jax")(3, 4)
-    params = cell.init(seed=0, dtype="bfloat16")
-    y, (h, c) = cell(params, jnp.ones((2, 5, 3), jnp.bfloat16))
-    assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
-
-
 X64_OFF = """
 import numpy as np, jax, lstm_multi
 assert not jax.config.jax_enable_x64
@@ -87,3 +80,86 @@ def test_float64_without_x64_is_an_error():
     assert lines[0].startswith("dtype: float64 needs JAX's 64-bit mode")
     assert lines[1].startswith("x: float64 needs JAX's 64-bit mode")
     assert all("jax_enable_x64" in line for line in lines)
+
+
+# forward mode -----------------------------------------------------------------------
+
+
+def _loss_of_x(cell, params, lengths):
+    def loss(x):
+        y, (h_n, c_n) = cell(params, x, lengths=lengths)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(h_n * c_n)
+
+    return loss
+
+
+@pytest.mark.parametrize("variant", sorted(lstm_multi.VARIANTS))
+def test_forward_mode_with_autodiff(variant):
+    """jvp, jacfwd and hessian work with autodiff=True and agree with reverse mode."""
+    Cell = lstm_multi.get_cell("jax")
+    cell = Cell(2, 3, variant=variant, num_layers=2, bidirectional=True, autodiff=True)
+    fast = Cell(2, 3, variant=variant, num_layers=2, bidirectional=True)  # custom VJP
+    params = cell.init(seed=0, dtype="float64")
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 4, 2)))
+    lengths = jnp.asarray([4, 2])
+    loss = _loss_of_x(cell, params, lengths)
+    tangent = jnp.ones_like(x)
+    _, directional = jax.jvp(loss, (x,), (tangent,))
+    reverse = jax.grad(_loss_of_x(fast, params, lengths))(x)
+    assert_close(directional, jnp.sum(reverse * tangent), "float64", "jvp against grad")
+    assert_close(jax.jacfwd(loss)(x), reverse, "float64", "jacfwd against grad")
+    hessian = jax.jit(jax.hessian(loss))(x)
+    eps = 1e-6
+    e = jnp.zeros_like(x).at[0, 1, 0].set(eps)
+    column = (jax.grad(loss)(x + e) - jax.grad(loss)(x - e)) / (2 * eps)
+    np.testing.assert_allclose(hessian[..., 0, 1, 0], column, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(hessian.reshape(16, 16), hessian.reshape(16, 16).T, atol=1e-10)
+
+
+def test_forward_mode_through_the_custom_vjp_is_a_clear_error():
+    cell = lstm_multi.get_cell("jax")(2, 3, variant="peephole")
+    params = cell.init(seed=0, dtype="float64")
+    x = jnp.ones((2, 4, 2))
+    with pytest.raises(TypeError, match=r"autodiff: forward-mode .* autodiff=True"):
+        jax.jvp(_loss_of_x(cell, params, None), (x,), (x,))
+
+
+@pytest.mark.parametrize("autodiff", [False, True])
+def test_checkpoint_gives_the_same_gradient(autodiff):
+    cell = lstm_multi.get_cell("jax")(2, 3, variant="peephole", autodiff=autodiff)
+    params = cell.init(seed=0, dtype="float64")
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 5, 2)))
+
+    def loss(params):
+        return jnp.sum(cell(params, x)[0] ** 2)
+
+    plain = jax.grad(loss)(params)
+    remat = jax.jit(jax.grad(jax.checkpoint(loss)))(params)
+    for k in plain[0][0]:
+        assert_close(remat[0][0][k], plain[0][0][k], "float64", k)
+
+
+# lengths under jit ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [[6, 2], [0, 3], [-1, 5]])
+def test_out_of_range_lengths_are_an_error_under_jit(bad):
+    cell = lstm_multi.get_cell("jax")(3, 4)
+    params = cell.init(seed=0)
+    run = jax.jit(lambda x, n: cell(params, x, lengths=n)[0])
+    x = jnp.ones((2, 5, 3), jnp.float32)
+    assert run(x, jnp.asarray([5, 2])).shape == (2, 5, 4)  # traced, in range: fine
+    with pytest.raises(Exception, match=r"lengths: expected every value in 1\.\.5 \(T\)"):
+        jax.block_until_ready(run(x, jnp.asarray(bad)))
+
+
+def test_lengths_under_vmap_and_grad():
+    cell = lstm_multi.get_cell("jax")(3, 4, variant="peephole")
+    params = cell.init(seed=0, dtype="float64")
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2, 5, 3)))
+    lengths = jnp.asarray([[5, 1], [3, 4], [2, 5]])
+    ys = jax.vmap(lambda xi, ni: cell(params, xi, lengths=ni)[0])(x, lengths)
+    for k in range(3):
+        assert_close(ys[k], cell(params, x[k], lengths=np.asarray(lengths[k]))[0], "float64", "y")
+    grads = jax.grad(lambda p: jnp.sum(cell(p, x[0], lengths=lengths[0])[0]))(params)
+    assert np.all(np.isfinite(np.asarray(grads[0][0]["p"])))

@@ -35,6 +35,16 @@ def _mkldnn_linear():
         return None
 
 
+def _recorded(*tensors):
+    """Whether autograd records an op on ``tensors`` now (then no in-place update).
+
+    Inside ``FusedDirection.forward`` grad mode is off, so the same fused
+    in-place products run there as without autograd, and the numbers do not
+    depend on whether a gradient will be taken.
+    """
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class FusedTorchOps(TorchOps):
     """TorchOps whose products use oneDNN where it is faster (called with autograd off)."""
 
@@ -54,7 +64,7 @@ class FusedTorchOps(TorchOps):
     def project(self, xs, W, b):
         t, n, size = xs.shape
         x2 = xs.reshape(t * n, size)
-        if self._onednn(x2) and not (x2.requires_grad or W.requires_grad):
+        if self._onednn(x2) and not _recorded(x2, W):
             z = self._lp(x2.contiguous(), W.t().contiguous(), b.contiguous())
         else:
             z = torch.addmm(b, x2, W)
@@ -82,7 +92,7 @@ class FusedTorchOps(TorchOps):
 
     def add_matmul(self, z, a, b):
         a = self.cast(a, self.dtype_name(b))
-        if z.requires_grad or a.requires_grad or b.requires_grad:
+        if _recorded(z, a, b):
             return z + a @ b
         return z.addmm_(a, b)
 
