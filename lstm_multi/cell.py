@@ -83,9 +83,13 @@ class FunctionalCell:
 
     def init(self, seed=0, dtype="float32"):
         """Fresh parameters, U(-1/sqrt(H), 1/sqrt(H)); the same seed gives the same
-        numbers on every backend."""
-        dtype = str(dtype).removeprefix("torch.")
-        validation.check_float_dtype("dtype", dtype)
+        numbers on every backend.
+
+        seed: a non-negative integer. dtype: a name ("float32"), a NumPy or JAX
+        dtype (``np.float64``, ``jnp.bfloat16``) or a ``torch.dtype``.
+        """
+        seed = validation.check_seed("seed", seed)
+        dtype = validation.dtype_name("dtype", dtype)
         self._check_dtype_supported("dtype", dtype)
         np_dtype = "float32" if dtype == "bfloat16" else dtype  # NumPy has no bfloat16
         np_params = spec.init_params(

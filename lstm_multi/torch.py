@@ -155,23 +155,41 @@ class LSTM(nn.LSTM):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        # PyTorch calls this with strict=True always and applies the caller's strict to
+        # the key lists afterwards: a variant that differs is reported through them
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if prefix + _VARIANT_KEY in unexpected_keys:
-            unexpected_keys.remove(prefix + _VARIANT_KEY)
+        key = prefix + _VARIANT_KEY
         recorded = _recorded_variant(state_dict, prefix)
+        if key in unexpected_keys and recorded == self.variant:
+            unexpected_keys.remove(key)
+        elif key in state_dict and recorded != self.variant and key not in unexpected_keys:
+            unexpected_keys.append(key)  # another variant's record
+        elif key not in state_dict and self.variant != "lstm":
+            missing_keys.append(key)  # nn.LSTM's weights, or a "lstm" module's
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """``nn.Module.load_state_dict``, refusing (with ``strict``) a state_dict saved from
+        another variant, nn.LSTM's included: its weights would mean something else here.
+
+        The variant is recorded in the state_dict of every non-"lstm" module (key
+        ``_extra_state``); inside a larger model a mismatch shows as that key
+        missing or unexpected.
+        """
+        recorded = _recorded_variant(state_dict, "")
         if strict and recorded != self.variant:
             origin = (
                 "torch.nn.LSTM's or a 'lstm' module's (it records no variant)"
-                if prefix + _VARIANT_KEY not in state_dict
+                if _VARIANT_KEY not in state_dict
                 else f"a {recorded!r} module's"
             )
-            error_msgs.append(
-                f"variant: this module computes the {self.variant!r} variant, but the state_dict "
-                f"is {origin}, whose weights mean something else here; "
+            raise RuntimeError(
+                f"variant: this module computes the {self.variant!r} variant, but the "
+                f"state_dict is {origin}, whose weights mean something else here; "
                 "load_state_dict(..., strict=False) loads them anyway"
             )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # parameters in the canonical layout ----------------------------------------
 

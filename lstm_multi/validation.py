@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
+
 from .ops import FLOAT_DTYPES
 
 
@@ -23,6 +25,26 @@ def check_bool(name, value):
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected True or False, got {value!r}")
     return value
+
+
+def check_seed(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def dtype_name(name, dtype):
+    """A floating dtype given as a name, a NumPy or JAX dtype or type, or a torch.dtype
+    -> its name ("float32", ...); a TypeError naming ``name`` otherwise."""
+    if isinstance(dtype, str) or type(dtype).__module__ == "torch":
+        text = str(dtype).removeprefix("torch.")
+    else:
+        try:
+            text = np.dtype(dtype).name
+        except TypeError:
+            text = repr(dtype)
+    check_float_dtype(name, text)
+    return text
 
 
 def check_float_dtype(name, dtype_name):

@@ -243,3 +243,66 @@ def test_numpy_has_no_bfloat16():
     cell, _ = make("numpy")
     with pytest.raises(TypeError, match="dtype: NumPy has no bfloat16"):
         cell.init(dtype="bfloat16")
+
+
+def test_init_seed_must_be_a_non_negative_integer(backend):
+    cell, _ = make(backend)
+    with pytest.raises(ValueError, match="seed: expected a non-negative integer, got -1"):
+        cell.init(seed=-1)
+    with pytest.raises(ValueError, match="seed: expected a non-negative integer, got 1.5"):
+        cell.init(seed=1.5)
+
+
+def test_init_dtype_may_be_a_dtype_object(backend):
+    cell, _ = make(backend)
+    want = cell.to_numpy(cell.init(seed=3, dtype="float32"))
+    dtypes = [np.float32, np.dtype("float32")]
+    if backend == "torch":
+        import torch
+
+        dtypes.append(torch.float32)
+    if backend == "jax":
+        import jax.numpy as jnp
+
+        dtypes.append(jnp.float32)
+    for dtype in dtypes:
+        got = cell.to_numpy(cell.init(seed=3, dtype=dtype))
+        np.testing.assert_array_equal(got[1][1]["U"], want[1][1]["U"])
+    with pytest.raises(TypeError, match=r"dtype: expected a floating dtype .* got int32"):
+        cell.init(dtype=np.int32)
+
+
+def _lengths_in_every_form(values):
+    forms = {"list": list(values), "tuple": tuple(values)}
+    for dtype in ("int8", "int16", "int32", "int64", "uint8", "uint32"):
+        forms[f"numpy {dtype}"] = np.asarray(values, dtype=dtype)
+    try:
+        import torch
+
+        for dtype in (torch.int32, torch.int64, torch.uint8):
+            forms[f"torch {dtype}"] = torch.tensor(values, dtype=dtype)
+    except ImportError:
+        pass
+    try:
+        import jax.numpy as jnp
+
+        forms["jax int32"] = jnp.asarray(values, dtype=jnp.int32)
+    except ImportError:
+        pass
+    return forms
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_lengths_of_any_integer_dtype_and_framework(backend, bidirectional):
+    cell, params = make(backend, bidirectional=bidirectional)
+    x = np.random.default_rng(0).standard_normal((2, 5, 3)).astype("float32")
+    dy = np.ones((2, 5, cell.num_directions * 4), "float32")
+    want_y = np.asarray(cell(params, x, lengths=np.array([5, 2]))[0])
+    want_dx = np.asarray(cell.vjp(params, x, dy, lengths=np.array([5, 2]))[1])
+    for name, lengths in _lengths_in_every_form([5, 2]).items():
+        y = cell(params, x, lengths=lengths)[0]
+        dx = cell.vjp(params, x, dy, lengths=lengths)[1]
+        np.testing.assert_array_equal(np.asarray(y), want_y, err_msg=name)
+        np.testing.assert_array_equal(np.asarray(dx), want_dx, err_msg=name)
+    with pytest.raises(TypeError, match="lengths: expected integers, got dtype bool"):
+        cell(params, x, lengths=np.array([True, True]))

@@ -60,3 +60,16 @@ def test_available_backends_lists_what_runs_here():
 
 def test_known_backends():
     assert lstm_multi.known_backends() == ["cupy", "jax", "numpy", "torch"]
+
+
+def test_torch_module_without_torch_names_the_pip_extra():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "try:\n"
+        "    import lstm_multi.torch\n"
+        "except ImportError as error:\n"
+        "    print(type(error).__name__, error)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("ImportError lstm_multi.torch needs torch")
+    assert "pip install 'lstm_multi[torch]'" in out.stdout

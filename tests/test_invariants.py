@@ -128,3 +128,25 @@ def test_from_numpy_to_numpy_round_trip(backend):
     for k in np_params[0][0]:
         assert back[0][0][k].dtype == np.float32
         np.testing.assert_array_equal(back[0][0][k], np_params[0][0][k])
+
+
+@given(seed=st.integers(0, 1000), bidirectional=st.booleans())
+def test_peephole_full_ignores_h0_and_gives_it_no_gradient(backend, seed, bidirectional):
+    """Its recurrence reads c_{t-1} only: h0 is accepted (a previous chunk's (h_n, c_n)
+    can be passed on) but changes nothing, and its gradient is exactly zero."""
+    rng = np.random.default_rng(seed)
+    cell = lstm_multi.get_cell(backend)(
+        2, 3, variant="peephole_full", num_layers=2, bidirectional=bidirectional
+    )
+    params = cell.init(seed=seed, dtype="float64")
+    x = rng.standard_normal((2, 4, 2))
+    dy = rng.standard_normal((2, 4, 3 * cell.num_directions))
+    c0 = rng.standard_normal(cell.state_shape(2))
+    results = []
+    for h0 in (np.zeros(cell.state_shape(2)), 10 * rng.standard_normal(cell.state_shape(2))):
+        y, (h_n, c_n) = cell(params, x, state=(h0, c0), lengths=[4, 2])
+        grads, dx, (dh0, dc0) = cell.vjp(params, x, dy, state=(h0, c0), lengths=[4, 2])
+        assert np.all(to_numpy(dh0) == 0)
+        results.append(to_numpy([y, h_n, c_n, dx, dc0, grads[0][0]["U"]]))
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -6,9 +6,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import numpy as np  # noqa: E402
 from conftest import assert_close  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from reference import Config, batch_layout, configs, make_problem, reference  # noqa: E402
+from test_agreement import assert_matches_reference  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
@@ -120,36 +123,132 @@ def test_packed_sequences_equal_nn_lstm(native, config, lengths, enforce_sorted,
             assert_close(a.detach(), b.detach(), "float64", name)
 
 
-@pytest.mark.parametrize("variant", ["lstm", "peephole", "peephole_full"])
-@pytest.mark.parametrize("native", [True, False], ids=["native", "generic"])
-def test_naive_module_equals_fused(variant, native):
-    """The article's readable 8-matmul form equals the fused module, outputs and gradients."""
-    torch.manual_seed(0)
-    fused = LSTM(3, 5, batch_first=True, variant=variant, native=native, dtype=torch.float64)
-    if variant == "peephole":
-        with torch.no_grad():
-            fused.weight_peephole_l0.mul_(4)  # large enough to matter
-    naive = (
-        NaiveLSTM(3, 5, variant=variant).double().load_numpy_params(fused.to_numpy_params()[0][0])
+#: (variant, native): the native flag matters for "lstm" only
+PATHS = [
+    pytest.param(("lstm", True), id="lstm-native"),
+    pytest.param(("lstm", False), id="lstm-generic"),
+    pytest.param(("peephole", True), id="peephole"),
+    pytest.param(("peephole_full", True), id="peephole_full"),
+]
+
+
+def run_module_on_problem(module, config, problem):
+    """The module on a reference problem (PackedSequence for lengths); results as the
+    oracle gives them (float64 NumPy, time-major, canonical gradients)."""
+    x = torch.tensor(batch_layout(config, problem.x), requires_grad=True)
+    hx = None
+    if config.with_state:
+        hx = tuple(torch.tensor(a, requires_grad=True) for a in (problem.h0, problem.c0))
+    if problem.lengths is None:
+        out, (h_n, c_n) = module(x, hx)
+        y = out.transpose(0, 1) if config.batch_first else out
+    else:
+        packed = pack_padded_sequence(
+            x, torch.tensor(problem.lengths), batch_first=config.batch_first, enforce_sorted=False
+        )
+        out, (h_n, c_n) = module(packed, hx)
+        y, _ = pad_packed_sequence(out, total_length=config.steps)
+    loss = (
+        (y * torch.tensor(problem.dy)).sum()
+        + (h_n * torch.tensor(problem.dh_n)).sum()
+        + (c_n * torch.tensor(problem.dc_n)).sum()
     )
-    x = torch.randn(4, 7, 3, dtype=torch.float64)
-    hx = (torch.randn(1, 4, 5, dtype=torch.float64), torch.randn(1, 4, 5, dtype=torch.float64))
-    got, want = run(fused, x, hx), run(naive, x, hx)
-    for name, a, b in zip(("output", "h_n", "c_n", "dx"), got[:4], want[:4]):
-        assert_close(a, b, "float64", name)
+    loss.backward()
+    grads = []
+    for layer in range(config.num_layers):
+        directions = []
+        for direction in range(config.num_directions):
+            sfx = f"l{layer}{'_reverse' if direction else ''}"
+            g = {
+                "W": getattr(module, f"weight_ih_{sfx}").grad.T,
+                "U": getattr(module, f"weight_hh_{sfx}").grad.T,
+                "b": getattr(module, f"bias_ih_{sfx}").grad,
+            }
+            if config.variant == "peephole":
+                g["p"] = getattr(module, f"weight_peephole_{sfx}").grad
+            directions.append({k: v.detach().numpy() for k, v in g.items()})
+        grads.append(directions)
+
+    def grad_of(t):
+        return np.zeros(problem.h0.shape) if t is None or t.grad is None else t.grad.numpy()
+
+    return {
+        "y": y.detach().numpy(),
+        "h_n": h_n.detach().numpy(),
+        "c_n": c_n.detach().numpy(),
+        "grads": grads,
+        "dx": batch_layout(config, x.grad.numpy()),
+        "dh0": grad_of(hx[0] if hx else None),
+        "dc0": grad_of(hx[1] if hx else None),
+    }
+
+
+@pytest.mark.parametrize("path", PATHS)
+@given(data=st.data())
+def test_module_matches_oracle(path, data):
+    """Every variant and path of the module against the README's equations, outputs and
+    every gradient, with packed sequences for lengths."""
+    variant, native = path
+    config = data.draw(configs(variants=(variant,)))
+    problem = make_problem(config)
+    module = LSTM(
+        config.input_size,
+        config.hidden_size,
+        config.num_layers,
+        batch_first=config.batch_first,
+        bidirectional=config.bidirectional,
+        variant=variant,
+        native=native,
+        dtype=torch.float64,
+    ).load_numpy_params(problem.params)
+    expected = reference(config, problem)
+    if not config.with_state:  # the module was given no state: its gradients are not asked
+        expected = {
+            **expected,
+            "dh0": np.zeros_like(expected["dh0"]),
+            "dc0": np.zeros_like(expected["dc0"]),
+        }
+    assert_matches_reference(
+        run_module_on_problem(module, config, problem),
+        expected,
+        "float64",
+        f"oracle vs module/{variant}",
+    )
+
+
+@pytest.mark.parametrize("variant", ["lstm", "peephole", "peephole_full"])
+def test_naive_module_matches_oracle(variant):
+    """The article's readable 8-matmul form computes the README's equations too."""
+    config = Config(variant, 4, 7, 3, 5, 1, False, True, False, True, 3)
+    problem = make_problem(config)
+    naive = NaiveLSTM(3, 5, variant=variant).double().load_numpy_params(problem.params[0][0])
+    x = torch.tensor(batch_layout(config, problem.x), requires_grad=True)
+    h0, c0 = (torch.tensor(a, requires_grad=True) for a in (problem.h0, problem.c0))
+    y, (h_n, c_n) = naive(x, (h0, c0))
+    loss = (
+        (y.transpose(0, 1) * torch.tensor(problem.dy)).sum()
+        + (h_n * torch.tensor(problem.dh_n)).sum()
+        + (c_n * torch.tensor(problem.dc_n)).sum()
+    )
+    loss.backward()
+    expected = reference(config, problem)
+    assert_close(y.detach().transpose(0, 1), expected["y"], "float64", "y")
+    assert_close(c_n.detach(), expected["c_n"], "float64", "c_n")
+    assert_close(batch_layout(config, x.grad.numpy()), expected["dx"], "float64", "dx")
+    assert_close(c0.grad, expected["dc0"], "float64", "dc0")
     h = 5
     for k, gate in enumerate("ifgo"):
         block = slice(k * h, (k + 1) * h)
-        assert_close(got[4]["weight_ih_l0"][block].T, want[4][f"W_{gate}"], "float64", f"W_{gate}")
-        assert_close(got[4]["weight_hh_l0"][block].T, want[4][f"U_{gate}"], "float64", f"U_{gate}")
-        assert_close(got[4]["bias_ih_l0"][block], want[4][f"b_{gate}"], "float64", f"b_{gate}")
+        want = expected["grads"][0][0]
+        U = getattr(naive, f"U_{gate}")  # U_g of "peephole_full" is unused: no gradient
+        U_grad = torch.zeros_like(U) if U.grad is None else U.grad
+        assert_close(U_grad, want["U"][:, block], "float64", f"U_{gate}")
+        assert_close(getattr(naive, f"b_{gate}").grad, want["b"][block], "float64", f"b_{gate}")
     if variant == "peephole":
         for row, gate in enumerate("ifo"):
             assert_close(
-                got[4]["weight_peephole_l0"][row], want[4][f"p_{gate}"], "float64", f"p_{gate}"
+                getattr(naive, f"p_{gate}").grad, expected["grads"][0][0]["p"][row], "float64", gate
             )
-    if variant == "peephole_full":  # the g block of U is unused: its gradient is zero
-        assert torch.all(got[4]["weight_hh_l0"][2 * h : 3 * h] == 0)
 
 
 def test_state_dict_of_nn_lstm_loads_strictly():
@@ -325,3 +424,86 @@ def test_to_torch_refuses_peephole():
 def test_from_torch_refuses_other_modules():
     with pytest.raises(TypeError, match="lstm: expected a torch.nn.LSTM, got GRU"):
         LSTM.from_torch(nn.GRU(3, 4))
+
+
+# the variant a state_dict holds ------------------------------------------------------
+
+
+def test_plain_state_dict_keys_are_nn_lstms_and_others_record_their_variant():
+    assert list(LSTM(3, 4, num_layers=2).state_dict()) == list(nn.LSTM(3, 4, 2).state_dict())
+    state = LSTM(3, 4, variant="peephole_full").state_dict()
+    assert state["_extra_state"] == {"variant": "peephole_full"}
+
+
+def test_nn_lstm_weights_do_not_load_silently_into_another_function():
+    state = nn.LSTM(3, 4).state_dict()
+    module = LSTM(3, 4, variant="peephole_full")
+    with pytest.raises(RuntimeError, match=r"variant: this module computes the 'peephole_full'"):
+        module.load_state_dict(state)
+    module.load_state_dict(state, strict=False)  # asked for explicitly
+    assert torch.equal(module.weight_hh_l0, state["weight_hh_l0"])
+
+
+def test_a_variant_state_dict_does_not_load_into_another_variant():
+    full = LSTM(3, 4, variant="peephole_full").state_dict()
+    with pytest.raises(RuntimeError, match="_extra_state"):
+        nn.LSTM(3, 4).load_state_dict(full)
+    with pytest.raises(
+        RuntimeError, match=r"variant: this module computes the 'lstm' .* 'peephole_full'"
+    ):
+        LSTM(3, 4).load_state_dict(full)
+    with pytest.raises(RuntimeError, match="variant: this module computes the 'peephole'"):
+        LSTM(3, 4, variant="peephole").load_state_dict(full, strict=True)
+    LSTM(3, 4, variant="peephole_full").load_state_dict(full)  # its own kind loads
+
+
+def test_inside_a_model_a_variant_mismatch_is_a_key_error():
+    def model(variant):
+        return nn.Sequential(nn.Linear(3, 3), LSTM(3, 4, variant=variant))
+
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "1._extra_state"'):
+        model("peephole_full").load_state_dict(model("lstm").state_dict())
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "1._extra_state"'):
+        model("lstm").load_state_dict(model("peephole_full").state_dict())
+    result = model("peephole_full").load_state_dict(model("lstm").state_dict(), strict=False)
+    assert result.missing_keys == ["1._extra_state"]
+    model("peephole_full").load_state_dict(model("peephole_full").state_dict())
+
+
+def test_from_torch_refuses_a_variant_with_another_function():
+    with pytest.raises(
+        ValueError, match=r"variant: 'peephole_full' does not compute .* strict=False"
+    ):
+        LSTM.from_torch(nn.LSTM(3, 4), variant="peephole_full")
+    module = LSTM.from_torch(nn.LSTM(3, 4), variant="peephole_full", strict=False)
+    assert module.variant == "peephole_full"
+    peephole = LSTM(3, 4, variant="peephole")
+    with pytest.raises(ValueError, match="'lstm' does not compute the function of a 'peephole'"):
+        LSTM.from_torch(peephole)
+    assert LSTM.from_torch(peephole, variant="peephole").variant == "peephole"
+
+
+# small input defects ------------------------------------------------------------------
+
+
+def test_native_must_be_a_bool():
+    with pytest.raises(TypeError, match="native: expected True or False, got 'no'"):
+        LSTM(3, 4, native="no")
+
+
+@pytest.mark.parametrize("variant", ["lstm", "peephole"])
+def test_no_time_steps_is_a_clear_error(variant):
+    with pytest.raises(
+        ValueError, match=r"input: expected at least one time step .* got \(0, 2, 3\)"
+    ):
+        LSTM(3, 4, variant=variant)(torch.zeros(0, 2, 3))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_unbatched_input_needs_unbatched_state(native):
+    module = LSTM(3, 4, native=native)
+    state = (torch.zeros(1, 1, 4), torch.zeros(1, 1, 4))
+    with pytest.raises(ValueError, match=r"hx h_0: expected shape \(1, 4\) for unbatched input"):
+        module(torch.zeros(5, 3), state)
+    with pytest.raises(ValueError, match=r"hx h_0: expected shape \(1, 2, 4\) for batched input"):
+        module(torch.zeros(5, 2, 3), (torch.zeros(1, 4), torch.zeros(1, 4)))
