@@ -3,8 +3,11 @@
 Two kinds of tests live here:
 
 * ``@pytest.mark.gpu`` tests run the core properties on every GPU backend
-  (cupy, torch-cuda, jax-gpu) against the torch backend on the CPU in float64;
-  without a GPU they are skipped with the reason shown (``pytest -rs``).
+  (cupy, torch-cuda generic and native, jax-gpu): float64 and float32 (TF32
+  off) against the independent oracle (``oracle.py``), float16/bfloat16
+  against a float32 run with the derived bounds of ``half_precision.py``, and
+  torch.autocast on CUDA; without a GPU they are skipped with the reason shown
+  (``pytest -rs``).
 * CPU tests of everything GPU code is made of that can run without a GPU:
   the fused kernels' source (executed by NumPy, compiled by a host C++
   compiler, and compiled by NVRTC where CuPy and NVRTC are installed), the
@@ -15,6 +18,7 @@ Two kinds of tests live here:
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import importlib
 import importlib.machinery
 import importlib.util
@@ -27,8 +31,11 @@ import types
 
 import numpy as np
 import pytest
+from half_precision import FORGETFUL, INTEGRATOR, assert_within_bound, errors_in_u
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import configs, make_problem, reference
+from test_agreement import assert_matches_reference, run_backend
 
 import lstm_multi
 from lstm_multi import spec
@@ -441,7 +448,8 @@ def test_torch_cell_device_argument_places_numpy_inputs():
 
 
 # ---------------------------------------------------------------------------
-# on a GPU: every GPU backend against the torch backend on the CPU in float64
+# on a GPU: every GPU backend against the oracle (float64, float32 with TF32 off),
+# half precision against a float32 run with the derived bounds of half_precision.py
 
 
 class GpuTarget:
@@ -460,6 +468,7 @@ class GpuTarget:
             import cupy
 
             self.cupy = cupy
+            self.backend, self.kwargs = "cupy", {}
             self.dtypes = ("float64", "float32", "float16")
         elif self.name.startswith("torch"):
             torch = pytest.importorskip("torch", reason="torch is not installed")
@@ -469,6 +478,8 @@ class GpuTarget:
             torch.backends.cudnn.allow_tf32 = False
             self.torch = torch
             self.Cell = lstm_multi.get_cell("torch")
+            native = self.name == "torch-cuda-native"
+            self.backend, self.kwargs = "torch", {"native": native, "device": "cuda"}
             self.dtypes = ("float64", "float32", "float16", "bfloat16")
         else:
             jax = pytest.importorskip("jax", reason="jax is not installed")
@@ -479,17 +490,18 @@ class GpuTarget:
             jax.config.update("jax_default_matmul_precision", "highest")  # no TF32
             self.jax = jax
             self.Cell = lstm_multi.get_cell("jax")
+            self.backend, self.kwargs = "jax", {}
             self.dtypes = ("float32", "float16", "bfloat16") + (
                 ("float64",) if jax.config.jax_enable_x64 else ()
             )
         return self
 
+    @property
+    def native(self):
+        return self.name == "torch-cuda-native"
+
     def cell(self, **kw):
-        if self.name == "torch-cuda":
-            return self.Cell(**kw, native=False, device="cuda")
-        if self.name == "torch-cuda-native":
-            return self.Cell(**kw, native=True, device="cuda")
-        return self.Cell(**kw)
+        return self.Cell(**kw, **self.kwargs)
 
     def to(self, array, dtype):
         array = np.asarray(array)
@@ -509,11 +521,12 @@ class GpuTarget:
             assert array.device.type == "cuda"
             return array.detach().cpu().double().numpy()
         assert array.devices() == {self.device}
-        return np.asarray(array).astype(np.float64)
+        return np.asarray(array.astype("float32") if array.dtype.itemsize == 2 else array).astype(
+            np.float64
+        )
 
 
 GPU_TARGETS = ["cupy", "torch-cuda", "torch-cuda-native", "jax-gpu"]
-TOLERANCES = {"float64": 1e-9, "float32": 2e-4, "float16": 3e-2, "bfloat16": 1.5e-1}
 
 
 @pytest.fixture(params=GPU_TARGETS)
@@ -521,124 +534,76 @@ def gpu_target(request):
     return GpuTarget(request.param).setup()
 
 
-@pytest.fixture(scope="module")
-def torch_reference():
-    pytest.importorskip("torch", reason="the reference is the torch backend on the CPU")
-    return lstm_multi.get_cell("torch")
-
-
-@st.composite
-def gpu_configs(draw):
-    return dict(
-        variant=draw(st.sampled_from(VARIANTS)),
-        num_layers=draw(st.integers(1, 2)),
-        bidirectional=draw(st.booleans()),
-        batch_first=draw(st.booleans()),
-        steps=draw(st.integers(1, 7)),
-        batch=draw(st.integers(1, 5)),
-        input_size=draw(st.integers(1, 6)),
-        hidden_size=draw(st.integers(1, 8)),
-        use_lengths=draw(st.booleans()),
-        use_state=draw(st.booleans()),
-        dtype_index=draw(st.integers(0, 3)),
-        seed=draw(st.integers(0, 2**31)),
-    )
-
-
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
 @settings(
     max_examples=GPU_EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(config=gpu_configs())
-def test_gpu_backend_matches_torch_cpu_float64(gpu_target, torch_reference, config):
-    """Forward and vjp on the GPU equal the torch backend on the CPU in float64."""
+@given(config=configs(max_layers=2))
+def test_gpu_backend_matches_oracle(gpu_target, dtype, config):
+    """Forward and vjp on the GPU against the README's equations (tests/oracle.py):
+    float64 to 1e-10 and float32 (TF32 off) to 1e-4, relative, as on the CPU."""
     target = gpu_target
-    dtype = target.dtypes[config["dtype_index"] % len(target.dtypes)]
-    kw = {
-        k: config[k]
-        for k in (
-            "input_size",
-            "hidden_size",
-            "variant",
-            "num_layers",
-            "bidirectional",
-            "batch_first",
-        )
-    }
-    if target.name == "torch-cuda-native" and kw["variant"] != "lstm":
-        kw["variant"] = "lstm"  # the native path exists for the plain variant only
-    rng = np.random.default_rng(config["seed"])
-    ref = torch_reference(**kw, native=False)
-    cell = target.cell(**kw)
-    steps, batch = config["steps"], config["batch"]
+    if dtype not in target.dtypes:
+        pytest.skip(f"{target.name} has no {dtype} here")
+    if target.native and config.variant != "lstm":
+        config = dataclasses.replace(config, variant="lstm")  # the native path is "lstm" only
+    problem = make_problem(config)
+    result = run_backend(target.backend, config, problem, dtype, **target.kwargs)
+    label = f"oracle vs {target.name}/{config.variant}"
+    assert_matches_reference(result, reference(config, problem), dtype, label)
 
-    def rounded(a):  # the inputs as the GPU sees them, in float64
-        return target.back(target.to(a, dtype))
 
-    p64 = [
-        [{k: rounded(v) for k, v in p.items()} for p in layer]
-        for layer in ref.to_numpy(ref.init(seed=config["seed"] % 997, dtype="float64"))
-    ]
-    shape = (batch, steps) if kw["batch_first"] else (steps, batch)
-    x = rounded(rng.normal(size=(*shape, kw["input_size"])))
-    out_dim = kw["hidden_size"] * (2 if kw["bidirectional"] else 1)
-    dy = rounded(rng.normal(size=(*shape, out_dim)))
-    state_shape = ref.state_shape(batch)
-    state = (
-        tuple(rounded(rng.normal(size=state_shape)) for _ in range(2))
-        if config["use_state"]
-        else None
+@pytest.mark.gpu
+@pytest.mark.parametrize("problem", [INTEGRATOR, FORGETFUL], ids=lambda p: p.name)
+@pytest.mark.parametrize("variant", ["lstm", "peephole"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_half_precision_within_derived_bound(gpu_target, dtype, variant, problem):
+    """The half-precision policy on the GPU, with the bounds the CPU test uses (a wrong
+    policy fails them: tests/test_half_precision.py)."""
+    target = gpu_target
+    if dtype not in target.dtypes:
+        pytest.skip(f"{target.name} has no {dtype}")
+    if target.native:
+        pytest.skip("the native path is cuDNN's, with cuDNN's own precision policy")
+    found, dtypes = errors_in_u(
+        problem,
+        lambda v: target.cell(input_size=8, hidden_size=16, variant=v),
+        variant,
+        dtype,
+        target.to,
+        target.back,
     )
-    dh_n, dc_n = (rounded(rng.normal(size=state_shape)) for _ in range(2))
-    lengths = rng.integers(1, steps + 1, size=batch) if config["use_lengths"] else None
+    assert set(dtypes.values()) == {dtype}, dtypes
+    assert_within_bound(found, f"{target.name} {dtype} {variant} {problem.name}")
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize(
+    ("variant", "native"), [("lstm", True), ("lstm", False), ("peephole", True)]
+)
+def test_torch_autocast_on_cuda(variant, native, dtype):
+    """torch.autocast on CUDA: outputs in the autocast dtype, float32 parameter gradients,
+    results close to the float32 run (within the half type's reach)."""
+    GpuTarget("torch-cuda").setup()
     import torch
 
-    def t64(a):
-        return torch.as_tensor(a, dtype=torch.float64)
+    from lstm_multi.torch import LSTM
 
-    ref_params = ref.from_numpy(p64)
-    ref_state = None if state is None else tuple(t64(s) for s in state)
-    y_ref, (h_ref, c_ref) = ref(ref_params, t64(x), ref_state, lengths)
-    g_ref, dx_ref, (dh0_ref, dc0_ref) = ref.vjp(
-        ref_params, t64(x), t64(dy), ref_state, lengths, t64(dh_n), t64(dc_n)
-    )
-
-    params = [[{k: target.to(v, dtype) for k, v in p.items()} for p in layer] for layer in p64]
-    dev_state = None if state is None else tuple(target.to(s, dtype) for s in state)
-    y, (h, c) = cell(params, target.to(x, dtype), dev_state, lengths)
-    g, dx, (dh0, dc0) = cell.vjp(
-        params,
-        target.to(x, dtype),
-        target.to(dy, dtype),
-        dev_state,
-        lengths,
-        target.to(dh_n, dtype),
-        target.to(dc_n, dtype),
-    )
-    tol = TOLERANCES[dtype]
-    pairs = [
-        ("y", y, y_ref),
-        ("h_n", h, h_ref),
-        ("c_n", c, c_ref),
-        ("dx", dx, dx_ref),
-        ("dh0", dh0, dh0_ref),
-        ("dc0", dc0, dc0_ref),
-    ]
-    for layer, (gl, rl) in enumerate(zip(g, g_ref, strict=True)):
-        for direction, (gd, rd) in enumerate(zip(gl, rl, strict=True)):
-            pairs += [(f"d{k}[{layer}][{direction}]", gd[k], rd[k]) for k in rd]
-    for what, got, want in pairs:
-        assert str(got.dtype).removeprefix("torch.") == dtype, what
-        np.testing.assert_allclose(
-            target.back(got),
-            want.detach().numpy(),
-            rtol=tol,
-            atol=tol,
-            err_msg=f"{target.name} {dtype} {what} {kw}",
-        )
+    torch.manual_seed(0)
+    module = LSTM(5, 8, num_layers=2, variant=variant, native=native).to("cuda")
+    x = torch.randn(12, 3, 5, device="cuda")
+    full = module(x)[0]
+    with torch.autocast("cuda", dtype=getattr(torch, dtype)):
+        out, (h, c) = module(x)
+    assert out.dtype == getattr(torch, dtype)
+    out.float().square().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in module.parameters())
+    reach = {"float16": 2.0**-7, "bfloat16": 2.0**-4}[dtype]
+    assert float((out.float() - full).norm() / full.norm()) < reach
 
 
 @pytest.mark.gpu
