@@ -94,7 +94,7 @@ def tree_map(fn, *trees):
     if isinstance(first, dict):
         return {k: tree_map(fn, *(t[k] for t in trees)) for k in first}
     if isinstance(first, (list, tuple)):
-        return type(first)(tree_map(fn, *items) for items in zip(*trees))
+        return type(first)(tree_map(fn, *items) for items in zip(*trees, strict=True))
     return fn(*trees)
 
 

@@ -196,7 +196,9 @@ class FunctionalCell:
             h0 = c0 = self.ops.zeros(self.state_shape(batch), x)
         else:
             validation.check_state(self.ops, state, self.state_shape(batch), dtype)
-            h0, c0 = (self._to_backend(s, n) for s, n in zip(state, ("state h0", "state c0")))
+            h0, c0 = (
+                self._to_backend(s, n) for s, n in zip(state, ("state h0", "state c0"), strict=True)
+            )
         if lengths is not None:
             lengths = self._prepare_lengths(lengths, steps, batch, x)
         return params, x, h0, c0, lengths

@@ -77,7 +77,7 @@ def check_state(ops, state, expected_shape, dtype_name):
     """state must be a pair (h0, c0), each of ``expected_shape``."""
     if not isinstance(state, (tuple, list)) or len(state) != 2:
         raise TypeError(f"state: expected a pair (h0, c0), got {type(state).__name__}")
-    for part, array in zip(("h0", "c0"), state):
+    for part, array in zip(("h0", "c0"), state, strict=True):
         check_array_shape(ops, f"state {part}", array, expected_shape, dtype_name)
 
 
@@ -115,13 +115,13 @@ def check_params(ops, params, expected_shapes, dtype_name=None, name="params"):
             f"{name}: expected a list of {layers} layer(s), "
             f"got {type(params).__name__} of length {_length(params)}"
         )
-    for layer, (layer_params, layer_shapes) in enumerate(zip(params, expected_shapes)):
+    for layer, (layer_params, layer_shapes) in enumerate(zip(params, expected_shapes, strict=True)):
         if not isinstance(layer_params, (list, tuple)) or len(layer_params) != directions:
             raise ValueError(
                 f"{name}[{layer}]: expected a list of {directions} direction(s), "
                 f"got {type(layer_params).__name__} of length {_length(layer_params)}"
             )
-        for direction, (p, shapes) in enumerate(zip(layer_params, layer_shapes)):
+        for direction, (p, shapes) in enumerate(zip(layer_params, layer_shapes, strict=True)):
             where = f"{name}[{layer}][{direction}]"
             if not isinstance(p, dict) or set(p) != set(shapes):
                 got = sorted(p) if isinstance(p, dict) else type(p).__name__

@@ -157,7 +157,7 @@ def test_digits_data_and_schedule(digits):
     assert len(schedule) == 6 and [e for e, _ in schedule] == [0, 0, 0, 1, 1, 1]
     assert len(np.unique(np.concatenate([i for e, i in schedule if e == 0]))) == 96
     again = digits.minibatch_schedule(100, 32, 2, seed=0)
-    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(schedule, again))
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(schedule, again, strict=True))
 
 
 def test_digits_every_backend_learns_the_same_curve_in_float64(digits, tmp_path):

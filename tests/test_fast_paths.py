@@ -93,7 +93,7 @@ def run(cell, cfg, dtype="float64", convert=lambda a: a):
 
 def assert_all_close(got, want, rtol, atol):
     assert len(got) == len(want)
-    for k, (a, b) in enumerate(zip(got, want)):
+    for k, (a, b) in enumerate(zip(got, want, strict=True)):
         assert a.shape == b.shape, k
         scale = max(1.0, float(np.abs(b).max()) if b.size else 1.0)
         np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * scale, err_msg=f"output {k}")
@@ -216,7 +216,9 @@ def test_torch_fused_ops_gemms_match_torch_mm(min_macs, monkeypatch):
         torch.testing.assert_close(ops.project(xs, W, b), xs @ W + b)
         x2, r2 = xs.reshape(24, 5), torch.randn(24, 8, generator=g)
         dz2 = torch.randn(24, 32, generator=g)
-        for a, e in zip(ops.sequence_grads(x2, r2, dz2, W), (x2.T @ dz2, r2.T @ dz2, dz2 @ W.T)):
+        for a, e in zip(
+            ops.sequence_grads(x2, r2, dz2, W), (x2.T @ dz2, r2.T @ dz2, dz2 @ W.T), strict=True
+        ):
             torch.testing.assert_close(a, e)
 
 
@@ -249,7 +251,7 @@ def test_torch_fused_double_backward_equals_reference(variant):
             t.detach() for t in (*first, *torch.autograd.grad(total, [p["W"], p["U"], p["b"], x]))
         ]
 
-    for a, b in zip(second(torch_fused.run_direction), second(network.loop_direction)):
+    for a, b in zip(second(torch_fused.run_direction), second(network.loop_direction), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 

@@ -60,8 +60,8 @@ def test_numpy_backward_matches_finite_differences(
         return objective(cell, params, x, (h0, c0), lengths, dy, dh, dc)
 
     checks = [("x", dx, x), ("h0", dh0, h0), ("c0", dc0, c0)]
-    for layer, (g_layer, p_layer) in enumerate(zip(grads, params)):
-        for direction, (g, p) in enumerate(zip(g_layer, p_layer)):
+    for layer, (g_layer, p_layer) in enumerate(zip(grads, params, strict=True)):
+        for direction, (g, p) in enumerate(zip(g_layer, p_layer, strict=True)):
             checks += [(f"params[{layer}][{direction}][{k!r}]", g[k], p[k]) for k in p]
     for name, analytic, array in checks:
         numeric = numeric_gradient(f, array)

@@ -67,11 +67,12 @@ def test_lengths_equal_per_sequence_truncation(
             g1
             if summed is None
             else [
-                [{k: a[k] + b[k] for k in a} for a, b in zip(la, lb)] for la, lb in zip(summed, g1)
+                [{k: a[k] + b[k] for k in a} for a, b in zip(la, lb, strict=True)]
+                for la, lb in zip(summed, g1, strict=True)
             ]
         )
-    for la, lb in zip(grads, summed):
-        for a, b in zip(la, lb):
+    for la, lb in zip(grads, summed, strict=True):
+        for a, b in zip(la, lb, strict=True):
             for k in a:
                 assert_close(a[k], b[k], "float64", f"param grad {k}")
 
@@ -112,8 +113,8 @@ def test_same_seed_gives_same_parameters_on_every_backend(backend):
         cell.to_numpy(cell.init(seed=7, dtype="float64")),
         reference.init(seed=7, dtype="float64"),
     )
-    for la, lb in zip(got, want):
-        for a, b in zip(la, lb):
+    for la, lb in zip(got, want, strict=True):
+        for a, b in zip(la, lb, strict=True):
             assert a.keys() == b.keys()
             for k in a:
                 np.testing.assert_array_equal(a[k], b[k])

@@ -28,19 +28,22 @@ PATHS = [
 ]
 
 
+#: sizes are fixed (what is drawn is where the padding is, what it holds, and the
+#: network): the jitted JAX calls then compile once per network, not per example
+STEPS, BATCH, INPUT, HIDDEN = 6, 3, 2, 3
+
+
 @st.composite
 def padded_problems(draw):
-    steps = draw(st.integers(2, 6))
-    batch = draw(st.integers(1, 4))
-    lengths = draw(st.lists(st.integers(1, steps), min_size=batch, max_size=batch))
-    if min(lengths) == steps:
-        lengths[draw(st.integers(0, batch - 1))] = draw(st.integers(1, steps - 1))
+    lengths = draw(st.lists(st.integers(1, STEPS), min_size=BATCH, max_size=BATCH))
+    if min(lengths) == STEPS:
+        lengths[draw(st.integers(0, BATCH - 1))] = draw(st.integers(1, STEPS - 1))
     return {
         "variant": draw(st.sampled_from(sorted(lstm_multi.VARIANTS))),
-        "steps": steps,
+        "steps": STEPS,
         "lengths": np.array(lengths),
-        "input_size": draw(st.integers(1, 4)),
-        "hidden_size": draw(st.integers(1, 4)),
+        "input_size": INPUT,
+        "hidden_size": HIDDEN,
         "num_layers": draw(st.integers(1, 2)),
         "bidirectional": draw(st.booleans()),
         "garbage": draw(st.sampled_from(GARBAGE)),
@@ -56,15 +59,18 @@ def padded(array, lengths, fill):
     return out
 
 
+_CELLS = {}
+
+
 def run(backend, kwargs, problem, x, dy):
-    cell = lstm_multi.get_cell(backend)(
-        problem["input_size"],
-        problem["hidden_size"],
-        variant=problem["variant"],
-        num_layers=problem["num_layers"],
-        bidirectional=problem["bidirectional"],
-        **kwargs,
-    )
+    key = (backend, tuple(sorted(kwargs.items())), problem["variant"], problem["num_layers"],
+           problem["bidirectional"])  # fmt: skip
+    if key not in _CELLS:  # one cell per network: its jitted calls are reused
+        _CELLS[key] = lstm_multi.get_cell(backend)(
+            INPUT, HIDDEN, variant=problem["variant"], num_layers=problem["num_layers"],
+            bidirectional=problem["bidirectional"], **kwargs,
+        )  # fmt: skip
+    cell = _CELLS[key]
     params = cell.init(seed=problem["seed"], dtype="float64")
     if backend == "torch":
         import torch

@@ -81,7 +81,7 @@ def test_plain_variant_equals_nn_lstm(native, config, batch, steps, with_state, 
         else None
     )
     got, want = run(module, x, hx), run(reference, x, hx)
-    for name, a, b in zip(("output", "h_n", "c_n", "dx"), got[:4], want[:4]):
+    for name, a, b in zip(("output", "h_n", "c_n", "dx"), got[:4], want[:4], strict=True):
         assert_close(a, b, "float64", name)
     assert got[4].keys() == want[4].keys()
     for name in want[4]:
@@ -115,7 +115,9 @@ def test_packed_sequences_equal_nn_lstm(native, config, lengths, enforce_sorted,
         (padded.square().sum() + h_n.sin().sum() + c_n.cos().sum()).backward()
         outputs.append((out.data, out.batch_sizes, out.sorted_indices, padded, h_n, c_n, xr.grad))
     for name, a, b in zip(
-        ("data", "batch_sizes", "sorted_indices", "padded", "h_n", "c_n", "dx"), *outputs
+        ("data", "batch_sizes", "sorted_indices", "padded", "h_n", "c_n", "dx"),
+        *outputs,
+        strict=False,
     ):
         if a is None or b is None:
             assert a is None and b is None, name
@@ -272,7 +274,9 @@ def test_to_torch_round_trip():
     assert isinstance(lstm, nn.LSTM)
     assert (lstm.num_layers, lstm.bias, lstm.batch_first, lstm.dropout) == (2, False, True, 0.25)
     back = LSTM.from_torch(lstm)
-    for (name, a), (_, b) in zip(module.state_dict().items(), back.state_dict().items()):
+    for (name, a), (_, b) in zip(
+        module.state_dict().items(), back.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 

@@ -183,7 +183,7 @@ def plot(results, path):
     )
     width = 0.8 / max(len(labels), 1)
     cmap = plt.get_cmap("tab20")
-    for ax, mode in zip(axes[:, 0], modes):
+    for ax, mode in zip(axes[:, 0], modes, strict=True):
         for k, label in enumerate(labels):
             xs, ys = [], []
             for j, size in enumerate(sizes):
