@@ -46,6 +46,16 @@ def _suffix(direction):
     return "_reverse" if direction == 1 else ""
 
 
+def _check_dtype_and_device(name, tensor, like, whose):
+    """Raise unless ``tensor`` has ``like``'s dtype and device (``whose``: "the input's", ...)."""
+    if tensor.dtype != like.dtype:
+        raise TypeError(f"{name}: expected dtype {like.dtype} ({whose}), got {tensor.dtype}")
+    if tensor.device != like.device:
+        raise ValueError(
+            f"{name}: expected a tensor on {like.device} ({whose} device), got one on {tensor.device}"
+        )
+
+
 def _recorded_variant(state_dict, prefix):
     """The variant a state_dict was saved from: its record, else "lstm" (nn.LSTM's keys)."""
     record = state_dict.get(prefix + _VARIANT_KEY)
@@ -419,16 +429,7 @@ class LSTM(nn.LSTM):
                 f"input: expected input_size {self.input_size} on the last axis {layout}".rstrip()
                 + f", got shape {shape}"
             )
-        weight = self.weight_ih_l0
-        if data.dtype != weight.dtype:
-            raise TypeError(
-                f"input: expected dtype {weight.dtype} (the module's), got {data.dtype}"
-            )
-        if data.device != weight.device:
-            raise ValueError(
-                f"input: expected a tensor on {weight.device} (the module's device), "
-                f"got one on {data.device}"
-            )
+        _check_dtype_and_device("input", data, self.weight_ih_l0, "the module's")
         return batch
 
     def _check_state(self, hx, batch, unbatched, data):
@@ -447,15 +448,7 @@ class LSTM(nn.LSTM):
                 raise ValueError(
                     f"hx {name}: expected shape {expected} for {kind} input, got {tuple(s.shape)}"
                 )
-            if s.dtype != data.dtype:
-                raise TypeError(
-                    f"hx {name}: expected dtype {data.dtype} (the input's), got {s.dtype}"
-                )
-            if s.device != data.device:
-                raise ValueError(
-                    f"hx {name}: expected a tensor on {data.device} (the input's device), "
-                    f"got one on {s.device}"
-                )
+            _check_dtype_and_device(f"hx {name}", s, data, "the input's")
 
 
 class NaiveLSTM(nn.Module):

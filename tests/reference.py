@@ -184,6 +184,15 @@ def nn_lstm_reference(config: Config, problem: Problem):
         + (c_n * torch.tensor(problem.dc_n)).sum()
     )
     loss.backward()
+    grads = canonical_grads(module, config)
+    as_np = [a.detach().numpy() for a in (y, h_n, c_n, x.grad, h0.grad, c0.grad)]
+    return dict(zip(("y", "h_n", "c_n", "dx", "dh0", "dc0"), as_np, strict=True)) | {"grads": grads}
+
+
+def canonical_grads(module, config: Config):
+    """The gradients of an nn.LSTM-like module's parameters in the canonical layout
+    (dW = weight_ih.grad^T, dU = weight_hh.grad^T, db = bias_ih.grad, dp = the
+    peephole weights' gradient), as NumPy."""
     grads = []
     for layer in range(config.num_layers):
         directions = []
@@ -194,7 +203,8 @@ def nn_lstm_reference(config: Config, problem: Problem):
                 "U": getattr(module, f"weight_hh_{sfx}").grad.T,
                 "b": getattr(module, f"bias_ih_{sfx}").grad,
             }
+            if config.variant == "peephole":
+                g["p"] = getattr(module, f"weight_peephole_{sfx}").grad
             directions.append({k: v.detach().numpy() for k, v in g.items()})
         grads.append(directions)
-    as_np = [a.detach().numpy() for a in (y, h_n, c_n, x.grad, h0.grad, c0.grad)]
-    return dict(zip(("y", "h_n", "c_n", "dx", "dh0", "dc0"), as_np, strict=True)) | {"grads": grads}
+    return grads

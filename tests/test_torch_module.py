@@ -10,7 +10,14 @@ import numpy as np  # noqa: E402
 from conftest import assert_close  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from reference import Config, batch_layout, configs, make_problem, reference  # noqa: E402
+from reference import (  # noqa: E402
+    Config,
+    batch_layout,
+    canonical_grads,
+    configs,
+    make_problem,
+    reference,
+)
 from test_agreement import assert_matches_reference  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
@@ -156,20 +163,7 @@ def run_module_on_problem(module, config, problem):
         + (c_n * torch.tensor(problem.dc_n)).sum()
     )
     loss.backward()
-    grads = []
-    for layer in range(config.num_layers):
-        directions = []
-        for direction in range(config.num_directions):
-            sfx = f"l{layer}{'_reverse' if direction else ''}"
-            g = {
-                "W": getattr(module, f"weight_ih_{sfx}").grad.T,
-                "U": getattr(module, f"weight_hh_{sfx}").grad.T,
-                "b": getattr(module, f"bias_ih_{sfx}").grad,
-            }
-            if config.variant == "peephole":
-                g["p"] = getattr(module, f"weight_peephole_{sfx}").grad
-            directions.append({k: v.detach().numpy() for k, v in g.items()})
-        grads.append(directions)
+    grads = canonical_grads(module, config)
 
     def grad_of(t):
         return np.zeros(problem.h0.shape) if t is None or t.grad is None else t.grad.numpy()
