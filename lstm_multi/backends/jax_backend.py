@@ -155,9 +155,10 @@ def checked_lengths(lengths, steps):
     ``jit`` the values are not known while tracing, so the check runs on the
     device: ``lax.cond`` calls a host callback only when a value is out of
     range (no host round trip otherwise), and the callback raises
-    ``ValueError("lengths: expected every value in 1..T ...")``, which JAX
-    reports as a ``JaxRuntimeError`` carrying that message when the result is
-    computed, the way ``equinox.error_if`` reports errors under ``jit``.
+    ``ValueError("lengths: expected every value in 1..T ...")`` when the result
+    is computed, the way ``equinox.error_if`` reports errors under ``jit``
+    (jax 0.10 passes the callback's ValueError to the caller; a runtime that
+    wraps it would raise a ``JaxRuntimeError`` carrying the same message).
     Concrete lengths (outside ``jit``) are checked in Python before tracing and
     raise the ``ValueError`` itself.
     """
