@@ -151,13 +151,13 @@ def nn_lstm_reference(config: Config, problem: Problem):
     weight_hh = U^T), its two biases b and 0.
     """
     import torch
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
     assert config.variant == "lstm"
     module = torch.nn.LSTM(
         config.input_size,
         config.hidden_size,
         config.num_layers,
+        batch_first=config.batch_first,
         bidirectional=config.bidirectional,
         dtype=torch.float64,
     )
@@ -169,24 +169,39 @@ def nn_lstm_reference(config: Config, problem: Problem):
                 getattr(module, f"weight_hh_{sfx}").copy_(torch.tensor(p["U"].T))
                 getattr(module, f"bias_ih_{sfx}").copy_(torch.tensor(p["b"]))
                 getattr(module, f"bias_hh_{sfx}").zero_()
-    x = torch.tensor(problem.x, requires_grad=True)
+    return run_lstm_module(module, config, problem)
+
+
+def run_lstm_module(module, config: Config, problem: Problem):
+    """An nn.LSTM-like module (``batch_first`` as the config's) on a problem, packed
+    sequences for lengths, the state (zeros without one) always passed; outputs and
+    gradients as the oracle gives them (float64 NumPy, time-major, canonical)."""
+    import torch
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    x = torch.tensor(batch_layout(config, problem.x), requires_grad=True)
     h0 = torch.tensor(problem.h0, requires_grad=True)
     c0 = torch.tensor(problem.c0, requires_grad=True)
     if problem.lengths is None:
-        y, (h_n, c_n) = module(x, (h0, c0))
+        out, (h_n, c_n) = module(x, (h0, c0))
+        y = out.transpose(0, 1) if config.batch_first else out
     else:
-        packed = pack_padded_sequence(x, torch.tensor(problem.lengths), enforce_sorted=False)
-        y, (h_n, c_n) = module(packed, (h0, c0))
-        y, _ = pad_packed_sequence(y, total_length=config.steps)
+        packed = pack_padded_sequence(
+            x, torch.tensor(problem.lengths), batch_first=config.batch_first, enforce_sorted=False
+        )
+        out, (h_n, c_n) = module(packed, (h0, c0))
+        y, _ = pad_packed_sequence(out, total_length=config.steps)
     loss = (
         (y * torch.tensor(problem.dy)).sum()
         + (h_n * torch.tensor(problem.dh_n)).sum()
         + (c_n * torch.tensor(problem.dc_n)).sum()
     )
     loss.backward()
-    grads = canonical_grads(module, config)
-    as_np = [a.detach().numpy() for a in (y, h_n, c_n, x.grad, h0.grad, c0.grad)]
-    return dict(zip(("y", "h_n", "c_n", "dx", "dh0", "dc0"), as_np, strict=True)) | {"grads": grads}
+    as_np = [a.detach().numpy() for a in (y, h_n, c_n, h0.grad, c0.grad)]
+    result = dict(zip(("y", "h_n", "c_n", "dh0", "dc0"), as_np, strict=True))
+    result["dx"] = batch_layout(config, x.grad.numpy())
+    result["grads"] = canonical_grads(module, config)
+    return result
 
 
 def canonical_grads(module, config: Config):
