@@ -8,10 +8,37 @@ one backend asked for::
     cell = Cell(input_size=8, hidden_size=16, variant="peephole")
     params = cell.init(seed=0)
     y, (h_n, c_n) = cell(params, x)
+
+A variant of one's own is its forward gate math; the backward, the fused
+kernels and every backend follow (``lstm_multi.spec``)::
+
+    from lstm_multi import Variant, sigmoid, tanh
+
+    def coupled(z, c_prev, p):
+        i = sigmoid(z.i + p.i * c_prev)
+        c = (1 - i) * c_prev + i * tanh(z.g)
+        return sigmoid(z.o + p.o * c) * tanh(c), c
+
+    variant = Variant("coupled", coupled, params={"p": ("i", "o")})
+    lstm_multi.testing.check_variant(variant)
 """
 
+from . import testing
+from .compile.trace import sigmoid, tanh
 from .registry import available_backends, get_cell, known_backends
-from .spec import GATE_ORDER, VARIANTS
+from .spec import GATE_ORDER, VARIANTS, Variant, get_variant, register_variant
 
-__all__ = ["GATE_ORDER", "VARIANTS", "available_backends", "get_cell", "known_backends"]
+__all__ = [
+    "GATE_ORDER",
+    "VARIANTS",
+    "Variant",
+    "available_backends",
+    "get_cell",
+    "get_variant",
+    "known_backends",
+    "register_variant",
+    "sigmoid",
+    "tanh",
+    "testing",
+]
 __version__ = "0.1.0"

@@ -67,7 +67,7 @@ def backward_direction(ops, variant, p, tape, dys, dh, dc, valid):
     U_step_t = ops.prepare_step_weight_t(spec.recurrent_weight(ops, variant, p["U"]))
     extra = extra_params(p)
     h0_like, c0_like = dh, dc
-    dc = ops.cast(dc, ops.dtype_name(caches[0].c))  # the state dtype
+    dc = ops.cast(dc, ops.state_dtype(ops.dtype_name(xs)))
     dextra = zero_extra_grads(ops, extra, dc)
     dzs = [None] * len(caches)
     for t in range(len(caches) - 1, -1, -1):

@@ -1,68 +1,74 @@
-"""The LSTM specification, written once against an array namespace.
+"""The LSTM specification: every variant's gate math, written once, forward only.
 
 Every backend runs the equations in this module; none restates them. A step is
 split in two: the preactivation ``z = x_t W + b + r U`` (the input half
 ``x_t W + b`` is computed for all steps at once by the caller) and the gate
-math that turns ``z`` and the previous cell state into the new state. Each
-variant gives the gate math forward and backward; the backward is what the
-hand-written backends (NumPy, CuPy) run, and what the autodiff backends are
-tested against.
+math that turns ``z`` and the previous cell state into the new state.
+
+A variant's gate math is a plain Python function of per-unit values, written
+with ``+ - *``, ``sigmoid`` and ``tanh`` (``lstm_multi.compile``)::
+
+    def lstm(z, c_prev):
+        i, f, g, o = sigmoid(z.i), sigmoid(z.f), tanh(z.g), sigmoid(z.o)
+        c = f * c_prev + i * g
+        return o * tanh(c), c
+
+It is traced once into an expression DAG; the backward is derived from it by
+reverse-mode differentiation with shared subexpressions, and the code every
+backend runs is generated from the two programs (array code for NumPy, PyTorch
+and JAX; CUDA C for CuPy's fused kernels). Nothing else states a gate equation.
 
 Gate order is (i, f, g, o): ``z`` has shape (B, 4H) and its column blocks
 ``z[:, k*H:(k+1)*H]`` are the gates in that order. ``sigma`` is the logistic
-sigmoid.
+sigmoid. The built-in variants (``VARIANTS``)::
 
-``"lstm"`` (identical to ``torch.nn.LSTM``), r = h_{t-1}::
+    "lstm"           i=σ(z_i) f=σ(z_f) g=tanh(z_g) o=σ(z_o)
+                     c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)     (= torch.nn.LSTM)
+    "peephole"       i=σ(z_i + p_i c_{t-1}) f=σ(z_f + p_f c_{t-1}) g=tanh(z_g)
+                     c_t = f c_{t-1} + i g;  o=σ(z_o + p_o c_t);  h_t = o tanh(c_t)
+    "peephole_full"  r = c_{t-1}; i=σ(z_i) f=σ(z_f) o=σ(z_o) g=σ(x_t W_g + b_g)
+                     c_t = f c_{t-1} + i g;  h_t = tanh(o c_t)
 
-    i = sigma(z_i)   f = sigma(z_f)   g = tanh(z_g)   o = sigma(z_o)
-    c_t = f * c_{t-1} + i * g
-    h_t = o * tanh(c_t)
+and the variants of Greff et al., "LSTM: A Search Space Odyssey" (2017), each
+the peephole LSTM (their "vanilla", ``"peephole"`` here) with one change::
 
-``"peephole"`` (Gers & Schmidhuber 2000, diagonal peepholes p of shape (3, H),
-rows (i, f, o)), r = h_{t-1}::
+    "nig"   no input gate:                 i = 1      (p rows f, o)
+    "nfg"   no forget gate:                f = 1      (p rows i, o)
+    "nog"   no output gate:                o = 1      (p rows i, f)
+    "niaf"  no input activation function:  g = z_g
+    "noaf"  no output activation function: h_t = o c_t
+    "cifg"  coupled input and forget gate: f = 1 - i  (p rows i, o)
 
-    i = sigma(z_i + p_i * c_{t-1})   f = sigma(z_f + p_f * c_{t-1})   g = tanh(z_g)
-    c_t = f * c_{t-1} + i * g
-    o = sigma(z_o + p_o * c_t)
-    h_t = o * tanh(c_t)
+(their "NP", no peepholes, is ``"lstm"``). A variant without a gate keeps that
+gate's block of W, U and b, so every variant has the same layout and weights
+move between them; the block is unused and its gradient is zero.
 
-``"peephole_full"`` (the peephole form of "Building a LSTM by hand on PyTorch":
-the gates read the cell state through the full matrix U), r = c_{t-1}, and the
-g block of U is unused (masked to zero, so its gradient is zero)::
-
-    i = sigma(z_i)   f = sigma(z_f)   o = sigma(z_o)   g = sigma(x_t W_g + b_g)
-    c_t = f * c_{t-1} + i * g
-    h_t = tanh(o * c_t)
-
-Its recurrence never reads h_{t-1}: an initial h0 is accepted (so a previous
+"peephole" has diagonal peepholes p of shape (3, H), rows (i, f, o) (Gers &
+Schmidhuber 2000); the Greff variants have one row per gate they keep that
+reads the cell. "peephole_full" (the peephole form of "Building a LSTM by hand
+on PyTorch") feeds c_{t-1} instead of h_{t-1} through the full matrix U, with
+the g block of U unused (masked to zero, so its gradient is zero). Its
+recurrence never reads h_{t-1}: an initial h0 is accepted (so a previous
 chunk's (h_n, c_n) can be passed on unchanged) but does not enter the
 computation, and its gradient is zero.
 
 Canonical parameters of one layer and direction (``in`` is input_size for
 layer 0 and H * num_directions after)::
 
-    W (in, 4H)   U (H, 4H)   b (4H,)   [p (3, H) for "peephole"]
+    W (in, 4H)   U (H, 4H)   b (4H,)   [p (rows, H) for the peephole variants]
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, NamedTuple
+
+from . import validation
+from .compile import derive, emit_array
+from .compile.trace import sigmoid, tanh
 
 GATE_ORDER = ("i", "f", "g", "o")
 STATE_ORDER = ("h", "c")
-
-
-class GateCache(NamedTuple):
-    """What one step keeps for its backward: the gate activations and the cells."""
-
-    i: Any
-    f: Any
-    g: Any
-    o: Any
-    c_prev: Any
-    c: Any
-    act: Any  # tanh(c) for "lstm"/"peephole"; h = tanh(o * c) for "peephole_full"
 
 
 def split_gates(z, hidden_size):
@@ -72,28 +78,93 @@ def split_gates(z, hidden_size):
 
 
 class Variant:
-    """One LSTM variant: its parameters, its recurrent input and its gate math.
+    """An LSTM variant: its gate math (forward only), its parameters and its recurrence.
 
-    Subclasses define ``gates_forward`` and ``gates_backward``; adding a variant
-    means adding one subclass here and registering it in ``VARIANTS``.
+    ``forward(z, c_prev, **params) -> (h, c)`` is the per-unit gate math: ``z.i``
+    ... ``z.o`` are the gate preactivations, ``c_prev`` the previous cell state,
+    and each entry of ``params`` (name -> row names) arrives as an object whose
+    attributes are that parameter's rows, e.g. ``params={"p": ("i", "f", "o")}``
+    gives ``p.i, p.f, p.o``, a parameter of shape (3, H). Only ``+ - *``,
+    unary minus, float constants and ``lstm_multi.sigmoid`` / ``lstm_multi.tanh``
+    may be used; anything else is a TypeError when the variant is first traced.
+
+    ``recurrent_state`` says which state feeds the recurrent product r @ U:
+    ``"h"`` (h_{t-1}, the usual LSTM) or ``"c"`` (c_{t-1}).
+    ``unused_recurrent_gates`` lists gates whose block of U is masked to zero.
+    ``extends_lstm`` declares that with its own parameters at zero the variant
+    computes ``torch.nn.LSTM``'s function (so nn.LSTM's weights mean the same
+    thing in it; ``lstm_multi.torch.LSTM.from_torch`` relies on it).
+
+    The backward is derived (``lstm_multi.compile.derive``): ``gates_backward``
+    runs generated code, and the CuPy backend compiles both into fused kernels.
     """
 
-    name: str = ""
-    #: which state feeds the recurrent product r @ U: "h" (h_{t-1}) or "c" (c_{t-1})
-    recurrent_state: str = "h"
-    #: gates whose block of U is unused (its columns masked to zero)
-    unused_recurrent_gates: tuple[str, ...] = ()
-    #: with its own extra parameters at zero it computes ``torch.nn.LSTM``'s function
-    #: from the same W, U, b (so nn.LSTM's weights mean the same thing in it)
-    extends_lstm: bool = False
+    def __init__(
+        self,
+        name,
+        forward,
+        *,
+        params=None,
+        recurrent_state="h",
+        unused_recurrent_gates=(),
+        extends_lstm=False,
+    ):
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"name: expected an identifier-like string, got {name!r}")
+        if not callable(forward):
+            raise TypeError(f"forward: expected a function, got {type(forward).__name__}")
+        params = dict(params or {})
+        for key, rows in params.items():
+            if not (isinstance(key, str) and key.isidentifier()) or key in ("W", "U", "b"):
+                raise ValueError(f"params: expected new identifier names, got {key!r}")
+            if (
+                isinstance(rows, str)
+                or not rows
+                or not all(isinstance(r, str) and r.isidentifier() for r in rows)
+            ):
+                raise ValueError(
+                    f"params[{key!r}]: expected a non-empty tuple of row names, got {rows!r}"
+                )
+            if len(set(rows)) != len(rows):
+                raise ValueError(f"params[{key!r}]: row names repeat: {rows!r}")
+        if recurrent_state not in STATE_ORDER:
+            raise ValueError(f"recurrent_state: expected 'h' or 'c', got {recurrent_state!r}")
+        unused = tuple(unused_recurrent_gates)
+        if not set(unused) <= set(GATE_ORDER):
+            raise ValueError(
+                f"unused_recurrent_gates: expected gates among {GATE_ORDER}, got {unused!r}"
+            )
+        validation.check_bool("extends_lstm", extends_lstm)
+        self.name = name
+        self.forward = forward
+        self.params = {k: tuple(v) for k, v in params.items()}
+        self.recurrent_state = recurrent_state
+        self.unused_recurrent_gates = unused
+        self.extends_lstm = extends_lstm
+
+    @functools.cached_property
+    def programs(self) -> derive.GatePrograms:
+        """The traced forward and the derived backward (``lstm_multi.compile``)."""
+        return derive.gate_programs(self.forward, self.params)
+
+    @functools.cached_property
+    def _array_code(self):
+        return emit_array.compile_programs(self.programs, self.name)
 
     def extra_param_shapes(self, hidden_size: int) -> dict[str, tuple[int, ...]]:
-        """Shapes of the parameters beyond W, U, b (empty for most variants)."""
-        return {}
+        """Shapes of the parameters beyond W, U, b: (rows, H) each."""
+        return {name: (len(rows), hidden_size) for name, rows in self.params.items()}
+
+    def _rows(self, extra):
+        return [extra[name][r] for name, rows in self.params.items() for r in range(len(rows))]
 
     def gates_forward(self, ops, z, c_prev, extra):
-        """(B, 4H) preactivations and c_{t-1} -> (h_t, c_t, GateCache)."""
-        raise NotImplementedError
+        """(B, 4H) preactivations and c_{t-1} -> (h_t, c_t, cache).
+
+        The cache is the tuple of forward values the derived backward reads.
+        """
+        forward, _ = self._array_code
+        return forward(ops, *split_gates(z, c_prev.shape[-1]), c_prev, *self._rows(extra))
 
     def gates_backward(self, ops, dh, dc, cache, extra):
         """Gradients at (h_t, c_t) -> (dz (B, 4H), dc_{t-1} excluding r @ U, extra grads).
@@ -101,90 +172,128 @@ class Variant:
         The extra grads are a dict like ``extra`` holding this step's
         contribution (already summed over the batch).
         """
-        raise NotImplementedError
+        _, backward = self._array_code
+        out = backward(ops, dh, dc, *self._rows(extra), *cache)
+        dz, dc_prev, terms = ops.concat(list(out[:4]), -1), out[4], out[5:]
+        return dz, dc_prev, self.sum_param_terms(ops, terms)
+
+    def sum_param_terms(self, ops, terms):
+        """Per-element gradient terms of the parameter rows -> {name: (rows, H)} batch sums."""
+        grads, k = {}, 0
+        for name, rows in self.params.items():
+            grads[name] = ops.stack([ops.sum(t, 0) for t in terms[k : k + len(rows)]], 0)
+            k += len(rows)
+        return grads
+
+    def __getstate__(self):
+        # the traced programs and the generated code are rebuilt on first use
+        return {k: v for k, v in self.__dict__.items() if k not in ("programs", "_array_code")}
 
     def __repr__(self) -> str:
         return f"Variant({self.name!r})"
 
 
-class PlainLSTM(Variant):
-    name = "lstm"
-    extends_lstm = True
-
-    def gates_forward(self, ops, z, c_prev, extra):
-        zi, zf, zg, zo = split_gates(z, c_prev.shape[-1])
-        i, f, g, o = ops.sigmoid(zi), ops.sigmoid(zf), ops.tanh(zg), ops.sigmoid(zo)
-        c = f * c_prev + i * g
-        tanh_c = ops.tanh(c)
-        return o * tanh_c, c, GateCache(i, f, g, o, c_prev, c, tanh_c)
-
-    def gates_backward(self, ops, dh, dc, cache, extra):
-        i, f, g, o, c_prev, _, tanh_c = cache
-        dc = dc + dh * o * (1 - tanh_c * tanh_c)
-        dzi = dc * g * i * (1 - i)
-        dzf = dc * c_prev * f * (1 - f)
-        dzg = dc * i * (1 - g * g)
-        dzo = dh * tanh_c * o * (1 - o)
-        return ops.concat([dzi, dzf, dzg, dzo], -1), dc * f, {}
+# ---------------------------------------------------------------------------
+# the built-in variants: their gate math, forward only
 
 
-class PeepholeLSTM(Variant):
-    name = "peephole"
-    extends_lstm = True  # p = 0 is the plain LSTM
-
-    def extra_param_shapes(self, hidden_size):
-        return {"p": (3, hidden_size)}
-
-    def gates_forward(self, ops, z, c_prev, extra):
-        p = extra["p"]
-        zi, zf, zg, zo = split_gates(z, c_prev.shape[-1])
-        i = ops.sigmoid(zi + p[0] * c_prev)
-        f = ops.sigmoid(zf + p[1] * c_prev)
-        g = ops.tanh(zg)
-        c = f * c_prev + i * g
-        o = ops.sigmoid(zo + p[2] * c)
-        tanh_c = ops.tanh(c)
-        return o * tanh_c, c, GateCache(i, f, g, o, c_prev, c, tanh_c)
-
-    def gates_backward(self, ops, dh, dc, cache, extra):
-        p = extra["p"]
-        i, f, g, o, c_prev, c, tanh_c = cache
-        dzo = dh * tanh_c * o * (1 - o)
-        dc = dc + dh * o * (1 - tanh_c * tanh_c) + dzo * p[2]
-        dzi = dc * g * i * (1 - i)
-        dzf = dc * c_prev * f * (1 - f)
-        dzg = dc * i * (1 - g * g)
-        dc_prev = dc * f + dzi * p[0] + dzf * p[1]
-        dp = ops.stack([ops.sum(dzi * c_prev, 0), ops.sum(dzf * c_prev, 0), ops.sum(dzo * c, 0)], 0)
-        return ops.concat([dzi, dzf, dzg, dzo], -1), dc_prev, {"p": dp}
+def _lstm(z, c_prev):
+    i, f, g, o = sigmoid(z.i), sigmoid(z.f), tanh(z.g), sigmoid(z.o)
+    c = f * c_prev + i * g
+    return o * tanh(c), c
 
 
-class FullPeepholeLSTM(Variant):
-    name = "peephole_full"
-    recurrent_state = "c"
-    unused_recurrent_gates = ("g",)
+def _peephole(z, c_prev, p):
+    i = sigmoid(z.i + p.i * c_prev)
+    f = sigmoid(z.f + p.f * c_prev)
+    g = tanh(z.g)
+    c = f * c_prev + i * g
+    o = sigmoid(z.o + p.o * c)
+    return o * tanh(c), c
 
-    def gates_forward(self, ops, z, c_prev, extra):
-        zi, zf, zg, zo = split_gates(z, c_prev.shape[-1])
-        i, f, g, o = ops.sigmoid(zi), ops.sigmoid(zf), ops.sigmoid(zg), ops.sigmoid(zo)
-        c = f * c_prev + i * g
-        h = ops.tanh(o * c)
-        return h, c, GateCache(i, f, g, o, c_prev, c, h)
 
-    def gates_backward(self, ops, dh, dc, cache, extra):
-        i, f, g, o, c_prev, c, h = cache
-        d_oc = dh * (1 - h * h)
-        dc = dc + d_oc * o
-        dzi = dc * g * i * (1 - i)
-        dzf = dc * c_prev * f * (1 - f)
-        dzg = dc * i * g * (1 - g)
-        dzo = d_oc * c * o * (1 - o)
-        return ops.concat([dzi, dzf, dzg, dzo], -1), dc * f, {}
+def _peephole_full(z, c_prev):
+    i, f, g, o = sigmoid(z.i), sigmoid(z.f), sigmoid(z.g), sigmoid(z.o)
+    c = f * c_prev + i * g
+    return tanh(o * c), c
 
+
+def _nig(z, c_prev, p):
+    f = sigmoid(z.f + p.f * c_prev)
+    c = f * c_prev + tanh(z.g)
+    o = sigmoid(z.o + p.o * c)
+    return o * tanh(c), c
+
+
+def _nfg(z, c_prev, p):
+    i = sigmoid(z.i + p.i * c_prev)
+    c = c_prev + i * tanh(z.g)
+    o = sigmoid(z.o + p.o * c)
+    return o * tanh(c), c
+
+
+def _nog(z, c_prev, p):
+    i = sigmoid(z.i + p.i * c_prev)
+    f = sigmoid(z.f + p.f * c_prev)
+    c = f * c_prev + i * tanh(z.g)
+    return tanh(c), c
+
+
+def _niaf(z, c_prev, p):
+    i = sigmoid(z.i + p.i * c_prev)
+    f = sigmoid(z.f + p.f * c_prev)
+    c = f * c_prev + i * z.g
+    o = sigmoid(z.o + p.o * c)
+    return o * tanh(c), c
+
+
+def _noaf(z, c_prev, p):
+    i = sigmoid(z.i + p.i * c_prev)
+    f = sigmoid(z.f + p.f * c_prev)
+    c = f * c_prev + i * tanh(z.g)
+    o = sigmoid(z.o + p.o * c)
+    return o * c, c
+
+
+def _cifg(z, c_prev, p):
+    i = sigmoid(z.i + p.i * c_prev)
+    c = (1 - i) * c_prev + i * tanh(z.g)
+    o = sigmoid(z.o + p.o * c)
+    return o * tanh(c), c
+
+
+_PEEPHOLES = {"p": ("i", "f", "o")}
 
 VARIANTS: dict[str, Variant] = {
-    v.name: v for v in (PlainLSTM(), PeepholeLSTM(), FullPeepholeLSTM())
+    v.name: v
+    for v in (
+        Variant("lstm", _lstm, extends_lstm=True),
+        Variant("peephole", _peephole, params=_PEEPHOLES, extends_lstm=True),
+        Variant(
+            "peephole_full", _peephole_full, recurrent_state="c", unused_recurrent_gates=("g",)
+        ),
+        Variant("nig", _nig, params={"p": ("f", "o")}),
+        Variant("nfg", _nfg, params={"p": ("i", "o")}),
+        Variant("nog", _nog, params={"p": ("i", "f")}),
+        Variant("niaf", _niaf, params=_PEEPHOLES),
+        Variant("noaf", _noaf, params=_PEEPHOLES),
+        Variant("cifg", _cifg, params={"p": ("i", "o")}),
+    )
 }
+#: other names of built-in variants (Greff et al.'s)
+ALIASES = {"vanilla": "peephole", "np": "lstm"}
+
+
+def register_variant(variant: Variant) -> Variant:
+    """Make ``variant`` known by its name (to ``get_variant``, the modules' state_dicts
+    and everything that takes a variant name). Returns it, so it can decorate."""
+    if not isinstance(variant, Variant):
+        raise TypeError(f"variant: expected a lstm_multi.Variant, got {type(variant).__name__}")
+    known = VARIANTS.get(variant.name)
+    if (known is not None and known is not variant) or variant.name in ALIASES:
+        raise ValueError(f"variant: the name {variant.name!r} is taken")
+    VARIANTS[variant.name] = variant
+    return variant
 
 
 def get_variant(name) -> Variant:
@@ -192,7 +301,7 @@ def get_variant(name) -> Variant:
     if isinstance(name, Variant):
         return name
     try:
-        return VARIANTS[name]
+        return VARIANTS[ALIASES.get(name, name)]
     except (KeyError, TypeError):
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {name!r}") from None
 

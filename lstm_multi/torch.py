@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import spec, validation
-from .backends import torch_fused, torch_native
+from .backends import torch_bptt, torch_native
 from .backends.torch_backend import generic_forward
 from .backends.torch_ops import OPS
 
@@ -132,6 +132,8 @@ class LSTM(nn.LSTM):
             dtype=dtype,
         )
         self.variant = variant.name
+        if spec.VARIANTS.get(variant.name) is not variant:
+            self._user_variant = variant  # a user's Variant need not be registered
         self.native = native
         # the variant's own parameters, after nn.LSTM's (which nn.LSTM.__init__ drew
         # first, so a plain module starts with nn.LSTM's numbers for the same seed)
@@ -141,11 +143,21 @@ class LSTM(nn.LSTM):
                 for key, shape in variant.extra_param_shapes(hidden_size).items():
                     weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
                     nn.init.uniform_(weight, -bound, bound)
-                    name = f"weight_{self._extra_names[key]}_l{layer}{_suffix(direction)}"
+                    word = self._extra_names.get(key, key)
+                    name = f"weight_{word}_l{layer}{_suffix(direction)}"
                     self.register_parameter(name, weight)
 
-    #: canonical extra-parameter key -> the word in its state_dict name
+    #: canonical extra-parameter key -> the word in its state_dict name (else the key)
     _extra_names = {"p": "peephole"}
+
+    @property
+    def _variant_spec(self):
+        """The Variant object (a registered one is kept by name, so the module pickles)."""
+        return self.__dict__.get("_user_variant") or spec.get_variant(self.variant)
+
+    def _extra_words(self):
+        """(canonical key, state_dict word) of each of the variant's own parameters."""
+        return [(key, self._extra_names.get(key, key)) for key in self._variant_spec.params]
 
     @property
     def num_directions(self):
@@ -220,10 +232,8 @@ class LSTM(nn.LSTM):
                     )
                 else:
                     p["b"] = w_ih.new_zeros(w_ih.shape[0])
-                for key, word in self._extra_names.items():
-                    name = f"weight_{word}_l{layer}{_suffix(direction)}"
-                    if hasattr(self, name):
-                        p[key] = getattr(self, name)
+                for key, word in self._extra_words():
+                    p[key] = getattr(self, f"weight_{word}_l{layer}{_suffix(direction)}")
                 directions.append(p)
             params.append(directions)
         return params
@@ -240,7 +250,11 @@ class LSTM(nn.LSTM):
         """Set the parameters from canonical ones: weight_ih = W^T, weight_hh = U^T,
         bias_ih = b, bias_hh = 0."""
         shapes = spec.network_param_shapes(
-            self.variant, self.input_size, self.hidden_size, self.num_layers, self.num_directions
+            self._variant_spec,
+            self.input_size,
+            self.hidden_size,
+            self.num_layers,
+            self.num_directions,
         )
         validation.check_params(OPS, np_params, shapes, name="np_params")
         for layer in range(self.num_layers):
@@ -257,9 +271,8 @@ class LSTM(nn.LSTM):
                 if self.bias:
                     getattr(self, f"bias_ih_{sfx}").copy_(torch.as_tensor(p["b"]))
                     getattr(self, f"bias_hh_{sfx}").zero_()
-                for key, word in self._extra_names.items():
-                    if key in p:
-                        getattr(self, f"weight_{word}_{sfx}").copy_(torch.as_tensor(p[key]))
+                for key, word in self._extra_words():
+                    getattr(self, f"weight_{word}_{sfx}").copy_(torch.as_tensor(p[key]))
         return self
 
     # conversion with torch.nn.LSTM --------------------------------------------
@@ -339,8 +352,8 @@ class LSTM(nn.LSTM):
         """Whether a call now runs ``nn.LSTM``'s own forward (see the class doc)."""
         return (
             self.native
-            and torch_native.supports(spec.get_variant(self.variant))
-            and not torch_fused.functorch_active()
+            and torch_native.supports(self._variant_spec)
+            and not torch_bptt.functorch_active()
         )
 
     @torch.compiler.disable  # one graph break, run eagerly: what torch.compile does to nn.LSTM
@@ -370,7 +383,7 @@ class LSTM(nn.LSTM):
                 return nn.functional.dropout(layer_input, self.dropout, True)
 
         y, h_n, c_n = generic_forward(
-            spec.get_variant(self.variant),
+            self._variant_spec,
             self.canonical_params(),
             x,
             h0,
@@ -467,6 +480,12 @@ class NaiveLSTM(nn.Module):
         self.input_size = validation.check_positive_int("input_size", input_size)
         self.hidden_size = validation.check_positive_int("hidden_size", hidden_size)
         self.variant = spec.get_variant(variant).name
+        if self.variant not in ("lstm", "peephole", "peephole_full"):
+            raise ValueError(
+                "variant: NaiveLSTM writes out the article's 'lstm', 'peephole' and "
+                f"'peephole_full' only, got {self.variant!r} (lstm_multi.torch.LSTM runs every "
+                "variant)"
+            )
         self.batch_first = validation.check_bool("batch_first", batch_first)
         for gate in spec.GATE_ORDER:
             setattr(self, f"W_{gate}", nn.Parameter(torch.empty(input_size, hidden_size)))

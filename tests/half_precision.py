@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from oracle import PEEPHOLE_ROWS
 
 #: the unit roundoff of each half type
 UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
@@ -70,8 +71,8 @@ def inputs(problem: Problem, variant: str, seed=0):
         "b": rng.uniform(-bound, bound, 4 * HIDDEN),
     }
     p["b"][HIDDEN : 2 * HIDDEN] += problem.forget_bias
-    if variant == "peephole":
-        p["p"] = rng.uniform(-3 * bound, 3 * bound, (3, HIDDEN))
+    if variant in PEEPHOLE_ROWS:
+        p["p"] = rng.uniform(-3 * bound, 3 * bound, (len(PEEPHOLE_ROWS[variant]), HIDDEN))
     state = (1, BATCH, HIDDEN)
     return {
         "params": [[p]],

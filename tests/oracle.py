@@ -21,6 +21,16 @@ length are zero; h_n, c_n are the states at the last valid step)::
     "peephole_full"  r = c_{t-1}; i=σ(z_i) f=σ(z_f) o=σ(z_o) g=σ(x_t W_g + b_g)
                      c_t = f c_{t-1} + i g;  h_t = tanh(o c_t)
 
+and Greff et al.'s variants, each "peephole" with one change (r = h_{t-1}; p has
+one row per gate that reads the cell, in gate order)::
+
+    "nig"   i = 1                    p rows (f, o)
+    "nfg"   f = 1                    p rows (i, o)
+    "nog"   o = 1                    p rows (i, f)
+    "niaf"  g = z_g                  p rows (i, f, o)
+    "noaf"  h_t = o c_t              p rows (i, f, o)
+    "cifg"  f = 1 - i                p rows (i, o)
+
 with z = x_t W + r U + b split into four blocks of width H.
 """
 
@@ -30,7 +40,17 @@ import numpy as np
 import torch
 
 GATES = ("i", "f", "g", "o")
-VARIANTS = ("lstm", "peephole", "peephole_full")
+VARIANTS = ("lstm", "peephole", "peephole_full", "nig", "nfg", "nog", "niaf", "noaf", "cifg")
+#: the peephole rows (gates reading the cell) of each variant that has them
+PEEPHOLE_ROWS = {
+    "peephole": ("i", "f", "o"),
+    "nig": ("f", "o"),
+    "nfg": ("i", "o"),
+    "nog": ("i", "f"),
+    "niaf": ("i", "f", "o"),
+    "noaf": ("i", "f", "o"),
+    "cifg": ("i", "o"),
+}
 
 
 def param_shapes(variant, input_size, hidden_size, num_layers, num_directions):
@@ -40,8 +60,8 @@ def param_shapes(variant, input_size, hidden_size, num_layers, num_directions):
     for layer in range(num_layers):
         size = input_size if layer == 0 else h * num_directions
         one = {"W": (size, 4 * h), "U": (h, 4 * h), "b": (4 * h,)}
-        if variant == "peephole":
-            one["p"] = (3, h)
+        if variant in PEEPHOLE_ROWS:
+            one["p"] = (len(PEEPHOLE_ROWS[variant]), h)
         shapes.append([dict(one) for _ in range(num_directions)])
     return shapes
 
@@ -77,7 +97,26 @@ def step(variant, x_t, h_prev, c_prev, W, U, b, p):
         g = torch.sigmoid(x_t @ _block(W, "g", h) + _block(b, "g", h))  # no recurrent term
         c = f * c_prev + i * g
         return torch.tanh(o * c), c
+    if variant in PEEPHOLE_ROWS:
+        return greff_step(variant, z, c_prev, p)
     raise ValueError(f"oracle: unknown variant {variant!r}")
+
+
+def greff_step(variant, z, c_prev, p):
+    """The Greff et al. variants: "peephole" with its one change (see the table)."""
+    peep = dict(zip(PEEPHOLE_ROWS[variant], p, strict=True))
+    one = torch.ones_like(c_prev)
+    i = one if variant == "nig" else torch.sigmoid(z("i") + peep["i"] * c_prev)
+    if variant == "nfg":
+        f = one
+    elif variant == "cifg":
+        f = 1 - i
+    else:
+        f = torch.sigmoid(z("f") + peep["f"] * c_prev)
+    g = z("g") if variant == "niaf" else torch.tanh(z("g"))
+    c = f * c_prev + i * g
+    o = one if variant == "nog" else torch.sigmoid(z("o") + peep["o"] * c)
+    return (o * c if variant == "noaf" else o * torch.tanh(c)), c
 
 
 def run_sequence(variant, params, xs, h0, c0):

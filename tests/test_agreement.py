@@ -27,6 +27,7 @@ from reference import (
 )
 
 from lstm_multi import spec
+from lstm_multi.compile import derive
 
 
 def run_backend(backend, config, problem, dtype, **cell_kwargs):
@@ -140,57 +141,43 @@ def test_without_state_initial_state_gradient_is_that_of_zeros(backend):
 # the suite's power: deliberately wrong libraries must fail it ----------------------
 
 
-class OutputGateReadsPreviousCell(spec.PeepholeLSTM):
-    """A wrong "peephole": o = sigma(z_o + p_o * c_{t-1}) instead of c_t, with the
-    backward derived correctly *for that wrong forward*. Self-consistent, so finite
+def output_gate_reads_previous_cell(z, c_prev, p):
+    """A wrong "peephole": o = sigma(z_o + p_o * c_{t-1}) instead of c_t. Its backward is
+    derived correctly *for that wrong forward*, so it is self-consistent and finite
     differences of the library against itself cannot see it; only an independent
     statement of the equations can."""
-
-    def gates_forward(self, ops, z, c_prev, extra):
-        p = extra["p"]
-        zi, zf, zg, zo = spec.split_gates(z, c_prev.shape[-1])
-        i = ops.sigmoid(zi + p[0] * c_prev)
-        f = ops.sigmoid(zf + p[1] * c_prev)
-        g = ops.tanh(zg)
-        c = f * c_prev + i * g
-        o = ops.sigmoid(zo + p[2] * c_prev)
-        tanh_c = ops.tanh(c)
-        return o * tanh_c, c, spec.GateCache(i, f, g, o, c_prev, c, tanh_c)
-
-    def gates_backward(self, ops, dh, dc, cache, extra):
-        p = extra["p"]
-        i, f, g, o, c_prev, c, tanh_c = cache
-        dzo = dh * tanh_c * o * (1 - o)
-        dc = dc + dh * o * (1 - tanh_c * tanh_c)
-        dzi = dc * g * i * (1 - i)
-        dzf = dc * c_prev * f * (1 - f)
-        dzg = dc * i * (1 - g * g)
-        dc_prev = dc * f + dzi * p[0] + dzf * p[1] + dzo * p[2]
-        dp = ops.stack(
-            [ops.sum(dzi * c_prev, 0), ops.sum(dzf * c_prev, 0), ops.sum(dzo * c_prev, 0)], 0
-        )
-        return ops.concat([dzi, dzf, dzg, dzo], -1), dc_prev, {"p": dp}
+    i = spec.sigmoid(z.i + p.i * c_prev)
+    f = spec.sigmoid(z.f + p.f * c_prev)
+    c = f * c_prev + i * spec.tanh(z.g)
+    o = spec.sigmoid(z.o + p.o * c_prev)
+    return o * spec.tanh(c), c
 
 
-def backward_without_output_peephole_term(self, ops, dh, dc, cache, extra):
-    """The "peephole" backward with the ``dz_o * p_o`` term of dc_t dropped."""
-    p = extra["p"]
-    i, f, g, o, c_prev, c, tanh_c = cache
-    dzo = dh * tanh_c * o * (1 - o)
-    dc = dc + dh * o * (1 - tanh_c * tanh_c)  # + dzo * p[2] missing
-    dzi = dc * g * i * (1 - i)
-    dzf = dc * c_prev * f * (1 - f)
-    dzg = dc * i * (1 - g * g)
-    dc_prev = dc * f + dzi * p[0] + dzf * p[1]
-    dp = ops.stack([ops.sum(dzi * c_prev, 0), ops.sum(dzf * c_prev, 0), ops.sum(dzo * c, 0)], 0)
-    return ops.concat([dzi, dzf, dzg, dzo], -1), dc_prev, {"p": dp}
+DERIVATION_RULE = derive._backward_rule
+
+
+def rule_without_output_peephole_term(graph, node, node_id, g):
+    """The derivation rules with the product p_o * c_t's contribution to c_t dropped: in
+    "peephole" that removes exactly the ``dz_o * p_o`` term of dc_t from the backward."""
+    found = DERIVATION_RULE(graph, node, node_id, g)
+    p_o = [i for i, n in enumerate(graph.nodes) if n.name == "p_o"]
+    if node.op == "mul" and p_o and p_o[0] in node.args:
+        return [(a, contribution) for a, contribution in found if a == p_o[0]]
+    return found
+
+
+def peephole_with(forward=None):
+    """A fresh "peephole" Variant (its own trace), optionally with another forward."""
+    return spec.Variant(
+        "peephole", forward or spec._peephole, params={"p": ("i", "f", "o")}, extends_lstm=True
+    )
 
 
 MUTATION_CONFIG = Config("peephole", 3, 5, 2, 3, 2, True, True, True, False, 11)
 
 
 def test_consistent_forward_and_backward_mutation_fails_the_oracle(backend, monkeypatch):
-    monkeypatch.setitem(spec.VARIANTS, "peephole", OutputGateReadsPreviousCell())
+    monkeypatch.setitem(spec.VARIANTS, "peephole", peephole_with(output_gate_reads_previous_cell))
     problem = make_problem(MUTATION_CONFIG)
     result = run_backend(backend, MUTATION_CONFIG, problem, "float64")
     with pytest.raises(AssertionError):
@@ -198,7 +185,8 @@ def test_consistent_forward_and_backward_mutation_fails_the_oracle(backend, monk
 
 
 def test_backward_only_mutation_fails_the_oracle(backend, monkeypatch):
-    monkeypatch.setattr(spec.PeepholeLSTM, "gates_backward", backward_without_output_peephole_term)
+    monkeypatch.setattr(derive, "_backward_rule", rule_without_output_peephole_term)
+    monkeypatch.setitem(spec.VARIANTS, "peephole", peephole_with())
     problem = make_problem(MUTATION_CONFIG)
     expected = reference(MUTATION_CONFIG, problem)
     result = run_backend(backend, MUTATION_CONFIG, problem, "float64")

@@ -2,7 +2,7 @@
 
 - NumPy: ``InPlaceOps`` (one contiguous projection GEMM, in-place adds) against
   the plain ``ArrayModuleOps`` on the same loop;
-- torch: ``torch_fused`` (one autograd node per direction, oneDNN GEMMs in
+- torch: ``torch_bptt`` (one autograd node per direction, oneDNN GEMMs in
   float32 on the CPU) against autograd over ``network.loop_direction``,
   including double backward;
 - JAX: the unrolled scan (projection inside the step) against a plain scan and
@@ -157,7 +157,7 @@ def torch_cells():
 
 
 @given(cfg=problems())
-def test_torch_fused_equals_autograd_reference_float64(cfg):
+def test_torch_bptt_equals_autograd_reference_float64(cfg):
     fast, ref = torch_cells()
     import torch
 
@@ -168,14 +168,14 @@ def test_torch_fused_equals_autograd_reference_float64(cfg):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_torch_fused_onednn_float32_equals_reference(variant, monkeypatch):
+def test_torch_bptt_onednn_float32_equals_reference(variant, monkeypatch):
     """float32 on the CPU takes the oneDNN GEMMs (where this torch has them)."""
     fast, ref = torch_cells()
     import torch
 
-    from lstm_multi.backends.torch_fused import FusedTorchOps
+    from lstm_multi.backends.torch_bptt import OneDnnTorchOps
 
-    monkeypatch.setattr(FusedTorchOps, "ONEDNN_MIN_MACS", 0)  # oneDNN even for these sizes
+    monkeypatch.setattr(OneDnnTorchOps, "ONEDNN_MIN_MACS", 0)  # oneDNN even for these sizes
 
     cfg = {
         "variant": variant,
@@ -195,15 +195,15 @@ def test_torch_fused_onednn_float32_equals_reference(variant, monkeypatch):
 
 
 @pytest.mark.parametrize("min_macs", [0, 1 << 40], ids=["onednn", "addmm"])
-def test_torch_fused_ops_gemms_match_torch_mm(min_macs, monkeypatch):
+def test_torch_bptt_ops_gemms_match_torch_mm(min_macs, monkeypatch):
     pytest.importorskip("torch")
     import torch
 
-    from lstm_multi.backends.torch_fused import FusedTorchOps
+    from lstm_multi.backends.torch_bptt import OneDnnTorchOps
 
-    monkeypatch.setattr(FusedTorchOps, "ONEDNN_MIN_MACS", min_macs)
+    monkeypatch.setattr(OneDnnTorchOps, "ONEDNN_MIN_MACS", min_macs)
 
-    fused, plain = FusedTorchOps(), FusedTorchOps(use_mkldnn=False)
+    fused, plain = OneDnnTorchOps(), OneDnnTorchOps(use_mkldnn=False)
     g = torch.Generator().manual_seed(0)
     r, U = torch.randn(6, 8, generator=g), torch.randn(8, 32, generator=g)
     zx, dz = torch.randn(6, 32, generator=g), torch.randn(6, 32, generator=g)
@@ -223,13 +223,13 @@ def test_torch_fused_ops_gemms_match_torch_mm(min_macs, monkeypatch):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_torch_fused_double_backward_equals_reference(variant):
+def test_torch_bptt_double_backward_equals_reference(variant):
     """create_graph=True through the fused node gives the reference's second derivatives."""
     pytest.importorskip("torch")
     import torch
 
     from lstm_multi import spec
-    from lstm_multi.backends import torch_fused
+    from lstm_multi.backends import torch_bptt
     from lstm_multi.backends.torch_backend import OPS
 
     var = spec.get_variant(variant)
@@ -251,7 +251,7 @@ def test_torch_fused_double_backward_equals_reference(variant):
             t.detach() for t in (*first, *torch.autograd.grad(total, [p["W"], p["U"], p["b"], x]))
         ]
 
-    for a, b in zip(second(torch_fused.run_direction), second(network.loop_direction), strict=True):
+    for a, b in zip(second(torch_bptt.run_direction), second(network.loop_direction), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -263,7 +263,7 @@ def test_torch_module_generic_path_uses_fused_node():
 
     module = LSTM(3, 4, variant="peephole", batch_first=True)
     y, _ = module(torch.randn(2, 5, 3))
-    assert _has_node(y.grad_fn, "FusedDirection")
+    assert _has_node(y.grad_fn, "BpttDirection")
 
 
 def _has_node(fn, name, depth=6):

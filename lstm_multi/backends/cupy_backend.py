@@ -1,15 +1,16 @@
 """CuPy backend: the NumPy backend's code on the GPU, with one fused kernel per step.
 
 The cell is the NumPy backend's (``ArrayModuleCell``: the spec in a Python time
-loop, forward recording a tape, hand-written BPTT backward) with CuPy as the
+loop, forward recording a tape, BPTT backward) with CuPy as the
 array module. What differs is the ops (``cupy_kernels.FusedOps``):
 
 * the input projection x_t W + b of all steps is one matrix product before the
   loop (as on every backend); each step then accumulates r @ U into its slice
   of that buffer with one cuBLAS gemm (beta = 1), so no temporary is made;
 * the elementwise gate math of a step is one ``cupy.ElementwiseKernel``
-  forward and one backward, generated from the per-variant source in
-  ``cupy_kernels`` (a transcription of ``lstm_multi.spec``, tested against it).
+  forward and one backward, generated from the variant's forward math and its
+  derived backward (``lstm_multi.compile.emit_cuda``, via ``cupy_kernels``), for
+  every variant, a user's own included.
 
 Dtypes: float32, float64 and float16 (the gate math and the cell state in
 float32, see ``ArrayModuleOps.state_dtype``); CuPy has no bfloat16 here.

@@ -92,7 +92,7 @@ def _direction_forward(variant, p, xs, h0, c0, valid):
 
 
 def _direction_backward(variant, saved, cotangents):
-    """The hand-written BPTT (``bptt.masked_step_backward``) in a reverse scan,
+    """The BPTT (``bptt.masked_step_backward``, the derived gate backward) in a reverse scan,
     then one GEMM each for dW, dU and dx over the whole sequence
     (``bptt.direction_grads``, which also gives each gradient its primal's dtype)."""
     ops = OPS
@@ -101,7 +101,7 @@ def _direction_backward(variant, saved, cotangents):
     U_step_t = ops.prepare_step_weight_t(spec.recurrent_weight(ops, variant, p["U"]))
     extra = network.extra_params(p)
     h0_like, c0_like = dh, dc
-    dc = ops.cast(dc, ops.dtype_name(caches.c))  # the state dtype
+    dc = ops.cast(dc, ops.state_dtype(ops.dtype_name(xs)))
 
     def step(carry, inputs):
         dh, dc, dextra = carry
@@ -127,7 +127,7 @@ _direction.defvjp(_direction_forward, _direction_backward)
 def scan_direction(ops, variant, p, xs, h0, c0, valid):
     """One direction over time with ``lax.scan``; same contract as ``network.loop_direction``.
 
-    Differentiable through a custom VJP: the spec's hand-written backward in a
+    Differentiable through a custom VJP: the spec's derived backward in a
     reverse scan (as the NumPy backend runs it), which measured ~10% faster than
     JAX's transpose of the forward scan. ``autodiff_direction`` is the plain
     autodiff version it is tested against.
@@ -185,7 +185,7 @@ class Cell(FunctionalCell):
         (FunctionalCell.__doc__ or "")
         + """
     JAX only: ``autodiff`` chooses how JAX differentiates the cell.
-    ``False`` (the default): a custom VJP that runs the hand-written BPTT in a
+    ``False`` (the default): a custom VJP that runs the BPTT in a
     reverse scan, measured 7-9% faster than JAX's own derivative at
     T100 B64 H256 and ~2x at T200 B4 H64 (CPU, float32); reverse mode only
     (``grad``, ``vjp``, ``jacrev``), as JAX allows no forward mode through a
@@ -231,7 +231,7 @@ class Cell(FunctionalCell):
                 raise
             raise TypeError(
                 "autodiff: forward-mode differentiation (jax.jvp, jax.jacfwd, jax.hessian) "
-                "cannot pass the cell's custom VJP (its fast hand-written backward); build "
+                "cannot pass the cell's custom VJP (its fast derived backward); build "
                 "the cell with autodiff=True to let JAX differentiate the scan itself"
             ) from error
 

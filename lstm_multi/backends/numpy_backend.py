@@ -1,4 +1,4 @@
-"""NumPy backend: a Python time loop over the spec, hand-written backpropagation.
+"""NumPy backend: a Python time loop over the spec, backpropagation through time by hand.
 
 Also the reference path for the CuPy backend, which runs this same code with
 CuPy as the array module.

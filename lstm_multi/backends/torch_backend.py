@@ -6,9 +6,9 @@ Paths, chosen per call:
   what ``torch.nn.LSTM`` calls, cuDNN on CUDA), an optional capability tested
   equal to the generic path;
 * generic: the spec's loop with each direction one autograd node
-  (``torch_fused``);
+  (``torch_bptt``);
 * under ``torch.func`` transforms: the spec's loop as plain autograd ops,
-  which every transform understands (``torch_fused.run_direction``).
+  which every transform understands (``torch_bptt.run_direction``).
 
 PyTorch machinery: under ``torch.autocast`` the generic path casts its inputs
 and parameters to the autocast dtype once and runs the half-precision policy
@@ -25,7 +25,7 @@ import torch
 
 from .. import network, validation
 from ..cell import FunctionalCell
-from . import torch_fused, torch_native
+from . import torch_bptt, torch_native
 from .torch_ops import OPS, TorchOps
 
 __all__ = ["OPS", "Cell", "TorchOps", "generic_forward", "unavailable_reason"]
@@ -52,9 +52,9 @@ def generic_forward(variant, params, x, h0, c0, lengths, run_direction=None, bet
     """The spec's network on the generic path, autocast honoured (see the module doc).
 
     Time-major x (T, B, in); returns (y, h_n, c_n). ``run_direction`` defaults
-    to ``torch_fused.run_direction``.
+    to ``torch_bptt.run_direction``.
     """
-    run_direction = run_direction or torch_fused.run_direction
+    run_direction = run_direction or torch_bptt.run_direction
     dtype = autocast_dtype(x)
     if dtype is not None:
         params = [[{k: v.to(dtype) for k, v in p.items()} for p in layer] for layer in params]
@@ -94,7 +94,7 @@ class Cell(FunctionalCell):
         return (
             self.native
             and torch_native.supports(self.variant)
-            and not torch_fused.functorch_active()
+            and not torch_bptt.functorch_active()
         )
 
     # torch.compile: one graph break around the whole call, which runs eagerly
@@ -116,7 +116,7 @@ class Cell(FunctionalCell):
         except (TypeError, RuntimeError) as error:
             raise TypeError(f"{name}: expected a torch tensor or numpy array ({error})") from None
 
-    #: the generic path's time loop; None: ``torch_fused.run_direction`` (one autograd
+    #: the generic path's time loop; None: ``torch_bptt.run_direction`` (one autograd
     #: node per direction, tested equal to ``network.loop_direction``)
     generic_direction = None
 

@@ -1,11 +1,12 @@
-"""The torch backend's fast generic path: the eager loop inside one ``torch.autograd.Function``.
+"""The torch backend's generic path: each direction one ``torch.autograd.Function`` around BPTT.
 
-Autograd over a Python time loop records a dozen nodes per step and replays
-them one by one; here the whole direction is one autograd node. Its forward runs
+Not a fused kernel: the eager time loop, made one autograd node. Autograd over a
+Python time loop records a dozen nodes per step and replays them one by one;
+here the whole direction is one node. Its forward runs
 ``network.loop_direction`` (the spec's gate math) with autograd off, recording
-the tape; its backward is the hand-written BPTT the NumPy backend runs
-(``bptt.backward_direction``: one ``dz U^T`` per step, then three
-whole-sequence GEMMs).
+the tape; its backward is the BPTT the NumPy backend runs
+(``bptt.backward_direction``, with the spec's derived gate backward: one
+``dz U^T`` per step, then three whole-sequence GEMMs).
 
 On the CPU in float32 the per-step products call oneDNN
 (``torch.ops.mkldnn._linear_pointwise``, what ``torch.compile`` emits for a
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import bptt, network, spec
+from .. import bptt, network
 from .torch_ops import TorchOps
 
 
@@ -38,17 +39,17 @@ def _mkldnn_linear():
 def _recorded(*tensors):
     """Whether autograd records an op on ``tensors`` now (then no in-place update).
 
-    Inside ``FusedDirection.forward`` grad mode is off, so the same fused
+    Inside ``BpttDirection.forward`` grad mode is off, so the same fused
     in-place products run there as without autograd, and the numbers do not
     depend on whether a gradient will be taken.
     """
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-class FusedTorchOps(TorchOps):
+class OneDnnTorchOps(TorchOps):
     """TorchOps whose products use oneDNN where it is faster (called with autograd off)."""
 
-    name = "torch_fused"
+    name = "torch_bptt"
 
     def __init__(self, use_mkldnn=True):
         super().__init__()
@@ -119,7 +120,7 @@ class FusedTorchOps(TorchOps):
         return super().sequence_grads(x2, r2, dz2, W)
 
 
-FUSED_OPS = FusedTorchOps()
+FAST_OPS = OneDnnTorchOps()
 REFERENCE_OPS = TorchOps()  # plain products, differentiable by autograd
 
 
@@ -130,14 +131,15 @@ def _flatten_tape(tape):
 
 
 def _unflatten_tape(tensors, steps):
+    """Inverse of ``_flatten_tape``: every step's cache has the same length."""
     xs, rest = tensors[0], tensors[1:]
     rs, flat = list(rest[:steps]), rest[steps:]
-    width = len(spec.GateCache._fields)
-    caches = [spec.GateCache(*flat[t * width : (t + 1) * width]) for t in range(steps)]
+    width = len(flat) // steps
+    caches = [tuple(flat[t * width : (t + 1) * width]) for t in range(steps)]
     return xs, rs, caches
 
 
-class FusedDirection(torch.autograd.Function):
+class BpttDirection(torch.autograd.Function):
     """One direction of one layer as a single autograd node (see the module doc).
 
     Everything the backward needs (the inputs and the tape of gate activations)
@@ -150,7 +152,7 @@ class FusedDirection(torch.autograd.Function):
     def forward(ctx, variant, valid, keys, xs, h0, c0, *values):
         p = dict(zip(keys, values, strict=True))
         ys, h, c, tape = network.loop_direction(
-            FUSED_OPS, variant, p, xs, h0, c0, valid, record=True
+            FAST_OPS, variant, p, xs, h0, c0, valid, record=True
         )
         ctx.variant, ctx.valid, ctx.keys, ctx.steps = variant, valid, keys, xs.shape[0]
         ctx.save_for_backward(h0, c0, *values, *_flatten_tape(tape))
@@ -182,7 +184,7 @@ class FusedDirection(torch.autograd.Function):
             return (None, None, None, *grads)
         with torch.autocast(xs.device.type, enabled=False):
             grads, dxs, dh0, dc0 = bptt.backward_direction(
-                FUSED_OPS, ctx.variant, p, tape, dys, dh, dc, ctx.valid
+                FAST_OPS, ctx.variant, p, tape, dys, dh, dc, ctx.valid
             )
         out = [dxs, dh0, dc0, *(grads[k] for k in ctx.keys)]
         return (None, None, None, *(g if n else None for g, n in zip(out, needs, strict=True)))
@@ -210,8 +212,8 @@ def run_direction(ops, variant, p, xs, h0, c0, valid):
         return ys, h, c, None
     tensors = (xs, h0, c0, *p.values())
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        ys, h, c = FusedDirection.apply(variant, valid, tuple(p), xs, h0, c0, *p.values())
+        ys, h, c = BpttDirection.apply(variant, valid, tuple(p), xs, h0, c0, *p.values())
         return ys, h, c, None
     with torch.no_grad():
-        ys, h, c, _ = network.loop_direction(FUSED_OPS, variant, p, xs, h0, c0, valid)
+        ys, h, c, _ = network.loop_direction(FAST_OPS, variant, p, xs, h0, c0, valid)
     return ys, h, c, None

@@ -1,0 +1,15 @@
+"""The gate-math compiler: forward math traced once, backward derived, code emitted.
+
+* ``trace``: per-unit gate math -> a hash-consed expression DAG;
+* ``derive``: reverse-mode differentiation of that DAG (``gate_programs``);
+* ``evaluate``: the reference NumPy interpreter of a program;
+* ``emit_array``: Python over an ``ops`` object (NumPy, CuPy, PyTorch, JAX);
+* ``emit_cuda``: CUDA C for CuPy's ElementwiseKernel (and host C++ for tests).
+
+Nothing here imports an array framework.
+"""
+
+from .derive import GatePrograms, gate_programs
+from .trace import sigmoid, tanh
+
+__all__ = ["GatePrograms", "gate_programs", "sigmoid", "tanh"]

@@ -1,0 +1,104 @@
+"""Array code from gate programs: Python functions over an ``ops`` object.
+
+The same text runs on NumPy, CuPy, PyTorch and JAX arrays: each node becomes
+one line with ``+ - *`` on arrays and ``ops.sigmoid`` / ``ops.tanh`` (the
+backend's accurate nonlinearities, ``lstm_multi.ops``)::
+
+    def forward(ops, z_i, z_f, z_g, z_o, c_prev):
+        v5 = ops.sigmoid(z_i)
+        ...
+        return v14, v11, (v5, v6, v7, v8, c_prev, v12)   # h, c, saved
+
+    def backward(ops, dh, dc, v5, v6, v7, v8, c_prev, v12):
+        ...
+        return dz_i, dz_f, dz_g, dz_o, dc_prev          # then d{param}_{row}
+
+An output that is a known constant (a gradient that is identically zero, say)
+comes back as an array of ``like``'s shape and dtype, so callers never see a
+Python number. ``source_forward``/``source_backward`` give the text (shown in
+errors and docs); ``compile_programs`` returns the two functions.
+"""
+
+from __future__ import annotations
+
+from .derive import GatePrograms
+from .trace import PRIMITIVES, live_nodes
+
+_INFIX = {"add": "+", "sub": "-", "mul": "*"}
+
+
+def _literal(value):
+    return repr(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _name(programs: GatePrograms, node_id, given):
+    node = programs.graph.nodes[node_id]
+    if node_id in given:
+        return given[node_id]
+    if node.op == "const":
+        return _literal(node.value)
+    return f"v{node_id}"
+
+
+def _lines(programs: GatePrograms, roots, given):
+    """One assignment per operation node that ``roots`` need beyond ``given``."""
+    lines = []
+    for node_id in live_nodes(programs.graph, roots, given):
+        node = programs.graph.nodes[node_id]
+        if node_id in given or node.op not in PRIMITIVES:
+            continue
+        args = [_name(programs, a, given) for a in node.args]
+        if node.op in _INFIX:
+            text = f"{args[0]} {_INFIX[node.op]} {args[1]}"
+        elif node.op == "neg":
+            text = f"-{args[0]}"
+        else:
+            text = f"ops.{node.op}({args[0]})"
+        lines.append(f"    v{node_id} = {text}")
+    return lines
+
+
+def _output(programs, node_id, given, like):
+    node = programs.graph.nodes[node_id]
+    if node.op == "const":
+        zeros = f"ops.zeros_like({like})"
+        return zeros if node.value == 0 else f"({zeros} + {_literal(node.value)})"
+    return _name(programs, node_id, given)
+
+
+def source_forward(programs: GatePrograms) -> str:
+    """``forward(ops, z_i, z_f, z_g, z_o, c_prev, *param rows) -> (h, c, saved)``."""
+    given = {programs.inputs[n]: n for n in programs.forward_inputs}
+    roots = [*programs.forward_outputs.values(), *programs.saved]
+    lines = [f"def forward(ops, {', '.join(programs.forward_inputs)}):"]
+    lines += _lines(programs, roots, given)
+    h = _output(programs, programs.forward_outputs["h"], given, "c_prev")
+    c = _output(programs, programs.forward_outputs["c"], given, "c_prev")
+    saved = [_output(programs, n, given, "c_prev") for n in programs.saved]
+    lines.append(f"    return {h}, {c}, ({''.join(s + ', ' for s in saved)})")
+    return "\n".join(lines) + "\n"
+
+
+def source_backward(programs: GatePrograms) -> str:
+    """``backward(ops, dh, dc, *param rows, *saved) -> (dz_i, dz_f, dz_g, dz_o, dc_prev,
+    *param row gradients per element)``."""
+    given = {programs.inputs[n]: n for n in programs.backward_inputs}
+    saved_names = [programs.saved_name(n) for n in programs.saved]
+    given.update(zip(programs.saved, saved_names, strict=True))
+    outputs = list(programs.backward_outputs.values())
+    arguments = [*programs.backward_inputs, *saved_names]
+    lines = [f"def backward(ops, {', '.join(arguments)}):"]
+    lines += _lines(programs, outputs, given)
+    results = [_output(programs, n, given, "dc") for n in outputs]
+    lines.append(f"    return ({''.join(r + ', ' for r in results)})")
+    return "\n".join(lines) + "\n"
+
+
+def compile_programs(programs: GatePrograms, label: str):
+    """(forward, backward) as Python functions, compiled from the sources above."""
+    functions = {}
+    for source in (source_forward(programs), source_backward(programs)):
+        namespace: dict = {}
+        exec(compile(source, f"<lstm_multi gate math: {label}>", "exec"), namespace)
+        functions.update((k, v) for k, v in namespace.items() if k in ("forward", "backward"))
+    return functions["forward"], functions["backward"]

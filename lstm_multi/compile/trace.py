@@ -1,0 +1,266 @@
+"""Tracing gate math into a straight-line program (an expression DAG).
+
+A variant's gate math is an ordinary Python function of per-unit quantities
+(the preactivations ``z.i z.f z.g z.o``, the previous cell state ``c_prev`` and
+the rows of the variant's own per-unit parameters). Called on ``Expr`` values
+instead of numbers, it records each operation as a node of a ``Graph``:
+
+    i = sigmoid(z.i + p.i * c_prev)        add(z_i, mul(p_i, c_prev)) -> sigmoid
+
+The graph is hash-consed: an operation applied to the same arguments twice is
+one node (``a * b`` and ``b * a`` too, both operations being commutative in
+IEEE arithmetic), so common subexpressions are shared by construction. Small
+identities are applied as nodes are made (``x + 0``, ``x * 1``, ``x * 0``,
+``0 - x``, ``-(-x)``, ``a + (-b)`` as ``a - b``, constants folded), which keeps derived programs free of
+work on known zeros.
+
+The operations are the subset every emitter writes in every target language:
+``+ - *``, unary ``-``, ``sigmoid`` and ``tanh``, with float constants.
+Anything else (division, comparisons, ``if`` on a traced value) raises a
+TypeError naming what was used, because a kernel could not express it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+#: operation name -> number of arguments
+PRIMITIVES = {"add": 2, "sub": 2, "mul": 2, "neg": 1, "sigmoid": 1, "tanh": 1}
+_COMMUTATIVE = ("add", "mul")
+
+
+class Node(NamedTuple):
+    """One node: an input (``op == "input"``, ``name``), a constant (``value``) or an operation."""
+
+    op: str
+    args: tuple[int, ...] = ()
+    value: float | None = None
+    name: str | None = None
+
+
+class Graph:
+    """Nodes in creation order (every node after its arguments: a topological order)."""
+
+    def __init__(self):
+        self.nodes: list[Node] = []
+        self._index: dict[Node, int] = {}
+
+    def _add(self, node: Node) -> Expr:
+        found = self._index.get(node)
+        if found is None:
+            found = len(self.nodes)
+            self.nodes.append(node)
+            self._index[node] = found
+        return Expr(self, found)
+
+    def input(self, name: str) -> Expr:
+        return self._add(Node("input", name=name))
+
+    def const(self, value) -> Expr:
+        return self._add(Node("const", value=float(value)))
+
+    def value_of(self, node_id):
+        """The constant a node holds, or None when it is not a constant."""
+        node = self.nodes[node_id]
+        return node.value if node.op == "const" else None
+
+    def apply(self, op: str, *args: Expr) -> Expr:
+        """``op`` of ``args`` with the identities above applied, as a (shared) node."""
+        ids = tuple(a.id for a in args)
+        consts = [self.value_of(i) for i in ids]
+        if all(v is not None for v in consts):
+            return self.const(_fold(op, consts))
+        simpler = self._simplify(op, args, consts)
+        if simpler is not None:
+            return simpler
+        if op in _COMMUTATIVE:
+            ids = tuple(sorted(ids))
+        return self._add(Node(op, ids))
+
+    def _simplify(self, op, args, consts):
+        if op == "add":
+            a, b = args
+            if consts[0] == 0:
+                return b
+            if consts[1] == 0:
+                return a
+            # a + (-b) = a - b exactly in IEEE arithmetic: one operation, not two
+            if self.nodes[b.id].op == "neg":
+                return self.apply("sub", a, Expr(self, self.nodes[b.id].args[0]))
+            if self.nodes[a.id].op == "neg":
+                return self.apply("sub", b, Expr(self, self.nodes[a.id].args[0]))
+        elif op == "sub":
+            a, b = args
+            if consts[1] == 0:
+                return a
+            if consts[0] == 0:
+                return self.apply("neg", b)
+            if a.id == b.id:
+                return self.const(0)
+            if self.nodes[b.id].op == "neg":  # a - (-b) = a + b
+                return self.apply("add", a, Expr(self, self.nodes[b.id].args[0]))
+        elif op == "mul":
+            a, b = args
+            for k, other in ((0, b), (1, a)):
+                if consts[k] == 0:
+                    return self.const(0)
+                if consts[k] == 1:
+                    return other
+                if consts[k] == -1:
+                    return self.apply("neg", other)
+        elif op == "neg":
+            node = self.nodes[args[0].id]
+            if node.op == "neg":
+                return Expr(self, node.args[0])
+        return None
+
+
+def _fold(op, values):
+    if op == "add":
+        return values[0] + values[1]
+    if op == "sub":
+        return values[0] - values[1]
+    if op == "mul":
+        return values[0] * values[1]
+    if op == "neg":
+        return -values[0]
+    if op == "sigmoid":
+        return 1.0 / (1.0 + math.exp(-values[0]))
+    if op == "tanh":
+        return math.tanh(values[0])
+    raise ValueError(f"unknown operation {op!r}")
+
+
+class Expr:
+    """A traced per-unit value: arithmetic on it records nodes in its graph."""
+
+    __slots__ = ("graph", "id")
+
+    def __init__(self, graph: Graph, node_id: int):
+        self.graph = graph
+        self.id = node_id
+
+    def _lift(self, other):
+        if isinstance(other, Expr):
+            if other.graph is not self.graph:
+                raise ValueError("gate math: values from two different traces were mixed")
+            return other
+        if isinstance(other, (int, float)) and not isinstance(other, bool):
+            return self.graph.const(other)
+        raise TypeError(
+            f"gate math: expected a traced value or a number, got {type(other).__name__}"
+        )
+
+    def __add__(self, other):
+        return self.graph.apply("add", self, self._lift(other))
+
+    def __radd__(self, other):
+        return self.graph.apply("add", self._lift(other), self)
+
+    def __sub__(self, other):
+        return self.graph.apply("sub", self, self._lift(other))
+
+    def __rsub__(self, other):
+        return self.graph.apply("sub", self._lift(other), self)
+
+    def __mul__(self, other):
+        return self.graph.apply("mul", self, self._lift(other))
+
+    def __rmul__(self, other):
+        return self.graph.apply("mul", self._lift(other), self)
+
+    def __neg__(self):
+        return self.graph.apply("neg", self)
+
+    def __pos__(self):
+        return self
+
+    def _refuse(self, what):
+        raise TypeError(
+            f"gate math: {what} is not in the traced subset (+, -, *, unary -, sigmoid, "
+            "tanh and float constants), which every kernel target can express"
+        )
+
+    def __truediv__(self, other):
+        self._refuse("division")
+
+    __rtruediv__ = __floordiv__ = __rfloordiv__ = __truediv__
+
+    def __pow__(self, other):
+        self._refuse("** (write x * x)")
+
+    __rpow__ = __pow__
+
+    def __bool__(self):
+        self._refuse("branching on a traced value (if/and/or/comparison)")
+
+    def __lt__(self, other):
+        self._refuse("comparison")
+
+    __le__ = __gt__ = __ge__ = __lt__
+
+    def __array__(self, *args, **kwargs):
+        self._refuse("a NumPy function (use lstm_multi.sigmoid / lstm_multi.tanh)")
+
+    def __repr__(self):
+        node = self.graph.nodes[self.id]
+        return f"Expr(#{self.id} {node.name or node.op})"
+
+
+def _unary(op, x, on_number):
+    if isinstance(x, Expr):
+        return x.graph.apply(op, x)
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return on_number(float(x))
+    raise TypeError(
+        f"{op}: expected a traced gate-math value or a number, got {type(x).__name__} "
+        "(lstm_multi.sigmoid and lstm_multi.tanh are for a Variant's gate math; "
+        "on arrays use the array library's own)"
+    )
+
+
+def sigmoid(x):
+    """The logistic function 1 / (1 + exp(-x)), for gate math."""
+    return _unary("sigmoid", x, lambda v: _fold("sigmoid", [v]))
+
+
+def tanh(x):
+    """The hyperbolic tangent, for gate math."""
+    return _unary("tanh", x, math.tanh)
+
+
+def live_nodes(graph: Graph, roots, given=()) -> list[int]:
+    """Ids of the nodes ``roots`` depend on (themselves included), in topological order.
+
+    Nodes in ``given`` are known values: they are listed, what they depend on is not.
+    """
+    given = set(given)
+    seen = set()
+    stack = list(roots)
+    while stack:
+        node_id = stack.pop()
+        if node_id in seen:
+            continue
+        seen.add(node_id)
+        if node_id not in given:
+            stack.extend(graph.nodes[node_id].args)
+    return sorted(seen)
+
+
+def operation_count(graph: Graph, roots, given=()) -> int:
+    """Operations computed to obtain ``roots`` when the nodes in ``given`` are known."""
+    given = set(given)
+    count = 0
+    seen = set()
+    stack = list(roots)
+    while stack:
+        node_id = stack.pop()
+        if node_id in seen or node_id in given:
+            continue
+        seen.add(node_id)
+        node = graph.nodes[node_id]
+        if node.op in PRIMITIVES:
+            count += 1
+            stack.extend(node.args)
+    return count
