@@ -1,4 +1,11 @@
-"""The performance targets (2-core CPU, float32), as data, and their evaluation on a run.
+"""The project's performance targets (2-core CPU, float32) and their verdicts on a run.
+
+What the project tracks, not what a user of ``lstm-multi bench`` reads: the
+benchmark reports times and ratios; this script reads its ``results.json`` and
+says which targets were met::
+
+    lstm-multi bench --full --out DIR
+    python benchmarks/targets.py DIR/results.json
 
 Each target compares one runner's time to another's in the same run. When both
 were measured against ``torch.nn.LSTM`` the comparison is the quotient of their
@@ -8,6 +15,8 @@ Targets are only evaluated for CPU float32 runs, at the preset sizes they name.
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass
 
 MEDIUM_LARGE = ("medium", "large")
@@ -174,3 +183,32 @@ def evaluate(results):
                         }
                     )
     return out
+
+
+def _fmt(value, spec):
+    return "–" if value is None else format(value, spec)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python benchmarks/targets.py RESULTS.json", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        found = evaluate(json.load(f))
+    if not found:
+        print("no targets apply (they are for CPU float32 runs at the preset sizes)")
+        return 0
+    met = sum(1 for t in found if t["met"])
+    print(f"targets met: {met} of {len(found)}")
+    for t in found:
+        mark = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        print(
+            f"  {mark:6} {t['runner']} / {t['variant']} {t['size']} {t['mode']}: "
+            f"{_fmt(t['ratio'], '.2f')}x {t['against']} (target <= {t['max_ratio']:.2f})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -174,16 +174,11 @@ class Variant:
         """
         _, backward = self._array_code
         out = backward(ops, dh, dc, *self._rows(extra), *cache)
-        dz, dc_prev, terms = ops.concat(list(out[:4]), -1), out[4], out[5:]
-        return dz, dc_prev, self.sum_param_terms(ops, terms)
-
-    def sum_param_terms(self, ops, terms):
-        """Per-element gradient terms of the parameter rows -> {name: (rows, H)} batch sums."""
-        grads, k = {}, 0
-        for name, rows in self.params.items():
-            grads[name] = ops.stack([ops.sum(t, 0) for t in terms[k : k + len(rows)]], 0)
+        grads, k = {}, 5
+        for name, rows in self.params.items():  # each row's gradient, summed over the batch
+            grads[name] = ops.stack(list(out[k : k + len(rows)]), 0)
             k += len(rows)
-        return grads
+        return ops.concat(list(out[:4]), -1), out[4], grads
 
     def __getstate__(self):
         # the traced programs and the generated code are rebuilt on first use

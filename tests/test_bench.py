@@ -3,15 +3,33 @@ and rejects bad options with a clear message. Nothing here asserts a timing."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from lstm_multi.bench import cli, config, targets, timing
+import lstm_multi
+from lstm_multi.bench import cli, config, timing
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_targets():
+    """benchmarks/targets.py (the project's targets: a script beside the benchmark)."""
+    name = "lstm_multi_benchmark_targets"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "targets.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+targets = _load_targets()
 
 TINY = "6,2,3,4"
 ROW_KEYS = {
@@ -37,7 +55,11 @@ ROW_KEYS = {
 
 
 def check_results(results, modes, sizes):
-    assert set(results) >= {"meta", "runners", "results", "skipped", "targets"}
+    assert set(results) >= {"meta", "runners", "results", "skipped"}
+    assert "targets" not in results  # the project's targets are not the user's report
+    for row in results["results"]:
+        if row["pct_of_limit"] is not None:
+            assert 0 < row["pct_of_limit"] <= 100.0 + 1e-9, row
     meta = results["meta"]
     assert meta["config"]["modes"] == list(modes)
     assert [s["T"] for s in meta["config"]["sizes"]] == [s.steps for s in sizes]
@@ -102,7 +124,7 @@ def test_console_script_runs_everything_at_a_tiny_size(tmp_path):
     for backend in lstm_multi.available_backends():
         if backend == "cupy":
             continue  # CPU run: CuPy needs --device cuda
-        for variant in lstm_multi.VARIANTS:
+        for variant in ("lstm", "peephole", "peephole_full"):  # the default variants
             assert (backend, variant) in measured
     md = (tmp_path / "results.md").read_text()
     assert "# lstm-multi bench results" in md and "## Machine" in md
@@ -158,6 +180,23 @@ def test_in_process_run_subset(tmp_path, capsys):
     assert not runners & {"flax", "equinox", "keras", "article", "jax", "torch"}
     variants = {r["variant"] for r in results["results"] if r["runner"] == "numpy"}
     assert variants == {"lstm", "peephole"}
+
+
+def test_default_run_is_short_and_says_where_and_how_long(tmp_path, capsys, monkeypatch):
+    parser = cli.build_parser()
+    default = cli.config_from_args(parser.parse_args(["bench"]), parser)
+    assert [s.name for s in default.sizes] == ["medium"]
+    full = cli.config_from_args(parser.parse_args(["bench", "--full"]), parser)
+    assert [s.name for s in full.sizes] == ["small", "medium", "large"]
+    every = cli.config_from_args(parser.parse_args(["bench", "--variant", "all"]), parser)
+    assert set(every.variants) == set(lstm_multi.VARIANTS)
+    monkeypatch.chdir(tmp_path)
+    arguments = ["bench", "--backend", "numpy", "--no-peers", "--size", TINY, "--mode", "forward"]
+    assert cli.main([*arguments, "--repeats", "1", "--warmup", "0", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "a rough estimate" in captured.err and "lstm-multi-bench/" in captured.err
+    assert "took " in captured.out
+    assert (tmp_path / "lstm-multi-bench" / "results.json").exists()
 
 
 def test_list_runners(capsys):

@@ -6,7 +6,18 @@ import argparse
 import sys
 
 from .. import registry, spec
-from .config import DEVICES, DTYPES, MODE_ALIASES, MODES, PRESETS, BenchConfig, parse_size
+from .config import (
+    DEFAULT_SIZES,
+    DEFAULT_VARIANTS,
+    DEVICES,
+    DTYPES,
+    FULL_SIZES,
+    MODE_ALIASES,
+    MODES,
+    PRESETS,
+    BenchConfig,
+    parse_size,
+)
 
 
 def _split(values):
@@ -14,6 +25,10 @@ def _split(values):
     if not values:
         return None
     return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+
+
+#: where results go unless --out says otherwise
+DEFAULT_OUT = "lstm-multi-bench"
 
 
 def build_parser():
@@ -45,7 +60,8 @@ def build_parser():
         "-v",
         action="append",
         metavar="NAME",
-        help=f"variant(s) (default: all of {', '.join(spec.VARIANTS)})",
+        help=f"variant(s), or 'all' (default: {', '.join(DEFAULT_VARIANTS)}; known: "
+        f"{', '.join(spec.VARIANTS)})",
     )
     bench.add_argument(
         "--peer",
@@ -87,7 +103,17 @@ def build_parser():
     )
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument(
-        "--out", "-o", metavar="DIR", help="write results.json, results.md and results.png into DIR"
+        "--out",
+        "-o",
+        metavar="DIR",
+        default=DEFAULT_OUT,
+        help=f"write results.json, results.md and results.png into DIR (default: ./{DEFAULT_OUT})",
+    )
+    bench.add_argument(
+        "--full",
+        action="store_true",
+        help=f"every preset size ({', '.join(FULL_SIZES)}) instead of the default "
+        f"({', '.join(DEFAULT_SIZES)}); several minutes",
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.add_argument(
@@ -101,7 +127,7 @@ def build_parser():
 def config_from_args(args, parser):
     """Validate the options into a BenchConfig; parser.error (exit 2) with a clear message."""
     sizes = []
-    for text in args.size or ("small", "medium", "large"):
+    for text in args.size or (FULL_SIZES if args.full else DEFAULT_SIZES):
         try:
             sizes.append(parse_size(text))
         except ValueError as error:
@@ -118,6 +144,8 @@ def config_from_args(args, parser):
             except (ImportError, RuntimeError) as error:
                 parser.error(f"--backend: {name!r} cannot run here: {error}")
     variants = _split(args.variant)
+    if variants is not None and "all" in variants:
+        variants = tuple(spec.VARIANTS)
     if variants is not None:
         for name in variants:
             if name not in spec.VARIANTS:
@@ -188,9 +216,26 @@ def main(argv=None):
     from .report import text_table, write
     from .suite import run_benchmark
 
-    results = run_benchmark(config)
+    def announce(n_cases, seconds):
+        sizes = ", ".join(size.label for size in config.sizes)
+        print(
+            f"lstm-multi bench: {n_cases} runner/variant cases against torch.nn.LSTM at "
+            f"{sizes}, {' and '.join(config.modes)}, {config.repeats} rounds each; "
+            f"about {_duration(seconds)} (a rough estimate); results to {args.out}/",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    results = run_benchmark(config, announce)
     print(text_table(results))
-    if args.out:
-        paths = write(results, args.out)
-        print("\nwrote " + ", ".join(p for p in paths.values() if p))
+    paths = write(results, args.out)
+    print(
+        f"\ntook {_duration(results['meta']['duration_s'])}; wrote "
+        + ", ".join(p for p in paths.values() if p)
+    )
     return 0
+
+
+def _duration(seconds):
+    seconds = round(seconds)
+    return f"{seconds} s" if seconds < 100 else f"{seconds // 60} min {seconds % 60:02d} s"

@@ -40,7 +40,12 @@ PRESETS = {
     "medium": Size(100, 64, 128, 256, "medium"),
     "large": Size(50, 128, 512, 512, "large"),
 }
-DEFAULT_SIZES = ("small", "medium", "large")
+#: what ``lstm-multi bench`` measures by default (about a minute on 2 cores); ``--full``
+#: measures every preset
+DEFAULT_SIZES = ("medium",)
+FULL_SIZES = ("small", "medium", "large")
+#: the variants a run measures unless told (``--variant all``: every variant in spec.VARIANTS)
+DEFAULT_VARIANTS = ("lstm", "peephole", "peephole_full")
 
 #: "forward": inference (no autograd graph); "forward_backward": outputs, then the
 #: gradients of every parameter and of x for a given output gradient dy.
@@ -83,7 +88,7 @@ class BenchConfig:
 
     sizes: tuple = field(default_factory=lambda: tuple(PRESETS[n] for n in DEFAULT_SIZES))
     backends: tuple | None = None  # None: every available lstm_multi backend
-    variants: tuple | None = None  # None: every variant
+    variants: tuple | None = None  # None: DEFAULT_VARIANTS
     peers: tuple | None = None  # None: every installed peer; () for none
     modes: tuple = MODES
     dtype: str = "float32"

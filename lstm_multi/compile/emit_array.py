@@ -11,7 +11,7 @@ backend's accurate nonlinearities, ``lstm_multi.ops``)::
 
     def backward(ops, dh, dc, v5, v6, v7, v8, c_prev, v12):
         ...
-        return dz_i, dz_f, dz_g, dz_o, dc_prev          # then d{param}_{row}
+        return dz_i, dz_f, dz_g, dz_o, dc_prev          # then d{param}_{row}, summed
 
 An output that is a known constant (a gradient that is identically zero, say)
 comes back as an array of ``like``'s shape and dtype, so callers never see a
@@ -41,20 +41,68 @@ def _name(programs: GatePrograms, node_id, given):
 
 
 def _lines(programs: GatePrograms, roots, given):
-    """One assignment per operation node that ``roots`` need beyond ``given``."""
-    lines = []
-    for node_id in live_nodes(programs.graph, roots, given):
-        node = programs.graph.nodes[node_id]
-        if node_id in given or node.op not in PRIMITIVES:
-            continue
-        args = [_name(programs, a, given) for a in node.args]
+    """The statements computing ``roots`` beyond ``given``, written as an array programmer
+    would write them.
+
+    A node used once is written inline in its one user (``dc * g * i * (1 - i)``);
+    a node used more than once gets a name, deleted right after its last use.
+    That keeps the arrays alive at any moment to a few, as in hand-written code:
+    NumPy then reuses its temporaries in place, and PyTorch's allocator reuses
+    memory still hot in the cache. One named, live-to-the-end variable per
+    node measured 3-6x slower on PyTorch CPU (B=64, H=256) and 20% slower on NumPy.
+    """
+    graph = programs.graph
+    order = [
+        node_id
+        for node_id in live_nodes(graph, roots, given)
+        if node_id not in given and graph.nodes[node_id].op in PRIMITIVES
+    ]
+    keep = set(roots)
+    uses = {}
+    for node_id in order:
+        for arg in graph.nodes[node_id].args:
+            uses[arg] = uses.get(arg, 0) + 1
+    inline = {n for n in order if uses.get(n, 0) == 1 and n not in keep}
+
+    def expression(node_id):
+        """The right-hand side computing an operation node (its inlined arguments nested)."""
+        node = graph.nodes[node_id]
+        wrap = node.op in _INFIX or node.op == "neg"
+        args = [reference(a, wrap) for a in node.args]
         if node.op in _INFIX:
-            text = f"{args[0]} {_INFIX[node.op]} {args[1]}"
-        elif node.op == "neg":
-            text = f"-{args[0]}"
-        else:
-            text = f"ops.{node.op}({args[0]})"
-        lines.append(f"    v{node_id} = {text}")
+            return f"{args[0]} {_INFIX[node.op]} {args[1]}"
+        if node.op == "neg":
+            return f"-{args[0]}"
+        return f"ops.{node.op}({args[0]})"
+
+    def reference(node_id, wrap):
+        if node_id not in inline:
+            return _name(programs, node_id, given)
+        text = expression(node_id)
+        return f"({text})" if wrap and not text.startswith("ops.") else text
+
+    def named(node_id):
+        """The named variables a statement for ``node_id`` reads (through inlined nodes)."""
+        found = set()
+        for arg in graph.nodes[node_id].args:
+            if arg in inline:
+                found |= named(arg)
+            elif arg not in given and graph.nodes[arg].op != "const":
+                found.add(arg)
+        return found
+
+    statements = [n for n in order if n not in inline]
+    reads = {n: named(n) for n in statements}
+    last_use = {}
+    for position, node_id in enumerate(statements):
+        for variable in reads[node_id]:
+            last_use[variable] = position
+    lines = []
+    for position, node_id in enumerate(statements):
+        lines.append(f"    v{node_id} = {expression(node_id)}")
+        dead = sorted(v for v in reads[node_id] if last_use[v] == position and v not in keep)
+        if dead:
+            lines.append(f"    del {', '.join(f'v{v}' for v in dead)}")
     return lines
 
 
@@ -81,7 +129,7 @@ def source_forward(programs: GatePrograms) -> str:
 
 def source_backward(programs: GatePrograms) -> str:
     """``backward(ops, dh, dc, *param rows, *saved) -> (dz_i, dz_f, dz_g, dz_o, dc_prev,
-    *param row gradients per element)``."""
+    *param row gradients summed over the batch)``."""
     given = {programs.inputs[n]: n for n in programs.backward_inputs}
     saved_names = [programs.saved_name(n) for n in programs.saved]
     given.update(zip(programs.saved, saved_names, strict=True))
@@ -90,6 +138,9 @@ def source_backward(programs: GatePrograms) -> str:
     lines = [f"def backward(ops, {', '.join(arguments)}):"]
     lines += _lines(programs, outputs, given)
     results = [_output(programs, n, given, "dc") for n in outputs]
+    # the parameter rows' gradients are summed over the batch at once, so that
+    # their (B, H) terms are temporaries, not arrays kept to the end
+    results[5:] = [f"ops.sum({r}, 0)" for r in results[5:]]
     lines.append(f"    return ({''.join(r + ', ' for r in results)})")
     return "\n".join(lines) + "\n"
 
