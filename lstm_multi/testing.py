@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import registry, spec
-from .compile.host_kernels import HostKernels, host_compiler
+from .compile.host_kernels import CompilerMissing, HostKernels
 from .ops import ArrayModuleOps
 
 _NP = ArrayModuleOps(np)
@@ -209,10 +209,14 @@ def _check_backends(variant, reference_cell, p, report, backends):
 
 
 def _check_kernels(variant, rng, report):
-    if host_compiler() is None:
-        report.results.append(CheckResult("kernels", "skipped", note="(no host C++ compiler)"))
+    try:
+        kernels = HostKernels(variant, "double", "double")
+    except CompilerMissing as why:
+        report.results.append(CheckResult("kernels", "skipped", note=f"({why})"))
         return
-    kernels = HostKernels(variant, "double", "double")
+    except RuntimeError as why:  # the compiler refused the generated code
+        report.results.append(CheckResult("kernels", "FAILED", note=f"({why})"))
+        return
     batch, hidden = 3, 5
     z = rng.normal(size=(batch, 4 * hidden)) * 1.5
     c_prev = rng.normal(size=(batch, hidden))

@@ -259,3 +259,24 @@ def test_check_variant_fails_on_a_wrong_derivation_rule(monkeypatch):
         lstm_multi.testing.check_variant(variant, backends=["numpy"])
     report = lstm_multi.testing.check_variant(variant, backends=["numpy"], raise_on_failure=False)
     assert {r.name for r in report.failed} == {"gates", "network"}
+
+
+def test_naive_lstm_refuses_variants_it_does_not_write_out():
+    pytest.importorskip("torch")
+    from lstm_multi.torch import NaiveLSTM
+
+    with pytest.raises(ValueError, match=r"NaiveLSTM writes out the article's .* got 'cifg'"):
+        NaiveLSTM(3, 4, variant="cifg")
+
+
+def test_host_kernels_say_what_is_missing(monkeypatch):
+    from lstm_multi.compile import host_kernels
+
+    with pytest.raises(ValueError, match="types: expected 'double' or 'float'"):
+        host_kernels.HostKernels(spec.VARIANTS["lstm"], "half", "float")
+    monkeypatch.setattr(host_kernels, "host_compiler", lambda: None)
+    with pytest.raises(RuntimeError, match="no host C\\+\\+ compiler found"):
+        host_kernels.HostKernels(spec.VARIANTS["lstm"])
+    report = lstm_multi.testing.check_variant("lstm", backends=["numpy"])
+    kernels = {r.name: r for r in report.results}["kernels"]
+    assert kernels.status == "skipped" and "no host C++ compiler" in kernels.note

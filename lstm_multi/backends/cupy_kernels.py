@@ -116,7 +116,7 @@ class CudaKernels:
         shape, state = c_prev.shape, c_prev.dtype
         h = cp.empty(shape, dtype=z.dtype)
         c = cp.empty(shape, dtype=state)
-        stored = {n: cp.empty(shape, dtype=state) for n in emit_cuda._forward_stored(programs)}
+        stored = {n: cp.empty(shape, dtype=state) for n in emit_cuda.forward_stored(programs)}
         params = [cp.ascontiguousarray(extra[name], dtype=z.dtype) for name in variant.params]
         forward, _ = self.kernels(variant)
         forward(z, c_prev, *params, shape[-1], h, c, *stored.values())

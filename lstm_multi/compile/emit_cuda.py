@@ -90,7 +90,7 @@ def _param_loads(programs: GatePrograms, used):
     return lines
 
 
-def _forward_stored(programs: GatePrograms):
+def forward_stored(programs: GatePrograms):
     """Saved node ids the forward kernel writes (c_{t-1} and c are the caller's already)."""
     skip = {programs.inputs["c_prev"], programs.forward_outputs["c"]}
     return [n for n in programs.saved if n not in skip]
@@ -99,7 +99,7 @@ def _forward_stored(programs: GatePrograms):
 def forward_kernel(programs: GatePrograms, label: str) -> KernelSource:
     """The forward kernel: outputs ``h, c`` and one ``S`` array per stored saved value."""
     inputs = {programs.inputs[n]: n for n in programs.forward_inputs}
-    stored = _forward_stored(programs)
+    stored = forward_stored(programs)
     roots = [*programs.forward_outputs.values(), *stored]
     used = set(live_nodes(programs.graph, roots, inputs))
     ins = "raw T z, S c_prev"

@@ -7,7 +7,8 @@ first) into a shared library, cached by the hash of its source under
 ctypes on NumPy arrays. This runs the exact operation text the GPU runs, so it
 is how that text is checked on machines without a GPU (tests and
 ``lstm_multi.testing.check_variant``). Without a compiler it raises
-``RuntimeError`` saying so.
+``CompilerMissing`` (a ``RuntimeError``) saying so; a compiler that refuses the
+generated code raises ``RuntimeError`` with its messages.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from . import emit_cuda
 _C_TYPES = {"double": np.float64, "float": np.float32}
 
 
+class CompilerMissing(RuntimeError):
+    """No host C++ compiler: the kernels cannot be built here (not an error in them)."""
+
+
 def host_compiler():
     """Path of the host C++ compiler ($CXX, g++ or clang++), or None."""
     for candidate in (os.environ.get("CXX"), "g++", "clang++"):
@@ -44,7 +49,7 @@ def compile_library(source: str) -> ctypes.CDLL:
     """``source`` compiled into a shared library (cached by its hash); loaded."""
     cxx = host_compiler()
     if cxx is None:
-        raise RuntimeError(
+        raise CompilerMissing(
             "no host C++ compiler found (set CXX, or install g++ or clang++) to compile "
             "the generated kernels for the CPU"
         )
@@ -97,7 +102,7 @@ class HostKernels:
         c_prev = np.ascontiguousarray(c_prev, dtype=self.S)
         shape = c_prev.shape
         h, c = np.empty(shape, self.T), np.empty(shape, self.S)
-        stored = {n: np.empty(shape, self.S) for n in emit_cuda._forward_stored(programs)}
+        stored = {n: np.empty(shape, self.S) for n in emit_cuda.forward_stored(programs)}
         params = self._params(extra)
         getattr(self.library, self.kernels[0].name)(
             ctypes.c_ssize_t(c_prev.size),
