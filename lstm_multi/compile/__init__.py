@@ -4,7 +4,11 @@
 * ``derive``: reverse-mode differentiation of that DAG (``gate_programs``);
 * ``evaluate``: the reference NumPy interpreter of a program;
 * ``emit_array``: Python over an ``ops`` object (NumPy, CuPy, PyTorch, JAX);
-* ``emit_cuda``: CUDA C for CuPy's ElementwiseKernel (and host C++ for tests).
+* ``emit_cuda``: CUDA C for CuPy's ElementwiseKernel (and host C++ for tests);
+* ``emit_triton``: the same kernels as a Triton module (run by its interpreter in
+  the tests);
+* ``host_kernels``: the CUDA C compiled by the host's C++ compiler (a
+  correctness tool: tests and ``lstm_multi.testing.check_variant``).
 
 Nothing here imports an array framework.
 """

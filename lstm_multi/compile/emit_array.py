@@ -40,12 +40,15 @@ def _name(programs: GatePrograms, node_id, given):
     return f"v{node_id}"
 
 
-def _lines(programs: GatePrograms, roots, given):
+def _lines(programs: GatePrograms, roots, given, function=lambda op: f"ops.{op}", delete=True):
     """The statements computing ``roots`` beyond ``given``, written as an array programmer
     would write them.
 
     A node used once is written inline in its one user (``dc * g * i * (1 - i)``);
     a node used more than once gets a name, deleted right after its last use.
+    ``function(op)`` names the function computing ``op`` (sigmoid, tanh); ``delete``
+    says whether to emit the ``del`` statements.
+
     That keeps the arrays alive at any moment to a few, as in hand-written code:
     NumPy then reuses its temporaries in place, and PyTorch's allocator reuses
     memory still hot in the cache. One named, live-to-the-end variable per
@@ -73,13 +76,14 @@ def _lines(programs: GatePrograms, roots, given):
             return f"{args[0]} {_INFIX[node.op]} {args[1]}"
         if node.op == "neg":
             return f"-{args[0]}"
-        return f"ops.{node.op}({args[0]})"
+        return f"{function(node.op)}({args[0]})"
 
     def reference(node_id, wrap):
         if node_id not in inline:
             return _name(programs, node_id, given)
         text = expression(node_id)
-        return f"({text})" if wrap and not text.startswith("ops.") else text
+        is_call = graph.nodes[node_id].op not in _INFIX and graph.nodes[node_id].op != "neg"
+        return f"({text})" if wrap and not is_call else text
 
     def named(node_id):
         """The named variables a statement for ``node_id`` reads (through inlined nodes)."""
@@ -101,7 +105,7 @@ def _lines(programs: GatePrograms, roots, given):
     for position, node_id in enumerate(statements):
         lines.append(f"    v{node_id} = {expression(node_id)}")
         dead = sorted(v for v in reads[node_id] if last_use[v] == position and v not in keep)
-        if dead:
+        if dead and delete:
             lines.append(f"    del {', '.join(f'v{v}' for v in dead)}")
     return lines
 

@@ -1,0 +1,119 @@
+"""The generated Triton kernels, run by Triton's interpreter on the CPU (TRITON_INTERPRET=1).
+
+Each variant's forward and backward kernel against the NumPy evaluation of the
+same programs in float64 (what the CUDA C is checked against too), half inputs,
+the kernels' own sigmoid and tanh against float64 references, and a user's
+variant. On a GPU the same kernels run compiled (tests/test_gpu.py does not
+cover them yet).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton", reason="the Triton kernels need triton (pip install triton)")
+
+from lstm_multi import Variant, sigmoid, spec, tanh  # noqa: E402
+from lstm_multi.backends.cupy_kernels import ProgramKernels  # noqa: E402
+
+VARIANTS = sorted(spec.VARIANTS)
+
+
+@pytest.fixture
+def kernels(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when a generated module is imported
+    monkeypatch.setenv("LSTM_MULTI_CACHE", str(tmp_path))
+    from lstm_multi.backends.triton_kernels import TritonKernels
+
+    return TritonKernels()
+
+
+def _inputs(variant, rng, batch=3, hidden=5, dtype=np.float32):
+    z = (rng.normal(size=(batch, 4 * hidden)) * 2).astype(dtype)
+    c_prev, dh, dc = (rng.normal(size=(batch, hidden)).astype(dtype) for _ in range(3))
+    extra = {
+        k: rng.normal(size=s).astype(dtype) for k, s in variant.extra_param_shapes(hidden).items()
+    }
+    return z, c_prev, extra, dh, dc
+
+
+def _t(array):
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _wide(array):
+    return np.asarray(array, dtype=np.float64)
+
+
+def _check(kernels, variant, z, c_prev, extra, dh, dc, tol):
+    """The Triton kernels against the program's float64 evaluation on the same inputs."""
+    reference = ProgramKernels()
+    wide_extra = {k: _wide(v) for k, v in extra.items()}
+    h, c, saved = kernels.forward(variant, _t(z), _t(c_prev), {k: _t(v) for k, v in extra.items()})
+    rh, rc, rsaved = reference.forward(variant, _wide(z), _wide(c_prev), wide_extra)
+    assert h.dtype == _t(z).dtype and c.dtype == torch.float32
+    for got, want in zip((h, c, *saved), (rh, rc, *rsaved), strict=True):
+        np.testing.assert_allclose(got.float().numpy(), want, rtol=tol, atol=tol)
+    dz, dc_prev, terms = kernels.backward(
+        variant, _t(dh), _t(dc).float(), saved, {k: _t(v) for k, v in extra.items()}
+    )
+    rdz, rdc_prev, rterms = reference.backward(
+        variant, _wide(dh), _wide(dc), tuple(_wide(s.numpy()) for s in saved), wide_extra
+    )
+    np.testing.assert_allclose(dz.numpy(), rdz, rtol=tol, atol=tol)
+    np.testing.assert_allclose(dc_prev.numpy(), rdc_prev, rtol=tol, atol=tol)
+    assert set(terms) == set(rterms) == set(variant.params)
+    for k in terms:
+        np.testing.assert_allclose(terms[k].numpy(), rterms[k], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_triton_kernels_equal_the_program(kernels, name):
+    variant = spec.VARIANTS[name]
+    _check(kernels, variant, *_inputs(variant, np.random.default_rng(1)), tol=2e-6)
+
+
+def test_triton_kernels_take_half_inputs(kernels):
+    """float16 in: the math in float32, h rounded to float16 (a half ulp of it)."""
+    variant = spec.VARIANTS["peephole"]
+    z, c_prev, extra, dh, dc = _inputs(variant, np.random.default_rng(2), dtype=np.float16)
+    h, c, _ = kernels.forward(variant, _t(z), _t(c_prev), {k: _t(v) for k, v in extra.items()})
+    assert h.dtype == torch.float16 and c.dtype == torch.float32
+    _check(kernels, variant, z, c_prev, extra, dh, dc, tol=2**-10)
+
+
+def test_triton_nonlinearities_are_accurate(kernels):
+    """The kernels' own sigmoid and tanh (from tl.exp) within a few float32 ulps over
+    both tails and the switch of tanh's two formulas at 0.625."""
+    probe = Variant("probe", lambda z, c_prev: (tanh(z.g), sigmoid(z.i)))
+    grid = np.concatenate(
+        [np.linspace(-30, 30, 2001), np.geomspace(1e-6, 1, 200), -np.geomspace(1e-6, 1, 200)]
+    )
+    grid = np.concatenate([grid, [0.0, 0.625, -0.625, 0.6249999, -0.6250001, 88.0, -88.0, -103.0]])
+    z = np.zeros((len(grid), 4), np.float32)
+    z[:, 0], z[:, 2] = grid, grid
+    x = z[:, 0].astype(np.float64)
+    h, c, _ = kernels.forward(probe, _t(z), torch.zeros(len(grid), 1), {})
+    for got, want in ((h[:, 0].numpy(), np.tanh(x)), (c[:, 0].numpy(), 1 / (1 + np.exp(-x)))):
+        ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+        ulps = np.abs(got.astype(np.float64) - want) / np.maximum(ulp, np.finfo(np.float32).tiny)
+        assert ulps.max() <= 4, (ulps.max(), x[np.argmax(ulps)])
+
+
+def test_a_user_variant_gets_triton_kernels(kernels):
+    def coupled(z, c_prev, p):
+        i = sigmoid(z.i + p.i * c_prev)
+        c = (1 - i) * c_prev + i * tanh(z.g)
+        return sigmoid(z.o + p.o * c) * tanh(c), c
+
+    variant = Variant("coupled", coupled, params={"p": ("i", "o")})
+    _check(kernels, variant, *_inputs(variant, np.random.default_rng(3)), tol=2e-6)
+
+
+def test_triton_kernels_refuse_float64(kernels):
+    variant = spec.VARIANTS["lstm"]
+    z, c_prev, extra, _, _ = _inputs(variant, np.random.default_rng(0), dtype=np.float64)
+    with pytest.raises(TypeError, match="z: the Triton gate kernels compute in float32"):
+        kernels.forward(variant, _t(z), _t(c_prev), {})
