@@ -92,6 +92,7 @@ GPU_TESTS = [
     "tests/test_gpu.py::test_torch_autocast_on_cuda",
     "tests/test_gpu.py::test_gpu_backend_matches_oracle",
     "tests/test_gpu.py::test_gpu_half_precision_within_derived_bound",
+    "tests/test_triton.py::test_triton_kernels_compiled_on_cuda_equal_the_program",
 ]
 
 

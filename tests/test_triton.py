@@ -117,3 +117,35 @@ def test_triton_kernels_refuse_float64(kernels):
     z, c_prev, extra, _, _ = _inputs(variant, np.random.default_rng(0), dtype=np.float64)
     with pytest.raises(TypeError, match="z: the Triton gate kernels compute in float32"):
         kernels.forward(variant, _t(z), _t(c_prev), {})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", VARIANTS)
+def test_triton_kernels_compiled_on_cuda_equal_the_program(name, monkeypatch, tmp_path):
+    """On a GPU: the same kernels compiled by Triton (no interpreter)."""
+    if not torch.cuda.is_available():
+        pytest.skip("torch: no CUDA device (torch.cuda.is_available() is False)")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("LSTM_MULTI_CACHE", str(tmp_path))
+    from lstm_multi.backends.triton_kernels import TritonKernels
+
+    variant = spec.VARIANTS[name]
+    z, c_prev, extra, dh, dc = _inputs(variant, np.random.default_rng(4), batch=37, hidden=300)
+    reference = ProgramKernels()
+    kernels = TritonKernels()
+    cuda = {k: _t(v).cuda() for k, v in extra.items()}
+    h, c, saved = kernels.forward(variant, _t(z).cuda(), _t(c_prev).cuda(), cuda)
+    rh, rc, rsaved = reference.forward(
+        variant, _wide(z), _wide(c_prev), {k: _wide(v) for k, v in extra.items()}
+    )
+    for got, want in zip((h, c, *saved), (rh, rc, *rsaved), strict=True):
+        np.testing.assert_allclose(got.float().cpu().numpy(), want, rtol=2e-6, atol=2e-6)
+    dz, dc_prev, terms = kernels.backward(variant, _t(dh).cuda(), _t(dc).cuda(), saved, cuda)
+    rdz, rdc_prev, rterms = reference.backward(
+        variant, _wide(dh), _wide(dc), tuple(_wide(s.cpu().numpy()) for s in saved),
+        {k: _wide(v) for k, v in extra.items()},
+    )  # fmt: skip
+    np.testing.assert_allclose(dz.cpu().numpy(), rdz, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(dc_prev.cpu().numpy(), rdc_prev, rtol=2e-6, atol=2e-6)
+    for k in terms:
+        np.testing.assert_allclose(terms[k].cpu().numpy(), rterms[k], rtol=2e-6, atol=2e-6)
