@@ -213,11 +213,11 @@ def torch_runners(dev):
 
         return forward, train, sync
 
-    def cell(native):
+    def cell(native, **options):
         def make(variant, size):
             Cell = lstm_multi.get_cell("torch")
             steps, batch, inp, hidden = size
-            c = Cell(inp, hidden, variant=variant, native=native, device=dev)
+            c = Cell(inp, hidden, variant=variant, native=native, device=dev, **options)
             if native and not c.uses_native:
                 raise Skip("no native kernel for this variant")
             params = c.init(seed=0)
@@ -231,6 +231,12 @@ def torch_runners(dev):
         BASELINE: cudnn,
         "lstm_multi torch native": cell(True),
         "lstm_multi torch generic": cell(False),
+        **(
+            {"lstm_multi torch generic, Triton gates": cell(False, gate_kernel="triton")}
+            if importlib.util.find_spec("triton") is not None
+            and (dev == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+            else {}
+        ),
     }
 
 

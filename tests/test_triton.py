@@ -149,3 +149,59 @@ def test_triton_kernels_compiled_on_cuda_equal_the_program(name, monkeypatch, tm
     np.testing.assert_allclose(dc_prev.cpu().numpy(), rdc_prev, rtol=2e-6, atol=2e-6)
     for k in terms:
         np.testing.assert_allclose(terms[k].cpu().numpy(), rterms[k], rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("variant", ["lstm", "peephole", "cifg"])
+def test_torch_cell_with_triton_gates_equals_the_array_code(kernels, variant, monkeypatch):
+    """gate_kernel="triton": the generic path with one generated kernel per step gives the
+    array code's outputs and gradients (float32), and float64 falls back to the array code."""
+    import lstm_multi
+    from lstm_multi.backends.triton_kernels import TritonKernels
+
+    launches = {"forward": 0, "backward": 0}
+    for direction in launches:
+        original = getattr(TritonKernels, direction)
+
+        def counted(self, *args, _original=original, _direction=direction):
+            launches[_direction] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(TritonKernels, direction, counted)
+
+    Cell = lstm_multi.get_cell("torch")
+    sizes = dict(input_size=3, hidden_size=4, variant=variant, num_layers=2, bidirectional=True)
+    reference = Cell(**sizes, native=False)
+    fused = Cell(**sizes, native=False, gate_kernel="triton")
+    rng = np.random.default_rng(5)
+    lengths = [5, 3]
+    for dtype, tol in (("float32", 2e-5), ("float64", 0.0)):
+        params = reference.init(seed=1, dtype=dtype)
+        x = rng.normal(size=(2, 5, 3)).astype(dtype)
+        dy = rng.normal(size=(2, 5, 8)).astype(dtype)
+        want = reference(params, x, lengths=lengths), reference.vjp(params, x, dy, lengths=lengths)
+        got = fused(params, x, lengths=lengths), fused.vjp(params, x, dy, lengths=lengths)
+        flat = (
+            [torch.as_tensor(a) for a in _leaves(got)],
+            [torch.as_tensor(a) for a in _leaves(want)],
+        )
+        for a, b in zip(*flat, strict=True):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        if dtype == "float32":  # 2 layers x 2 directions x 5 steps; call and vjp
+            assert launches == {"forward": 40, "backward": 20}, launches
+            launches.update(forward=0, backward=0)
+    assert launches == {"forward": 0, "backward": 0}  # float64: the array code
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        return [leaf for k in sorted(tree) for leaf in _leaves(tree[k])]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for item in tree for leaf in _leaves(item)]
+    return [tree]
+
+
+def test_gate_kernel_option_is_checked():
+    import lstm_multi
+
+    with pytest.raises(ValueError, match="gate_kernel: expected None or 'triton', got 'cuda'"):
+        lstm_multi.get_cell("torch")(3, 4, gate_kernel="cuda")

@@ -21,6 +21,8 @@ that runs eagerly, as ``torch.compile`` treats ``nn.LSTM``.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from .. import network, validation
@@ -72,6 +74,9 @@ class Cell(FunctionalCell):
         + """
     Torch only: ``native=True`` (the default) runs the plain variant on PyTorch's
     own LSTM kernel; ``native=False`` always runs the generic spec loop.
+    ``gate_kernel="triton"`` runs each step's gate math on the generic path as
+    one generated Triton kernel (CUDA tensors; float64 keeps the array code;
+    see ``torch_triton``).
     Outputs are differentiable with autograd (repeated backward, double
     backward, ``torch.func`` transforms); tensors may live on any device.
     ``device`` (such as "cuda") is where the tensors the cell makes from NumPy
@@ -83,10 +88,18 @@ class Cell(FunctionalCell):
     backend = "torch"
     ops = OPS
 
-    def __init__(self, *args, native=True, device=None, **kwargs):
+    def __init__(self, *args, native=True, device=None, gate_kernel=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.native = validation.check_bool("native", native)
         self.device = None if device is None else torch.device(device)
+        if gate_kernel not in (None, "triton"):
+            raise ValueError(f"gate_kernel: expected None or 'triton', got {gate_kernel!r}")
+        if gate_kernel == "triton" and importlib.util.find_spec("triton") is None:
+            raise ImportError(
+                "gate_kernel='triton' needs triton, which is not installed: "
+                "pip install 'lstm_multi[triton]'"
+            )
+        self.gate_kernel = gate_kernel
 
     @property
     def uses_native(self):
@@ -124,6 +137,10 @@ class Cell(FunctionalCell):
         if self.uses_native:
             return torch_native.forward(params, x, h0, c0, lengths)
         run = type(self).generic_direction
+        if self.gate_kernel == "triton":
+            from . import torch_triton
+
+            run = torch_triton.run_direction
         return generic_forward(self.variant, params, x, h0, c0, lengths, run)
 
     def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n):

@@ -149,12 +149,13 @@ class BpttDirection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, variant, valid, keys, xs, h0, c0, *values):
+    def forward(ctx, fast_ops, variant, valid, keys, xs, h0, c0, *values):
         p = dict(zip(keys, values, strict=True))
         ys, h, c, tape = network.loop_direction(
-            FAST_OPS, variant, p, xs, h0, c0, valid, record=True
+            fast_ops, variant, p, xs, h0, c0, valid, record=True
         )
-        ctx.variant, ctx.valid, ctx.keys, ctx.steps = variant, valid, keys, xs.shape[0]
+        ctx.fast_ops, ctx.variant, ctx.valid = fast_ops, variant, valid
+        ctx.keys, ctx.steps = keys, xs.shape[0]
         ctx.save_for_backward(h0, c0, *values, *_flatten_tape(tape))
         return ys, h, c
 
@@ -165,7 +166,7 @@ class BpttDirection(torch.autograd.Function):
         tape = _unflatten_tape(tape, ctx.steps)
         xs = tape[0]
         p = dict(zip(ctx.keys, values, strict=True))
-        needs = ctx.needs_input_grad[3:]
+        needs = ctx.needs_input_grad[4:]
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the reference loop, so that the
             # gradients are themselves differentiable
@@ -181,13 +182,19 @@ class BpttDirection(torch.autograd.Function):
                     )
                 )
             grads = [next(found) if n else None for n in needs]
-            return (None, None, None, *grads)
+            return (None, None, None, None, *grads)
         with torch.autocast(xs.device.type, enabled=False):
             grads, dxs, dh0, dc0 = bptt.backward_direction(
-                FAST_OPS, ctx.variant, p, tape, dys, dh, dc, ctx.valid
+                ctx.fast_ops, ctx.variant, p, tape, dys, dh, dc, ctx.valid
             )
         out = [dxs, dh0, dc0, *(grads[k] for k in ctx.keys)]
-        return (None, None, None, *(g if n else None for g, n in zip(out, needs, strict=True)))
+        return (
+            None,
+            None,
+            None,
+            None,
+            *(g if n else None for g, n in zip(out, needs, strict=True)),
+        )
 
 
 def functorch_active():
@@ -201,19 +208,27 @@ def functorch_active():
     return peek is not None and peek() is not None
 
 
-def run_direction(ops, variant, p, xs, h0, c0, valid):
-    """``network.loop_direction``'s contract on the fast path (no tape is returned).
+def direction_runner(fast_ops):
+    """``network.loop_direction``'s contract on the fast path with ``fast_ops`` (no tape
+    is returned): one ``BpttDirection`` node when a gradient is wanted, the loop
+    under ``no_grad`` otherwise, and the reference loop (plain torch ops that
+    every transform understands) under ``torch.func`` transforms."""
 
-    Under ``torch.func`` transforms the reference loop runs instead (plain torch
-    ops that every transform understands).
-    """
-    if functorch_active():
-        ys, h, c, _ = network.loop_direction(REFERENCE_OPS, variant, p, xs, h0, c0, valid)
+    def run_direction(ops, variant, p, xs, h0, c0, valid):
+        if functorch_active():
+            ys, h, c, _ = network.loop_direction(REFERENCE_OPS, variant, p, xs, h0, c0, valid)
+            return ys, h, c, None
+        tensors = (xs, h0, c0, *p.values())
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            ys, h, c = BpttDirection.apply(
+                fast_ops, variant, valid, tuple(p), xs, h0, c0, *p.values()
+            )
+            return ys, h, c, None
+        with torch.no_grad():
+            ys, h, c, _ = network.loop_direction(fast_ops, variant, p, xs, h0, c0, valid)
         return ys, h, c, None
-    tensors = (xs, h0, c0, *p.values())
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        ys, h, c = BpttDirection.apply(variant, valid, tuple(p), xs, h0, c0, *p.values())
-        return ys, h, c, None
-    with torch.no_grad():
-        ys, h, c, _ = network.loop_direction(FAST_OPS, variant, p, xs, h0, c0, valid)
-    return ys, h, c, None
+
+    return run_direction
+
+
+run_direction = direction_runner(FAST_OPS)
