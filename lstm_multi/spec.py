@@ -378,7 +378,7 @@ def step_forward(ops, variant, zx, h_prev, c_prev, U_step, extra):
     zx: (B, 4H) input half of the preactivations, x_t W + b; the step may
     overwrite it (``ops.step_gemm``), so it must be scratch of the caller.
     U_step: ``ops.prepare_step_weight(recurrent_weight(ops, variant, U))``.
-    Returns (h_t, c_t, GateCache).
+    Returns (h_t, c_t, cache): the cache is the saved values of the derived backward.
     """
     r = h_prev if variant.recurrent_state == "h" else c_prev
     return ops.gates_forward(variant, ops.step_gemm(r, U_step, zx), c_prev, extra)
