@@ -9,8 +9,9 @@ state), each in float64:
 2. ``network``: the NumPy backend's gradients of a whole network (``vjp``)
    against central finite differences of its forward;
 3. ``<backend>``: every other installed backend (torch, jax, cupy with a
-   GPU) against the NumPy backend: outputs and gradients (JAX in float64 when
-   ``jax_enable_x64`` is on, else float32 with a float32 tolerance);
+   GPU) against the NumPy backend: outputs and gradients, in float64 where the
+   backend computes it here (JAX only in its 64-bit mode), else in float32
+   with a float32 tolerance;
 4. ``kernels``: the CUDA C of the fused kernels, compiled on the host by a C++
    compiler when there is one, against the program's own evaluation.
 
@@ -193,13 +194,12 @@ def _check_backends(variant, reference_cell, p, report, backends):
         except (ImportError, RuntimeError) as why:
             report.results.append(CheckResult(name, "skipped", note=f"({why})"))
             continue
-        dtype, tolerance = "float64", 1e-10
-        if name == "jax":
-            from .backends.jax_backend import x64_enabled
-
-            if not x64_enabled():
-                dtype, tolerance = "float32", 1e-4
         cell = Cell(variant=variant, **_SIZES)
+        dtype, tolerance = "float64", 1e-10
+        try:
+            cell.init(dtype="float64")
+        except TypeError:  # no float64 here (JAX without its 64-bit mode): float32
+            dtype, tolerance = "float32", 1e-4
         found = _run(cell, p, dtype)
         worst = max(_relative(a, b) for a, b in zip(found, expected, strict=True))
         _record(report, name, worst, tolerance, f"(vs numpy, {dtype})")

@@ -200,8 +200,17 @@ def _leaves(tree):
     return [tree]
 
 
-def test_gate_kernel_option_is_checked():
+def test_gate_kernel_option_is_checked(monkeypatch):
+    import importlib.util
+
     import lstm_multi
 
+    Cell = lstm_multi.get_cell("torch")
     with pytest.raises(ValueError, match="gate_kernel: expected None or 'triton', got 'cuda'"):
-        lstm_multi.get_cell("torch")(3, 4, gate_kernel="cuda")
+        Cell(3, 4, gate_kernel="cuda")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "triton" else find_spec(name)
+    )
+    with pytest.raises(ImportError, match=r"pip install 'lstm_multi\[triton\]'"):
+        Cell(3, 4, gate_kernel="triton")

@@ -14,6 +14,8 @@ in the input's dtype, everything else in float32); float64 is refused.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -29,9 +31,16 @@ class TritonKernels:
 
     def __init__(self, directory=None):
         self.directory = directory or cache_dir().parent / "triton"
+        self._modules = {}
 
     def module(self, variant):
-        return emit_triton.load(variant.programs, self.directory)
+        """The variant's generated module, generated and imported once per variant and
+        interpreter mode (Triton reads TRITON_INTERPRET when the module is imported)."""
+        key = (variant, os.environ.get("TRITON_INTERPRET", ""))
+        found = self._modules.get(key)
+        if found is None:
+            found = self._modules[key] = emit_triton.load(variant.programs, self.directory)
+        return found
 
     def _check(self, name, tensor):
         if tensor.dtype not in _INPUT_DTYPES:
