@@ -82,10 +82,14 @@ def backward_direction(ops, variant, p, tape, dys, dh, dc, valid):
     )
 
 
-def backward(ops, variant, params, tapes, layout, dy, dh_n, dc_n):
+def backward(
+    ops, variant, params, tapes, layout, dy, dh_n, dc_n, backward_direction=backward_direction
+):
     """Backward of ``network.forward``.
 
-    dy: (T, B, D * H); dh_n, dc_n: (L * D, B, H).
+    dy: (T, B, D * H); dh_n, dc_n: (L * D, B, H). ``backward_direction`` walks
+    one direction's tape back (the one that matches the forward's
+    ``run_direction``).
     Returns (grads[layer][direction], dx (T, B, in), dh0, dc0).
     """
     variant = spec.get_variant(variant)

@@ -138,6 +138,31 @@ class ArrayModuleOps:
         """The dtype the cell state and gate math use for inputs of ``dtype_name``."""
         return "float32" if dtype_name in HALF_DTYPES else dtype_name
 
+    # raw memory, for the compiled CPU kernels (``lstm_multi.kernel_direction``)
+    def cpu_scalar(self, x):
+        """The C type ("float" or "double") of ``x`` when the CPU kernels can read it
+        (a host array of float32 or float64), else None."""
+        if self.xp.__name__ != "numpy":
+            return None  # device arrays (CuPy)
+        return {"float32": "float", "float64": "double"}.get(self.dtype_name(x))
+
+    def empty(self, shape, like):
+        """An uninitialised C-contiguous array of ``like``'s dtype (and device)."""
+        return self.xp.empty(shape, dtype=like.dtype)
+
+    def contiguous(self, x):
+        """``x`` in C order (``x`` itself when it already is)."""
+        return self.xp.ascontiguousarray(x)
+
+    def matmul_into(self, a, b, out):
+        """out = a @ b, written into the preallocated ``out``."""
+        self.xp.matmul(a, b, out=out)
+        return out
+
+    def address(self, x):
+        """The address of a C-contiguous host array's first element."""
+        return x.__array_interface__["data"][0]
+
     # construction and shape
     def zeros(self, shape, like):
         return self.xp.zeros(shape, dtype=like.dtype)

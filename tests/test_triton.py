@@ -170,7 +170,7 @@ def test_torch_cell_with_triton_gates_equals_the_array_code(kernels, variant, mo
 
     Cell = lstm_multi.get_cell("torch")
     sizes = dict(input_size=3, hidden_size=4, variant=variant, num_layers=2, bidirectional=True)
-    reference = Cell(**sizes, native=False)
+    reference = Cell(**sizes, native=False, gate_kernel="array")
     fused = Cell(**sizes, native=False, gate_kernel="triton")
     rng = np.random.default_rng(5)
     lengths = [5, 3]
@@ -206,7 +206,9 @@ def test_gate_kernel_option_is_checked(monkeypatch):
     import lstm_multi
 
     Cell = lstm_multi.get_cell("torch")
-    with pytest.raises(ValueError, match="gate_kernel: expected None or 'triton', got 'cuda'"):
+    with pytest.raises(
+        ValueError, match="gate_kernel: expected None, 'array' or 'triton', got 'cuda'"
+    ):
         Cell(3, 4, gate_kernel="cuda")
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(

@@ -10,7 +10,7 @@ import functools
 
 import numpy as np
 
-from .. import bptt, network
+from .. import bptt, kernel_direction, network
 from ..cell import FunctionalCell
 from .numpy_fast import InPlaceOps
 
@@ -20,22 +20,28 @@ def unavailable_reason():
 
 
 class ArrayModuleCell(FunctionalCell):
-    """A cell over a NumPy-like module: forward records a tape, vjp replays it backwards."""
+    """A cell over a NumPy-like module: forward records a tape, vjp replays it backwards.
+
+    Host float32/float64 arrays run each direction on the compiled CPU kernels
+    (``kernel_direction``) where they can be built; everything else runs the
+    spec's array code in a Python loop.
+    """
 
     def _forward(self, params, x, h0, c0, lengths):
         y, h_n, c_n, _, _ = network.forward(
-            self.ops, self.variant, params, x, h0, c0, lengths, network.loop_direction
+            self.ops, self.variant, params, x, h0, c0, lengths, kernel_direction.run_direction
         )
         return y, h_n, c_n
 
     def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n):
-        record = functools.partial(network.loop_direction, record=True)
+        record = functools.partial(kernel_direction.run_direction, record=True)
         _, _, _, tapes, layout = network.forward(
             self.ops, self.variant, params, x, h0, c0, lengths, record
         )
         grads, dx, dh0, dc0 = bptt.backward(
-            self.ops, self.variant, params, tapes, layout, dy, dh_n, dc_n
-        )
+            self.ops, self.variant, params, tapes, layout, dy, dh_n, dc_n,
+            kernel_direction.backward_any,
+        )  # fmt: skip
         # with half-precision inputs some sums come out in float32 (the cell state's
         # dtype): give every gradient its primal's dtype
         cast, dtype = self.ops.cast, self.ops.dtype_name

@@ -74,9 +74,13 @@ class Cell(FunctionalCell):
         + """
     Torch only: ``native=True`` (the default) runs the plain variant on PyTorch's
     own LSTM kernel; ``native=False`` always runs the generic spec loop.
-    ``gate_kernel="triton"`` runs each step's gate math on the generic path as
-    one generated Triton kernel (CUDA tensors; float64 keeps the array code;
-    see ``torch_triton``).
+    The generic path runs CPU float32/float64 tensors on the variant's
+    compiled CPU kernels (``lstm_multi.kernel_direction``; built with the host
+    C++ compiler on first use and cached) and everything else on the
+    generated array code. ``gate_kernel="array"`` asks for the array code on
+    the CPU too; ``gate_kernel="triton"`` runs each step's gate math as one
+    generated Triton kernel (CUDA tensors; float64 keeps the array code; see
+    ``torch_triton``).
     Outputs are differentiable with autograd (repeated backward, double
     backward, ``torch.func`` transforms); tensors may live on any device.
     ``device`` (such as "cuda") is where the tensors the cell makes from NumPy
@@ -92,8 +96,10 @@ class Cell(FunctionalCell):
         super().__init__(*args, **kwargs)
         self.native = validation.check_bool("native", native)
         self.device = None if device is None else torch.device(device)
-        if gate_kernel not in (None, "triton"):
-            raise ValueError(f"gate_kernel: expected None or 'triton', got {gate_kernel!r}")
+        if gate_kernel not in (None, "array", "triton"):
+            raise ValueError(
+                f"gate_kernel: expected None, 'array' or 'triton', got {gate_kernel!r}"
+            )
         if gate_kernel == "triton" and importlib.util.find_spec("triton") is None:
             raise ImportError(
                 "gate_kernel='triton' needs triton, which is not installed: "
@@ -137,7 +143,9 @@ class Cell(FunctionalCell):
         if self.uses_native:
             return torch_native.forward(params, x, h0, c0, lengths)
         run = type(self).generic_direction
-        if self.gate_kernel == "triton":
+        if self.gate_kernel == "array":
+            run = torch_bptt.array_run_direction
+        elif self.gate_kernel == "triton":
             from . import torch_triton
 
             run = torch_triton.run_direction

@@ -1,28 +1,31 @@
 """The torch backend's generic path: each direction one ``torch.autograd.Function`` around BPTT.
 
-Not a fused kernel: the eager time loop, made one autograd node. Autograd over a
-Python time loop records a dozen nodes per step and replays them one by one;
-here the whole direction is one node. Its forward runs
-``network.loop_direction`` (the spec's gate math) with autograd off, recording
-the tape; its backward is the BPTT the NumPy backend runs
-(``bptt.backward_direction``, with the spec's derived gate backward: one
-``dz U^T`` per step, then three whole-sequence GEMMs).
+The whole direction is one autograd node (``BpttDirection``), run by one of two
+engines:
 
-On the CPU in float32 the per-step products call oneDNN
-(``torch.ops.mkldnn._linear_pointwise``, what ``torch.compile`` emits for a
-linear layer): for the (B, H) x (H, 4H) shapes of a step it is 2-3x faster than
-``torch.mm`` here. Everywhere else they are ``torch.mm``.
+* ``KernelEngine`` (CPU tensors of float32 or float64, where the host C++
+  compiler built the variant's kernels): the generated CPU kernels of
+  ``kernel_direction``, one fused gate call per step (or the whole time loop in
+  C for small steps), BLAS/oneDNN for the products;
+* ``LoopEngine`` (everything else, and ``gate_kernel="array"``): the spec's
+  generated array code over ``ops`` in a Python loop (``network.loop_direction``
+  forward, ``bptt.backward_direction`` backward: one ``dz U^T`` per step, then
+  three whole-sequence GEMMs). On the CPU in float32 its per-step products call
+  oneDNN (``torch.ops.mkldnn._linear_pointwise``) where that measured faster.
 
+Autograd over a Python time loop would record a dozen nodes per step and replay
+them one by one; here the forward runs with autograd off, keeping a tape.
 Double backward (``create_graph=True``) differentiates the reference loop
 (``network.loop_direction``) under autograd instead, so higher-order gradients
-are exact too. Tested equal to the reference path in tests/test_fast_paths.py.
+are exact too. Tested equal to the reference path in tests/test_fast_paths.py
+and against the oracle in tests/test_cpu_kernels.py.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import bptt, network
+from .. import bptt, kernel_direction, network
 from .torch_ops import TorchOps
 
 
@@ -139,31 +142,63 @@ def _unflatten_tape(tensors, steps):
     return xs, rs, caches
 
 
+class LoopEngine:
+    """A direction as the spec's array code in a Python loop over ``ops`` (any device)."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def forward(self, variant, p, xs, h0, c0, valid, record):
+        ys, h, c, tape = network.loop_direction(self.ops, variant, p, xs, h0, c0, valid, record)
+        return ys, h, c, (_flatten_tape(tape) if record else ())
+
+    def backward(self, variant, p, tape, dys, dh, dc, valid):
+        tape = _unflatten_tape(tape, tape[0].shape[0])
+        return bptt.backward_direction(self.ops, variant, p, tape, dys, dh, dc, valid)
+
+
+class KernelEngine:
+    """A direction on the variant's compiled CPU kernels (``kernel_direction``)."""
+
+    def __init__(self, ops, kernels):
+        self.ops, self.kernels = ops, kernels
+
+    def forward(self, variant, p, xs, h0, c0, valid, record):
+        ys, h, c, tape = kernel_direction.forward_direction(
+            self.ops, self.kernels, variant, p, xs, h0, c0, valid, record
+        )
+        return ys, h, c, (tuple(tape[:4]) if record else ())
+
+    def backward(self, variant, p, tape, dys, dh, dc, valid):
+        tape = kernel_direction.KernelTape(*tape, self.kernels)
+        return kernel_direction.backward_direction(
+            self.ops, self.kernels, variant, p, tape, dys, dh, dc, valid
+        )
+
+
 class BpttDirection(torch.autograd.Function):
     """One direction of one layer as a single autograd node (see the module doc).
 
-    Everything the backward needs (the inputs and the tape of gate activations)
-    goes through ``ctx.save_for_backward``, so autograd owns it as it owns
-    ``nn.LSTM``'s: a second backward with ``retain_graph=True`` works, and one
-    without it raises PyTorch's own "backward through the graph a second time".
+    ``engine`` (a ``LoopEngine`` or ``KernelEngine``) runs the forward, keeping
+    its tape, and the backward. Everything the backward needs (the inputs and
+    the tape) goes through ``ctx.save_for_backward``, so autograd owns it as it
+    owns ``nn.LSTM``'s: a second backward with ``retain_graph=True`` works, and
+    one without it raises PyTorch's own "backward through the graph a second
+    time".
     """
 
     @staticmethod
-    def forward(ctx, fast_ops, variant, valid, keys, xs, h0, c0, *values):
+    def forward(ctx, engine, variant, valid, keys, xs, h0, c0, *values):
         p = dict(zip(keys, values, strict=True))
-        ys, h, c, tape = network.loop_direction(
-            fast_ops, variant, p, xs, h0, c0, valid, record=True
-        )
-        ctx.fast_ops, ctx.variant, ctx.valid = fast_ops, variant, valid
-        ctx.keys, ctx.steps = keys, xs.shape[0]
-        ctx.save_for_backward(h0, c0, *values, *_flatten_tape(tape))
+        ys, h, c, tape = engine.forward(variant, p, xs, h0, c0, valid, record=True)
+        ctx.engine, ctx.variant, ctx.valid, ctx.keys = engine, variant, valid, keys
+        ctx.save_for_backward(h0, c0, *values, *tape)
         return ys, h, c
 
     @staticmethod
     def backward(ctx, dys, dh, dc):
         h0, c0, *saved = ctx.saved_tensors
         values, tape = saved[: len(ctx.keys)], saved[len(ctx.keys) :]
-        tape = _unflatten_tape(tape, ctx.steps)
         xs = tape[0]
         p = dict(zip(ctx.keys, values, strict=True))
         needs = ctx.needs_input_grad[4:]
@@ -184,9 +219,7 @@ class BpttDirection(torch.autograd.Function):
             grads = [next(found) if n else None for n in needs]
             return (None, None, None, None, *grads)
         with torch.autocast(xs.device.type, enabled=False):
-            grads, dxs, dh0, dc0 = bptt.backward_direction(
-                ctx.fast_ops, ctx.variant, p, tape, dys, dh, dc, ctx.valid
-            )
+            grads, dxs, dh0, dc0 = ctx.engine.backward(ctx.variant, p, tape, dys, dh, dc, ctx.valid)
         out = [dxs, dh0, dc0, *(grads[k] for k in ctx.keys)]
         return (
             None,
@@ -208,27 +241,34 @@ def functorch_active():
     return peek is not None and peek() is not None
 
 
-def direction_runner(fast_ops):
-    """``network.loop_direction``'s contract on the fast path with ``fast_ops`` (no tape
-    is returned): one ``BpttDirection`` node when a gradient is wanted, the loop
-    under ``no_grad`` otherwise, and the reference loop (plain torch ops that
-    every transform understands) under ``torch.func`` transforms."""
+def direction_runner(fast_ops, cpu_kernels=True):
+    """``network.loop_direction``'s contract on the fast path (no tape is returned).
+
+    One ``BpttDirection`` node when a gradient is wanted, the loop under
+    ``no_grad`` otherwise, and the reference loop (plain torch ops that every
+    transform understands) under ``torch.func`` transforms. With
+    ``cpu_kernels``, CPU float32/float64 tensors run on the variant's compiled
+    CPU kernels where they can be built; everything else runs the array code
+    over ``fast_ops``.
+    """
 
     def run_direction(ops, variant, p, xs, h0, c0, valid):
         if functorch_active():
             ys, h, c, _ = network.loop_direction(REFERENCE_OPS, variant, p, xs, h0, c0, valid)
             return ys, h, c, None
         tensors = (xs, h0, c0, *p.values())
+        kernels = kernel_direction.kernels_for(fast_ops, variant, *tensors) if cpu_kernels else None
+        engine = LoopEngine(fast_ops) if kernels is None else KernelEngine(fast_ops, kernels)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            ys, h, c = BpttDirection.apply(
-                fast_ops, variant, valid, tuple(p), xs, h0, c0, *p.values()
-            )
+            ys, h, c = BpttDirection.apply(engine, variant, valid, tuple(p), *tensors)
             return ys, h, c, None
         with torch.no_grad():
-            ys, h, c, _ = network.loop_direction(fast_ops, variant, p, xs, h0, c0, valid)
+            ys, h, c, _ = engine.forward(variant, p, xs, h0, c0, valid, record=False)
         return ys, h, c, None
 
     return run_direction
 
 
 run_direction = direction_runner(FAST_OPS)
+#: the same without the CPU kernels: the array code everywhere (``gate_kernel="array"``)
+array_run_direction = direction_runner(FAST_OPS, cpu_kernels=False)

@@ -20,6 +20,23 @@ class TorchOps(ArrayModuleOps):
     def sigmoid(self, z):
         return torch.sigmoid(z)
 
+    def cpu_scalar(self, x):
+        if x.device.type != "cpu":
+            return None
+        return {torch.float32: "float", torch.float64: "double"}.get(x.dtype)
+
+    def empty(self, shape, like):
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+    def contiguous(self, x):
+        return x.contiguous()
+
+    def matmul_into(self, a, b, out):
+        return torch.mm(a, b, out=out)
+
+    def address(self, x):
+        return x.data_ptr()
+
     def zeros(self, shape, like):
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
 

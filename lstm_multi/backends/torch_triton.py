@@ -51,4 +51,4 @@ class TritonTorchOps(OneDnnTorchOps):
 
 
 TRITON_OPS = TritonTorchOps()
-run_direction = direction_runner(TRITON_OPS)
+run_direction = direction_runner(TRITON_OPS, cpu_kernels=False)  # Triton or the array code

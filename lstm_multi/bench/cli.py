@@ -80,7 +80,8 @@ def build_parser():
         action="append",
         metavar="SIZE",
         help=f"a preset ({', '.join(f'{k} = {v.label}' for k, v in PRESETS.items())}) "
-        "or T,B,I,H; repeatable (default: small, medium, large)",
+        f"or T,B,I,H; repeatable (default: {', '.join(DEFAULT_SIZES)}; --full: "
+        f"{', '.join(FULL_SIZES)})",
     )
     bench.add_argument(
         "--mode", default="both", help="forward, forward_backward (alias fwd+bwd) or both (default)"

@@ -46,7 +46,8 @@ class KernelSource(NamedTuple):
     name: str
 
 
-def _c_name(programs: GatePrograms, node_id, inputs):
+def c_name(programs: GatePrograms, node_id, inputs):
+    """The C expression for a node: its input variable, a typed constant or its own variable."""
     node = programs.graph.nodes[node_id]
     if node_id in inputs:
         return f"v_{inputs[node_id]}"
@@ -55,19 +56,25 @@ def _c_name(programs: GatePrograms, node_id, inputs):
     return f"v{node_id}"
 
 
-def _c_body(programs: GatePrograms, roots, inputs):
+def c_statements(programs: GatePrograms, roots, inputs, functions=None):
+    """One ``const S v{id} = ...;`` per operation node the roots need, in order.
+
+    ``functions`` renames the nonlinearities (``{"tanh": "lm_tanh"}``); by
+    default they are called by their own names.
+    """
+    functions = functions or {}
     lines = []
     for node_id in live_nodes(programs.graph, roots, inputs):
         node = programs.graph.nodes[node_id]
         if node_id in inputs or node.op not in PRIMITIVES:
             continue
-        args = [_c_name(programs, a, inputs) for a in node.args]
+        args = [c_name(programs, a, inputs) for a in node.args]
         if node.op in _INFIX:
             text = f"{args[0]} {_INFIX[node.op]} {args[1]}"
         elif node.op == "neg":
             text = f"-{args[0]}"
         else:
-            text = f"{node.op}({args[0]})"
+            text = f"{functions.get(node.op, node.op)}({args[0]})"
         lines.append(f"const S v{node_id} = {text};")
     return lines
 
@@ -81,6 +88,7 @@ _INDEX = [
 
 
 def _param_loads(programs: GatePrograms, used):
+    """Loads of the parameter rows the program uses (the element's column ``lm_j``)."""
     lines = []
     for name, rows in programs.params.items():
         for r, row in enumerate(rows):
@@ -112,11 +120,11 @@ def forward_kernel(programs: GatePrograms, label: str) -> KernelSource:
     if programs.inputs["c_prev"] in used:
         lines.append("const S v_c_prev = c_prev;")
     lines += _param_loads(programs, used)
-    lines += _c_body(programs, roots, inputs)
-    lines.append(f"h = (T)({_c_name(programs, programs.forward_outputs['h'], inputs)});")
-    lines.append(f"c = {_c_name(programs, programs.forward_outputs['c'], inputs)};")
+    lines += c_statements(programs, roots, inputs)
+    lines.append(f"h = (T)({c_name(programs, programs.forward_outputs['h'], inputs)});")
+    lines.append(f"c = {c_name(programs, programs.forward_outputs['c'], inputs)};")
     for n in stored:
-        lines.append(f"{programs.saved_name(n)} = {_c_name(programs, n, inputs)};")
+        lines.append(f"{programs.saved_name(n)} = {c_name(programs, n, inputs)};")
     return KernelSource(ins, outs, "\n".join(lines), f"lstm_multi_{label}_forward")
 
 
@@ -139,13 +147,13 @@ def backward_kernel(programs: GatePrograms, label: str) -> KernelSource:
         if node_id in used:
             lines.append(f"const S v_{name} = {name};")
     lines += _param_loads(programs, used)
-    lines += _c_body(programs, outputs.values(), inputs)
+    lines += c_statements(programs, outputs.values(), inputs)
     for k, gate in enumerate(GATES):
-        lines.append(f"dz[{k} * H + lm_row] = {_c_name(programs, outputs[f'dz_{gate}'], inputs)};")
-    lines.append(f"dc_prev = {_c_name(programs, outputs['dc_prev'], inputs)};")
+        lines.append(f"dz[{k} * H + lm_row] = {c_name(programs, outputs[f'dz_{gate}'], inputs)};")
+    lines.append(f"dc_prev = {c_name(programs, outputs['dc_prev'], inputs)};")
     for name, rows in programs.params.items():
         for r, row in enumerate(rows):
-            value = _c_name(programs, outputs[f"d{name}_{row}"], inputs)
+            value = c_name(programs, outputs[f"d{name}_{row}"], inputs)
             lines.append(f"d{name}[(lm_b * {len(rows)} + {r}) * H + lm_j] = {value};")
     return KernelSource(ins, outs, "\n".join(lines), f"lstm_multi_{label}_backward")
 

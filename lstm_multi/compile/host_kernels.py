@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -45,15 +46,33 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def compile_library(source: str) -> ctypes.CDLL:
-    """``source`` compiled into a shared library (cached by its hash); loaded."""
+def _machine_identity(flags) -> str:
+    """What a library built with ``flags`` depends on besides its source: the CPU's
+    features when the flags target this machine (``-march=native``)."""
+    if not any(f.startswith("-march=native") for f in flags):
+        return platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            features = next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        features = ""
+    return f"{platform.machine()} {platform.processor()} {features}"
+
+
+DEFAULT_FLAGS = ("-O2", "-Wall", "-Werror")
+
+
+def compile_library(source: str, flags=DEFAULT_FLAGS) -> ctypes.CDLL:
+    """``source`` compiled with ``flags`` into a shared library (cached by the hash of
+    the compiler, the flags, the source and, for ``-march=native``, the CPU); loaded."""
     cxx = host_compiler()
     if cxx is None:
         raise CompilerMissing(
             "no host C++ compiler found (set CXX, or install g++ or clang++) to compile "
             "the generated kernels for the CPU"
         )
-    digest = hashlib.sha256(f"{cxx}\n{source}".encode()).hexdigest()[:24]
+    key = f"{cxx}\n{' '.join(flags)}\n{_machine_identity(flags)}\n{source}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     library = directory / f"gates_{digest}.so"
@@ -63,7 +82,7 @@ def compile_library(source: str) -> ctypes.CDLL:
             src.write_text(source)
             built = Path(work) / "gates.so"
             done = subprocess.run(
-                [cxx, "-O2", "-shared", "-fPIC", "-Wall", "-Werror", "-o", str(built), str(src)],
+                [cxx, *flags, "-shared", "-fPIC", "-o", str(built), str(src)],
                 capture_output=True,
                 text=True,
             )

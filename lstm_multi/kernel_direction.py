@@ -1,0 +1,201 @@
+"""One direction of one layer on the compiled CPU kernels (``compile/emit_cpu``), against ``ops``.
+
+The same contract as ``network.loop_direction`` (forward) and
+``bptt.backward_direction`` (backward), for host arrays of float32 or float64
+of any framework whose ``ops`` give raw memory (``cpu_scalar``, ``empty``,
+``contiguous``, ``address``): NumPy and torch.
+
+Forward: the input projection x W + b for the whole sequence (the
+framework's GEMM), then per step z_t += r_{t-1} U and the fused gate kernel.
+Where a step's product is small (``SEQUENCE_LOOP_MAX_MACS``) the whole time
+loop runs in C, products included: a framework's per-call overhead (several
+microseconds) would dominate there. Above it each step is one framework GEMM
+(BLAS, oneDNN) plus one call of the fused gate kernel.
+
+Backward: per step (in reverse) the fused gate backward, then dr = dz U^T;
+afterwards dW, dU, dx as whole-sequence products and db as a sum
+(``bptt.direction_grads``), the peephole-style parameter gradients summed
+inside the kernel.
+
+The tape is a ``KernelTape``: hs, cs (T + 1, B, H) every carried state from
+h_0, c_0 on; saved (T, NS, B, H) the values the derived backward reads.
+``run_direction`` and ``backward_any`` choose between these kernels and the
+array code per call, so a backend passes them where it passed
+``network.loop_direction`` and ``bptt.backward_direction``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from . import bptt, network, spec
+from .compile.cpu_kernels import cpu_kernels
+from .network import extra_params
+
+#: up to this many multiply-adds per step (B * H * 4H) the whole loop runs in C
+#: (measured: benchmarks/NOTES.md section 9)
+SEQUENCE_LOOP_MAX_MACS = 1 << 17
+
+
+class KernelTape(NamedTuple):
+    """What ``forward_direction`` keeps for ``backward_direction``."""
+
+    xs: Any
+    hs: Any
+    cs: Any
+    saved: Any
+    kernels: Any
+
+
+def run_direction(ops, variant, p, xs, h0, c0, valid, record=False):
+    """``network.loop_direction``'s contract, on the CPU kernels wherever they apply."""
+    kernels = kernels_for(ops, variant, xs, h0, c0, *p.values())
+    if kernels is None:
+        return network.loop_direction(ops, variant, p, xs, h0, c0, valid, record)
+    return forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record)
+
+
+def backward_any(ops, variant, p, tape, dys, dh, dc, valid):
+    """``bptt.backward_direction``'s contract for a tape from ``run_direction``."""
+    if isinstance(tape, KernelTape):
+        return backward_direction(ops, tape.kernels, variant, p, tape, dys, dh, dc, valid)
+    return bptt.backward_direction(ops, variant, p, tape, dys, dh, dc, valid)
+
+
+def kernels_for(ops, variant, *arrays):
+    """The variant's CPU kernels for these arrays, or None (not host float32/64, or none here)."""
+    scalar = ops.cpu_scalar(arrays[0])
+    if scalar is None or any(ops.cpu_scalar(a) != scalar for a in arrays[1:]):
+        return None
+    return cpu_kernels(spec.get_variant(variant), scalar)
+
+
+def _packed_params(ops, variant, p, like):
+    """The variant's own parameters as one (R, H) array, rows in ``programs.param_rows`` order
+    (a (1, H) zero array when it has none: the kernels never read it then)."""
+    extra = extra_params(p)
+    rows = [extra[name] for name in variant.params]
+    if not rows:
+        return ops.zeros((1, like.shape[-1]), like)
+    return ops.contiguous(ops.concat(rows, 0))
+
+
+def _valid_bytes(ops, valid):
+    """(T, B, 1) booleans -> C-contiguous (T, B) bytes (a bool is one byte, 0 or 1), or None."""
+    if valid is None:
+        return None
+    return ops.contiguous(ops.reshape(valid, valid.shape[:2]))
+
+
+def _offsets(base, count, step):
+    return [None if base is None else base + t * step for t in range(count)]
+
+
+def sequence_loop_in_c(batch, hidden):
+    return batch * hidden * 4 * hidden <= SEQUENCE_LOOP_MAX_MACS
+
+
+def forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record=False):
+    """``network.loop_direction`` on the kernels: -> (ys, h_T, c_T, tape or None)."""
+    variant = spec.get_variant(variant)
+    steps, batch, hidden = xs.shape[0], h0.shape[0], h0.shape[-1]
+    zx = ops.contiguous(ops.project(xs, p["W"], p["b"]))  # (T, B, G); the steps add r U into it
+    U = ops.contiguous(spec.recurrent_weight(ops, variant, p["U"]))
+    P = _packed_params(ops, variant, p, h0)
+    hs = _fresh(ops, kernels, (steps + 1, batch, hidden), h0)
+    cs = _fresh(ops, kernels, (steps + 1, batch, hidden), h0)
+    hs[0], cs[0] = h0, c0
+    ys = _fresh(ops, kernels, (steps, batch, hidden), h0)
+    saved = (
+        _fresh(ops, kernels, (steps, kernels.saved_count, batch, hidden), h0) if record else None
+    )
+    valid_bytes = _valid_bytes(ops, valid)
+    address = ops.address
+    v = None if valid_bytes is None else address(valid_bytes)
+    s = None if saved is None else address(saved)
+    if sequence_loop_in_c(batch, hidden):
+        kernels.sequence_forward(
+            steps, batch, hidden, address(zx), address(U), address(hs), address(cs),
+            address(P), v, address(ys), s,
+        )  # fmt: skip
+    else:
+        rs = ops.unstack_time(hs if variant.recurrent_state == "h" else cs)
+        product = ops.empty((batch, 4 * hidden), h0)  # r_{t-1} U, read by the gate kernel
+        state, item = batch * hidden, _itemsize(kernels)
+        z_at = _offsets(address(zx), steps, 4 * state * item)
+        h_at = _offsets(address(hs), steps + 1, state * item)
+        c_at = _offsets(address(cs), steps + 1, state * item)
+        y_at = _offsets(address(ys), steps, state * item)
+        v_at = _offsets(v, steps, batch)
+        s_at = _offsets(s, steps, kernels.saved_count * state * item)
+        for t in range(steps):
+            ops.matmul_into(rs[t], U, product)
+            kernels.step_forward(
+                batch, hidden, z_at[t], address(product), h_at[t], c_at[t], address(P),
+                v_at[t], h_at[t + 1], c_at[t + 1], y_at[t], s_at[t],
+            )  # fmt: skip
+    tape = KernelTape(xs, hs, cs, saved, kernels) if record else None
+    return ys, hs[steps], cs[steps], tape
+
+
+def _fresh(ops, kernels, shape, like):
+    """An uninitialised array for the kernels to fill, on huge pages where it is large."""
+    array = ops.empty(shape, like)
+    count = 1
+    for n in shape:
+        count *= n
+    kernels.advise_huge_pages(ops.address(array), count * _itemsize(kernels))
+    return array
+
+
+def _itemsize(kernels):
+    return 4 if kernels.scalar == "float" else 8
+
+
+def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
+    """``bptt.backward_direction`` on the kernels: -> (grads like p, dxs, dh0, dc0)."""
+    variant = spec.get_variant(variant)
+    xs, hs, cs, saved, _ = tape
+    steps, batch, hidden = dys.shape
+    h0_like, c0_like = dh, dc
+    U = ops.contiguous(spec.recurrent_weight(ops, variant, p["U"]))
+    P = _packed_params(ops, variant, p, hs)
+    dys = ops.contiguous(ops.cast(dys, ops.dtype_name(hs)))
+    dh = ops.contiguous(ops.cast(dh, ops.dtype_name(hs))) + 0  # fresh: updated in place
+    dc = ops.contiguous(ops.cast(dc, ops.dtype_name(hs))) + 0
+    dzs = _fresh(ops, kernels, (steps, batch, 4 * hidden), hs)
+    dP = ops.zeros(P.shape, P)
+    valid_bytes = _valid_bytes(ops, valid)
+    address = ops.address
+    v = None if valid_bytes is None else address(valid_bytes)
+    if sequence_loop_in_c(batch, hidden):
+        U_t = ops.contiguous(ops.transpose(U))
+        kernels.sequence_backward(
+            steps, batch, hidden, address(dys), address(dh), address(dc), address(saved),
+            address(P), v, address(U_t), address(dzs), address(dP),
+        )  # fmt: skip
+    else:
+        U_t = ops.transpose(U)
+        dr = ops.empty((batch, hidden), hs)  # dz_{t+1} U^T, added by the next gate backward
+        state, item = batch * hidden, _itemsize(kernels)
+        dy_at = _offsets(address(dys), steps, state * item)
+        s_at = _offsets(address(saved), steps, kernels.saved_count * state * item)
+        dz_at = _offsets(address(dzs), steps, 4 * state * item)
+        v_at = _offsets(v, steps, batch)
+        dzs_t = ops.unstack_time(dzs)
+        for t in range(steps - 1, -1, -1):
+            kernels.step_backward(
+                batch, hidden, dy_at[t], None if t == steps - 1 else address(dr), address(dh),
+                address(dc), s_at[t], address(P), v_at[t], dz_at[t], address(dP),
+            )  # fmt: skip
+            ops.matmul_into(dzs_t[t], U_t, dr)
+        if variant.recurrent_state == "h":
+            dh += dr
+        else:
+            dc += dr
+    dextra, row = {}, 0
+    for name, rows in variant.params.items():
+        dextra[name] = dP[row : row + len(rows)]
+        row += len(rows)
+    rs = (hs if variant.recurrent_state == "h" else cs)[:steps]
+    return bptt.direction_grads(ops, variant, p, xs, rs, dzs, dextra, dh, dc, h0_like, c0_like)
