@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
+
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 #: half-precision dtypes; for these the gate math runs in float32 (see ``state_dtype``)
 HALF_DTYPES = ("float16", "bfloat16")
@@ -142,8 +144,8 @@ class ArrayModuleOps:
     def cpu_scalar(self, x):
         """The C type ("float" or "double") of ``x`` when the CPU kernels can read it
         (a host array of float32 or float64), else None."""
-        if self.xp.__name__ != "numpy":
-            return None  # device arrays (CuPy)
+        if not isinstance(x, np.ndarray):
+            return None  # a device array (CuPy)
         return {"float32": "float", "float64": "double"}.get(self.dtype_name(x))
 
     def empty(self, shape, like):
