@@ -99,7 +99,7 @@ def forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record=False)
     """``network.loop_direction`` on the kernels: -> (ys, h_T, c_T, tape or None)."""
     variant = spec.get_variant(variant)
     steps, batch, hidden = xs.shape[0], h0.shape[0], h0.shape[-1]
-    zx = ops.contiguous(ops.project(xs, p["W"], p["b"]))  # (T, B, G); the steps add r U into it
+    zx = ops.contiguous(ops.project(xs, p["W"], p["b"]))  # (T, B, G); the C loop adds r U into it
     U = ops.contiguous(spec.recurrent_weight(ops, variant, p["U"]))
     P = _packed_params(ops, variant, p, h0)
     hs = _fresh(ops, kernels, (steps + 1, batch, hidden), h0)
@@ -128,10 +128,11 @@ def forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record=False)
         y_at = _offsets(address(ys), steps, state * item)
         v_at = _offsets(v, steps, batch)
         s_at = _offsets(s, steps, kernels.saved_count * state * item)
+        product_at, p_at = address(product), address(P)
         for t in range(steps):
             ops.matmul_into(rs[t], U, product)
             kernels.step_forward(
-                batch, hidden, z_at[t], address(product), h_at[t], c_at[t], address(P),
+                batch, hidden, z_at[t], product_at, h_at[t], c_at[t], p_at,
                 v_at[t], h_at[t + 1], c_at[t + 1], y_at[t], s_at[t],
             )  # fmt: skip
     tape = KernelTape(xs, hs, cs, saved, kernels) if record else None
@@ -183,10 +184,12 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
         dz_at = _offsets(address(dzs), steps, 4 * state * item)
         v_at = _offsets(v, steps, batch)
         dzs_t = ops.unstack_time(dzs)
+        dr_at, dh_at, dc_at = address(dr), address(dh), address(dc)
+        p_at, dp_at = address(P), address(dP)
         for t in range(steps - 1, -1, -1):
             kernels.step_backward(
-                batch, hidden, dy_at[t], None if t == steps - 1 else address(dr), address(dh),
-                address(dc), s_at[t], address(P), v_at[t], dz_at[t], address(dP),
+                batch, hidden, dy_at[t], None if t == steps - 1 else dr_at, dh_at, dc_at,
+                s_at[t], p_at, v_at[t], dz_at[t], dp_at,
             )  # fmt: skip
             ops.matmul_into(dzs_t[t], U_t, dr)
         if variant.recurrent_state == "h":
