@@ -18,7 +18,8 @@ afterwards dW, dU, dx as whole-sequence products and db as a sum
 inside the kernel.
 
 The tape is a ``KernelTape``: hs, cs (T + 1, B, H) every carried state from
-h_0, c_0 on; saved (T, NS, B, H) the values the derived backward reads.
+h_0, c_0 on; saved (T, NS, B, H) the values the derived backward reads besides
+c_{t-1} and c_t, which it reads from cs.
 ``run_direction`` and ``backward_any`` choose between these kernels and the
 array code per call, so a backend passes them where it passed
 ``network.loop_direction`` and ``bptt.backward_direction``.
@@ -172,7 +173,8 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
     if sequence_loop_in_c(batch, hidden):
         U_t = ops.contiguous(ops.transpose(U))
         kernels.sequence_backward(
-            steps, batch, hidden, address(dys), address(dh), address(dc), address(saved),
+            steps, batch, hidden, address(dys), address(dh), address(dc), address(cs),
+            address(saved),
             address(P), v, address(U_t), address(dzs), address(dP),
         )  # fmt: skip
     else:
@@ -182,6 +184,7 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
         dy_at = _offsets(address(dys), steps, state * item)
         s_at = _offsets(address(saved), steps, kernels.saved_count * state * item)
         dz_at = _offsets(address(dzs), steps, 4 * state * item)
+        c_at = _offsets(address(cs), steps + 1, state * item)
         v_at = _offsets(v, steps, batch)
         dzs_t = ops.unstack_time(dzs)
         dr_at, dh_at, dc_at = address(dr), address(dh), address(dc)
@@ -189,7 +192,7 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
         for t in range(steps - 1, -1, -1):
             kernels.step_backward(
                 batch, hidden, dy_at[t], None if t == steps - 1 else dr_at, dh_at, dc_at,
-                s_at[t], p_at, v_at[t], dz_at[t], dp_at,
+                c_at[t], c_at[t + 1], s_at[t], p_at, v_at[t], dz_at[t], dp_at,
             )  # fmt: skip
             ops.matmul_into(dzs_t[t], U_t, dr)
         if variant.recurrent_state == "h":

@@ -20,7 +20,7 @@ import functools
 import os
 import warnings
 
-from . import emit_cpu, host_kernels
+from . import emit_cpu, emit_cuda, host_kernels
 
 FLAGS = (
     "-O3",
@@ -47,14 +47,14 @@ class CpuKernels:
     def __init__(self, variant, scalar):
         self.variant, self.scalar = variant, scalar
         programs = variant.programs
-        self.saved_count = len(programs.saved)
+        self.saved_count = len(emit_cuda.forward_stored(programs))
         self.rows = len(programs.param_rows)
         source = emit_cpu.cpu_source(programs, scalar, variant.recurrent_state)
         library = host_kernels.compile_library(source, FLAGS)
         self.step_forward = _bind(library.lm_step_forward, 2, 10)
-        self.step_backward = _bind(library.lm_step_backward, 2, 9)
+        self.step_backward = _bind(library.lm_step_backward, 2, 11)
         self.sequence_forward = _bind(library.lm_sequence_forward, 3, 8)
-        self.sequence_backward = _bind(library.lm_sequence_backward, 3, 9)
+        self.sequence_backward = _bind(library.lm_sequence_backward, 3, 10)
         self.nonlinearities = _bind(library.lm_nonlinearities, 1, 3)
         self._advise = library.lm_advise_huge_pages
         self._advise.argtypes, self._advise.restype = [_ADDRESS, _SIZE], ctypes.c_int

@@ -5,7 +5,8 @@
 ``G = 4H``; the extra parameters packed as ``P (R, H)``, their rows in
 ``programs.param_rows`` order; ``valid`` is ``(B,)`` / ``(T, B)`` bytes, 1 where
 a sequence is inside its length, or NULL when every sequence is full; ``NS``
-is ``len(programs.saved)``):
+is the number of saved values besides c_{t-1} and c_t, which the backward
+reads from cs, ``len(emit_cuda.forward_stored(programs))``):
 
 ``lm_step_forward(B, H, z, zr, h_prev, c_prev, P, valid, h, c, y, saved)``
     One step's gate math on z + zr (B, G), x_t W + b and r U (zr NULL: z is
@@ -13,19 +14,19 @@ is ``len(programs.saved)``):
     carried state, (B, H): the previous state where a sequence has ended),
     y_t (zero there) and, unless ``saved`` is NULL, the values the backward
     reads, saved (NS, B, H).
-``lm_step_backward(B, H, dy, dr, dh, dc, saved, P, valid, dz, dP)``
+``lm_step_backward(B, H, dy, dr, dh, dc, c_prev, c, saved, P, valid, dz, dP)``
     Its backward: dh, dc (B, H) hold the gradients of the carried h_t, c_t
     (less the recurrent product's part dr = dz_{t+1} U^T, which is added
     first, to dh, or to dc when c is the recurrent state; dr may be NULL) and
     are overwritten with those of h_{t-1}, c_{t-1}, again without the
     recurrent product of this step; writes dz (B, G), zero where a sequence
-    has ended; adds the
-    parameter gradients, summed over the batch, into dP (R, H).
+    has ended; reads c_{t-1}, c_t from c_prev, c (B, H) where it needs them;
+    adds the parameter gradients, summed over the batch, into dP (R, H).
 ``lm_sequence_forward(T, B, H, zx, U, hs, cs, P, valid, ys, saved)``
     The whole time loop: for each t, zx[t] += r_{t-1} U (in place, with U
     (H, G)) and the step above, with hs, cs (T + 1, B, H) holding h_0, c_0 in
     row 0 on entry and every carried state after; saved (T, NS, B, H) or NULL.
-``lm_sequence_backward(T, B, H, dys, dh, dc, saved, P, valid, Ut, dzs, dP)``
+``lm_sequence_backward(T, B, H, dys, dh, dc, cs, saved, P, valid, Ut, dzs, dP)``
     The backward time loop, Ut = U^T (G, H): dh, dc enter as the gradients of
     the final state and leave as those of the initial one; writes dzs
     (T, B, G) and adds to dP. The weight and input gradients are then
@@ -47,7 +48,7 @@ framework is what dominates there).
 from __future__ import annotations
 
 from .derive import GATES, GatePrograms
-from .emit_cuda import c_name, c_statements
+from .emit_cuda import c_name, c_statements, forward_stored
 from .trace import live_nodes
 
 _FLOAT_MATH = """
@@ -165,8 +166,8 @@ extern "C" void lm_step_forward(long B, long H, const S* z, const S* zr, const S
 }
 
 extern "C" void lm_step_backward(long B, long H, const S* dy, const S* dr, S* dh, S* dc,
-                                 const S* saved, const S* P, const unsigned char* valid, S* dz,
-                                 S* dP) {
+                                 const S* c_prev, const S* c, const S* saved, const S* P,
+                                 const unsigned char* valid, S* dz, S* dP) {
   const long stride = B * H;
   S* dr_into = LM_RECURRENT_GRAD;
   for (long b = 0; b < B; ++b) {
@@ -179,7 +180,8 @@ extern "C" void lm_step_backward(long B, long H, const S* dy, const S* dr, S* dh
       for (long j = 0; j < 4 * H; ++j) dz[4 * o + j] = S(0);
       continue;
     }
-    lm_backward_row(H, dy + o, dh + o, dc + o, saved + o, stride, P, dz + 4 * o, dP);
+    lm_backward_row(H, dy + o, dh + o, dc + o, c_prev + o, c + o, saved + o, stride, P,
+                    dz + 4 * o, dP);
   }
 }
 
@@ -248,13 +250,14 @@ extern "C" void lm_sequence_forward(long T, long B, long H, S* zx, const S* U, S
 }
 
 extern "C" void lm_sequence_backward(long T, long B, long H, const S* dys, S* dh, S* dc,
-                                     const S* saved, const S* P, const unsigned char* valid,
+                                     const S* cs, const S* saved, const S* P, const unsigned char* valid,
                                      const S* Ut, S* dzs, S* dP) {
   const long BH = B * H, G = 4 * H;
   S* dr = LM_RECURRENT_GRAD;
   for (long t = T - 1; t >= 0; --t) {
     S* dz = dzs + t * 4 * BH;
-    lm_step_backward(B, H, dys + t * BH, 0, dh, dc, saved + t * LM_NS * BH, P,
+    lm_step_backward(B, H, dys + t * BH, 0, dh, dc, cs + t * BH, cs + (t + 1) * BH,
+                     saved + t * LM_NS * BH, P,
                      valid ? valid + t * B : 0, dz, dP);
     for (long b = 0; b < B; ++b) {  // dr += dz U^T, as rows of Ut
       S* drb = dr + b * H;
@@ -281,7 +284,8 @@ def _param_loads(programs: GatePrograms, used):
 
 def _forward_row(programs: GatePrograms) -> str:
     inputs = {programs.inputs[n]: n for n in programs.forward_inputs}
-    roots = [*programs.forward_outputs.values(), *programs.saved]
+    stored = forward_stored(programs)
+    roots = [*programs.forward_outputs.values(), *stored]
     used = set(live_nodes(programs.graph, roots, inputs))
     lines = [
         f"const S v_z_{gate} = SUM ? z[{k} * H + j] + zr[{k} * H + j] : z[{k} * H + j];"
@@ -296,8 +300,7 @@ def _forward_row(programs: GatePrograms) -> str:
     lines += [f"h[j] = {h};", f"y[j] = {h};"]
     lines.append(f"c[j] = {c_name(programs, programs.forward_outputs['c'], inputs)};")
     stores = [
-        f"saved[{k} * stride + j] = {c_name(programs, n, inputs)};"
-        for k, n in enumerate(programs.saved)
+        f"saved[{k} * stride + j] = {c_name(programs, n, inputs)};" for k, n in enumerate(stored)
     ]
     body = "\n    ".join(lines)
     record = "\n      ".join(stores)
@@ -329,9 +332,12 @@ def _backward_row(programs: GatePrograms) -> str:
         "const S v_dh = dh[j] + dy[j];",
         "const S v_dc = dc[j];",
     ]
+    # c_{t-1} and c_t are read from the carried states, the rest from the tape
+    tape = {programs.inputs["c_prev"]: "c_prev[j]", programs.forward_outputs["c"]: "c[j]"}
+    tape.update((n, f"saved[{k} * stride + j]") for k, n in enumerate(forward_stored(programs)))
     lines += [
-        f"const S v_{name} = saved[{k} * stride + j];"
-        for k, (node, name) in enumerate(zip(programs.saved, saved_names, strict=True))
+        f"const S v_{name} = {tape[node]};"
+        for node, name in zip(programs.saved, saved_names, strict=True)
         if node in used
     ]
     lines += _param_loads(programs, used)
@@ -348,9 +354,10 @@ def _backward_row(programs: GatePrograms) -> str:
     body = "\n    ".join(lines)
     return f"""
 static inline void lm_backward_row(long H, const S* __restrict dy, S* __restrict dh,
-                                   S* __restrict dc, const S* __restrict saved, long stride,
+                                   S* __restrict dc, const S* __restrict c_prev,
+                                   const S* __restrict c, const S* __restrict saved, long stride,
                                    const S* __restrict P, S* __restrict dz, S* __restrict dP) {{
-  (void)P; (void)dP; (void)saved; (void)stride;
+  (void)c_prev; (void)c; (void)P; (void)dP; (void)saved; (void)stride;
 #pragma omp simd
   for (long j = 0; j < H; ++j) {{
     {body}
@@ -371,7 +378,7 @@ def cpu_source(programs: GatePrograms, scalar: str, recurrent_state: str = "h") 
     head = [
         "// generated by lstm_multi.compile.emit_cpu; do not edit",
         f"typedef {scalar} S;",
-        f"#define LM_NS {len(programs.saved)}",
+        f"#define LM_NS {len(forward_stored(programs))}",
         f"#define LM_RECURRENT {recurrent_state}s",
         f"#define LM_RECURRENT_GRAD d{recurrent_state}",
         _FLOAT_MATH if scalar == "float" else _DOUBLE_MATH,
