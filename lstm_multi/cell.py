@@ -134,6 +134,36 @@ class FunctionalCell:
         y, h_n, c_n = self._forward(params, x, h0, c0, lengths)
         return self._from_time_major(y), (h_n, c_n)
 
+    def step(self, params, x_t, state=None):
+        """One time step of the whole stack: returns ``y_t, (h, c)``.
+
+        x_t: (B, input_size); state: ``(h, c)``, each (L, B, H), or None for
+        zeros; y_t (B, H) is the last layer's output (its h). Calling ``step``
+        T times, feeding each returned state back in, gives the sequence
+        call's outputs and final state (tested), so a model trained on
+        sequences can decode, run online or act in an environment one input
+        at a time. It is the sequence call with T = 1 (differentiable wherever
+        that is). A bidirectional cell has no step: its reverse direction
+        reads the future; a ``ValueError`` says so.
+        """
+        if self.bidirectional:
+            raise ValueError(
+                "step: a bidirectional cell cannot run one step at a time (its reverse "
+                "direction reads the whole sequence); call the cell on the sequence"
+            )
+        if not hasattr(x_t, "shape") or not hasattr(x_t, "dtype"):
+            raise TypeError(f"x_t: expected an array, got {type(x_t).__name__}")
+        if len(x_t.shape) != 2 or x_t.shape[1] != self.input_size or x_t.shape[0] == 0:
+            raise ValueError(
+                f"x_t: expected shape (batch, {self.input_size}) with batch >= 1, "
+                f"got {tuple(x_t.shape)}"
+            )
+        validation.check_float_dtype("x_t", self.ops.dtype_name(x_t))
+        x = self.ops.reshape(self._to_backend(x_t, "x_t"), (1, *x_t.shape))  # (T=1, B, in)
+        params, x, h0, c0, _ = self._prepare(params, x, state, None, time_major=True)
+        y, h_n, c_n = self._forward(params, x, h0, c0, None)
+        return y[0], (h_n, c_n)
+
     def vjp(self, params, x, dy, state=None, lengths=None, dh_n=None, dc_n=None):
         """Gradients of ``sum(y*dy) + sum(h_n*dh_n) + sum(c_n*dc_n)``.
 
@@ -182,14 +212,16 @@ class FunctionalCell:
 
     _from_time_major = _to_time_major
 
-    def _prepare(self, params, x, state, lengths):
+    def _prepare(self, params, x, state, lengths, time_major=False):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"x: expected an array, got {type(x).__name__}")
-        validation.check_input(self.ops, x, self.input_size, self.batch_first)
+        batch_first = self.batch_first and not time_major
+        validation.check_input(self.ops, x, self.input_size, batch_first)
         dtype = self.ops.dtype_name(x)
         self._check_dtype_supported("x", dtype)
         validation.check_params(self.ops, params, self.param_shapes(), dtype)
-        x = self._to_time_major(self._to_backend(x, "x"))
+        x = self._to_backend(x, "x")
+        x = self.ops.swap_batch_time(x) if batch_first else x
         steps, batch = x.shape[0], x.shape[1]
         params = self._map(self._to_backend_if_needed, params)
         if state is None:

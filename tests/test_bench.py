@@ -182,6 +182,22 @@ def test_in_process_run_subset(tmp_path, capsys):
     assert variants == {"lstm", "peephole"}
 
 
+def test_step_mode_times_one_step_per_call(tmp_path, capsys):
+    """--mode step: each backend's ``cell.step`` T times and nn.LSTM on one-step slices;
+    peers that run whole sequences only are skipped with a reason."""
+    pytest.importorskip("torch")
+    arguments = ["bench", "--backend", "numpy", "--backend", "torch", "--variant", "lstm"]
+    arguments += ["--peer", "article", "--size", "4,2,3,5", "--mode", "step", "--repeats", "2"]
+    arguments += ["--warmup", "0", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(arguments) == 0
+    assert "one step per call" in capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    check_results(results, ("step",), [config.parse_size("4,2,3,5")])
+    runners = {r["runner"] for r in results["results"]}
+    assert {"numpy", "torch", "torch.nn.LSTM"} <= runners
+    assert any("no step mode" in skip["reason"] for skip in results["skipped"])
+
+
 def test_default_run_is_short_and_says_where_and_how_long(tmp_path, capsys, monkeypatch):
     parser = cli.build_parser()
     default = cli.config_from_args(parser.parse_args(["bench"]), parser)

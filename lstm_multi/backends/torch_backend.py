@@ -122,6 +122,12 @@ class Cell(FunctionalCell):
         return super().__call__(params, x, state, lengths)
 
     @torch.compiler.disable
+    def step(self, params, x_t, state=None):
+        return super().step(params, x_t, state)
+
+    step.__doc__ = FunctionalCell.step.__doc__
+
+    @torch.compiler.disable
     def vjp(self, params, x, dy, state=None, lengths=None, dh_n=None, dc_n=None):
         return super().vjp(params, x, dy, state, lengths, dh_n, dc_n)
 

@@ -68,7 +68,8 @@ class OneDnnTorchOps(TorchOps):
     def project(self, xs, W, b):
         t, n, size = xs.shape
         x2 = xs.reshape(t * n, size)
-        if self._onednn(x2) and not _recorded(x2, W):
+        large = x2.shape[0] * W.numel() >= self.ONEDNN_MIN_MACS  # oneDNN's call costs ~50 us
+        if large and self._onednn(x2) and not _recorded(x2, W):
             z = self._lp(x2.contiguous(), W.t().contiguous(), b.contiguous())
         else:
             z = torch.addmm(b, x2, W)

@@ -84,7 +84,11 @@ def build_parser():
         f"{', '.join(FULL_SIZES)})",
     )
     bench.add_argument(
-        "--mode", default="both", help="forward, forward_backward (alias fwd+bwd) or both (default)"
+        "--mode",
+        default="both",
+        help="forward, forward_backward (alias fwd+bwd), both (default), or step: one time "
+        "step per call, T calls (per-token latency; lstm_multi's cell.step against nn.LSTM "
+        "on one-step slices)",
     )
     bench.add_argument("--forward-only", action="store_true", help="the same as --mode forward")
     bench.add_argument("--device", default="cpu", choices=DEVICES, help="cpu (default) or cuda")
@@ -169,7 +173,7 @@ def config_from_args(args, parser):
     elif mode in MODE_ALIASES:
         modes = (MODE_ALIASES[mode],)
     else:
-        parser.error(f"--mode: expected forward, forward_backward or both, got {mode!r}")
+        parser.error(f"--mode: expected forward, forward_backward, both or step, got {mode!r}")
     if args.repeats < 1:
         parser.error(f"--repeats: expected at least 1, got {args.repeats}")
     if args.warmup < 0:

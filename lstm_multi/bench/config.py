@@ -50,7 +50,11 @@ DEFAULT_VARIANTS = ("lstm", "peephole", "peephole_full")
 #: "forward": inference (no autograd graph); "forward_backward": outputs, then the
 #: gradients of every parameter and of x for a given output gradient dy.
 MODES = ("forward", "forward_backward")
+#: "step" (only when asked for): inference one time step per call, T calls feeding the
+#: state back (``cell.step``; ``nn.LSTM`` on one-step slices): the per-token latency
+STEP_MODE = "step"
 MODE_ALIASES = {
+    "step": STEP_MODE,
     "forward": "forward",
     "fwd": "forward",
     "forward_backward": "forward_backward",

@@ -13,7 +13,7 @@ def gemm_flops(size, mode):
     """
     t, b, i, h = size.steps, size.batch, size.input_size, size.hidden_size
     forward = 2 * t * b * (i + h) * 4 * h
-    return forward if mode == "forward" else 3 * forward
+    return 3 * forward if mode == "forward_backward" else forward  # "step": forward
 
 
 def limit_seconds(size, mode, gemm_rate):

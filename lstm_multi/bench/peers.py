@@ -25,9 +25,22 @@ def _require(*modules):
 
 
 def _torch_runner(fw, case, module, x, dy, *state):
-    """Time ``module(x, *state)`` (forward) or it and its gradients (forward+backward)."""
+    """Time ``module(x, *state)`` (forward) or it and its gradients (forward+backward);
+    in step mode, T calls of ``module(x[:, t:t+1], state)`` (batch-first modules
+    that take and return ``(h, c)``, as ``nn.LSTM``)."""
     import torch
 
+    if case.mode == "step":
+        steps = [x[:, t : t + 1] for t in range(x.shape[1])]
+
+        def run():
+            carried = state or None
+            with torch.no_grad():
+                for x_t in steps:
+                    y, carried = module(x_t, carried)
+            fw.sync(y)
+
+        return run
     if case.mode == "forward":
 
         def run():
@@ -78,6 +91,8 @@ def build_article(runner, case):
 
     fw = frameworks.get("torch")
     fw.check(case.device, case.dtype)
+    if case.mode == "step":
+        raise Unavailable("no step mode for the article's module (it runs whole sequences)")
     s = case.size
     module = article_module(s.input_size, s.hidden_size, peephole=case.variant == "peephole_full")
     dtype = getattr(torch, case.dtype)
@@ -102,6 +117,8 @@ def _jax_runner(fw, case, apply, params, x, dy):
     """apply(params, x) -> y (B, T, H); jitted forward, or jitted vjp for every param and x."""
     import jax
 
+    if case.mode == "step":
+        raise Unavailable("no step mode for this peer (its layer runs whole sequences)")
     if case.mode == "forward":
         forward = jax.jit(apply)
 
@@ -232,7 +249,7 @@ def build_matmuls(runner, case):
     dx = xp.empty((t * b, i), dtype=case.dtype)
     u_t, w_t = u.T, w.T
     dz2, rs2 = dz.reshape(t * b, 4 * h), rs.reshape(t * b, h)
-    backward = case.mode != "forward"
+    backward = case.mode == "forward_backward"
 
     def run():
         xp.matmul(x, w, out=xw)

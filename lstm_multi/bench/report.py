@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import os
 
-MODE_LABEL = {"forward": "forward", "forward_backward": "forward + backward"}
+MODE_LABEL = {
+    "forward": "forward",
+    "forward_backward": "forward + backward",
+    "step": "one step per call (T calls)",
+}
 
 
 def _fmt(value, spec, missing="–"):

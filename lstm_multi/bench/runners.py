@@ -87,7 +87,15 @@ def build_backend(runner, case):
         [{k: fw.to_device(v, case.dtype, case.device) for k, v in p.items()} for p in layer]
         for layer in case.params()
     ]
-    if case.mode == "forward":
+    if case.mode == "step":
+        steps = [x[:, t] for t in range(s.steps)]
+
+        def run():
+            state = None
+            for x_t in steps:
+                y_t, state = cell.step(params, x_t, state)
+            fw.sync((y_t, *state))
+    elif case.mode == "forward":
 
         def run():
             y, (h_n, c_n) = cell(params, x)

@@ -86,7 +86,7 @@ def estimate_seconds(config: BenchConfig, n_cases, gemm_rate):
     calls = 2 * config.repeats + config.warmup + 1  # nn.LSTM is timed between every call
     for size in config.sizes:
         for mode in config.modes:
-            factor = 1.0 if mode == "forward" else 2.5
+            factor = {"forward": 1.0, "forward_backward": 2.5}.get(mode, 4.0)  # step: 4
             call = factor * size.steps * _ESTIMATED_STEP_S
             if gemm_rate:
                 call += flops.gemm_flops(size, mode) / (gemm_rate * _ESTIMATED_GEMM_SHARE)

@@ -1,0 +1,121 @@
+"""``cell.step``: one time step of the whole stack, equal to the sequence call step by step.
+
+* every CPU backend, the core variants, 1 and 3 layers, float64 and float32,
+  with and without an initial state: T calls of ``step`` give the sequence
+  call's outputs and final state;
+* gradients through a loop of steps equal the sequence's (torch autograd,
+  ``jax.grad``), and ``step`` works under ``jax.jit``;
+* a bidirectional cell and bad inputs are refused with errors naming them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reference import CORE_VARIANTS
+
+import lstm_multi
+
+CPU_BACKENDS = ("numpy", "torch", "jax")
+
+
+def _cell(backend, **kwargs):
+    if backend not in lstm_multi.available_backends():
+        pytest.skip(f"{backend} is not installed")
+    return lstm_multi.get_cell(backend)(input_size=3, hidden_size=4, **kwargs)
+
+
+def _numpy(a):
+    return np.asarray(a.detach() if hasattr(a, "detach") else a)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("num_layers", [1, 3])
+@pytest.mark.parametrize("variant", CORE_VARIANTS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_steps_equal_the_sequence_call(backend, variant, num_layers, with_state):
+    rng = np.random.default_rng(11)
+    for dtype, tol in (("float64", 1e-13), ("float32", 1e-6)):
+        if backend == "jax" and dtype == "float64":
+            from lstm_multi.backends.jax_backend import x64_enabled
+
+            if not x64_enabled():
+                continue
+        cell = _cell(backend, variant=variant, num_layers=num_layers)
+        params = cell.init(seed=3, dtype=dtype)
+        x = rng.standard_normal((2, 6, 3)).astype(dtype)  # batch first
+        state = None
+        if with_state:
+            state = tuple(rng.standard_normal((2, num_layers, 2, 4)).astype(dtype))
+        y, (h_n, c_n) = cell(params, x, state=state)
+        outputs = []
+        for t in range(x.shape[1]):
+            y_t, state = cell.step(params, x[:, t], state)
+            outputs.append(_numpy(y_t))
+        np.testing.assert_allclose(np.stack(outputs, 1), _numpy(y), rtol=tol, atol=tol)
+        np.testing.assert_allclose(_numpy(state[0]), _numpy(h_n), rtol=tol, atol=tol)
+        np.testing.assert_allclose(_numpy(state[1]), _numpy(c_n), rtol=tol, atol=tol)
+
+
+def test_torch_gradients_through_steps_equal_the_sequence_gradients():
+    torch = pytest.importorskip("torch")
+    cell = _cell("torch", variant="peephole", num_layers=2, native=False)
+    params = cell.init(seed=1, dtype="float64")
+    leaves = [v.requires_grad_(True) for layer in params for p in layer for v in p.values()]
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    w = torch.randn(2, 5, 4, dtype=torch.float64)
+    y, _ = cell(params, x)
+    want = torch.autograd.grad((y * w).sum(), leaves)
+    state, loss = None, 0
+    for t in range(5):
+        y_t, state = cell.step(params, x[:, t], state)
+        loss = loss + (y_t * w[:, t]).sum()
+    got = torch.autograd.grad(loss, leaves)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_jax_step_under_jit_and_grad():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    cell = _cell("jax", variant="peephole_full")
+    params = cell.init(seed=2)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 3)), jnp.float32)
+
+    def through_steps(params):
+        state, total = None, 0.0
+        for t in range(4):
+            y_t, state = cell.step(params, x[:, t], state)
+            total = total + jnp.sum(y_t**2)
+        return total
+
+    def through_sequence(params):
+        y, _ = cell(params, x)
+        return jnp.sum(y**2)
+
+    np.testing.assert_allclose(jax.jit(through_steps)(params), through_sequence(params), rtol=1e-6)
+    got = jax.grad(through_steps)(params)
+    want = jax.grad(through_sequence)(params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_step_refuses_what_it_cannot_do(backend):
+    bidirectional = _cell(backend, bidirectional=True)
+    params = bidirectional.init()
+    x_t = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="step: a bidirectional cell cannot run one step"):
+        bidirectional.step(params, x_t)
+    cell = _cell(backend)
+    params = cell.init()
+    with pytest.raises(ValueError, match=r"x_t: expected shape \(batch, 3\).*got \(2, 5\)"):
+        cell.step(params, np.zeros((2, 5), np.float32))
+    with pytest.raises(ValueError, match=r"x_t: expected shape \(batch, 3\).*got \(1, 2, 3\)"):
+        cell.step(params, np.zeros((1, 2, 3), np.float32))
+    with pytest.raises(TypeError, match="x_t: expected an array, got list"):
+        cell.step(params, [[0.0, 0.0, 0.0]])
+    with pytest.raises(TypeError, match="x_t"):
+        cell.step(params, np.zeros((2, 3), np.int64))
+    with pytest.raises(ValueError, match="state"):
+        cell.step(params, x_t, (np.zeros((1, 3, 4), np.float32),) * 2)  # batch 3, not 2
