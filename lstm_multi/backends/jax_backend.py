@@ -49,6 +49,54 @@ OPS = JaxOps()
 SCAN_UNROLL = 2
 
 
+def _varying_axes(array):
+    """The mesh axes ``array`` varies over inside ``jax.shard_map`` (empty outside it)."""
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None:
+        return frozenset()
+    aval = typeof(array)
+    kind = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; before: aval.vma
+    return frozenset(getattr(kind, "varying", None) or getattr(aval, "vma", None) or ())
+
+
+def _varying_like(values, *like):
+    """``values`` made to vary over every mesh axis that any of ``like`` varies over.
+
+    Inside ``jax.shard_map`` an array is either the same on every device of a
+    mesh axis or varies over it, and a scan's carry must keep its type: a zero
+    initial state (the same everywhere) meeting a sharded batch becomes a
+    varying state after one step. Casting the initial carry first (``pcast``)
+    makes the types agree. Outside ``shard_map`` nothing varies and ``values``
+    come back as they are.
+    """
+    axes = frozenset().union(*(_varying_axes(leaf) for leaf in jax.tree.leaves(like)))
+    if not axes:
+        return values
+
+    def cast(value):
+        missing = tuple(sorted(axes - _varying_axes(value)))
+        return jax.lax.pcast(value, missing, to="varying") if missing else value
+
+    return jax.tree.map(cast, values)
+
+
+def _summed_like(cotangents, primals):
+    """Each cotangent summed over the mesh axes it varies over and its primal does not.
+
+    Inside ``shard_map`` a parameter replicated over the mesh (the same on
+    every device) that meets sharded data contributes on every device; its
+    gradient is the sum of the devices' contributions, which is what JAX's own
+    derivative gives (the transpose of making a value vary is ``psum``). A
+    custom VJP must return that itself, with the primal's type.
+    """
+
+    def reduce(cotangent, primal):
+        extra = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
+        return jax.lax.psum(cotangent, extra) if extra else cotangent
+
+    return jax.tree.map(reduce, cotangents, primals)
+
+
 def _forward_scan(variant, p, xs, h0, c0, valid, record, unroll):
     """The forward of one direction in ``lax.scan``.
 
@@ -72,7 +120,8 @@ def _forward_scan(variant, p, xs, h0, c0, valid, record, unroll):
 
     # the cell state is carried in float32 for half-precision inputs (ops.state_dtype)
     c_start = ops.cast(c0, ops.state_dtype(ops.dtype_name(c0)))
-    (h, c), out = jax.lax.scan(step, (h0, c_start), (xs, valid), unroll=unroll)
+    carry = _varying_like((h0, c_start), xs, p, valid)
+    (h, c), out = jax.lax.scan(step, carry, (xs, valid), unroll=unroll)
     c = ops.cast(c, ops.dtype_name(c0))
     if not record:
         return out, h, c, None
@@ -88,7 +137,7 @@ def _direction(variant, p, xs, h0, c0, valid):
 
 def _direction_forward(variant, p, xs, h0, c0, valid):
     ys, h, c, residuals = _forward_scan(variant, p, xs, h0, c0, valid, True, 1)
-    return (ys, h, c), (p, xs, c0, valid, residuals)
+    return (ys, h, c), (p, xs, h0, c0, valid, residuals)
 
 
 def _direction_backward(variant, saved, cotangents):
@@ -96,7 +145,7 @@ def _direction_backward(variant, saved, cotangents):
     then one GEMM each for dW, dU and dx over the whole sequence
     (``bptt.direction_grads``, which also gives each gradient its primal's dtype)."""
     ops = OPS
-    p, xs, c0, valid, (rs, caches) = saved
+    p, xs, h0, c0, valid, (rs, caches) = saved
     dys, dh, dc = cotangents
     U_step_t = ops.prepare_step_weight_t(spec.recurrent_weight(ops, variant, p["U"]))
     extra = network.extra_params(p)
@@ -112,12 +161,12 @@ def _direction_backward(variant, saved, cotangents):
         return (dh, dc, {k: dextra[k] + g for k, g in dextra_t.items()}), dz
 
     dextra = bptt.zero_extra_grads(ops, extra, dc)
-    (dh0, dc0, dextra), dzs = jax.lax.scan(
-        step, (dh, dc, dextra), (dys, caches, valid), reverse=True
-    )
+    carry = _varying_like((dh, dc, dextra), dys, caches, valid, p)
+    (dh0, dc0, dextra), dzs = jax.lax.scan(step, carry, (dys, caches, valid), reverse=True)
     grads, dxs, dh0, dc0 = bptt.direction_grads(
         ops, variant, p, xs, rs, dzs, dextra, dh0, dc0, h0_like, c0_like
     )
+    grads, dxs, dh0, dc0 = _summed_like((grads, dxs, dh0, dc0), (p, xs, h0, c0))
     return grads, dxs, dh0, dc0, None
 
 
@@ -171,7 +220,11 @@ def checked_lengths(lengths, steps):
 
     def fail(n):
         shape = jax.ShapeDtypeStruct(n.shape, n.dtype)
-        return jax.pure_callback(raise_if_out_of_range, shape, n, vmap_method="sequential")
+        checked = jax.pure_callback(raise_if_out_of_range, shape, n, vmap_method="sequential")
+        # the callback returns n itself (or raises); max(n, checked) gives this branch
+        # n's type, so that both branches agree inside shard_map too, where n varies
+        # over the mesh and a callback's result does not
+        return jnp.maximum(n, checked)
 
     out_of_range = jnp.any((lengths < 1) | (lengths > steps))
     return jax.lax.cond(out_of_range, fail, lambda n: n, lengths)

@@ -1,0 +1,99 @@
+"""Training beyond one process gives what one process gives.
+
+* PyTorch DDP: two CPU processes (gloo, loopback) train the example's model
+  (``examples/distributed_torch.py``: 2-layer bidirectional LSTM, packed
+  variable lengths) for a few SGD steps on halves of the same global batches;
+  the parameters equal one process's on the whole batches, float64, to 1e-12,
+  for every variant and the plain variant's native and generic paths.
+* The example itself runs under ``torchrun`` and resumes from its checkpoint.
+* JAX: ``examples/distributed_jax.py``'s two ways (jit with a sharded batch,
+  shard_map + pmean) over two CPU devices give one device's loss and
+  gradients, float64, to 1e-12 (``jax_mesh_check.py``, in a fresh process:
+  the device count is fixed when JAX starts).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_examples import EXAMPLES, load_example
+
+from lstm_multi import spec
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+CONFIGS = [(name, name, True) for name in sorted(spec.VARIANTS)] + [("lstm_generic", "lstm", False)]
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    torch = pytest.importorskip("torch")
+    import ddp_worker
+    import torch.multiprocessing as mp
+
+    load_example("distributed_torch")  # puts examples/ on the path the children inherit
+    world = 2
+    mp.spawn(
+        ddp_worker.worker,
+        args=(world, str(tmp_path / "rendezvous"), str(tmp_path), CONFIGS),
+        nprocs=world,
+        join=True,
+    )
+    example = importlib.import_module("distributed_torch")
+    batches = ddp_worker.global_batches(example, world)
+    worst = {}
+    for name, variant, native in CONFIGS:
+        model = ddp_worker.new_model(example, variant, native)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        ddp_worker.train(model, optimizer, example, batches)
+        ddp = torch.load(tmp_path / f"{name}.pt")
+        one = model.state_dict()
+        assert ddp.keys() == one.keys()
+        tensors = [k for k in one if isinstance(one[k], torch.Tensor)]
+        start = ddp_worker.new_model(example, variant, native).state_dict()
+        moved = max((one[k] - start[k]).abs().max().item() for k in tensors)
+        assert moved > 1e-3, f"{name}: training did not change the parameters"
+        worst[name] = max((ddp[k] - one[k]).abs().max().item() for k in tensors)
+    print("largest |DDP - one process| per variant:", worst)
+    assert max(worst.values()) <= 1e-12, worst
+
+
+def test_example_runs_under_torchrun_and_resumes(tmp_path):
+    torch = pytest.importorskip("torch")
+    script = os.path.join(EXAMPLES, "distributed_torch.py")
+    checkpoint = tmp_path / "model.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", "29531", script, "--samples", "256", "--steps", "12",
+               "--batch-size", "32", "--checkpoint", str(checkpoint)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*command, "--epochs", "1"], capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "epoch 0: test accuracy" in first.stdout and "(2 process(es))" in first.stdout
+    assert torch.load(checkpoint)["epoch"] == 0
+    again = subprocess.run(
+        [*command, "--epochs", "2", "--resume"], capture_output=True, text=True, env=env
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "epoch 0:" not in again.stdout and "epoch 1: test accuracy" in again.stdout
+    assert torch.load(checkpoint)["epoch"] == 1
+
+
+def test_jax_mesh_of_two_devices_equals_one_device():
+    pytest.importorskip("jax")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    done = subprocess.run(
+        [sys.executable, os.path.join(TESTS, "jax_mesh_check.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 2
+    assert len(report["largest"]) == 8  # 3 variants and the autodiff path, two ways each
+    print("largest |mesh - one device|:", report["largest"])
+    assert max(report["largest"].values()) <= 1e-12, report
