@@ -164,6 +164,29 @@ class FunctionalCell:
         y, h_n, c_n = self._forward(params, x, h0, c0, None)
         return y[0], (h_n, c_n)
 
+    def stop_gradient(self, state):
+        """``(h, c)`` cut from the graph of derivatives: truncated backpropagation
+        through time.
+
+        A long sequence is run in chunks, each chunk's final state passed on as
+        the next one's initial state (the outputs are then exactly those of one
+        call on the whole sequence, tested); cutting the state between chunks
+        keeps each backward within its chunk::
+
+            state = None
+            for start in range(0, T, K):
+                y, state = cell(params, x[:, start : start + K], state=state)
+                ...  # loss and gradient of this chunk
+                state = cell.stop_gradient(state)
+
+        torch: ``detach``; JAX: ``jax.lax.stop_gradient``; NumPy has no graph (the
+        state comes back as it is). A chunked bidirectional network is not the
+        whole sequence's (its reverse direction starts over in every chunk).
+        """
+        if not isinstance(state, tuple) or len(state) != 2:
+            raise TypeError(f"state: expected a tuple (h, c), got {type(state).__name__}")
+        return tuple(self.ops.stop_gradient(s) for s in state)
+
     def vjp(self, params, x, dy, state=None, lengths=None, dh_n=None, dc_n=None):
         """Gradients of ``sum(y*dy) + sum(h_n*dh_n) + sum(c_n*dc_n)``.
 

@@ -140,6 +140,10 @@ class ArrayModuleOps:
         """The dtype the cell state and gate math use for inputs of ``dtype_name``."""
         return "float32" if dtype_name in HALF_DTYPES else dtype_name
 
+    def stop_gradient(self, x):
+        """``x`` cut from the graph of derivatives (NumPy has none: ``x`` itself)."""
+        return x
+
     # raw memory, for the compiled CPU kernels (``lstm_multi.kernel_direction``)
     def cpu_scalar(self, x):
         """The C type ("float" or "double") of ``x`` when the CPU kernels can read it

@@ -39,6 +39,9 @@ class JaxOps(ArrayModuleOps):
     def is_array(self, x):
         return isinstance(x, jax.Array)
 
+    def stop_gradient(self, x):
+        return jax.lax.stop_gradient(x)
+
 
 OPS = JaxOps()
 

@@ -20,6 +20,9 @@ class TorchOps(ArrayModuleOps):
     def sigmoid(self, z):
         return torch.sigmoid(z)
 
+    def stop_gradient(self, x):
+        return x.detach()
+
     def cpu_scalar(self, x):
         if x.device.type != "cpu":
             return None
