@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import spec, validation
+from . import init, spec, validation
 from .ops import ArrayModuleOps
 
 _NUMPY_OPS = ArrayModuleOps(np)
@@ -81,14 +81,20 @@ class FunctionalCell:
 
     # parameters ---------------------------------------------------------------
 
-    def init(self, seed=0, dtype="float32"):
-        """Fresh parameters, U(-1/sqrt(H), 1/sqrt(H)); the same seed gives the same
-        numbers on every backend.
+    def init(self, seed=0, dtype="float32", scheme="uniform"):
+        """Fresh parameters; the same seed gives the same numbers on every backend.
 
-        seed: a non-negative integer. dtype: a name ("float32"), a NumPy or JAX
-        dtype (``np.float64``, ``jnp.bfloat16``) or a ``torch.dtype``.
+        seed: a non-negative integer, a ``numpy.random.Generator``, a
+        ``torch.Generator`` or a JAX PRNG key (``jax.random.key(n)``); a
+        generator advances, and different keys give different parameters.
+        dtype: a name ("float32"), a NumPy or JAX dtype (``np.float64``,
+        ``jnp.bfloat16``) or a ``torch.dtype``. scheme: "uniform" (``nn.LSTM``'s,
+        U(-1/sqrt(H), 1/sqrt(H)) everywhere) or "keras" (Keras's ``LSTM``:
+        glorot-uniform W, orthogonal U, forget-gate bias 1, zero peepholes);
+        see ``lstm_multi.init``.
         """
-        seed = validation.check_seed("seed", seed)
+        seed = init.seed_from(seed)
+        scheme = init.check_scheme(scheme)
         dtype = validation.dtype_name("dtype", dtype)
         self._check_dtype_supported("dtype", dtype)
         np_dtype = "float32" if dtype == "bfloat16" else dtype  # NumPy has no bfloat16
@@ -100,6 +106,7 @@ class FunctionalCell:
             self.num_directions,
             seed,
             np_dtype,
+            scheme,
         )
         params = self.from_numpy(np_params)
         return params if dtype == np_dtype else self._cast(params, dtype)

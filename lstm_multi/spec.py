@@ -61,7 +61,6 @@ layer 0 and H * num_directions after)::
 from __future__ import annotations
 
 import functools
-import math
 
 from . import validation
 from .compile import derive, emit_array
@@ -329,25 +328,27 @@ def network_param_shapes(variant, input_size, hidden_size, num_layers, num_direc
     ]
 
 
-def init_params(variant, input_size, hidden_size, num_layers, num_directions, seed, dtype):
-    """Canonical NumPy parameters, every entry drawn from U(-1/sqrt(H), 1/sqrt(H)).
+def init_params(
+    variant, input_size, hidden_size, num_layers, num_directions, seed, dtype, scheme="uniform"
+):
+    """Canonical NumPy parameters drawn under ``scheme`` (``lstm_multi.init``: "uniform",
+    nn.LSTM's U(-1/sqrt(H), 1/sqrt(H)), or "keras").
 
     Returns ``params[layer][direction] = {"W": ..., "U": ..., "b": ..., ...}``.
-    The same seed gives the same numbers on every backend.
+    The same integer seed gives the same numbers on every backend.
     """
     import numpy as np
 
+    from . import init
+
     rng = np.random.default_rng(seed)
-    bound = 1.0 / math.sqrt(hidden_size)
     params = []
     for layer in range(num_layers):
         size = layer_input_size(layer, input_size, hidden_size, num_directions)
         directions = []
         for _ in range(num_directions):
             shapes = param_shapes(variant, size, hidden_size)
-            directions.append(
-                {k: rng.uniform(-bound, bound, s).astype(dtype) for k, s in shapes.items()}
-            )
+            directions.append(init.draw(scheme, rng, shapes, hidden_size, dtype))
         params.append(directions)
     return params
 

@@ -27,12 +27,6 @@ def check_bool(name, value):
     return value
 
 
-def check_seed(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
-    return int(value)
-
-
 def dtype_name(name, dtype):
     """A floating dtype given as a name, a NumPy or JAX dtype or type, or a torch.dtype
     -> its name ("float32", ...); a TypeError naming ``name`` otherwise."""

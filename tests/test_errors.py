@@ -245,12 +245,16 @@ def test_numpy_has_no_bfloat16():
         cell.init(dtype="bfloat16")
 
 
-def test_init_seed_must_be_a_non_negative_integer(backend):
+def test_init_seed_must_be_a_non_negative_integer_or_a_generator(backend):
     cell, _ = make(backend)
     with pytest.raises(ValueError, match="seed: expected a non-negative integer, got -1"):
         cell.init(seed=-1)
-    with pytest.raises(ValueError, match="seed: expected a non-negative integer, got 1.5"):
-        cell.init(seed=1.5)
+    expected = "seed: expected a non-negative int, a numpy.random.Generator, a torch.Generator"
+    for bad in (1.5, True, "3"):
+        with pytest.raises(TypeError, match=f"{expected} or a JAX PRNG key, got"):
+            cell.init(seed=bad)
+    with pytest.raises(ValueError, match=r"scheme: expected one of \('uniform', 'keras'\)"):
+        cell.init(scheme="xavier")
 
 
 def test_init_dtype_may_be_a_dtype_object(backend):

@@ -1,0 +1,103 @@
+"""Initial parameters: where the randomness comes from, and the named schemes.
+
+``seed_from(value)`` turns what each ecosystem uses for randomness into one
+integer seed for NumPy's generator, so that the same seed, generator or key
+gives the same numbers on every backend:
+
+* a non-negative ``int``: itself;
+* a ``numpy.random.Generator``: one draw from it (the generator advances);
+* a ``torch.Generator``: one draw from it (it advances);
+* a JAX PRNG key (``jax.random.key(n)`` or the raw ``jax.random.PRNGKey(n)``):
+  64 bits drawn with ``jax.random.bits``; different keys give different
+  parameters, and a key split off another gives its own.
+
+Schemes, per layer and direction (``W (in, 4H)``, ``U (H, 4H)``, ``b (4H,)``
+and the variant's own rows):
+
+``"uniform"``
+    ``torch.nn.LSTM``'s: every entry from U(-1/sqrt(H), 1/sqrt(H)).
+``"keras"``
+    Keras's ``LSTM`` defaults: W glorot-uniform, U(-l, l) with
+    l = sqrt(6 / (in + 4H)); U orthogonal (its H rows orthonormal, the sign
+    fixed by R's diagonal as Keras does); b zero but the forget gate's block,
+    1 (``unit_forget_bias``); the variant's own rows (peepholes) zero.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+SCHEMES = ("uniform", "keras")
+
+
+def seed_from(value, name="seed") -> int:
+    """An integer seed from an int, a NumPy or torch generator, or a JAX key (see above)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
+        return int(value)
+    if isinstance(value, np.random.Generator):
+        return int(value.integers(0, 2**63 - 1))
+    kind = type(value)
+    if kind.__module__.split(".")[0] == "torch" and kind.__name__ == "Generator":
+        import torch
+
+        return int(torch.randint(0, 2**62, (1,), generator=value).item())
+    if kind.__module__.split(".")[0] in ("jax", "jaxlib"):
+        return _seed_from_jax_key(value, name)
+    raise TypeError(
+        f"{name}: expected a non-negative int, a numpy.random.Generator, a torch.Generator "
+        f"or a JAX PRNG key, got {kind.__name__}"
+    )
+
+
+def _seed_from_jax_key(key, name):
+    import jax
+    import jax.numpy as jnp
+
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if not typed and not (key.dtype == jnp.uint32 and key.shape == (2,)):
+        raise TypeError(
+            f"{name}: expected a JAX PRNG key (jax.random.key(n) or jax.random.PRNGKey(n)), "
+            f"got an array of dtype {key.dtype} and shape {key.shape}"
+        )
+    if typed and key.shape != ():
+        raise TypeError(f"{name}: expected one JAX PRNG key, got an array of {key.shape} keys")
+    high, low = (int(v) for v in jax.random.bits(key, (2,), jnp.uint32))
+    return ((high << 32) | low) & (2**63 - 1)
+
+
+def check_scheme(scheme) -> str:
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
+    return scheme
+
+
+def draw(scheme, rng, shapes, hidden_size, dtype):
+    """One layer-direction's parameters ``{name: array}`` for ``shapes`` under ``scheme``."""
+    if scheme == "uniform":
+        bound = 1.0 / math.sqrt(hidden_size)
+        return {k: rng.uniform(-bound, bound, s).astype(dtype) for k, s in shapes.items()}
+    inputs = shapes["W"][0]
+    limit = math.sqrt(6.0 / (inputs + 4 * hidden_size))
+    bias = np.zeros(4 * hidden_size)
+    bias[hidden_size : 2 * hidden_size] = 1.0  # the forget gate (order i, f, g, o)
+    params = {
+        "W": rng.uniform(-limit, limit, shapes["W"]),
+        "U": _orthogonal(rng, shapes["U"]),
+        "b": bias,
+    }
+    params.update({k: np.zeros(s) for k, s in shapes.items() if k not in params})
+    return {k: params[k].astype(dtype) for k in shapes}
+
+
+def _orthogonal(rng, shape):
+    """A (rows, cols) matrix whose rows (rows <= cols) or columns are orthonormal, as
+    Keras's ``Orthogonal`` draws it: QR of a normal matrix, signs fixed by diag(R)."""
+    rows, cols = shape
+    q, r = np.linalg.qr(rng.standard_normal((max(rows, cols), min(rows, cols))))
+    q = q * np.sign(np.diag(r))
+    return q.T if rows < cols else q
