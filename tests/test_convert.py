@@ -141,3 +141,29 @@ def test_equinox_cell():
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="use_bias=False has no canonical form"):
         convert.from_equinox(eqx.nn.LSTMCell(IN, H, use_bias=False, key=jax.random.key(0)))
+
+
+def test_writing_back_checks_counts_and_shapes(keras):
+    layer = keras.layers.LSTM(H)
+    with pytest.raises(ValueError, match="the Keras layer is not built yet"):
+        convert.from_keras(layer)
+    layer.build((B, T, IN))
+    params = convert.from_keras(layer)
+    with pytest.raises(ValueError, match="layers: expected 2 Keras layers, got 1"):
+        convert.to_keras(params * 2, layer)
+    wrong = [[{**params[0][0], "U": np.zeros((H + 1, 4 * H), np.float32)}]]
+    with pytest.raises(ValueError, match=r"params\[0\]\[0\]\['U'\]: expected shape \(4, 16\)"):
+        convert.to_keras(wrong, layer)
+
+
+def test_equinox_writing_back_checks_shapes():
+    jax = pytest.importorskip("jax")
+    eqx = pytest.importorskip("equinox")
+    cell = eqx.nn.LSTMCell(IN, H, key=jax.random.key(0))
+    p = {**convert.from_equinox(cell), "b": np.zeros(3)}
+    with pytest.raises(
+        ValueError, match=r"p\['b'\]: expected the cell's shape \(16,\), got \(3,\)"
+    ):
+        convert.to_equinox(p, cell)
+    with pytest.raises(TypeError, match="cell: expected an equinox.nn.LSTMCell, got GRUCell"):
+        convert.from_equinox(eqx.nn.GRUCell(IN, H, key=jax.random.key(0)))
