@@ -83,13 +83,23 @@ def backward_direction(ops, variant, p, tape, dys, dh, dc, valid):
 
 
 def backward(
-    ops, variant, params, tapes, layout, dy, dh_n, dc_n, backward_direction=backward_direction
+    ops,
+    variant,
+    params,
+    tapes,
+    layout,
+    dy,
+    dh_n,
+    dc_n,
+    backward_direction=backward_direction,
+    layer_masks=None,
 ):
     """Backward of ``network.forward``.
 
     dy: (T, B, D * H); dh_n, dc_n: (L * D, B, H). ``backward_direction`` walks
     one direction's tape back (the one that matches the forward's
-    ``run_direction``).
+    ``run_direction``); ``layer_masks`` are the forward's (the gradient of a
+    masked layer input is masked the same way).
     Returns (grads[layer][direction], dx (T, B, in), dh0, dc0).
     """
     variant = spec.get_variant(variant)
@@ -113,5 +123,7 @@ def backward(
                 dxs = layout.reverse(ops, dxs)
             grads[layer][direction] = g
             d_layer_in = dxs if d_layer_in is None else d_layer_in + dxs
+        if layer > 0 and layer_masks is not None:
+            d_layer_in = d_layer_in * layer_masks[layer]
         d_layer_out = d_layer_in
     return grads, d_layer_out, ops.stack(dh0, 0), ops.stack(dc0, 0)

@@ -12,6 +12,10 @@ Shapes (B batch, T time, H hidden_size, L num_layers, D 1 or 2 directions)::
     h0, c0, h_n, c_n   (L * D, B, H)
     lengths  (B,) integers in 1..T, or None for full sequences
     params[layer][direction] = {"W": (in, 4H), "U": (H, 4H), "b": (4H,), ...}
+
+With a projection (``proj_size`` P > 0, the LSTMP of Sak et al. 2014) h is
+projected: y (.., D * P), h0 and h_n (L * D, B, P), c0 and c_n still
+(L * D, B, H); U is (P, 4H) and each layer-direction adds ``W_hr`` (H, P).
 """
 
 from __future__ import annotations
@@ -34,6 +38,15 @@ class FunctionalCell:
         num_layers: stacked layers; layer k > 0 reads the outputs of layer k - 1.
         bidirectional: add a direction that reads each sequence reversed.
         batch_first: x and y are (B, T, F) if True, (T, B, F) if False.
+        proj_size: P > 0 projects each step's output, h_t = (the gate math's
+            h) W_hr, with W_hr (H, P); the recurrence and the next layer read
+            the projected h (``torch.nn.LSTM(proj_size=P)``'s LSTMP, for every
+            variant). 0 (the default): no projection. Must be below H.
+        dropout: the probability of zeroing each input of every layer after
+            the first, as ``torch.nn.LSTM(dropout=...)`` places it (inverted
+            dropout: kept entries are scaled by 1 / (1 - dropout)). It applies
+            only to calls given a ``dropout_key`` (training); calls without one
+            run the network as in evaluation.
 
     ``cell(params, x, state=None, lengths=None)`` returns ``y, (h_n, c_n)``;
     ``cell.vjp(params, x, dy, ...)`` returns the gradients of
@@ -51,6 +64,8 @@ class FunctionalCell:
         num_layers=1,
         bidirectional=False,
         batch_first=True,
+        proj_size=0,
+        dropout=0.0,
     ):
         self.input_size = validation.check_positive_int("input_size", input_size)
         self.hidden_size = validation.check_positive_int("hidden_size", hidden_size)
@@ -58,26 +73,52 @@ class FunctionalCell:
         self.bidirectional = validation.check_bool("bidirectional", bidirectional)
         self.batch_first = validation.check_bool("batch_first", batch_first)
         self.variant = spec.get_variant(variant)
+        self.proj_size = validation.check_proj_size(proj_size, self.hidden_size)
+        self.dropout = validation.check_dropout(dropout, self.num_layers)
 
     def __repr__(self):
+        projection = f", proj_size={self.proj_size}" if self.proj_size else ""
+        projection += f", dropout={self.dropout}" if self.dropout else ""
         return (
             f"{type(self).__name__}(input_size={self.input_size}, hidden_size={self.hidden_size}, "
             f"variant={self.variant.name!r}, num_layers={self.num_layers}, "
-            f"bidirectional={self.bidirectional}, batch_first={self.batch_first})"
+            f"bidirectional={self.bidirectional}, batch_first={self.batch_first}{projection})"
         )
 
     @property
     def num_directions(self):
         return 2 if self.bidirectional else 1
 
+    @property
+    def output_size(self):
+        """Width of h and of each direction's output: P with a projection, else H."""
+        return spec.output_size(self.hidden_size, self.proj_size)
+
     def param_shapes(self):
         """Canonical shapes: ``shapes[layer][direction] = {"W": ..., "U": ..., "b": ...}``."""
         return spec.network_param_shapes(
-            self.variant, self.input_size, self.hidden_size, self.num_layers, self.num_directions
+            self.variant,
+            self.input_size,
+            self.hidden_size,
+            self.num_layers,
+            self.num_directions,
+            self.proj_size,
         )
 
+    def state_shapes(self, batch):
+        """Shapes of (h, c): (L * D, B, P or H) and (L * D, B, H)."""
+        layers = self.num_layers * self.num_directions
+        return (layers, batch, self.output_size), (layers, batch, self.hidden_size)
+
     def state_shape(self, batch):
-        return (self.num_layers * self.num_directions, batch, self.hidden_size)
+        """The one shape of h and c, (L * D, B, H), where they share it (no projection)."""
+        h_shape, c_shape = self.state_shapes(batch)
+        if h_shape != c_shape:
+            raise ValueError(
+                f"state_shape: with proj_size={self.proj_size} h is {h_shape} and c is "
+                f"{c_shape}; use state_shapes(batch)"
+            )
+        return c_shape
 
     # parameters ---------------------------------------------------------------
 
@@ -107,6 +148,7 @@ class FunctionalCell:
             seed,
             np_dtype,
             scheme,
+            self.proj_size,
         )
         params = self.from_numpy(np_params)
         return params if dtype == np_dtype else self._cast(params, dtype)
@@ -135,17 +177,39 @@ class FunctionalCell:
 
     # running ------------------------------------------------------------------
 
-    def __call__(self, params, x, state=None, lengths=None):
-        """Run the network: returns ``y, (h_n, c_n)``."""
+    def __call__(self, params, x, state=None, lengths=None, *, dropout_key=None):
+        """Run the network: returns ``y, (h_n, c_n)``.
+
+        dropout_key: with a cell built with ``dropout`` > 0, the randomness of
+        this call's dropout masks between layers: an int seed, a NumPy or torch
+        generator, or a JAX key (a JAX key or int on the JAX backend, traceable
+        under ``jit``). The same int or key gives the same masks, so ``vjp``
+        with it differentiates the same network; a generator advances. None
+        (the default): no dropout.
+        """
         params, x, h0, c0, lengths = self._prepare(params, x, state, lengths)
-        y, h_n, c_n = self._forward(params, x, h0, c0, lengths)
+        masks = self._layer_masks(dropout_key, x)
+        y, h_n, c_n = self._forward(params, x, h0, c0, lengths, masks)
         return self._from_time_major(y), (h_n, c_n)
+
+    def _layer_masks(self, dropout_key, x):
+        """The dropout masks of layers 1..L-1 ([None, mask_1, ...], each (T, B, D * H)),
+        or None without dropout."""
+        if dropout_key is None or not self.dropout or self.num_layers == 1:
+            return None
+        steps, batch = x.shape[0], x.shape[1]
+        shape = (steps, batch, self.num_directions * self.output_size)
+        masks = self.ops.dropout_masks(
+            dropout_key, [shape] * (self.num_layers - 1), self.dropout, x
+        )
+        return [None, *masks]
 
     def step(self, params, x_t, state=None):
         """One time step of the whole stack: returns ``y_t, (h, c)``.
 
         x_t: (B, input_size); state: ``(h, c)``, each (L, B, H), or None for
-        zeros; y_t (B, H) is the last layer's output (its h). Calling ``step``
+        zeros; y_t (B, H) is the last layer's output (its h; (L, B, P) and
+        (B, P) for h and y_t with a projection). Calling ``step``
         T times, feeding each returned state back in, gives the sequence
         call's outputs and final state (tested), so a model trained on
         sequences can decode, run online or act in an environment one input
@@ -168,7 +232,7 @@ class FunctionalCell:
         validation.check_float_dtype("x_t", self.ops.dtype_name(x_t))
         x = self.ops.reshape(self._to_backend(x_t, "x_t"), (1, *x_t.shape))  # (T=1, B, in)
         params, x, h0, c0, _ = self._prepare(params, x, state, None, time_major=True)
-        y, h_n, c_n = self._forward(params, x, h0, c0, None)
+        y, h_n, c_n = self._forward(params, x, h0, c0, None)  # no dropout: inference
         return y[0], (h_n, c_n)
 
     def stop_gradient(self, state):
@@ -194,37 +258,41 @@ class FunctionalCell:
             raise TypeError(f"state: expected a tuple (h, c), got {type(state).__name__}")
         return tuple(self.ops.stop_gradient(s) for s in state)
 
-    def vjp(self, params, x, dy, state=None, lengths=None, dh_n=None, dc_n=None):
+    def vjp(
+        self, params, x, dy, state=None, lengths=None, dh_n=None, dc_n=None, *, dropout_key=None
+    ):
         """Gradients of ``sum(y*dy) + sum(h_n*dh_n) + sum(c_n*dc_n)``.
 
         Returns ``grads, dx, (dh0, dc0)`` with grads in the canonical structure.
-        dh_n and dc_n default to zeros.
+        dh_n and dc_n default to zeros; ``dropout_key`` as in ``__call__`` (the same
+        int or key gives the network that call ran).
         """
         params, x, h0, c0, lengths = self._prepare(params, x, state, lengths)
         dtype = self.ops.dtype_name(x)
-        out_shape = tuple(x.shape[:2]) + (self.num_directions * self.hidden_size,)
+        out_shape = tuple(x.shape[:2]) + (self.num_directions * self.output_size,)
         if self.batch_first:
             out_shape = (out_shape[1], out_shape[0], out_shape[2])
         validation.check_array_shape(self.ops, "dy", dy, out_shape, dtype)
         dy = self._to_time_major(self._to_backend(dy, "dy"))
-        state_shape = h0.shape
         final = []
-        for name, grad in (("dh_n", dh_n), ("dc_n", dc_n)):
+        for name, grad, like in (("dh_n", dh_n, h0), ("dc_n", dc_n, c0)):
             if grad is None:
-                final.append(self.ops.zeros(state_shape, x))
+                final.append(self.ops.zeros(like.shape, x))
             else:
-                validation.check_array_shape(self.ops, name, grad, state_shape, dtype)
+                validation.check_array_shape(self.ops, name, grad, like.shape, dtype)
                 final.append(self._to_backend(grad, name))
-        grads, dx, dh0, dc0 = self._vjp(params, x, h0, c0, lengths, dy, *final)
+        masks = self._layer_masks(dropout_key, x)
+        grads, dx, dh0, dc0 = self._vjp(params, x, h0, c0, lengths, dy, *final, masks)
         return grads, self._from_time_major(dx), (dh0, dc0)
 
     # backend hooks ------------------------------------------------------------
 
-    def _forward(self, params, x, h0, c0, lengths):
-        """Time-major forward: returns (y, h_n, c_n)."""
+    def _forward(self, params, x, h0, c0, lengths, layer_masks=None):
+        """Time-major forward: returns (y, h_n, c_n). ``layer_masks``: see
+        ``network.forward`` (dropout between layers)."""
         raise NotImplementedError
 
-    def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n):
+    def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None):
         """Time-major vjp: returns (grads, dx, dh0, dc0)."""
         raise NotImplementedError
 
@@ -254,10 +322,11 @@ class FunctionalCell:
         x = self.ops.swap_batch_time(x) if batch_first else x
         steps, batch = x.shape[0], x.shape[1]
         params = self._map(self._to_backend_if_needed, params)
+        h_shape, c_shape = self.state_shapes(batch)
         if state is None:
-            h0 = c0 = self.ops.zeros(self.state_shape(batch), x)
+            h0, c0 = self.ops.zeros(h_shape, x), self.ops.zeros(c_shape, x)
         else:
-            validation.check_state(self.ops, state, self.state_shape(batch), dtype)
+            validation.check_state(self.ops, state, (h_shape, c_shape), dtype)
             h0, c0 = (
                 self._to_backend(s, n) for s, n in zip(state, ("state h0", "state c0"), strict=True)
             )

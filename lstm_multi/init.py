@@ -20,7 +20,12 @@ and the variant's own rows):
     Keras's ``LSTM`` defaults: W glorot-uniform, U(-l, l) with
     l = sqrt(6 / (in + 4H)); U orthogonal (its H rows orthonormal, the sign
     fixed by R's diagonal as Keras does); b zero but the forget gate's block,
-    1 (``unit_forget_bias``); the variant's own rows (peepholes) zero.
+    1 (``unit_forget_bias``); the variant's own rows (peepholes) zero; a
+    projection's ``W_hr`` (H, P) glorot-uniform (Keras has no projection: this is
+    its default for a ``Dense`` kernel).
+
+With a projection, U has P rows (``lstm_multi.spec.param_shapes``); the
+schemes draw it as above at that shape.
 """
 
 from __future__ import annotations
@@ -90,6 +95,10 @@ def draw(scheme, rng, shapes, hidden_size, dtype):
         "U": _orthogonal(rng, shapes["U"]),
         "b": bias,
     }
+    if "W_hr" in shapes:
+        rows, cols = shapes["W_hr"]
+        bound = math.sqrt(6.0 / (rows + cols))
+        params["W_hr"] = rng.uniform(-bound, bound, shapes["W_hr"])
     params.update({k: np.zeros(s) for k, s in shapes.items() if k not in params})
     return {k: params[k].astype(dtype) for k in shapes}
 

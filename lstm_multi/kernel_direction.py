@@ -50,7 +50,7 @@ class KernelTape(NamedTuple):
 
 def run_direction(ops, variant, p, xs, h0, c0, valid, record=False):
     """``network.loop_direction``'s contract, on the CPU kernels wherever they apply."""
-    kernels = kernels_for(ops, variant, xs, h0, c0, *p.values())
+    kernels = direction_kernels(ops, variant, p, xs, h0, c0)
     if kernels is None:
         return network.loop_direction(ops, variant, p, xs, h0, c0, valid, record)
     return forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record)
@@ -69,6 +69,14 @@ def kernels_for(ops, variant, *arrays):
     if scalar is None or any(ops.cpu_scalar(a) != scalar for a in arrays[1:]):
         return None
     return cpu_kernels(spec.get_variant(variant), scalar)
+
+
+def direction_kernels(ops, variant, p, xs, h0, c0):
+    """The kernels for one direction's arrays, or None: also None with a projection
+    (``W_hr``), whose per-step product the kernels do not make; the array code runs it."""
+    if spec.PROJECTION in p:
+        return None
+    return kernels_for(ops, variant, xs, h0, c0, *p.values())
 
 
 def _packed_params(ops, variant, p, like):

@@ -96,13 +96,28 @@ def loop_direction(ops, variant, p, xs, h0, c0, valid, record=False):
     return ops.stack(ys, 0), h, ops.cast(c, ops.dtype_name(c0)), tape
 
 
-def forward(ops, variant, params, x, h0, c0, lengths, run_direction, between_layers=None):
+def forward(
+    ops,
+    variant,
+    params,
+    x,
+    h0,
+    c0,
+    lengths,
+    run_direction,
+    between_layers=None,
+    layer_masks=None,
+):
     """The whole network forward.
 
-    x: (T, B, in); h0, c0: (L * D, B, H); lengths: (B,) integers or None.
+    x: (T, B, in); h0, c0: (L * D, B, H) (h: (L * D, B, P) with a projection);
+    lengths: (B,) integers or None.
     ``run_direction(ops, variant, p, xs, h0, c0, valid)`` returns
-    (ys, h_T, c_T, tape). ``between_layers`` (such as dropout) is applied to the
-    input of every layer after the first.
+    (ys, h_T, c_T, tape). ``between_layers`` (such as the torch module's
+    dropout) is applied to the input of every layer after the first;
+    ``layer_masks[k]`` (k >= 1; (T, B, F) arrays, such as inverted-dropout
+    masks) multiplies layer k's input, where ``bptt.backward`` can apply it
+    again to the gradient.
     Returns (y (T, B, D * H), h_n, c_n, tapes[layer][direction], layout).
     """
     variant = spec.get_variant(variant)
@@ -113,6 +128,8 @@ def forward(ops, variant, params, x, h0, c0, lengths, run_direction, between_lay
     for layer, layer_params in enumerate(params):
         if layer > 0 and between_layers is not None:
             layer_input = between_layers(layer_input)
+        if layer > 0 and layer_masks is not None:
+            layer_input = layer_input * layer_masks[layer]
         outputs, layer_tapes = [], []
         for direction, p in enumerate(layer_params):
             k = layer * num_directions + direction

@@ -144,6 +144,21 @@ class ArrayModuleOps:
         """``x`` cut from the graph of derivatives (NumPy has none: ``x`` itself)."""
         return x
 
+    def dropout_masks(self, key, shapes, rate, like):
+        """Inverted-dropout masks, one per shape: each entry 0 with probability ``rate``,
+        else 1 / (1 - rate), in ``like``'s dtype and on its device.
+
+        key: what ``lstm_multi.init.seed_from`` takes (an int, a NumPy or torch
+        generator, a JAX key); the masks are drawn in order from one generator
+        seeded by it, so the same int or key gives the same masks.
+        """
+        from . import init
+
+        rng = np.random.default_rng(init.seed_from(key, "dropout_key"))
+        scale = 1.0 / (1.0 - rate)
+        masks = [(rng.random(shape) >= rate) * scale for shape in shapes]
+        return [self.astype(self.asarray(m), self.dtype_name(like)) for m in masks]
+
     # raw memory, for the compiled CPU kernels (``lstm_multi.kernel_direction``)
     def cpu_scalar(self, x):
         """The C type ("float" or "double") of ``x`` when the CPU kernels can read it

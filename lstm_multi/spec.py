@@ -68,6 +68,8 @@ from .compile.trace import sigmoid, tanh
 
 GATE_ORDER = ("i", "f", "g", "o")
 STATE_ORDER = ("h", "c")
+#: the key of the projection weight W_hr (H, P) of an LSTM with ``proj_size`` P (LSTMP)
+PROJECTION = "W_hr"
 
 
 def split_gates(z, hidden_size):
@@ -300,27 +302,46 @@ def get_variant(name) -> Variant:
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {name!r}") from None
 
 
-def param_shapes(variant, layer_input_size: int, hidden_size: int) -> dict[str, tuple[int, ...]]:
-    """Canonical shapes of one layer-direction's parameters, in canonical key order."""
+def param_shapes(
+    variant, layer_input_size: int, hidden_size: int, proj_size: int = 0
+) -> dict[str, tuple[int, ...]]:
+    """Canonical shapes of one layer-direction's parameters, in canonical key order.
+
+    With a projection (``proj_size`` P > 0) the recurrence reads the projected
+    h_{t-1} of width P, so U is (P, 4H) (for variants whose recurrence reads h),
+    and ``W_hr`` (H, P) comes last.
+    """
+    variant = get_variant(variant)
     h4 = 4 * hidden_size
-    shapes = {"W": (layer_input_size, h4), "U": (hidden_size, h4), "b": (h4,)}
-    shapes.update(get_variant(variant).extra_param_shapes(hidden_size))
+    recurrent = proj_size if proj_size and variant.recurrent_state == "h" else hidden_size
+    shapes = {"W": (layer_input_size, h4), "U": (recurrent, h4), "b": (h4,)}
+    shapes.update(variant.extra_param_shapes(hidden_size))
+    if proj_size:
+        shapes[PROJECTION] = (hidden_size, proj_size)
     return shapes
 
 
-def layer_input_size(layer: int, input_size: int, hidden_size: int, num_directions: int) -> int:
-    """Feature size a layer reads: input_size for layer 0, H * num_directions after."""
-    return input_size if layer == 0 else hidden_size * num_directions
+def output_size(hidden_size: int, proj_size: int = 0) -> int:
+    """Width of h (each direction's output): P with a projection, else H."""
+    return proj_size or hidden_size
 
 
-def network_param_shapes(variant, input_size, hidden_size, num_layers, num_directions):
+def layer_input_size(
+    layer: int, input_size: int, hidden_size: int, num_directions: int, proj_size: int = 0
+) -> int:
+    """Feature size a layer reads: input_size for layer 0, (P or H) * num_directions after."""
+    return input_size if layer == 0 else output_size(hidden_size, proj_size) * num_directions
+
+
+def network_param_shapes(variant, input_size, hidden_size, num_layers, num_directions, proj_size=0):
     """Canonical shapes of a whole network: ``shapes[layer][direction] = {"W": ..., ...}``."""
     return [
         [
             param_shapes(
                 variant,
-                layer_input_size(layer, input_size, hidden_size, num_directions),
+                layer_input_size(layer, input_size, hidden_size, num_directions, proj_size),
                 hidden_size,
+                proj_size,
             )
             for _ in range(num_directions)
         ]
@@ -329,7 +350,15 @@ def network_param_shapes(variant, input_size, hidden_size, num_layers, num_direc
 
 
 def init_params(
-    variant, input_size, hidden_size, num_layers, num_directions, seed, dtype, scheme="uniform"
+    variant,
+    input_size,
+    hidden_size,
+    num_layers,
+    num_directions,
+    seed,
+    dtype,
+    scheme="uniform",
+    proj_size=0,
 ):
     """Canonical NumPy parameters drawn under ``scheme`` (``lstm_multi.init``: "uniform",
     nn.LSTM's U(-1/sqrt(H), 1/sqrt(H)), or "keras").
@@ -344,10 +373,10 @@ def init_params(
     rng = np.random.default_rng(seed)
     params = []
     for layer in range(num_layers):
-        size = layer_input_size(layer, input_size, hidden_size, num_directions)
+        size = layer_input_size(layer, input_size, hidden_size, num_directions, proj_size)
         directions = []
         for _ in range(num_directions):
-            shapes = param_shapes(variant, size, hidden_size)
+            shapes = param_shapes(variant, size, hidden_size, proj_size)
             directions.append(init.draw(scheme, rng, shapes, hidden_size, dtype))
         params.append(directions)
     return params
@@ -369,20 +398,33 @@ def recurrent_mask(ops, variant, hidden_size, like):
 
 def recurrent_weight(ops, variant, U):
     """The U a step multiplies by: U itself, or U with unused gate columns zeroed."""
-    mask = recurrent_mask(ops, variant, U.shape[0], U)
+    mask = recurrent_mask(ops, variant, U.shape[-1] // 4, U)
     return U if mask is None else U * mask
 
 
+def gate_params(extra):
+    """The parameters the gate math reads: ``extra`` without the projection."""
+    return {k: v for k, v in extra.items() if k != PROJECTION}
+
+
 def step_forward(ops, variant, zx, h_prev, c_prev, U_step, extra):
-    """One step: z = zx + r U, then the gate math.
+    """One step: z = zx + r U, then the gate math, then the projection if there is one.
 
     zx: (B, 4H) input half of the preactivations, x_t W + b; the step may
     overwrite it (``ops.step_gemm``), so it must be scratch of the caller.
     U_step: ``ops.prepare_step_weight(recurrent_weight(ops, variant, U))``.
-    Returns (h_t, c_t, cache): the cache is the saved values of the derived backward.
+    extra: the variant's own parameters, and ``W_hr`` (H, P) with a projection:
+    then the gate math's output m_t (B, H) becomes h_t = m_t W_hr (B, P).
+    Returns (h_t, c_t, cache): the cache is the saved values of the derived
+    backward (and m_t last, with a projection).
     """
     r = h_prev if variant.recurrent_state == "h" else c_prev
-    return ops.gates_forward(variant, ops.step_gemm(r, U_step, zx), c_prev, extra)
+    W_hr = extra.get(PROJECTION)
+    z = ops.step_gemm(r, U_step, zx)
+    if W_hr is None:
+        return ops.gates_forward(variant, z, c_prev, extra)
+    m, c, cache = ops.gates_forward(variant, z, c_prev, gate_params(extra))
+    return ops.cast(m, ops.dtype_name(W_hr)) @ W_hr, c, (*cache, m)
 
 
 def step_backward(ops, variant, dh, dc, cache, U_step_t, extra):
@@ -391,9 +433,19 @@ def step_backward(ops, variant, dh, dc, cache, U_step_t, extra):
     U_step_t: ``ops.prepare_step_weight_t(recurrent_weight(ops, variant, U))``.
     Returns (dz (B, 4H), dh_{t-1}, dc_{t-1}, extra grads). dz is also the
     gradient of zx; the gradients of W, U, b and x follow from the stacked dz
-    by ``projection_grads``.
+    by ``projection_grads``. With a projection, dm_t = dh_t W_hr^T enters the
+    gate backward and this step's dW_hr = m_t^T dh_t (in dz's dtype) is among
+    the extra grads.
     """
-    dz, dc_prev, dextra = ops.gates_backward(variant, dh, dc, cache, extra)
+    W_hr = extra.get(PROJECTION)
+    if W_hr is None:
+        dz, dc_prev, dextra = ops.gates_backward(variant, dh, dc, cache, extra)
+    else:
+        *cache, m = cache
+        dm = ops.cast(dh, ops.dtype_name(W_hr)) @ ops.transpose(W_hr)
+        dz, dc_prev, dextra = ops.gates_backward(variant, dm, dc, tuple(cache), gate_params(extra))
+        state = ops.dtype_name(dz)
+        dextra[PROJECTION] = ops.transpose(ops.cast(m, state)) @ ops.cast(dh, state)
     dr = ops.step_gemm_t(dz, U_step_t)
     if variant.recurrent_state == "h":
         return dz, dr, dc_prev, dextra
@@ -412,7 +464,7 @@ def projection_grads(ops, variant, xs, rs, dzs, W):
     x2 = ops.reshape(xs, (t * b, xs.shape[2]))
     r2 = ops.reshape(rs, (t * b, rs.shape[2]))
     dW, dU, dx2 = ops.sequence_grads(x2, r2, dz2, W)
-    mask = recurrent_mask(ops, variant, rs.shape[2], dU)
+    mask = recurrent_mask(ops, variant, dU.shape[-1] // 4, dU)
     if mask is not None:
         dU = dU * mask
     return dW, dU, ops.sum(dz2, 0), ops.reshape(dx2, (t, b, xs.shape[2]))

@@ -127,11 +127,11 @@ def _problem(variant, rng):
     cell = registry.get_cell("numpy")(variant=variant, **_SIZES)
     params = cell.init(seed=int(rng.integers(1 << 30)), dtype="float64")
     x = rng.normal(size=(_STEPS, _BATCH, _SIZES["input_size"]))
-    state = tuple(rng.normal(size=cell.state_shape(_BATCH)) for _ in range(2))
+    state = tuple(rng.normal(size=shape) for shape in cell.state_shapes(_BATCH))
     lengths = np.array([_STEPS, 2, 4])
     y, _ = cell(params, x, state, lengths)
     dy = rng.normal(size=y.shape)
-    dh_n, dc_n = (rng.normal(size=cell.state_shape(_BATCH)) for _ in range(2))
+    dh_n, dc_n = (rng.normal(size=shape) for shape in cell.state_shapes(_BATCH))
     return cell, dict(params=params, x=x, state=state, lengths=lengths, dy=dy, dh_n=dh_n, dc_n=dc_n)
 
 

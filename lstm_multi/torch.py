@@ -67,7 +67,9 @@ def _recorded_variant(state_dict, prefix):
 class LSTM(nn.LSTM):
     r"""A multi-layer LSTM, ``torch.nn.LSTM``'s drop-in, with the variants of ``lstm_multi.spec``.
 
-    Arguments are ``nn.LSTM``'s (``proj_size`` must be 0), plus
+    Arguments are ``nn.LSTM``'s (``proj_size`` P > 0 projects h for every variant:
+    ``weight_hr_l{k}`` (P, H), h states (L * D, B, P); a variant whose recurrence
+    reads c_{t-1} keeps ``weight_hh`` (4H, H)), plus
     ``variant`` ("lstm", "peephole", "peephole_full") and ``native``: when True
     (the default) the plain variant runs ``nn.LSTM``'s own forward (its kernel,
     cuDNN on CUDA); other variants always run the spec's loop.
@@ -115,10 +117,7 @@ class LSTM(nn.LSTM):
             or not 0 <= dropout <= 1
         ):
             raise ValueError(f"dropout: expected a number in [0, 1], got {dropout!r}")
-        if proj_size != 0:
-            raise NotImplementedError(
-                f"proj_size: projections are not supported by lstm_multi; expected 0, got {proj_size!r}"
-            )
+        proj_size = validation.check_proj_size(proj_size, hidden_size)
         variant = spec.get_variant(variant)
         super().__init__(
             input_size,
@@ -128,9 +127,12 @@ class LSTM(nn.LSTM):
             batch_first=batch_first,
             dropout=dropout,
             bidirectional=bidirectional,
+            proj_size=proj_size,
             device=device,
             dtype=dtype,
         )
+        if proj_size and variant.recurrent_state == "c":
+            self._widen_recurrent_weights(hidden_size, device, dtype)
         self.variant = variant.name
         if spec.VARIANTS.get(variant.name) is not variant:
             self._user_variant = variant  # a user's Variant need not be registered
@@ -149,6 +151,17 @@ class LSTM(nn.LSTM):
 
     #: canonical extra-parameter key -> the word in its state_dict name (else the key)
     _extra_names = {"p": "peephole"}
+
+    @torch.no_grad()
+    def _widen_recurrent_weights(self, hidden_size, device, dtype):
+        """A variant whose recurrence reads c_{t-1} (width H) keeps weight_hh (4H, H)
+        under a projection (nn.LSTM made it (4H, P) for h_{t-1}); drawn as nn.LSTM draws."""
+        bound = 1.0 / math.sqrt(hidden_size)
+        for layer in range(self.num_layers):
+            for direction in range(self.num_directions):
+                name = f"weight_hh_l{layer}{_suffix(direction)}"
+                weight = torch.empty(4 * hidden_size, hidden_size, device=device, dtype=dtype)
+                setattr(self, name, nn.Parameter(weight.uniform_(-bound, bound)))
 
     @property
     def _variant_spec(self):
@@ -234,6 +247,8 @@ class LSTM(nn.LSTM):
                     p["b"] = w_ih.new_zeros(w_ih.shape[0])
                 for key, word in self._extra_words():
                     p[key] = getattr(self, f"weight_{word}_l{layer}{_suffix(direction)}")
+                if self.proj_size:
+                    p[spec.PROJECTION] = self._param("weight_hr", layer, direction).T
                 directions.append(p)
             params.append(directions)
         return params
@@ -255,6 +270,7 @@ class LSTM(nn.LSTM):
             self.hidden_size,
             self.num_layers,
             self.num_directions,
+            self.proj_size,
         )
         validation.check_params(OPS, np_params, shapes, name="np_params")
         for layer in range(self.num_layers):
@@ -273,6 +289,8 @@ class LSTM(nn.LSTM):
                     getattr(self, f"bias_hh_{sfx}").zero_()
                 for key, word in self._extra_words():
                     getattr(self, f"weight_{word}_{sfx}").copy_(torch.as_tensor(p[key]))
+                if self.proj_size:
+                    getattr(self, f"weight_hr_{sfx}").copy_(torch.as_tensor(p[spec.PROJECTION]).T)
         return self
 
     # conversion with torch.nn.LSTM --------------------------------------------
@@ -290,8 +308,6 @@ class LSTM(nn.LSTM):
         """
         if not isinstance(lstm, nn.LSTM):
             raise TypeError(f"lstm: expected a torch.nn.LSTM, got {type(lstm).__name__}")
-        if lstm.proj_size:
-            raise NotImplementedError(f"lstm: proj_size is not supported, got {lstm.proj_size}")
         target = spec.get_variant(variant)
         source = getattr(lstm, "variant", "lstm")
         same_function = source == target.name or (source == "lstm" and target.extends_lstm)
@@ -310,6 +326,7 @@ class LSTM(nn.LSTM):
             lstm.batch_first,
             lstm.dropout,
             lstm.bidirectional,
+            lstm.proj_size,
             device=weight.device,
             dtype=weight.dtype,
             variant=target.name,
@@ -339,6 +356,7 @@ class LSTM(nn.LSTM):
             self.batch_first,
             self.dropout,
             self.bidirectional,
+            self.proj_size,
             device=weight.device,
             dtype=weight.dtype,
         )
@@ -373,7 +391,9 @@ class LSTM(nn.LSTM):
             if self.batch_first and not unbatched:
                 x = x.transpose(0, 1)
         if hx is None:
-            h0 = c0 = x.new_zeros(self.num_layers * self.num_directions, batch, self.hidden_size)
+            layers = self.num_layers * self.num_directions
+            h0 = x.new_zeros(layers, batch, self.proj_size or self.hidden_size)
+            c0 = x.new_zeros(layers, batch, self.hidden_size)
         else:
             h0, c0 = (s.unsqueeze(1) for s in hx) if unbatched else hx
         between = None
@@ -452,11 +472,13 @@ class LSTM(nn.LSTM):
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
             raise TypeError(f"hx: expected a pair (h_0, c_0), got {type(hx).__name__}")
         layers = self.num_layers * self.num_directions
-        expected = (layers, self.hidden_size) if unbatched else (layers, batch, self.hidden_size)
         kind = "unbatched" if unbatched else "batched"
-        for name, s in zip(("h_0", "c_0"), hx, strict=True):
+        for name, s, width in zip(
+            ("h_0", "c_0"), hx, (self.proj_size or self.hidden_size, self.hidden_size), strict=True
+        ):
             if not isinstance(s, torch.Tensor):
                 raise TypeError(f"hx {name}: expected a tensor, got {type(s).__name__}")
+            expected = (layers, width) if unbatched else (layers, batch, width)
             if tuple(s.shape) != expected:
                 raise ValueError(
                     f"hx {name}: expected shape {expected} for {kind} input, got {tuple(s.shape)}"

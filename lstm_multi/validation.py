@@ -67,12 +67,42 @@ def check_same_dtype(ops, name, array, dtype_name):
         raise TypeError(f"{name}: expected dtype {dtype_name} (the dtype of x), got {got}")
 
 
-def check_state(ops, state, expected_shape, dtype_name):
-    """state must be a pair (h0, c0), each of ``expected_shape``."""
+def check_state(ops, state, expected_shapes, dtype_name):
+    """state must be a pair (h0, c0) of the two ``expected_shapes``."""
     if not isinstance(state, (tuple, list)) or len(state) != 2:
         raise TypeError(f"state: expected a pair (h0, c0), got {type(state).__name__}")
-    for part, array in zip(("h0", "c0"), state, strict=True):
-        check_array_shape(ops, f"state {part}", array, expected_shape, dtype_name)
+    for part, array, shape in zip(("h0", "c0"), state, expected_shapes, strict=True):
+        check_array_shape(ops, f"state {part}", array, shape, dtype_name)
+
+
+def check_dropout(dropout, num_layers):
+    """dropout: a probability in [0, 1); warns, as nn.LSTM does, when one layer has none
+    to apply to (dropout acts between layers)."""
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise TypeError(f"dropout: expected a number in [0, 1), got {type(dropout).__name__}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
+    if dropout and num_layers == 1:
+        import warnings
+
+        warnings.warn(
+            f"dropout={dropout} with num_layers=1 does nothing: dropout acts between layers",
+            UserWarning,
+            stacklevel=3,
+        )
+    return float(dropout)
+
+
+def check_proj_size(proj_size, hidden_size):
+    """proj_size: an integer in 0..hidden_size - 1 (0: no projection), as nn.LSTM requires."""
+    if isinstance(proj_size, bool) or not isinstance(proj_size, int):
+        raise TypeError(f"proj_size: expected an integer, got {type(proj_size).__name__}")
+    if not 0 <= proj_size < hidden_size:
+        raise ValueError(
+            f"proj_size: expected 0 (no projection) or a size below hidden_size={hidden_size}, "
+            f"got {proj_size}"
+        )
+    return proj_size
 
 
 def check_array_shape(ops, name, array, expected_shape, dtype_name):

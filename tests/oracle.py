@@ -32,6 +32,12 @@ one row per gate that reads the cell, in gate order)::
     "cifg"  f = 1 - i                p rows (i, o)
 
 with z = x_t W + r U + b split into four blocks of width H.
+
+With a projection (proj_size P > 0, the LSTMP of Sak et al. 2014), the h each
+row above produces is m_t, and h_t = m_t W_hr with W_hr (H, P): the
+recurrence (r = h_{t-1}), the outputs, h_n and the next layer read the
+projected h_t of width P; U is (P, 4H) where r = h_{t-1} (and (H, 4H) for
+"peephole_full", whose r is c_{t-1}); c stays of width H.
 """
 
 from __future__ import annotations
@@ -53,15 +59,19 @@ PEEPHOLE_ROWS = {
 }
 
 
-def param_shapes(variant, input_size, hidden_size, num_layers, num_directions):
+def param_shapes(variant, input_size, hidden_size, num_layers, num_directions, proj_size=0):
     """The README's "Canonical parameters" table: shapes[layer][direction][key]."""
     h = hidden_size
+    out = proj_size or h  # the width of h_t
+    recurrent = h if variant == "peephole_full" else out
     shapes = []
     for layer in range(num_layers):
-        size = input_size if layer == 0 else h * num_directions
-        one = {"W": (size, 4 * h), "U": (h, 4 * h), "b": (4 * h,)}
+        size = input_size if layer == 0 else out * num_directions
+        one = {"W": (size, 4 * h), "U": (recurrent, 4 * h), "b": (4 * h,)}
         if variant in PEEPHOLE_ROWS:
             one["p"] = (len(PEEPHOLE_ROWS[variant]), h)
+        if proj_size:
+            one["W_hr"] = (h, proj_size)
         shapes.append([dict(one) for _ in range(num_directions)])
     return shapes
 
@@ -136,6 +146,8 @@ def run_sequence(variant, params, xs, h0, c0):
             ys = [None] * len(xs)
             for t in order:
                 h, c = step(variant, layer_input[t], h, c, p["W"], p["U"], p["b"], p.get("p"))
+                if "W_hr" in p:
+                    h = h @ p["W_hr"]  # the projection: m_t W_hr
                 ys[t] = h
             outputs.append(torch.stack(ys))
             h_n.append(h)
@@ -147,8 +159,9 @@ def run_sequence(variant, params, xs, h0, c0):
 def oracle(variant, params, x, h0, c0, lengths, dy, dh_n, dc_n):
     """Outputs and gradients of the README's LSTM, float64 NumPy, time-major.
 
-    params[layer][direction] = {"W", "U", "b"[, "p"]} (NumPy); x (T, B, in);
-    h0, c0, dh_n, dc_n (L*D, B, H); lengths (B,) or None; dy (T, B, D*H).
+    params[layer][direction] = {"W", "U", "b"[, "p"][, "W_hr"]} (NumPy); x (T, B, in);
+    h0, dh_n (L*D, B, P or H); c0, dc_n (L*D, B, H); lengths (B,) or None;
+    dy (T, B, D*(P or H)).
     The gradients are those of sum(y*dy) + sum(h_n*dh_n) + sum(c_n*dc_n).
     Returns {"y", "h_n", "c_n", "grads", "dx", "dh0", "dc0"}.
     """

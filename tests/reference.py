@@ -39,13 +39,23 @@ class Config:
     with_lengths: bool
     batch_first: bool
     seed: int
+    proj_size: int = 0
 
     @property
     def num_directions(self):
         return 2 if self.bidirectional else 1
 
+    @property
+    def output_size(self):
+        """The width of h: P with a projection, else H."""
+        return self.proj_size or self.hidden_size
+
     def state_shape(self):
+        """The shape of c (and of h without a projection)."""
         return (self.num_layers * self.num_directions, self.batch, self.hidden_size)
+
+    def h_shape(self):
+        return (self.num_layers * self.num_directions, self.batch, self.output_size)
 
     def cell(self, backend, **kwargs):
         Cell = lstm_multi.get_cell(backend)
@@ -56,18 +66,26 @@ class Config:
             num_layers=self.num_layers,
             bidirectional=self.bidirectional,
             batch_first=self.batch_first,
+            **({"proj_size": self.proj_size} if self.proj_size else {}),
             **kwargs,
         )
 
 
 @st.composite
-def configs(draw, variants=CORE_VARIANTS, max_layers=3):
+def configs(draw, variants=CORE_VARIANTS, max_layers=3, projections=True):
+    """Problem configurations; with ``projections`` a third of them project h to
+    a width P in 1..H-1 (proj_size)."""
+    hidden_size = draw(st.integers(1, 5))
+    proj_size = 0
+    if projections and hidden_size > 1 and draw(st.integers(0, 2)) == 0:
+        proj_size = draw(st.integers(1, hidden_size - 1))
     return Config(
         variant=draw(st.sampled_from(variants)),
         batch=draw(st.integers(1, 4)),
         steps=draw(st.integers(1, 6)),
         input_size=draw(st.integers(1, 5)),
-        hidden_size=draw(st.integers(1, 5)),
+        hidden_size=hidden_size,
+        proj_size=proj_size,
         num_layers=draw(st.integers(1, max_layers)),
         bidirectional=draw(st.booleans()),
         with_state=draw(st.booleans()),
@@ -105,6 +123,7 @@ def random_params(rng, config: Config):
         config.hidden_size,
         config.num_layers,
         config.num_directions,
+        config.proj_size,
     )
     return [
         [
@@ -120,21 +139,21 @@ def random_params(rng, config: Config):
 
 def make_problem(config: Config) -> Problem:
     rng = np.random.default_rng(config.seed)
-    state_shape = config.state_shape()
+    c_shape, h_shape = config.state_shape(), config.h_shape()
     t, b = config.steps, config.batch
     lengths = rng.integers(1, t + 1, size=b) if config.with_lengths else None
-    h0, c0 = 0.5 * rng.standard_normal((2, *state_shape))
+    h0, c0 = 0.5 * rng.standard_normal(h_shape), 0.5 * rng.standard_normal(c_shape)
     if not config.with_state:
-        h0, c0 = np.zeros(state_shape), np.zeros(state_shape)
+        h0, c0 = np.zeros(h_shape), np.zeros(c_shape)
     return Problem(
         params=random_params(rng, config),
         x=rng.standard_normal((t, b, config.input_size)),
         h0=h0,
         c0=c0,
         lengths=lengths,
-        dy=rng.standard_normal((t, b, config.num_directions * config.hidden_size)),
-        dh_n=rng.standard_normal(state_shape),
-        dc_n=rng.standard_normal(state_shape),
+        dy=rng.standard_normal((t, b, config.num_directions * config.output_size)),
+        dh_n=rng.standard_normal(h_shape),
+        dc_n=rng.standard_normal(c_shape),
     )
 
 
@@ -164,6 +183,7 @@ def nn_lstm_reference(config: Config, problem: Problem):
         config.num_layers,
         batch_first=config.batch_first,
         bidirectional=config.bidirectional,
+        proj_size=config.proj_size,
         dtype=torch.float64,
     )
     with torch.no_grad():
@@ -174,6 +194,8 @@ def nn_lstm_reference(config: Config, problem: Problem):
                 getattr(module, f"weight_hh_{sfx}").copy_(torch.tensor(p["U"].T))
                 getattr(module, f"bias_ih_{sfx}").copy_(torch.tensor(p["b"]))
                 getattr(module, f"bias_hh_{sfx}").zero_()
+                if config.proj_size:
+                    getattr(module, f"weight_hr_{sfx}").copy_(torch.tensor(p["W_hr"].T))
     return run_lstm_module(module, config, problem)
 
 
@@ -225,6 +247,8 @@ def canonical_grads(module, config: Config):
             }
             if hasattr(module, f"weight_peephole_{sfx}"):
                 g["p"] = getattr(module, f"weight_peephole_{sfx}").grad
+            if getattr(module, "proj_size", 0):
+                g["W_hr"] = getattr(module, f"weight_hr_{sfx}").grad.T
             directions.append({k: v.detach().numpy() for k, v in g.items()})
         grads.append(directions)
     return grads

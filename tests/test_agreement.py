@@ -193,3 +193,25 @@ def test_backward_only_mutation_fails_the_oracle(backend, monkeypatch):
     assert_outputs_match(result, expected, "float64", False)  # the forward is untouched
     with pytest.raises(AssertionError):
         assert_gradients_match(result, expected, "float64", False)
+
+
+REAL_STEP_BACKWARD = spec.step_backward
+
+
+def step_backward_reading_the_wrong_saved_value(ops, variant, dh, dc, cache, U_step_t, extra):
+    """The projection's weight gradient formed from the wrong entry of the step's cache
+    (an off-by-one: the last gate value instead of m_t), everything else right."""
+    dz, dh_prev, dc_prev, dextra = REAL_STEP_BACKWARD(ops, variant, dh, dc, cache, U_step_t, extra)
+    dextra[spec.PROJECTION] = ops.transpose(cache[-2]) @ dh
+    return dz, dh_prev, dc_prev, dextra
+
+
+def test_projection_backward_mutation_fails_the_oracle(backend, monkeypatch):
+    monkeypatch.setattr(spec, "step_backward", step_backward_reading_the_wrong_saved_value)
+    config = Config("peephole", 3, 5, 2, 4, 2, True, True, True, False, 11, proj_size=2)
+    problem = make_problem(config)
+    expected = reference(config, problem)
+    result = run_backend(backend, config, problem, "float64")
+    assert_outputs_match(result, expected, "float64", False)  # the forward is untouched
+    with pytest.raises(AssertionError, match="W_hr"):
+        assert_gradients_match(result, expected, "float64", False)

@@ -29,16 +29,21 @@ def numeric_gradient(f, array, eps=1e-6):
 
 @pytest.mark.parametrize("variant", sorted(lstm_multi.VARIANTS))
 @pytest.mark.parametrize(
-    ("num_layers", "bidirectional", "with_lengths"),
-    [(1, False, False), (2, True, True), (2, False, True)],
-    ids=["1-layer", "2-layer-bi-lengths", "2-layer-lengths"],
+    ("num_layers", "bidirectional", "with_lengths", "proj_size"),
+    [(1, False, False, 0), (2, True, True, 0), (2, False, True, 0), (2, True, True, 2)],
+    ids=["1-layer", "2-layer-bi-lengths", "2-layer-lengths", "2-layer-bi-lengths-projected"],
 )
 def test_numpy_backward_matches_finite_differences(
-    variant, num_layers, bidirectional, with_lengths
+    variant, num_layers, bidirectional, with_lengths, proj_size
 ):
     rng = np.random.default_rng(3)
     cell = lstm_multi.get_cell("numpy")(
-        2, 3, variant=variant, num_layers=num_layers, bidirectional=bidirectional
+        2,
+        3,
+        variant=variant,
+        num_layers=num_layers,
+        bidirectional=bidirectional,
+        proj_size=proj_size,
     )
     params = cell.init(seed=3, dtype="float64")
     for layer in params:
@@ -47,10 +52,10 @@ def test_numpy_backward_matches_finite_differences(
                 p["p"] *= 4
     batch, steps = 2, 4
     x = rng.standard_normal((batch, steps, 2))
-    h0, c0 = 0.5 * rng.standard_normal((2, *cell.state_shape(batch)))
+    h0, c0 = (0.5 * rng.standard_normal(shape) for shape in cell.state_shapes(batch))
     lengths = np.array([4, 2]) if with_lengths else None
-    dy = rng.standard_normal((batch, steps, cell.num_directions * 3))
-    dh, dc = rng.standard_normal((2, *cell.state_shape(batch)))
+    dy = rng.standard_normal((batch, steps, cell.num_directions * cell.output_size))
+    dh, dc = (rng.standard_normal(shape) for shape in cell.state_shapes(batch))
 
     grads, dx, (dh0, dc0) = cell.vjp(
         params, x, dy, state=(h0, c0), lengths=lengths, dh_n=dh, dc_n=dc

@@ -1,7 +1,7 @@
 """``cell.step``: one time step of the whole stack, equal to the sequence call step by step.
 
-* every CPU backend, the core variants, 1 and 3 layers, float64 and float32,
-  with and without an initial state: T calls of ``step`` give the sequence
+* every CPU backend, the core variants, 1 and 3 layers (and 3 with a
+  projection), float64 and float32, with and without an initial state: T calls of ``step`` give the sequence
   call's outputs and final state;
 * gradients through a loop of steps equal the sequence's (torch autograd,
   ``jax.grad``), and ``step`` works under ``jax.jit``;
@@ -30,10 +30,12 @@ def _numpy(a):
 
 
 @pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("num_layers", [1, 3])
+@pytest.mark.parametrize(
+    ("num_layers", "proj_size"), [(1, 0), (3, 0), (3, 2)], ids=["1", "3", "3-projected"]
+)
 @pytest.mark.parametrize("variant", CORE_VARIANTS)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_steps_equal_the_sequence_call(backend, variant, num_layers, with_state):
+def test_steps_equal_the_sequence_call(backend, variant, num_layers, proj_size, with_state):
     rng = np.random.default_rng(11)
     for dtype, tol in (("float64", 1e-13), ("float32", 1e-6)):
         if backend == "jax" and dtype == "float64":
@@ -41,12 +43,12 @@ def test_steps_equal_the_sequence_call(backend, variant, num_layers, with_state)
 
             if not x64_enabled():
                 continue
-        cell = _cell(backend, variant=variant, num_layers=num_layers)
+        cell = _cell(backend, variant=variant, num_layers=num_layers, proj_size=proj_size)
         params = cell.init(seed=3, dtype=dtype)
         x = rng.standard_normal((2, 6, 3)).astype(dtype)  # batch first
         state = None
         if with_state:
-            state = tuple(rng.standard_normal((2, num_layers, 2, 4)).astype(dtype))
+            state = tuple(rng.standard_normal(s).astype(dtype) for s in cell.state_shapes(2))
         y, (h_n, c_n) = cell(params, x, state=state)
         outputs = []
         for t in range(x.shape[1]):

@@ -49,13 +49,15 @@ def run(module, x, hx, dy_seed=1):
 
 @st.composite
 def module_configs(draw):
+    hidden_size = draw(st.integers(1, 5))
     return {
         "input_size": draw(st.integers(1, 5)),
-        "hidden_size": draw(st.integers(1, 5)),
+        "hidden_size": hidden_size,
         "num_layers": draw(st.integers(1, 3)),
         "bias": draw(st.booleans()),
         "batch_first": draw(st.booleans()),
         "bidirectional": draw(st.booleans()),
+        "proj_size": draw(st.sampled_from([0, *range(1, hidden_size)])),
     }
 
 
@@ -73,15 +75,12 @@ def test_plain_variant_equals_nn_lstm(native, config, batch, steps, with_state, 
     module = LSTM.from_torch(reference, native=native)
     shape = (batch, steps) if config["batch_first"] else (steps, batch)
     x = torch.randn(*shape, config["input_size"], dtype=torch.float64)
-    state_shape = (
-        config["num_layers"] * (1 + config["bidirectional"]),
-        batch,
-        config["hidden_size"],
-    )
+    layers = config["num_layers"] * (1 + config["bidirectional"])
+    h_width = config["proj_size"] or config["hidden_size"]
     hx = (
         (
-            torch.randn(state_shape, dtype=torch.float64),
-            torch.randn(state_shape, dtype=torch.float64),
+            torch.randn(layers, batch, h_width, dtype=torch.float64),
+            torch.randn(layers, batch, config["hidden_size"], dtype=torch.float64),
         )
         if with_state
         else None
@@ -154,6 +153,7 @@ def test_module_matches_oracle(path, data):
         config.num_layers,
         batch_first=config.batch_first,
         bidirectional=config.bidirectional,
+        proj_size=config.proj_size,
         variant=variant,
         native=native,
         dtype=torch.float64,
@@ -316,9 +316,11 @@ def test_trains_with_an_optimizer(variant):
 # bad input -----------------------------------------------------------------------
 
 
-def test_proj_size_is_refused():
-    with pytest.raises(NotImplementedError, match="proj_size: .*expected 0, got 3"):
-        LSTM(3, 4, proj_size=3)
+def test_proj_size_at_or_above_hidden_size_is_refused():
+    with pytest.raises(ValueError, match="proj_size: expected 0 .* below hidden_size=4, got 4"):
+        LSTM(3, 4, proj_size=4)
+    with pytest.raises(TypeError, match="proj_size: expected an integer, got float"):
+        LSTM(3, 4, proj_size=2.0)
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,27 @@ class JaxOps(ArrayModuleOps):
     def stop_gradient(self, x):
         return jax.lax.stop_gradient(x)
 
+    def dropout_masks(self, key, shapes, rate, like):
+        """As ``ArrayModuleOps.dropout_masks``, drawn by ``jax.random`` (traceable, so a key
+        passed into a jitted function works): mask k from ``fold_in(key, k)``. key: a
+        JAX PRNG key or a non-negative int (``jax.random.key(n)``)."""
+        if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+            key = jax.random.key(key)
+        elif not (isinstance(key, jax.Array) and (
+            jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+            or (key.dtype == jnp.uint32 and key.shape == (2,))
+        )):  # fmt: skip
+            raise TypeError(
+                "dropout_key: expected a JAX PRNG key (jax.random.key(n)) or a non-negative "
+                f"int, got {type(key).__name__}"
+            )
+        scale = 1.0 / (1.0 - rate)
+        return [
+            jax.random.bernoulli(jax.random.fold_in(key, k), 1.0 - rate, shape).astype(like.dtype)
+            * jnp.asarray(scale, like.dtype)
+            for k, shape in enumerate(shapes)
+        ]
+
 
 OPS = JaxOps()
 
@@ -266,22 +287,22 @@ class Cell(FunctionalCell):
     #: ``autodiff=True``
     direction = staticmethod(scan_direction)
 
-    def _forward_impl(self, params, x, h0, c0, lengths):
+    def _forward_impl(self, params, x, h0, c0, lengths, layer_masks=None):
         y, h_n, c_n, _, _ = network.forward(
-            OPS, self.variant, params, x, h0, c0, lengths, self.direction
+            OPS, self.variant, params, x, h0, c0, lengths, self.direction, layer_masks=layer_masks
         )
         return y, h_n, c_n
 
-    def _vjp_impl(self, params, x, h0, c0, lengths, dy, dh_n, dc_n):
+    def _vjp_impl(self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None):
         def run(params, x, h0, c0):
-            return self._forward_impl(params, x, h0, c0, lengths)
+            return self._forward_impl(params, x, h0, c0, lengths, layer_masks)
 
         _, pullback = jax.vjp(run, params, x, h0, c0)
         return pullback((dy, dh_n, dc_n))
 
-    def _forward(self, params, x, h0, c0, lengths):
+    def _forward(self, params, x, h0, c0, lengths, layer_masks=None):
         try:
-            return self._jit_forward(params, x, h0, c0, lengths)
+            return self._jit_forward(params, x, h0, c0, lengths, layer_masks)
         except TypeError as error:
             if _FORWARD_MODE_ERROR not in str(error) or self.autodiff:
                 raise
@@ -294,8 +315,8 @@ class Cell(FunctionalCell):
     def _traced_lengths(self, lengths, steps):
         return checked_lengths(lengths, steps)
 
-    def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n):
-        return self._jit_vjp(params, x, h0, c0, lengths, dy, dh_n, dc_n)
+    def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None):
+        return self._jit_vjp(params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks)
 
     def _check_dtype_supported(self, name, dtype_name):
         if dtype_name == "float64" and not x64_enabled():

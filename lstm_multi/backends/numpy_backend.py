@@ -27,20 +27,21 @@ class ArrayModuleCell(FunctionalCell):
     spec's array code in a Python loop.
     """
 
-    def _forward(self, params, x, h0, c0, lengths):
+    def _forward(self, params, x, h0, c0, lengths, layer_masks=None):
         y, h_n, c_n, _, _ = network.forward(
-            self.ops, self.variant, params, x, h0, c0, lengths, kernel_direction.run_direction
-        )
+            self.ops, self.variant, params, x, h0, c0, lengths, kernel_direction.run_direction,
+            layer_masks=layer_masks,
+        )  # fmt: skip
         return y, h_n, c_n
 
-    def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n):
+    def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None):
         record = functools.partial(kernel_direction.run_direction, record=True)
         _, _, _, tapes, layout = network.forward(
-            self.ops, self.variant, params, x, h0, c0, lengths, record
+            self.ops, self.variant, params, x, h0, c0, lengths, record, layer_masks=layer_masks
         )
         grads, dx, dh0, dc0 = bptt.backward(
             self.ops, self.variant, params, tapes, layout, dy, dh_n, dc_n,
-            kernel_direction.backward_any,
+            kernel_direction.backward_any, layer_masks,
         )  # fmt: skip
         # with half-precision inputs some sums come out in float32 (the cell state's
         # dtype): give every gradient its primal's dtype

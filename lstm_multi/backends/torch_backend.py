@@ -50,20 +50,33 @@ def autocast_dtype(x):
     return None if dtype == x.dtype else dtype
 
 
-def generic_forward(variant, params, x, h0, c0, lengths, run_direction=None, between_layers=None):
+def generic_forward(
+    variant,
+    params,
+    x,
+    h0,
+    c0,
+    lengths,
+    run_direction=None,
+    between_layers=None,
+    layer_masks=None,
+):
     """The spec's network on the generic path, autocast honoured (see the module doc).
 
     Time-major x (T, B, in); returns (y, h_n, c_n). ``run_direction`` defaults
-    to ``torch_bptt.run_direction``.
+    to ``torch_bptt.run_direction``; ``between_layers`` and ``layer_masks`` as in
+    ``network.forward``.
     """
     run_direction = run_direction or torch_bptt.run_direction
     dtype = autocast_dtype(x)
     if dtype is not None:
         params = [[{k: v.to(dtype) for k, v in p.items()} for p in layer] for layer in params]
         x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
+        if layer_masks is not None:
+            layer_masks = [None if m is None else m.to(dtype) for m in layer_masks]
     with torch.autocast(x.device.type, enabled=False):
         y, h_n, c_n, _, _ = network.forward(
-            OPS, variant, params, x, h0, c0, lengths, run_direction, between_layers
+            OPS, variant, params, x, h0, c0, lengths, run_direction, between_layers, layer_masks
         )
     return y, h_n, c_n
 
@@ -118,8 +131,10 @@ class Cell(FunctionalCell):
 
     # torch.compile: one graph break around the whole call, which runs eagerly
     @torch.compiler.disable
-    def __call__(self, params, x, state=None, lengths=None):
-        return super().__call__(params, x, state, lengths)
+    def __call__(self, params, x, state=None, lengths=None, *, dropout_key=None):
+        return super().__call__(params, x, state, lengths, dropout_key=dropout_key)
+
+    __call__.__doc__ = FunctionalCell.__call__.__doc__
 
     @torch.compiler.disable
     def step(self, params, x_t, state=None):
@@ -128,8 +143,10 @@ class Cell(FunctionalCell):
     step.__doc__ = FunctionalCell.step.__doc__
 
     @torch.compiler.disable
-    def vjp(self, params, x, dy, state=None, lengths=None, dh_n=None, dc_n=None):
-        return super().vjp(params, x, dy, state, lengths, dh_n, dc_n)
+    def vjp(
+        self, params, x, dy, state=None, lengths=None, dh_n=None, dc_n=None, *, dropout_key=None
+    ):
+        return super().vjp(params, x, dy, state, lengths, dh_n, dc_n, dropout_key=dropout_key)
 
     vjp.__doc__ = FunctionalCell.vjp.__doc__
 
@@ -145,8 +162,8 @@ class Cell(FunctionalCell):
     #: node per direction, tested equal to ``network.loop_direction``)
     generic_direction = None
 
-    def _forward(self, params, x, h0, c0, lengths):
-        if self.uses_native:
+    def _forward(self, params, x, h0, c0, lengths, layer_masks=None):
+        if self.uses_native and layer_masks is None:
             return torch_native.forward(params, x, h0, c0, lengths)
         run = type(self).generic_direction
         if self.gate_kernel == "array":
@@ -155,13 +172,15 @@ class Cell(FunctionalCell):
             from . import torch_triton
 
             run = torch_triton.run_direction
-        return generic_forward(self.variant, params, x, h0, c0, lengths, run)
+        return generic_forward(
+            self.variant, params, x, h0, c0, lengths, run, layer_masks=layer_masks
+        )
 
-    def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n):
+    def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None):
         with torch.enable_grad():
             params = self._map(lambda name, a: a.detach().requires_grad_(True), params)
             x, h0, c0 = (a.detach().requires_grad_(True) for a in (x, h0, c0))
-            y, h_n, c_n = self._forward(params, x, h0, c0, lengths)
+            y, h_n, c_n = self._forward(params, x, h0, c0, lengths, layer_masks)
             leaves = [v for layer in params for p in layer for v in p.values()]
             grads = torch.autograd.grad(
                 (y, h_n, c_n), [*leaves, x, h0, c0], (dy, dh_n, dc_n), allow_unused=True

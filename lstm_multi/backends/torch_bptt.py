@@ -258,7 +258,11 @@ def direction_runner(fast_ops, cpu_kernels=True):
             ys, h, c, _ = network.loop_direction(REFERENCE_OPS, variant, p, xs, h0, c0, valid)
             return ys, h, c, None
         tensors = (xs, h0, c0, *p.values())
-        kernels = kernel_direction.kernels_for(fast_ops, variant, *tensors) if cpu_kernels else None
+        kernels = (
+            kernel_direction.direction_kernels(fast_ops, variant, p, xs, h0, c0)
+            if cpu_kernels
+            else None
+        )
         engine = LoopEngine(fast_ops) if kernels is None else KernelEngine(fast_ops, kernels)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             ys, h, c = BpttDirection.apply(engine, variant, valid, tuple(p), *tensors)

@@ -1,7 +1,8 @@
 """The plain LSTM on PyTorch's own kernel (``torch._VF.lstm``, cuDNN on CUDA).
 
 Canonical parameters map onto ``torch.nn.LSTM``'s as weight_ih = W^T,
-weight_hh = U^T, bias_ih = b, bias_hh = 0. Variable lengths go through
+weight_hh = U^T, bias_ih = b, bias_hh = 0 and, with a projection,
+weight_hr = W_hr^T (``_VF.lstm`` sees the projection from h's width). Variable lengths go through
 ``pack_padded_sequence`` exactly as ``nn.LSTM`` users do.
 """
 
@@ -19,7 +20,7 @@ def supports(variant):
 
 
 def flat_weights(params):
-    """Canonical params -> nn.LSTM's flat list [w_ih, w_hh, b_ih, b_hh] per layer-direction.
+    """Canonical params -> nn.LSTM's flat list [w_ih, w_hh, b_ih, b_hh(, w_hr)] per layer-direction.
 
     On CUDA the matrices are made contiguous: cuDNN copies each weight into its
     own flat buffer with ``view_as``, which a transposed view cannot give (the
@@ -32,6 +33,9 @@ def flat_weights(params):
             if w_ih.is_cuda:
                 w_ih, w_hh = w_ih.contiguous(), w_hh.contiguous()
             flat += [w_ih, w_hh, p["b"], torch.zeros_like(p["b"])]
+            if "W_hr" in p:  # the projection: nn.LSTM's weight_hr (P, H) = W_hr^T
+                w_hr = p["W_hr"].T
+                flat.append(w_hr.contiguous() if w_hr.is_cuda else w_hr)
     return flat
 
 

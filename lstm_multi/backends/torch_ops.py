@@ -23,6 +23,28 @@ class TorchOps(ArrayModuleOps):
     def stop_gradient(self, x):
         return x.detach()
 
+    def dropout_masks(self, key, shapes, rate, like):
+        """As ``ArrayModuleOps.dropout_masks``, drawn by torch on ``like``'s device: key is a
+        ``torch.Generator`` on that device (it advances) or anything ``seed_from`` takes."""
+        from .. import init
+
+        if isinstance(key, torch.Generator):
+            if key.device.type != like.device.type:
+                raise ValueError(
+                    f"dropout_key: expected a torch.Generator on {like.device.type} (where x "
+                    f"is), got one on {key.device.type}"
+                )
+            generator = key
+        else:
+            seed = init.seed_from(key, "dropout_key")
+            generator = torch.Generator(device=like.device).manual_seed(seed)
+        scale = 1.0 / (1.0 - rate)
+        return [
+            (torch.rand(shape, generator=generator, device=like.device) >= rate).to(like.dtype)
+            * scale
+            for shape in shapes
+        ]
+
     def cpu_scalar(self, x):
         if x.device.type != "cpu":
             return None

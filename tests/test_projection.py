@@ -1,0 +1,195 @@
+"""Projection (``proj_size``, the LSTMP of Sak, Senior & Beaufays 2014) beyond the oracle.
+
+The property tests (``reference.configs``) draw projected problems for every
+backend, the torch module and ``nn.LSTM`` itself against the oracle; the
+finite-difference and step tests include a projected case. Here: the layout
+(shapes, state shapes, state_dict keys), ``nn.LSTM(proj_size=P)`` state_dicts
+loading and running identically, projection with peepholes and with the
+c_{t-1} recurrence, the initial schemes, framework machinery (JAX transforms,
+torch autocast) and the errors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import assert_close
+
+import lstm_multi
+
+H, P = 5, 2
+
+
+def test_projected_shapes():
+    cell = lstm_multi.get_cell("numpy")(3, H, variant="peephole", num_layers=2,
+                                        bidirectional=True, proj_size=P)  # fmt: skip
+    shapes = cell.param_shapes()
+    assert shapes[0][0] == {"W": (3, 4 * H), "U": (P, 4 * H), "b": (4 * H,), "p": (3, H),
+                            "W_hr": (H, P)}  # fmt: skip
+    assert shapes[1][1]["W"] == (2 * P, 4 * H)  # the next layer reads both projected outputs
+    assert cell.state_shapes(7) == ((4, 7, P), (4, 7, H))
+    with pytest.raises(ValueError, match="use state_shapes"):
+        cell.state_shape(7)
+    y, (h_n, c_n) = cell(cell.init(seed=0), np.zeros((7, 4, 3), np.float32))
+    assert (y.shape, h_n.shape, c_n.shape) == ((7, 4, 2 * P), (4, 7, P), (4, 7, H))
+    assert "proj_size=2" in repr(cell)
+    # the c_{t-1} recurrence reads the unprojected cell: U keeps H rows
+    full = lstm_multi.get_cell("numpy")(3, H, variant="peephole_full", proj_size=P)
+    assert full.param_shapes()[0][0]["U"] == (H, 4 * H)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+def test_bad_proj_size_is_refused(backend):
+    if backend not in lstm_multi.available_backends():
+        pytest.skip(f"{backend} is not installed")
+    Cell = lstm_multi.get_cell(backend)
+    with pytest.raises(ValueError, match=f"proj_size: expected 0 .* below hidden_size={H}, got 5"):
+        Cell(3, H, proj_size=5)
+    with pytest.raises(ValueError, match="got -1"):
+        Cell(3, H, proj_size=-1)
+    with pytest.raises(TypeError, match="proj_size: expected an integer, got bool"):
+        Cell(3, H, proj_size=True)
+    cell = Cell(3, H, proj_size=P)
+    params = cell.init(seed=0, dtype="float32")
+    x = np.zeros((2, 4, 3), np.float32)
+    wrong = (np.zeros((1, 2, H), np.float32), np.zeros((1, 2, H), np.float32))
+    with pytest.raises(ValueError, match=rf"state h0: expected shape \(1, 2, {P}\)"):
+        cell(params, x, state=wrong)
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "keras"])
+def test_init_draws_the_projection(scheme):
+    """Both schemes draw W_hr (nn.LSTM's uniform, Keras's glorot): never zero, which
+    would silence the layer; the same seed gives the same numbers on every backend."""
+    cells = {b: lstm_multi.get_cell(b)(3, H, proj_size=P) for b in lstm_multi.available_backends()
+             if b != "cupy"}  # fmt: skip
+    drawn = {b: c.to_numpy(c.init(seed=4, scheme=scheme)) for b, c in cells.items()}
+    W_hr = drawn["numpy"][0][0]["W_hr"]
+    assert W_hr.shape == (H, P) and np.all(W_hr != 0)
+    bound = 1 / np.sqrt(H) if scheme == "uniform" else np.sqrt(6 / (H + P))
+    assert np.abs(W_hr).max() <= bound
+    for b, params in drawn.items():
+        np.testing.assert_array_equal(params[0][0]["W_hr"], W_hr, err_msg=b)
+
+
+# torch ------------------------------------------------------------------------------
+
+
+def _run_module(module, x, hx):
+    import torch
+
+    for p in module.parameters():
+        p.grad = None
+    x = x.detach().requires_grad_(True)
+    out, (h_n, c_n) = module(x, hx)
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum()
+               for t in (out, h_n, c_n))  # fmt: skip
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    return [out.detach(), h_n.detach(), c_n.detach(), x.grad], grads
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "generic"])
+def test_nn_lstm_state_dict_loads_and_runs_identically(native):
+    torch = pytest.importorskip("torch")
+    from lstm_multi.torch import LSTM
+
+    torch.manual_seed(0)
+    reference = torch.nn.LSTM(3, H, 2, bidirectional=True, proj_size=P, dtype=torch.float64)
+    module = LSTM(3, H, 2, bidirectional=True, proj_size=P, dtype=torch.float64, native=native)
+    module.load_state_dict(reference.state_dict())
+    assert module.weight_hr_l1_reverse.shape == (P, H) and module.weight_hh_l0.shape == (4 * H, P)
+    x = torch.randn(6, 3, 3, dtype=torch.float64)
+    hx = (torch.randn(4, 3, P, dtype=torch.float64), torch.randn(4, 3, H, dtype=torch.float64))
+    (got, got_grads), (want, want_grads) = _run_module(module, x, hx), _run_module(reference, x, hx)
+    for name, a, b in zip(("output", "h_n", "c_n", "dx"), got, want, strict=True):
+        assert_close(a, b, "float64", name)
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        assert_close(got_grads[name], want_grads[name], "float64", f"grad {name}")
+    # and back: to_torch gives an nn.LSTM with the projection
+    assert module.to_torch().proj_size == P
+
+
+def test_functional_torch_cell_equals_the_module():
+    """The functional cell on the module's canonical parameters (W_hr = weight_hr^T)."""
+    torch = pytest.importorskip("torch")
+    from lstm_multi.torch import LSTM
+
+    torch.manual_seed(1)
+    module = LSTM(3, H, proj_size=P, dtype=torch.float64, variant="peephole")
+    cell = lstm_multi.get_cell("torch")(3, H, variant="peephole", batch_first=False, proj_size=P)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    y, (h_n, c_n) = cell(module.canonical_params(), x)
+    want, (wh, wc) = module(x)
+    assert_close(y.detach(), want.detach(), "float64", "y")
+    assert_close(h_n.detach(), wh.detach(), "float64", "h_n")
+    np.testing.assert_array_equal(
+        module.to_numpy_params()[0][0]["W_hr"], module.weight_hr_l0.detach().numpy().T
+    )
+
+
+@pytest.mark.parametrize("variant", ["peephole", "peephole_full"])
+def test_module_projection_with_variants(variant):
+    """Peephole + projection (the speech LSTMP) and the c_{t-1} recurrence, whose
+    weight_hh keeps H columns: state_dict keys, a training step, and a round trip."""
+    torch = pytest.importorskip("torch")
+    from lstm_multi.torch import LSTM
+
+    module = LSTM(3, H, 2, proj_size=P, variant=variant)
+    keys = set(module.state_dict())
+    assert {"weight_hr_l0", "weight_hr_l1"} <= keys
+    columns = H if variant == "peephole_full" else P
+    assert module.weight_hh_l1.shape == (4 * H, columns)
+    assert module.weight_ih_l1.shape == (4 * H, P)
+    out, (h_n, c_n) = module(torch.randn(4, 2, 3))
+    assert out.shape == (4, 2, P) and h_n.shape == (2, 2, P) and c_n.shape == (2, 2, H)
+    out.square().sum().backward()
+    assert all(p.grad is not None for n, p in module.named_parameters() if "hr" in n)
+    copy = LSTM(3, H, 2, proj_size=P, variant=variant)
+    copy.load_state_dict(module.state_dict())
+    x = torch.randn(4, 2, 3)
+    torch.testing.assert_close(copy(x)[0], module(x)[0])
+
+
+def test_autocast_with_projection():
+    torch = pytest.importorskip("torch")
+    from lstm_multi.torch import LSTM
+
+    module = LSTM(3, H, proj_size=P, variant="peephole")
+    x = torch.randn(4, 2, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h_n, c_n) = module(x)
+    assert out.dtype == torch.bfloat16 and c_n.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert module.weight_hr_l0.grad.dtype == torch.float32
+    reference = module(x)[0]
+    torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=3e-2)
+
+
+# jax --------------------------------------------------------------------------------
+
+
+def test_jax_transforms_with_projection():
+    """jit, grad (the custom VJP and JAX's own autodiff agree with NumPy's BPTT) and vmap."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    np_cell = lstm_multi.get_cell("numpy")(3, H, variant="cifg", proj_size=P)
+    params = np_cell.init(seed=2)
+    x = np.random.default_rng(0).standard_normal((2, 5, 3)).astype(np.float32)
+    dy = np.ones((2, 5, P), np.float32)
+    want, _, _ = np_cell.vjp(params, x, dy)
+    for autodiff in (False, True):
+        cell = lstm_multi.get_cell("jax")(3, H, variant="cifg", proj_size=P, autodiff=autodiff)
+
+        def loss(p, x, cell=cell):
+            return cell(p, x)[0].sum()
+
+        got = jax.jit(jax.grad(loss))(cell.from_numpy(params), jnp.asarray(x))
+        for key in ("W", "U", "W_hr", "p"):
+            np.testing.assert_allclose(got[0][0][key], want[0][0][key], rtol=2e-5, atol=2e-6)
+        per_sequence = jax.vmap(lambda xs, cell=cell: cell(cell.from_numpy(params), xs[None])[0][0])
+        np.testing.assert_allclose(
+            per_sequence(jnp.asarray(x)), cell(cell.from_numpy(params), x)[0], rtol=1e-5, atol=1e-6
+        )
