@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -20,7 +21,9 @@ def test_the_readme_has_snippets():
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[f"snippet{k}" for k in range(len(SNIPPETS))])
 def test_readme_snippet_runs_alone(snippet, tmp_path):
     for module in re.findall(r"^\s*(?:import|from) (\w+)", snippet, flags=re.MULTILINE):
-        pytest.importorskip(module)
+        # found, not imported: importing keras here would fix its backend for this process
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"the snippet needs {module}, which is not installed")
     script = tmp_path / "snippet.py"
     script.write_text(snippet)
     result = subprocess.run(
