@@ -23,6 +23,8 @@ bias) is refused with a ``ValueError`` naming the setting.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 _FLAX_GATES = ("i", "f", "g", "o")
@@ -125,7 +127,8 @@ def _flax_cell_params(tree, name):
 def from_flax(cell_params):
     """One Flax ``LSTMCell`` / ``OptimizedLSTMCell`` params tree -> one canonical
     layer-direction dict (NumPy). For a stack or ``nn.Bidirectional``, convert each
-    cell's tree and arrange them as ``params[layer][direction]``."""
+    cell's tree and arrange them as ``params[layer][direction]``, or use
+    ``from_flax_rnn``, which reads ``nn.RNN`` / ``nn.Bidirectional`` layers and stacks."""
     node = _flax_cell_params(cell_params, "cell_params")
     return {
         "W": np.concatenate([np.asarray(node[f"i{g}"]["kernel"]) for g in _FLAX_GATES], 1),
@@ -137,6 +140,11 @@ def from_flax(cell_params):
 def to_flax(p):
     """One canonical layer-direction dict -> the Flax cell's params dict (``{ii, ..., ho}``,
     to put under ``{"params": {"cell": ...}}``), as NumPy arrays."""
+    if set(p) != {"W", "U", "b"}:
+        raise ValueError(
+            f"p: Flax's LSTM cells hold W, U and b only, got keys {sorted(p)} (a variant's "
+            "own parameters, a projection, have no Flax form)"
+        )
     hidden = np.shape(p["U"])[0]
     blocks = [slice(k * hidden, (k + 1) * hidden) for k in range(4)]
     tree = {}
@@ -149,15 +157,125 @@ def to_flax(p):
     return tree
 
 
+# Flax recurrent stacks ---------------------------------------------------------
+
+_FLAX_DIRECTIONS = ("forward_rnn", "backward_rnn")
+_FLAX_NUMBERED = re.compile(r"(.+)_(\d+)")
+
+
+def _flax_unwrap(tree):
+    """A variables dict ``{"params": ...}`` -> the params inside; anything else as it is."""
+    if isinstance(tree, dict) and set(tree) == {"params"}:
+        return tree["params"]
+    return tree
+
+
+def _flax_numbered(tree):
+    """The ``(key, value)`` pairs of a dict keyed ``<name>_0 .. <name>_{n-1}`` (one name;
+    Flax's names for a list of modules made in ``setup`` and for ``nn.Sequential``'s
+    layers) in that order, or None for any other tree."""
+    if not isinstance(tree, dict) or not tree:
+        return None
+    matches = [_FLAX_NUMBERED.fullmatch(key) for key in tree]
+    if not all(matches) or len({m.group(1) for m in matches}) != 1:
+        return None
+    if sorted(int(m.group(2)) for m in matches) != list(range(len(tree))):
+        return None
+    name = matches[0].group(1)
+    return [(f"{name}_{k}", tree[f"{name}_{k}"]) for k in range(len(tree))]
+
+
+def _flax_layer(tree, name):
+    """One Flax layer -> its canonical directions: an ``nn.RNN``'s params (``{"cell": ...}``)
+    or a cell's -> [forward]; an ``nn.Bidirectional``'s (``{"forward_rnn": ...,
+    "backward_rnn": ...}``) or a pair ``[forward, backward]`` of those -> [forward, backward]."""
+    tree = _flax_unwrap(tree)
+    if isinstance(tree, dict) and set(tree) == set(_FLAX_DIRECTIONS):
+        parts = [(f"{name}[{d!r}]", tree[d]) for d in _FLAX_DIRECTIONS]
+    elif isinstance(tree, (list, tuple)) and len(tree) == 2:
+        parts = [(f"{name}[{d}]", part) for d, part in enumerate(tree)]
+    else:
+        parts = [(name, tree)]
+    return [from_flax(_flax_cell_params(part, where)) for where, part in parts]
+
+
+def from_flax_rnn(tree):
+    """Flax recurrent layers -> canonical ``params[layer][direction]`` (NumPy).
+
+    ``tree`` (variables ``{"params": ...}`` or params) is one layer or a stack:
+
+    * one layer: an ``nn.RNN(cell)``'s (``{"cell": ...}``), an
+      ``nn.Bidirectional(nn.RNN(cell), nn.RNN(cell))``'s (``{"forward_rnn": ...,
+      "backward_rnn": ...}``), or a cell's own (``{"ii": ..., ..., "ho": ...}``);
+    * a stack, first layer first: a list of layers (in it, a pair ``[forward, backward]``
+      of cell or RNN trees is one bidirectional layer), or a dict of layers keyed
+      ``<name>_0``, ``<name>_1``, ... (``nn.Sequential``'s layers, or a list of modules
+      made in ``setup``, e.g. ``self.layers = [...]``).
+
+    Cells are ``LSTMCell`` or ``OptimizedLSTMCell`` (the same parameters). The backward
+    RNN of ``nn.Bidirectional`` (``reverse=True, keep_order=True``) is lstm_multi's
+    direction 1: it reads each sequence's first ``seq_lengths[n]`` steps reversed and
+    returns the outputs in the original order. Flax goes on computing over the padding,
+    lstm_multi gives zeros there; the outputs on the valid steps and the final carries
+    ``(c, h)`` equal lstm_multi's ``y``, ``c_n`` and ``h_n``.
+
+    Cells made inside an ``@nn.compact`` method belong to that method's module, named
+    after their class in order of creation (``LSTMCell_0``, ``LSTMCell_1``, ...): pass
+    them as a list, in pairs for bidirectional layers.
+    """
+    tree = _flax_unwrap(tree)
+    if isinstance(tree, (list, tuple)):
+        layers = [(f"tree[{k}]", layer) for k, layer in enumerate(tree)]
+    elif (numbered := _flax_numbered(tree)) is not None:
+        layers = [(f"tree[{key!r}]", layer) for key, layer in numbered]
+    else:
+        layers = [("tree", tree)]
+    if not layers:
+        raise ValueError("tree: expected at least one layer, got an empty list")
+    return [_flax_layer(layer, name) for name, layer in layers]
+
+
+def to_flax_rnn(params):
+    """Canonical ``params[layer][direction]`` -> a list of Flax params (NumPy), one per
+    layer: ``nn.RNN(cell)``'s (one direction, ``{"cell": ...}``) or
+    ``nn.Bidirectional(nn.RNN(cell), nn.RNN(cell))``'s (``{"forward_rnn": {"cell": ...},
+    "backward_rnn": {"cell": ...}}``), for either cell. Place them as the model names its
+    layers: ``{f"layers_{k}": tree for k, tree in enumerate(trees)}`` for ``nn.Sequential``
+    and for a list ``self.layers`` made in ``setup`` (also of one layer), ``trees[0]``
+    for a single top-level module. ``from_flax_rnn`` reads either back."""
+    if not isinstance(params, (list, tuple)) or not params:
+        raise ValueError(f"params: expected a non-empty list of layers, got {params!r:.80}")
+    trees = []
+    for k, layer in enumerate(params):
+        if not isinstance(layer, (list, tuple)) or len(layer) not in (1, 2):
+            got = len(layer) if isinstance(layer, (list, tuple)) else type(layer).__name__
+            raise ValueError(f"params[{k}]: expected a list of 1 or 2 directions, got {got}")
+        for d, p in enumerate(layer):
+            if set(p) != {"W", "U", "b"}:
+                raise ValueError(
+                    f"params[{k}][{d}]: Flax's LSTM cells hold W, U and b only, got keys "
+                    f"{sorted(p)} (a variant's own parameters have no Flax form)"
+                )
+        cells = [{"cell": to_flax(p)} for p in layer]
+        trees.append(
+            cells[0] if len(cells) == 1 else dict(zip(_FLAX_DIRECTIONS, cells, strict=True))
+        )
+    return trees
+
+
 # Equinox -----------------------------------------------------------------------
 
 
-def from_equinox(cell):
-    """An ``equinox.nn.LSTMCell`` -> one canonical layer-direction dict (NumPy)."""
+def _check_equinox_cell(cell):
     if type(cell).__name__ != "LSTMCell" or not hasattr(cell, "weight_ih"):
         raise TypeError(f"cell: expected an equinox.nn.LSTMCell, got {type(cell).__name__}")
     if getattr(cell, "bias", None) is None:
         raise ValueError("cell: use_bias=False has no canonical form (b is always there)")
+
+
+def from_equinox(cell):
+    """An ``equinox.nn.LSTMCell`` -> one canonical layer-direction dict (NumPy)."""
+    _check_equinox_cell(cell)
     return {
         "W": np.array(np.asarray(cell.weight_ih).T),
         "U": np.array(np.asarray(cell.weight_hh).T),
@@ -166,11 +284,13 @@ def from_equinox(cell):
 
 
 def to_equinox(p, cell):
-    """A copy of the ``equinox.nn.LSTMCell`` ``cell`` holding the canonical weights ``p``."""
+    """A copy of the ``equinox.nn.LSTMCell`` ``cell`` holding the canonical weights ``p``
+    (``cell`` may hold shapes only, e.g. from ``eqx.filter_eval_shape``: nothing of it is read
+    but its shapes)."""
     import equinox as eqx
     import jax.numpy as jnp
 
-    from_equinox(cell)  # the same checks
+    _check_equinox_cell(cell)
     new = (jnp.asarray(np.asarray(p["W"]).T), jnp.asarray(np.asarray(p["U"]).T))
     new += (jnp.asarray(np.asarray(p["b"])),)
     for old, value, key in zip(

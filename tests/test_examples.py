@@ -11,6 +11,7 @@ import csv
 import importlib
 import importlib.util
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -282,3 +283,42 @@ def test_timing_example_trains_both_variants(tmp_path):
         assert len(losses) == 150
         assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:20]), variant
     assert (tmp_path / "t.json").exists()
+
+
+# weight interchange ----------------------------------------------------------------------------
+
+
+def test_interchange_runs_the_keras_weights_alike_in_every_framework(tmp_path):
+    """Keras trains (--quick); its weights, converted, classify the test digits with the
+    same accuracy in Flax, Equinox, torch.nn.LSTM and every lstm_multi backend."""
+    for module in ("sklearn", "keras", "jax"):  # not imported here: the example imports them
+        if not has(module):
+            pytest.skip(f"the interchange example needs {module}")
+    env = dict(os.environ)
+    env.setdefault("KERAS_BACKEND", "jax")
+    script = os.path.join(EXAMPLES, "interchange_digits.py")
+    args = ["--quick", "--threads", "1", "--no-progress", "--json", str(tmp_path / "i.json")]
+    out = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in out.stdout.splitlines()
+        if line.startswith("| ") and "framework" not in line
+    ]
+    accuracy = {name: float(acc) for name, acc, _ in rows}
+    logit_diff = {name: float(diff) for name, _, diff in rows}
+    frameworks = {
+        "Flax nn.RNN(OptimizedLSTMCell)": "flax",
+        "Equinox LSTMCell + lax.scan": "equinox",
+        "torch.nn.LSTM": "torch",
+    }
+    expected = {"Keras (trained)", "lstm_multi numpy"}
+    expected |= {f"lstm_multi {b}" for b in ("torch", "jax") if has(b)}
+    expected |= {name for name, module in frameworks.items() if has(module)}
+    assert set(accuracy) == expected, out.stdout
+    assert len(set(accuracy.values())) == 1, accuracy  # the same test accuracy everywhere
+    assert accuracy["Keras (trained)"] > 0.3, accuracy  # it learned (chance is 0.1)
+    assert max(logit_diff.values()) < 1e-4, logit_diff
+    assert (tmp_path / "i.json").exists()
