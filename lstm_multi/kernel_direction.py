@@ -20,6 +20,8 @@ inside the kernel.
 The tape is a ``KernelTape``: hs, cs (T + 1, B, H) every carried state from
 h_0, c_0 on; saved (T, NS, B, H) the values the derived backward reads besides
 c_{t-1} and c_t, which it reads from cs.
+With a projection (``W_hr``) the per-step loop always runs, the projection's
+products in the framework around the same gate kernel (see ``_forward_projected``).
 ``run_direction`` and ``backward_any`` choose between these kernels and the
 array code per call, so a backend passes them where it passed
 ``network.loop_direction`` and ``bptt.backward_direction``.
@@ -46,6 +48,7 @@ class KernelTape(NamedTuple):
     cs: Any
     saved: Any
     kernels: Any
+    ms: Any = None  # with a projection: (T, B, H) each step's m_t, zero past the length
 
 
 def run_direction(ops, variant, p, xs, h0, c0, valid, record=False):
@@ -72,10 +75,7 @@ def kernels_for(ops, variant, *arrays):
 
 
 def direction_kernels(ops, variant, p, xs, h0, c0):
-    """The kernels for one direction's arrays, or None: also None with a projection
-    (``W_hr``), whose per-step product the kernels do not make; the array code runs it."""
-    if spec.PROJECTION in p:
-        return None
+    """The kernels for one direction's arrays, or None (see ``kernels_for``)."""
     return kernels_for(ops, variant, xs, h0, c0, *p.values())
 
 
@@ -107,6 +107,8 @@ def sequence_loop_in_c(batch, hidden):
 def forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record=False):
     """``network.loop_direction`` on the kernels: -> (ys, h_T, c_T, tape or None)."""
     variant = spec.get_variant(variant)
+    if spec.PROJECTION in p:
+        return _forward_projected(ops, kernels, variant, p, xs, h0, c0, valid, record)
     steps, batch, hidden = xs.shape[0], h0.shape[0], h0.shape[-1]
     zx = ops.contiguous(ops.project(xs, p["W"], p["b"]))  # (T, B, G); the C loop adds r U into it
     U = ops.contiguous(spec.recurrent_weight(ops, variant, p["U"]))
@@ -165,7 +167,9 @@ def _itemsize(kernels):
 def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
     """``bptt.backward_direction`` on the kernels: -> (grads like p, dxs, dh0, dc0)."""
     variant = spec.get_variant(variant)
-    xs, hs, cs, saved, _ = tape
+    if spec.PROJECTION in p:
+        return _backward_projected(ops, kernels, variant, p, tape, dys, dh, dc, valid)
+    xs, hs, cs, saved, _, _ = tape
     steps, batch, hidden = dys.shape
     h0_like, c0_like = dh, dc
     U = ops.contiguous(spec.recurrent_weight(ops, variant, p["U"]))
@@ -212,4 +216,106 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
         dextra[name] = dP[row : row + len(rows)]
         row += len(rows)
     rs = (hs if variant.recurrent_state == "h" else cs)[:steps]
+    return bptt.direction_grads(ops, variant, p, xs, rs, dzs, dextra, dh, dc, h0_like, c0_like)
+
+
+# with a projection (proj_size): h_t = m_t W_hr ----------------------------------------
+#
+# Always the per-step loop. The gate kernel writes m_t masked (zero past the length) as
+# its output y, and its own h (held m) into scratch nobody reads; the framework then
+# forms y_t = m_t W_hr (zero past the length, as m_t is) and h_t = y_t, or h_{t-1}
+# past the length. Backward: dm_t = (dy_t + dh_t) W_hr^T enters the gate kernel as its
+# output gradient (masked there), dh_{t-1} = dz_t U^T inside the length (the carried
+# gradient past it), and dW_hr = sum_t m_t^T (dy_t + dh_t) is one product at the end.
+
+
+def _forward_projected(ops, kernels, variant, p, xs, h0, c0, valid, record):
+    steps, batch, hidden = xs.shape[0], c0.shape[0], c0.shape[-1]
+    W_hr = p[spec.PROJECTION]
+    zx = ops.contiguous(ops.project(xs, p["W"], p["b"]))
+    U = ops.contiguous(spec.recurrent_weight(ops, variant, p["U"]))
+    P = _packed_params(ops, variant, p, c0)
+    hs = ops.empty((steps + 1, batch, W_hr.shape[1]), h0)
+    cs = _fresh(ops, kernels, (steps + 1, batch, hidden), c0)
+    ms = _fresh(ops, kernels, (steps, batch, hidden), c0)
+    hs[0], cs[0] = h0, c0
+    saved = (
+        _fresh(ops, kernels, (steps, kernels.saved_count, batch, hidden), c0) if record else None
+    )
+    valid_bytes = _valid_bytes(ops, valid)
+    address = ops.address
+    product = ops.empty((batch, 4 * hidden), c0)
+    # the kernel's own h (m held past the length): read from zeros, written to scratch
+    no_h, held = ops.zeros((batch, hidden), c0), ops.empty((batch, hidden), c0)
+    state, item = batch * hidden, _itemsize(kernels)
+    z_at = _offsets(address(zx), steps, 4 * state * item)
+    c_at = _offsets(address(cs), steps + 1, state * item)
+    m_at = _offsets(address(ms), steps, state * item)
+    v_at = _offsets(None if valid_bytes is None else address(valid_bytes), steps, batch)
+    s_at = _offsets(
+        None if saved is None else address(saved), steps, kernels.saved_count * state * item
+    )
+    ys = ops.empty((steps, batch, W_hr.shape[1]), h0)
+    y_steps = ops.unstack_time(ys)
+    for t in range(steps):
+        ops.matmul_into(hs[t] if variant.recurrent_state == "h" else cs[t], U, product)
+        kernels.step_forward(
+            batch, hidden, z_at[t], address(product), address(no_h), c_at[t], address(P),
+            v_at[t], address(held), c_at[t + 1], m_at[t], s_at[t],
+        )  # fmt: skip
+        ops.matmul_into(ms[t], W_hr, y_steps[t])
+        hs[t + 1] = y_steps[t] if valid is None else ops.where(valid[t], y_steps[t], hs[t])
+    tape = KernelTape(xs, hs, cs, saved, kernels, ms) if record else None
+    return ys, hs[steps], cs[steps], tape
+
+
+def _backward_projected(ops, kernels, variant, p, tape, dys, dh, dc, valid):
+    xs, hs, cs, saved, _, ms = tape
+    steps, batch, hidden = ms.shape
+    h0_like, c0_like = dh, dc
+    W_hr = p[spec.PROJECTION]
+    U = ops.contiguous(spec.recurrent_weight(ops, variant, p["U"]))
+    P = _packed_params(ops, variant, p, cs)
+    W_hr_t, U_t = ops.transpose(W_hr), ops.transpose(U)
+    dys = ops.cast(dys, ops.dtype_name(hs))
+    dh = ops.cast(dh, ops.dtype_name(hs))
+    dc = ops.contiguous(ops.cast(dc, ops.dtype_name(cs))) + 0  # updated in place
+    dzs = _fresh(ops, kernels, (steps, batch, 4 * hidden), cs)
+    douts = ops.empty((steps, batch, W_hr.shape[1]), hs)  # dy_t + dh_t
+    dm = ops.empty((batch, hidden), cs)
+    dm_h = ops.zeros((batch, hidden), cs)  # the kernel's own dh: always zero
+    dr_c = ops.empty((batch, hidden), cs)  # dz_{t+1} U^T when the recurrence reads c
+    dP = ops.zeros(P.shape, P)
+    valid_bytes = _valid_bytes(ops, valid)
+    address = ops.address
+    state, item = batch * hidden, _itemsize(kernels)
+    s_at = _offsets(address(saved), steps, kernels.saved_count * state * item)
+    dz_at = _offsets(address(dzs), steps, 4 * state * item)
+    c_at = _offsets(address(cs), steps + 1, state * item)
+    v_at = _offsets(None if valid_bytes is None else address(valid_bytes), steps, batch)
+    dzs_t, douts_t = ops.unstack_time(dzs), ops.unstack_time(douts)
+    reads_c = variant.recurrent_state == "c"
+    for t in range(steps - 1, -1, -1):
+        douts[t] = dys[t] + dh
+        ops.matmul_into(douts_t[t], W_hr_t, dm)
+        kernels.step_backward(
+            batch, hidden, address(dm), address(dr_c) if reads_c and t < steps - 1 else None,
+            address(dm_h), address(dc), c_at[t], c_at[t + 1], s_at[t], address(P), v_at[t],
+            dz_at[t], address(dP),
+        )  # fmt: skip
+        if reads_c:
+            ops.matmul_into(dzs_t[t], U_t, dr_c)
+            inside = ops.zeros_like(dh)
+        else:
+            inside = dzs_t[t] @ U_t
+        dh = inside if valid is None else ops.where(valid[t], inside, dh)
+    if reads_c:
+        dc += dr_c
+    dextra, row = {}, 0
+    for name, rows in variant.params.items():
+        dextra[name] = dP[row : row + len(rows)]
+        row += len(rows)
+    m2 = ops.reshape(ms, (steps * batch, hidden))
+    dextra[spec.PROJECTION] = ops.transpose(m2) @ ops.reshape(douts, (steps * batch, -1))
+    rs = (hs if not reads_c else cs)[:steps]
     return bptt.direction_grads(ops, variant, p, xs, rs, dzs, dextra, dh, dc, h0_like, c0_like)

@@ -2,7 +2,7 @@
 
 * every variant, both loops (the whole time loop in C, and one framework GEMM
   plus one fused gate call per step), NumPy and torch, lengths, two layers,
-  both directions: against the independent oracle;
+  both directions: against the independent oracle; with a projection too;
 * the kernels' own derivatives by central differences in float64;
 * the float32 nonlinearities to a few ulp over the whole range, and inf/NaN;
 * the backends use the kernels by default, ``gate_kernel="array"`` does not;
@@ -58,6 +58,34 @@ def test_kernels_match_the_oracle(backend, variant, loop, monkeypatch):
     for dtype in ("float64", "float32"):
         result = run_backend(backend, config, problem, dtype, **_generic(backend))
         assert_matches_reference(result, expected, dtype, f"oracle vs {backend} kernels/{variant}")
+    assert used["forward"] > 0 and used["backward"] > 0
+
+
+@needs_compiler
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("variant", sorted(spec.VARIANTS))
+def test_projected_kernels_match_the_oracle(backend, variant, monkeypatch):
+    """With a projection (always the per-step loop: the framework's products for r U and
+    m W_hr around the fused gate kernel), against the oracle, float64 and float32."""
+    if backend == "torch":
+        pytest.importorskip("torch")
+    used = {"forward": 0, "backward": 0}
+    for name in used:
+        original = getattr(kernel_direction, f"_{name}_projected")
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            used[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernel_direction, f"_{name}_projected", counted)
+    config = _config(variant, proj_size=3)
+    problem = make_problem(config)
+    expected = reference(config, problem)
+    for dtype in ("float64", "float32"):
+        result = run_backend(backend, config, problem, dtype, **_generic(backend))
+        assert_matches_reference(
+            result, expected, dtype, f"oracle vs {backend} projected/{variant}"
+        )
     assert used["forward"] > 0 and used["backward"] > 0
 
 

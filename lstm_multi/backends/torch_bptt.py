@@ -168,10 +168,11 @@ class KernelEngine:
         ys, h, c, tape = kernel_direction.forward_direction(
             self.ops, self.kernels, variant, p, xs, h0, c0, valid, record
         )
-        return ys, h, c, (tuple(tape[:4]) if record else ())
+        return ys, h, c, ((*tape[:4], tape.ms) if record else ())
 
     def backward(self, variant, p, tape, dys, dh, dc, valid):
-        tape = kernel_direction.KernelTape(*tape, self.kernels)
+        xs, hs, cs, saved, ms = tape
+        tape = kernel_direction.KernelTape(xs, hs, cs, saved, self.kernels, ms)
         return kernel_direction.backward_direction(
             self.ops, self.kernels, variant, p, tape, dys, dh, dc, valid
         )
