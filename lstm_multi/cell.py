@@ -361,8 +361,10 @@ def host_values(array):
     """The values of an array of any framework as NumPy, or None while traced (JAX)."""
     if isinstance(array, np.ndarray):
         return array
-    if hasattr(array, "detach"):  # torch, on any device
-        return array.detach().cpu().numpy()
+    if hasattr(array, "detach"):  # torch, on any device, inside torch.func transforms too
+        from .backends.torch_ops import host_values as torch_host_values
+
+        return torch_host_values(array)
     if type(array).__module__.split(".")[0] == "cupy":
         return array.get()
     try:

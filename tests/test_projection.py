@@ -193,3 +193,38 @@ def test_jax_transforms_with_projection():
         np.testing.assert_allclose(
             per_sequence(jnp.asarray(x)), cell(cell.from_numpy(params), x)[0], rtol=1e-5, atol=1e-6
         )
+
+
+@pytest.mark.parametrize("variant", ["lstm", "peephole", "peephole_full"])
+def test_torch_machinery_with_projection(variant):
+    """gradcheck and gradgradcheck (the kernels' backward, then the reference loop's double
+    backward), repeated backward, and torch.func.grad (the reference loop) with lengths."""
+    torch = pytest.importorskip("torch")
+    cell = lstm_multi.get_cell("torch")(2, 3, variant=variant, proj_size=2, native=False,
+                                        batch_first=False, bidirectional=True)  # fmt: skip
+    params = cell.init(seed=1, dtype="float64")
+    leaves = [v.requires_grad_(True) for layer in params for p in layer for v in p.values()]
+    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([4, 2])
+
+    def run(x, *flat):
+        it = iter(flat)
+        rebuilt = [[{k: next(it) for k in p} for p in layer] for layer in params]
+        y, (h_n, c_n) = cell(rebuilt, x, lengths=lengths)
+        return y, h_n, c_n
+
+    assert torch.autograd.gradcheck(run, (x, *leaves))
+    assert torch.autograd.gradgradcheck(run, (x, *leaves))
+    y, h_n, _ = run(x, *leaves)
+    loss = y.square().sum() + h_n.sum()
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss, leaves)
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b)
+
+    def total(flat):
+        return run(x.detach(), *flat)[0].square().sum()
+
+    functional = torch.func.grad(total)([v.detach() for v in leaves])
+    for a, b in zip(functional, torch.autograd.grad(total(leaves), leaves), strict=True):
+        torch.testing.assert_close(a, b)

@@ -257,6 +257,27 @@ def test_torch_func_transforms_on_the_cell(variant):
     torch.testing.assert_close(batched[1], cell(params, xs[1])[0])
 
 
+def test_torch_func_with_lengths_as_a_tensor():
+    """Lengths given as a tensor inside grad/vmap (whose values torch.func hides from
+    .numpy()); lengths that vary under vmap are refused with a TypeError that says so."""
+    cell = lstm_multi.get_cell("torch")(3, 4, variant="peephole")
+    params = cell.init(seed=0, dtype="float64")
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    lengths = torch.tensor([5, 2])
+
+    def loss(params):
+        return cell(params, x, lengths=lengths)[0].square().sum()
+
+    got = grad(loss)(params)
+    want, _, _ = cell.vjp(params, x, 2 * cell(params, x, lengths=[5, 2])[0], lengths=[5, 2])
+    torch.testing.assert_close(got[0][0]["W"], want[0][0]["W"])
+    xs = torch.randn(3, 2, 5, 3, dtype=torch.float64)
+    batched = vmap(lambda xi: cell(params, xi, lengths=lengths)[0])(xs)
+    torch.testing.assert_close(batched[2], cell(params, xs[2], lengths=[5, 2])[0])
+    with pytest.raises(TypeError, match="lengths: expected the same lengths for every vmapped"):
+        vmap(lambda xi, n: cell(params, xi, lengths=n)[0])(xs, torch.tensor([[5, 2]] * 3))
+
+
 # nn.LSTM compatibility ----------------------------------------------------------------
 
 

@@ -110,3 +110,24 @@ class TorchOps(ArrayModuleOps):
 
 
 OPS = TorchOps()
+
+
+def host_values(tensor):
+    """A tensor's values as NumPy, on any device, also inside ``torch.func`` transforms.
+
+    There even a tensor made outside the transform cannot be read (``.numpy()``:
+    "Cannot access data pointer of Tensor that doesn't have storage"); its
+    values are read with the transforms set aside. A tensor that varies under
+    ``torch.func.vmap`` has no single value: a TypeError says so.
+    """
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            raise TypeError(
+                "lengths: expected the same lengths for every vmapped call, got a tensor "
+                "mapped over by torch.func.vmap (pass lengths that are not vmapped, with "
+                "the batch axis of x holding the sequences)"
+            )
+        tensor = functorch.get_unwrapped(tensor)
+    with torch._C._DisableFuncTorch():
+        return tensor.detach().cpu().numpy()
