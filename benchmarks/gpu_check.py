@@ -42,7 +42,8 @@ import numpy as np  # noqa: E402
 
 VARIANTS = ("lstm", "peephole", "peephole_full")
 # (T, B, I, H), the required size first: the budget may cut the later ones
-SIZES = ((512, 64, 512, 512), (128, 32, 256, 256), (64, 256, 1024, 1024))
+#: the last size is one the persistent Triton kernels take (H <= 64)
+SIZES = ((512, 64, 512, 512), (128, 32, 256, 256), (64, 256, 1024, 1024), (256, 16, 64, 64))
 BASELINE = "torch.nn.LSTM (cuDNN)"
 
 
@@ -93,6 +94,7 @@ GPU_TESTS = [
     "tests/test_gpu.py::test_gpu_backend_matches_oracle",
     "tests/test_gpu.py::test_gpu_half_precision_within_derived_bound",
     "tests/test_triton.py::test_triton_kernels_compiled_on_cuda_equal_the_program",
+    "tests/test_triton.py::test_persistent_kernels_compiled_on_cuda_match_the_oracle",
 ]
 
 
@@ -232,7 +234,10 @@ def torch_runners(dev):
         "lstm_multi torch native": cell(True),
         "lstm_multi torch generic": cell(False),
         **(
-            {"lstm_multi torch generic, Triton gates": cell(False, gate_kernel="triton")}
+            {
+                "lstm_multi torch generic, Triton gates": cell(False, gate_kernel="triton"),
+                "lstm_multi torch, Triton persistent": cell(False, gate_kernel="triton_persistent"),
+            }
             if importlib.util.find_spec("triton") is not None
             and (dev == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
             else {}

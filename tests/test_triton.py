@@ -192,6 +192,63 @@ def test_torch_cell_with_triton_gates_equals_the_array_code(kernels, variant, mo
     assert launches == {"forward": 0, "backward": 0}  # float64: the array code
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_persistent_kernels_match_the_oracle(kernels, variant, monkeypatch):
+    """gate_kernel="triton_persistent": each direction's whole time loop in one launch of
+    the generated persistent kernels (tl.dot with U held, the derived gate math), forward
+    and backward, against the independent oracle: 2 layers, both directions, an initial
+    state and lengths, float32; float64 falls back to the array code (still the oracle's)."""
+    from reference import Config, make_problem, reference
+    from test_agreement import assert_matches_reference, run_backend
+
+    from lstm_multi.backends.triton_kernels import TritonKernels
+
+    launches = {"sequence_forward": 0, "sequence_backward": 0}
+    for name in launches:
+        original = getattr(TritonKernels, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            launches[_name] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(TritonKernels, name, counted)
+    config = Config(variant, 3, 5, 2, 5, 2, True, True, True, True, 13)
+    problem = make_problem(config)
+    expected = reference(config, problem)
+    result = run_backend(
+        "torch", config, problem, "float32", native=False, gate_kernel="triton_persistent"
+    )
+    assert_matches_reference(result, expected, "float32", f"oracle vs persistent/{variant}")
+    # call and vjp (whose forward records a tape) x 2 layers x 2 directions
+    assert launches == {"sequence_forward": 8, "sequence_backward": 4}, launches
+    result = run_backend(
+        "torch", config, problem, "float64", native=False, gate_kernel="triton_persistent"
+    )
+    assert_matches_reference(result, expected, "float64", f"oracle vs fallback/{variant}")
+    assert launches == {"sequence_forward": 8, "sequence_backward": 4}, launches
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["lstm", "peephole", "peephole_full", "cifg"])
+def test_persistent_kernels_compiled_on_cuda_match_the_oracle(variant, monkeypatch, tmp_path):
+    """On a GPU: the persistent kernels compiled by Triton (no interpreter), a batch that is
+    not a multiple of the tile (37 rows) and H = 64, against the oracle in float32."""
+    if not torch.cuda.is_available():
+        pytest.skip("torch: no CUDA device (torch.cuda.is_available() is False)")
+    from reference import Config, make_problem, reference
+    from test_agreement import assert_matches_reference, run_backend
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("LSTM_MULTI_CACHE", str(tmp_path))
+    config = Config(variant, 37, 20, 16, 64, 2, True, True, True, True, 3)
+    problem = make_problem(config)
+    result = run_backend(
+        "torch", config, problem, "float32", native=False, gate_kernel="triton_persistent",
+        device="cuda",
+    )  # fmt: skip
+    assert_matches_reference(result, reference(config, problem), "float32", f"cuda/{variant}")
+
+
 def _leaves(tree):
     if isinstance(tree, dict):
         return [leaf for k in sorted(tree) for leaf in _leaves(tree[k])]
@@ -207,12 +264,14 @@ def test_gate_kernel_option_is_checked(monkeypatch):
 
     Cell = lstm_multi.get_cell("torch")
     with pytest.raises(
-        ValueError, match="gate_kernel: expected None, 'array' or 'triton', got 'cuda'"
+        ValueError,
+        match="gate_kernel: expected None, 'array', 'triton' or 'triton_persistent', got 'cuda'",
     ):
         Cell(3, 4, gate_kernel="cuda")
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name: None if name == "triton" else find_spec(name)
     )
-    with pytest.raises(ImportError, match=r"pip install 'lstm_multi\[triton\]'"):
-        Cell(3, 4, gate_kernel="triton")
+    for kernel in ("triton", "triton_persistent"):
+        with pytest.raises(ImportError, match=r"pip install 'lstm_multi\[triton\]'"):
+            Cell(3, 4, gate_kernel=kernel)

@@ -93,7 +93,9 @@ class Cell(FunctionalCell):
     generated array code. ``gate_kernel="array"`` asks for the array code on
     the CPU too; ``gate_kernel="triton"`` runs each step's gate math as one
     generated Triton kernel (CUDA tensors; float64 keeps the array code; see
-    ``torch_triton``).
+    ``torch_triton``); ``gate_kernel="triton_persistent"`` runs each direction's
+    whole time loop in one launch of the generated persistent Triton kernels
+    (H <= 64, no projection; else the per-step kernels).
     Outputs are differentiable with autograd (repeated backward, double
     backward, ``torch.func`` transforms); tensors may live on any device.
     ``device`` (such as "cuda") is where the tensors the cell makes from NumPy
@@ -109,13 +111,16 @@ class Cell(FunctionalCell):
         super().__init__(*args, **kwargs)
         self.native = validation.check_bool("native", native)
         self.device = None if device is None else torch.device(device)
-        if gate_kernel not in (None, "array", "triton"):
+        if gate_kernel not in (None, "array", "triton", "triton_persistent"):
             raise ValueError(
-                f"gate_kernel: expected None, 'array' or 'triton', got {gate_kernel!r}"
+                "gate_kernel: expected None, 'array', 'triton' or 'triton_persistent', "
+                f"got {gate_kernel!r}"
             )
-        if gate_kernel == "triton" and importlib.util.find_spec("triton") is None:
+        if gate_kernel in ("triton", "triton_persistent") and (
+            importlib.util.find_spec("triton") is None
+        ):
             raise ImportError(
-                "gate_kernel='triton' needs triton, which is not installed: "
+                f"gate_kernel={gate_kernel!r} needs triton, which is not installed: "
                 "pip install 'lstm_multi[triton]'"
             )
         self.gate_kernel = gate_kernel
@@ -172,6 +177,10 @@ class Cell(FunctionalCell):
             from . import torch_triton
 
             run = torch_triton.run_direction
+        elif self.gate_kernel == "triton_persistent":
+            from . import torch_triton
+
+            run = torch_triton.persistent_run_direction
         return generic_forward(
             self.variant, params, x, h0, c0, lengths, run, layer_masks=layer_masks
         )

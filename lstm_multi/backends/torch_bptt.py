@@ -243,7 +243,7 @@ def functorch_active():
     return peek is not None and peek() is not None
 
 
-def direction_runner(fast_ops, cpu_kernels=True):
+def direction_runner(fast_ops, cpu_kernels=True, engine_for=None):
     """``network.loop_direction``'s contract on the fast path (no tape is returned).
 
     One ``BpttDirection`` node when a gradient is wanted, the loop under
@@ -251,7 +251,8 @@ def direction_runner(fast_ops, cpu_kernels=True):
     transform understands) under ``torch.func`` transforms. With
     ``cpu_kernels``, CPU float32/float64 tensors run on the variant's compiled
     CPU kernels where they can be built; everything else runs the array code
-    over ``fast_ops``.
+    over ``fast_ops``. ``engine_for(variant, p, xs, h0, c0)``, where given, may supply
+    another engine (``torch_triton``'s persistent kernels) or None.
     """
 
     def run_direction(ops, variant, p, xs, h0, c0, valid):
@@ -259,12 +260,14 @@ def direction_runner(fast_ops, cpu_kernels=True):
             ys, h, c, _ = network.loop_direction(REFERENCE_OPS, variant, p, xs, h0, c0, valid)
             return ys, h, c, None
         tensors = (xs, h0, c0, *p.values())
-        kernels = (
-            kernel_direction.direction_kernels(fast_ops, variant, p, xs, h0, c0)
-            if cpu_kernels
-            else None
-        )
-        engine = LoopEngine(fast_ops) if kernels is None else KernelEngine(fast_ops, kernels)
+        engine = None if engine_for is None else engine_for(variant, p, xs, h0, c0)
+        if engine is None:
+            kernels = (
+                kernel_direction.direction_kernels(fast_ops, variant, p, xs, h0, c0)
+                if cpu_kernels
+                else None
+            )
+            engine = LoopEngine(fast_ops) if kernels is None else KernelEngine(fast_ops, kernels)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             ys, h, c = BpttDirection.apply(engine, variant, valid, tuple(p), *tensors)
             return ys, h, c, None

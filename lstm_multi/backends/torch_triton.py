@@ -8,6 +8,13 @@ tensors: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (the tests);
 float64, and tensors Triton cannot run, fall back to the generated array code.
 Chosen with ``get_cell("torch")(..., gate_kernel="triton")``.
 
+``gate_kernel="triton_persistent"`` runs each direction's whole time loop as one
+launch of the generated persistent kernels (``PersistentEngine``: U's gate
+blocks held on chip, one program per 16 rows of the batch), forward and
+backward, with the weight gradients as whole-sequence products after the loop
+(``bptt.direction_grads``); for H up to ``TritonKernels.MAX_SEQUENCE_HIDDEN``
+and no projection, else the per-step kernels above.
+
 Half precision follows the library's policy: the kernels compute in float32
 and return h in the input's dtype and c, dz and the parameter terms in
 float32, which ``bptt`` sums and rounds once.
@@ -19,6 +26,7 @@ import os
 
 import torch
 
+from .. import bptt, spec
 from .torch_bptt import OneDnnTorchOps, direction_runner
 from .triton_kernels import TritonKernels
 
@@ -52,3 +60,48 @@ class TritonTorchOps(OneDnnTorchOps):
 
 TRITON_OPS = TritonTorchOps()
 run_direction = direction_runner(TRITON_OPS, cpu_kernels=False)  # Triton or the array code
+
+
+class PersistentEngine:
+    """A direction as one launch of the persistent kernels, forward and backward (the
+    engine interface of ``torch_bptt``: ``forward`` keeps a flat tape of tensors)."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def _weights(self, variant, p):
+        U = spec.recurrent_weight(self.ops, variant, p["U"])
+        return U, {name: p[name] for name in variant.params}
+
+    def forward(self, variant, p, xs, h0, c0, valid, record):
+        U, extra = self._weights(variant, p)
+        zx = self.ops.project(xs, p["W"], p["b"])
+        ys, hs, cs, stored = self.ops.kernels.sequence_forward(variant, zx, U, h0, c0, extra, valid)
+        tape = (xs, hs, cs, *stored) if record else ()
+        return ys, hs[-1], cs[-1].to(c0.dtype), tape
+
+    def backward(self, variant, p, tape, dys, dh, dc, valid):
+        xs, hs, cs, *stored = tape
+        U, extra = self._weights(variant, p)
+        dzs, dh0, dc0, dextra = self.ops.kernels.sequence_backward(
+            variant, dys, dh, dc, cs, stored, U, extra, valid
+        )
+        rs = (hs if variant.recurrent_state == "h" else cs)[: xs.shape[0]]
+        return bptt.direction_grads(self.ops, variant, p, xs, rs, dzs, dextra, dh0, dc0, dh, dc)
+
+
+def persistent_engine(variant, p, xs, h0, c0):
+    """A ``PersistentEngine`` where the persistent kernels take the direction, else None
+    (then the per-step Triton kernels, or the array code, run it)."""
+    tensors = (xs, h0, c0, *p.values())
+    if spec.PROJECTION in p or h0.shape[-1] > TritonKernels.MAX_SEQUENCE_HIDDEN:
+        return None
+    if not all(triton_can_run(t) and t.dtype == xs.dtype for t in tensors):
+        return None
+    return PersistentEngine(TRITON_OPS)
+
+
+#: the whole time loop in one launch where it can (``gate_kernel="triton_persistent"``)
+persistent_run_direction = direction_runner(
+    TRITON_OPS, cpu_kernels=False, engine_for=persistent_engine
+)

@@ -10,6 +10,10 @@ included, on first use. They run on CUDA tensors, or on CPU tensors under
 
 The math is float32: inputs may be float32, float16 or bfloat16 (h comes back
 in the input's dtype, everything else in float32); float64 is refused.
+
+``sequence_forward`` / ``sequence_backward`` run a direction's whole time loop in
+one launch (the generated persistent kernels: one program per 16 rows of the
+batch, U's gate blocks held on chip for the whole sequence, ``tl.dot`` per step).
 """
 
 from __future__ import annotations
@@ -89,3 +93,75 @@ class TritonKernels:
             dh, dc, *saved, *params, dz, dc_prev, *terms.values(), n, hidden, BLOCK=self.BLOCK
         )
         return dz, dc_prev, terms
+
+    # the whole time loop in one launch ----------------------------------------------
+
+    BLOCK_B = 16
+    #: the largest H the persistent kernels take: U's four (H, H) blocks stay in registers
+    #: (64 KiB in float32 at H = 64, FlashRNN's limit for its Triton kernel too)
+    MAX_SEQUENCE_HIDDEN = 64
+
+    def _sequence_meta(self, variant, batch, hidden, valid):
+        return dict(
+            RECURRENT_C=variant.recurrent_state == "c",
+            HAS_VALID=valid is not None,
+            BLOCK_B=self.BLOCK_B,
+            BLOCK_H=max(16, triton.next_power_of_2(hidden)),
+        )
+
+    def _valid_bytes(self, valid, like):
+        """(T, B, 1) booleans -> (T, B) bytes, or a placeholder pointer when there are none."""
+        if valid is None:
+            return like
+        return valid.reshape(valid.shape[0], valid.shape[1]).to(torch.uint8).contiguous()
+
+    def sequence_forward(self, variant, zx, U, h0, c0, extra, valid):
+        """One direction forward: zx (T, B, 4H) = x W + b, U (H, 4H) (unused gate blocks
+        zeroed), h0, c0 (B, H), valid (T, B, 1) booleans or None.
+
+        Returns (ys (T, B, H) in zx's dtype, hs and cs (T + 1, B, H) from h0, c0 on,
+        the stored values (T, B, H) each, float32, as ``forward_stored`` lists them).
+        """
+        self._check("zx", zx)
+        programs = variant.programs
+        steps, batch, gates = zx.shape
+        hidden = gates // 4
+        device, f32 = zx.device, torch.float32
+        zx, U = zx.contiguous(), U.to(f32).contiguous()
+        hs = torch.empty((steps + 1, batch, hidden), dtype=zx.dtype, device=device)
+        cs = torch.empty((steps + 1, batch, hidden), dtype=f32, device=device)
+        hs[0], cs[0] = h0, c0
+        ys = torch.empty((steps, batch, hidden), dtype=zx.dtype, device=device)
+        stored = [torch.empty((steps, batch, hidden), dtype=f32, device=device)
+                  for _ in forward_stored(programs)]  # fmt: skip
+        self.module(variant).sequence_forward[(triton.cdiv(batch, self.BLOCK_B),)](
+            zx, U, hs[0], cs[0], *self._params(variant, extra, cs), self._valid_bytes(valid, zx),
+            hs, cs, ys, *stored, steps, batch, hidden,
+            **self._sequence_meta(variant, batch, hidden, valid),
+        )  # fmt: skip
+        return ys, hs, cs, tuple(stored)
+
+    def sequence_backward(self, variant, dys, dh, dc, cs, stored, U, extra, valid):
+        """One direction backward from ``sequence_forward``'s cs and stored values.
+
+        Returns (dzs (T, B, 4H), dh0, dc0 (B, H), the parameter gradients {name: (rows,
+        H)}), float32; dW, dU, db and dx follow from dzs (``bptt.direction_grads``).
+        """
+        self._check("dys", dys)
+        steps, batch, hidden = dys.shape
+        device, f32 = dys.device, torch.float32
+        programs_n = triton.cdiv(batch, self.BLOCK_B)
+        dzs = torch.empty((steps, batch, 4 * hidden), dtype=f32, device=device)
+        dh0 = torch.empty((batch, hidden), dtype=f32, device=device)
+        dc0 = torch.empty_like(dh0)
+        sums = {
+            name: torch.zeros((programs_n, len(rows), hidden), dtype=f32, device=device)
+            for name, rows in variant.params.items()
+        }
+        self.module(variant).sequence_backward[(programs_n,)](
+            dys.contiguous(), dh.to(f32).contiguous(), dc.to(f32).contiguous(), cs, *stored,
+            U.to(f32).contiguous(), *self._params(variant, extra, cs),
+            self._valid_bytes(valid, dys), dzs, dh0, dc0, *sums.values(), steps, batch, hidden,
+            **self._sequence_meta(variant, batch, hidden, valid),
+        )  # fmt: skip
+        return dzs, dh0, dc0, {name: total.sum(0) for name, total in sums.items()}

@@ -54,6 +54,11 @@ def _lm_tanh(x):
     large = (1.0 - e) / (1.0 + e)
     large = tl.where(x < 0, -large, large)
     return tl.where(a < 0.625, small, large)
+
+
+@triton.jit
+def _lm_add(a, b):
+    return a + b
 '''
 
 _INDEX = [
@@ -149,15 +154,243 @@ def backward_source(programs: GatePrograms) -> str:
     return "\n".join(lines) + "\n"
 
 
-def module_source(programs: GatePrograms) -> str:
-    return "\n\n".join([PRELUDE, forward_source(programs), backward_source(programs)])
+# the whole time loop in one kernel (persistent): U on chip, one program per batch tile -----
+
+_TILE = [
+    "    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)",
+    "    lm_j = tl.arange(0, BLOCK_H)",
+    "    lm_k = tl.arange(0, BLOCK_H)",
+    "    row_ok = rows < B",
+    "    mask = row_ok[:, None] & (lm_j[None, :] < H)",
+    "    state = rows[:, None] * H + lm_j[None, :]",
+    "    zrow = rows[:, None] * 4 * H + lm_j[None, :]",
+    "    umask = (lm_k[:, None] < H) & (lm_j[None, :] < H)",
+]
+
+
+def _tile_value(programs, node_id, given):
+    """As ``_value``, a constant broadcast to the (BLOCK_B, BLOCK_H) tile."""
+    node = programs.graph.nodes[node_id]
+    if node_id not in given and node.op == "const":
+        return f"tl.full([BLOCK_B, BLOCK_H], {float(node.value)!r}, tl.float32)"
+    return _value(programs, node_id, given)
+
+
+def _tile_params(programs, used):
+    lines = []
+    for name, rows in programs.params.items():
+        for r, row in enumerate(rows):
+            key = f"{name}_{row}"
+            if programs.inputs[key] in used:
+                load = f"tl.load({name}_ptr + {r} * H + lm_j, mask=lm_j < H, other=0.0)"
+                lines.append(f"    v_{key} = {load}.to(tl.float32)[None, :]")
+    return lines
+
+
+def _recurrent_blocks():
+    """U's four gate blocks (H, H) each, loaded once: U_g[k, j] = U[k, g * H + j]."""
+    return [
+        f"    U_{g} = tl.load(U_ptr + lm_k[:, None] * 4 * H + {k} * H + lm_j[None, :], "
+        "mask=umask, other=0.0).to(tl.float32)"
+        for k, g in enumerate(GATES)
+    ]
+
+
+def _indent(lines, depth=1):
+    return [("    " * depth) + line if line else line for line in lines]
+
+
+def _steps_argument(interpret):
+    """T, the loop bound: a runtime scalar, except under the interpreter, where Triton 3.6
+    holds a scalar argument as a one-element array that NumPy 2 will not turn into the
+    ``range`` bound; there it is a ``constexpr`` (one specialisation per T, which the
+    interpreter does not compile anyway)."""
+    return "T: tl.constexpr" if interpret else "T"
+
+
+def sequence_forward_source(programs: GatePrograms, interpret: bool = False) -> str:
+    """``sequence_forward(zx, U, h0, c0, *params, valid, hs, cs, ys, *stored, T, B, H, ...)``.
+
+    One program per ``BLOCK_B`` rows of the batch runs the whole time loop: z_t =
+    zx_t + r_{t-1} U (``tl.dot`` with U's gate blocks held for the whole sequence),
+    the gate math, the states held past each length (``valid`` (T, B) bytes), and
+    stores h_t, c_t into hs, cs (T + 1, B, H; the caller writes h0, c0 at index 0),
+    y_t (zero past the length) and the saved values (T, B, H each). float32 math
+    (``tl.dot`` in IEEE float32).
+    """
+    inputs = {programs.inputs[name]: f"v_{name}" for name in programs.forward_inputs}
+    stored = forward_stored(programs)
+    roots = [*programs.forward_outputs.values(), *stored]
+    pointers = ["zx_ptr", "U_ptr", "h0_ptr", "c0_ptr", *(f"{p}_ptr" for p in programs.params)]
+    pointers += ["valid_ptr", "hs_ptr", "cs_ptr", "ys_ptr"]
+    pointers += [f"{programs.saved_name(s)}_ptr" for s in stored]
+    constants = "RECURRENT_C: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_B: tl.constexpr"
+    lines = [
+        "@triton.jit",
+        f"def sequence_forward({', '.join(pointers)}, {_steps_argument(interpret)}, B, H, "
+        f"{constants}, "
+        "BLOCK_H: tl.constexpr):",
+        *_TILE,
+        *_recurrent_blocks(),
+        *_tile_params(programs, set(inputs)),
+        "    h = tl.load(h0_ptr + state, mask=mask, other=0.0).to(tl.float32)",
+        "    c = tl.load(c0_ptr + state, mask=mask, other=0.0).to(tl.float32)",
+        "    for t in range(0, T):",
+        "        if RECURRENT_C:",
+        "            r = c",
+        "        else:",
+        "            r = h",
+        "        zx_t = zx_ptr + t * B * 4 * H",
+    ]
+    for k, g in enumerate(GATES):
+        load = f"tl.load(zx_t + zrow + {k} * H, mask=mask, other=0.0).to(tl.float32)"
+        lines.append(f"        v_z_{g} = {load} + tl.dot(r, U_{g}, input_precision='ieee')")
+    lines.append("        v_c_prev = c")
+    lines += _indent(_lines(programs, roots, inputs, _function, delete=False))
+    h_new, c_new = (_tile_value(programs, programs.forward_outputs[k], inputs) for k in ("h", "c"))
+    lines += [
+        f"        h_new = {h_new}",
+        f"        c_new = {c_new}",
+        "        if HAS_VALID:",
+        "            v = (tl.load(valid_ptr + t * B + rows, mask=row_ok, other=0) != 0)[:, None]",
+        "            y = tl.where(v, h_new, 0.0)",
+        "            h = tl.where(v, h_new, h)",
+        "            c = tl.where(v, c_new, c)",
+        "        else:",
+        "            y = h_new",
+        "            h = h_new",
+        "            c = c_new",
+        "        at = t * B * H + state",
+        "        tl.store(ys_ptr + at, y.to(ys_ptr.dtype.element_ty), mask=mask)",
+        "        tl.store(hs_ptr + B * H + at, h.to(hs_ptr.dtype.element_ty), mask=mask)",
+        "        tl.store(cs_ptr + B * H + at, c, mask=mask)",
+    ]
+    for node in stored:
+        name = programs.saved_name(node)
+        value = _tile_value(programs, node, inputs)
+        lines.append(f"        tl.store({name}_ptr + at, {value}, mask=mask)")
+    return "\n".join(lines) + "\n"
+
+
+def sequence_backward_source(programs: GatePrograms, interpret: bool = False) -> str:
+    """``sequence_backward(dys, dh_T, dc_T, cs, *stored, U, *params, valid, dzs, dh0, dc0,
+    *param partial sums, T, B, H, ...)``: the reverse time loop of one direction.
+
+    Per step the derived gate backward (c_{t-1} and c_t read from cs), dz_t stored
+    into dzs (T, B, 4H; zero past the length), dh_{t-1} = dz_t U^T or, when the
+    recurrence reads c, dc_{t-1} += dz_t U^T (``tl.dot`` with U's blocks held), and
+    the parameter terms summed over the tile's rows and the steps into this
+    program's row of each ``d{name}`` (programs, rows, H). Past a length dz is zero
+    and dh, dc pass through. The caller forms dW, dU, db, dx from dzs.
+    """
+    saved_names = [programs.saved_name(s) for s in programs.saved]
+    given = {programs.inputs["dh"]: "v_dh", programs.inputs["dc"]: "v_dc"}
+    given.update((s, f"v_{name}") for s, name in zip(programs.saved, saved_names, strict=True))
+    for name in programs.param_rows:
+        given[programs.inputs[name]] = f"v_{name}"
+    outputs = programs.backward_outputs
+    stored = forward_stored(programs)
+    from_states = {
+        programs.inputs["c_prev"]: "tl.load(cs_ptr + at, mask=mask, other=0.0)",
+        programs.forward_outputs["c"]: "tl.load(cs_ptr + B * H + at, mask=mask, other=0.0)",
+    }
+    pointers = ["dys_ptr", "dhT_ptr", "dcT_ptr", "cs_ptr"]
+    pointers += [f"{programs.saved_name(s)}_ptr" for s in stored]
+    pointers += ["U_ptr", *(f"{p}_ptr" for p in programs.params), "valid_ptr", "dzs_ptr"]
+    pointers += ["dh0_ptr", "dc0_ptr", *(f"d{p}_ptr" for p in programs.params)]
+    constants = "RECURRENT_C: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_B: tl.constexpr"
+    lines = [
+        "@triton.jit",
+        f"def sequence_backward({', '.join(pointers)}, {_steps_argument(interpret)}, B, H, "
+        f"{constants}, "
+        "BLOCK_H: tl.constexpr):",
+        *_TILE,
+        *_recurrent_blocks(),
+        *_tile_params(programs, set(given)),
+        "    dh = tl.load(dhT_ptr + state, mask=mask, other=0.0).to(tl.float32)",
+        "    dc = tl.load(dcT_ptr + state, mask=mask, other=0.0).to(tl.float32)",
+    ]
+    sums = [f"{name}_{row}" for name, rows in programs.params.items() for row in rows]
+    # (tl.full and tl.reduce with the module's own _lm_add, not tl.zeros / tl.sum: those are
+    # jit functions of triton.language that its interpreter cannot call when triton was
+    # imported before TRITON_INTERPRET was set)
+    lines += [f"    sum_{key} = tl.full([BLOCK_H], 0.0, tl.float32)" for key in sums]
+    lines += [
+        "    for step in range(0, T):",
+        "        t = T - 1 - step",
+        "        at = t * B * H + state",
+        "        dy = tl.load(dys_ptr + at, mask=mask, other=0.0).to(tl.float32)",
+        "        if HAS_VALID:",
+        "            v = (tl.load(valid_ptr + t * B + rows, mask=row_ok, other=0) != 0)[:, None]",
+        "            v_dh = tl.where(v, dh + dy, 0.0)",
+        "            v_dc = tl.where(v, dc, 0.0)",
+        "        else:",
+        "            v_dh = dh + dy",
+        "            v_dc = dc",
+    ]
+    for node, name in zip(programs.saved, saved_names, strict=True):
+        load = from_states.get(node, f"tl.load({name}_ptr + at, mask=mask, other=0.0)")
+        lines.append(f"        v_{name} = {load}")
+    lines += _indent(_lines(programs, list(outputs.values()), given, _function, delete=False))
+    for k, g in enumerate(GATES):
+        value = _tile_value(programs, outputs[f"dz_{g}"], given)
+        lines += [
+            f"        dz_{g} = {value}",
+            "        if HAS_VALID:",
+            f"            dz_{g} = tl.where(v, dz_{g}, 0.0)",
+            f"        tl.store(dzs_ptr + t * B * 4 * H + zrow + {k} * H, dz_{g}, mask=mask)",
+        ]
+    for key in sums:
+        value = _tile_value(programs, outputs[f"d{key}"], given)
+        lines += [
+            f"        term_{key} = {value}",
+            "        if HAS_VALID:",
+            f"            term_{key} = tl.where(v, term_{key}, 0.0)",
+            f"        sum_{key} += tl.reduce(tl.where(mask, term_{key}, 0.0), 0, _lm_add)",
+        ]
+    dr = " + ".join(f"tl.dot(dz_{g}, tl.trans(U_{g}), input_precision='ieee')" for g in GATES)
+    dc_prev = _tile_value(programs, outputs["dc_prev"], given)
+    lines += [
+        f"        dr = {dr}",
+        "        if RECURRENT_C:",
+        "            dh_new = tl.full([BLOCK_B, BLOCK_H], 0.0, tl.float32)",
+        f"            dc_new = {dc_prev} + dr",
+        "        else:",
+        "            dh_new = dr",
+        f"            dc_new = {dc_prev}",
+        "        if HAS_VALID:",
+        "            dh = tl.where(v, dh_new, dh)",
+        "            dc = tl.where(v, dc_new, dc)",
+        "        else:",
+        "            dh = dh_new",
+        "            dc = dc_new",
+        "    tl.store(dh0_ptr + state, dh, mask=mask)",
+        "    tl.store(dc0_ptr + state, dc, mask=mask)",
+    ]
+    for name, rows in programs.params.items():
+        for r, row in enumerate(rows):
+            index = f"(tl.program_id(0) * {len(rows)} + {r}) * H + lm_j"
+            lines.append(f"    tl.store(d{name}_ptr + {index}, sum_{name}_{row}, mask=lm_j < H)")
+    return "\n".join(lines) + "\n"
+
+
+def module_source(programs: GatePrograms, interpret: bool = False) -> str:
+    return "\n\n".join(
+        [
+            PRELUDE,
+            forward_source(programs),
+            backward_source(programs),
+            sequence_forward_source(programs, interpret),
+            sequence_backward_source(programs, interpret),
+        ]
+    )
 
 
 def load(programs: GatePrograms, directory: Path):
     """The generated module, written under ``directory`` (named by the hash of its text and
     of TRITON_INTERPRET, which Triton reads when the module is imported) and imported."""
-    source = module_source(programs)
     interpret = os.environ.get("TRITON_INTERPRET", "")
+    source = module_source(programs, interpret == "1")
     digest = hashlib.sha256(f"{interpret}\n{source}".encode()).hexdigest()[:24]
     name = f"lstm_multi_triton_{digest}"
     if name in sys.modules:
