@@ -228,6 +228,35 @@ def test_persistent_kernels_match_the_oracle(kernels, variant, monkeypatch):
     assert launches == {"sequence_forward": 8, "sequence_backward": 4}, launches
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_persistent_kernels_take_half_inputs(kernels, dtype, monkeypatch):
+    """Half-precision tensors: float32 math inside, outputs and gradients in the input's
+    dtype, within the half type's rounding of the float32 array code."""
+    import lstm_multi
+    from lstm_multi.backends.triton_kernels import TritonKernels
+
+    launched = []
+    original = TritonKernels.sequence_backward
+    monkeypatch.setattr(
+        TritonKernels, "sequence_backward", lambda *a: launched.append(1) or original(*a)
+    )
+    Cell = lstm_multi.get_cell("torch")
+    sizes = dict(input_size=3, hidden_size=8, variant="peephole", num_layers=2, native=False)
+    reference = Cell(**sizes, gate_kernel="array")
+    persistent = Cell(**sizes, gate_kernel="triton_persistent")
+    params = reference.init(seed=0)
+    half = [[{k: v.to(dtype).requires_grad_(True) for k, v in p.items()} for p in layer]
+            for layer in params]  # fmt: skip
+    x = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0))
+    y, (h_n, c_n) = persistent(half, x.to(dtype), lengths=[5, 3])
+    y.float().square().sum().backward()
+    assert y.dtype == h_n.dtype == c_n.dtype == half[0][0]["W"].grad.dtype == dtype
+    want, _ = reference(params, x, lengths=[5, 3])
+    tolerance = 8e-3 if dtype == torch.bfloat16 else 1e-3
+    torch.testing.assert_close(y.float(), want, rtol=tolerance, atol=tolerance)
+    assert launched
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["lstm", "peephole", "peephole_full", "cifg"])
 def test_persistent_kernels_compiled_on_cuda_match_the_oracle(variant, monkeypatch, tmp_path):
