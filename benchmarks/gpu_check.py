@@ -348,6 +348,31 @@ def run_benchmark(deadline, repeats, warmup, sizes=SIZES, dev="cuda"):
 # report
 
 
+def jax_kernels_per_step(dev, size=(64, 64, 512, 512)):
+    """What XLA compiles a step of the JAX cell to (``lstm_multi.bench.hlo``): GEMMs,
+    elementwise fusions and data moves per step, forward and VJP, per variant; the
+    issue asks whether a step is one GEMM and one fusion on a GPU. An error string
+    when JAX has no such device."""
+    try:
+        import jax
+        import jax.numpy as jnp
+
+        import lstm_multi
+        from lstm_multi.bench import hlo
+
+        device = jax.devices("gpu" if dev == "cuda" else "cpu")[0]
+        steps, batch, inputs, hidden = size
+        report = {"size": size, "device": str(device)}
+        with jax.default_device(device):
+            for variant in ("lstm", "peephole"):
+                cell = lstm_multi.get_cell("jax")(inputs, hidden, variant=variant)
+                x = jnp.ones((steps, batch, inputs), jnp.float32)
+                report[variant] = hlo.cell_report(cell, cell.init(seed=0), x)
+        return report
+    except Exception as error:  # noqa: BLE001 - recorded, the check goes on
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
 def _ms(entry):
     return f"{entry['median_ms']:.2f}" if isinstance(entry, dict) else "–"
 
@@ -368,6 +393,21 @@ def markdown(result):
             lines.append(f"  - skipped: {reason}")
         for test in tests.get("failed", []):
             lines.append(f"  - FAILED: {test}")
+    kernels = result.get("jax_hlo") or {}
+    if "error" in kernels:
+        lines.append(f"- JAX kernels per step: not measured ({kernels['error']})")
+    elif kernels:
+        lines.append(
+            f"- JAX kernels per step on {kernels['device']} (T, B, I, H = {kernels['size']}; "
+            "GEMMs / elementwise fusions / data moves per step, from the optimized HLO):"
+        )
+        for variant in ("lstm", "peephole"):
+            for phase, loops in kernels.get(variant, {}).items():
+                counts = ", ".join(
+                    f"{loop['gemm']:g} / {loop['elementwise']:g} / {loop['data']:g}"
+                    for loop in loops
+                )
+                lines.append(f"  - {variant} {phase}: {counts} (one entry per loop)")
     settings = result["settings"]
     lines.append(
         f"- benchmark on {settings.get('device', 'cuda')}: float32, TF32 off, batch_first, 1 layer, 1 direction; "
@@ -465,6 +505,8 @@ def main(argv=None):
         timeout = max(30.0, min(args.tests_timeout_s, args.budget_s - 90.0))
         result["tests"] = run_tests(out, timeout, args.examples, args.per_test_timeout_s)
         print("tests:", result["tests"]["summary"], flush=True)
+    result["jax_hlo"] = jax_kernels_per_step(dev)
+    print("jax kernels per step:", json.dumps(result["jax_hlo"]), flush=True)
     if not args.skip_bench:
         deadline = start + args.budget_s - 10.0
         result["benchmark"], result["unavailable"] = run_benchmark(
