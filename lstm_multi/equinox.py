@@ -36,11 +36,11 @@ import functools
 
 import numpy as np
 
-from . import convert, init, spec, validation
+from . import convert, init, network, spec, validation
 from .backends.jax_backend import OPS
 from .backends.jax_backend import Cell as _JaxCell
 
-__all__ = ["LSTM"]
+__all__ = ["LSTM", "LSTMCell"]
 
 #: the constructor arguments forwarded to the functional cell, in its order; each is also a
 #: static field of ``LSTM`` holding the cell's checked value
@@ -353,3 +353,44 @@ class LSTM(eqx.Module):
             ]
             for layer in self.params
         ]
+
+
+class LSTMCell(eqx.Module):
+    """One step of one layer of any ``lstm_multi`` variant, with ``eqx.nn.LSTMCell``'s
+    interface: ``cell(x_t, (h, c)) -> (h, c)``, x_t (input_size,) and h, c (H,) (any
+    leading axes work too), for your own ``lax.scan`` or per-token loop.
+
+    Arguments as ``LSTM``'s (input_size, hidden_size, variant, proj_size, scheme, dtype,
+    a required ``key``). ``params`` is one canonical layer-direction dict ``{"W", "U",
+    "b", ...}`` (``[[cell.params]]`` is a one-layer functional cell's parameters), drawn
+    as ``cell.init(seed=key)`` draws them. The step is the spec's (``spec.step_forward``)
+    and JAX differentiates it; with ``proj_size`` h is (proj_size,).
+    """
+
+    params: dict
+    variant: spec.Variant = eqx.field(static=True)
+
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        *,
+        variant="lstm",
+        proj_size=0,
+        scheme="uniform",
+        dtype=jnp.float32,
+        key=None,
+    ):
+        cell = _JaxCell(input_size, hidden_size, variant=variant, proj_size=proj_size)
+        self.variant = cell.variant
+        self.params = cell.init(seed=_checked_key(key), dtype=dtype, scheme=scheme)[0][0]
+
+    def __call__(self, input, hidden, *, key=None):
+        """``(h, c)`` after one step from ``hidden = (h, c)``; ``key`` is unused (as in
+        ``eqx.nn.LSTMCell``)."""
+        h, c = hidden
+        p = self.params
+        U_step = OPS.prepare_step_weight(spec.recurrent_weight(OPS, self.variant, p["U"]))
+        zx = input @ p["W"] + p["b"]
+        h, c, _ = spec.step_forward(OPS, self.variant, zx, h, c, U_step, network.extra_params(p))
+        return h, c

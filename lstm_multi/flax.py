@@ -49,11 +49,11 @@ except ModuleNotFoundError as error:  # pragma: no cover - tested with flax hidd
         "pip install 'lstm_multi[flax]'"
     ) from error
 
-from . import init, spec, validation
+from . import init, network, spec, validation
 from .backends import jax_backend
 from .registry import get_cell
 
-__all__ = ["LSTM", "LinenLSTM"]
+__all__ = ["LSTM", "LinenCell", "LinenLSTM"]
 
 #: the constructor arguments both modules forward to the functional cell, by name
 CELL_ARGS = (
@@ -328,3 +328,67 @@ class LinenLSTM(linen.Module):
     def step(self, x_t, state=None):
         """One time step of the whole stack: returns ``y_t, (h, c)`` (see ``LSTM.step``)."""
         return self.cell.step(self._params(), x_t, state)
+
+
+class LinenCell(linen.RNNCellBase):
+    """One step of one layer of any ``lstm_multi`` variant, as a Flax ``RNNCellBase``: what
+    ``nn.LSTMCell`` / ``nn.OptimizedLSTMCell`` are, so ``nn.RNN``, ``nn.Bidirectional``,
+    ``nn.scan`` and your own loops take it, peepholes included.
+
+    ``cell.apply(variables, carry, x_t)`` returns ``((c, h), h)`` with Flax's carry order
+    (c first); x_t (..., input features), any leading batch axes; h (..., features), or
+    (..., proj_size) with a projection. The step is the spec's (``spec.step_forward``, the
+    generated gate math) and JAX differentiates it. The parameters are one canonical
+    layer-direction dict, ``variables["params"]["lstm"] = {"W", "U", "b", ...}``, drawn from
+    the ``"params"`` key as ``cell.init(seed=key)`` draws them (``scheme``), so
+    ``[[variables["params"]["lstm"]]]`` is a one-layer functional cell's ``params``.
+    """
+
+    features: int
+    variant: str | spec.Variant = "lstm"
+    proj_size: int = 0
+    scheme: str = "uniform"
+    param_dtype: object = jnp.float32
+
+    def __post_init__(self):
+        super().__post_init__()
+        validation.check_positive_int("features", self.features)
+        spec.get_variant(self.variant)
+        validation.check_proj_size(self.proj_size, self.features)
+        init.check_scheme(self.scheme)
+        _param_dtype(self.param_dtype)
+
+    @linen.compact
+    def __call__(self, carry, inputs):
+        c, h = carry
+        config = dict(
+            input_size=int(inputs.shape[-1]),
+            hidden_size=self.features,
+            variant=self.variant,
+            num_layers=1,
+            bidirectional=False,
+            batch_first=True,
+            proj_size=self.proj_size,
+            dropout=0.0,
+        )
+        dtype, scheme = _param_dtype(self.param_dtype), self.scheme
+        p = self.param("lstm", lambda key: _draw(config, key, dtype, scheme)[0][0])
+        p = dict(p)
+        variant, ops = spec.get_variant(self.variant), jax_backend.OPS
+        U_step = ops.prepare_step_weight(spec.recurrent_weight(ops, variant, p["U"]))
+        zx = inputs @ p["W"] + p["b"]
+        h, c, _ = spec.step_forward(ops, variant, zx, h, c, U_step, network.extra_params(p))
+        return (c, h), h
+
+    @linen.nowrap
+    def initialize_carry(self, rng, input_shape):
+        """Zeros ``(c, h)`` for inputs of ``input_shape`` (batch axes, then features)."""
+        batch = tuple(input_shape[:-1])
+        dtype = _param_dtype(self.param_dtype)
+        c = jnp.zeros((*batch, self.features), dtype)
+        h = jnp.zeros((*batch, self.proj_size or self.features), dtype)
+        return c, h
+
+    @property
+    def num_feature_axes(self):
+        return 1

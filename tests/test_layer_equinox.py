@@ -360,3 +360,36 @@ def test_projection_and_dropout_are_the_cells():
     assert not np.allclose(model(x)[0], model(x, key=key)[0])
     again = LSTM.from_params(model.params, variant="peephole", dropout=0.5)
     assert again.proj_size == 2 and again.dropout == 0.5
+
+
+def test_lstm_cell_scanned_is_the_sequence_call():
+    """lstm_multi.equinox.LSTMCell with eqx.nn.LSTMCell's interface, scanned over time and
+    vmapped over the batch, gives the functional cell's outputs and gradients."""
+    from lstm_multi.equinox import LSTMCell
+
+    cell = LSTMCell(IN, H, variant="nog", proj_size=2, key=jax.random.key(4))
+    functional = lstm_multi.get_cell("jax")(IN, H, variant="nog", proj_size=2)
+    x = jnp.asarray(_normal(7, (B, T, IN), "float32"))
+
+    def run_cell(cell, xs):  # one sequence (T, in)
+        def step(hidden, x_t):
+            hidden = cell(x_t, hidden)
+            return hidden, hidden[0]
+
+        start = (jnp.zeros(2, jnp.float32), jnp.zeros(H, jnp.float32))
+        return jax.lax.scan(step, start, xs)[1]
+
+    def loss_cell(cell):
+        return jnp.sum(jax.vmap(run_cell, in_axes=(None, 0))(cell, x) ** 2)
+
+    def loss_functional(params):
+        return jnp.sum(functional(params, x)[0] ** 2)
+
+    y = jax.vmap(run_cell, in_axes=(None, 0))(cell, x)
+    np.testing.assert_allclose(y, functional([[cell.params]], x)[0], rtol=1e-5, atol=1e-6)
+    got = eqx.filter_grad(loss_cell)(cell).params
+    want = jax.grad(loss_functional)([[cell.params]])[0][0]
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    with pytest.raises(TypeError, match="key"):
+        LSTMCell(IN, H)

@@ -424,3 +424,68 @@ def test_linen_projection_and_dropout():
     assert not np.allclose(a, quiet) and not np.allclose(a, b)
     with pytest.raises(ValueError, match="deterministic"):
         module.apply(variables, x)  # dropout without saying whether it is training
+
+
+# a cell for Flax's own recurrent machinery ----------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["peephole", "peephole_full", "cifg"])
+def test_linen_cell_in_flax_rnn_and_bidirectional_is_the_cell(variant):
+    """nn.Bidirectional(nn.RNN(LinenCell), nn.RNN(LinenCell)) with seq_lengths computes the
+    functional cell's bidirectional layer on the valid steps, values and gradients."""
+    from lstm_multi.flax import LinenCell
+
+    B_, T_, IN_, H_ = 3, 5, 2, 4
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((B_, T_, IN_)), jnp.float32)
+    lengths = np.array([5, 2, 4])
+    cell = lstm_multi.get_cell("jax")(IN_, H_, variant=variant, bidirectional=True)
+    params = cell.init(seed=3)
+    model = nn.Bidirectional(
+        nn.RNN(LinenCell(H_, variant=variant)), nn.RNN(LinenCell(H_, variant=variant))
+    )
+    variables = {
+        "params": {
+            "forward_rnn": {"cell": {"lstm": params[0][0]}},
+            "backward_rnn": {"cell": {"lstm": params[0][1]}},
+        }
+    }
+    valid = (np.arange(T_)[None, :] < lengths[:, None])[..., None]
+
+    def flax_loss(params):
+        y = model.apply(
+            {"params": {
+                "forward_rnn": {"cell": {"lstm": params[0][0]}},
+                "backward_rnn": {"cell": {"lstm": params[0][1]}},
+            }},
+            x, seq_lengths=lengths,
+        )  # fmt: skip
+        return jnp.sum(jnp.where(valid, y, 0.0) ** 2), y
+
+    def cell_loss(params):
+        y, _ = cell(params, x, lengths=lengths)
+        return jnp.sum(y**2), y
+
+    (got, y_flax), grads_flax = jax.value_and_grad(flax_loss, has_aux=True)(params)
+    (want, y_cell), grads_cell = jax.value_and_grad(cell_loss, has_aux=True)(params)
+    np.testing.assert_allclose(np.where(valid, y_flax, 0.0), y_cell, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_flax), jax.tree.leaves(grads_cell), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    assert jax.tree.structure(model.init(jax.random.key(0), x)) == jax.tree.structure(variables)
+
+
+def test_linen_cell_init_carry_and_projection():
+    from lstm_multi.flax import LinenCell
+
+    cell = LinenCell(4, variant="peephole", proj_size=2)
+    x = jnp.ones((3, 5), jnp.float32)
+    carry = cell.initialize_carry(jax.random.key(0), x.shape)
+    assert carry[0].shape == (3, 4) and carry[1].shape == (3, 2)
+    a, b = (cell.init(jax.random.key(k), carry, x)["params"]["lstm"] for k in (0, 1))
+    assert a["W_hr"].shape == (4, 2) and not np.allclose(a["W"], b["W"])
+    (c, h), y = cell.apply({"params": {"lstm": a}}, carry, x)
+    functional = lstm_multi.get_cell("jax")(5, 4, variant="peephole", proj_size=2)
+    want, (h_n, c_n) = functional([[a]], x[:, None, :])
+    np.testing.assert_allclose(y, want[:, 0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(c, c_n[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="proj_size"):
+        LinenCell(4, proj_size=4)
