@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lstm_multi import network
@@ -291,6 +291,7 @@ def test_jax_unrolled_scan_equals_plain_scan_and_numpy(variant, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 2e-5)])
+@settings(max_examples=10)  # each example compiles two cells anew
 @given(cfg=problems())
 def test_jax_custom_vjp_equals_autodiff(dtype, tol, cfg):
     """The hand-written backward in a reverse scan equals JAX's own derivative."""
