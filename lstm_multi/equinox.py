@@ -389,8 +389,4 @@ class LSTMCell(eqx.Module):
         """``(h, c)`` after one step from ``hidden = (h, c)``; ``key`` is unused (as in
         ``eqx.nn.LSTMCell``)."""
         h, c = hidden
-        p = self.params
-        U_step = OPS.prepare_step_weight(spec.recurrent_weight(OPS, self.variant, p["U"]))
-        zx = input @ p["W"] + p["b"]
-        h, c, _ = spec.step_forward(OPS, self.variant, zx, h, c, U_step, network.extra_params(p))
-        return h, c
+        return network.layer_step(OPS, self.variant, self.params, input, h, c)

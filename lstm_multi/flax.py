@@ -373,11 +373,8 @@ class LinenCell(linen.RNNCellBase):
         )
         dtype, scheme = _param_dtype(self.param_dtype), self.scheme
         p = self.param("lstm", lambda key: _draw(config, key, dtype, scheme)[0][0])
-        p = dict(p)
-        variant, ops = spec.get_variant(self.variant), jax_backend.OPS
-        U_step = ops.prepare_step_weight(spec.recurrent_weight(ops, variant, p["U"]))
-        zx = inputs @ p["W"] + p["b"]
-        h, c, _ = spec.step_forward(ops, variant, zx, h, c, U_step, network.extra_params(p))
+        variant = spec.get_variant(self.variant)
+        h, c = network.layer_step(jax_backend.OPS, variant, dict(p), inputs, h, c)
         return (c, h), h
 
     @linen.nowrap

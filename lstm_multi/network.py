@@ -57,6 +57,16 @@ def extra_params(p):
     return {k: v for k, v in p.items() if k not in ("W", "U", "b")}
 
 
+def layer_step(ops, variant, p, x_t, h, c):
+    """One step of one layer-direction from its canonical parameters ``p``: x_t (..., in),
+    h, c (..., H) (h (..., P) with a projection) -> (h_t, c_t). For cells that a
+    framework's own loop drives (Flax's ``nn.RNN``, an Equinox ``lax.scan``)."""
+    U_step = ops.prepare_step_weight(spec.recurrent_weight(ops, variant, p["U"]))
+    zx = x_t @ p["W"] + p["b"]
+    h, c, _ = spec.step_forward(ops, variant, zx, h, c, U_step, extra_params(p))
+    return h, c
+
+
 def masked_step(ops, variant, zx, h, c, v, U_step, extra):
     """One step of a direction: the spec's step, with sequences past their length held.
 
