@@ -354,3 +354,16 @@ def test_equinox_writing_back_checks_shapes():
         convert.to_equinox(p, cell)
     with pytest.raises(TypeError, match="cell: expected an equinox.nn.LSTMCell, got GRUCell"):
         convert.from_equinox(eqx.nn.GRUCell(IN, H, key=jax.random.key(0)))
+
+
+def test_flax_refuses_parameters_its_cells_cannot_hold():
+    """A peephole row or a projection has no place in Flax's LSTM cells: refused, not
+    dropped."""
+    from lstm_multi import convert
+
+    H = 3
+    p = {"W": np.zeros((2, 4 * H)), "U": np.zeros((H, 4 * H)), "b": np.zeros(4 * H)}
+    assert set(convert.to_flax(p)) == {f"{a}{g}" for a in "ih" for g in "ifgo"}
+    for extra in ({"p": np.zeros((3, H))}, {"W_hr": np.zeros((H, 2))}):
+        with pytest.raises(ValueError, match="Flax's LSTM cells hold W, U and b only"):
+            convert.to_flax({**p, **extra})
