@@ -93,12 +93,19 @@ def _value(programs, node_id, given):
     return f"v{node_id}"
 
 
-def _param_loads(programs, used):
+def _param_loads(programs, used, tile=False):
+    """Loads of the parameter rows the program reads: per element of a block, or (``tile``)
+    one (1, BLOCK_H) row broadcast over a (BLOCK_B, BLOCK_H) tile."""
     lines = []
     for name, rows in programs.params.items():
         for r, row in enumerate(rows):
             key = f"{name}_{row}"
-            if programs.inputs[key] in used:
+            if programs.inputs[key] not in used:
+                continue
+            if tile:
+                load = f"tl.load({name}_ptr + {r} * H + lm_j, mask=lm_j < H, other=0.0)"
+                lines.append(f"    v_{key} = {load}.to(tl.float32)[None, :]")
+            else:
                 lines.append(f"    v_{key} = {_load(f'{name}_ptr', f'{r} * H + lm_j')}")
     return lines
 
@@ -176,17 +183,6 @@ def _tile_value(programs, node_id, given):
     return _value(programs, node_id, given)
 
 
-def _tile_params(programs, used):
-    lines = []
-    for name, rows in programs.params.items():
-        for r, row in enumerate(rows):
-            key = f"{name}_{row}"
-            if programs.inputs[key] in used:
-                load = f"tl.load({name}_ptr + {r} * H + lm_j, mask=lm_j < H, other=0.0)"
-                lines.append(f"    v_{key} = {load}.to(tl.float32)[None, :]")
-    return lines
-
-
 def _recurrent_blocks():
     """U's four gate blocks (H, H) each, loaded once: U_g[k, j] = U[k, g * H + j]."""
     return [
@@ -232,7 +228,7 @@ def sequence_forward_source(programs: GatePrograms, interpret: bool = False) -> 
         "BLOCK_H: tl.constexpr):",
         *_TILE,
         *_recurrent_blocks(),
-        *_tile_params(programs, set(inputs)),
+        *_param_loads(programs, set(inputs), tile=True),
         "    h = tl.load(h0_ptr + state, mask=mask, other=0.0).to(tl.float32)",
         "    c = tl.load(c0_ptr + state, mask=mask, other=0.0).to(tl.float32)",
         "    for t in range(0, T):",
@@ -306,7 +302,7 @@ def sequence_backward_source(programs: GatePrograms, interpret: bool = False) ->
         "BLOCK_H: tl.constexpr):",
         *_TILE,
         *_recurrent_blocks(),
-        *_tile_params(programs, set(given)),
+        *_param_loads(programs, set(given), tile=True),
         "    dh = tl.load(dhT_ptr + state, mask=mask, other=0.0).to(tl.float32)",
         "    dc = tl.load(dcT_ptr + state, mask=mask, other=0.0).to(tl.float32)",
     ]
