@@ -7,12 +7,18 @@ no network needed (torch, jax, cupy preinstalled as available)::
 
 1. ``pytest -m gpu tests`` (every GPU backend against the torch backend on the
    CPU in float64), its output kept in ``gpu_tests.log`` and summed up;
-2. a benchmark of every backend and variant (torch generic, torch native, jax,
-   cupy) against ``torch.nn.LSTM`` on cuDNN, at a few sizes including T=512,
-   B=64, I=H=512: forward, and forward + backward (``vjp``), float32 with TF32
-   off, warm-up first, the device synchronised around every call, the median
-   of the repeats. A time budget stops the benchmark early (the rows left are
-   marked skipped) so that the whole check ends within ``--budget-s``.
+2. what XLA compiles a step of the JAX cell to (GEMMs and fusions per step);
+3. a benchmark of every backend, path and variant (torch: native, Triton
+   per-step gates with and without CUDA graphs, the persistent Triton kernels,
+   the generic loop with and without CUDA graphs; jax; cupy with and without
+   CUDA graphs; the article's module for scale) against ``torch.nn.LSTM`` on
+   cuDNN, over ``CASES`` (the issue's T512 B64 I=H=512 and FlashRNN's B16
+   T1024 I=H=768 in float32 and bfloat16, B=1 latency, a persistent-kernel
+   size): forward, and forward + backward (``vjp``), TF32 off, the first call
+   timed apart, at least one more untimed call (where CUDA graphs are
+   captured), the device synchronised around every call, the median of the
+   repeats. A time budget stops the benchmark early (the rows left are marked
+   skipped) so that the whole check ends within ``--budget-s``.
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` (and ``gpu_tests.log``) to
 ``--out``, or ``$OUT``, or ``./gpu_check_out``.
@@ -41,9 +47,21 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import numpy as np  # noqa: E402
 
 VARIANTS = ("lstm", "peephole", "peephole_full")
-# (T, B, I, H), the required size first: the budget may cut the later ones
-#: the last size is one the persistent Triton kernels take (H <= 64)
-SIZES = ((512, 64, 512, 512), (128, 32, 256, 256), (64, 256, 1024, 1024), (256, 16, 64, 64))
+#: (T, B, I, H, dtype, variants, runners) in the order they are measured: the time
+#: budget cuts the later ones. First the issue's two sizes (T512 B64 I=H=512; and
+#: FlashRNN's, B16 T1024 I=H=768) in float32 then bfloat16, then B=1 latency
+#: (T1024 I=H=256), one size the persistent Triton kernels take (H <= 64) and one
+#: with a large product per step. "all" runners at the first case, the unfused
+#: loop and the article's module for scale included; elsewhere the fast paths.
+CASES = (
+    (512, 64, 512, 512, "float32", VARIANTS, "all"),
+    (1024, 16, 768, 768, "float32", ("lstm", "peephole"), "fast"),
+    (512, 64, 512, 512, "bfloat16", ("lstm", "peephole"), "fast"),
+    (1024, 16, 768, 768, "bfloat16", ("lstm", "peephole"), "fast"),
+    (1024, 1, 256, 256, "float32", ("lstm", "peephole"), "fast"),
+    (256, 16, 64, 64, "float32", ("lstm", "peephole"), "fast"),
+    (64, 256, 1024, 1024, "float32", ("lstm", "peephole"), "fast"),
+)
 BASELINE = "torch.nn.LSTM (cuDNN)"
 
 
@@ -95,6 +113,7 @@ GPU_TESTS = [
     "tests/test_gpu.py::test_gpu_half_precision_within_derived_bound",
     "tests/test_triton.py::test_triton_kernels_compiled_on_cuda_equal_the_program",
     "tests/test_triton.py::test_persistent_kernels_compiled_on_cuda_match_the_oracle",
+    "tests/test_torch_graphs.py::test_cuda_graphs_on_the_gpu_equal_direct_calls",
 ]
 
 
@@ -182,6 +201,11 @@ def _data(size, seed=0):
     return x, dy
 
 
+#: runners measured everywhere ("fast") or at the first case only ("scale": the
+#: paths the issue compares against, not candidates for the fastest)
+SCALE_RUNNERS = ("lstm_multi torch generic", "article CustomLSTM (torch loop)")
+
+
 def torch_runners(dev):
     import torch
 
@@ -191,57 +215,81 @@ def torch_runners(dev):
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = False
     import lstm_multi
+    from lstm_multi.bench.article import article_module
 
     def sync(result):
         if dev == "cuda":
             torch.cuda.synchronize()
 
-    def cudnn(variant, size):
-        if variant != "lstm":
-            raise Skip("torch.nn.LSTM has the plain variant only")
-        steps, batch, inp, hidden = size
-        lstm = torch.nn.LSTM(inp, hidden, batch_first=True).to(dev)
+    def tensors(size, dtype):
         x_np, dy_np = _data(size)
-        x, dy = torch.as_tensor(x_np, device=dev), torch.as_tensor(dy_np, device=dev)
+        dtype = getattr(torch, dtype)
+        return (torch.as_tensor(a, device=dev).to(dtype) for a in (x_np, dy_np))
 
+    def module_runner(module, x, dy):
         def forward():
             with torch.no_grad():
-                return lstm(x)
+                return module(x)
 
         def train():
             xg = x.detach().requires_grad_(True)
-            y, _ = lstm(xg)
-            return torch.autograd.grad(y, [xg, *lstm.parameters()], dy)
+            y, _ = module(xg)
+            return torch.autograd.grad(y, [xg, *module.parameters()], dy)
 
         return forward, train, sync
 
-    def cell(native, **options):
-        def make(variant, size):
-            Cell = lstm_multi.get_cell("torch")
+    def cudnn(variant, size, dtype):
+        if variant != "lstm":
+            raise Skip("torch.nn.LSTM has the plain variant only")
+        steps, batch, inp, hidden = size
+        lstm = torch.nn.LSTM(inp, hidden, batch_first=True).to(dev, getattr(torch, dtype))
+        return module_runner(lstm, *tensors(size, dtype))
+
+    def article(variant, size, dtype):
+        if variant == "peephole":
+            raise Skip("the article has no 'peephole' form (its peephole is 'peephole_full')")
+        if dtype != "float32":
+            raise Skip("measured in float32 only, for scale")
+        steps, batch, inp, hidden = size
+        module = article_module(inp, hidden, peephole=variant == "peephole_full").to(dev)
+        return module_runner(module, *tensors(size, dtype))
+
+    def cell(native, needs_triton=False, max_hidden=None, **options):
+        def make(variant, size, dtype):
+            if needs_triton and not triton_here:
+                raise Skip("triton is not installed, or no GPU and no TRITON_INTERPRET=1")
             steps, batch, inp, hidden = size
+            if max_hidden is not None and hidden > max_hidden:
+                raise Skip(f"H > {max_hidden}: the per-step Triton kernels run, as in that row")
+            Cell = lstm_multi.get_cell("torch")
             c = Cell(inp, hidden, variant=variant, native=native, device=dev, **options)
             if native and not c.uses_native:
                 raise Skip("no native kernel for this variant")
-            params = c.init(seed=0)
-            x_np, dy_np = _data(size)
-            x, dy = torch.as_tensor(x_np, device=dev), torch.as_tensor(dy_np, device=dev)
+            to = getattr(torch, dtype)
+            params = c._map(lambda name, a: a.to(to), c.init(seed=0))
+            x, dy = tensors(size, dtype)
             return (lambda: c(params, x)), (lambda: c.vjp(params, x, dy)), sync
 
         return make
 
+    triton_here = importlib.util.find_spec("triton") is not None and (
+        dev == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    )
+    from lstm_multi.backends.triton_kernels import TritonKernels
+
     return {
         BASELINE: cudnn,
         "lstm_multi torch native": cell(True),
-        "lstm_multi torch generic": cell(False),
-        **(
-            {
-                "lstm_multi torch generic, Triton gates": cell(False, gate_kernel="triton"),
-                "lstm_multi torch, Triton persistent": cell(False, gate_kernel="triton_persistent"),
-            }
-            if importlib.util.find_spec("triton") is not None
-            and (dev == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-            else {}
+        "lstm_multi torch, Triton gates + CUDA graphs": cell(
+            False, True, gate_kernel="triton", cuda_graphs=True
         ),
+        "lstm_multi torch, Triton gates": cell(False, True, gate_kernel="triton"),
+        "lstm_multi torch, Triton persistent": cell(
+            False, True, TritonKernels.MAX_SEQUENCE_HIDDEN, gate_kernel="triton_persistent"
+        ),
+        "lstm_multi torch generic, CUDA graphs": cell(False, gate_kernel="array", cuda_graphs=True),
+        "lstm_multi torch generic": cell(False),
+        "article CustomLSTM (torch loop)": article,
     }
 
 
@@ -258,12 +306,13 @@ def jax_runners(dev):
     def sync(result):
         jax.block_until_ready(result)
 
-    def make(variant, size):
+    def make(variant, size, dtype):
         steps, batch, inp, hidden = size
         c = lstm_multi.get_cell("jax")(inp, hidden, variant=variant)
-        params = jax.device_put(c.init(seed=0), device)
+        to = getattr(jax.numpy, dtype)
+        params = jax.device_put(jax.tree.map(lambda a: a.astype(to), c.init(seed=0)), device)
         x_np, dy_np = _data(size)
-        x, dy = jax.device_put(x_np, device), jax.device_put(dy_np, device)
+        x, dy = (jax.device_put(a, device).astype(to) for a in (x_np, dy_np))
         return (lambda: c(params, x)), (lambda: c.vjp(params, x, dy)), sync
 
     return {"lstm_multi jax": make}
@@ -281,18 +330,26 @@ def cupy_runners(dev):
     def sync(result):
         cupy.cuda.get_current_stream().synchronize()
 
-    def make(variant, size):
-        steps, batch, inp, hidden = size
-        c = Cell(inp, hidden, variant=variant)
-        params = c.init(seed=0)
-        x_np, dy_np = _data(size)
-        x, dy = cupy.asarray(x_np), cupy.asarray(dy_np)
-        return (lambda: c(params, x)), (lambda: c.vjp(params, x, dy)), sync
+    def cell(**options):
+        def make(variant, size, dtype):
+            if dtype == "bfloat16":
+                raise Skip("cupy has no bfloat16")
+            steps, batch, inp, hidden = size
+            c = Cell(inp, hidden, variant=variant, **options)
+            params = c._map(lambda name, a: a.astype(dtype), c.init(seed=0))
+            x_np, dy_np = _data(size)
+            x, dy = cupy.asarray(x_np, dtype=dtype), cupy.asarray(dy_np, dtype=dtype)
+            return (lambda: c(params, x)), (lambda: c.vjp(params, x, dy)), sync
 
-    return {"lstm_multi cupy": make}
+        return make
+
+    return {
+        "lstm_multi cupy, CUDA graphs": cell(cuda_graphs=True),
+        "lstm_multi cupy": cell(),
+    }
 
 
-def run_benchmark(deadline, repeats, warmup, sizes=SIZES, dev="cuda"):
+def run_benchmark(deadline, repeats, warmup, cases=CASES, dev="cuda"):
     runners, unavailable = {}, {}
     for group in (torch_runners, jax_runners, cupy_runners):
         try:
@@ -304,44 +361,47 @@ def run_benchmark(deadline, repeats, warmup, sizes=SIZES, dev="cuda"):
                 f"{type(error).__name__}: {error}"
             )
     rows = []
-    for size, variant, (name, make) in (
-        (s, v, r) for s in sizes for v in VARIANTS for r in runners.items()
-    ):
-        row = {
-            "backend": name,
-            "variant": variant,
-            "T": size[0],
-            "B": size[1],
-            "I": size[2],
-            "H": size[3],
-        }
-        rows.append(row)
-        if time.perf_counter() > deadline:
-            row["status"] = "skipped: time budget"
-            continue
-        try:
-            forward, train, sync = make(variant, size)
-            for mode, call in (("forward", forward), ("forward+backward", train)):
-                if time.perf_counter() > deadline:
-                    row[mode] = "skipped: time budget"
+    for *size, dtype, variants, which in cases:
+        for variant in variants:
+            for name, make in runners.items():
+                if which != "all" and name in SCALE_RUNNERS:
                     continue
-                start = time.perf_counter()
-                sync(call())  # first call: compilation, autotuning, allocation
-                first = time.perf_counter() - start
-                n = repeats if first < 1.0 else max(2, repeats // 3)
-                median, best = _time(call, sync, n, max(0, warmup - 1))
-                row[mode] = {
-                    "median_ms": round(median, 3),
-                    "min_ms": round(best, 3),
-                    "repeats": n,
-                    "first_call_s": round(first, 2),
-                }
-            row["status"] = "ok"
-        except Skip as why:
-            row["status"] = f"n/a: {why}"
-        except Exception as error:
-            row["status"] = f"error: {type(error).__name__}: {error}"[:300]
+                rows.append(
+                    _measure(name, make, variant, tuple(size), dtype, deadline, repeats, warmup)
+                )
     return rows, unavailable
+
+
+def _measure(name, make, variant, size, dtype, deadline, repeats, warmup):
+    """One row: ``make(variant, size, dtype) -> (forward, train, sync)`` timed."""
+    row = {"backend": name, "variant": variant, "dtype": dtype}
+    row.update(zip("TBIH", size, strict=True))
+    if time.perf_counter() > deadline:
+        row["status"] = "skipped: time budget"
+        return row
+    try:
+        forward, train, sync = make(variant, size, dtype)
+        for mode, call in (("forward", forward), ("forward+backward", train)):
+            if time.perf_counter() > deadline:
+                row[mode] = "skipped: time budget"
+                continue
+            start = time.perf_counter()
+            sync(call())  # first call: compilation, autotuning, allocation
+            first = time.perf_counter() - start
+            n = repeats if first < 1.0 else max(2, repeats // 3)
+            median, best = _time(call, sync, n, max(1, warmup - 1))
+            row[mode] = {
+                "median_ms": round(median, 3),
+                "min_ms": round(best, 3),
+                "repeats": n,
+                "first_call_s": round(first, 2),
+            }
+        row["status"] = "ok"
+    except Skip as why:
+        row["status"] = f"n/a: {why}"
+    except Exception as error:
+        row["status"] = f"error: {type(error).__name__}: {error}"[:300]
+    return row
 
 
 # ---------------------------------------------------------------------------
@@ -410,7 +470,7 @@ def markdown(result):
                 lines.append(f"  - {variant} {phase}: {counts} (one entry per loop)")
     settings = result["settings"]
     lines.append(
-        f"- benchmark on {settings.get('device', 'cuda')}: float32, TF32 off, batch_first, 1 layer, 1 direction; "
+        f"- benchmark on {settings.get('device', 'cuda')}: TF32 off, batch_first, 1 layer, 1 direction; "
         f"median of {settings['repeats']} timed calls after warm-up, device synchronised;"
         f" times in ms"
     )
@@ -418,20 +478,25 @@ def markdown(result):
         lines.append(f"- {name}: not benchmarked ({why})")
     lines.append("")
     rows = [r for r in result.get("benchmark", []) if r.get("status") == "ok"]
-    base = {(r["T"], r["B"], r["I"], r["H"]): r for r in rows if r["backend"] == BASELINE}
+
+    def case(r):
+        return r["T"], r["B"], r["I"], r["H"], r.get("dtype", "float32")
+
+    base = {case(r): r for r in rows if r["backend"] == BASELINE}
     lines.append(
-        "| T | B | I=H | backend | variant | forward | fwd+bwd | forward vs cuDNN |"
+        "| T | B | I=H | dtype | backend | variant | forward | fwd+bwd | forward vs cuDNN |"
         " fwd+bwd vs cuDNN |"
     )
-    lines.append("|---|---|---|---|---|---:|---:|---:|---:|")
+    lines.append("|---|---|---|---|---|---|---:|---:|---:|---:|")
     for r in rows:
-        ref = base.get((r["T"], r["B"], r["I"], r["H"]))
+        ref = base.get(case(r))
         ratios = []
         for mode in ("forward", "forward+backward"):
             ok = ref and isinstance(ref.get(mode), dict) and isinstance(r.get(mode), dict)
             ratios.append(f"{r[mode]['median_ms'] / ref[mode]['median_ms']:.2f}x" if ok else "–")
         lines.append(
-            f"| {r['T']} | {r['B']} | {r['I']} | {r['backend']} | {r['variant']} | "
+            f"| {r['T']} | {r['B']} | {r['I']} | {r.get('dtype', 'float32')} | "
+            f"{r['backend']} | {r['variant']} | "
             f"{_ms(r.get('forward'))} | {_ms(r.get('forward+backward'))} | "
             f"{ratios[0]} | {ratios[1]} |"
         )
@@ -443,10 +508,28 @@ def markdown(result):
     if others:
         lines += ["", "Not measured:", ""]
         lines += [
-            f"- {r['backend']} {r['variant']} T={r['T']} B={r['B']} H={r['H']}: {r['status']}"
+            f"- {r['backend']} {r['variant']} T={r['T']} B={r['B']} H={r['H']} "
+            f"{r.get('dtype', 'float32')}: {r['status']}"
             for r in others
         ]
     return "\n".join(lines) + "\n"
+
+
+def _case_text(case):
+    *size, dtype, variants, which = case
+    return "x".join(map(str, size)) + f":{dtype}"
+
+
+def parse_cases(text):
+    """``TxBxIxH[:dtype],...`` -> cases with every variant and every runner."""
+    cases = []
+    for item in text.split(","):
+        shape, _, dtype = item.partition(":")
+        size = tuple(int(n) for n in shape.split("x"))
+        if len(size) != 4 or dtype not in ("", "float32", "bfloat16", "float16"):
+            raise SystemExit(f"--sizes: expected TxBxIxH[:float32|bfloat16|float16], got {item!r}")
+        cases.append((*size, dtype or "float32", VARIANTS, "all"))
+    return tuple(cases)
 
 
 def main(argv=None):
@@ -460,8 +543,9 @@ def main(argv=None):
     )
     parser.add_argument(
         "--sizes",
-        default=",".join("x".join(map(str, s)) for s in SIZES),
-        help="TxBxIxH,... (default %(default)s)",
+        default=None,
+        help="TxBxIxH[:dtype],... every variant and runner at each (default: the "
+        "cases of CASES: " + ", ".join(_case_text(c) for c in CASES) + ")",
     )
     parser.add_argument(
         "--cpu",
@@ -484,7 +568,7 @@ def main(argv=None):
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sizes = tuple(tuple(int(n) for n in s.split("x")) for s in args.sizes.split(","))
+    cases = CASES if args.sizes is None else parse_cases(args.sizes)
     dev = "cpu" if args.cpu else "cuda"
     result = {
         "environment": environment(),
@@ -493,9 +577,8 @@ def main(argv=None):
         "settings": {
             "repeats": args.repeats,
             "warmup": args.warmup,
-            "dtype": "float32",
             "tf32": False,
-            "sizes": sizes,
+            "cases": [_case_text(c) for c in cases],
             "budget_s": args.budget_s,
             "device": dev,
         },
@@ -510,7 +593,7 @@ def main(argv=None):
     if not args.skip_bench:
         deadline = start + args.budget_s - 10.0
         result["benchmark"], result["unavailable"] = run_benchmark(
-            deadline, args.repeats, args.warmup, sizes, dev
+            deadline, args.repeats, args.warmup, cases, dev
         )
     result["seconds"] = round(time.perf_counter() - start, 1)
     (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))

@@ -32,7 +32,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import spec, validation
 from .backends import torch_bptt, torch_native
-from .backends.torch_backend import generic_forward
+from .backends.torch_backend import check_gate_kernel, direction_runner_for, generic_forward
 from .backends.torch_ops import OPS
 
 __all__ = ["LSTM", "NaiveLSTM"]
@@ -72,7 +72,10 @@ class LSTM(nn.LSTM):
     reads c_{t-1} keeps ``weight_hh`` (4H, H)), plus
     ``variant`` ("lstm", "peephole", "peephole_full") and ``native``: when True
     (the default) the plain variant runs ``nn.LSTM``'s own forward (its kernel,
-    cuDNN on CUDA); other variants always run the spec's loop.
+    cuDNN on CUDA); other variants always run the spec's loop, whose kernels
+    ``gate_kernel`` and ``cuda_graphs`` choose as for the functional cell
+    (``lstm_multi.backends.torch_backend.direction_runner_for``): e.g.
+    ``gate_kernel="triton", cuda_graphs=True`` on a GPU.
 
     Inputs: ``input`` of shape (T, B, in), (B, T, in) with ``batch_first``, (T, in)
     unbatched, or a ``PackedSequence``; ``hx = (h_0, c_0)``, each (L * D, B, H), or
@@ -103,6 +106,8 @@ class LSTM(nn.LSTM):
         *,
         variant="lstm",
         native=True,
+        gate_kernel=None,
+        cuda_graphs=False,
     ):
         input_size = validation.check_positive_int("input_size", input_size)
         hidden_size = validation.check_positive_int("hidden_size", hidden_size)
@@ -111,6 +116,8 @@ class LSTM(nn.LSTM):
         validation.check_bool("batch_first", batch_first)
         validation.check_bool("bidirectional", bidirectional)
         validation.check_bool("native", native)
+        validation.check_bool("cuda_graphs", cuda_graphs)
+        check_gate_kernel(gate_kernel)
         if (
             isinstance(dropout, bool)
             or not isinstance(dropout, (int, float))
@@ -137,6 +144,7 @@ class LSTM(nn.LSTM):
         if spec.VARIANTS.get(variant.name) is not variant:
             self._user_variant = variant  # a user's Variant need not be registered
         self.native = native
+        self.gate_kernel, self.cuda_graphs = gate_kernel, cuda_graphs
         # the variant's own parameters, after nn.LSTM's (which nn.LSTM.__init__ drew
         # first, so a plain module starts with nn.LSTM's numbers for the same seed)
         bound = 1.0 / math.sqrt(hidden_size)
@@ -178,7 +186,13 @@ class LSTM(nn.LSTM):
 
     def extra_repr(self):
         text = super().extra_repr() + f", variant={self.variant!r}"
-        return text if self.native else text + ", native=False"
+        if not self.native:
+            text += ", native=False"
+        if self.__dict__.get("gate_kernel") is not None:
+            text += f", gate_kernel={self.gate_kernel!r}"
+        if self.__dict__.get("cuda_graphs"):
+            text += ", cuda_graphs=True"
+        return text
 
     # the variant in the state_dict ------------------------------------------------
 
@@ -374,6 +388,15 @@ class LSTM(nn.LSTM):
             and not torch_bptt.functorch_active()
         )
 
+    def _direction_runner(self):
+        """The spec loop's ``run_direction`` for ``gate_kernel`` and ``cuda_graphs``
+        (None: the default; a module unpickled from before these options has neither)."""
+        gate_kernel = self.__dict__.get("gate_kernel")
+        cuda_graphs = self.__dict__.get("cuda_graphs", False)
+        if gate_kernel is None and not cuda_graphs:
+            return None
+        return direction_runner_for(gate_kernel, cuda_graphs)
+
     @torch.compiler.disable  # one graph break, run eagerly: what torch.compile does to nn.LSTM
     def forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
@@ -409,6 +432,7 @@ class LSTM(nn.LSTM):
             h0,
             c0,
             None if lengths is None else lengths.to(x.device),
+            self._direction_runner(),
             between_layers=between,
         )
         if packed:

@@ -81,6 +81,51 @@ def generic_forward(
     return y, h_n, c_n
 
 
+GATE_KERNELS = (None, "array", "triton", "triton_persistent")
+
+
+def check_gate_kernel(gate_kernel):
+    """``gate_kernel`` checked: one of ``GATE_KERNELS``, and triton installed for its kernels."""
+    if gate_kernel not in GATE_KERNELS:
+        raise ValueError(
+            "gate_kernel: expected None, 'array', 'triton' or 'triton_persistent', "
+            f"got {gate_kernel!r}"
+        )
+    if gate_kernel in ("triton", "triton_persistent") and (
+        importlib.util.find_spec("triton") is None
+    ):
+        raise ImportError(
+            f"gate_kernel={gate_kernel!r} needs triton, which is not installed: "
+            "pip install 'lstm_multi[triton]'"
+        )
+    return gate_kernel
+
+
+def direction_runner_for(gate_kernel=None, cuda_graphs=False):
+    """The generic path's ``run_direction`` for a ``gate_kernel`` and ``cuda_graphs``.
+
+    None: the CPU kernels for CPU tensors, the array code elsewhere; "array":
+    the array code everywhere; "triton": the per-step Triton gate kernels;
+    "triton_persistent": the persistent Triton kernels where they fit, else the
+    per-step ones. ``cuda_graphs``: CUDA tensors' per-step loops replayed from
+    CUDA graphs (``torch_graphs``).
+    """
+    if gate_kernel in (None, "array"):
+        ops, engine_for = torch_bptt.FAST_OPS, None
+    else:
+        from . import torch_triton
+
+        ops = torch_triton.TRITON_OPS
+        persistent = gate_kernel == "triton_persistent"
+        engine_for = torch_triton.persistent_engine if persistent else None
+    cpu_kernels = gate_kernel is None
+    if cuda_graphs:
+        from . import torch_graphs
+
+        return torch_graphs.graphed_runner(ops, cpu_kernels, engine_for)
+    return torch_bptt.direction_runner_for(ops, cpu_kernels, engine_for)
+
+
 class Cell(FunctionalCell):
     __doc__ = (
         (FunctionalCell.__doc__ or "")
@@ -95,7 +140,11 @@ class Cell(FunctionalCell):
     generated Triton kernel (CUDA tensors; float64 keeps the array code; see
     ``torch_triton``); ``gate_kernel="triton_persistent"`` runs each direction's
     whole time loop in one launch of the generated persistent Triton kernels
-    (H <= 64, no projection; else the per-step kernels).
+    (H <= 64, no projection; else the per-step kernels). ``cuda_graphs=True``
+    replays each direction's per-step loop on CUDA tensors, forward and
+    backward, from a CUDA graph captured on the second call of each shape
+    (``torch_graphs``): one host call a direction instead of a few a step;
+    it changes nothing on the CPU or on the native path.
     Outputs are differentiable with autograd (repeated backward, double
     backward, ``torch.func`` transforms); tensors may live on any device.
     ``device`` (such as "cuda") is where the tensors the cell makes from NumPy
@@ -107,23 +156,14 @@ class Cell(FunctionalCell):
     backend = "torch"
     ops = OPS
 
-    def __init__(self, *args, native=True, device=None, gate_kernel=None, **kwargs):
+    def __init__(
+        self, *args, native=True, device=None, gate_kernel=None, cuda_graphs=False, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.native = validation.check_bool("native", native)
+        self.cuda_graphs = validation.check_bool("cuda_graphs", cuda_graphs)
         self.device = None if device is None else torch.device(device)
-        if gate_kernel not in (None, "array", "triton", "triton_persistent"):
-            raise ValueError(
-                "gate_kernel: expected None, 'array', 'triton' or 'triton_persistent', "
-                f"got {gate_kernel!r}"
-            )
-        if gate_kernel in ("triton", "triton_persistent") and (
-            importlib.util.find_spec("triton") is None
-        ):
-            raise ImportError(
-                f"gate_kernel={gate_kernel!r} needs triton, which is not installed: "
-                "pip install 'lstm_multi[triton]'"
-            )
-        self.gate_kernel = gate_kernel
+        self.gate_kernel = check_gate_kernel(gate_kernel)
 
     @property
     def uses_native(self):
@@ -170,20 +210,22 @@ class Cell(FunctionalCell):
     def _forward(self, params, x, h0, c0, lengths, layer_masks=None):
         if self.uses_native and layer_masks is None:
             return torch_native.forward(params, x, h0, c0, lengths)
-        run = type(self).generic_direction
-        if self.gate_kernel == "array":
-            run = torch_bptt.array_run_direction
-        elif self.gate_kernel == "triton":
-            from . import torch_triton
-
-            run = torch_triton.run_direction
-        elif self.gate_kernel == "triton_persistent":
-            from . import torch_triton
-
-            run = torch_triton.persistent_run_direction
         return generic_forward(
-            self.variant, params, x, h0, c0, lengths, run, layer_masks=layer_masks
+            self.variant,
+            params,
+            x,
+            h0,
+            c0,
+            lengths,
+            self._direction_runner(),
+            layer_masks=layer_masks,
         )
+
+    def _direction_runner(self):
+        """The generic path's ``run_direction`` for this cell's options."""
+        if self.gate_kernel is None and not self.cuda_graphs:
+            return type(self).generic_direction
+        return direction_runner_for(self.gate_kernel, self.cuda_graphs)
 
     def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None):
         with torch.enable_grad():

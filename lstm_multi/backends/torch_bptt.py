@@ -23,6 +23,8 @@ and against the oracle in tests/test_cpu_kernels.py.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import bptt, kernel_direction, network
@@ -278,6 +280,9 @@ def direction_runner(fast_ops, cpu_kernels=True, engine_for=None):
     return run_direction
 
 
-run_direction = direction_runner(FAST_OPS)
+#: one runner per (ops, cpu_kernels, engine_for), made on first use
+direction_runner_for = functools.cache(direction_runner)
+
+run_direction = direction_runner_for(FAST_OPS, True, None)
 #: the same without the CPU kernels: the array code everywhere (``gate_kernel="array"``)
-array_run_direction = direction_runner(FAST_OPS, cpu_kernels=False)
+array_run_direction = direction_runner_for(FAST_OPS, False, None)

@@ -27,7 +27,7 @@ import os
 import torch
 
 from .. import bptt, spec
-from .torch_bptt import OneDnnTorchOps, direction_runner
+from .torch_bptt import OneDnnTorchOps, direction_runner_for
 from .triton_kernels import TritonKernels
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -59,7 +59,7 @@ class TritonTorchOps(OneDnnTorchOps):
 
 
 TRITON_OPS = TritonTorchOps()
-run_direction = direction_runner(TRITON_OPS, cpu_kernels=False)  # Triton or the array code
+run_direction = direction_runner_for(TRITON_OPS, False, None)  # Triton or the array code
 
 
 class PersistentEngine:
@@ -102,6 +102,4 @@ def persistent_engine(variant, p, xs, h0, c0):
 
 
 #: the whole time loop in one launch where it can (``gate_kernel="triton_persistent"``)
-persistent_run_direction = direction_runner(
-    TRITON_OPS, cpu_kernels=False, engine_for=persistent_engine
-)
+persistent_run_direction = direction_runner_for(TRITON_OPS, False, persistent_engine)
