@@ -76,3 +76,21 @@ def test_the_cpu_cells_loops_are_read():
     assert forward["gemm"] >= 1 and forward["elementwise"] >= 1
     assert len(report["vjp"]) == 2  # the forward with residuals, then the reverse loop
     assert all(loop["gemm"] >= 1 and loop["elementwise"] >= 1 for loop in report["vjp"])
+
+
+@pytest.mark.parametrize("variant", ["lstm", "peephole"])
+def test_projected_before_the_scan_a_forward_step_has_one_product(monkeypatch, variant):
+    """``PROJECT_IN_STEP=False`` (the default off the CPU): x W + b is one product
+    before the loop, and the loop's step has the recurrent product only."""
+    jax = pytest.importorskip("jax")
+    import lstm_multi
+    from lstm_multi.backends import jax_backend
+
+    x = jax.numpy.ones((6, 4, 8), "float32")
+    loops = {}
+    for in_step in (True, False):
+        monkeypatch.setattr(jax_backend, "PROJECT_IN_STEP", in_step)
+        cell = lstm_multi.get_cell("jax")(8, 16, variant=variant)  # traced afresh
+        (loops[in_step],) = hlo.cell_report(cell, cell.init(seed=0), x)["forward"]
+    inside, before = loops[True], loops[False]
+    assert inside["gemm"] == 2 and before["gemm"] == 1

@@ -72,6 +72,20 @@ OPS = JaxOps()
 #: slower, benchmarks/NOTES.md)
 SCAN_UNROLL = 2
 
+#: where the input projection x_t W + b is computed: True inside each scan step
+#: (measured faster on XLA-CPU, benchmarks/NOTES.md), False as one (T*B, in)
+#: product before the scan, so that a step is one GEMM (r U) and the gate
+#: fusion (the design of cuDNN and haste, for accelerators); None (default):
+#: inside on the CPU, before the scan on any other default backend
+PROJECT_IN_STEP = None
+
+
+def project_in_step():
+    """Whether ``_forward_scan`` projects x_t inside the step (``PROJECT_IN_STEP``)."""
+    if PROJECT_IN_STEP is not None:
+        return PROJECT_IN_STEP
+    return jax.default_backend() == "cpu"
+
 
 def _varying_axes(array):
     """The mesh axes ``array`` varies over inside ``jax.shard_map`` (empty outside it)."""
@@ -124,23 +138,28 @@ def _summed_like(cotangents, primals):
 def _forward_scan(variant, p, xs, h0, c0, valid, record, unroll):
     """The forward of one direction in ``lax.scan``.
 
-    The input projection x_t W + b is computed inside the step: on XLA-CPU one
-    (T*B, in) product before the scan was measured about 2x slower in the
-    forward than T small ones inside it (benchmarks/NOTES.md).
+    The input projection x_t W + b is computed inside the step on the CPU: on
+    XLA-CPU one (T*B, in) product before the scan was measured about 2x slower
+    in the forward than T small ones inside it (benchmarks/NOTES.md). Elsewhere
+    it is one product before the scan (``project_in_step``).
     Returns (ys, h_T, c_T, residuals); residuals (the recurrent inputs r and the
     gate caches, stacked over time) only when ``record``.
     """
     ops = OPS
     U_step = ops.prepare_step_weight(spec.recurrent_weight(ops, variant, p["U"]))
     extra = network.extra_params(p)
+    in_step = project_in_step()
 
     def step(carry, inputs):
         h, c = carry
         x_t, v = inputs
         r = h if variant.recurrent_state == "h" else c
-        zx = x_t @ p["W"] + p["b"]
+        zx = x_t @ p["W"] + p["b"] if in_step else x_t
         h, c, y, cache = network.masked_step(ops, variant, zx, h, c, v, U_step, extra)
         return (h, c), ((y, r, cache) if record else y)
+
+    if not in_step:
+        xs = ops.project(xs, p["W"], p["b"])  # (T, B, 4H): the steps read z_x from here
 
     # the cell state is carried in float32 for half-precision inputs (ops.state_dtype)
     c_start = ops.cast(c0, ops.state_dtype(ops.dtype_name(c0)))
