@@ -114,6 +114,7 @@ GPU_TESTS = [
     "tests/test_triton.py::test_triton_kernels_compiled_on_cuda_equal_the_program",
     "tests/test_triton.py::test_persistent_kernels_compiled_on_cuda_match_the_oracle",
     "tests/test_torch_graphs.py::test_cuda_graphs_on_the_gpu_equal_direct_calls",
+    "tests/test_cupy_graphs.py::test_cuda_graphs_on_the_gpu_equal_direct_calls",
 ]
 
 

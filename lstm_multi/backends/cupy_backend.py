@@ -15,6 +15,10 @@ array module. What differs is the ops (``cupy_kernels.FusedOps``):
 Dtypes: float32, float64 and float16 (the gate math and the cell state in
 float32, see ``ArrayModuleOps.state_dtype``); CuPy has no bfloat16 here.
 Arrays may be CuPy or NumPy (copied to the current device).
+
+``cuda_graphs=True`` replays each layer-direction's whole forward (with its
+tape) and whole backward from CUDA graphs captured once per shape
+(``cupy_graphs``): one host call a direction instead of a few a step.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import cupy
 import numpy as np
 
+from .. import validation
 from ..cell import FunctionalCell
 from .cupy_kernels import CudaKernels, FusedOps
 from .numpy_backend import ArrayModuleCell
@@ -53,9 +58,44 @@ OPS = CupyOps(CudaKernels(cupy), "cupy")
 
 
 class Cell(ArrayModuleCell):
-    __doc__ = FunctionalCell.__doc__
+    __doc__ = (
+        (FunctionalCell.__doc__ or "")
+        + """
+    CuPy only: ``cuda_graphs=True`` replays each layer-direction's whole time
+    loop, forward (with its tape) and backward, from a CUDA graph captured on
+    the second call of each signature (shapes, dtypes, variant) and replayed
+    from then on (``lstm_multi.backends.cupy_graphs``): one host call a
+    direction instead of a few kernel launches a step, for the same numbers.
+    The graphs belong to the cell (at most 8 each way, the least recently
+    used dropped first), each with its own memory; a capture that fails warns
+    once (``RuntimeWarning``) and that signature runs without a graph.
+    ``cuda_graphs=False`` (the default): every call launches step by step.
+    """
+    )
     backend = "cupy"
     ops = OPS
+
+    def __init__(self, *args, cuda_graphs=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cuda_graphs = validation.check_bool("cuda_graphs", cuda_graphs)
+        self._graphs = self._make_graphed_directions() if cuda_graphs else None
+
+    def _make_graphed_directions(self):
+        """This cell's graph cache (``cupy_graphs.GraphedArrayDirections``); the tests
+        override it to capture with a CPU stand-in."""
+        from .cupy_graphs import GraphedArrayDirections  # imported only where graphs are used
+
+        return GraphedArrayDirections()
+
+    def _run_direction(self, ops, variant, p, xs, h0, c0, valid, record=False):
+        if self._graphs is None:
+            return super()._run_direction(ops, variant, p, xs, h0, c0, valid, record)
+        return self._graphs.run_direction(ops, variant, p, xs, h0, c0, valid, record)
+
+    def _backward_direction(self, ops, variant, p, tape, dys, dh, dc, valid):
+        if self._graphs is None:
+            return super()._backward_direction(ops, variant, p, tape, dys, dh, dc, valid)
+        return self._graphs.backward_direction(ops, variant, p, tape, dys, dh, dc, valid)
 
     def _to_backend(self, array, name):
         if isinstance(array, cupy.ndarray):

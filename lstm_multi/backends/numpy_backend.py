@@ -29,19 +29,19 @@ class ArrayModuleCell(FunctionalCell):
 
     def _forward(self, params, x, h0, c0, lengths, layer_masks=None):
         y, h_n, c_n, _, _ = network.forward(
-            self.ops, self.variant, params, x, h0, c0, lengths, kernel_direction.run_direction,
+            self.ops, self.variant, params, x, h0, c0, lengths, self._run_direction,
             layer_masks=layer_masks,
         )  # fmt: skip
         return y, h_n, c_n
 
     def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None):
-        record = functools.partial(kernel_direction.run_direction, record=True)
+        record = functools.partial(self._run_direction, record=True)
         _, _, _, tapes, layout = network.forward(
             self.ops, self.variant, params, x, h0, c0, lengths, record, layer_masks=layer_masks
         )
         grads, dx, dh0, dc0 = bptt.backward(
             self.ops, self.variant, params, tapes, layout, dy, dh_n, dc_n,
-            kernel_direction.backward_any, layer_masks,
+            self._backward_direction, layer_masks,
         )  # fmt: skip
         # with half-precision inputs some sums come out in float32 (the cell state's
         # dtype): give every gradient its primal's dtype
@@ -51,6 +51,19 @@ class ArrayModuleCell(FunctionalCell):
             for gl, pl in zip(grads, params, strict=True)
         ]
         return grads, cast(dx, dtype(x)), cast(dh0, dtype(h0)), cast(dc0, dtype(c0))
+
+    # the time loop of one layer-direction: a subclass may route it elsewhere (the CuPy
+    # cell replays it from CUDA graphs with ``cuda_graphs=True``)
+
+    def _run_direction(self, ops, variant, p, xs, h0, c0, valid, record=False):
+        """One direction's forward for ``network.forward`` (``network.loop_direction``'s
+        contract): the CPU kernels for host float32/float64, else the array loop."""
+        return kernel_direction.run_direction(ops, variant, p, xs, h0, c0, valid, record)
+
+    def _backward_direction(self, ops, variant, p, tape, dys, dh, dc, valid):
+        """The backward of a tape from ``_run_direction`` (``bptt.backward_direction``'s
+        contract)."""
+        return kernel_direction.backward_any(ops, variant, p, tape, dys, dh, dc, valid)
 
 
 class Cell(ArrayModuleCell):

@@ -1,0 +1,200 @@
+"""The CuPy backend's per-step loop replayed from CUDA graphs (``cuda_graphs=True``).
+
+On a GPU the CuPy cell's time loop (``network.loop_direction`` forward,
+``bptt.backward_direction`` backward: a gemm and one fused gate kernel a step,
+plus a few small ones) is bound by the host: each launch from Python costs more
+than the kernel it launches. ``GraphedArrayDirections`` captures a
+layer-direction's whole forward (with its tape) and its whole backward, each as
+one CUDA graph per signature (shapes, dtypes, devices, variant, ops, whether
+the tape is recorded: ``lstm_multi.device_graphs``), and replays them: one host
+call per direction instead of a few per step.
+
+What changes for the caller: nothing but speed. A replay computes what the
+direct call computes; outputs are copies (a second forward does not overwrite
+the first's tape). The tape crosses the graph boundary stacked
+(``StackedTape``): the recurrent inputs as one (T, B, R) array and each cache
+entry as one (T, ...) array, instead of T arrays each, so that copying it out
+of the forward's graph and into the backward's is a few copies, not several a
+step. Its ``xs`` is the caller's own array (as in ``loop_direction``'s tape),
+not an output of the graph, so it is not copied on the way out.
+
+The capture (``CupyCapturer``), and why each step of it is there:
+
+* it runs on a fresh non-blocking stream: CUDA cannot capture the legacy
+  default stream, and the stream waits for the caller's current stream (which
+  wrote the graph's static inputs) before anything runs on it;
+* the thunk runs once directly on that stream before the capture (a warm-up:
+  cuBLAS handles and workspaces, kernel modules and memory are set up outside
+  the capture, where set-up calls are legal);
+* memory safety: the arrays a capture allocates and frees again (the per-step
+  temporaries) are addresses the graph writes to on every replay. Returned to
+  CuPy's shared memory pool they could be handed to other arrays while the
+  graph still writes there. So every graph gets its own ``cupy.cuda.MemoryPool``,
+  used for the warm-up and the capture (so the capture's allocations are
+  normally served from the blocks the warm-up freed back into it, without a
+  ``cudaMalloc``: CuPy's pools keep free blocks per stream, and both run on the
+  capture stream), and kept alive as long as the graph (``_CupyGraphReplay``);
+  nothing else ever allocates from it;
+* the capture runs in CuPy's default mode for ``begin_capture``
+  (``cudaStreamCaptureModeRelaxed``), so that a pool that must still grow during
+  the capture may call ``cudaMalloc``; a thunk that raises ends the capture
+  before the error propagates (a stream left capturing would break every later
+  launch on it); the caller's stream then waits for the capture stream, since
+  the warm-up read the static inputs that the first replay rewrites;
+* a replay launches the graph on the **current** stream, so that it is ordered
+  after the copies into its inputs and before the copies out of its outputs,
+  which ``GraphedFunction`` issues on that stream.
+
+A failed capture (a host synchronisation, an operation CUDA cannot record)
+warns once and that signature runs directly (``GraphedFunction``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import cupy
+
+from .. import bptt, kernel_direction, network
+from ..device_graphs import Capturer, GraphedFunction
+
+
+class _CupyGraphReplay:
+    """A captured graph and what must outlive it: the private memory pool its
+    temporaries and outputs live in, and the stream it was captured on (the key
+    of the pool's free blocks)."""
+
+    def __init__(self, graph, pool, stream):
+        self.graph, self.pool, self.stream = graph, pool, stream
+
+    def __call__(self):
+        self.graph.launch(stream=cupy.cuda.get_current_stream())
+
+
+def _abandon_capture(stream):
+    """End a capture whose thunk failed; an invalidated capture's own error is not
+    the one to report (the thunk's is)."""
+    try:
+        stream.end_capture()
+    except Exception:  # the thunk's error propagates instead
+        pass
+
+
+class CupyCapturer(Capturer):
+    """CUDA graphs through CuPy's stream capture (design in the module doc)."""
+
+    def is_array(self, x):
+        return isinstance(x, cupy.ndarray)
+
+    def leaf_signature(self, x):
+        # not the strides: the graph reads its own C-contiguous copies of the inputs
+        # (``clone``), and ``copy_into`` copies from any layout
+        return tuple(x.shape), x.dtype, x.device.id
+
+    def clone(self, x):
+        return x.copy(order="C")
+
+    def copy_into(self, dst, src):
+        cupy.copyto(dst, src)
+
+    def capture(self, thunk):
+        current = cupy.cuda.get_current_stream()
+        stream = cupy.cuda.Stream(non_blocking=True)
+        pool = cupy.cuda.MemoryPool()
+        stream.wait_event(current.record())  # the static inputs were written on `current`
+        with cupy.cuda.using_allocator(pool.malloc), stream:
+            thunk()  # warm-up; its arrays are freed back into `pool` here
+            stream.begin_capture()
+            try:
+                outputs = thunk()
+            except BaseException:
+                _abandon_capture(stream)
+                raise
+            graph = stream.end_capture()
+        current.wait_event(stream.record())  # the warm-up read what the replays rewrite
+        return _CupyGraphReplay(graph, pool, stream), outputs
+
+
+# ---------------------------------------------------------------------------
+# the tape across the graph boundary
+
+
+class StackedTape(NamedTuple):
+    """``network.loop_direction``'s tape with its per-step lists stacked over time.
+
+    xs: (T, B, in) the direction's input; rs: (T, B, R) the recurrent input of
+    every step (R = H, or P with a projection, for ``recurrent_state == "h"``);
+    fields: one (T, ...) array per entry of a step's cache (None where the
+    entry is None at every step).
+    """
+
+    xs: Any
+    rs: Any
+    fields: tuple
+
+
+def stack_tape(ops, tape):
+    """``loop_direction``'s tape (xs, rs list, caches list) -> (rs (T, ...), fields)."""
+    _, rs, caches = tape
+    width = len(caches[0]) if caches else 0
+    fields = []
+    for j in range(width):
+        column = [cache[j] for cache in caches]
+        fields.append(None if column[0] is None else ops.stack(column, 0))
+    return ops.stack(rs, 0), tuple(fields)
+
+
+def unstack_tape(xs, rs, fields):
+    """Inverse of ``stack_tape`` as views (no copies): the (xs, rs list, caches list)
+    tape that ``bptt.backward_direction`` walks."""
+    steps = rs.shape[0]
+    caches = [tuple(None if f is None else f[t] for f in fields) for t in range(steps)]
+    return xs, [rs[t] for t in range(steps)], caches
+
+
+def _forward_stacked(ops, variant, p, xs, h0, c0, valid, record):
+    """The function the forward graph captures: ``loop_direction`` with its tape
+    stacked -> (ys, h_T, c_T, (rs, fields) or None)."""
+    ys, h, c, tape = network.loop_direction(ops, variant, p, xs, h0, c0, valid, record)
+    return ys, h, c, (stack_tape(ops, tape) if record else None)
+
+
+def _backward_stacked(ops, variant, p, stacked, dys, dh, dc, valid):
+    """The function the backward graph captures: ``bptt.backward_direction`` on a
+    ``StackedTape`` (as a plain tuple) -> (grads like p, dxs, dh0, dc0)."""
+    tape = unstack_tape(*stacked)
+    return bptt.backward_direction(ops, variant, p, tape, dys, dh, dc, valid)
+
+
+class GraphedArrayDirections:
+    """A direction's forward and backward, each replayed from a captured graph.
+
+    ``run_direction`` has ``network.loop_direction``'s contract (what
+    ``network.forward`` calls; its tape is a ``StackedTape``) and
+    ``backward_direction`` has ``bptt.backward_direction``'s (what
+    ``bptt.backward`` calls) for that tape; any other tape goes to
+    ``kernel_direction.backward_any`` unreplayed. One instance holds one graph
+    cache (``max_graphs`` graphs each way): keep it as long as its graphs are
+    useful (the CuPy cell keeps one per cell). ``capturer`` defaults to CUDA's
+    (``CupyCapturer``); the tests pass ``device_graphs.EagerCapturer``.
+    """
+
+    def __init__(self, capturer=None, max_graphs=8, warmup_calls=1):
+        capturer = capturer or CupyCapturer()
+        self.graphed_forward = GraphedFunction(
+            _forward_stacked, capturer, warmup_calls=warmup_calls, max_graphs=max_graphs
+        )
+        self.graphed_backward = GraphedFunction(
+            _backward_stacked, capturer, warmup_calls=warmup_calls, max_graphs=max_graphs
+        )
+
+    def run_direction(self, ops, variant, p, xs, h0, c0, valid, record=False):
+        """-> (ys (T, B, H), h_T, c_T, StackedTape or None), as ``loop_direction``."""
+        ys, h, c, stacked = self.graphed_forward(ops, variant, p, xs, h0, c0, valid, record)
+        return ys, h, c, (StackedTape(xs, *stacked) if record else None)
+
+    def backward_direction(self, ops, variant, p, tape, dys, dh, dc, valid):
+        """-> (grads like p, dxs (T, B, in), dh0, dc0), as ``bptt.backward_direction``."""
+        if not isinstance(tape, StackedTape):
+            return kernel_direction.backward_any(ops, variant, p, tape, dys, dh, dc, valid)
+        return self.graphed_backward(ops, variant, p, tuple(tape), dys, dh, dc, valid)
