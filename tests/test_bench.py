@@ -222,6 +222,21 @@ def test_list_runners(capsys):
         assert name in out
 
 
+def test_gpu_paths_join_cuda_runs_only():
+    """The GPU paths (Triton gates, CUDA graphs, persistent kernels) are measured beside
+    their backend's default with --device cuda and left out of a CPU run."""
+    from lstm_multi.bench import suite
+
+    pytest.importorskip("torch")
+    on = {
+        device: config.BenchConfig(backends=["torch"], device=device) for device in ("cpu", "cuda")
+    }
+    names = {d: {r.name for r in suite.select_runners(c)} for d, c in on.items()}
+    assert {"torch", "torch[generic]"} <= names["cpu"]
+    assert not any(n in names["cpu"] for n in ("torch[triton]", "torch[triton+graphs]"))
+    assert {"torch[triton]", "torch[triton+graphs]", "torch[persistent]"} <= names["cuda"]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -201,11 +201,13 @@ def list_runners(config):
         fw = FRAMEWORKS[r.framework]
         try:
             fw.check(config.device, config.dtype)
+            if r.devices is not None and config.device not in r.devices:
+                raise Unavailable(f"runs on {', '.join(r.devices)} only (use --device cuda)")
             state = "ok"
         except (Unavailable, ImportError) as error:
             state = f"not here: {error}"
         variants = "all variants" if r.variants is None else ", ".join(r.variants)
-        print(f"{r.name:18} {r.role:10} {variants:22} {state}  - {r.description}")
+        print(f"{r.name:21} {r.role:10} {variants:22} {state}  - {r.description}")
 
 
 def main(argv=None):

@@ -54,6 +54,11 @@ class Runner:
     backend: str | None = None  # lstm_multi backend name for role "backend"
     options: dict = field(default_factory=dict)
     per_variant: bool = True  # False: the same computation for every variant (run once)
+    #: the devices it runs on (None: every device the framework has); others leave it out
+    devices: tuple | None = None
+    #: the path equals the default runner's where the variant has no native kernel
+    #: (``native=False``): then it is not measured twice
+    same_as_default_without_native: bool = False
 
     def supports(self, variant):
         return self.variants is None or variant in self.variants
@@ -72,7 +77,9 @@ def build_backend(runner, case):
     cell = Cell(
         s.input_size, s.hidden_size, variant=case.variant, batch_first=True, **runner.options
     )
-    if runner.options.get("native") is False:
+    if runner.devices is not None and case.device not in runner.devices:
+        raise Unavailable(f"runs on {', '.join(runner.devices)} only (use --device cuda)")
+    if runner.same_as_default_without_native:
         native = Cell(s.input_size, s.hidden_size, variant=case.variant, native=True)
         if not getattr(native, "uses_native", False):
             raise Unavailable(
@@ -138,9 +145,45 @@ def backend_runners():
                     backend=name,
                     options={"native": False},
                     description=f"lstm_multi {name} backend, generic spec path (native=False)",
+                    same_as_default_without_native=True,
                 )
             )
+        accepted = inspect.signature(Cell.__init__).parameters
+        for path, options, description in GPU_PATHS.get(name, ()):
+            if all(k in accepted for k in options):
+                runners.append(
+                    Runner(
+                        f"{name}[{path}]",
+                        framework,
+                        "backend",
+                        build_backend,
+                        backend=name,
+                        options=options,
+                        description=f"lstm_multi {name} backend, {description} (GPU)",
+                        devices=("cuda",),
+                    )
+                )
     return runners
+
+
+#: backend -> the GPU paths measured beside its default with --device cuda:
+#: (name, Cell options, description)
+GPU_PATHS = {
+    "torch": (
+        ("triton", {"native": False, "gate_kernel": "triton"}, "per-step Triton gate kernels"),
+        (
+            "triton+graphs",
+            {"native": False, "gate_kernel": "triton", "cuda_graphs": True},
+            "per-step Triton gate kernels replayed from CUDA graphs",
+        ),
+        (
+            "persistent",
+            {"native": False, "gate_kernel": "triton_persistent"},
+            "persistent Triton kernels (H <= 64; per-step kernels above)",
+        ),
+    ),
+    "cupy": (("graphs", {"cuda_graphs": True}, "replayed from CUDA graphs"),),
+}
 
 
 def all_runners():

@@ -53,6 +53,8 @@ def select_runners(config):
     chosen = []
     for r in every:
         if r.role == "backend":
+            if r.devices is not None and config.device not in r.devices:
+                continue  # a GPU path on a CPU run
             if config.backends is None or r.backend in config.backends or r.name in config.backends:
                 chosen.append(r)
         elif r.name == runners.REFERENCE:
