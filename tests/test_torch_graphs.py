@@ -260,3 +260,30 @@ def test_the_module_takes_the_options_and_checks_them():
     assert "gate_kernel='array', cuda_graphs=True" in repr(chosen)
     x = torch.randn(7, 2, 4)
     torch.testing.assert_close(chosen(x)[0], plain(x)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_replays_of_the_triton_gate_kernels_equal_direct_calls(monkeypatch, tmp_path):
+    """The graphed loop over the per-step Triton kernels (Triton's interpreter on the
+    CPU): the tape of the Triton ops crosses the graph like the array code's."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("LSTM_MULTI_CACHE", str(tmp_path))
+    from lstm_multi.backends.torch_triton import TritonTorchOps
+
+    ops = TritonTorchOps()
+    launches = []
+    kernel_forward = ops.kernels.forward
+    monkeypatch.setattr(ops.kernels, "forward", lambda *a: launches.append(1) or kernel_forward(*a))
+    engine = torch_graphs.GraphedLoopEngine(ops, _torch_capturer())
+    graphed = torch_bptt.direction_runner(
+        ops, False, torch_graphs.graphed_engine_for(engine, applies=lambda tensors: True)
+    )
+    direct = torch_bptt.direction_runner(ops, False, None)
+    cell, params, x, h0, c0, lengths = _problem("peephole", layers=1, T=4)
+    want = _run(cell, direct, params, x, h0, c0, lengths)
+    for _ in range(3):
+        got = _run(cell, graphed, params, x, h0, c0, lengths)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert engine.graphed_forward.replays >= 1 and engine.graphed_backward.replays >= 1
+    assert launches, "the Triton gate kernels did not run"
