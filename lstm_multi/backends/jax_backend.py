@@ -289,16 +289,41 @@ class Cell(FunctionalCell):
     ``True``: JAX differentiates the scan itself, so forward mode and every
     higher order work too (``jvp``, ``jacfwd``, ``hessian``, ``linearize``).
     Both work under ``jit``, ``vmap`` and ``checkpoint``.
+
+    JAX only: ``kernel`` chooses what runs each direction's time loop.
+    ``None`` (the default): ``lax.scan`` (``scan_direction``).
+    ``"pallas_persistent"``: the whole time loop of a direction in one
+    Pallas kernel, forward and backward (``jax_pallas.pallas_direction``: U
+    held on chip, one program per 16 rows of the batch, the variant's
+    generated gate math), for H <= 64, no projection and float32, float16
+    or bfloat16; other directions fall back to the scan. Compiled through
+    Triton on a GPU, run by Pallas's interpreter on the CPU (slow: for
+    tests). Reverse mode only; ``autodiff=True`` cannot be combined with it.
     """
     )
     backend = "jax"
     ops = OPS
 
-    def __init__(self, *args, autodiff=False, **kwargs):
+    #: the values ``kernel`` takes
+    KERNELS = (None, "pallas_persistent")
+
+    def __init__(self, *args, autodiff=False, kernel=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.autodiff = validation.check_bool("autodiff", autodiff)
+        if not (kernel is None or (isinstance(kernel, str) and kernel in self.KERNELS)):
+            raise ValueError(f"kernel: expected None or 'pallas_persistent', got {kernel!r}")
+        if kernel is not None and self.autodiff:
+            raise ValueError(
+                f"kernel: {kernel!r} differentiates through its own custom VJP; it cannot "
+                "be combined with autodiff=True"
+            )
+        self.kernel = kernel
         if self.autodiff:
             self.direction = autodiff_direction
+        elif kernel == "pallas_persistent":
+            from . import jax_pallas  # imported on first use: Pallas is loaded only then
+
+            self.direction = jax_pallas.pallas_direction
         self._jit_forward = jax.jit(self._forward_impl)
         self._jit_vjp = jax.jit(self._vjp_impl)
 
