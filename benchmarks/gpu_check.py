@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -388,6 +389,18 @@ def _measure(name, make, variant, size, dtype, deadline, repeats, warmup):
     if time.perf_counter() > deadline:
         row["status"] = "skipped: time budget"
         return row
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _time_modes(row, make, variant, size, dtype, deadline, repeats, warmup)
+    # a failed CUDA-graph capture warns and runs directly: say so beside the time
+    messages = sorted({str(w.message)[:300] for w in seen if w.category is RuntimeWarning})
+    if messages:
+        row["warnings"] = messages
+    return row
+
+
+def _time_modes(row, make, variant, size, dtype, deadline, repeats, warmup):
+    """Fill ``row`` with the forward and forward+backward times, or why not."""
     try:
         forward, train, sync = make(variant, size, dtype)
         for mode, call in (("forward", forward), ("forward+backward", train)):
@@ -410,7 +423,6 @@ def _measure(name, make, variant, size, dtype, deadline, repeats, warmup):
         row["status"] = f"n/a: {why}"
     except Exception as error:
         row["status"] = f"error: {type(error).__name__}: {error}"[:300]
-    return row
 
 
 # ---------------------------------------------------------------------------
@@ -514,6 +526,14 @@ def markdown(result):
         for r in result.get("benchmark", [])
         if r.get("status") != "ok" and not str(r.get("status", "")).startswith("n/a")
     ]
+    warned = [r for r in result.get("benchmark", []) if r.get("warnings")]
+    if warned:
+        lines += ["", "Warnings (a time beside one may be of the path without its graph):", ""]
+        lines += [
+            f"- {r['backend']} {r['variant']} T={r['T']} B={r['B']} H={r['H']} "
+            f"{r.get('dtype', 'float32')}: {'; '.join(r['warnings'])}"
+            for r in warned
+        ]
     if others:
         lines += ["", "Not measured:", ""]
         lines += [

@@ -60,7 +60,11 @@ class TorchCudaCapturer(Capturer):
             thunk()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread-local: only this thread's CUDA calls are checked against the capture.
+        # In the default "global" mode, another thread's (JAX's runtime threads, a
+        # data loader's pinned copies) CUDA calls during the capture fail, and the
+        # capture with them: the first GPU run left JAX in the same process broken
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outputs = thunk()
         return graph.replay, outputs
 
