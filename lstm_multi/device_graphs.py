@@ -24,6 +24,10 @@ arguments and outputs are trees (tuples, lists, dicts, None) of arrays:
   synchronisation inside ``fn``) is remembered for that signature, reported
   once with a ``RuntimeWarning`` naming the reason, and ``fn`` runs directly
   from then on: a graph is an optimisation, never a new way to fail;
+* called while the caller is itself capturing a graph (``torch.cuda.graph``
+  around a training step, ``torch.compile(mode="reduce-overhead")``), ``fn``
+  runs directly and is recorded into the caller's graph: a capture cannot
+  nest, and a failed one would spoil the caller's;
 * at most ``max_graphs`` graphs are kept (least recently used dropped first):
   each holds its own memory (its inputs, outputs and temporaries), so a
   workload with many sequence lengths does not grow without bound.
@@ -50,6 +54,11 @@ class Capturer:
 
     def context(self):
         return ()
+
+    def capturing(self):
+        """Whether the caller is itself recording a graph now (then ``GraphedFunction``
+        neither captures nor replays: ``fn`` runs into the caller's graph)."""
+        return False
 
 
 def flatten(tree):
@@ -121,6 +130,8 @@ class GraphedFunction:
         return _freeze(structure), parts, self.capturer.context()
 
     def __call__(self, *args):
+        if self.capturer.capturing():  # inside the caller's own capture: be recorded by it
+            return self.fn(*args)
         leaves, structure = flatten(args)
         key = self._signature(leaves, structure)
         graph = self.graphs.get(key)

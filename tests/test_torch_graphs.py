@@ -287,3 +287,23 @@ def test_replays_of_the_triton_gate_kernels_equal_direct_calls(monkeypatch, tmp_
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert engine.graphed_forward.replays >= 1 and engine.graphed_backward.replays >= 1
     assert launches, "the Triton gate kernels did not run"
+
+
+def test_inside_the_callers_own_capture_nothing_is_captured_or_replayed():
+    """A capture cannot nest: while the caller records a graph of its own (a whole
+    training step), the loop runs directly, to be recorded in the caller's graph."""
+
+    class CallerCapturing(EagerCapturer):
+        def capturing(self):
+            return True
+
+    base = _torch_capturer()
+    capturer = CallerCapturing(base.is_array, base.clone, base.copy_into, base.leaf_signature)
+    runner, engine = _graphed_runner(capturer)
+    cell, params, x, h0, c0, lengths = _problem("peephole", layers=1)
+    want = _run(cell, torch_bptt.array_run_direction, params, x, h0, c0, lengths)
+    for _ in range(3):
+        got = _run(cell, runner, params, x, h0, c0, lengths)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert capturer.captures == 0 and engine.graphed_forward.replays == 0

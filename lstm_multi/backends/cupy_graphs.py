@@ -97,6 +97,9 @@ class CupyCapturer(Capturer):
     def copy_into(self, dst, src):
         cupy.copyto(dst, src)
 
+    def capturing(self):
+        return cupy.cuda.get_current_stream().is_capturing()
+
     def capture(self, thunk):
         current = cupy.cuda.get_current_stream()
         stream = cupy.cuda.Stream(non_blocking=True)

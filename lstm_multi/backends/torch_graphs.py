@@ -53,6 +53,9 @@ class TorchCudaCapturer(Capturer):
     def context(self):
         return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
 
+    def capturing(self):
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
     def capture(self, thunk):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
