@@ -17,11 +17,10 @@ import warnings
 import numpy as np
 import pytest
 
-pytest.importorskip("cupy", reason="the CuPy backend needs cupy (pip install cupy-cuda12x)")
-
 from lstm_multi import bptt, network, spec  # noqa: E402
-from lstm_multi.backends import cupy_backend, cupy_graphs  # noqa: E402
+from lstm_multi.backends import cupy_graphs  # noqa: E402
 from lstm_multi.backends.cupy_kernels import FusedOps, ProgramKernels  # noqa: E402
+from lstm_multi.backends.numpy_backend import ArrayModuleCell  # noqa: E402
 from lstm_multi.device_graphs import EagerCapturer  # noqa: E402
 
 
@@ -53,7 +52,7 @@ class DeviceLikeOps(FusedOps):
 OPS = DeviceLikeOps(ProgramKernels(), "program")
 
 
-class ProgramCell(cupy_backend.Cell):
+class ProgramCell(cupy_graphs.GraphedDirectionsCell, ArrayModuleCell):
     """The CuPy backend's cell with NumPy in place of CuPy, graphs captured eagerly."""
 
     backend = "cupy-program"
@@ -283,7 +282,21 @@ def test_a_failed_capture_warns_once_and_runs_directly():
 # the cell's argument
 
 
+def _cupy_backend():
+    pytest.importorskip("cupy", reason="the CuPy backend needs cupy (pip install cupy-cuda12x)")
+    from lstm_multi.backends import cupy_backend
+
+    return cupy_backend
+
+
 def test_cuda_graphs_must_be_a_bool():
+    for value in ("yes", 1, None):
+        with pytest.raises(TypeError, match="cuda_graphs: expected True or False"):
+            ProgramCell(3, 4, cuda_graphs=value)
+
+
+def test_the_cupy_cell_takes_cuda_graphs():
+    cupy_backend = _cupy_backend()
     for value in ("yes", 1, None):
         with pytest.raises(TypeError, match="cuda_graphs: expected True or False"):
             cupy_backend.Cell(3, 4, cuda_graphs=value)
@@ -306,6 +319,7 @@ def test_cuda_graphs_on_the_gpu_equal_direct_calls(variant, proj_size):
     """CuPy's stream capture: three calls with graphs equal the same cell without
     them (the same kernels: equal up to the products' nondeterminism), forward and
     every gradient, in float32; and they were replayed, not run directly."""
+    cupy_backend = _cupy_backend()
     reason = cupy_backend.unavailable_reason()
     if reason is not None:
         pytest.skip(f"cupy: {reason}")

@@ -26,8 +26,8 @@ from __future__ import annotations
 import cupy
 import numpy as np
 
-from .. import validation
 from ..cell import FunctionalCell
+from .cupy_graphs import GraphedDirectionsCell
 from .cupy_kernels import CudaKernels, FusedOps
 from .numpy_backend import ArrayModuleCell
 
@@ -57,7 +57,7 @@ class CupyOps(FusedOps):
 OPS = CupyOps(CudaKernels(cupy), "cupy")
 
 
-class Cell(ArrayModuleCell):
+class Cell(GraphedDirectionsCell, ArrayModuleCell):
     __doc__ = (
         (FunctionalCell.__doc__ or "")
         + """
@@ -74,28 +74,6 @@ class Cell(ArrayModuleCell):
     )
     backend = "cupy"
     ops = OPS
-
-    def __init__(self, *args, cuda_graphs=False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.cuda_graphs = validation.check_bool("cuda_graphs", cuda_graphs)
-        self._graphs = self._make_graphed_directions() if cuda_graphs else None
-
-    def _make_graphed_directions(self):
-        """This cell's graph cache (``cupy_graphs.GraphedArrayDirections``); the tests
-        override it to capture with a CPU stand-in."""
-        from .cupy_graphs import GraphedArrayDirections  # imported only where graphs are used
-
-        return GraphedArrayDirections()
-
-    def _run_direction(self, ops, variant, p, xs, h0, c0, valid, record=False):
-        if self._graphs is None:
-            return super()._run_direction(ops, variant, p, xs, h0, c0, valid, record)
-        return self._graphs.run_direction(ops, variant, p, xs, h0, c0, valid, record)
-
-    def _backward_direction(self, ops, variant, p, tape, dys, dh, dc, valid):
-        if self._graphs is None:
-            return super()._backward_direction(ops, variant, p, tape, dys, dh, dc, valid)
-        return self._graphs.backward_direction(ops, variant, p, tape, dys, dh, dc, valid)
 
     def _to_backend(self, array, name):
         if isinstance(array, cupy.ndarray):

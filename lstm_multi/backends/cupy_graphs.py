@@ -53,10 +53,16 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import cupy
-
-from .. import bptt, kernel_direction, network
+from .. import bptt, kernel_direction, network, validation
 from ..device_graphs import Capturer, GraphedFunction
+
+
+def _cupy():
+    """CuPy, imported where a real capture needs it (the rest of this module runs
+    without it: the tests drive it with NumPy and a stand-in capturer)."""
+    import cupy
+
+    return cupy
 
 
 class _CupyGraphReplay:
@@ -68,7 +74,7 @@ class _CupyGraphReplay:
         self.graph, self.pool, self.stream = graph, pool, stream
 
     def __call__(self):
-        self.graph.launch(stream=cupy.cuda.get_current_stream())
+        self.graph.launch(stream=_cupy().cuda.get_current_stream())
 
 
 def _abandon_capture(stream):
@@ -84,7 +90,7 @@ class CupyCapturer(Capturer):
     """CUDA graphs through CuPy's stream capture (design in the module doc)."""
 
     def is_array(self, x):
-        return isinstance(x, cupy.ndarray)
+        return isinstance(x, _cupy().ndarray)
 
     def leaf_signature(self, x):
         # not the strides: the graph reads its own C-contiguous copies of the inputs
@@ -95,12 +101,13 @@ class CupyCapturer(Capturer):
         return x.copy(order="C")
 
     def copy_into(self, dst, src):
-        cupy.copyto(dst, src)
+        _cupy().copyto(dst, src)
 
     def capturing(self):
-        return cupy.cuda.get_current_stream().is_capturing()
+        return _cupy().cuda.get_current_stream().is_capturing()
 
     def capture(self, thunk):
+        cupy = _cupy()
         current = cupy.cuda.get_current_stream()
         stream = cupy.cuda.Stream(non_blocking=True)
         pool = cupy.cuda.MemoryPool()
@@ -201,3 +208,28 @@ class GraphedArrayDirections:
         if not isinstance(tape, StackedTape):
             return kernel_direction.backward_any(ops, variant, p, tape, dys, dh, dc, valid)
         return self.graphed_backward(ops, variant, p, tuple(tape), dys, dh, dc, valid)
+
+
+class GraphedDirectionsCell:
+    """The ``cuda_graphs`` option of an ``ArrayModuleCell`` (the CuPy cell's), as a mixin:
+    with ``cuda_graphs=True`` each cell keeps one ``GraphedArrayDirections`` and routes
+    its directions' forward and backward through it (graphs persist across calls)."""
+
+    def __init__(self, *args, cuda_graphs=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cuda_graphs = validation.check_bool("cuda_graphs", cuda_graphs)
+        self._graphs = self._make_graphed_directions() if cuda_graphs else None
+
+    def _make_graphed_directions(self):
+        """This cell's graph cache; the tests override it to capture with a CPU stand-in."""
+        return GraphedArrayDirections()
+
+    def _run_direction(self, ops, variant, p, xs, h0, c0, valid, record=False):
+        if self._graphs is None:
+            return super()._run_direction(ops, variant, p, xs, h0, c0, valid, record)
+        return self._graphs.run_direction(ops, variant, p, xs, h0, c0, valid, record)
+
+    def _backward_direction(self, ops, variant, p, tape, dys, dh, dc, valid):
+        if self._graphs is None:
+            return super()._backward_direction(ops, variant, p, tape, dys, dh, dc, valid)
+        return self._graphs.backward_direction(ops, variant, p, tape, dys, dh, dc, valid)
