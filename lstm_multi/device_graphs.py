@@ -98,6 +98,29 @@ def _freeze(structure):
     return kind, head, tuple(_freeze(c) for c in children)
 
 
+def stack_steps(stack, rs, caches):
+    """A per-step tape stacked over time, so that it crosses a graph's boundary as a
+    few arrays instead of several per step.
+
+    rs: T recurrent inputs; caches: T tuples of a step's cached values;
+    ``stack(list) -> array`` stacks along a new leading axis. Returns (rs (T, ...),
+    fields: one (T, ...) array per cache entry, None where the entry is None).
+    """
+    width = len(caches[0]) if caches else 0
+    fields = []
+    for j in range(width):
+        column = [cache[j] for cache in caches]
+        fields.append(None if column[0] is None else stack(column))
+    return stack(list(rs)), tuple(fields)
+
+
+def unstack_steps(rs, fields):
+    """Inverse of ``stack_steps``, as views: (rs list, caches list of tuples)."""
+    steps = rs.shape[0]
+    caches = [tuple(None if f is None else f[t] for f in fields) for t in range(steps)]
+    return [rs[t] for t in range(steps)], caches
+
+
 class _Graph:
     def __init__(self, replay, static_inputs, static_outputs, output_structure):
         self.replay = replay

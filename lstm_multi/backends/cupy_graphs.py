@@ -54,7 +54,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .. import bptt, kernel_direction, network, validation
-from ..device_graphs import Capturer, GraphedFunction
+from ..device_graphs import Capturer, GraphedFunction, stack_steps, unstack_steps
 
 
 def _cupy():
@@ -146,20 +146,13 @@ class StackedTape(NamedTuple):
 def stack_tape(ops, tape):
     """``loop_direction``'s tape (xs, rs list, caches list) -> (rs (T, ...), fields)."""
     _, rs, caches = tape
-    width = len(caches[0]) if caches else 0
-    fields = []
-    for j in range(width):
-        column = [cache[j] for cache in caches]
-        fields.append(None if column[0] is None else ops.stack(column, 0))
-    return ops.stack(rs, 0), tuple(fields)
+    return stack_steps(lambda arrays: ops.stack(arrays, 0), rs, caches)
 
 
 def unstack_tape(xs, rs, fields):
     """Inverse of ``stack_tape`` as views (no copies): the (xs, rs list, caches list)
     tape that ``bptt.backward_direction`` walks."""
-    steps = rs.shape[0]
-    caches = [tuple(None if f is None else f[t] for f in fields) for t in range(steps)]
-    return xs, [rs[t] for t in range(steps)], caches
+    return (xs, *unstack_steps(rs, fields))
 
 
 def _forward_stacked(ops, variant, p, xs, h0, c0, valid, record):

@@ -28,7 +28,7 @@ import functools
 
 import torch
 
-from ..device_graphs import Capturer, GraphedFunction
+from ..device_graphs import Capturer, GraphedFunction, stack_steps, unstack_steps
 from .torch_bptt import LoopEngine, _flatten_tape, _unflatten_tape, direction_runner
 
 
@@ -76,20 +76,14 @@ def stack_tape(tape, steps):
     """``LoopEngine``'s flat tape -> (xs, rs (T, B, H), one (T, ...) tensor per cache
     entry); an entry that is None at every step stays None."""
     xs, rs, caches = _unflatten_tape(tape, steps)
-    width = len(caches[0]) if caches else 0
-    fields = []
-    for j in range(width):
-        column = [cache[j] for cache in caches]
-        fields.append(None if column[0] is None else torch.stack(column))
-    return (xs, torch.stack(rs), *fields)
+    rs, fields = stack_steps(torch.stack, rs, caches)
+    return (xs, rs, *fields)
 
 
 def unstack_tape(stacked):
     """Inverse of ``stack_tape``, as views (no copies)."""
     xs, rs, *fields = stacked
-    steps = xs.shape[0]
-    caches = [tuple(None if f is None else f[t] for f in fields) for t in range(steps)]
-    return _flatten_tape((xs, list(rs.unbind(0)), caches))
+    return _flatten_tape((xs, *unstack_steps(rs, fields)))
 
 
 class GraphedLoopEngine:
