@@ -43,4 +43,8 @@ def worker(rank, world, init_file, out_dir, configs):
         train(DistributedDataParallel(model), optimizer, example, batches, rank, world)
         if rank == 0:
             torch.save(model.state_dict(), os.path.join(out_dir, f"{name}.pt"))
+    # Without this barrier the rank that finishes first tears gloo down while
+    # the other still holds a connection to it, and its C++ threads abort the
+    # process ("terminate called without an active exception"): seen once in CI.
+    dist.barrier()
     dist.destroy_process_group()
