@@ -9,8 +9,11 @@ Forward: the input projection x W + b for the whole sequence (the
 framework's GEMM), then per step z_t += r_{t-1} U and the fused gate kernel.
 Where a step's product is small (``SEQUENCE_LOOP_MAX_MACS``) the whole time
 loop runs in C, products included: a framework's per-call overhead (several
-microseconds) would dominate there. Above it each step is one framework GEMM
-(BLAS, oneDNN) plus one call of the fused gate kernel.
+microseconds) would dominate there. Above it, where the framework offers its
+BLAS (``ops.host_blas()``: torch's MKL) the batch-split loops run the whole
+sequence in C, each thread its own rows, its products on that BLAS
+(``_split_plan``); elsewhere each step is one framework GEMM plus one call of
+the fused gate kernel.
 
 Backward: per step (in reverse) the fused gate backward, then dr = dz U^T;
 afterwards dW, dU, dx as whole-sequence products and db as a sum
@@ -38,6 +41,9 @@ from .network import extra_params
 #: up to this many multiply-adds per step (B * H * 4H) the whole loop runs in C
 #: (measured: benchmarks/NOTES.md section 9)
 SEQUENCE_LOOP_MAX_MACS = 1 << 17
+
+#: the batch-split loops give each thread at least this many rows (see ``_split_plan``)
+SPLIT_MIN_ROWS = 8
 
 
 class KernelTape(NamedTuple):
@@ -104,6 +110,29 @@ def sequence_loop_in_c(batch, hidden):
     return batch * hidden * 4 * hidden <= SEQUENCE_LOOP_MAX_MACS
 
 
+def _split_plan(ops, kernels, batch, hidden):
+    """(loops, threads) for the batch-split loops, or None for the per-step loop: where
+    the framework's BLAS can be called from the kernels and every thread gets at
+    least ``SPLIT_MIN_ROWS`` rows (with fewer a thread streams all of U for little
+    work; one thread still runs the whole loop in C, its products on the BLAS)."""
+    loops = kernels.split_loops(ops.host_blas())
+    if loops is None:
+        return None
+    threads = max(1, min(ops.host_blas().threads, batch // SPLIT_MIN_ROWS))
+    return loops, threads
+
+
+def _packed(ops, loops, U, batch, threads, hidden, transposed):
+    """U packed for the BLAS's packed GEMM (float32 with MKL), or None."""
+    rows = -(-batch // threads)
+    nbytes = loops.packed_bytes(rows, hidden, int(transposed))
+    if not nbytes:
+        return None
+    packed = ops.empty((nbytes // 4 + 1,), U)
+    loops.pack(rows, hidden, ops.address(U), int(transposed), ops.address(packed))
+    return packed
+
+
 def forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record=False):
     """``network.loop_direction`` on the kernels: -> (ys, h_T, c_T, tape or None)."""
     variant = spec.get_variant(variant)
@@ -124,10 +153,18 @@ def forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record=False)
     address = ops.address
     v = None if valid_bytes is None else address(valid_bytes)
     s = None if saved is None else address(saved)
+    split = _split_plan(ops, kernels, batch, hidden)
     if sequence_loop_in_c(batch, hidden):
         kernels.sequence_forward(
             steps, batch, hidden, address(zx), address(U), address(hs), address(cs),
             address(P), v, address(ys), s,
+        )  # fmt: skip
+    elif split is not None:
+        loops, threads = split
+        packed = _packed(ops, loops, U, batch, threads, hidden, transposed=False)
+        loops.forward(
+            steps, batch, hidden, address(zx), address(U), None if packed is None else address(packed),
+            address(hs), address(cs), address(P), v, address(ys), s, threads,
         )  # fmt: skip
     else:
         rs = ops.unstack_time(hs if variant.recurrent_state == "h" else cs)
@@ -182,12 +219,21 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
     valid_bytes = _valid_bytes(ops, valid)
     address = ops.address
     v = None if valid_bytes is None else address(valid_bytes)
+    split = _split_plan(ops, kernels, batch, hidden)
     if sequence_loop_in_c(batch, hidden):
         U_t = ops.contiguous(ops.transpose(U))
         kernels.sequence_backward(
             steps, batch, hidden, address(dys), address(dh), address(dc), address(cs),
             address(saved),
             address(P), v, address(U_t), address(dzs), address(dP),
+        )  # fmt: skip
+    elif split is not None:
+        loops, threads = split
+        packed = _packed(ops, loops, U, batch, threads, hidden, transposed=True)
+        loops.backward(
+            steps, batch, hidden, address(dys), address(dh), address(dc), address(cs),
+            address(saved), address(P), v, address(U), None if packed is None else address(packed),
+            address(dzs), address(dP), threads,
         )  # fmt: skip
     else:
         U_t = ops.transpose(U)

@@ -184,6 +184,13 @@ class ArrayModuleOps:
         """The address of a C-contiguous host array's first element."""
         return x.__array_interface__["data"][0]
 
+    def host_blas(self):
+        """The framework's BLAS for the CPU kernels' batch-split loops (a
+        ``compile.cpu_kernels.HostBlas``), or None: here None, since NumPy's
+        OpenBLAS runs its own thread pool, and an OpenMP region beside it was 20x
+        slower (benchmarks/NOTES.md section 9)."""
+        return None
+
     # construction and shape
     def zeros(self, shape, like):
         return self.xp.zeros(shape, dtype=like.dtype)

@@ -113,6 +113,13 @@ def test_kernel_gradients_by_finite_differences(variant, loop, monkeypatch):
     """d(loss)/d(every input) from the kernels' backward against central differences,
     float64, one direction with lengths; loss = <ys, wy> + <h_T, wh> + <c_T, wc>."""
     monkeypatch.setattr(kernel_direction, "SEQUENCE_LOOP_MAX_MACS", LOOPS[loop])
+    monkeypatch.setenv("LSTM_MULTI_CPU_THREADS", "0")
+    check_direction_by_finite_differences(NP_OPS, lambda a: a, variant)
+
+
+def check_direction_by_finite_differences(ops, as_array, variant):
+    """One direction with lengths on ``ops`` (``as_array`` views a float64 NumPy array
+    as the framework's array, sharing its memory) against central differences."""
     v = spec.get_variant(variant)
     rng = np.random.default_rng(3)
     steps, batch, inputs, hidden = 4, 3, 2, 3
@@ -127,29 +134,33 @@ def test_kernel_gradients_by_finite_differences(variant, loop, monkeypatch):
     valid = (np.arange(steps)[:, None] < np.array([4, 2, 3])[None, :])[:, :, None]
     wy = rng.standard_normal((steps, batch, hidden))
     wh, wc = rng.standard_normal((2, batch, hidden))
-    kernels = kernel_direction.kernels_for(NP_OPS, v, xs)
+    views = {k: as_array(a) for k, a in p.items()}
+    xs_, h0_, c0_, valid_ = (as_array(a) for a in (xs, h0, c0, valid))
+    kernels = kernel_direction.kernels_for(ops, v, xs_)
 
-    def loss(p, xs, h0, c0):
-        ys, h, c, _ = kernel_direction.forward_direction(NP_OPS, kernels, v, p, xs, h0, c0, valid)
-        return np.sum(ys * wy) + np.sum(h * wh) + np.sum(c * wc)
+    def loss():
+        ys, h, c, _ = kernel_direction.forward_direction(
+            ops, kernels, v, views, xs_, h0_, c0_, valid_
+        )
+        return float(sum(np.sum(np.asarray(a) * w) for a, w in ((ys, wy), (h, wh), (c, wc))))
 
     _, _, _, tape = kernel_direction.forward_direction(
-        NP_OPS, kernels, v, p, xs, h0, c0, valid, record=True
+        ops, kernels, v, views, xs_, h0_, c0_, valid_, record=True
     )
     grads, dxs, dh0, dc0 = kernel_direction.backward_direction(
-        NP_OPS, kernels, v, p, tape, wy, wh, wc, valid
+        ops, kernels, v, views, tape, *map(as_array, (wy, wh, wc)), valid_
     )
-    inputs_and_grads = {**{k: (p[k], grads[k]) for k in p}, "xs": (xs, dxs)}
-    inputs_and_grads.update(h0=(h0, dh0), c0=(c0, dc0))
+    inputs_and_grads = {**{k: (p[k], np.asarray(grads[k])) for k in p}, "xs": (xs, np.asarray(dxs))}
+    inputs_and_grads.update(h0=(h0, np.asarray(dh0)), c0=(c0, np.asarray(dc0)))
     eps = 1e-6
     for name, (array, grad) in inputs_and_grads.items():
         numeric = np.zeros_like(array)
         for index in np.ndindex(array.shape):
             saved = array[index]
             array[index] = saved + eps
-            up = loss(p, xs, h0, c0)
+            up = loss()
             array[index] = saved - eps
-            down = loss(p, xs, h0, c0)
+            down = loss()
             array[index] = saved
             numeric[index] = (up - down) / (2 * eps)
         np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8, err_msg=name)

@@ -169,13 +169,16 @@ def test_torch_bptt_equals_autograd_reference_float64(cfg):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_torch_bptt_onednn_float32_equals_reference(variant, monkeypatch):
-    """float32 on the CPU takes the oneDNN GEMMs (where this torch has them)."""
+    """float32 on the CPU with the oneDNN GEMMs (where this torch has them; by default
+    they run only where they beat the BLAS, ``onednn_beats_blas``)."""
     fast, ref = torch_cells()
     import torch
 
+    from lstm_multi.backends import torch_bptt
     from lstm_multi.backends.torch_bptt import OneDnnTorchOps
 
     monkeypatch.setattr(OneDnnTorchOps, "ONEDNN_MIN_MACS", 0)  # oneDNN even for these sizes
+    monkeypatch.setattr(torch_bptt.FAST_OPS, "linear", torch_bptt._mkldnn_linear())
 
     cfg = {
         "variant": variant,
@@ -203,7 +206,7 @@ def test_torch_bptt_ops_gemms_match_torch_mm(min_macs, monkeypatch):
 
     monkeypatch.setattr(OneDnnTorchOps, "ONEDNN_MIN_MACS", min_macs)
 
-    fused, plain = OneDnnTorchOps(), OneDnnTorchOps(use_mkldnn=False)
+    fused, plain = OneDnnTorchOps(use_mkldnn=True), OneDnnTorchOps(use_mkldnn=False)
     g = torch.Generator().manual_seed(0)
     r, U = torch.randn(6, 8, generator=g), torch.randn(8, 32, generator=g)
     zx, dz = torch.randn(6, 32, generator=g), torch.randn(6, 32, generator=g)

@@ -41,6 +41,30 @@ def _mkldnn_linear():
         return None
 
 
+def onednn_beats_blas():
+    """Whether oneDNN's products beat torch's BLAS on this CPU.
+
+    Not where torch's BLAS is MKL on an Intel CPU (2-core Xeon, float32: the input
+    projection at T100 B64 I128 H256 5.5 against 6.7 ms, the backward's three
+    whole-sequence products 20 against 36 ms, a step's product 118 against 150 us;
+    benchmarks/NOTES.md section 12). Elsewhere yes (an AMD host: addmm 8.7 against
+    oneDNN 3.6 ms, NOTES section 1; CPUs without MKL).
+    """
+    return not (torch.backends.mkl.is_available() and _cpu_vendor() == "GenuineIntel")
+
+
+def _cpu_vendor():
+    """The CPU's vendor string from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), or ""."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def _recorded(*tensors):
     """Whether autograd records an op on ``tensors`` now (then no in-place update).
 
@@ -56,8 +80,12 @@ class OneDnnTorchOps(TorchOps):
 
     name = "torch_bptt"
 
-    def __init__(self, use_mkldnn=True):
+    def __init__(self, use_mkldnn=None):
+        """``use_mkldnn``: None (oneDNN where it beats the BLAS, ``onednn_beats_blas``),
+        True (wherever torch has it) or False (never)."""
         super().__init__()
+        if use_mkldnn is None:
+            use_mkldnn = onednn_beats_blas()
         self.linear = _mkldnn_linear() if use_mkldnn else None
 
     def _onednn(self, t):

@@ -6,9 +6,26 @@ module. Tensors may live on any device; what is made here follows its input.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
+from ..compile.cpu_kernels import HostBlas
 from ..ops import ArrayModuleOps
+
+
+@functools.cache
+def _mkl_library():
+    """The path of torch's ``libtorch_cpu`` when torch was built with MKL (which its
+    x86 wheels link into that library, exporting the BLAS), else None."""
+    if not torch.backends.mkl.is_available():
+        return None
+    directory = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        if os.path.exists(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    return None
 
 
 class TorchOps(ArrayModuleOps):
@@ -61,6 +78,11 @@ class TorchOps(ArrayModuleOps):
 
     def address(self, x):
         return x.data_ptr()
+
+    def host_blas(self):
+        """torch's MKL, in the library that carries it, and torch's thread count; None
+        where torch has no MKL (e.g. ARM builds) or the library is not found."""
+        return _mkl_library() and HostBlas(_mkl_library(), torch.get_num_threads())
 
     def zeros(self, shape, like):
         return torch.zeros(shape, dtype=like.dtype, device=like.device)

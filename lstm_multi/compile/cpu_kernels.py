@@ -11,6 +11,15 @@ milliseconds.
 
 ``LSTM_MULTI_CPU_KERNELS=0`` turns them off (every path then runs the
 generated array code, one framework call per operation).
+
+The batch-split loops (``lm_split_forward``/``lm_split_backward``) run each
+thread's rows of the batch through the whole sequence, the step products on
+the framework's own BLAS. ``CpuKernels.split_loops(host)`` gives them only
+where that is safe: the framework names a loaded library carrying a BLAS
+(``ops.host_blas()``: torch's MKL), and the OpenMP runtime the kernels bound
+to is the only one in the process (the framework's: a second runtime's
+threads spinning beside the first's was 20x slower, benchmarks/NOTES.md
+section 9). ``LSTM_MULTI_CPU_THREADS=0`` turns them off.
 """
 
 from __future__ import annotations
@@ -18,7 +27,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import re
 import warnings
+from typing import NamedTuple
 
 from . import emit_cpu, emit_cuda, host_kernels
 
@@ -27,10 +38,13 @@ FLAGS = (
     "-march=native",
     "-fno-math-errno",  # lets the compiler vectorise; no code here reads errno
     "-fno-trapping-math",  # selects of floating values become blends (vectorisable)
-    "-fopenmp-simd",  # the '#pragma omp simd' loops, without an OpenMP runtime
+    "-fopenmp",  # the '#pragma omp simd' loops, and the batch-split loops' parallel region
     "-Wall",
     "-Werror",
 )
+#: where the compiler has no OpenMP runtime (Apple's clang): the simd loops alone,
+#: and no batch-split loops
+FLAGS_WITHOUT_OPENMP = tuple("-fopenmp-simd" if f == "-fopenmp" else f for f in FLAGS)
 
 _SIZE = ctypes.c_long
 _ADDRESS = ctypes.c_void_p
@@ -50,7 +64,12 @@ class CpuKernels:
         self.saved_count = len(emit_cuda.forward_stored(programs))
         self.rows = len(programs.param_rows)
         source = emit_cpu.cpu_source(programs, scalar, variant.recurrent_state)
-        library = host_kernels.compile_library(source, FLAGS)
+        try:
+            library = host_kernels.compile_library(source, FLAGS)
+        except host_kernels.CompilerMissing:
+            raise
+        except RuntimeError:
+            library = host_kernels.compile_library(source, FLAGS_WITHOUT_OPENMP)
         self.step_forward = _bind(library.lm_step_forward, 2, 10)
         self.step_backward = _bind(library.lm_step_backward, 2, 11)
         self.sequence_forward = _bind(library.lm_sequence_forward, 3, 8)
@@ -58,6 +77,17 @@ class CpuKernels:
         self.nonlinearities = _bind(library.lm_nonlinearities, 1, 3)
         self._advise = library.lm_advise_huge_pages
         self._advise.argtypes, self._advise.restype = [_ADDRESS, _SIZE], ctypes.c_int
+        self._library = library
+        self._split = {}  # host BLAS library -> SplitLoops or None
+
+    def split_loops(self, host):
+        """The batch-split loops on ``host``'s BLAS (a ``HostBlas``), or None where they
+        cannot run safely here (see the module doc)."""
+        if host is None or not split_enabled():
+            return None
+        if host.library not in self._split:
+            self._split[host.library] = _split_loops(self._library, host.library)
+        return self._split[host.library]
 
     #: buffers below this size are left to the allocator's ordinary pages
     HUGE_PAGE_MIN_BYTES = 4 << 20
@@ -74,6 +104,73 @@ def _bind(function, sizes, arrays):
     function.argtypes = [_SIZE] * sizes + [_ADDRESS] * arrays
     function.restype = None
     return function
+
+
+class HostBlas(NamedTuple):
+    """Where a framework's BLAS is (``library``, a loaded shared library's path) and how
+    many threads it runs (``threads``): what ``ops.host_blas()`` gives."""
+
+    library: str
+    threads: int
+
+
+class SplitLoops:
+    """``lm_split_forward``/``lm_split_backward`` bound to a BLAS (``emit_cpu``).
+
+    ``packed_bytes(rows, H, transposed)`` is the size of U packed for the products
+    of ``rows`` rows (0: no packed GEMM here, pass None for it), ``pack`` fills it.
+    """
+
+    def __init__(self, library, packed):
+        self.packed = packed
+        self.forward = library.lm_split_forward
+        self.forward.argtypes = [_SIZE] * 3 + [_ADDRESS] * 9 + [_SIZE]
+        self.backward = library.lm_split_backward
+        self.backward.argtypes = [_SIZE] * 3 + [_ADDRESS] * 11 + [_SIZE]
+        self.forward.restype = self.backward.restype = None
+        self.packed_bytes = library.lm_blas_packed_bytes
+        self.packed_bytes.argtypes, self.packed_bytes.restype = [_SIZE, _SIZE, ctypes.c_int], _SIZE
+        self.pack = library.lm_blas_pack
+        self.pack.argtypes, self.pack.restype = (
+            [_SIZE, _SIZE, _ADDRESS, ctypes.c_int, _ADDRESS],
+            None,
+        )
+
+
+def _split_loops(library, blas_library):
+    if not hasattr(library, "lm_openmp_runtime"):
+        return None  # built without OpenMP
+    runtime = library.lm_openmp_runtime
+    runtime.argtypes, runtime.restype = [], ctypes.c_char_p
+    ours = os.path.realpath(runtime().decode())
+    if openmp_runtimes() != {ours}:
+        return None
+    bind = library.lm_blas_bind
+    bind.argtypes, bind.restype = [ctypes.c_char_p], ctypes.c_int
+    found = bind(os.fsencode(blas_library))
+    return SplitLoops(library, packed=found == 2) if found else None
+
+
+def openmp_runtimes():
+    """The files of the OpenMP runtimes mapped into this process (GNU's, LLVM's, Intel's),
+    or None where that cannot be read (no ``/proc/self/maps``: not Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return None
+    found = set()
+    for line in lines:
+        path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+        if re.search(r"/lib(g|i|)omp[^/]*\.so", path):
+            found.add(os.path.realpath(path))
+    return found
+
+
+def split_enabled() -> bool:
+    """False when ``LSTM_MULTI_CPU_THREADS=0`` asks for the per-step loop instead of
+    the batch-split loops."""
+    return os.environ.get("LSTM_MULTI_CPU_THREADS", "1") != "0"
 
 
 def enabled() -> bool:

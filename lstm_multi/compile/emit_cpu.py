@@ -32,6 +32,16 @@ reads from cs, ``len(emit_cuda.forward_stored(programs))``):
     (T, B, G) and adds to dP. The weight and input gradients are then
     whole-sequence products, the caller's.
 
+``lm_split_forward(T, B, H, zx, U, packed, hs, cs, P, valid, ys, saved, threads)``,
+``lm_split_backward(T, B, H, dys, dh, dc, cs, saved, P, valid, U, packed, dzs, dP, threads)``
+    The two sequence loops with the batch split over ``threads`` OpenMP threads,
+    each running its rows through all T steps with no step-to-step barrier; a
+    step's product on a thread's rows is one call of the framework's BLAS,
+    bound by ``lm_blas_bind(library)`` (``packed``: U, or U^T for the
+    backward, in MKL's packed format from ``lm_blas_pack``, or NULL). Only
+    when compiled with ``-fopenmp``; ``lm_openmp_runtime()`` names the runtime
+    they run on.
+
 Two helpers: ``lm_nonlinearities(n, x, sigmoid_x, tanh_x)`` (the tests
 measure their accuracy through it) and ``lm_advise_huge_pages(p, n)``.
 
@@ -132,12 +142,13 @@ extern "C" int lm_advise_huge_pages(void* p, long n) {
 """
 
 _LOOPS = """
+// rows b0 <= b < b1 of a step of batch B
 template <bool RECORD, bool SUM>
-static void lm_step_forward_t(long B, long H, const S* z, const S* zr, const S* h_prev,
-                              const S* c_prev, const S* P, const unsigned char* valid, S* h,
-                              S* c, S* y, S* saved) {
+static void lm_step_forward_rows(long b0, long b1, long B, long H, const S* z, const S* zr,
+                                 const S* h_prev, const S* c_prev, const S* P,
+                                 const unsigned char* valid, S* h, S* c, S* y, S* saved) {
   const long stride = B * H;
-  for (long b = 0; b < B; ++b) {
+  for (long b = b0; b < b1; ++b) {
     const long o = b * H;
     if (valid && !valid[b]) {  // past the length: carry the state, output zero
       for (long j = 0; j < H; ++j) {
@@ -150,6 +161,13 @@ static void lm_step_forward_t(long B, long H, const S* z, const S* zr, const S* 
     lm_forward_row<RECORD, SUM>(H, z + 4 * o, SUM ? zr + 4 * o : zr, c_prev + o, P, h + o,
                                 c + o, y + o, RECORD ? saved + o : saved, stride);
   }
+}
+
+template <bool RECORD, bool SUM>
+static void lm_step_forward_t(long B, long H, const S* z, const S* zr, const S* h_prev,
+                              const S* c_prev, const S* P, const unsigned char* valid, S* h,
+                              S* c, S* y, S* saved) {
+  lm_step_forward_rows<RECORD, SUM>(0, B, B, H, z, zr, h_prev, c_prev, P, valid, h, c, y, saved);
 }
 
 extern "C" void lm_step_forward(long B, long H, const S* z, const S* zr, const S* h_prev,
@@ -165,12 +183,12 @@ extern "C" void lm_step_forward(long B, long H, const S* z, const S* zr, const S
     lm_step_forward_t<false, false>(B, H, z, zr, h_prev, c_prev, P, valid, h, c, y, saved);
 }
 
-extern "C" void lm_step_backward(long B, long H, const S* dy, const S* dr, S* dh, S* dc,
-                                 const S* c_prev, const S* c, const S* saved, const S* P,
-                                 const unsigned char* valid, S* dz, S* dP) {
+static void lm_step_backward_rows(long b0, long b1, long B, long H, const S* dy, const S* dr,
+                                  S* dh, S* dc, const S* c_prev, const S* c, const S* saved,
+                                  const S* P, const unsigned char* valid, S* dz, S* dP) {
   const long stride = B * H;
   S* dr_into = LM_RECURRENT_GRAD;
-  for (long b = 0; b < B; ++b) {
+  for (long b = b0; b < b1; ++b) {
     const long o = b * H;
     if (dr) {  // the recurrent product's gradient from the step after
 #pragma omp simd
@@ -183,6 +201,12 @@ extern "C" void lm_step_backward(long B, long H, const S* dy, const S* dr, S* dh
     lm_backward_row(H, dy + o, dh + o, dc + o, c_prev + o, c + o, saved + o, stride, P,
                     dz + 4 * o, dP);
   }
+}
+
+extern "C" void lm_step_backward(long B, long H, const S* dy, const S* dr, S* dh, S* dc,
+                                 const S* c_prev, const S* c, const S* saved, const S* P,
+                                 const unsigned char* valid, S* dz, S* dP) {
+  lm_step_backward_rows(0, B, B, H, dy, dr, dh, dc, c_prev, c, saved, P, valid, dz, dP);
 }
 
 // the nonlinearities alone, for the tests of their accuracy
@@ -270,6 +294,168 @@ extern "C" void lm_sequence_backward(long T, long B, long H, const S* dys, S* dh
     }
   }
 }
+"""
+
+
+_THREADED = """
+#ifdef _OPENMP  // built with -fopenmp (see cpu_kernels.FLAGS); without it, no split loops
+// -- the batch split over threads, with the framework's BLAS ------------------------------
+//
+// Each thread takes its own rows b0 <= b < b1 of the batch for the whole sequence:
+// rows of different sequences never meet in a step, so the threads run T steps
+// without waiting for one another. A step's product on those rows is one call of the
+// BLAS the framework already loaded (found by name with dlsym, never linked: torch's
+// MKL on x86), made inside this OpenMP region, where MKL runs single-threaded; in
+// float, U is packed once for every step (MKL's packed GEMM). The OpenMP runtime must
+// be the framework's own (the caller checks ``lm_openmp_runtime``): two runtimes
+// spinning on two cores was 20x slower (benchmarks/NOTES.md section 9).
+
+typedef void (*lm_gemm_fn)(const char*, const char*, const int*, const int*, const int*,
+                           const S*, const S*, const int*, const S*, const int*, const S*, S*,
+                           const int*);
+typedef unsigned long (*lm_pack_size_fn)(int, int, int, int);
+typedef void (*lm_pack_fn)(int, int, int, int, int, int, float, const float*, int, float*);
+typedef void (*lm_compute_fn)(int, int, int, int, int, int, const float*, int, const float*,
+                              int, float, float*, int);
+static lm_gemm_fn lm_gemm = 0;
+static lm_pack_size_fn lm_pack_size = 0;
+static lm_pack_fn lm_pack = 0;
+static lm_compute_fn lm_compute = 0;
+enum { LM_ROW_MAJOR = 101, LM_NO_TRANS = 111, LM_TRANS = 112, LM_PACKED = 151, LM_B_MATRIX = 162 };
+
+// find the BLAS in ``library`` (already loaded by the framework): 2 with packed GEMM,
+// 1 with the plain Fortran GEMM only, 0 without
+extern "C" int lm_blas_bind(const char* library) {
+  void* handle = dlopen(library, RTLD_NOLOAD | RTLD_LAZY);
+  if (!handle) return 0;
+  lm_gemm = (lm_gemm_fn)dlsym(handle, sizeof(S) == 4 ? "sgemm_" : "dgemm_");
+  if (sizeof(S) == 4) {
+    lm_pack_size = (lm_pack_size_fn)dlsym(handle, "cblas_sgemm_pack_get_size");
+    lm_pack = (lm_pack_fn)dlsym(handle, "cblas_sgemm_pack");
+    lm_compute = (lm_compute_fn)dlsym(handle, "cblas_sgemm_compute");
+  }
+  if (!lm_gemm) return 0;
+  return lm_pack_size && lm_pack && lm_compute ? 2 : 1;
+}
+
+// the file of the OpenMP runtime these kernels run on
+extern "C" const char* lm_openmp_runtime() {
+  Dl_info info;
+  if (dladdr((void*)&omp_get_num_threads, &info) && info.dli_fname) return info.dli_fname;
+  return "";
+}
+
+// bytes of U (H, G) packed as the right operand of r U (transposed = 0: rows x H times
+// H x G) or of dz U^T (transposed = 1: rows x G times G x H); 0 where there is no
+// packed GEMM (double, or a BLAS without it)
+extern "C" long lm_blas_packed_bytes(long rows, long H, int transposed) {
+  if (sizeof(S) != 4 || !lm_compute) return 0;
+  const int G = (int)(4 * H);
+  return transposed ? (long)lm_pack_size(LM_B_MATRIX, (int)rows, (int)H, G)
+                    : (long)lm_pack_size(LM_B_MATRIX, (int)rows, G, (int)H);
+}
+
+extern "C" void lm_blas_pack(long rows, long H, const S* U, int transposed, S* packed) {
+  const int G = (int)(4 * H);
+  if (transposed)
+    lm_pack(LM_ROW_MAJOR, LM_B_MATRIX, LM_TRANS, (int)rows, (int)H, G, 1.0f,
+            (const float*)U, G, (float*)packed);
+  else
+    lm_pack(LM_ROW_MAJOR, LM_B_MATRIX, LM_NO_TRANS, (int)rows, G, (int)H, 1.0f,
+            (const float*)U, G, (float*)packed);
+}
+
+// z (rows, G) += r (rows, H) U, U (H, G); from the packed U where there is one
+static void lm_product_forward(long rows, long H, const S* r, const S* U, const S* packed,
+                               S* z) {
+  if (rows <= 0) return;
+  const int G = (int)(4 * H), n = (int)rows, k = (int)H;
+  if (packed) {
+    lm_compute(LM_ROW_MAJOR, LM_NO_TRANS, LM_PACKED, n, G, k, (const float*)r, k,
+               (const float*)packed, G, 1.0f, (float*)z, G);
+    return;
+  }
+  const S one = S(1);  // column-major: z^T (G, rows) += U^T (G, H) r^T (H, rows)
+  lm_gemm("N", "N", &G, &n, &k, &one, U, &G, r, &k, &one, z, &G);
+}
+
+// d (rows, H) += dz (rows, G) U^T, U (H, G); from the packed U^T where there is one
+static void lm_product_backward(long rows, long H, const S* dz, const S* U, const S* packed,
+                                S* d) {
+  if (rows <= 0) return;
+  const int G = (int)(4 * H), n = (int)rows, k = (int)H;
+  if (packed) {
+    lm_compute(LM_ROW_MAJOR, LM_NO_TRANS, LM_PACKED, n, k, G, (const float*)dz, G,
+               (const float*)packed, k, 1.0f, (float*)d, k);
+    return;
+  }
+  const S one = S(1);  // column-major: d^T (H, rows) += (U^T)^T (H, G) dz^T (G, rows)
+  lm_gemm("T", "N", &k, &n, &G, &one, U, &G, dz, &G, &one, d, &k);
+}
+
+static inline void lm_thread_rows(long B, long* b0, long* b1) {
+  const long n = omp_get_num_threads(), i = omp_get_thread_num();
+  *b0 = B * i / n;
+  *b1 = B * (i + 1) / n;
+}
+
+template <bool RECORD>
+static void lm_split_forward_t(long T, long B, long H, S* zx, const S* U, const S* packed,
+                               S* hs, S* cs, const S* P, const unsigned char* valid, S* ys,
+                               S* saved, int threads) {
+  const long BH = B * H, G = 4 * H;
+#pragma omp parallel num_threads(threads)
+  {
+    long b0, b1;
+    lm_thread_rows(B, &b0, &b1);
+    for (long t = 0; t < T; ++t) {
+      S* z = zx + t * G * B;
+      lm_product_forward(b1 - b0, H, LM_RECURRENT + t * BH + b0 * H, U, packed, z + b0 * G);
+      lm_step_forward_rows<RECORD, false>(b0, b1, B, H, z, 0, hs + t * BH, cs + t * BH, P,
+                                          valid ? valid + t * B : 0, hs + (t + 1) * BH,
+                                          cs + (t + 1) * BH, ys + t * BH,
+                                          RECORD ? saved + t * LM_NS * BH : saved);
+    }
+  }
+}
+
+// lm_sequence_forward's contract, the batch split over ``threads`` threads
+extern "C" void lm_split_forward(long T, long B, long H, S* zx, const S* U, const S* packed,
+                                 S* hs, S* cs, const S* P, const unsigned char* valid, S* ys,
+                                 S* saved, long threads) {
+  if (saved)
+    lm_split_forward_t<true>(T, B, H, zx, U, packed, hs, cs, P, valid, ys, saved, (int)threads);
+  else
+    lm_split_forward_t<false>(T, B, H, zx, U, packed, hs, cs, P, valid, ys, saved, (int)threads);
+}
+
+// lm_sequence_backward's contract, the batch split over ``threads`` threads: each
+// thread sums its rows' parameter gradients apart, and they are added into dP in
+// thread order afterwards (the same bits every run)
+extern "C" void lm_split_backward(long T, long B, long H, const S* dys, S* dh, S* dc,
+                                  const S* cs, const S* saved, const S* P,
+                                  const unsigned char* valid, const S* U, const S* packed,
+                                  S* dzs, S* dP, long threads) {
+  const long BH = B * H, G = 4 * H, R = LM_R * H;
+  std::vector<S> parts(threads * R, S(0));
+#pragma omp parallel num_threads((int)threads)
+  {
+    long b0, b1;
+    lm_thread_rows(B, &b0, &b1);
+    S* mine = parts.data() + omp_get_thread_num() * R;
+    S* d = LM_RECURRENT_GRAD;
+    for (long t = T - 1; t >= 0; --t) {
+      S* dz = dzs + t * G * B;
+      lm_step_backward_rows(b0, b1, B, H, dys + t * BH, 0, dh, dc, cs + t * BH,
+                            cs + (t + 1) * BH, saved + t * LM_NS * BH, P,
+                            valid ? valid + t * B : 0, dz, mine);
+      lm_product_backward(b1 - b0, H, dz + b0 * G, U, packed, d + b0 * H);
+    }
+  }
+  for (long i = 0; i < threads; ++i)
+    for (long k = 0; k < R; ++k) dP[k] += parts[i * R + k];
+}
+#endif
 """
 
 
@@ -381,7 +567,10 @@ def cpu_source(programs: GatePrograms, scalar: str, recurrent_state: str = "h") 
         f"#define LM_NS {len(forward_stored(programs))}",
         f"#define LM_RECURRENT {recurrent_state}s",
         f"#define LM_RECURRENT_GRAD d{recurrent_state}",
+        f"#define LM_R {len(programs.param_rows)}",
+        "#ifdef _OPENMP\n#include <dlfcn.h>\n#include <omp.h>\n#include <vector>\n#endif",
         _FLOAT_MATH if scalar == "float" else _DOUBLE_MATH,
         _MEMORY,
     ]
-    return "\n".join(head) + _forward_row(programs) + _backward_row(programs) + _LOOPS
+    body = _forward_row(programs) + _backward_row(programs) + _LOOPS + _THREADED
+    return "\n".join(head) + body
