@@ -111,15 +111,20 @@ def sequence_loop_in_c(batch, hidden):
 
 
 def _split_plan(ops, kernels, batch, hidden):
-    """(loops, threads) for the batch-split loops, or None for the per-step loop: where
-    the framework's BLAS can be called from the kernels and every thread gets at
-    least ``SPLIT_MIN_ROWS`` rows (with fewer a thread streams all of U for little
-    work; one thread still runs the whole loop in C, its products on the BLAS)."""
-    loops = kernels.split_loops(ops.host_blas())
-    if loops is None:
+    """(loops, threads) for the batch-split loops, or None for the per-step loop.
+
+    Only where the framework's BLAS can be called from the kernels and each of the
+    framework's threads gets at least ``SPLIT_MIN_ROWS`` rows. With fewer, every
+    thread streams all of U for little work, and a thread left out idles while
+    the BLAS runs single-threaded inside the region: on 2 cores, B8 H512 took
+    34 ms split over one thread against 16 ms per step (with torch itself on one
+    thread, the split loop won: 24 against 32 ms). benchmarks/NOTES.md section 12.
+    """
+    host = ops.host_blas()
+    loops = kernels.split_loops(host)
+    if loops is None or batch < SPLIT_MIN_ROWS * host.threads:
         return None
-    threads = max(1, min(ops.host_blas().threads, batch // SPLIT_MIN_ROWS))
-    return loops, threads
+    return loops, host.threads
 
 
 def _packed(ops, loops, U, batch, threads, hidden, transposed):

@@ -164,3 +164,16 @@ def test_numpy_offers_no_host_blas():
 
     assert InPlaceOps(np).host_blas() is None
     assert _fresh_kernels().split_loops(None) is None
+
+
+def test_split_plan_gives_each_framework_thread_enough_rows(monkeypatch):
+    """Every one of torch's threads gets ``SPLIT_MIN_ROWS`` (8) rows, or the per-step loop
+    runs: with fewer the split measured slower (benchmarks/NOTES.md section 12)."""
+    monkeypatch.setenv("LSTM_MULTI_CPU_THREADS", "1")
+    plan, kernels = kernel_direction._split_plan, _fresh_kernels()
+    with _threads(2):
+        assert plan(torch_bptt.FAST_OPS, kernels, 15, 64) is None
+        assert plan(torch_bptt.FAST_OPS, kernels, 16, 64)[1] == 2
+    with _threads(1):
+        assert plan(torch_bptt.FAST_OPS, kernels, 7, 64) is None
+        assert plan(torch_bptt.FAST_OPS, kernels, 8, 64)[1] == 1
