@@ -144,7 +144,9 @@ def forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record=False)
     if spec.PROJECTION in p:
         return _forward_projected(ops, kernels, variant, p, xs, h0, c0, valid, record)
     steps, batch, hidden = xs.shape[0], h0.shape[0], h0.shape[-1]
-    zx = ops.contiguous(ops.project(xs, p["W"], p["b"]))  # (T, B, G); the C loop adds r U into it
+    # (T, B, G), on huge pages where large; the loops add r U into it
+    zx = ops.project_into(xs, p["W"], p["b"], _fresh(ops, kernels, (steps, batch, 4 * hidden), h0))
+    zx = ops.contiguous(zx)
     U = ops.contiguous(spec.recurrent_weight(ops, variant, p["U"]))
     P = _packed_params(ops, variant, p, h0)
     hs = _fresh(ops, kernels, (steps + 1, batch, hidden), h0)
@@ -283,7 +285,8 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
 def _forward_projected(ops, kernels, variant, p, xs, h0, c0, valid, record):
     steps, batch, hidden = xs.shape[0], c0.shape[0], c0.shape[-1]
     W_hr = p[spec.PROJECTION]
-    zx = ops.contiguous(ops.project(xs, p["W"], p["b"]))
+    zx = ops.project_into(xs, p["W"], p["b"], _fresh(ops, kernels, (steps, batch, 4 * hidden), c0))
+    zx = ops.contiguous(zx)
     U = ops.contiguous(spec.recurrent_weight(ops, variant, p["U"]))
     P = _packed_params(ops, variant, p, c0)
     hs = ops.empty((steps + 1, batch, W_hr.shape[1]), h0)

@@ -101,6 +101,17 @@ class ArrayModuleOps:
         z = self.reshape(xs, (t * n, size)) @ W + b
         return self.reshape(z, (t, n, W.shape[1]))
 
+    def project_into(self, xs, W, b, out):
+        """``project`` written into ``out`` (T, B, 4H), a C-contiguous buffer the caller
+        made (the CPU kernels put theirs on huge pages: benchmarks/NOTES.md section
+        12). Returns the projection: ``out``, unless a backend's faster product
+        makes its own array."""
+        t, n, size = xs.shape
+        out2 = self.reshape(out, (t * n, W.shape[1]))
+        self.xp.matmul(self.reshape(self.contiguous(xs), (t * n, size)), W, out=out2)
+        out2 += b
+        return out
+
     def prepare_step_weight(self, U):
         """U in the form ``step_gemm`` takes, made once per direction and call."""
         return U

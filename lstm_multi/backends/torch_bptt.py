@@ -98,12 +98,23 @@ class OneDnnTorchOps(TorchOps):
     def project(self, xs, W, b):
         t, n, size = xs.shape
         x2 = xs.reshape(t * n, size)
-        large = x2.shape[0] * W.numel() >= self.ONEDNN_MIN_MACS  # oneDNN's call costs ~50 us
-        if large and self._onednn(x2) and not _recorded(x2, W):
+        if self._project_on_onednn(x2, W):
             z = self._lp(x2.contiguous(), W.t().contiguous(), b.contiguous())
         else:
             z = torch.addmm(b, x2, W)
         return z.view(t, n, W.shape[1])
+
+    def project_into(self, xs, W, b, out):
+        t, n, size = xs.shape
+        x2 = xs.reshape(t * n, size)
+        if self._project_on_onednn(x2, W):
+            return self.project(xs, W, b)
+        torch.addmm(b, x2, W, out=out.view(t * n, W.shape[1]))
+        return out
+
+    def _project_on_onednn(self, x2, W):
+        large = x2.shape[0] * W.numel() >= self.ONEDNN_MIN_MACS  # oneDNN's call costs ~50 us
+        return large and self._onednn(x2) and not _recorded(x2, W)
 
     #: below this many multiply-adds a step, ``torch.addmm`` beats oneDNN's per-call
     #: overhead (crossover measured near 1M: B4 H64 5 vs 14 us, B64 H256 212 vs 94 us)
