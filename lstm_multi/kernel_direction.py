@@ -44,6 +44,8 @@ SEQUENCE_LOOP_MAX_MACS = 1 << 17
 
 #: the batch-split loops give each thread at least this many rows (see ``_split_plan``)
 SPLIT_MIN_ROWS = 8
+#: nor where U (H, 4H) is larger than this (H <= 1024 in float32)
+SPLIT_MAX_WEIGHT_BYTES = 16 << 20
 
 
 class KernelTape(NamedTuple):
@@ -118,11 +120,19 @@ def _split_plan(ops, kernels, batch, hidden):
     thread streams all of U for little work, and a thread left out idles while
     the BLAS runs single-threaded inside the region: on 2 cores, B8 H512 took
     34 ms split over one thread against 16 ms per step (with torch itself on one
-    thread, the split loop won: 24 against 32 ms). benchmarks/NOTES.md section 12.
+    thread, the split loop won: 24 against 32 ms).
+
+    Nor where U is larger than ``SPLIT_MAX_WEIGHT_BYTES``: every thread reads all of U
+    each step, twice the traffic of one product split by columns, which loses once
+    U no longer stays in the caches (H2048, 64 MiB: B16 108 against 87 ms per
+    step, B64 250 against 220; H1024, 16 MiB: B16 55 against 62, B32 51 against 52).
+    benchmarks/NOTES.md section 12.
     """
     host = ops.host_blas()
     loops = kernels.split_loops(host)
     if loops is None or batch < SPLIT_MIN_ROWS * host.threads:
+        return None
+    if hidden * 4 * hidden * _itemsize(kernels) > SPLIT_MAX_WEIGHT_BYTES:
         return None
     return loops, host.threads
 

@@ -177,3 +177,13 @@ def test_split_plan_gives_each_framework_thread_enough_rows(monkeypatch):
     with _threads(1):
         assert plan(torch_bptt.FAST_OPS, kernels, 7, 64) is None
         assert plan(torch_bptt.FAST_OPS, kernels, 8, 64)[1] == 1
+
+
+def test_split_plan_leaves_a_weight_too_large_for_the_caches_to_the_per_step_loop(monkeypatch):
+    """Every thread reads all of U each step; past 16 MiB (H > 1024 in float32) that
+    measured slower than one product a step split by columns."""
+    monkeypatch.setenv("LSTM_MULTI_CPU_THREADS", "1")
+    plan, kernels = kernel_direction._split_plan, _fresh_kernels()
+    with _threads(2):
+        assert plan(torch_bptt.FAST_OPS, kernels, 64, 1024) is not None
+        assert plan(torch_bptt.FAST_OPS, kernels, 64, 1025) is None
