@@ -8,9 +8,9 @@ products on torch's MKL called from inside the kernels. Checked here:
 * their derivatives by central differences in float64;
 * equal to the per-step loop (torch.mm + the fused step) for 1, 2 and 3 threads,
   including uneven splits; the parameter gradients bit-identical run to run;
-* they are refused where a second OpenMP runtime is mapped, where the process's
-  runtimes cannot be read, and with ``LSTM_MULTI_CPU_THREADS=0``; NumPy never
-  offers a host BLAS for them.
+* they run only where the BLAS's library is on the kernels' own OpenMP runtime
+  (another runtime loaded beside it, as scikit-learn's, does not stop them), and
+  not with ``LSTM_MULTI_CPU_THREADS=0``; NumPy never offers a host BLAS for them.
 """
 
 from __future__ import annotations
@@ -140,15 +140,35 @@ def _fresh_kernels():
     return cpu_kernels.CpuKernels(spec.get_variant("peephole"), "float")
 
 
-def test_split_loops_refused_beside_a_second_openmp_runtime(monkeypatch):
+def _other_openmp_runtimes():
+    """OpenMP runtimes mapped into this process other than the kernels' own (e.g. the
+    renamed libgomp of scikit-learn's wheel, which Keras imports)."""
+    import ctypes
+    import glob
+    import site
+
+    kernels = _fresh_kernels()._library
+    found = []
+    for root in site.getsitepackages():
+        for path in glob.glob(f"{root}/*.libs/lib*omp*.so*"):
+            ctypes.CDLL(path)  # loaded, idle
+            if not kernels.lm_same_openmp_runtime(path.encode()):
+                found.append(path)
+    return found
+
+
+def test_split_loops_only_on_the_blas_own_openmp_runtime():
+    """Torch's MKL runs on the kernels' libgomp, so inside their region it runs one
+    thread each; a library on no runtime, or on another, is refused."""
     host = torch_ops.TorchOps().host_blas()
     assert _fresh_kernels().split_loops(host) is not None
-    ours = cpu_kernels.openmp_runtimes()
-    assert len(ours) == 1, ours  # torch's libgomp, which the kernels bound to
-    monkeypatch.setattr(cpu_kernels, "openmp_runtimes", lambda: ours | {"/opt/libiomp5.so"})
-    assert _fresh_kernels().split_loops(host) is None
-    monkeypatch.setattr(cpu_kernels, "openmp_runtimes", lambda: None)  # not Linux
-    assert _fresh_kernels().split_loops(host) is None
+    assert _fresh_kernels().split_loops(host._replace(library="libc.so.6")) is None
+    assert _fresh_kernels().split_loops(host._replace(library="/no/such/library.so")) is None
+    others = _other_openmp_runtimes()
+    for path in others:
+        assert _fresh_kernels().split_loops(host._replace(library=path)) is None
+    # another runtime merely loaded in the process does not stop torch's own
+    assert _fresh_kernels().split_loops(host) is not None
 
 
 def test_split_loops_can_be_turned_off(monkeypatch):

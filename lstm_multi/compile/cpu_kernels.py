@@ -27,7 +27,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import re
 import warnings
 from typing import NamedTuple
 
@@ -138,33 +137,16 @@ class SplitLoops:
 
 
 def _split_loops(library, blas_library):
-    if not hasattr(library, "lm_openmp_runtime"):
+    if not hasattr(library, "lm_same_openmp_runtime"):
         return None  # built without OpenMP
-    runtime = library.lm_openmp_runtime
-    runtime.argtypes, runtime.restype = [], ctypes.c_char_p
-    ours = os.path.realpath(runtime().decode())
-    if openmp_runtimes() != {ours}:
+    same = library.lm_same_openmp_runtime
+    same.argtypes, same.restype = [ctypes.c_char_p], ctypes.c_int
+    if not same(os.fsencode(blas_library)):
         return None
     bind = library.lm_blas_bind
     bind.argtypes, bind.restype = [ctypes.c_char_p], ctypes.c_int
     found = bind(os.fsencode(blas_library))
     return SplitLoops(library, packed=found == 2) if found else None
-
-
-def openmp_runtimes():
-    """The files of the OpenMP runtimes mapped into this process (GNU's, LLVM's, Intel's),
-    or None where that cannot be read (no ``/proc/self/maps``: not Linux)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            lines = maps.read().splitlines()
-    except OSError:
-        return None
-    found = set()
-    for line in lines:
-        path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
-        if re.search(r"/lib(g|i|)omp[^/]*\.so", path):
-            found.add(os.path.realpath(path))
-    return found
 
 
 def split_enabled() -> bool:

@@ -39,8 +39,8 @@ reads from cs, ``len(emit_cuda.forward_stored(programs))``):
     step's product on a thread's rows is one call of the framework's BLAS,
     bound by ``lm_blas_bind(library)`` (``packed``: U, or U^T for the
     backward, in MKL's packed format from ``lm_blas_pack``, or NULL). Only
-    when compiled with ``-fopenmp``; ``lm_openmp_runtime()`` names the runtime
-    they run on.
+    when compiled with ``-fopenmp``; ``lm_same_openmp_runtime(library)`` says
+    whether the BLAS's library runs on their OpenMP runtime.
 
 Two helpers: ``lm_nonlinearities(n, x, sigmoid_x, tanh_x)`` (the tests
 measure their accuracy through it) and ``lm_advise_huge_pages(p, n)``.
@@ -307,8 +307,8 @@ _THREADED = """
 // BLAS the framework already loaded (found by name with dlsym, never linked: torch's
 // MKL on x86), made inside this OpenMP region, where MKL runs single-threaded; in
 // float, U is packed once for every step (MKL's packed GEMM). The OpenMP runtime must
-// be the framework's own (the caller checks ``lm_openmp_runtime``): two runtimes
-// spinning on two cores was 20x slower (benchmarks/NOTES.md section 9).
+// be the BLAS's own (the caller checks ``lm_same_openmp_runtime``): MKL on another
+// runtime would start a team of its own inside each of these threads.
 
 typedef void (*lm_gemm_fn)(const char*, const char*, const int*, const int*, const int*,
                            const S*, const S*, const int*, const S*, const int*, const S*, S*,
@@ -338,11 +338,13 @@ extern "C" int lm_blas_bind(const char* library) {
   return lm_pack_size && lm_pack && lm_compute ? 2 : 1;
 }
 
-// the file of the OpenMP runtime these kernels run on
-extern "C" const char* lm_openmp_runtime() {
-  Dl_info info;
-  if (dladdr((void*)&omp_get_num_threads, &info) && info.dli_fname) return info.dli_fname;
-  return "";
+// 1 when ``library`` (loaded) runs on the same OpenMP runtime as these kernels: then its
+// BLAS, called inside their parallel region, sees it and runs single-threaded. Another
+// runtime in the process (e.g. a wheel's renamed libgomp) does not matter while idle.
+extern "C" int lm_same_openmp_runtime(const char* library) {
+  void* handle = dlopen(library, RTLD_NOLOAD | RTLD_LAZY);
+  if (!handle) return 0;
+  return dlsym(handle, "omp_get_num_threads") == (void*)&omp_get_num_threads;
 }
 
 // bytes of U (H, G) packed as the right operand of r U (transposed = 0: rows x H times
