@@ -310,13 +310,17 @@ _THREADED = """
 // be the BLAS's own (the caller checks ``lm_same_openmp_runtime``): MKL on another
 // runtime would start a team of its own inside each of these threads.
 
-typedef void (*lm_gemm_fn)(const char*, const char*, const int*, const int*, const int*,
-                           const S*, const S*, const int*, const S*, const int*, const S*, S*,
-                           const int*);
-typedef unsigned long (*lm_pack_size_fn)(int, int, int, int);
-typedef void (*lm_pack_fn)(int, int, int, int, int, int, float, const float*, int, float*);
-typedef void (*lm_compute_fn)(int, int, int, int, int, int, const float*, int, const float*,
-                              int, float, float*, int);
+// Every BLAS integer is passed as a 64-bit long: little-endian, an LP64 BLAS (32-bit
+// MKL_INT, torch's) reads its low half, the value, and an ILP64 one the whole; by
+// value, a register or an 8-byte stack slot holds either.
+typedef void (*lm_gemm_fn)(const char*, const char*, const long*, const long*, const long*,
+                           const S*, const S*, const long*, const S*, const long*, const S*, S*,
+                           const long*);
+typedef unsigned long (*lm_pack_size_fn)(long, long, long, long);
+typedef void (*lm_pack_fn)(long, long, long, long, long, long, float, const float*, long,
+                           float*);
+typedef void (*lm_compute_fn)(long, long, long, long, long, long, const float*, long,
+                              const float*, long, float, float*, long);
 static lm_gemm_fn lm_gemm = 0;
 static lm_pack_size_fn lm_pack_size = 0;
 static lm_pack_fn lm_pack = 0;
@@ -352,26 +356,26 @@ extern "C" int lm_same_openmp_runtime(const char* library) {
 // packed GEMM (double, or a BLAS without it)
 extern "C" long lm_blas_packed_bytes(long rows, long H, int transposed) {
   if (sizeof(S) != 4 || !lm_compute) return 0;
-  const int G = (int)(4 * H);
-  return transposed ? (long)lm_pack_size(LM_B_MATRIX, (int)rows, (int)H, G)
-                    : (long)lm_pack_size(LM_B_MATRIX, (int)rows, G, (int)H);
+  const long G = 4 * H;
+  return transposed ? (long)lm_pack_size(LM_B_MATRIX, rows, H, G)
+                    : (long)lm_pack_size(LM_B_MATRIX, rows, G, H);
 }
 
 extern "C" void lm_blas_pack(long rows, long H, const S* U, int transposed, S* packed) {
-  const int G = (int)(4 * H);
+  const long G = 4 * H;
   if (transposed)
-    lm_pack(LM_ROW_MAJOR, LM_B_MATRIX, LM_TRANS, (int)rows, (int)H, G, 1.0f,
-            (const float*)U, G, (float*)packed);
+    lm_pack(LM_ROW_MAJOR, LM_B_MATRIX, LM_TRANS, rows, H, G, 1.0f, (const float*)U, G,
+            (float*)packed);
   else
-    lm_pack(LM_ROW_MAJOR, LM_B_MATRIX, LM_NO_TRANS, (int)rows, G, (int)H, 1.0f,
-            (const float*)U, G, (float*)packed);
+    lm_pack(LM_ROW_MAJOR, LM_B_MATRIX, LM_NO_TRANS, rows, G, H, 1.0f, (const float*)U, G,
+            (float*)packed);
 }
 
 // z (rows, G) += r (rows, H) U, U (H, G); from the packed U where there is one
 static void lm_product_forward(long rows, long H, const S* r, const S* U, const S* packed,
                                S* z) {
   if (rows <= 0) return;
-  const int G = (int)(4 * H), n = (int)rows, k = (int)H;
+  const long G = 4 * H, n = rows, k = H;
   if (packed) {
     lm_compute(LM_ROW_MAJOR, LM_NO_TRANS, LM_PACKED, n, G, k, (const float*)r, k,
                (const float*)packed, G, 1.0f, (float*)z, G);
@@ -385,7 +389,7 @@ static void lm_product_forward(long rows, long H, const S* r, const S* U, const 
 static void lm_product_backward(long rows, long H, const S* dz, const S* U, const S* packed,
                                 S* d) {
   if (rows <= 0) return;
-  const int G = (int)(4 * H), n = (int)rows, k = (int)H;
+  const long G = 4 * H, n = rows, k = H;
   if (packed) {
     lm_compute(LM_ROW_MAJOR, LM_NO_TRANS, LM_PACKED, n, k, G, (const float*)dz, G,
                (const float*)packed, k, 1.0f, (float*)d, k);
