@@ -144,6 +144,11 @@ def run_benchmark(config: BenchConfig, announce=None):
             "gemm_rate_flops": gemm_rate,
             "gemm_rates_by_framework": gemm_rates,
             "gemm_probe": "square 1024 x 1024 product, best of 7 after one warm-up",
+            # thread-pool settings that change what one framework costs the next
+            "environment": {
+                k: os.environ.get(k)
+                for k in ("OPENBLAS_THREAD_TIMEOUT", "OMP_NUM_THREADS", "LSTM_MULTI_CPU_THREADS")
+            },
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "duration_s": time.time() - started,
         },
