@@ -170,13 +170,12 @@ def forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record=False)
     address = ops.address
     v = None if valid_bytes is None else address(valid_bytes)
     s = None if saved is None else address(saved)
-    split = _split_plan(ops, kernels, batch, hidden)
     if sequence_loop_in_c(batch, hidden):
         kernels.sequence_forward(
             steps, batch, hidden, address(zx), address(U), address(hs), address(cs),
             address(P), v, address(ys), s,
         )  # fmt: skip
-    elif split is not None:
+    elif (split := _split_plan(ops, kernels, batch, hidden)) is not None:
         loops, threads = split
         packed = _packed(ops, loops, U, batch, threads, hidden, transposed=False)
         loops.forward(
@@ -236,7 +235,6 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
     valid_bytes = _valid_bytes(ops, valid)
     address = ops.address
     v = None if valid_bytes is None else address(valid_bytes)
-    split = _split_plan(ops, kernels, batch, hidden)
     if sequence_loop_in_c(batch, hidden):
         U_t = ops.contiguous(ops.transpose(U))
         kernels.sequence_backward(
@@ -244,7 +242,7 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
             address(saved),
             address(P), v, address(U_t), address(dzs), address(dP),
         )  # fmt: skip
-    elif split is not None:
+    elif (split := _split_plan(ops, kernels, batch, hidden)) is not None:
         loops, threads = split
         packed = _packed(ops, loops, U, batch, threads, hidden, transposed=True)
         loops.backward(

@@ -82,7 +82,8 @@ class TorchOps(ArrayModuleOps):
     def host_blas(self):
         """torch's MKL, in the library that carries it, and torch's thread count; None
         where torch has no MKL (e.g. ARM builds) or the library is not found."""
-        return _mkl_library() and HostBlas(_mkl_library(), torch.get_num_threads())
+        library = _mkl_library()
+        return None if library is None else HostBlas(library, torch.get_num_threads())
 
     def zeros(self, shape, like):
         return torch.zeros(shape, dtype=like.dtype, device=like.device)

@@ -16,10 +16,11 @@ The batch-split loops (``lm_split_forward``/``lm_split_backward``) run each
 thread's rows of the batch through the whole sequence, the step products on
 the framework's own BLAS. ``CpuKernels.split_loops(host)`` gives them only
 where that is safe: the framework names a loaded library carrying a BLAS
-(``ops.host_blas()``: torch's MKL), and the OpenMP runtime the kernels bound
-to is the only one in the process (the framework's: a second runtime's
-threads spinning beside the first's was 20x slower, benchmarks/NOTES.md
-section 9). ``LSTM_MULTI_CPU_THREADS=0`` turns them off.
+(``ops.host_blas()``: torch's MKL), and that library runs on the OpenMP
+runtime the kernels bound to, so that the BLAS sees their parallel region and
+runs one thread in each of theirs instead of starting a team of its own in
+each (benchmarks/NOTES.md section 12). ``LSTM_MULTI_CPU_THREADS=0`` turns
+them off.
 """
 
 from __future__ import annotations
@@ -120,8 +121,7 @@ class SplitLoops:
     of ``rows`` rows (0: no packed GEMM here, pass None for it), ``pack`` fills it.
     """
 
-    def __init__(self, library, packed):
-        self.packed = packed
+    def __init__(self, library):
         self.forward = library.lm_split_forward
         self.forward.argtypes = [_SIZE] * 3 + [_ADDRESS] * 9 + [_SIZE]
         self.backward = library.lm_split_backward
@@ -145,8 +145,7 @@ def _split_loops(library, blas_library):
         return None
     bind = library.lm_blas_bind
     bind.argtypes, bind.restype = [ctypes.c_char_p], ctypes.c_int
-    found = bind(os.fsencode(blas_library))
-    return SplitLoops(library, packed=found == 2) if found else None
+    return SplitLoops(library) if bind(os.fsencode(blas_library)) else None
 
 
 def split_enabled() -> bool:
