@@ -327,8 +327,8 @@ static lm_pack_fn lm_pack = 0;
 static lm_compute_fn lm_compute = 0;
 enum { LM_ROW_MAJOR = 101, LM_NO_TRANS = 111, LM_TRANS = 112, LM_PACKED = 151, LM_B_MATRIX = 162 };
 
-// find the BLAS in ``library`` (already loaded by the framework): 2 with packed GEMM,
-// 1 with the plain Fortran GEMM only, 0 without
+// find the BLAS in ``library`` (already loaded by the framework): 1 when it has a GEMM
+// (its packed GEMM too, where ``lm_blas_packed_bytes`` then says so), 0 without
 extern "C" int lm_blas_bind(const char* library) {
   void* handle = dlopen(library, RTLD_NOLOAD | RTLD_LAZY);
   if (!handle) return 0;
@@ -338,8 +338,8 @@ extern "C" int lm_blas_bind(const char* library) {
     lm_pack = (lm_pack_fn)dlsym(handle, "cblas_sgemm_pack");
     lm_compute = (lm_compute_fn)dlsym(handle, "cblas_sgemm_compute");
   }
-  if (!lm_gemm) return 0;
-  return lm_pack_size && lm_pack && lm_compute ? 2 : 1;
+  if (!(lm_pack_size && lm_pack)) lm_compute = 0;  // packed GEMM only with all three
+  return lm_gemm != 0;
 }
 
 // 1 when ``library`` (loaded) runs on the same OpenMP runtime as these kernels: then its
