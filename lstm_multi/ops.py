@@ -197,7 +197,7 @@ class ArrayModuleOps:
 
     def host_blas(self):
         """The framework's BLAS for the CPU kernels' batch-split loops (a
-        ``compile.cpu_kernels.HostBlas``), or None: here None, since NumPy's
+        ``kernels.cpu_kernels.HostBlas``), or None: here None, since NumPy's
         OpenBLAS runs its own thread pool, and an OpenMP region beside it was 20x
         slower (benchmarks/NOTES.md section 9)."""
         return None

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import registry, spec
-from .compile.host_kernels import CompilerMissing, HostKernels
+from .kernels.build import CompilerMissing
+from .kernels.host_kernels import HostKernels
 from .ops import ArrayModuleOps
 
 _NP = ArrayModuleOps(np)

@@ -270,11 +270,11 @@ def test_naive_lstm_refuses_variants_it_does_not_write_out():
 
 
 def test_host_kernels_say_what_is_missing(monkeypatch):
-    from lstm_multi.compile import host_kernels
+    from lstm_multi.kernels import build, host_kernels
 
     with pytest.raises(ValueError, match="types: expected 'double' or 'float'"):
         host_kernels.HostKernels(spec.VARIANTS["lstm"], "half", "float")
-    monkeypatch.setattr(host_kernels, "host_compiler", lambda: None)
+    monkeypatch.setattr(build, "host_compiler", lambda: None)
     with pytest.raises(RuntimeError, match="no host C\\+\\+ compiler found"):
         host_kernels.HostKernels(spec.VARIANTS["lstm"])
     report = lstm_multi.testing.check_variant("lstm", backends=["numpy"])

@@ -22,12 +22,12 @@ from test_agreement import assert_matches_reference, run_backend
 import lstm_multi
 from lstm_multi import kernel_direction, spec
 from lstm_multi.backends.numpy_fast import InPlaceOps
-from lstm_multi.compile import cpu_kernels, host_kernels
+from lstm_multi.kernels import build, cpu_kernels
 
 NP_OPS = InPlaceOps(np)
 
 needs_compiler = pytest.mark.skipif(
-    host_kernels.host_compiler() is None, reason="no host C++ compiler (g++, clang++ or $CXX)"
+    build.host_compiler() is None, reason="no host C++ compiler (g++, clang++ or $CXX)"
 )
 
 #: forces one loop or the other whatever the size
@@ -223,7 +223,7 @@ def _fresh_variant():
 
 
 def test_without_a_compiler_the_array_code_runs_after_one_warning(monkeypatch):
-    monkeypatch.setattr(host_kernels, "host_compiler", lambda: None)
+    monkeypatch.setattr(build, "host_compiler", lambda: None)
     monkeypatch.setattr(cpu_kernels, "_warned", [])
     variant = _fresh_variant()
     config = _config("peephole", num_layers=1)

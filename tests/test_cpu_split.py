@@ -23,7 +23,7 @@ from test_cpu_kernels import _config, check_direction_by_finite_differences, nee
 
 import lstm_multi
 from lstm_multi import kernel_direction, spec
-from lstm_multi.compile import cpu_kernels
+from lstm_multi.kernels import cpu_kernels
 
 torch = pytest.importorskip("torch")
 from lstm_multi.backends import torch_bptt, torch_ops  # noqa: E402  (needs torch)

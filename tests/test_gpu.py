@@ -38,7 +38,8 @@ import lstm_multi
 from lstm_multi import spec
 from lstm_multi.backends import cupy_kernels as ck
 from lstm_multi.backends.numpy_backend import ArrayModuleCell
-from lstm_multi.compile.host_kernels import HostKernels, host_compiler
+from lstm_multi.kernels.build import host_compiler
+from lstm_multi.kernels.host_kernels import HostKernels
 from lstm_multi.ops import ArrayModuleOps
 
 VARIANTS = sorted(spec.VARIANTS)

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ..compile.cpu_kernels import HostBlas
+from ..kernels.cpu_kernels import HostBlas
 from ..ops import ArrayModuleOps
 
 

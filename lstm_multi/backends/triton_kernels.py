@@ -25,7 +25,7 @@ import triton
 
 from ..compile import emit_triton
 from ..compile.emit_cuda import forward_stored
-from ..compile.host_kernels import cache_dir
+from ..kernels.build import cache_dir
 
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

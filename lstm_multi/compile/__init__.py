@@ -7,10 +7,9 @@
 * ``emit_cuda``: CUDA C for CuPy's ElementwiseKernel (and host C++ for tests);
 * ``emit_triton``: the same kernels as a Triton module (run by its interpreter in
   the tests);
-* ``host_kernels``: the CUDA C compiled by the host's C++ compiler (a
-  correctness tool: tests and ``lstm_multi.testing.check_variant``).
 
-Nothing here imports an array framework.
+Nothing here imports an array framework or runs a compiler: building and loading
+the generated C++ is ``lstm_multi.kernels``.
 """
 
 from .derive import GatePrograms, gate_programs

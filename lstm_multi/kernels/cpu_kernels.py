@@ -31,7 +31,8 @@ import os
 import warnings
 from typing import NamedTuple
 
-from . import emit_cpu, emit_cuda, host_kernels
+from ..compile import emit_cpu, emit_cuda
+from . import build
 
 FLAGS = (
     "-O3",
@@ -65,11 +66,11 @@ class CpuKernels:
         self.rows = len(programs.param_rows)
         source = emit_cpu.cpu_source(programs, scalar, variant.recurrent_state)
         try:
-            library = host_kernels.compile_library(source, FLAGS)
-        except host_kernels.CompilerMissing:
+            library = build.compile_library(source, FLAGS)
+        except build.CompilerMissing:
             raise
         except RuntimeError:
-            library = host_kernels.compile_library(source, FLAGS_WITHOUT_OPENMP)
+            library = build.compile_library(source, FLAGS_WITHOUT_OPENMP)
         self.step_forward = _bind(library.lm_step_forward, 2, 10)
         self.step_backward = _bind(library.lm_step_backward, 2, 11)
         self.sequence_forward = _bind(library.lm_sequence_forward, 3, 8)
@@ -166,7 +167,7 @@ _warned = []
 def _load(variant, scalar):
     try:
         return CpuKernels(variant, scalar)
-    except (host_kernels.CompilerMissing, RuntimeError, OSError) as error:
+    except (build.CompilerMissing, RuntimeError, OSError) as error:
         if not _warned:
             _warned.append(error)
             first_line = str(error).strip().splitlines()[0]

@@ -1,0 +1,11 @@
+"""The kernel runtime: the generated C++ built by the host compiler, cached and loaded.
+
+* ``build``: compiling C++ text into a shared library, the cache, loading;
+* ``cpu_kernels``: a variant's generated CPU kernels (``compile.emit_cpu``), bound
+  through ctypes for every framework's CPU arrays;
+* ``host_kernels``: the generated CUDA C compiled for the CPU (a correctness tool:
+  tests and ``lstm_multi.testing.check_variant``).
+
+``lstm_multi.compile`` writes the source text; this package is the only place a
+compiler runs or a library is loaded. Nothing here imports an array framework.
+"""
