@@ -217,7 +217,7 @@ def test_torch_cell_uses_the_kernels_unless_asked_for_the_array_code(monkeypatch
 
 
 def _fresh_variant():
-    """A variant the kernel cache has not seen (the cache is per variant object)."""
+    """A variant the kernel cache has not seen (variants are remembered per object)."""
     base = spec.get_variant("peephole")
     return lstm_multi.Variant("fresh", base.forward, params=base.params)
 
@@ -225,6 +225,7 @@ def _fresh_variant():
 def test_without_a_compiler_the_array_code_runs_after_one_warning(monkeypatch):
     monkeypatch.setattr(build, "host_compiler", lambda: None)
     monkeypatch.setattr(cpu_kernels, "_warned", [])
+    build.forget_loaded()  # loaded kernels are shared by variants of equal source: none now
     variant = _fresh_variant()
     config = _config("peephole", num_layers=1)
     problem = make_problem(config)

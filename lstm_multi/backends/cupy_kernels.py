@@ -25,6 +25,8 @@ terms) as ``S`` (``ArrayModuleOps.state_dtype``).
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from .. import spec
@@ -89,7 +91,7 @@ class CudaKernels:
 
     def __init__(self, cupy):
         self.xp = cupy
-        self._kernels = {}
+        self._kernels = weakref.WeakKeyDictionary()  # a variant dropped by its user is freed
 
     def kernels(self, variant):
         """(forward, backward) ElementwiseKernels of ``variant``."""

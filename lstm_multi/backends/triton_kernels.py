@@ -18,13 +18,14 @@ batch, U's gate blocks held on chip for the whole sequence, ``tl.dot`` per step)
 
 from __future__ import annotations
 
-import os
+import weakref
 
 import torch
 import triton
 
-from ..compile import emit_triton
+from .. import environment
 from ..compile.emit_cuda import forward_stored
+from ..kernels import triton_modules
 from ..kernels.build import cache_dir
 
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -35,16 +36,18 @@ class TritonKernels:
 
     def __init__(self, directory=None):
         self.directory = directory or cache_dir().parent / "triton"
-        self._modules = {}
+        # variant -> {interpreted: module}; weak, so that a variant dropped by its user is
+        # freed (its module stays in sys.modules, shared by every variant of equal text)
+        self._modules = weakref.WeakKeyDictionary()
 
     def module(self, variant):
         """The variant's generated module, generated and imported once per variant and
         interpreter mode (Triton reads TRITON_INTERPRET when the module is imported)."""
-        key = (variant, os.environ.get("TRITON_INTERPRET", ""))
-        found = self._modules.get(key)
-        if found is None:
-            found = self._modules[key] = emit_triton.load(variant.programs, self.directory)
-        return found
+        interpret = environment.triton_interpret()
+        modes = self._modules.setdefault(variant, {})
+        if interpret not in modes:
+            modes[interpret] = triton_modules.load(variant.programs, self.directory, interpret)
+        return modes[interpret]
 
     def _check(self, name, tensor):
         if tensor.dtype not in _INPUT_DTYPES:

@@ -8,4 +8,11 @@
 
 ``lstm_multi.compile`` writes the source text; this package is the only place a
 compiler runs or a library is loaded. Nothing here imports an array framework.
+
+``clear_cache()`` removes the libraries built on this machine and forgets the loaded
+ones (``build.clear_cache``).
 """
+
+from .build import clear_cache
+
+__all__ = ["clear_cache"]

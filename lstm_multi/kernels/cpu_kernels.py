@@ -5,9 +5,16 @@ cannot be had, after one warning saying why): the four functions of
 ``emit_cpu`` called through ctypes on raw addresses, so that any framework's
 contiguous CPU arrays can be passed (``ops.address``). Compiled with the host
 C++ compiler at ``-O3 -march=native`` (the library is cached by source,
-flags and CPU under ``$LSTM_MULTI_CACHE`` or ``~/.cache/lstm_multi``, see
-``host_kernels``): a second process, or a second run, loads it in
-milliseconds.
+flags and CPU under ``$LSTM_MULTI_CACHE`` or ``~/.cache/lstm_multi``, checked
+against its recorded hash before it is loaded, see ``build``): a second
+process, or a second run, loads it in milliseconds.
+
+In the process, the kernels are kept by the SHA-256 of their source (variants
+computing the same math share them), and each variant is mapped to its kernels
+weakly: a variant that has run is freed with its last reference. A failed build
+is remembered per variant (one warning per process says why), except one that
+failed for want of a compiler, which looks for one again on the next call;
+``lstm_multi.kernels.clear_cache()`` (or ``build.forget_loaded()``) forgets all.
 
 ``LSTM_MULTI_CPU_KERNELS=0`` turns them off (every path then runs the
 generated array code, one framework call per operation).
@@ -26,11 +33,13 @@ them off.
 from __future__ import annotations
 
 import ctypes
-import functools
+import hashlib
 import os
 import warnings
+import weakref
 from typing import NamedTuple
 
+from .. import environment
 from ..compile import emit_cpu, emit_cuda
 from . import build
 
@@ -59,17 +68,16 @@ class CpuKernels:
     ``emit_cpu``. ``saved_count`` is NS, ``rows`` R.
     """
 
-    def __init__(self, variant, scalar):
-        self.variant, self.scalar = variant, scalar
+    def __init__(self, variant, scalar, source=None):
+        self.name, self.scalar = variant.name, scalar  # not the variant: see ``_load``
         programs = variant.programs
         self.saved_count = len(emit_cuda.forward_stored(programs))
         self.rows = len(programs.param_rows)
-        source = emit_cpu.cpu_source(programs, scalar, variant.recurrent_state)
+        if source is None:
+            source = kernel_source(variant, scalar)
         try:
             library = build.compile_library(source, FLAGS)
-        except build.CompilerMissing:
-            raise
-        except RuntimeError:
+        except build.BuildFailed:  # no OpenMP runtime with this compiler (Apple's clang)
             library = build.compile_library(source, FLAGS_WITHOUT_OPENMP)
         self.step_forward = _bind(library.lm_step_forward, 2, 10)
         self.step_backward = _bind(library.lm_step_backward, 2, 11)
@@ -99,6 +107,11 @@ class CpuKernels:
         pages cost more than the gate math (benchmarks/NOTES.md section 9)."""
         if nbytes >= self.HUGE_PAGE_MIN_BYTES:
             self._advise(address, nbytes)
+
+
+def kernel_source(variant, scalar) -> str:
+    """The C++ text of the variant's kernels in ``scalar`` (``emit_cpu.cpu_source``)."""
+    return emit_cpu.cpu_source(variant.programs, scalar, variant.recurrent_state)
 
 
 def _bind(function, sizes, arrays):
@@ -150,35 +163,86 @@ def _split_loops(library, blas_library):
 
 
 def split_enabled() -> bool:
-    """False when ``LSTM_MULTI_CPU_THREADS=0`` asks for the per-step loop instead of
-    the batch-split loops."""
-    return os.environ.get("LSTM_MULTI_CPU_THREADS", "1") != "0"
+    """False when ``LSTM_MULTI_CPU_THREADS`` is off (``0``, ``off``, ...) and asks for the
+    per-step loop instead of the batch-split loops (``environment.cpu_split_enabled``)."""
+    return environment.cpu_split_enabled()
 
 
 def enabled() -> bool:
-    """False when ``LSTM_MULTI_CPU_KERNELS=0`` asks for the array code everywhere."""
-    return os.environ.get("LSTM_MULTI_CPU_KERNELS", "1") != "0"
+    """False when ``LSTM_MULTI_CPU_KERNELS`` is off (``0``, ``off``, ...) and asks for the
+    array code everywhere (``environment.cpu_kernels_enabled``)."""
+    return environment.cpu_kernels_enabled()
 
 
-_warned = []
+_warned = []  # the first failure, once warned about (one warning per process)
+
+#: the kernels of each library loaded, by the SHA-256 of its source: few, and shared by
+#: equal variants
+_by_source: dict[str, CpuKernels] = {}
+#: variant -> {scalar: its CpuKernels, or a failure}; weak, so that no variant is kept
+#: alive by having run (CpuKernels holds no variant)
+_by_variant: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_generation = [build.generation]  # the build generation these caches belong to
 
 
-@functools.cache
+class _Failed(NamedTuple):
+    """A variant's kernels could not be had; ``no_compiler``: for want of a compiler
+    (looked for again on the next call: cheap, and one may have appeared)."""
+
+    no_compiler: bool
+
+
 def _load(variant, scalar):
-    try:
-        return CpuKernels(variant, scalar)
-    except (build.CompilerMissing, RuntimeError, OSError) as error:
-        if not _warned:
-            _warned.append(error)
-            first_line = str(error).strip().splitlines()[0]
-            warnings.warn(
-                "lstm_multi: the fused CPU kernels could not be built, so the CPU runs the "
-                f"slower per-operation code ({first_line}). Install g++ or set CXX to get "
-                "them; LSTM_MULTI_CPU_KERNELS=0 silences this.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+    """The variant's kernels, from the caches or built; None (after one warning per
+    process) where they cannot be built."""
+    if _generation[0] != build.generation:  # build.forget_loaded / clear_cache ran
+        _by_source.clear()
+        _by_variant.clear()
+        _generation[0] = build.generation
+    known = _by_variant.get(variant)
+    if known is None:
+        known = _by_variant[variant] = {}
+    found = known.get(scalar)
+    if isinstance(found, CpuKernels):
+        return found
+    if found is not None and not (found.no_compiler and build.host_compiler() is not None):
         return None
+    try:
+        source = kernel_source(variant, scalar)
+        digest = hashlib.sha256(source.encode()).hexdigest()
+        kernels = _by_source.get(digest)
+        if kernels is None:
+            kernels = _by_source[digest] = CpuKernels(variant, scalar, source)
+    except (RuntimeError, OSError) as error:
+        known[scalar] = _Failed(isinstance(error, build.CompilerMissing))
+        _warn_once(error)
+        return None
+    known[scalar] = kernels
+    return kernels
+
+
+def _warn_once(error):
+    if _warned:
+        return
+    _warned.append(str(error))
+    # the error says the cause: no compiler (and what to install), the compiler's own
+    # messages, or the cache that cannot be used
+    cause = _first_lines(str(error)).rstrip(".")
+    warnings.warn(
+        "lstm_multi: the fused CPU kernels could not be built, so the CPU runs the slower "
+        f"per-operation code. {type(error).__name__}: {cause}. "
+        "LSTM_MULTI_CPU_KERNELS=0 silences this.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _first_lines(text, count=6):
+    """The first ``count`` lines of ``text`` (a compiler's messages), saying how many follow."""
+    lines = text.strip().splitlines()
+    if len(lines) <= count:
+        return "\n".join(lines)
+    return "\n".join(lines[:count]) + f"\n... ({len(lines) - count} more lines)"
 
 
 def cpu_kernels(variant, scalar):
