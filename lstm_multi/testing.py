@@ -1,33 +1,51 @@
 """Checks a user runs on their own variant: ``check_variant(variant)``.
 
-What it checks, on a small problem (2 layers, bidirectional, lengths, initial
-state), each in float64:
+Every target the library runs the variant on gets its own result line, on a
+small problem (2 layers, bidirectional, lengths, initial state), in float64
+unless said otherwise:
 
-1. ``gates``: the derived backward of one step's gate math against central
-   finite differences of its forward (directional derivatives along random
-   directions);
+1. ``gates``: the derived backward of one step's gate math (the array code)
+   against central finite differences of its forward (directional
+   derivatives along random directions);
 2. ``network``: the NumPy backend's gradients of a whole network (``vjp``)
-   against central finite differences of its forward;
-3. ``<backend>``: every other installed backend (torch, jax, cupy with a
+   against central finite differences of its forward; the note says whether
+   it ran on the CPU kernels (what NumPy runs by default) or the array code;
+3. ``array``: the same network with every direction on the array code
+   (``network.loop_direction`` and ``bptt.backward_direction``, the Python
+   loop a backend runs without the CPU kernels, and what PyTorch's
+   ``gate_kernel="array"``, JAX and CuPy run) against the NumPy backend's;
+4. ``cpu``: the generated CPU C++ (``emit_cpu``), compiled as the library
+   compiles it (``CpuKernels(variant, "double")``): its fused step forward
+   and backward against the array code, and its whole-sequence loops against
+   the array code's time loop and BPTT, with lengths;
+5. ``<backend>``: every other installed backend (torch, jax, cupy with a
    GPU) against the NumPy backend: outputs and gradients, in float64 where the
    backend computes it here (JAX only in its 64-bit mode), else in float32
    with a float32 tolerance;
-4. ``kernels``: the CUDA C of the fused kernels, compiled on the host by a C++
-   compiler when there is one, against the program's own evaluation.
+6. ``kernels``: the CUDA C of the fused kernels (CuPy's), compiled on the host
+   by a C++ compiler, against the program's own evaluation;
+7. ``triton``: the Triton kernels (where torch and triton are installed), run
+   by Triton's interpreter in float32, against the program's evaluation.
 
 Returns a ``VariantReport`` (printable) and raises ``AssertionError`` listing
-what failed, unless ``raise_on_failure=False``. A check that cannot run here
-(a backend not installed, no compiler) is reported as skipped, with the reason.
+what failed, unless ``raise_on_failure=False``. A target is never reported
+passed unless it ran: one that cannot run here (a backend or triton not
+installed, no C++ compiler, an unusable kernel cache) is reported as skipped,
+with the reason; a compiler refusing the generated code, or a failure loading
+or running what it built, is FAILED with the message, never an exception.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import registry, spec
+from . import bptt, environment, kernel_direction, network, registry, spec
+from .compile import emit_cuda, evaluate
 from .kernels.build import CompilerMissing
+from .kernels.cpu_kernels import CpuKernels
 from .kernels.host_kernels import HostKernels
 from .ops import ArrayModuleOps
 
@@ -165,8 +183,33 @@ def _check_network(variant, rng, report, directions=3, eps=1e-6):
         analytic = sum(float(np.sum(g * v)) for g, v in zip(_flat(grads), _flat(vp), strict=True))
         analytic += float(np.sum(dx * vx) + np.sum(dh0 * vs[0]) + np.sum(dc0 * vs[1]))
         worst = max(worst, abs(numeric - analytic) / max(1.0, abs(analytic)))
-    _record(report, "network", worst, 1e-6, "(numpy vjp vs finite differences)")
+    on_kernels = kernel_direction.kernels_for(cell.ops, variant, p["x"]) is not None
+    path = "the CPU kernels" if on_kernels else "the array code: no CPU kernels here"
+    _record(report, "network", worst, 1e-6, f"(numpy vjp on {path}, vs finite differences)")
     return cell, p
+
+
+def _array_code_cell(variant):
+    """The NumPy cell with every direction on the array code (never the CPU kernels)."""
+
+    class ArrayCodeCell(registry.get_cell("numpy")):
+        def _run_direction(self, ops, variant, p, xs, h0, c0, valid, record=False):
+            return network.loop_direction(ops, variant, p, xs, h0, c0, valid, record)
+
+        def _backward_direction(self, ops, variant, p, tape, dys, dh, dc, valid):
+            return bptt.backward_direction(ops, variant, p, tape, dys, dh, dc, valid)
+
+    return ArrayCodeCell(variant=variant, **_SIZES)
+
+
+def _check_array(variant, reference_cell, p, report):
+    """The array code's network (outputs and every gradient) against the NumPy backend's."""
+    found = _run(_array_code_cell(variant), p, "float64")
+    expected = _run(reference_cell, p, "float64")
+    worst = max(_relative(a, b) for a, b in zip(found, expected, strict=True))
+    on_kernels = kernel_direction.kernels_for(reference_cell.ops, variant, p["x"]) is not None
+    against = "numpy on the CPU kernels" if on_kernels else "the network check (array code too)"
+    _record(report, "array", worst, 1e-10, f"(numpy array-code loop vs {against})")
 
 
 # 3. every other backend against NumPy ---------------------------------------------------
@@ -206,17 +249,109 @@ def _check_backends(variant, reference_cell, p, report, backends):
         _record(report, name, worst, tolerance, f"(vs numpy, {dtype})")
 
 
-# 4. the fused kernels' C, compiled on the host ------------------------------------------
+# 4. the CPU C++, compiled as the library compiles it --------------------------------------
+
+
+def _build(report, name, make):
+    """``make()``, or None after recording why ``name`` cannot be checked: skipped for a
+    missing compiler or an unusable cache (the target cannot run here), FAILED for a
+    compiler refusing the code or a library that does not load (it is wrong)."""
+    try:
+        return make()
+    except CompilerMissing as why:
+        report.results.append(CheckResult(name, "skipped", note=f"({why})"))
+    except OSError as why:  # an unwritable or noexec cache, a full disk
+        note = f"(could not build or load here: {type(why).__name__}: {why})"
+        report.results.append(CheckResult(name, "skipped", note=note))
+    except Exception as why:  # noqa: BLE001 -- the compiler refused the code, a missing symbol
+        note = f"({type(why).__name__}: {why})"
+        report.results.append(CheckResult(name, "FAILED", note=note))
+    return None
+
+
+def _address(array):
+    return None if array is None else array.ctypes.data
+
+
+def _cpu_step_pairs(variant, kernels, rng):
+    """(kernel result, array code result) pairs of one fused step, forward and backward."""
+    programs = variant.programs
+    batch, hidden = 3, 5
+    z = rng.normal(size=(batch, 4 * hidden)) * 1.5
+    h_prev, c_prev, dy, dh, dc = (rng.normal(size=(batch, hidden)) for _ in range(5))
+    extra = {k: rng.normal(size=s) for k, s in variant.extra_param_shapes(hidden).items()}
+    rows = [extra[name] for name in variant.params]
+    P = np.ascontiguousarray(np.concatenate(rows, 0) if rows else np.zeros((1, hidden)))
+    stored = emit_cuda.forward_stored(programs)
+    h, c, y = (np.full((batch, hidden), np.nan) for _ in range(3))
+    saved = np.full((max(len(stored), 1), batch, hidden), np.nan)
+    kernels.step_forward(batch, hidden, _address(z), None, _address(h_prev), _address(c_prev),
+                         _address(P), None, _address(h), _address(c), _address(y),
+                         _address(saved))  # fmt: skip
+    want_h, want_c, cache = variant.gates_forward(_NP, z, c_prev, extra)
+    known = {programs.inputs["c_prev"]: c_prev, programs.forward_outputs["c"]: c}
+    known.update(zip(stored, saved, strict=False))
+    pairs = [(h, want_h), (y, want_h), (c, want_c)]
+    pairs += list(zip((known[n] for n in programs.saved), cache, strict=True))
+    dz = np.full((batch, 4 * hidden), np.nan)
+    dP = np.zeros_like(P)
+    dh_io, dc_io = dh.copy(), dc.copy()
+    kernels.step_backward(batch, hidden, _address(dy), None, _address(dh_io), _address(dc_io),
+                          _address(c_prev), _address(c), _address(saved), _address(P), None,
+                          _address(dz), _address(dP))  # fmt: skip
+    want_dz, want_dc, want_extra = variant.gates_backward(_NP, dh + dy, dc, cache, extra)
+    pairs += [(dz, want_dz), (dc_io, want_dc), (dh_io, np.zeros_like(dh))]
+    if rows:
+        pairs.append((dP, np.concatenate([want_extra[name] for name in variant.params], 0)))
+    return pairs
+
+
+def _cpu_sequence_pairs(variant, kernels, rng):
+    """(kernel result, array code result) pairs of one direction (the loops in C) with
+    lengths: outputs, final states and every gradient."""
+    ops = registry.get_cell("numpy").ops
+    steps, batch, inputs, hidden = 4, 3, 2, 3
+    p = {
+        "W": 0.5 * rng.normal(size=(inputs, 4 * hidden)),
+        "U": 0.5 * rng.normal(size=(hidden, 4 * hidden)),
+        "b": 0.1 * rng.normal(size=4 * hidden),
+        **{k: 0.5 * rng.normal(size=s) for k, s in variant.extra_param_shapes(hidden).items()},
+    }
+    xs = rng.normal(size=(steps, batch, inputs))
+    h0, c0 = rng.normal(size=(2, batch, hidden))
+    valid = (np.arange(steps)[:, None] < np.array([4, 2, 3])[None, :])[:, :, None]
+    dys = rng.normal(size=(steps, batch, hidden))
+    dh, dc = rng.normal(size=(2, batch, hidden))
+    *k_out, k_tape = kernel_direction.forward_direction(
+        ops, kernels, variant, p, xs, h0, c0, valid, record=True
+    )
+    *a_out, a_tape = network.loop_direction(ops, variant, p, xs, h0, c0, valid, record=True)
+    k_grads = kernel_direction.backward_direction(
+        ops, kernels, variant, p, k_tape, dys, dh.copy(), dc.copy(), valid
+    )
+    a_grads = bptt.backward_direction(ops, variant, p, a_tape, dys, dh.copy(), dc.copy(), valid)
+    return list(zip(_flat([k_out, k_grads]), _flat([a_out, a_grads]), strict=True))
+
+
+def _check_cpu(variant, rng, report):
+    kernels = _build(report, "cpu", lambda: CpuKernels(variant, "double"))
+    if kernels is None:
+        return
+    try:
+        pairs = _cpu_step_pairs(variant, kernels, rng) + _cpu_sequence_pairs(variant, kernels, rng)
+    except Exception as why:  # noqa: BLE001 -- report, never raise, a kernel that misbehaves
+        report.results.append(CheckResult("cpu", "FAILED", note=f"({type(why).__name__}: {why})"))
+        return
+    worst = max(_relative(a, b) for a, b in pairs)
+    _record(report, "cpu", worst, 1e-12, "(C++ step and sequence loops vs array code)")
+
+
+# 5. the fused kernels' CUDA C, compiled on the host -------------------------------------
 
 
 def _check_kernels(variant, rng, report):
-    try:
-        kernels = HostKernels(variant, "double", "double")
-    except CompilerMissing as why:
-        report.results.append(CheckResult("kernels", "skipped", note=f"({why})"))
-        return
-    except RuntimeError as why:  # the compiler refused the generated code
-        report.results.append(CheckResult("kernels", "FAILED", note=f"({why})"))
+    kernels = _build(report, "kernels", lambda: HostKernels(variant, "double", "double"))
+    if kernels is None:
         return
     batch, hidden = 3, 5
     z = rng.normal(size=(batch, 4 * hidden)) * 1.5
@@ -233,6 +368,72 @@ def _check_kernels(variant, rng, report):
     _record(report, "kernels", worst, 1e-12, "(CUDA C on the host vs array code)")
 
 
+# 6. the Triton kernels, in Triton's interpreter -----------------------------------------
+
+
+def _triton_kernels(make, variant):
+    """The kernels with the variant's module generated and imported (a cache that cannot
+    hold it raises here, as a build failure, not while the kernels run)."""
+    kernels = make()
+    kernels.module(variant)
+    return kernels
+
+
+def _check_triton(variant, rng, report):
+    missing = [m for m in ("torch", "triton") if importlib.util.find_spec(m) is None]
+    if missing:
+        note = f"({' and '.join(missing)} not installed: pip install {' '.join(missing)})"
+        report.results.append(CheckResult("triton", "skipped", note=note))
+        return
+    import torch
+
+    from .backends.triton_kernels import TritonKernels
+
+    programs = variant.programs
+    batch, hidden = 3, 5
+    z = (rng.normal(size=(batch, 4 * hidden)) * 1.5).astype(np.float32)
+    c_prev, dh, dc = (rng.normal(size=(batch, hidden)).astype(np.float32) for _ in range(3))
+    extra = {
+        k: rng.normal(size=s).astype(np.float32)
+        for k, s in variant.extra_param_shapes(hidden).items()
+    }
+    t_extra = {k: torch.from_numpy(v) for k, v in extra.items()}
+    with environment.temporarily("TRITON_INTERPRET", "1"):
+        kernels = _build(report, "triton", lambda: _triton_kernels(TritonKernels, variant))
+        if kernels is None:
+            return
+        try:
+            h, c, saved = kernels.forward(variant, torch.from_numpy(z), torch.from_numpy(c_prev),
+                                          t_extra)  # fmt: skip
+            dz, dc_prev, terms = kernels.backward(
+                variant, torch.from_numpy(dh), torch.from_numpy(dc), saved, t_extra
+            )
+        except Exception as why:  # noqa: BLE001 -- report, never raise
+            note = f"({type(why).__name__}: {why})"
+            report.results.append(CheckResult("triton", "FAILED", note=note))
+            return
+    wide = {k: np.asarray(v, np.float64) for k, v in extra.items()}
+    inputs = dict(zip(("z_i", "z_f", "z_g", "z_o"), np.split(z.astype(np.float64), 4, -1),
+                      strict=True))  # fmt: skip
+    inputs["c_prev"] = c_prev.astype(np.float64)
+    for name, rows in variant.params.items():
+        inputs.update((f"{name}_{row}", wide[name][r]) for r, row in enumerate(rows))
+    want_h, want_c, want_saved = evaluate.evaluate_forward(programs, inputs)
+    back = {"dh": dh.astype(np.float64), "dc": dc.astype(np.float64)}
+    back.update((k, v) for k, v in inputs.items() if k in programs.param_rows)
+    saved64 = [np.asarray(s.numpy(), np.float64) for s in saved]
+    out = evaluate.evaluate_backward(programs, back, saved64)
+    want_dz = np.concatenate([out[f"dz_{g}"] for g in spec.GATE_ORDER], -1)
+    pairs = [(h.numpy(), want_h), (c.numpy(), want_c), (dz.numpy(), want_dz)]
+    pairs += [(s.numpy(), w) for s, w in zip(saved, want_saved, strict=True)]
+    pairs.append((dc_prev.numpy(), out["dc_prev"]))
+    for name, rows in variant.params.items():
+        want = np.stack([out[f"d{name}_{row}"] for row in rows], 1)
+        pairs.append((terms[name].numpy(), want))
+    worst = max(_relative(a, b) for a, b in pairs)
+    _record(report, "triton", worst, 1e-5, "(interpreted, float32, vs the program's evaluation)")
+
+
 def check_variant(variant, backends=None, *, seed=0, raise_on_failure=True) -> VariantReport:
     """Check ``variant`` (a ``lstm_multi.Variant`` or a registered name); see the module doc.
 
@@ -245,8 +446,11 @@ def check_variant(variant, backends=None, *, seed=0, raise_on_failure=True) -> V
     variant.programs  # noqa: B018 -- tracing errors surface here, before any number
     _check_gates(variant, rng, report)
     reference_cell, problem = _check_network(variant, rng, report)
+    _check_array(variant, reference_cell, problem, report)
+    _check_cpu(variant, rng, report)
     _check_backends(variant, reference_cell, problem, report, backends or registry.known_backends())
     _check_kernels(variant, rng, report)
+    _check_triton(variant, rng, report)
     if raise_on_failure and report.failed:
         raise AssertionError(f"{report}\n{len(report.failed)} check(s) failed")
     return report

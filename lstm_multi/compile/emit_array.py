@@ -13,6 +13,12 @@ backend's accurate nonlinearities, ``lstm_multi.ops``)::
         ...
         return dz_i, dz_f, dz_g, dz_o, dc_prev          # then d{param}_{row}, summed
 
+Constants are written as float literals that read back to the same double
+(``repr``: ``4000000000.0``, ``1e+30``, ``5e-324``, ``-0.0``), never as Python
+ints, which JAX would make int32 (overflowing beyond 2^31) and PyTorch int64
+(overflowing beyond 2^63); each framework then rounds the scalar to the array's
+dtype. (The trace refuses nan and inf constants.)
+
 An output that is a known constant (a gradient that is identically zero, say)
 comes back as an array of ``like``'s shape and dtype, so callers never see a
 Python number. ``source_forward``/``source_backward`` give the text (shown in
@@ -21,33 +27,47 @@ errors and docs); ``compile_programs`` returns the two functions.
 
 from __future__ import annotations
 
+import math
+
 from .derive import GatePrograms
 from .trace import PRIMITIVES, live_nodes
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*"}
 
 
-def _literal(value):
-    return repr(int(value)) if float(value).is_integer() else repr(float(value))
+def literal(value) -> str:
+    """A finite constant as a Python float literal that reads back to the same double."""
+    value = float(value)
+    if not math.isfinite(value):  # the trace refuses these; never write a bare nan/inf
+        raise ValueError(f"constant: expected a finite number, got {value!r}")
+    return repr(value)
 
 
-def _name(programs: GatePrograms, node_id, given):
+def _name(programs: GatePrograms, node_id, given, constant=literal):
     node = programs.graph.nodes[node_id]
     if node_id in given:
         return given[node_id]
     if node.op == "const":
-        return _literal(node.value)
+        return constant(node.value)
     return f"v{node_id}"
 
 
-def _lines(programs: GatePrograms, roots, given, function=lambda op: f"ops.{op}", delete=True):
+def _lines(
+    programs: GatePrograms,
+    roots,
+    given,
+    function=lambda op: f"ops.{op}",
+    delete=True,
+    constant=literal,
+):
     """The statements computing ``roots`` beyond ``given``, written as an array programmer
     would write them.
 
     A node used once is written inline in its one user (``dc * g * i * (1 - i)``);
     a node used more than once gets a name, deleted right after its last use.
     ``function(op)`` names the function computing ``op`` (sigmoid, tanh); ``delete``
-    says whether to emit the ``del`` statements.
+    says whether to emit the ``del`` statements; ``constant(value)`` writes a constant
+    (by default ``literal``).
 
     That keeps the arrays alive at any moment to a few, as in hand-written code:
     NumPy then reuses its temporaries in place, and PyTorch's allocator reuses
@@ -80,7 +100,7 @@ def _lines(programs: GatePrograms, roots, given, function=lambda op: f"ops.{op}"
 
     def reference(node_id, wrap):
         if node_id not in inline:
-            return _name(programs, node_id, given)
+            return _name(programs, node_id, given, constant)
         text = expression(node_id)
         is_call = graph.nodes[node_id].op not in _INFIX and graph.nodes[node_id].op != "neg"
         return f"({text})" if wrap and not is_call else text
@@ -114,7 +134,9 @@ def _output(programs, node_id, given, like):
     node = programs.graph.nodes[node_id]
     if node.op == "const":
         zeros = f"ops.zeros_like({like})"
-        return zeros if node.value == 0 else f"({zeros} + {_literal(node.value)})"
+        if node.value == 0 and math.copysign(1.0, node.value) > 0:
+            return zeros
+        return f"({zeros} + {literal(node.value)})"
     return _name(programs, node_id, given)
 
 

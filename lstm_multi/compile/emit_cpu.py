@@ -520,10 +520,13 @@ def _backward_row(programs: GatePrograms) -> str:
     inputs.update(zip(programs.saved, saved_names, strict=True))
     outputs = programs.backward_outputs
     used = set(live_nodes(programs.graph, outputs.values(), inputs))
-    lines = [
-        "const S v_dh = dh[j] + dy[j];",
-        "const S v_dc = dc[j];",
-    ]
+    # only what the program reads: an unused variable fails the build under -Werror (a
+    # variant whose h or c is a constant, or whose gradients do not depend on them)
+    lines = []
+    if programs.inputs["dh"] in used:
+        lines.append("const S v_dh = dh[j] + dy[j];")
+    if programs.inputs["dc"] in used:
+        lines.append("const S v_dc = dc[j];")
     # c_{t-1} and c_t are read from the carried states, the rest from the tape
     tape = {programs.inputs["c_prev"]: "c_prev[j]", programs.forward_outputs["c"]: "c[j]"}
     tape.update((n, f"saved[{k} * stride + j]") for k, n in enumerate(forward_stored(programs)))
@@ -549,7 +552,7 @@ static inline void lm_backward_row(long H, const S* __restrict dy, S* __restrict
                                    S* __restrict dc, const S* __restrict c_prev,
                                    const S* __restrict c, const S* __restrict saved, long stride,
                                    const S* __restrict P, S* __restrict dz, S* __restrict dP) {{
-  (void)c_prev; (void)c; (void)P; (void)dP; (void)saved; (void)stride;
+  (void)dy; (void)c_prev; (void)c; (void)P; (void)dP; (void)saved; (void)stride;
 #pragma omp simd
   for (long j = 0; j < H; ++j) {{
     {body}

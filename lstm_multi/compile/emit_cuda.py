@@ -11,7 +11,10 @@ Types: ``T`` is the input type (z, h, dh, the parameters), ``S`` the state type
 (float32 for float16 inputs, else T: ``ArrayModuleOps.state_dtype``). Every
 load is converted to S, the math runs in S, h is stored as T and everything
 else (c, the saved values, dz, the gradient terms) as S. Constants are written
-``S(value)``, so no double literal promotes float math.
+``S(value)``, so no double literal promotes float math; ``value`` is the
+decimal literal that reads back to the constant's double exactly (``1e+30``,
+``5e-324``, ``4000000000.0``), rounded once to S by the compiler (in float, 1e60
+is inf and 5e-324 is 0, as in float arithmetic).
 
 ``host_source`` wraps a kernel's operation in a plain C++ loop for a host
 compiler, which is how the tests run this exact text on machines without a GPU.
@@ -22,6 +25,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .derive import GATES, GatePrograms
+from .emit_array import literal
 from .trace import PRIMITIVES, live_nodes
 
 PREAMBLE = """
@@ -52,7 +56,7 @@ def c_name(programs: GatePrograms, node_id, inputs):
     if node_id in inputs:
         return f"v_{inputs[node_id]}"
     if node.op == "const":
-        return f"S({float(node.value)!r})"
+        return f"S({literal(node.value)})"
     return f"v{node_id}"
 
 
@@ -84,6 +88,7 @@ _INDEX = [
     "const ptrdiff_t lm_b = i / H;",
     "const ptrdiff_t lm_j = i - lm_b * H;",
     "const ptrdiff_t lm_row = lm_b * 4 * H + lm_j;",
+    "(void)lm_row;",  # unread where the program reads no input (constant h and c)
 ]
 
 

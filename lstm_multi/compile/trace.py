@@ -15,7 +15,13 @@ identities are applied as nodes are made (``x + 0``, ``x * 1``, ``x * 0``,
 work on known zeros.
 
 The operations are the subset every emitter writes in every target language:
-``+ - *``, unary ``-``, ``sigmoid`` and ``tanh``, with float constants.
+``+ - *``, unary ``-``, ``sigmoid`` and ``tanh``, with finite float constants.
+A constant is held as the Python float (a double) it was written as; every
+target writes it exactly and rounds it once to its computation type, as NumPy's
+``np.full_like(x, k)`` does (``evaluate``): in a float32 kernel 1e60 is inf and
+5e-324 is 0, as in float32 arithmetic. A constant that is not finite (nan, inf,
+or one that folding makes infinite, ``1e200 * 1e200``) is refused here with a
+ValueError naming it: it would be a silent nan in every output.
 Anything else (division, comparisons, ``if`` on a traced value) raises a
 TypeError naming what was used, because a kernel could not express it.
 """
@@ -57,8 +63,20 @@ class Graph:
     def input(self, name: str) -> Expr:
         return self._add(Node("input", name=name))
 
-    def const(self, value) -> Expr:
-        return self._add(Node("const", value=float(value)))
+    def const(self, value, origin=None) -> Expr:
+        """The constant ``value`` (finite, as a float); ``origin`` describes where it came
+        from, for the error when it is not finite."""
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond the doubles
+            number = math.inf
+        if not math.isfinite(number):
+            raise ValueError(
+                f"gate math: constant {origin or repr(value)}: expected a finite number, "
+                f"got {number!r} (nan and inf constants are refused: every output would be "
+                "nan or inf)"
+            )
+        return self._add(Node("const", value=number))
 
     def value_of(self, node_id):
         """The constant a node holds, or None when it is not a constant."""
@@ -70,7 +88,8 @@ class Graph:
         ids = tuple(a.id for a in args)
         consts = [self.value_of(i) for i in ids]
         if all(v is not None for v in consts):
-            return self.const(_fold(op, consts))
+            origin = f"{op}({', '.join(map(repr, consts))})"
+            return self.const(_fold(op, consts), origin)
         simpler = self._simplify(op, args, consts)
         if simpler is not None:
             return simpler
@@ -125,8 +144,9 @@ def _fold(op, values):
         return values[0] * values[1]
     if op == "neg":
         return -values[0]
-    if op == "sigmoid":
-        return 1.0 / (1.0 + math.exp(-values[0]))
+    if op == "sigmoid":  # e = exp(-|x|) cannot overflow (math.exp would raise)
+        e = math.exp(-abs(values[0]))
+        return 1.0 / (1.0 + e) if values[0] >= 0 else e / (1.0 + e)
     if op == "tanh":
         return math.tanh(values[0])
     raise ValueError(f"unknown operation {op!r}")
