@@ -150,6 +150,7 @@ def _packed(ops, loops, U, batch, threads, hidden, transposed):
 
 def forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record=False):
     """``network.loop_direction`` on the kernels: -> (ys, h_T, c_T, tape or None)."""
+    _require(kernels)
     variant = spec.get_variant(variant)
     if spec.PROJECTION in p:
         return _forward_projected(ops, kernels, variant, p, xs, h0, c0, valid, record)
@@ -203,6 +204,17 @@ def forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record=False)
     return ys, hs[steps], cs[steps], tape
 
 
+def _require(kernels):
+    """``kernels_for`` gives None where the kernels are off or cannot be built here; the
+    callers then run the array code (``run_direction``), never these functions."""
+    if kernels is None:
+        raise ValueError(
+            "kernels: expected the variant's CpuKernels, got None (kernels_for gives None "
+            "where they are turned off or cannot be built here: run network.loop_direction "
+            "then, as run_direction does)"
+        )
+
+
 def _fresh(ops, kernels, shape, like):
     """An uninitialised array for the kernels to fill, on huge pages where it is large."""
     array = ops.empty(shape, like)
@@ -219,6 +231,7 @@ def _itemsize(kernels):
 
 def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
     """``bptt.backward_direction`` on the kernels: -> (grads like p, dxs, dh0, dc0)."""
+    _require(kernels)
     variant = spec.get_variant(variant)
     if spec.PROJECTION in p:
         return _backward_projected(ops, kernels, variant, p, tape, dys, dh, dc, valid)
@@ -287,7 +300,8 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
 # forms y_t = m_t W_hr (zero past the length, as m_t is) and h_t = y_t, or h_{t-1}
 # past the length. Backward: dm_t = (dy_t + dh_t) W_hr^T enters the gate kernel as its
 # output gradient (masked there), dh_{t-1} = dz_t U^T inside the length (the carried
-# gradient past it), and dW_hr = sum_t m_t^T (dy_t + dh_t) is one product at the end.
+# gradient past it), and dW_hr = sum_t m_t^T (dy_t + dh_t) is one product at the end,
+# over rows of dy_t + dh_t set to zero past the length (whatever dy holds there).
 
 
 def _forward_projected(ops, kernels, variant, p, xs, h0, c0, valid, record):
@@ -357,8 +371,11 @@ def _backward_projected(ops, kernels, variant, p, tape, dys, dh, dc, valid):
     v_at = _offsets(None if valid_bytes is None else address(valid_bytes), steps, batch)
     dzs_t, douts_t = ops.unstack_time(dzs), ops.unstack_time(douts)
     reads_c = variant.recurrent_state == "c"
+    # past the length dy_t is never read (it may hold anything, NaN included): the row
+    # of douts is zero there, else 0 * NaN would reach dm and dW_hr = sum_t m_t^T douts_t
+    no_out = None if valid is None else ops.zeros_like(dh)
     for t in range(steps - 1, -1, -1):
-        douts[t] = dys[t] + dh
+        douts[t] = dys[t] + dh if valid is None else ops.where(valid[t], dys[t] + dh, no_out)
         ops.matmul_into(douts_t[t], W_hr_t, dm)
         kernels.step_backward(
             batch, hidden, address(dm), address(dr_c) if reads_c and t < steps - 1 else None,
@@ -378,6 +395,7 @@ def _backward_projected(ops, kernels, variant, p, tape, dys, dh, dc, valid):
         dextra[name] = dP[row : row + len(rows)]
         row += len(rows)
     m2 = ops.reshape(ms, (steps * batch, hidden))
-    dextra[spec.PROJECTION] = ops.transpose(m2) @ ops.reshape(douts, (steps * batch, -1))
+    douts2 = ops.reshape(douts, (steps * batch, W_hr.shape[1]))  # not -1: batch may be 0
+    dextra[spec.PROJECTION] = ops.transpose(m2) @ douts2
     rs = (hs if not reads_c else cs)[:steps]
     return bptt.direction_grads(ops, variant, p, xs, rs, dzs, dextra, dh, dc, h0_like, c0_like)

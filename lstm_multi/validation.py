@@ -56,8 +56,9 @@ def check_input(ops, x, input_size, batch_first):
         raise ValueError(
             f"x: expected input_size {input_size} on the last axis {layout}, got shape {shape}"
         )
-    if shape[0] == 0 or shape[1] == 0:
-        raise ValueError(f"x: expected at least one step and one sequence {layout}, got {shape}")
+    # no sequences (batch 0) is allowed, as nn.LSTM allows it: the outputs are empty
+    if shape[1 if batch_first else 0] == 0:
+        raise ValueError(f"x: expected at least one time step {layout}, got {shape}")
     check_float_dtype("x", ops.dtype_name(x))
 
 

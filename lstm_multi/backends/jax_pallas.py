@@ -69,7 +69,6 @@ otherwise; the kernels' own dots are float32 always.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +76,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .. import bptt, network, spec
+from .. import bptt, environment, network, spec
 from ..compile.emit_cuda import forward_stored
 from . import jax_backend
 
@@ -93,7 +92,7 @@ INTERPRET_FLOAT64 = False
 
 def default_interpret():
     """Whether the kernels run in Pallas's interpreter: on the CPU, or when asked."""
-    return os.environ.get("LSTM_MULTI_PALLAS_INTERPRET") == "1" or jax.default_backend() == "cpu"
+    return environment.pallas_interpret() or jax.default_backend() == "cpu"
 
 
 def block_hidden(hidden):

@@ -22,10 +22,11 @@ that runs eagerly, as ``torch.compile`` treats ``nn.LSTM``.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import torch
 
-from .. import network, validation
+from .. import environment, network, validation
 from ..cell import FunctionalCell
 from . import torch_bptt, torch_native
 from .torch_ops import OPS, TorchOps
@@ -74,11 +75,33 @@ def generic_forward(
         x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
         if layer_masks is not None:
             layer_masks = [None if m is None else m.to(dtype) for m in layer_masks]
+    if x.shape[1] == 0:
+        return empty_batch(params, x, h0, c0)
     with torch.autocast(x.device.type, enabled=False):
         y, h_n, c_n, _, _ = network.forward(
             OPS, variant, params, x, h0, c0, lengths, run_direction, between_layers, layer_masks
         )
     return y, h_n, c_n
+
+
+def empty_batch(params, x, h0, c0):
+    """What ``nn.LSTM`` returns for no sequences (x of shape (T, 0, in)): y (T, 0, D * P or
+    D * H), h_n = (L * D, 0, P or H) and c_n = (L * D, 0, H), all empty.
+
+    Differentiable as the loop would be: each output is zeros plus one scalar that sums
+    every parameter, x, h0 and c0, so that backward reaches each of them with a zero
+    gradient (the sum of an empty cotangent), as ``nn.LSTM``'s does; the scalar's value
+    is never seen, every output being empty. (The loop itself cannot run: oneDNN's
+    products refuse an empty batch.)
+    """
+    leaves = [a for layer in params for p in layer for a in p.values()] + [x, h0, c0]
+    anchor = torch.stack([a.sum().to(x.dtype) for a in leaves]).sum()
+    width = h0.shape[-1] * len(params[-1])
+    return (
+        x.new_zeros((x.shape[0], 0, width)) + anchor,
+        h0.new_zeros(h0.shape) + anchor.to(h0.dtype),
+        c0.new_zeros(c0.shape) + anchor.to(c0.dtype),
+    )
 
 
 GATE_KERNELS = (None, "array", "triton", "triton_persistent")
@@ -99,6 +122,45 @@ def check_gate_kernel(gate_kernel):
             "pip install 'lstm_multi[triton]'"
         )
     return gate_kernel
+
+
+#: the options ``warn_unused_device_options`` has warned about in this process
+_WARNED_OPTIONS = set()
+
+
+def warn_unused_device_options(gate_kernel, cuda_graphs, x):
+    """One ``UserWarning`` per process and option where an option that acts on CUDA tensors
+    only is given others (x on the CPU): ``gate_kernel="triton"`` / ``"triton_persistent"``
+    (the generated array code runs instead; not under ``TRITON_INTERPRET=1``, where Triton's
+    interpreter runs the kernels on the CPU) and ``cuda_graphs=True`` (the loop runs
+    directly). Not an error: a module made for a GPU keeps working when moved to the CPU.
+    """
+    if x.is_cuda:
+        return
+    device = x.device.type
+    if gate_kernel in ("triton", "triton_persistent") and not environment.triton_interpret():
+        _warn_once(
+            f"gate_kernel={gate_kernel!r}",
+            f"has no effect on {device} tensors (Triton runs CUDA tensors, or any under "
+            "TRITON_INTERPRET=1): the generated array code runs instead",
+        )
+    if cuda_graphs:
+        _warn_once(
+            "cuda_graphs=True",
+            f"has no effect on {device} tensors (CUDA graphs replay CUDA work only): the "
+            "loop runs directly, as with cuda_graphs=False",
+        )
+
+
+def _warn_once(option, consequence):
+    if option in _WARNED_OPTIONS:
+        return
+    _WARNED_OPTIONS.add(option)
+    warnings.warn(
+        f"lstm_multi: {option} {consequence}. Warned once per process.",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def direction_runner_for(gate_kernel=None, cuda_graphs=False):
@@ -144,7 +206,11 @@ class Cell(FunctionalCell):
     replays each direction's per-step loop on CUDA tensors, forward and
     backward, from a CUDA graph captured on the second call of each shape
     (``torch_graphs``): one host call a direction instead of a few a step;
-    it changes nothing on the CPU or on the native path.
+    it changes nothing on the CPU or on the native path. Given CPU tensors,
+    ``gate_kernel="triton"``/``"triton_persistent"`` (outside
+    ``TRITON_INTERPRET=1``) and ``cuda_graphs=True`` have no effect: each warns
+    once per process (a ``UserWarning`` naming the path that runs instead) and
+    the call runs as without it, so that a cell made for a GPU still runs on the CPU.
     Outputs are differentiable with autograd (repeated backward, double
     backward, ``torch.func`` transforms); tensors may live on any device.
     ``device`` (such as "cuda") is where the tensors the cell makes from NumPy
@@ -208,6 +274,7 @@ class Cell(FunctionalCell):
     generic_direction = None
 
     def _forward(self, params, x, h0, c0, lengths, layer_masks=None):
+        warn_unused_device_options(self.gate_kernel, self.cuda_graphs, x)
         if self.uses_native and layer_masks is None:
             return torch_native.forward(params, x, h0, c0, lengths)
         return generic_forward(

@@ -22,11 +22,9 @@ float32, which ``bptt`` sums and rounds once.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .. import bptt, spec
+from .. import bptt, environment, spec
 from .torch_bptt import OneDnnTorchOps, direction_runner_for
 from .triton_kernels import TritonKernels
 
@@ -35,7 +33,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def triton_can_run(tensor):
     """Whether Triton can run ``tensor``: on CUDA, or anywhere under its interpreter."""
-    on_device = tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    on_device = tensor.is_cuda or environment.triton_interpret()
     return on_device and tensor.dtype in _DTYPES
 
 
