@@ -17,8 +17,14 @@ Equinox ``nn.LSTMCell``       ``weight_ih (4H, in)`` = W^T, ``weight_hh (4H, H)`
 (``torch.nn.LSTM`` has ``lstm_multi.torch.LSTM.from_torch`` / ``to_torch``.)
 Every function returns NumPy arrays (``from_*``) or the framework's own
 objects (``to_*``) and copies values exactly: a round trip gives back the same
-arrays. A layer whose function differs from the LSTM's (other activations, no
-bias) is refused with a ``ValueError`` naming the setting.
+arrays. Nothing is dropped, cast or reshaped on the way: parameters these
+layers cannot hold (a variant's own, such as the peepholes ``p``, or the
+projection ``W_hr``) and arrays of another dtype than the layer's are refused
+with a ``ValueError`` naming the key. A layer whose function differs from the
+LSTM's (other activations, no bias, a Keras layer reading its sequence
+backwards, ``go_backwards=True``, outside a ``Bidirectional`` wrapper's backward
+direction, a ``Bidirectional`` merging its directions other than by
+concatenation) is refused with a ``ValueError`` naming the setting.
 """
 
 from __future__ import annotations
@@ -28,6 +34,32 @@ import re
 import numpy as np
 
 _FLAX_GATES = ("i", "f", "g", "o")
+#: the canonical keys the other frameworks' LSTM cells hold
+_LSTM_KEYS = ("W", "U", "b")
+
+
+def _check_lstm_keys(p, where, holder):
+    """Raise unless ``p`` is a dict of exactly W, U and b: a key beyond them (a variant's
+    own parameter such as ``p``, the projection ``W_hr``) would be dropped by ``holder``."""
+    if not isinstance(p, dict):
+        raise ValueError(f"{where}: expected a dict of 'W', 'U', 'b', got {type(p).__name__}")
+    extra = [key for key in p if key not in _LSTM_KEYS]
+    if extra:
+        raise ValueError(
+            f"{where}[{extra[0]!r}]: {holder} hold W, U and b only, got keys {sorted(p)} "
+            "(a variant's own parameters, such as the peepholes 'p', and the projection "
+            "'W_hr' have no place there: refused, not dropped)"
+        )
+    missing = [key for key in _LSTM_KEYS if key not in p]
+    if missing:
+        raise ValueError(f"{where}[{missing[0]!r}]: missing; expected keys W, U and b")
+
+
+def _check_dtype(where, value, dtype):
+    """Raise unless the array ``value`` has ``dtype`` (nothing is cast on the way)."""
+    got = np.asarray(value).dtype
+    if got != np.dtype(dtype):
+        raise ValueError(f"{where}: expected dtype {np.dtype(dtype)} (the layer's), got {got}")
 
 
 # Keras -------------------------------------------------------------------------
@@ -48,21 +80,59 @@ def _keras_lstm_cell(layer, name):
     return cell
 
 
-def _keras_directions(layer, name):
-    """A Keras LSTM or Bidirectional(LSTM) -> its LSTM layers, forward first."""
+def _keras_directions(layer, name, allow_go_backwards=False):
+    """A Keras LSTM or Bidirectional(LSTM) -> its LSTM layers, forward first.
+
+    Canonical direction 0 reads each sequence forwards and direction 1 reversed with its
+    outputs put back in order (what ``Bidirectional``'s backward layer, whose
+    ``go_backwards`` is True, computes). A lone layer with ``go_backwards=True`` returns
+    its outputs reversed: no canonical network computes that, so it is refused unless
+    ``allow_go_backwards``, as is a ``Bidirectional`` whose directions read otherwise or
+    merge other than by concatenation.
+    """
     if type(layer).__name__ == "Bidirectional":
-        return [layer.forward_layer, layer.backward_layer]
+        merge_mode = getattr(layer, "merge_mode", "concat")
+        if merge_mode != "concat":
+            raise ValueError(
+                f"{name}: merge_mode must be 'concat' (lstm_multi concatenates the directions' "
+                f"outputs), got {merge_mode!r}"
+            )
+        lstms = [layer.forward_layer, layer.backward_layer]
+        for d, (lstm, want) in enumerate(zip(lstms, (False, True), strict=True)):
+            if bool(getattr(lstm, "go_backwards", False)) != want:
+                raise ValueError(
+                    f"{name} direction {d}: go_backwards must be {want} (direction {d} reads "
+                    f"each sequence {'reversed' if want else 'forwards'}), got {not want}"
+                )
+        return lstms
+    if getattr(layer, "go_backwards", False) and not allow_go_backwards:
+        raise ValueError(
+            f"{name}: go_backwards=True reads the sequence reversed and returns the outputs "
+            "reversed, which no canonical parameters compute (lstm_multi's reverse direction "
+            "exists only inside a bidirectional layer, as Bidirectional's backward layer); "
+            "refused rather than converted to weights that compute something else "
+            "(allow_go_backwards=True takes the cell's weights, for a layer that reads "
+            "backwards too, such as lstm_multi.keras.LSTM(go_backwards=True))"
+        )
     return [layer]
 
 
-def from_keras(layers):
+def from_keras(layers, *, allow_go_backwards=False):
     """Keras ``LSTM`` / ``Bidirectional(LSTM)`` layers (one, or a list: a stack) ->
-    canonical ``params[layer][direction]`` as NumPy arrays."""
+    canonical ``params[layer][direction]`` as NumPy arrays.
+
+    A lone ``LSTM(go_backwards=True)`` reads its sequence reversed and returns its
+    outputs reversed, which no canonical network computes: it is refused (ValueError
+    naming ``go_backwards``) unless ``allow_go_backwards=True``, which returns its cell's
+    weights for a layer that reads backwards too (``lstm_multi.keras.LSTM(go_backwards=
+    True)``). ``Bidirectional`` layers convert as they are (its backward layer is
+    canonical direction 1)."""
     layers = layers if isinstance(layers, (list, tuple)) else [layers]
     params = []
     for k, layer in enumerate(layers):
         directions = []
-        for d, lstm in enumerate(_keras_directions(layer, f"layers[{k}]")):
+        lstms = _keras_directions(layer, f"layers[{k}]", allow_go_backwards)
+        for d, lstm in enumerate(lstms):
             cell = _keras_lstm_cell(lstm, f"layers[{k}] direction {d}")
             directions.append(
                 {
@@ -77,19 +147,22 @@ def from_keras(layers):
 
 def to_keras(params, layers):
     """Write canonical ``params[layer][direction]`` into built Keras layers (as ``from_keras``
-    reads them); returns the layers."""
+    reads them); returns the layers. Only W, U and b of the layers' dtype are taken
+    (anything else is a ValueError naming the key). A lone ``LSTM(go_backwards=True)``
+    takes the weights as they are: its reading order is the caller's choice of layer."""
     single = not isinstance(layers, (list, tuple))
     layers = [layers] if single else list(layers)
     if len(layers) != len(params):
         raise ValueError(f"layers: expected {len(params)} Keras layers, got {len(layers)}")
     for k, (layer, layer_params) in enumerate(zip(layers, params, strict=True)):
-        lstms = _keras_directions(layer, f"layers[{k}]")
+        lstms = _keras_directions(layer, f"layers[{k}]", allow_go_backwards=True)
         if len(lstms) != len(layer_params):
             raise ValueError(
                 f"layers[{k}]: expected {len(layer_params)} direction(s), got {len(lstms)}"
             )
         for d, (lstm, p) in enumerate(zip(lstms, layer_params, strict=True)):
             cell = _keras_lstm_cell(lstm, f"layers[{k}] direction {d}")
+            _check_lstm_keys(p, f"params[{k}][{d}]", "Keras's LSTM layers")
             for variable, key in (
                 (cell.kernel, "W"),
                 (cell.recurrent_kernel, "U"),
@@ -100,6 +173,12 @@ def to_keras(params, layers):
                         f"params[{k}][{d}][{key!r}]: expected shape {tuple(variable.shape)}, "
                         f"got {tuple(np.shape(p[key]))}"
                     )
+                _check_dtype(f"params[{k}][{d}][{key!r}]", p[key], variable.dtype)
+            for variable, key in (
+                (cell.kernel, "W"),
+                (cell.recurrent_kernel, "U"),
+                (cell.bias, "b"),
+            ):
                 variable.assign(np.asarray(p[key]))
     return layers[0] if single else layers
 
@@ -140,11 +219,7 @@ def from_flax(cell_params):
 def to_flax(p):
     """One canonical layer-direction dict -> the Flax cell's params dict (``{ii, ..., ho}``,
     to put under ``{"params": {"cell": ...}}``), as NumPy arrays."""
-    if set(p) != {"W", "U", "b"}:
-        raise ValueError(
-            f"p: Flax's LSTM cells hold W, U and b only, got keys {sorted(p)} (a variant's "
-            "own parameters, a projection, have no Flax form)"
-        )
+    _check_lstm_keys(p, "p", "Flax's LSTM cells")
     hidden = np.shape(p["U"])[0]
     blocks = [slice(k * hidden, (k + 1) * hidden) for k in range(4)]
     tree = {}
@@ -251,11 +326,7 @@ def to_flax_rnn(params):
             got = len(layer) if isinstance(layer, (list, tuple)) else type(layer).__name__
             raise ValueError(f"params[{k}]: expected a list of 1 or 2 directions, got {got}")
         for d, p in enumerate(layer):
-            if set(p) != {"W", "U", "b"}:
-                raise ValueError(
-                    f"params[{k}][{d}]: Flax's LSTM cells hold W, U and b only, got keys "
-                    f"{sorted(p)} (a variant's own parameters have no Flax form)"
-                )
+            _check_lstm_keys(p, f"params[{k}][{d}]", "Flax's LSTM cells")
         cells = [{"cell": to_flax(p)} for p in layer]
         trees.append(
             cells[0] if len(cells) == 1 else dict(zip(_FLAX_DIRECTIONS, cells, strict=True))
@@ -291,8 +362,8 @@ def to_equinox(p, cell):
     import jax.numpy as jnp
 
     _check_equinox_cell(cell)
-    new = (jnp.asarray(np.asarray(p["W"]).T), jnp.asarray(np.asarray(p["U"]).T))
-    new += (jnp.asarray(np.asarray(p["b"])),)
+    _check_lstm_keys(p, "p", "Equinox's LSTMCell")
+    new = (np.asarray(p["W"]).T, np.asarray(p["U"]).T, np.asarray(p["b"]))
     for old, value, key in zip(
         (cell.weight_ih, cell.weight_hh, cell.bias), new, "WUb", strict=True
     ):
@@ -300,4 +371,6 @@ def to_equinox(p, cell):
             raise ValueError(
                 f"p[{key!r}]: expected the cell's shape {old.shape}, got {value.shape}"
             )
+        _check_dtype(f"p[{key!r}]", value, old.dtype)
+    new = tuple(jnp.asarray(value) for value in new)
     return eqx.tree_at(lambda c: (c.weight_ih, c.weight_hh, c.bias), cell, new)

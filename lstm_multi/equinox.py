@@ -337,17 +337,26 @@ class LSTM(eqx.Module):
         return cls.from_params(params, variant=target, batch_first=batch_first)
 
     def to_equinox(self):
-        """The weights as ``eqx.nn.LSTMCell`` s, ``cells[layer][direction]`` (the "lstm"
-        variant only: the cell has no other)."""
-        if self.variant.name != "lstm":
+        """The weights as ``eqx.nn.LSTMCell`` s, ``cells[layer][direction]`` (a variant
+        computing "lstm", ``spec.computes_lstm``, without a projection: the cell has no
+        other)."""
+        if not spec.computes_lstm(self.variant):
             raise ValueError(
                 f"variant: eqx.nn.LSTMCell computes the 'lstm' variant only, this module is "
-                f"{self.variant.name!r}"
+                f"{self.variant.name!r}, which computes something else"
+            )
+        if self.proj_size:
+            raise ValueError(
+                f"proj_size: eqx.nn.LSTMCell has no projection (W_hr), this module has "
+                f"proj_size={self.proj_size}"
             )
         return [
             [
                 convert.to_equinox(
-                    p, eqx.nn.LSTMCell(p["W"].shape[0], self.hidden_size, key=jax.random.key(0))
+                    p,
+                    eqx.nn.LSTMCell(
+                        p["W"].shape[0], self.hidden_size, dtype=p["W"].dtype, key=jax.random.key(0)
+                    ),
                 )
                 for p in layer
             ]

@@ -412,7 +412,7 @@ class LSTM(keras.layers.Layer):
 
     def get_config(self):
         name = self.variant.name
-        if spec.VARIANTS.get(name) is not self.variant:
+        if not spec.is_registered(self.variant):  # the name must find what this computes
             raise ValueError(
                 f"variant: the Variant {name!r} is not registered, so a saved layer could not "
                 "find it again; call lstm_multi.register_variant(variant) (in the process that "

@@ -61,15 +61,19 @@ layer 0 and H * num_directions after)::
 from __future__ import annotations
 
 import functools
+import hashlib
 
 from . import validation
-from .compile import derive, emit_array
+from .compile import derive, emit_array, trace
 from .compile.trace import sigmoid, tanh
 
 GATE_ORDER = ("i", "f", "g", "o")
 STATE_ORDER = ("h", "c")
 #: the key of the projection weight W_hr (H, P) of an LSTM with ``proj_size`` P (LSTMP)
 PROJECTION = "W_hr"
+#: the built-in variants and their aliases, by name (filled once ``VARIANTS`` is made; a
+#: Variant bearing one of these names must compute that one)
+_BUILTINS: dict[str, Variant] = {}
 
 
 def split_gates(z, hidden_size):
@@ -98,6 +102,14 @@ class Variant:
 
     The backward is derived (``lstm_multi.compile.derive``): ``gates_backward``
     runs generated code, and the CuPy backend compiles both into fused kernels.
+
+    A variant is known by what it computes, not by its name: ``fingerprint`` hashes
+    the traced gate math, the parameters (names and rows, in order), the recurrence
+    and ``extends_lstm``, and every decision that depends on the variant (PyTorch's
+    own kernel, state_dict checks, converters) compares fingerprints. So the same
+    math written by a user is the built-in, and a Variant may bear a built-in's name
+    (or an alias of one, ``ALIASES``) only if it computes exactly that built-in: any
+    other ``Variant("lstm", ...)`` is a ValueError at construction.
     """
 
     def __init__(
@@ -142,6 +154,26 @@ class Variant:
         self.recurrent_state = recurrent_state
         self.unused_recurrent_gates = unused
         self.extends_lstm = extends_lstm
+        builtin = _BUILTINS.get(name)
+        if builtin is not None and self.fingerprint != builtin.fingerprint:
+            mine, theirs = fingerprint_fields(self), fingerprint_fields(builtin)
+            differ = [
+                {"h": "gate math (h_t)", "c": "gate math (c_t)"}.get(key, key)
+                for key in mine
+                if mine[key] != theirs[key]
+            ]
+            raise ValueError(
+                f"name: {name!r} is the name of the built-in variant {builtin.name!r}, and "
+                f"this Variant computes something else (it differs in: {', '.join(differ)}); "
+                "a variant is known by what it computes, so give it another name, e.g. "
+                f"{name + '_custom'!r}"
+            )
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """What the variant computes, as a hex SHA-256 (``variant_fingerprint``): equal for
+        the same math however it is written or named, different for any other."""
+        return variant_fingerprint(self)
 
     @functools.cached_property
     def programs(self) -> derive.GatePrograms:
@@ -187,6 +219,78 @@ class Variant:
 
     def __repr__(self) -> str:
         return f"Variant({self.name!r})"
+
+
+def _node_digests(graph, roots) -> dict[int, str]:
+    """A digest of each node ``roots`` depend on, from what it computes alone (Merkle):
+    an input's name, a constant's exact value (``float.hex``), an operation's name and its
+    arguments' digests (sorted for ``+`` and ``*``, which are commutative in IEEE
+    arithmetic). Node ids, creation order and Python names play no part."""
+    digests: dict[int, str] = {}
+    for node_id in trace.live_nodes(graph, roots):  # arguments before their users
+        node = graph.nodes[node_id]
+        if node.op == "input":
+            text = f"input:{node.name}"
+        elif node.op == "const":
+            text = f"const:{float(node.value).hex()}"
+        else:
+            args = [digests[a] for a in node.args]
+            if node.op in ("add", "mul"):
+                args.sort()
+            text = f"{node.op}(" + ",".join(args) + ")"
+        digests[node_id] = hashlib.sha256(text.encode()).hexdigest()
+    return digests
+
+
+def fingerprint_fields(variant: Variant) -> dict[str, str]:
+    """What ``variant`` computes, field by field (``variant_fingerprint`` hashes them):
+    ``h`` and ``c``, the digests of its traced forward's outputs (``_node_digests``; the
+    backward is derived from them), ``params``, its own parameters with their rows in
+    order (the layout), ``recurrent_state``, ``unused_recurrent_gates`` and
+    ``extends_lstm``. Not its name, nor how its Python function is written."""
+    graph, _, h, c = derive.trace_forward(variant.forward, variant.params)
+    digests = _node_digests(graph, [h.id, c.id])
+    return {
+        "h": digests[h.id],
+        "c": digests[c.id],
+        "params": ";".join(f"{name}:{','.join(rows)}" for name, rows in variant.params.items()),
+        "recurrent_state": variant.recurrent_state,
+        "unused_recurrent_gates": ",".join(sorted(variant.unused_recurrent_gates)),
+        "extends_lstm": str(bool(variant.extends_lstm)),
+    }
+
+
+def variant_fingerprint(variant: Variant) -> str:
+    """SHA-256 (hex) of ``fingerprint_fields(variant)``."""
+    fields = fingerprint_fields(variant)
+    text = "lstm_multi.Variant fingerprint 1\n" + "\n".join(f"{k}={v}" for k, v in fields.items())
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def same_computation(a: Variant, b: Variant) -> bool:
+    """Whether the variants ``a`` and ``b`` compute the same function (same fingerprint)."""
+    return a is b or a.fingerprint == b.fingerprint
+
+
+def computes_lstm(variant: Variant) -> bool:
+    """Whether ``variant`` computes the built-in ``"lstm"`` (``torch.nn.LSTM``'s function),
+    whatever its name: what decides PyTorch's own kernel and nn.LSTM interchange."""
+    return same_computation(variant, _BUILTINS["lstm"])
+
+
+def builtin_name(variant: Variant) -> str | None:
+    """The name of the built-in variant that computes what ``variant`` does, or None."""
+    for name, builtin in VARIANTS.items():
+        if _BUILTINS.get(name) is builtin and same_computation(variant, builtin):
+            return name
+    return None
+
+
+def is_registered(variant: Variant) -> bool:
+    """Whether ``get_variant(variant.name)`` gives back what ``variant`` computes (so a
+    saved name finds it again)."""
+    known = VARIANTS.get(ALIASES.get(variant.name, variant.name))
+    return known is not None and same_computation(variant, known)
 
 
 # ---------------------------------------------------------------------------
@@ -278,6 +382,8 @@ VARIANTS: dict[str, Variant] = {
 }
 #: other names of built-in variants (Greff et al.'s)
 ALIASES = {"vanilla": "peephole", "np": "lstm"}
+_BUILTINS.update(VARIANTS)
+_BUILTINS.update({alias: VARIANTS[name] for alias, name in ALIASES.items()})
 
 
 def register_variant(variant: Variant) -> Variant:

@@ -32,13 +32,19 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import spec, validation
 from .backends import torch_bptt, torch_native
-from .backends.torch_backend import check_gate_kernel, direction_runner_for, generic_forward
+from .backends.torch_backend import (
+    check_gate_kernel,
+    direction_runner_for,
+    generic_forward,
+    warn_unused_device_options,
+)
 from .backends.torch_ops import OPS
 
 __all__ = ["LSTM", "NaiveLSTM"]
 
-#: the state_dict entry (``prefix + "_extra_state"``) where a non-"lstm" module records
-#: its variant; "lstm" modules keep exactly ``nn.LSTM``'s keys
+#: the state_dict entry (``prefix + "_extra_state"``) where a module whose variant does not
+#: compute "lstm" records it (``{"variant": name, "fingerprint": ...}``); a module computing
+#: "lstm" keeps exactly ``nn.LSTM``'s keys
 _VARIANT_KEY = "_extra_state"
 
 
@@ -57,11 +63,17 @@ def _check_dtype_and_device(name, tensor, like, whose):
 
 
 def _recorded_variant(state_dict, prefix):
-    """The variant a state_dict was saved from: its record, else "lstm" (nn.LSTM's keys)."""
+    """(name, fingerprint) of the variant a state_dict was saved from: its record, else
+    "lstm"'s (nn.LSTM's keys). A record saved before fingerprints were recorded gives the
+    fingerprint of the registered variant of its name, or None when none is registered."""
     record = state_dict.get(prefix + _VARIANT_KEY)
-    if isinstance(record, dict) and isinstance(record.get("variant"), str):
-        return record["variant"]
-    return "lstm"
+    if not (isinstance(record, dict) and isinstance(record.get("variant"), str)):
+        return "lstm", spec.VARIANTS["lstm"].fingerprint
+    name, fingerprint = record["variant"], record.get("fingerprint")
+    if not isinstance(fingerprint, str):
+        known = spec.VARIANTS.get(spec.ALIASES.get(name, name))
+        fingerprint = None if known is None else known.fingerprint
+    return name, fingerprint
 
 
 class LSTM(nn.LSTM):
@@ -75,7 +87,13 @@ class LSTM(nn.LSTM):
     cuDNN on CUDA); other variants always run the spec's loop, whose kernels
     ``gate_kernel`` and ``cuda_graphs`` choose as for the functional cell
     (``lstm_multi.backends.torch_backend.direction_runner_for``): e.g.
-    ``gate_kernel="triton", cuda_graphs=True`` on a GPU.
+    ``gate_kernel="triton", cuda_graphs=True`` on a GPU. Those two act on CUDA tensors
+    only: on CPU tensors each warns once per process (a ``UserWarning`` naming the path
+    that runs instead; not ``gate_kernel="triton"`` under ``TRITON_INTERPRET=1``) and the
+    call runs without it, so that a module made for a GPU and moved to the CPU still runs.
+    A batch of no sequences gives empty outputs, as ``nn.LSTM`` does. ``torch.jit.script``
+    scripts variant "lstm" with ``native=True`` as ``nn.LSTM`` (sharing the parameters)
+    and refuses the others (``__prepare_scriptable__``); ``torch.compile`` takes every one.
 
     Inputs: ``input`` of shape (T, B, in), (B, T, in) with ``batch_first``, (T, in)
     unbatched, or a ``PackedSequence``; ``hx = (h_0, c_0)``, each (L * D, B, H), or
@@ -142,7 +160,9 @@ class LSTM(nn.LSTM):
             self._widen_recurrent_weights(hidden_size, device, dtype)
         self.variant = variant.name
         if spec.VARIANTS.get(variant.name) is not variant:
-            self._user_variant = variant  # a user's Variant need not be registered
+            # a user's Variant need not be registered: the module keeps the object itself
+            # (never its name, which may be a built-in's or another variant's)
+            self._user_variant = variant
         self.native = native
         self.gate_kernel, self.cuda_graphs = gate_kernel, cuda_graphs
         # the variant's own parameters, after nn.LSTM's (which nn.LSTM.__init__ drew
@@ -196,10 +216,22 @@ class LSTM(nn.LSTM):
 
     # the variant in the state_dict ------------------------------------------------
 
+    def _variant_matches(self, recorded):
+        """Whether a state_dict's recorded (name, fingerprint) is what this module computes
+        (a record with no known fingerprint, from before they were recorded, by its name)."""
+        name, fingerprint = recorded
+        if fingerprint is None:
+            return name == self.variant
+        return fingerprint == self._variant_spec.fingerprint
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.variant != "lstm":
-            destination[prefix + _VARIANT_KEY] = {"variant": self.variant}
+        variant = self._variant_spec
+        if not spec.computes_lstm(variant):
+            destination[prefix + _VARIANT_KEY] = {
+                "variant": self.variant,
+                "fingerprint": variant.fingerprint,
+            }
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -210,12 +242,13 @@ class LSTM(nn.LSTM):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         key = prefix + _VARIANT_KEY
-        recorded = _recorded_variant(state_dict, prefix)
-        if key in unexpected_keys and recorded == self.variant:
-            unexpected_keys.remove(key)
-        elif key in state_dict and recorded != self.variant and key not in unexpected_keys:
-            unexpected_keys.append(key)  # another variant's record
-        elif key not in state_dict and self.variant != "lstm":
+        matches = self._variant_matches(_recorded_variant(state_dict, prefix))
+        if key in state_dict:
+            if matches and key in unexpected_keys:
+                unexpected_keys.remove(key)
+            elif not matches and key not in unexpected_keys:
+                unexpected_keys.append(key)  # another variant's record
+        elif not matches:
             missing_keys.append(key)  # nn.LSTM's weights, or a "lstm" module's
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
@@ -227,15 +260,17 @@ class LSTM(nn.LSTM):
         missing or unexpected.
         """
         recorded = _recorded_variant(state_dict, "")
-        if strict and recorded != self.variant:
+        if strict and not self._variant_matches(recorded):
+            name, fingerprint = recorded
             origin = (
                 "torch.nn.LSTM's or a 'lstm' module's (it records no variant)"
                 if _VARIANT_KEY not in state_dict
-                else f"a {recorded!r} module's"
+                else f"a {name!r} module's (fingerprint {str(fingerprint)[:12]})"
             )
             raise RuntimeError(
-                f"variant: this module computes the {self.variant!r} variant, but the "
-                f"state_dict is {origin}, whose weights mean something else here; "
+                f"variant: this module computes the {self.variant!r} variant (fingerprint "
+                f"{self._variant_spec.fingerprint[:12]}), but the state_dict is {origin}, "
+                "which computes something else, so its weights mean something else here; "
                 "load_state_dict(..., strict=False) loads them anyway"
             )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -323,11 +358,14 @@ class LSTM(nn.LSTM):
         if not isinstance(lstm, nn.LSTM):
             raise TypeError(f"lstm: expected a torch.nn.LSTM, got {type(lstm).__name__}")
         target = spec.get_variant(variant)
-        source = getattr(lstm, "variant", "lstm")
-        same_function = source == target.name or (source == "lstm" and target.extends_lstm)
+        # what the source computes: its variant (by fingerprint, never by name), or "lstm"
+        source = lstm._variant_spec if isinstance(lstm, LSTM) else spec.VARIANTS["lstm"]
+        same_function = spec.same_computation(source, target) or (
+            spec.computes_lstm(source) and target.extends_lstm
+        )
         if strict and not same_function:
             raise ValueError(
-                f"variant: {target.name!r} does not compute the function of a {source!r} "
+                f"variant: {target.name!r} does not compute the function of a {source.name!r} "
                 f"LSTM, so its weights would mean something else there; "
                 "from_torch(..., strict=False) starts from them anyway"
             )
@@ -343,23 +381,30 @@ class LSTM(nn.LSTM):
             lstm.proj_size,
             device=weight.device,
             dtype=weight.dtype,
-            variant=target.name,
+            variant=target,
             native=native,
         )
         state = lstm.state_dict()
         with torch.no_grad():
             for name, value in module.named_parameters():
-                if name in state:
-                    value.copy_(state[name])
-                else:
+                if name not in state:
                     value.zero_()
+                elif state[name].shape != value.shape:  # never broadcast into another shape
+                    raise ValueError(
+                        f"lstm: its {name} has shape {tuple(state[name].shape)}, and "
+                        f"variant {target.name!r} needs {tuple(value.shape)}"
+                    )
+                else:
+                    value.copy_(state[name])
         return module
 
     def to_torch(self) -> nn.LSTM:
-        """An ``nn.LSTM`` with this module's configuration and weights (variant "lstm" only)."""
-        if self.variant != "lstm":
+        """An ``nn.LSTM`` with this module's configuration and weights (a variant computing
+        "lstm" only, ``spec.computes_lstm``)."""
+        if not spec.computes_lstm(self._variant_spec):
             raise ValueError(
-                f"variant: torch.nn.LSTM can only hold the 'lstm' variant, this module is {self.variant!r}"
+                "variant: torch.nn.LSTM can only hold the 'lstm' variant, this module is "
+                f"{self.variant!r}, which computes something else"
             )
         weight = self.weight_ih_l0
         lstm = nn.LSTM(
@@ -376,6 +421,39 @@ class LSTM(nn.LSTM):
         )
         lstm.load_state_dict(self.state_dict())
         return lstm
+
+    # torch.jit.script ------------------------------------------------------------
+
+    def __prepare_scriptable__(self):
+        """What ``torch.jit.script(module)`` compiles in this module's place.
+
+        Variant "lstm" with ``native=True`` runs ``nn.LSTM``'s own forward, so it is
+        scripted as an ``nn.LSTM`` holding this module's parameters (the same
+        ``Parameter`` objects: training either trains both), exactly what scripting
+        an ``nn.LSTM`` gives. Any other configuration runs the spec's generic Python
+        loop, which TorchScript cannot compile: a ``RuntimeError`` says what to use.
+        """
+        if self.variant == "lstm" and self.native and torch_native.supports(self._variant_spec):
+            return self._sharing_torch_lstm()
+        raise RuntimeError(
+            f"torch.jit.script: lstm_multi.torch.LSTM with variant={self.variant!r}"
+            f"{'' if self.native else ', native=False'} cannot be scripted (it runs the "
+            "spec's generic Python loop, which TorchScript does not compile; TorchScript is "
+            "deprecated in PyTorch). Use torch.compile(module) (the module runs eagerly "
+            "between compiled regions, as nn.LSTM does), or eager mode; torch.export and "
+            "torch.jit.script take variant='lstm' with native=True only"
+        )
+
+    def _sharing_torch_lstm(self) -> nn.LSTM:
+        """An ``nn.LSTM`` with this configuration holding this module's own parameters."""
+        weight = self.weight_ih_l0
+        lstm = nn.LSTM(
+            self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first,
+            self.dropout, self.bidirectional, self.proj_size, device="meta", dtype=weight.dtype,
+        )  # fmt: skip
+        for name in lstm._flat_weights_names:
+            setattr(lstm, name, getattr(self, name))  # nn.LSTM updates its _flat_weights
+        return lstm.train(self.training)
 
     # forward -------------------------------------------------------------------
 
@@ -404,6 +482,9 @@ class LSTM(nn.LSTM):
         unbatched = not packed and input.dim() == 2
         data = input.data if packed else input
         self._check_state(hx, batch, unbatched, data)
+        warn_unused_device_options(
+            self.__dict__.get("gate_kernel"), self.__dict__.get("cuda_graphs", False), data
+        )
         if self.runs_native:
             return super().forward(input, hx)
         lengths = None
@@ -478,9 +559,7 @@ class LSTM(nn.LSTM):
             time_axis = 1 if self.batch_first and input.dim() == 3 else 0
             if shape[time_axis] == 0:
                 raise ValueError(f"input: expected at least one time step {layout}, got {shape}")
-            batch = 1 if input.dim() == 2 else shape[1 - time_axis]
-            if batch == 0:
-                raise ValueError(f"input: expected at least one sequence {layout}, got {shape}")
+            batch = 1 if input.dim() == 2 else shape[1 - time_axis]  # 0 allowed, as by nn.LSTM
         if shape[-1] != self.input_size:
             raise ValueError(
                 f"input: expected input_size {self.input_size} on the last axis {layout}".rstrip()
@@ -525,11 +604,13 @@ class NaiveLSTM(nn.Module):
         super().__init__()
         self.input_size = validation.check_positive_int("input_size", input_size)
         self.hidden_size = validation.check_positive_int("hidden_size", hidden_size)
-        self.variant = spec.get_variant(variant).name
+        resolved = spec.get_variant(variant)
+        # the built-in it computes, known by its fingerprint, not by the name it bears
+        self.variant = spec.builtin_name(resolved)
         if self.variant not in ("lstm", "peephole", "peephole_full"):
             raise ValueError(
                 "variant: NaiveLSTM writes out the article's 'lstm', 'peephole' and "
-                f"'peephole_full' only, got {self.variant!r} (lstm_multi.torch.LSTM runs every "
+                f"'peephole_full' only, got {resolved.name!r} (lstm_multi.torch.LSTM runs every "
                 "variant)"
             )
         self.batch_first = validation.check_bool("batch_first", batch_first)

@@ -14,9 +14,13 @@ import warnings
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .. import spec
+
 
 def supports(variant):
-    return variant.name == "lstm"
+    """Whether PyTorch's kernel computes ``variant``: it computes the built-in "lstm"
+    (decided by what it computes, ``spec.computes_lstm``, never by its name)."""
+    return spec.computes_lstm(variant)
 
 
 def flat_weights(params):
