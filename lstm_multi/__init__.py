@@ -23,7 +23,7 @@ kernels and every backend follow (``lstm_multi.spec``)::
     lstm_multi.testing.check_variant(variant)
 """
 
-from . import testing
+from . import kernels, testing
 from .compile.trace import sigmoid, tanh
 from .registry import available_backends, get_cell, known_backends
 from .spec import GATE_ORDER, VARIANTS, Variant, get_variant, register_variant
@@ -35,6 +35,7 @@ __all__ = [
     "available_backends",
     "get_cell",
     "get_variant",
+    "kernels",
     "known_backends",
     "register_variant",
     "sigmoid",

@@ -55,6 +55,26 @@ def _check_lstm_keys(p, where, holder):
         raise ValueError(f"{where}[{missing[0]!r}]: missing; expected keys W, U and b")
 
 
+def _check_nested(params):
+    """``params`` is ``params[layer][direction]``: a non-empty list of layers, each a list of
+    1 or 2 dicts (a ValueError naming what is not)."""
+    if not isinstance(params, (list, tuple)) or not params:
+        got = type(params).__name__ if not isinstance(params, (list, tuple)) else "[]"
+        raise ValueError(
+            "params: expected params[layer][direction], a non-empty list of layers, each a "
+            f"list of 1 or 2 dicts, got {got}"
+        )
+    for k, layer in enumerate(params):
+        if not isinstance(layer, (list, tuple)) or len(layer) not in (1, 2):
+            got = len(layer) if isinstance(layer, (list, tuple)) else type(layer).__name__
+            raise ValueError(f"params[{k}]: expected a list of 1 or 2 directions, got {got}")
+        for d, p in enumerate(layer):
+            if not isinstance(p, dict):
+                raise ValueError(
+                    f"params[{k}][{d}]: expected a dict of arrays, got {type(p).__name__}"
+                )
+
+
 def _check_dtype(where, value, dtype):
     """Raise unless the array ``value`` has ``dtype`` (nothing is cast on the way)."""
     got = np.asarray(value).dtype
@@ -150,6 +170,7 @@ def to_keras(params, layers):
     reads them); returns the layers. Only W, U and b of the layers' dtype are taken
     (anything else is a ValueError naming the key). A lone ``LSTM(go_backwards=True)``
     takes the weights as they are: its reading order is the caller's choice of layer."""
+    _check_nested(params)
     single = not isinstance(layers, (list, tuple))
     layers = [layers] if single else list(layers)
     if len(layers) != len(params):
@@ -318,13 +339,9 @@ def to_flax_rnn(params):
     layers: ``{f"layers_{k}": tree for k, tree in enumerate(trees)}`` for ``nn.Sequential``
     and for a list ``self.layers`` made in ``setup`` (also of one layer), ``trees[0]``
     for a single top-level module. ``from_flax_rnn`` reads either back."""
-    if not isinstance(params, (list, tuple)) or not params:
-        raise ValueError(f"params: expected a non-empty list of layers, got {params!r:.80}")
+    _check_nested(params)
     trees = []
     for k, layer in enumerate(params):
-        if not isinstance(layer, (list, tuple)) or len(layer) not in (1, 2):
-            got = len(layer) if isinstance(layer, (list, tuple)) else type(layer).__name__
-            raise ValueError(f"params[{k}]: expected a list of 1 or 2 directions, got {got}")
         for d, p in enumerate(layer):
             _check_lstm_keys(p, f"params[{k}][{d}]", "Flax's LSTM cells")
         cells = [{"cell": to_flax(p)} for p in layer]

@@ -433,7 +433,7 @@ class LSTM(nn.LSTM):
         an ``nn.LSTM`` gives. Any other configuration runs the spec's generic Python
         loop, which TorchScript cannot compile: a ``RuntimeError`` says what to use.
         """
-        if self.variant == "lstm" and self.native and torch_native.supports(self._variant_spec):
+        if self.native and torch_native.supports(self._variant_spec):
             return self._sharing_torch_lstm()
         raise RuntimeError(
             f"torch.jit.script: lstm_multi.torch.LSTM with variant={self.variant!r}"

@@ -27,6 +27,15 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
+
+def scaled(examples):
+    """``examples`` (a test's count under the "ci" profile) scaled by the loaded profile's
+    max_examples over ci's, at least 1: a test that needs fewer examples than the rest
+    (each one slow) still gets more under "thorough" and fewer under "dev"."""
+    ci = settings.get_profile("ci").max_examples
+    return max(1, round(examples * settings().max_examples / ci))
+
+
 if importlib.util.find_spec("jax") is not None:
     import jax
 
@@ -54,8 +63,22 @@ def backend(request):
     return request.param
 
 
+#: the agreement bound in units of the dtype's machine epsilon: K * eps is 2.2e-14 in
+#: float64 and 1.2e-5 in float32. The suite's problems (T <= 6 steps, <= 3 layers, H <= 5,
+#: so a few dozen roundings along any path, each of at most eps/2, plus the sigmoid's and
+#: tanh's few ulp) show worst disagreements of ~6 eps (float64, 1.3e-15) and ~4 eps (float32,
+#: 4.1e-7) relative to max(1, max|reference|); K = 100 leaves a margin of ~15-25x for the
+#: error's growth with T and layers, and fails on any error of the size of a wrong term.
+K_EPS = 100
+
+
+def tolerance(dtype, k=K_EPS):
+    """k machine epsilons of ``dtype`` (a dtype or its name)."""
+    return k * float(np.finfo(np.dtype(dtype)).eps)
+
+
 #: (rtol, atol relative to the reference's largest magnitude) by the dtype computed in
-TOLERANCES = {"float64": (1e-10, 1e-10), "float32": (1e-4, 1e-4)}
+TOLERANCES = {name: (tolerance(name), tolerance(name)) for name in ("float64", "float32")}
 
 
 #: the worst disagreement seen, |actual - expected| / max(1, max|expected|), by dtype and

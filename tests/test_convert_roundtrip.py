@@ -16,6 +16,7 @@ import re
 
 import numpy as np
 import pytest
+from conftest import scaled
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +26,9 @@ os.environ.setdefault("KERAS_BACKEND", "jax")  # read when keras is first import
 
 #: variants whose canonical parameters are W, U, b only, and some with their own ("p")
 VARIANTS = ["lstm", "peephole_full", "peephole", "nig", "cifg"]
-SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=scaled(12), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @st.composite
@@ -257,6 +260,27 @@ def test_keras_refuses_to_cast():
     params = [[{k: v.astype(np.float64) for k, v in convert.from_keras(layer)[0][0].items()}]]
     with pytest.raises(ValueError, match=r"params\[0\]\[0\]\['W'\]: expected dtype float32"):
         convert.to_keras(params, layer)
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"W": np.zeros((2, 12), np.float32)}, r"params: expected params\[layer\]\[direction\]"),
+        ([], r"params: expected params\[layer\]\[direction\].*got \[\]"),
+        ([{"W": 0}], r"params\[0\]: expected a list of 1 or 2 directions, got dict"),
+        ([[1.0]], r"params\[0\]\[0\]: expected a dict of arrays, got float"),
+    ],
+)
+def test_keras_and_flax_writers_name_a_params_structure_they_cannot_read(params, match):
+    """One layer-direction's dict given where ``params[layer][direction]`` is expected (a
+    likely slip) is named as such, not read as a list of its keys."""
+    keras = _keras()
+    layer = keras.layers.LSTM(3)
+    layer.build((None, 4, 2))
+    with pytest.raises(ValueError, match=match):
+        convert.to_keras(params, layer)
+    with pytest.raises(ValueError, match=match):
+        convert.to_flax_rnn(params)
 
 
 # the framework layers' own converters ---------------------------------------------------

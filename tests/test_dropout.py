@@ -5,8 +5,8 @@ inverted (kept entries scaled by 1 / (1 - p)). Checked on every CPU backend:
 the same key gives the same network and different keys different ones; no key
 is the network without dropout; the output equals running the layers one by
 one with the mask applied by hand; ``vjp`` with the key agrees with finite
-differences of the call with it (float64), and with autograd / ``jax.grad``
-through the call; keys are traceable under ``jax.jit``; padding does not leak.
+differences of the call with it (float64), torch's with the oracle run layer by
+layer with the masks applied by hand, and JAX's with ``jax.grad`` through the call; keys are traceable under ``jax.jit``; padding does not leak.
 """
 
 from __future__ import annotations
@@ -133,20 +133,54 @@ def test_vjp_with_a_key_matches_finite_differences(backend, proj_size):
         assert abs(numeric - analytic) <= 1e-7 * max(1.0, abs(analytic))
 
 
-def test_torch_autograd_through_dropout_equals_vjp():
+def test_torch_vjp_through_dropout_matches_oracle():
+    """Outputs and vjp with a key against the oracle (``oracle.run_sequence``, autograd of
+    its plain computation) run layer by layer with the cell's own masks applied by hand
+    between the layers: three layers, so two masks, and each must be in its place."""
     torch = pytest.importorskip("torch")
-    cell = _cells("torch")
+    import oracle
+    from conftest import assert_close
+
+    cell = _cells("torch", batch_first=False)
     params = cell.init(seed=6, dtype="float64")
-    x = torch.randn(3, 5, 2, dtype=torch.float64, requires_grad=True)
-    leaves = [v.requires_grad_(True) for layer in params for p in layer for v in p.values()]
-    y, _ = cell(params, x, dropout_key=torch.Generator().manual_seed(3))
-    dy = torch.randn_like(y)
-    (y * dy).sum().backward()
-    grads, dx, _ = cell.vjp(params, x.detach(), dy, dropout_key=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(dx, x.grad)
-    flat = [g for layer in grads for p in layer for g in p.values()]
-    for got, leaf in zip(flat, leaves, strict=True):
-        torch.testing.assert_close(got, leaf.grad)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((5, 3, 2))
+    y, _ = cell(params, torch.as_tensor(x), dropout_key=torch.Generator().manual_seed(3))
+    dy = rng.standard_normal(tuple(y.shape))
+    grads, dx, _ = cell.vjp(
+        params,
+        torch.as_tensor(x),
+        torch.as_tensor(dy),
+        dropout_key=torch.Generator().manual_seed(3),
+    )
+    width = 2 * cell.output_size
+    masks = cell.ops.dropout_masks(
+        torch.Generator().manual_seed(3), [(5, 3, width)] * 2, cell.dropout, torch.as_tensor(x)
+    )
+    leaves = [
+        [{k: torch.tensor(v, requires_grad=True) for k, v in p.items()} for p in layer]
+        for layer in cell.to_numpy(params)
+    ]
+    xt = torch.tensor(x, requires_grad=True)
+    zeros = torch.zeros(2, 4, dtype=torch.float64)
+    outputs, loss = [], 0.0
+    for n in range(3):
+        layer_input = xt[:, n]
+        for layer in range(3):
+            if layer > 0:
+                layer_input = layer_input * masks[layer - 1][:, n]
+            layer_input, _, _ = oracle.run_sequence(
+                "peephole", [leaves[layer]], layer_input, zeros, zeros
+            )
+        outputs.append(layer_input.detach().numpy())
+        loss = loss + (layer_input * torch.tensor(dy[:, n])).sum()
+    loss.backward()
+    assert_close(_numpy(y), np.stack(outputs, 1), "float64", "y")
+    assert_close(_numpy(dx), xt.grad.numpy(), "float64", "dx")
+    for got_layer, want_layer in zip(grads, leaves, strict=True):
+        for got, want in zip(got_layer, want_layer, strict=True):
+            for k in want:
+                assert_close(_numpy(got[k]), want[k].grad.numpy(), "float64", f"d{k}")
 
 
 def test_jax_key_is_traceable():

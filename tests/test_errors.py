@@ -57,7 +57,7 @@ def test_bad_constructor_arguments(backend, kwargs, error, match):
             (2, 5, 7),
             r"x: expected input_size 3 on the last axis \(batch, time, input_size\), got shape \(2, 5, 7\)",
         ),
-        ((2, 0, 3), r"x: expected at least one step and one sequence"),
+        ((2, 0, 3), r"x: expected at least one time step \(batch, time, input_size\)"),
     ],
 )
 def test_bad_x_shape(backend, shape, match):
@@ -162,8 +162,13 @@ def test_bad_lengths(backend, lengths, error, match):
 
 def test_lengths_as_a_list_work(backend):
     cell, params = make(backend)
-    y, _ = cell(params, np.ones((2, 5, 3), "float32"), lengths=[5, 2])
+    x = np.random.default_rng(0).standard_normal((2, 5, 3)).astype("float32")
+    y, _ = cell(params, x, lengths=[5, 2])
     assert np.all(np.asarray(y)[1, 2:] == 0)
+    # the list means what the same lengths as an array mean: bit for bit that call's output
+    y_array, _ = cell(params, x, lengths=np.array([5, 2]))
+    assert np.array_equal(np.asarray(y), np.asarray(y_array))
+    assert np.any(np.asarray(y)[1, :2] != 0) and np.any(np.asarray(y)[0, 2:] != 0)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import to_numpy
+from conftest import to_numpy, tolerance
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -255,8 +255,15 @@ def test_malformed_input_to_a_cell(backend, cells, mutation, variant, with_vjp):
     if target == "lengths" and not np.array_equal(np.asarray(args["lengths"]), [5, 2]):
         return  # other valid lengths: a different valid call
     want = expected if with_vjp else expected[:3]
+    # the same numbers in another layout: bit for bit the base call's result, except that
+    # weights in another memory layout reach the BLAS with other strides, which may sum a
+    # product in another order (torch's native kernel does): float32 rounding, no more
+    bound = tolerance("float32") if target == "params" else 0.0
     for k, (a, b) in enumerate(zip(got, want, strict=True)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=f"result {k}")
+        worst = float(np.max(np.abs(a - b), initial=0.0))
+        assert worst <= bound * max(1.0, float(np.max(np.abs(b), initial=0.0))), (
+            f"result {k}: max difference {worst}"
+        )
 
 
 @st.composite

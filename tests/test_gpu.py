@@ -17,6 +17,7 @@ Two kinds of tests live here:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import importlib
 import importlib.machinery
@@ -28,17 +29,20 @@ import types
 
 import numpy as np
 import pytest
+from conftest import assert_close, scaled
 from half_precision import FORGETFUL, INTEGRATOR, assert_within_bound, errors_in_u
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import CORE_VARIANTS, configs, make_problem, reference
-from test_agreement import assert_matches_reference, run_backend
+from reference import CORE_VARIANTS, Config, configs, make_problem, reference
+from test_agreement import assert_matches_reference, run_backend, run_cell
+from test_compile import oracle_gates
 
 import lstm_multi
 from lstm_multi import spec
 from lstm_multi.backends import cupy_kernels as ck
 from lstm_multi.backends.numpy_backend import ArrayModuleCell
-from lstm_multi.kernels.build import host_compiler
+from lstm_multi.compile import emit_cuda
+from lstm_multi.kernels.build import compile_library, host_compiler
 from lstm_multi.kernels.host_kernels import HostKernels
 from lstm_multi.ops import ArrayModuleOps
 
@@ -62,24 +66,22 @@ def _gate_inputs(rng, name, batch, hidden, dtype="float64"):
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=scaled(10), deadline=None)
 @given(batch=st.integers(1, 5), hidden=st.integers(1, 7), seed=st.integers(0, 2**31))
-def test_program_kernels_equal_array_code(name, batch, hidden, seed):
-    """The kernels' programs evaluated node by node equal the generated array code."""
+def test_program_kernels_equal_oracle_gates(name, batch, hidden, seed):
+    """The kernels' programs evaluated node by node (``ProgramKernels``) against the
+    oracle's gate math (``test_compile.oracle_gates``), forward and backward."""
     variant = spec.VARIANTS[name]
     z, c_prev, extra, dh, dc = _gate_inputs(np.random.default_rng(seed), name, batch, hidden)
-    h, c, cache = variant.gates_forward(NP_OPS, z, c_prev, extra)
     kernels = ck.ProgramKernels()
     kh, kc, kcache = kernels.forward(variant, z, c_prev, extra)
-    for a, b in zip((kh, kc, *kcache), (h, c, *cache), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-15)
-    dz, dc_prev, dextra = variant.gates_backward(NP_OPS, dh, dc, cache, extra)
     kdz, kdc_prev, terms = kernels.backward(variant, dh, dc, kcache, extra)
-    np.testing.assert_allclose(kdz, dz, rtol=1e-13, atol=1e-14)
-    np.testing.assert_allclose(kdc_prev, dc_prev, rtol=1e-13, atol=1e-14)
+    h, c, dz, dc_prev, dextra = oracle_gates(name, z, c_prev, extra, dh, dc)
+    for what, got, want in [("h", kh, h), ("c", kc, c), ("dz", kdz, dz), ("dc", kdc_prev, dc_prev)]:
+        assert_close(got, want, "float64", f"{name} {what}")
     assert set(terms) == set(dextra) == set(variant.params)
     for k in dextra:
-        np.testing.assert_allclose(terms[k].sum(0), dextra[k], rtol=1e-13, atol=1e-14)
+        assert_close(terms[k].sum(0), dextra[k], "float64", f"{name} d{k}")
 
 
 HOST_TYPES = [("double", "double"), ("float", "float"), ("float", "double")]
@@ -202,16 +204,26 @@ class ReferenceNumpyCell(ArrayModuleCell):
     ops = ArrayModuleOps(np)
 
 
+class ProgramFusedOps(ck.FusedOps):
+    """``FusedOps`` over ``ProgramKernels`` that, like CuPy's arrays, never take the CPU
+    kernels: every step goes through the fused hooks (else NumPy float32/float64 arrays
+    would run the compiled CPU kernels and this would compare them with themselves)."""
+
+    def cpu_scalar(self, x):
+        return None
+
+
 class FusedNumpyCell(ArrayModuleCell):
-    """The CuPy backend's cell with NumPy in place of CuPy: same ops, kernels run by NumPy."""
+    """The CuPy backend's plumbing (``FusedOps``) with the kernels' programs evaluated by
+    NumPy (``ProgramKernels``) in place of the CUDA kernels."""
 
     backend = "fused-numpy"
-    ops = ck.FusedOps(ck.ProgramKernels())
+    ops = ProgramFusedOps(ck.ProgramKernels())
 
 
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=scaled(6), deadline=None)
 @given(
     layers=st.integers(1, 2),
     bidirectional=st.booleans(),
@@ -221,11 +233,13 @@ class FusedNumpyCell(ArrayModuleCell):
     use_lengths=st.booleans(),
     seed=st.integers(0, 2**31),
 )
-def test_fused_ops_equal_numpy_backend(
+def test_fused_ops_on_program_kernels_equal_numpy_backend(
     name, dtype, layers, bidirectional, batch_first, steps, batch, use_lengths, seed
 ):
-    """The CuPy backend's ops (fused hooks, in-place gemm accumulation, parameter
-    reductions, half policy) give the NumPy backend's numbers, to the rounding that
+    """``FusedOps`` (the CuPy backend's fused hooks, in-place gemm accumulation, parameter
+    reductions, half policy) on ``ProgramKernels`` (the kernels' programs evaluated by
+    NumPy; ``CudaKernels`` itself is tested by ``test_cuda_kernels_host_side_matches_oracle``)
+    give the NumPy backend's numbers, to the rounding that
     separates the kernels' two-branch sigmoid from NumPy's 1 / (1 + exp(-z)) (one
     unit in the last place of the dtype, carried through the steps)."""
     rng = np.random.default_rng(seed)
@@ -270,6 +284,152 @@ def test_fused_add_matmul_accumulates_in_place():
     out = ops.add_matmul(scratch, a, b)
     assert out is scratch
     np.testing.assert_allclose(out, expected, rtol=1e-14)
+
+
+# ---------------------------------------------------------------------------
+# CudaKernels' host-side logic, run without a GPU (CPU)
+#
+# ``CudaKernels`` is given a stand-in for the ``cupy`` module: NumPy arrays, each
+# ``ElementwiseKernel`` built from exactly the strings CudaKernels passes (its
+# parameters and operation) and run by the host C++ compiler in a loop, as
+# ElementwiseKernel runs them on the GPU, and ``cupy.cublas.gemm`` written here from
+# cuBLAS's documented semantics. What runs is CudaKernels' own code: which arrays it
+# allocates, the argument order of its kernel calls, and the beta = 1 GEMM that
+# accumulates r @ U into the step's slice of x W + b.
+
+
+def _c_param_list(text):
+    """ElementwiseKernel's parameter text ``"raw T z, S c, int64 H"`` -> [(raw, type, name)]."""
+    out = []
+    for item in text.split(","):
+        words = item.split()
+        raw = words[0] == "raw"
+        out.append((raw, *words[int(raw) :]))
+    return out
+
+
+class HostElementwiseKernel:
+    """``cupy.ElementwiseKernel`` on the CPU: the operation in a C++ loop over the
+    elements, compiled per (T, S) by the host compiler (``emit_cuda.host_source``)."""
+
+    def __init__(self, in_params, out_params, operation, name, preamble=""):
+        assert preamble == emit_cuda.PREAMBLE, "CudaKernels' preamble is not the emitted one"
+        self.source = emit_cuda.KernelSource(in_params, out_params, operation, name)
+        self.params = _c_param_list(in_params) + _c_param_list(out_params)
+        self.libraries = {}
+
+    def __call__(self, *args):
+        assert len(args) == len(self.params), f"{self.source.name}: {len(args)} arguments"
+        types_, size = {}, None
+        for (raw, type_, name), arg in zip(self.params, args, strict=True):
+            if type_ == "int64":
+                assert isinstance(arg, int), f"{name}: expected an int, got {type(arg)}"
+                continue
+            assert isinstance(arg, np.ndarray) and arg.flags.c_contiguous, name
+            assert types_.setdefault(type_, arg.dtype) == arg.dtype, f"{name}: mixed {type_}"
+            if not raw:  # elementwise: every such argument has the launch's size
+                assert size in (None, arg.size), f"{name}: size {arg.size} != {size}"
+                size = arg.size
+        c_type = {np.dtype(np.float64): "double", np.dtype(np.float32): "float"}
+        key = (c_type[types_["T"]], c_type[types_["S"]])
+        if key not in self.libraries:
+            self.libraries[key] = compile_library(emit_cuda.host_source([self.source], *key))
+        call = [ctypes.c_ssize_t(size)]
+        for (_, type_, _), arg in zip(self.params, args, strict=True):
+            call.append(
+                ctypes.c_longlong(arg) if type_ == "int64" else arg.ctypes.data_as(ctypes.c_void_p)
+            )
+        getattr(self.libraries[key], self.source.name)(*call)
+
+
+def host_gemm(transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
+    """cuBLAS gemm (``cupy.cublas.gemm``'s signature): out = alpha op(a) op(b) + beta out,
+    op = transpose for "T"; with beta = 0 ``out`` is not read (cuBLAS's rule)."""
+    op = {"N": lambda m: m, "T": lambda m: m.T}
+    product = alpha * (op[transa](a) @ op[transb](b))
+    if out is None:
+        return product
+    out[...] = product if beta == 0 else product + beta * out
+    return out
+
+
+@pytest.fixture
+def host_cupy(monkeypatch):
+    """A ``cupy`` stand-in module on the host (see above), installed as ``cupy`` and
+    ``cupy.cublas`` for the duration of the test."""
+    if host_compiler() is None:
+        pytest.skip("no host C++ compiler (g++ or clang++) to compile the kernel operations")
+    module = types.ModuleType("cupy")
+    module.__getattr__ = lambda name: getattr(np, name)  # arrays and routines: NumPy's
+    module.ElementwiseKernel = HostElementwiseKernel
+    module.cublas = types.ModuleType("cupy.cublas")
+    module.cublas.gemm = host_gemm
+    monkeypatch.setitem(sys.modules, "cupy", module)
+    monkeypatch.setitem(sys.modules, "cupy.cublas", module.cublas)
+    return module
+
+
+def host_cuda_cell(host_cupy):
+    """The CuPy backend's cell class with ``host_cupy`` as its array module."""
+
+    class DeviceArrayOps(ck.FusedOps):
+        def cpu_scalar(self, x):
+            return None  # as for CuPy arrays: never the CPU kernels, always CudaKernels
+
+    class HostCudaCell(ArrayModuleCell):
+        backend = "cupy-on-host"
+        ops = DeviceArrayOps(ck.CudaKernels(host_cupy), "cupy")
+
+    return HostCudaCell
+
+
+def _config(variant, **kw):
+    sizes = dict(batch=2, steps=3, input_size=2, hidden_size=3, num_layers=2)
+    flags = dict(bidirectional=True, with_state=True, with_lengths=True, batch_first=False)
+    return Config(variant=variant, **{**sizes, **flags, "seed": 11, **kw})
+
+
+#: a peephole network (two bidirectional layers, lengths), a plain one batch-first, and
+#: a projected one: every argument CudaKernels passes is read by some element
+PINNED_HOST_CUDA = [
+    _config("peephole"),
+    _config("lstm", batch=3, steps=4, num_layers=1, bidirectional=False, batch_first=True),
+    _config("cifg", num_layers=1, with_state=False, proj_size=2),
+]
+
+
+@pytest.mark.parametrize("config", PINNED_HOST_CUDA, ids=lambda c: c.variant)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_cuda_kernels_host_side_matches_oracle(host_cupy, config, dtype):
+    """CudaKernels (forward, backward, gemm_accumulate), its kernels' operation strings
+    compiled on the host and cuBLAS's gemm emulated, in a whole network against the oracle."""
+    problem = make_problem(config)
+    cell = host_cuda_cell(host_cupy)(
+        config.input_size,
+        config.hidden_size,
+        variant=config.variant,
+        num_layers=config.num_layers,
+        bidirectional=config.bidirectional,
+        batch_first=config.batch_first,
+        proj_size=config.proj_size,
+    )
+    result = run_cell(cell, config, problem, dtype)
+    assert_matches_reference(result, reference(config, problem), dtype, label=False)
+
+
+def test_cuda_gemm_accumulate_adds_to_its_output(host_cupy):
+    """z += a @ b in place for float32/float64 (the cuBLAS path) and float16 (matmul + add)."""
+    kernels = ck.CudaKernels(host_cupy)
+    rng = np.random.default_rng(0)
+    for dtype in ("float64", "float32", "float16"):
+        z, a, b = (rng.normal(size=s).astype(dtype) for s in ((3, 8), (3, 2), (2, 8)))
+        expected = z.astype(np.float64) + a.astype(np.float64) @ b.astype(np.float64)
+        scratch = z.copy()
+        assert kernels.gemm_accumulate(scratch, a, b) is scratch
+        # one rounding of the product and one of the sum, each within eps of the result's
+        # dtype; float16 rounds through float32 in matmul
+        tol = 8 * np.finfo(dtype).eps
+        np.testing.assert_allclose(scratch, expected, rtol=tol, atol=tol)
 
 
 # ---------------------------------------------------------------------------
@@ -492,7 +652,8 @@ def gpu_target(request):
 @given(config=configs(max_layers=2))
 def test_gpu_backend_matches_oracle(gpu_target, dtype, config):
     """Forward and vjp on the GPU against the README's equations (tests/oracle.py):
-    float64 to 1e-10 and float32 (TF32 off) to 1e-4, relative, as on the CPU."""
+    float64 and float32 (TF32 off) to 100 machine epsilons (conftest.TOLERANCES), relative,
+    as on the CPU."""
     target = gpu_target
     if dtype not in target.dtypes:
         pytest.skip(f"{target.name} has no {dtype} here")

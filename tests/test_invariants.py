@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from conftest import assert_close, to_numpy
+from conftest import assert_close, scaled, to_numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import CORE_VARIANTS
@@ -20,7 +20,7 @@ from reference import CORE_VARIANTS
 import lstm_multi
 
 
-@settings(max_examples=12)  # each example compiles every per-sequence shape anew under JAX
+@settings(max_examples=scaled(12))  # each example compiles every per-sequence shape anew under JAX
 @given(
     variant=st.sampled_from(CORE_VARIANTS),
     lengths=st.lists(st.integers(1, 6), min_size=1, max_size=4),

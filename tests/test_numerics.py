@@ -5,7 +5,8 @@
   formula, torch, JAX; the CUDA kernels' C++ formula compiled on the host).
 - Outputs and gradients stay finite with pre-activations up to +-1e4.
 - A sequence of T = 20,000 steps (B = 1) runs forward and backward (no
-  recursion, no per-step Python frames kept), with memory linear in T.
+  recursion, no per-step Python frames kept), every output and gradient equal
+  to a float64 reference written in the test, with memory linear in T.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import subprocess
 import tracemalloc
 
 import numpy as np
+import oracle
 import pytest
-from conftest import to_numpy
+from conftest import assert_close, to_numpy, tolerance
 from reference import CORE_VARIANTS
 
 import lstm_multi
@@ -145,9 +147,111 @@ def test_huge_preactivations_stay_finite(backend, variant, dtype):
         assert np.all(np.isfinite(a)), f"result {k} is not finite"
     z_scale = np.abs(to_numpy(params[0][0]["W"])).max() * np.abs(x).max()
     assert z_scale > 1e3  # the pre-activations really are that large
+    # and the values are the oracle's (float64, on the same rounded inputs)
+    wide = [[{k: np.asarray(v, np.float64) for k, v in p.items()} for p in layer]
+            for layer in cell.to_numpy(params)]  # fmt: skip
+    zeros_h = np.zeros((4, 2, 4))
+    want = oracle.oracle(
+        variant, wide, np.swapaxes(x, 0, 1).astype(np.float64), zeros_h, zeros_h, [7, 4],
+        np.swapaxes(dy, 0, 1).astype(np.float64), zeros_h, zeros_h,
+    )  # fmt: skip
+    got = to_numpy([y, h_n, c_n, dx])
+    for what, a, b in zip(("y", "h_n", "c_n", "dx"), got, (
+        np.swapaxes(want["y"], 0, 1), want["h_n"], want["c_n"], np.swapaxes(want["dx"], 0, 1)
+    ), strict=True):  # fmt: skip
+        assert_close(a, b, dtype, f"{variant} {what}")
 
 
 LONG = 20_000
+
+#: float32 against the float64 reference over 20,000 steps, relative to max(1, max|reference|):
+#: each parameter gradient is a sum over all 20,000 steps, accumulated in float32, so its
+#: error grows with T (measured: up to 3.6e-6, i.e. ~30 eps, for db and dp); 1000 eps (1.2e-4)
+#: leaves a margin for the accumulation order of other platforms and still fails on a wrong
+#: term (an error of the size of the gradient itself, ~1e1 here).
+LONG_TOLERANCE = tolerance("float32", k=1000)
+
+
+def _sigmoid(z):
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def long_sequence_reference(params, x, dy):
+    """A one-layer "peephole" LSTM ("lstm" when ``params`` has no p: peepholes of zero)
+    in float64 NumPy, written from the README's equations, for one sequence from zero
+    state: x (T, in), dy (T, H) -> (y (T, H), h_n (H,), c_n (H,), dx (T, in), grads of
+    sum(y * dy) by key), the backward written by hand (BPTT), so that 20,000 steps take
+    about a second where the oracle's autograd over per-gate matmuls would take minutes.
+
+        z = x_t W + h_{t-1} U + b;  i = σ(z_i + p_i c_{t-1});  f = σ(z_f + p_f c_{t-1})
+        g = tanh(z_g);  c_t = f c_{t-1} + i g;  o = σ(z_o + p_o c_t);  h_t = o tanh(c_t)
+    """
+    W, U, b = (np.asarray(params[k], np.float64) for k in ("W", "U", "b"))
+    hidden = U.shape[0]
+    p = np.asarray(params["p"], np.float64) if "p" in params else np.zeros((3, hidden))
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    steps, H2, H3 = x.shape[0], 2 * hidden, 3 * hidden
+    xwb = x @ W + b
+    hs, cs = np.zeros((steps + 1, hidden)), np.zeros((steps + 1, hidden))  # row t: state t-1
+    gates, tanh_c = np.zeros((steps, 4 * hidden)), np.zeros((steps, hidden))
+    h, c = hs[0], cs[0]
+    for t in range(steps):
+        z, a = xwb[t] + h @ U, gates[t]
+        a[:H2] = _sigmoid(z[:H2] + p[:2].reshape(-1) * np.concatenate((c, c)))
+        a[H2:H3] = np.tanh(z[H2:H3])
+        c = cs[t + 1] = a[hidden:H2] * c + a[:hidden] * a[H2:H3]
+        a[H3:] = _sigmoid(z[H3:] + p[2] * c)
+        tanh_c[t] = np.tanh(c)
+        h = hs[t + 1] = a[H3:] * tanh_c[t]
+    i, f, g, o = (gates[:, k * hidden : (k + 1) * hidden] for k in range(4))
+    dz = np.zeros((steps, 4 * hidden))
+    dh, dc = np.zeros(hidden), np.zeros(hidden)
+    for t in range(steps - 1, -1, -1):
+        dh = dh + dy[t]
+        d = dz[t]
+        d[H3:] = dh * tanh_c[t] * o[t] * (1 - o[t])
+        dc = dc + dh * o[t] * (1 - tanh_c[t] ** 2) + d[H3:] * p[2]
+        d[:hidden] = dc * g[t] * i[t] * (1 - i[t])
+        d[hidden:H2] = dc * cs[t] * f[t] * (1 - f[t])
+        d[H2:H3] = dc * i[t] * (1 - g[t] ** 2)
+        dc = dc * f[t] + d[:hidden] * p[0] + d[hidden:H2] * p[1]
+        dh = U @ d
+    grads = {"W": x.T @ dz, "U": hs[:-1].T @ dz, "b": dz.sum(0)}
+    if "p" in params:
+        grads["p"] = np.stack([(dz[:, :hidden] * cs[:-1]).sum(0),
+                               (dz[:, hidden:H2] * cs[:-1]).sum(0),
+                               (dz[:, H3:] * cs[1:]).sum(0)])  # fmt: skip
+    return hs[1:], h, c, dz @ W.T, grads
+
+
+_LONG_REFERENCES = {}
+
+
+def _cached_long_reference(params, x, dy):
+    """``long_sequence_reference``, once per distinct parameters (the backends' inits of
+    one seed are the same numbers, so the three "peephole" runs share one)."""
+    key = tuple((k, v.tobytes()) for k, v in sorted(params.items()))
+    if key not in _LONG_REFERENCES:
+        _LONG_REFERENCES[key] = long_sequence_reference(params, x, dy)
+    return _LONG_REFERENCES[key]
+
+
+def test_long_sequence_reference_matches_the_oracle():
+    """The hand-written reference itself, on a prefix short enough for the oracle."""
+    rng = np.random.default_rng(3)
+    for variant in ("lstm", "peephole"):
+        shapes = oracle.param_shapes(variant, 2, 3, 1, 1)[0][0]
+        params = {k: rng.uniform(-1, 1, shape) for k, shape in shapes.items()}
+        x, dy = rng.standard_normal((9, 1, 2)), rng.standard_normal((9, 1, 3))
+        zeros = np.zeros((1, 1, 3))
+        want = oracle.oracle(variant, [[params]], x, zeros, zeros, None, dy, zeros, zeros)
+        y, h_n, c_n, dx, grads = long_sequence_reference(params, x[:, 0], dy[:, 0])
+        assert_close(y, want["y"][:, 0], "float64", f"{variant} y")
+        assert_close(h_n, want["h_n"][0, 0], "float64", f"{variant} h_n")
+        assert_close(c_n, want["c_n"][0, 0], "float64", f"{variant} c_n")
+        assert_close(dx, want["dx"][:, 0], "float64", f"{variant} dx")
+        for k, grad in grads.items():
+            assert_close(grad, want["grads"][0][0][k], "float64", f"{variant} d{k}")
 
 
 @pytest.mark.parametrize(
@@ -160,6 +264,8 @@ LONG = 20_000
     ],
 )
 def test_a_20000_step_sequence_runs_forward_and_backward(backend, kwargs):
+    """Forward and vjp over T = 20,000 steps, every output and gradient against a float64
+    reference (``long_sequence_reference``, itself checked against the oracle)."""
     try:
         lstm_multi.registry.load_backend(backend)
     except (ImportError, RuntimeError) as error:
@@ -173,8 +279,18 @@ def test_a_20000_step_sequence_runs_forward_and_backward(backend, kwargs):
     y, (h_n, c_n) = cell(params, x)
     grads, dx, _ = cell.vjp(params, x, dy)
     assert to_numpy(y).shape == (1, LONG, 8)
-    for a in to_numpy([y, h_n, c_n, dx, *grads[0][0].values()]):
-        assert np.all(np.isfinite(a))
+    canonical = to_numpy(params[0][0])
+    want_y, want_h, want_c, want_dx, want_grads = _cached_long_reference(canonical, x[0], dy[0])
+    got = {"y": to_numpy(y)[0], "h_n": to_numpy(h_n)[0, 0], "c_n": to_numpy(c_n)[0, 0],
+           "dx": to_numpy(dx)[0], **{f"d{k}": v for k, v in to_numpy(grads[0][0]).items()}}  # fmt: skip
+    want = {"y": want_y, "h_n": want_h, "c_n": want_c, "dx": want_dx,
+            **{f"d{k}": v for k, v in want_grads.items()}}  # fmt: skip
+    assert got.keys() == want.keys()
+    for what, expected in want.items():
+        scale = max(1.0, float(np.abs(expected).max()))
+        np.testing.assert_allclose(
+            got[what], expected, rtol=LONG_TOLERANCE, atol=LONG_TOLERANCE * scale, err_msg=what
+        )
 
 
 def test_numpy_memory_is_linear_in_sequence_length():

@@ -112,9 +112,13 @@ def test_nn_lstm_state_dict_loads_and_runs_identically(native):
     assert module.to_torch().proj_size == P
 
 
-def test_functional_torch_cell_equals_the_module():
-    """The functional cell on the module's canonical parameters (W_hr = weight_hr^T)."""
+def test_functional_torch_cell_and_the_module_match_the_oracle():
+    """The functional cell on the module's canonical parameters (W_hr = weight_hr^T) and
+    the module itself both compute the oracle's projected peephole LSTM, the oracle given
+    the parameters read from the module's state_dict by hand (nn.LSTM's layout)."""
     torch = pytest.importorskip("torch")
+    import oracle
+
     from lstm_multi.torch import LSTM
 
     torch.manual_seed(1)
@@ -122,9 +126,21 @@ def test_functional_torch_cell_equals_the_module():
     cell = lstm_multi.get_cell("torch")(3, H, variant="peephole", batch_first=False, proj_size=P)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
     y, (h_n, c_n) = cell(module.canonical_params(), x)
-    want, (wh, wc) = module(x)
-    assert_close(y.detach(), want.detach(), "float64", "y")
-    assert_close(h_n.detach(), wh.detach(), "float64", "h_n")
+    out, (wh, wc) = module(x)
+    state = {k: v.detach().numpy() for k, v in module.state_dict().items() if k != "_extra_state"}
+    params = {
+        "W": state["weight_ih_l0"].T,
+        "U": state["weight_hh_l0"].T,
+        "b": state["bias_ih_l0"] + state["bias_hh_l0"],
+        "p": state["weight_peephole_l0"],
+        "W_hr": state["weight_hr_l0"].T,
+    }
+    zeros_h, zeros_c = np.zeros((1, 2, P)), np.zeros((1, 2, H))
+    want = oracle.oracle("peephole", [[params]], x.numpy(), zeros_h, zeros_c, None,
+                         np.zeros((4, 2, P)), zeros_h, zeros_c)  # fmt: skip
+    for path, got in (("cell", (y, h_n, c_n)), ("module", (out, wh, wc))):
+        for what, a in zip(("y", "h_n", "c_n"), got, strict=True):
+            assert_close(a.detach(), want[what], "float64", f"{path} {what}")
     np.testing.assert_array_equal(
         module.to_numpy_params()[0][0]["W_hr"], module.weight_hr_l0.detach().numpy().T
     )

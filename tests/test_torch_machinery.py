@@ -315,12 +315,15 @@ def test_is_an_nn_lstm_with_its_attributes():
         [w.shape for w in ws] for ws in reference.all_weights
     ]
     x = torch.randn(5, 2, 3)
-    hx = (torch.zeros(4, 2, 4), torch.zeros(4, 2, 4))
+    hx = (torch.randn(4, 2, 4), torch.randn(4, 2, 4))
     m.check_forward_args(x, hx, None)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(
+        RuntimeError, match=r"Expected hidden\[0\] size \(4, 2, 4\), got \[4, 3, 4\]"
+    ):
         m.check_forward_args(x, (torch.zeros(4, 3, 4), torch.zeros(4, 3, 4)), None)
-    permuted = m.permute_hidden(hx, torch.tensor([1, 0]))
-    assert permuted[0].shape == hx[0].shape
+    permuted = m.permute_hidden(hx, torch.tensor([1, 0]))  # reorders the batch axis of h and c
+    for got, state in zip(permuted, hx, strict=True):
+        assert torch.equal(got, state[:, [1, 0]])
     m.flatten_parameters()
     assert "variant='peephole'" in repr(m)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -21,6 +22,7 @@ from test_agreement import assert_matches_reference  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
+from lstm_multi import spec  # noqa: E402
 from lstm_multi.torch import LSTM, NaiveLSTM  # noqa: E402
 
 
@@ -201,13 +203,42 @@ def test_naive_module_matches_oracle(variant):
             )
 
 
-def test_state_dict_of_nn_lstm_loads_strictly():
-    reference = nn.LSTM(4, 6, num_layers=2, bidirectional=True)
-    module = LSTM(4, 6, num_layers=2, bidirectional=True)
+def oracle_params_of(state_dict, num_layers, num_directions):
+    """The canonical parameters of an nn.LSTM state_dict read by hand for the oracle:
+    W = weight_ih^T, U = weight_hh^T, b = bias_ih + bias_hh (float64 NumPy)."""
+    state = {k: v.detach().double().numpy() for k, v in state_dict.items()}
+    return [
+        [
+            {
+                "W": state[f"weight_ih_{sfx}"].T,
+                "U": state[f"weight_hh_{sfx}"].T,
+                "b": state[f"bias_ih_{sfx}"] + state[f"bias_hh_{sfx}"],
+            }
+            for sfx in (f"l{layer}", f"l{layer}_reverse")[:num_directions]
+        ]
+        for layer in range(num_layers)
+    ]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "generic"])
+def test_state_dict_of_nn_lstm_loads_strictly(native):
+    """nn.LSTM's state_dict loads strictly, keys in its order, and the module then computes
+    the oracle's LSTM on the parameters read from that state_dict."""
+    import oracle
+
+    reference = nn.LSTM(4, 6, num_layers=2, bidirectional=True, dtype=torch.float64)
+    module = LSTM(4, 6, num_layers=2, bidirectional=True, dtype=torch.float64, native=native)
     module.load_state_dict(reference.state_dict())  # strict
     assert list(module.state_dict()) == list(reference.state_dict())
-    x = torch.randn(5, 3, 4)
-    torch.testing.assert_close(module(x)[0], reference(x)[0])
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    out, (h_n, c_n) = module(x)
+    zeros = np.zeros((4, 3, 6))
+    want = oracle.oracle(
+        "lstm", oracle_params_of(reference.state_dict(), 2, 2), x.numpy(), zeros, zeros,
+        None, np.zeros((5, 3, 12)), zeros, zeros,
+    )  # fmt: skip
+    for what, got in (("y", out), ("h_n", h_n), ("c_n", c_n)):
+        assert_close(got.detach(), want[what], "float64", what)
 
 
 def test_peephole_state_dict_adds_its_own_keys():
@@ -279,14 +310,37 @@ def test_dropout_between_layers(variant):
 
 
 def test_native_dropout_matches_nn_lstm_under_same_seed():
+    """The native module and nn.LSTM, each run after the same seed, both equal the oracle
+    run layer by layer with nn.LSTM's dropout applied by hand between the layers: the
+    masks drawn from that seed as ATen's CPU dropout draws them (bernoulli(1 - p) on each
+    layer's output but the last, kept entries scaled by 1 / (1 - p))."""
+    import oracle
+
     torch.manual_seed(0)
-    reference = nn.LSTM(3, 8, num_layers=3, dropout=0.5)
+    reference = nn.LSTM(3, 8, num_layers=3, dropout=0.5, dtype=torch.float64)
     module = LSTM.from_torch(reference)
-    x = torch.randn(4, 2, 3)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
     torch.manual_seed(1)
-    want = reference(x)[0]
-    torch.manual_seed(1)
-    torch.testing.assert_close(module(x)[0], want)
+    masks = [torch.empty(4, 2, 8, dtype=torch.float64).bernoulli_(0.5) / 0.5 for _ in range(2)]
+    layers = [
+        [{k: torch.tensor(v) for k, v in p.items()} for p in layer]
+        for layer in oracle_params_of(reference.state_dict(), 3, 1)
+    ]
+    zeros = torch.zeros(1, 8, dtype=torch.float64)
+    want = []
+    for n in range(2):
+        layer_input = x[:, n]
+        for layer, layer_params in enumerate(layers):
+            if layer > 0:
+                layer_input = layer_input * masks[layer - 1][:, n]
+            layer_input, _, _ = oracle.run_sequence(
+                "lstm", [layer_params], layer_input, zeros, zeros
+            )
+        want.append(layer_input)
+    want = torch.stack(want, 1)
+    for name, lstm in (("nn.LSTM", reference), ("module", module)):
+        torch.manual_seed(1)
+        assert_close(lstm(x)[0].detach(), want, "float64", name)
 
 
 def test_dropout_with_one_layer_warns_like_nn_lstm():
@@ -386,7 +440,8 @@ def test_from_torch_refuses_other_modules():
 def test_plain_state_dict_keys_are_nn_lstms_and_others_record_their_variant():
     assert list(LSTM(3, 4, num_layers=2).state_dict()) == list(nn.LSTM(3, 4, 2).state_dict())
     state = LSTM(3, 4, variant="peephole_full").state_dict()
-    assert state["_extra_state"] == {"variant": "peephole_full"}
+    fingerprint = spec.VARIANTS["peephole_full"].fingerprint
+    assert state["_extra_state"] == {"variant": "peephole_full", "fingerprint": fingerprint}
 
 
 def test_nn_lstm_weights_do_not_load_silently_into_another_function():
