@@ -198,10 +198,16 @@ def rule_without_output_peephole_term(graph, node, node_id, g):
 
 
 def peephole_with(forward=None):
-    """A fresh "peephole" Variant (its own trace), optionally with another forward."""
-    return spec.Variant(
-        "peephole", forward or spec._peephole, params={"p": ("i", "f", "o")}, extends_lstm=True
-    )
+    """A fresh "peephole" Variant (its own trace), optionally with another forward: a
+    deliberately wrong library, so the built-in's name is freed for it while it is made
+    (``Variant`` refuses a built-in's name for other math)."""
+    builtin = spec._BUILTINS.pop("peephole")
+    try:
+        return spec.Variant(
+            "peephole", forward or spec._peephole, params={"p": ("i", "f", "o")}, extends_lstm=True
+        )
+    finally:
+        spec._BUILTINS["peephole"] = builtin
 
 
 MUTATION_CONFIG = Config("peephole", 3, 5, 2, 3, 2, True, True, True, False, 11)

@@ -116,7 +116,8 @@ def test_derived_backward_equals_handwritten_and_costs_no_more(name):
     cache = handwritten.cache_of(name, z, c_prev, rows, _np_sigmoid, np.tanh)
     hand = handwritten.BACKWARDS[name](dh, dc, cache, rows)
     for key, want in zip(programs.backward_outputs, hand, strict=True):
-        np.testing.assert_allclose(derived[key], want, rtol=1e-13, atol=1e-14, err_msg=key)
+        # the same math in another order of operations (worst seen 1 eps): rounding only
+        assert_close(derived[key], want, "float64", key)
     # the work: the hand-written backward traced over the same inputs (its cache given)
     graph = trace.Graph()
     traced_cache = [graph.input(f"cache{k}") for k in range(7)]

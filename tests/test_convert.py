@@ -2,8 +2,8 @@
 
 For each framework installed: random weights in that framework's own layer;
 its outputs (and, where it returns them, its final states) reproduced by the
-converted weights on every lstm_multi CPU backend, to 1e-5 in float32 and to
-1e-12 in float64 where the framework computes in float64 (Flax, Equinox,
+converted weights on every lstm_multi CPU backend, to 10 eps: 1.2e-6 in float32
+and 2.2e-15 in float64 where the framework computes in float64 (Flax, Equinox,
 torch.nn.LSTM, Keras on its torch backend: Keras 3 on JAX and NumPy demotes
 float64 to float32 inside ``ops.tanh``); the round trip gives back identical
 arrays; layers that compute something else are refused.
@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import tolerance
 
 import lstm_multi
 from lstm_multi import convert
@@ -25,8 +26,10 @@ from lstm_multi import convert
 BACKENDS = [b for b in ("numpy", "torch", "jax") if b in lstm_multi.available_backends()]
 B, T, IN, H = 3, 6, 5, 4
 LENGTHS = [6, 4, 1]
-#: the largest disagreement allowed with the framework's own layer, by dtype (the issue's bound)
-TOL = {"float32": 1e-5, "float64": 1e-12}
+#: the largest disagreement allowed with the framework's own layer, by dtype: each framework
+#: sums the gates in its own order, so rounding only; worst seen 1.5e-7 (float32, 1.3 eps) and
+#: 4.4e-16 (float64, 2 eps), the outputs below 1 in size; 10 eps is a few times that
+TOL = {dtype: tolerance(dtype, k=10) for dtype in ("float32", "float64")}
 DTYPES = pytest.mark.parametrize("dtype", ["float32", "float64"])
 
 

@@ -4,7 +4,7 @@
 A Flax stack with random weights (two bidirectional layers, one ``OptimizedLSTMCell``
 and one ``LSTMCell`` layer, sequences of different lengths) is reproduced by its
 converted weights on every lstm_multi CPU backend: outputs on the valid steps and the
-final carries, to 1e-5 in float32 and 1e-12 in float64. The other way, canonical
+final carries, to 10 eps (1.2e-6 in float32, 2.2e-15 in float64). The other way, canonical
 parameters drawn by lstm_multi run in Flax's own modules and give lstm_multi's outputs.
 Every layout Flax gives a stack (``nn.Sequential``, a list made in ``setup``, a top-level
 ``nn.RNN`` or ``nn.Bidirectional``, cells made in ``@nn.compact``) reads the same.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import tolerance
 
 import lstm_multi
 from lstm_multi import convert
@@ -26,7 +27,10 @@ if not hasattr(convert, "from_flax_rnn"):
 BACKENDS = [b for b in ("numpy", "torch", "jax") if b in lstm_multi.available_backends()]
 B, T, IN, H = 3, 6, 5, 4
 LENGTHS = np.asarray([6, 4, 1])
-TOL = {"float32": 1e-5, "float64": 1e-12}
+#: the largest disagreement allowed with Flax's own modules, by dtype: Flax sums the gates in
+#: its own order, so rounding only; worst seen 1.5e-7 (float32, 1.3 eps) and 4.4e-16
+#: (float64, 2 eps), the outputs below 1 in size; 10 eps is a few times that
+TOL = {dtype: tolerance(dtype, k=10) for dtype in ("float32", "float64")}
 DTYPES = pytest.mark.parametrize("dtype", ["float32", "float64"])
 CELLS = (nn.OptimizedLSTMCell, nn.LSTMCell)  # layer 0, layer 1
 
@@ -188,7 +192,9 @@ def test_what_does_not_fit_is_refused():
     with pytest.raises(ValueError, match="tree: expected at least one layer"):
         convert.from_flax_rnn([])
     peephole = lstm_multi.get_cell("numpy")(IN, H, variant="peephole").init(seed=0)
-    with pytest.raises(ValueError, match=r"params\[0\]\[0\]: Flax's LSTM cells hold W, U and b"):
+    with pytest.raises(
+        ValueError, match=r"params\[0\]\[0\]\['p'\]: Flax's LSTM cells hold W, U and b"
+    ):
         convert.to_flax_rnn(peephole)
     with pytest.raises(ValueError, match=r"params\[0\]: expected a list of 1 or 2 directions"):
         convert.to_flax_rnn([params[0] * 3])

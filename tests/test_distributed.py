@@ -3,12 +3,12 @@
 * PyTorch DDP: two CPU processes (gloo, loopback) train the example's model
   (``examples/distributed_torch.py``: 2-layer bidirectional LSTM, packed
   variable lengths) for a few SGD steps on halves of the same global batches;
-  the parameters equal one process's on the whole batches, float64, to 1e-12,
+  the parameters equal one process's on the whole batches, float64, to 100 eps,
   for every variant and the plain variant's native and generic paths.
 * The example itself runs under ``torchrun`` and resumes from its checkpoint.
 * JAX: ``examples/distributed_jax.py``'s two ways (jit with a sharded batch,
   shard_map + pmean) over two CPU devices give one device's loss and
-  gradients, float64, to 1e-12 (``jax_mesh_check.py``, in a fresh process:
+  gradients, float64, to 100 eps (``jax_mesh_check.py``, in a fresh process:
   the device count is fixed when JAX starts).
 """
 
@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import tolerance
 from test_examples import EXAMPLES, load_example
 
 from lstm_multi import spec
@@ -57,9 +58,11 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         start = ddp_worker.new_model(example, variant, native).state_dict()
         moved = max((one[k] - start[k]).abs().max().item() for k in tensors)
         assert moved > 1e-3, f"{name}: training did not change the parameters"
-        worst[name] = max((ddp[k] - one[k]).abs().max().item() for k in tensors)
-    print("largest |DDP - one process| per variant:", worst)
-    assert max(worst.values()) <= 1e-12, worst
+        scale = max(1.0, *(one[k].abs().max().item() for k in tensors))
+        worst[name] = max((ddp[k] - one[k]).abs().max().item() for k in tensors) / scale
+    print("largest |DDP - one process| / max(1, max|parameter|) per variant:", worst)
+    # the gradient all-reduce sums the two halves' in another order than one process: rounding
+    assert max(worst.values()) <= tolerance("float64"), worst
 
 
 def test_example_runs_under_torchrun_and_resumes(tmp_path):
@@ -96,4 +99,6 @@ def test_jax_mesh_of_two_devices_equals_one_device():
     assert report["devices"] == 2
     assert len(report["largest"]) == 8  # 3 variants and the autodiff path, two ways each
     print("largest |mesh - one device|:", report["largest"])
-    assert max(report["largest"].values()) <= 1e-12, report
+    # the loss and gradients are O(1) here, so an absolute bound of 100 eps is a relative one;
+    # observed worst 1.1e-16 (pmean sums the devices' halves in another order)
+    assert max(report["largest"].values()) <= tolerance("float64"), report

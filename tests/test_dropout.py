@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_close, tolerance
 
 import lstm_multi
 
@@ -70,7 +71,8 @@ def test_masks_are_inverted_dropout_of_the_given_rate(backend):
     like = _array(backend, np.zeros(1, np.float32))
     (mask,) = cell.ops.dropout_masks(_key(backend, 3), [(200, 50, 8)], 0.3, like)
     mask = _numpy(mask).astype(np.float64)
-    np.testing.assert_allclose(np.unique(mask), [0.0, 1 / 0.7], rtol=1e-6)
+    # 1 / 0.7 rounded once to float32: within one eps
+    np.testing.assert_allclose(np.unique(mask), [0.0, 1 / 0.7], rtol=tolerance("float32", k=1))
     assert abs(np.mean(mask == 0) - 0.3) < 0.01 and abs(mask.mean() - 1) < 0.02
 
 
@@ -93,7 +95,10 @@ def test_placement_is_between_layers(backend):
         if layer > 0:
             layer_input = layer_input * masks[layer - 1]
         layer_input, _ = single([params[layer]], layer_input)
-    np.testing.assert_allclose(_numpy(y), _numpy(layer_input), rtol=1e-13, atol=1e-13)
+    if backend == "jax":  # XLA compiles the stack and each layer apart: it may fuse otherwise
+        assert_close(_numpy(y), _numpy(layer_input), "float64", "y")
+    else:  # the same operations on the same numbers
+        np.testing.assert_array_equal(_numpy(y), _numpy(layer_input))
 
 
 @pytest.mark.parametrize("proj_size", [0, 2])
@@ -122,7 +127,7 @@ def test_vjp_with_a_key_matches_finite_differences(backend, proj_size):
                        for layer, dl in zip(np_params, vp, strict=True)]  # fmt: skip
             return f(cell.from_numpy(shifted), x + s * vx)
 
-        numeric = (at(1e-6) - at(-1e-6)) / 2e-6
+        numeric = (at(1e-6) - at(-1e-6)) / 2e-6  # truncation ~1e-12, cancellation ~1e-10
         analytic = float(np.sum(_numpy(dx) * vx))
         analytic += sum(
             float(np.sum(_numpy(g[k]) * d[k]))
@@ -139,7 +144,6 @@ def test_torch_vjp_through_dropout_matches_oracle():
     between the layers: three layers, so two masks, and each must be in its place."""
     torch = pytest.importorskip("torch")
     import oracle
-    from conftest import assert_close
 
     cell = _cells("torch", batch_first=False)
     params = cell.init(seed=6, dtype="float64")
@@ -194,7 +198,8 @@ def test_jax_key_is_traceable():
         return jnp.sum(cell(params, x, dropout_key=key)[0] ** 2)
 
     key = jax.random.key(0)
-    np.testing.assert_allclose(jax.jit(loss)(params, key), loss(params, key), rtol=1e-6)
+    # jit fuses the reduction that eager runs op by op: float32 rounding only (equal here)
+    assert_close(jax.jit(loss)(params, key), loss(params, key), "float32", "loss")
     keys = jax.random.split(jax.random.key(1), 3)
     losses = jax.jit(jax.vmap(loss, in_axes=(None, 0)))(params, keys)
     assert len(set(np.asarray(losses).round(6))) == 3  # each key its own masks

@@ -241,11 +241,13 @@ def test_digits_hand_written_numpy_training_matches_autograd_deep_bidirectional(
     init = digits.initial_params(cfg, 8)
     schedule = digits.minibatch_schedule(64, 16, 1, seed=0, max_steps=3)
     res = {name: digits.TRAINERS[name](cfg, data, init, schedule) for name in ("numpy", "torch")}
-    np.testing.assert_allclose(res["numpy"]["losses"], res["torch"]["losses"], rtol=0, atol=1e-12)
-    diffs = digits.tree_map(
-        lambda a, b: float(np.max(np.abs(a - b))), res["numpy"]["params"], res["torch"]["params"]
+    # 3 SGD steps of the same float64 computation summed in different orders: rounding only
+    assert_close(res["numpy"]["losses"], res["torch"]["losses"], "float64", "losses")
+    digits.tree_map(
+        lambda got, want: assert_close(got, want, "float64", "trained parameters"),
+        res["numpy"]["params"],
+        res["torch"]["params"],
     )
-    assert max(digits.tree_leaves(diffs)) < 1e-12
     moved = digits.tree_map(lambda a, b: float(np.max(np.abs(a - b))), init, res["numpy"]["params"])
     assert min(digits.tree_leaves(moved)) > 1e-3  # every parameter, p included, was trained
 

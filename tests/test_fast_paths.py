@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import scaled, tolerance
+from conftest import assert_close, scaled, tolerance
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -257,7 +257,8 @@ def test_torch_bptt_double_backward_equals_reference(variant):
         ]
 
     for a, b in zip(second(torch_bptt.run_direction), second(network.loop_direction), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        # the fused node's backward against the loop's autograd: rounding only (6.7e-16 seen)
+        assert_close(a, b, "float64", "second-order gradient")
 
 
 def test_torch_module_generic_path_uses_fused_node():

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 
 import lstm_multi
-from lstm_multi import spec
+from lstm_multi import sigmoid, spec, tanh
 from lstm_multi.kernels import build, cpu_kernels
 
 pytestmark = pytest.mark.skipif(
@@ -307,8 +307,23 @@ def test_clear_cache_removes_what_was_built_and_forgets_the_loaded(fresh_state):
 
 
 def _fresh_variant(name):
+    """The peephole math under a new name (the CPU kernels, keyed by their source, may be
+    shared with the built-in's)."""
     base = spec.get_variant("peephole")
     return lstm_multi.Variant(name, base.forward, params=base.params)
+
+
+def _unseen_variant():
+    """A variant whose generated text no test has made before in this process: its gate
+    math carries a constant drawn at random (so no module of it is in sys.modules, nor in
+    any cache)."""
+    k = 1.0 + float(np.random.default_rng().integers(1, 2**40)) * 2.0**-44
+
+    def forward(z, c_prev):
+        c = sigmoid(z.f) * c_prev + sigmoid(z.i) * tanh(z.g * k)
+        return sigmoid(z.o) * tanh(c), c
+
+    return lstm_multi.Variant("unseen", forward)
 
 
 def _assert_kernels_compute(variant):
@@ -418,7 +433,7 @@ def test_a_damaged_generated_triton_module_is_rewritten(tmp_path, monkeypatch):
     from lstm_multi.kernels import triton_modules
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    programs = _fresh_variant("triton_cached").programs
+    programs = _unseen_variant().programs
     module = triton_modules.load(programs, tmp_path, interpret=True)
     path = Path(module.__file__)
     whole = path.read_text()

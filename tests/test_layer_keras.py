@@ -29,6 +29,8 @@ import pytest
 os.environ.setdefault("KERAS_BACKEND", "jax")  # read when keras is first imported
 keras = pytest.importorskip("keras")
 
+from conftest import tolerance  # noqa: E402
+
 import lstm_multi  # noqa: E402
 from lstm_multi import convert  # noqa: E402
 
@@ -36,7 +38,10 @@ SUPPORTED = ("jax", "numpy", "torch")
 BACKEND = keras.backend.backend()
 TRAINABLE = ("jax", "torch")  # Keras's numpy backend has no fit
 B, T, F, H = 3, 4, 3, 2
-TOL = {"rtol": 1e-5, "atol": 1e-6}
+#: float32 throughout; Keras's LSTM sums its gates in its own order (another on each Keras
+#: backend): worst seen 1.2e-7 (1 eps) on the JAX backend, 6e-8 on torch; 10 eps is a few
+#: times that
+TOL = {"rtol": tolerance("float32", k=10), "atol": tolerance("float32", k=10)}
 #: lengths 4, 2 and 0 (a fully masked row)
 MASK = np.arange(T)[None, :] < np.array([T, 2, 0])[:, None]
 

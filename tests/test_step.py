@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_close
 from reference import CORE_VARIANTS
 
 import lstm_multi
@@ -37,7 +38,7 @@ def _numpy(a):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_steps_equal_the_sequence_call(backend, variant, num_layers, proj_size, with_state):
     rng = np.random.default_rng(11)
-    for dtype, tol in (("float64", 1e-13), ("float32", 1e-6)):
+    for dtype in ("float64", "float32"):
         if backend == "jax" and dtype == "float64":
             from lstm_multi.backends.jax_backend import x64_enabled
 
@@ -54,9 +55,11 @@ def test_steps_equal_the_sequence_call(backend, variant, num_layers, proj_size, 
         for t in range(x.shape[1]):
             y_t, state = cell.step(params, x[:, t], state)
             outputs.append(_numpy(y_t))
-        np.testing.assert_allclose(np.stack(outputs, 1), _numpy(y), rtol=tol, atol=tol)
-        np.testing.assert_allclose(_numpy(state[0]), _numpy(h_n), rtol=tol, atol=tol)
-        np.testing.assert_allclose(_numpy(state[1]), _numpy(c_n), rtol=tol, atol=tol)
+        # the same math; a backend's sequence path may fuse or order sums differently
+        # (torch's native LSTM, XLA's scan): worst seen 1.5 eps
+        assert_close(np.stack(outputs, 1), _numpy(y), dtype, "outputs")
+        assert_close(_numpy(state[0]), _numpy(h_n), dtype, "h_n")
+        assert_close(_numpy(state[1]), _numpy(c_n), dtype, "c_n")
 
 
 def test_torch_gradients_through_steps_equal_the_sequence_gradients():
@@ -74,7 +77,7 @@ def test_torch_gradients_through_steps_equal_the_sequence_gradients():
         loss = loss + (y_t * w[:, t]).sum()
     got = torch.autograd.grad(loss, leaves)
     for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert_close(_numpy(a), _numpy(b), "float64", "gradient through steps")
 
 
 def test_jax_step_under_jit_and_grad():
@@ -95,11 +98,11 @@ def test_jax_step_under_jit_and_grad():
         y, _ = cell(params, x)
         return jnp.sum(y**2)
 
-    np.testing.assert_allclose(jax.jit(through_steps)(params), through_sequence(params), rtol=1e-6)
+    assert_close(jax.jit(through_steps)(params), through_sequence(params), "float32", "loss")
     got = jax.grad(through_steps)(params)
     want = jax.grad(through_sequence)(params)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+        assert_close(a, b, "float32", "gradient through steps")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

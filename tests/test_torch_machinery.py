@@ -10,12 +10,13 @@ attributes third-party code reads.
 from __future__ import annotations
 
 import copy
+import re
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import assert_close  # noqa: E402
 from reference import CORE_VARIANTS  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.func import functional_call, grad, jacrev, vmap  # noqa: E402
@@ -157,9 +158,10 @@ def test_torch_compile_trains_like_eager(path):
             loss.backward()
             opt.step()
             losses[name].append(loss.item())
-    np.testing.assert_allclose(losses["compiled"], losses["eager"], rtol=1e-5)
+    # inductor fuses the head and the loss and sums in its own order: float32 rounding only
+    assert_close(losses["compiled"], losses["eager"], "float32", "losses")
     for a, b in zip(compiled_model.parameters(), eager.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert_close(a.detach(), b.detach(), "float32", "trained parameters")
     # one graph break at the LSTM (as for nn.LSTM), none inside it
     assert sum(counters["graph_break"].values()) <= 1, dict(counters["graph_break"])
 
@@ -185,6 +187,15 @@ def test_autocast_bfloat16_on_the_cpu(path):
     parameters get float32 gradients; native "lstm" behaves exactly as nn.LSTM does."""
     m = module(path, dtype=torch.float32)
     x = inputs(torch.float32)
+    if path == ("lstm", True):
+        try:  # oneDNN has no bfloat16 LSTM primitive on some CPUs (AMD EPYC without AVX-512)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                m.to_torch()(x)
+        except RuntimeError as error:  # nn.LSTM cannot: the drop-in fails as nn.LSTM does
+            with pytest.raises(RuntimeError, match=re.escape(str(error)[:60])):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    m(x)
+            return
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, (h, c) = m(x)
     assert out.dtype == h.dtype == c.dtype == torch.bfloat16

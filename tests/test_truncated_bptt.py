@@ -1,10 +1,12 @@
 """Long sequences in chunks (truncated backpropagation through time), on every CPU backend.
 
 * chunked forward, the final state carried from chunk to chunk, equals one
-  call on the whole sequence, float64: bit for bit on NumPy and torch; on JAX
-  to 1e-15 (XLA compiles each length's scan separately, and its contraction
-  of a * b + c into one fused multiply-add differs between them: a last-bit
-  difference in a few elements);
+  call on the whole sequence, float64: bit for bit on NumPy; on torch and JAX
+  to 5 eps (each computes the input projection x W of a whole chunk as one
+  matrix product, and the BLAS or XLA kernel chosen for an (B*T, in) product
+  rounds differently from the one for another T: a different blocking, or
+  a * b + c contracted into one fused multiply-add in one and not the other,
+  a last-bit difference in a few elements; worst seen 3.3e-16, 1.5 eps);
 * ``cell.stop_gradient`` cuts the carried state: a chunk's gradient does not
   reach the previous chunk's inputs (torch, JAX), and it leaves values alone.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import tolerance
 from reference import CORE_VARIANTS
 
 import lstm_multi
@@ -44,8 +47,11 @@ def test_chunked_forward_equals_the_whole_sequence_exactly(backend, variant, chu
         y_chunk, state = cell(params, x[:, start : start + chunk], state=state)
         pieces.append(np.asarray(y_chunk))
         state = cell.stop_gradient(state)
-    if backend == "jax":
-        same = lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-15)  # noqa: E731
+    if backend in ("torch", "jax"):
+        # last-bit differences of the chunk-shaped matrix products (see above) in values of
+        # size ~1: a few eps, not the suite's 100
+        def same(a, b):
+            np.testing.assert_allclose(a, b, rtol=0, atol=tolerance("float64", k=5))
     else:
         same = np.testing.assert_array_equal
     same(np.concatenate(pieces, axis=1), np.asarray(y))
