@@ -590,14 +590,28 @@ class LSTM(nn.LSTM):
 
 
 class NaiveLSTM(nn.Module):
-    r"""The article's readable LSTM: one W, U, b per gate, eight products a step.
+    r"""The article's readable LSTM: one W, U, b per gate and a product per gate a step.
 
-    One layer, one direction; written straight from the equations (not from the
-    spec) so that it is an independent reference for the fused form. Parameters
-    are ``W_i, U_i, b_i`` ... for gates i, f, g, o, plus ``p_i, p_f, p_o`` for
-    the "peephole" variant. ``forward(x, hx=None)`` takes x of shape (B, T, in)
-    (``batch_first=True``, as in the article) and returns ``y, (h_n, c_n)`` with
-    h_n, c_n of shape (1, B, H), like ``LSTM``.
+    One layer, one direction, any variant. Each step computes each gate's
+    preactivation with products of its own,
+
+        z_k = x_t W_k + r U_k + b_k    (k in i, f, g, o; r = h_{t-1}, or c_{t-1}
+                                        where the variant's recurrence reads c;
+                                        no r U_k where the variant leaves U_k unused)
+
+    and hands the four to the variant's gate math, the code generated from the
+    spec (``Variant.gates_forward``): the gate equations are the spec's, not
+    restated here, so a variant changed in the spec changes this module too.
+    Where the fused module multiplies x_t by one (in, 4H) W, this one makes the
+    per-gate products of the article's teaching form: the layout of W, U and b
+    (gate blocks in the order i, f, g, o) is what a comparison of the two checks.
+
+    Parameters: ``W_k`` (in, H), ``U_k`` (H, H) and ``b_k`` (H,) for each gate
+    k, and each row of the variant's own parameters as ``{name}_{row}`` (H,)
+    (``p_i, p_f, p_o`` for "peephole"). ``forward(x, hx=None)`` takes x of shape
+    (B, T, in) (``batch_first=True``, as in the article; (T, B, in) otherwise) and
+    ``hx = (h_0, c_0)``, each (1, B, H), and returns ``y, (h_n, c_n)`` with y of
+    shape (B, T, H) and h_n, c_n of shape (1, B, H), like ``LSTM``.
     """
 
     def __init__(self, input_size, hidden_size, variant="lstm", batch_first=True):
@@ -605,25 +619,24 @@ class NaiveLSTM(nn.Module):
         self.input_size = validation.check_positive_int("input_size", input_size)
         self.hidden_size = validation.check_positive_int("hidden_size", hidden_size)
         resolved = spec.get_variant(variant)
-        # the built-in it computes, known by its fingerprint, not by the name it bears
-        self.variant = spec.builtin_name(resolved)
-        if self.variant not in ("lstm", "peephole", "peephole_full"):
-            raise ValueError(
-                "variant: NaiveLSTM writes out the article's 'lstm', 'peephole' and "
-                f"'peephole_full' only, got {resolved.name!r} (lstm_multi.torch.LSTM runs every "
-                "variant)"
-            )
+        self.variant = resolved.name
+        if not spec.is_registered(resolved):
+            self._user_variant = resolved  # a user's Variant need not be registered
         self.batch_first = validation.check_bool("batch_first", batch_first)
         for gate in spec.GATE_ORDER:
             setattr(self, f"W_{gate}", nn.Parameter(torch.empty(input_size, hidden_size)))
             setattr(self, f"U_{gate}", nn.Parameter(torch.empty(hidden_size, hidden_size)))
             setattr(self, f"b_{gate}", nn.Parameter(torch.empty(hidden_size)))
-        if self.variant == "peephole":
-            for gate in ("i", "f", "o"):
-                setattr(self, f"p_{gate}", nn.Parameter(torch.empty(hidden_size)))
+        for name, rows in resolved.params.items():
+            for row in rows:
+                setattr(self, f"{name}_{row}", nn.Parameter(torch.empty(hidden_size)))
         bound = 1.0 / math.sqrt(hidden_size)
         for weight in self.parameters():
             nn.init.uniform_(weight, -bound, bound)
+
+    @property
+    def _variant_spec(self):
+        return self.__dict__.get("_user_variant") or spec.get_variant(self.variant)
 
     @torch.no_grad()
     def load_numpy_params(self, layer_params):
@@ -634,12 +647,13 @@ class NaiveLSTM(nn.Module):
             getattr(self, f"W_{gate}").copy_(torch.as_tensor(layer_params["W"])[:, block])
             getattr(self, f"U_{gate}").copy_(torch.as_tensor(layer_params["U"])[:, block])
             getattr(self, f"b_{gate}").copy_(torch.as_tensor(layer_params["b"])[block])
-        if self.variant == "peephole":
-            for row, gate in enumerate(("i", "f", "o")):
-                getattr(self, f"p_{gate}").copy_(torch.as_tensor(layer_params["p"])[row])
+        for name, rows in self._variant_spec.params.items():
+            for r, row in enumerate(rows):
+                getattr(self, f"{name}_{row}").copy_(torch.as_tensor(layer_params[name])[r])
         return self
 
     def forward(self, x, hx=None):
+        variant = self._variant_spec
         if not self.batch_first:
             x = x.transpose(0, 1)
         batch, steps, _ = x.shape
@@ -647,30 +661,21 @@ class NaiveLSTM(nn.Module):
             h_t = c_t = x.new_zeros(batch, self.hidden_size)
         else:
             h_t, c_t = hx[0][0], hx[1][0]
+        extra = {
+            name: torch.stack([getattr(self, f"{name}_{row}") for row in rows])
+            for name, rows in variant.params.items()
+        }
         outputs = []
         for t in range(steps):
             x_t = x[:, t, :]
-            if self.variant == "lstm":
-                i_t = torch.sigmoid(x_t @ self.W_i + h_t @ self.U_i + self.b_i)
-                f_t = torch.sigmoid(x_t @ self.W_f + h_t @ self.U_f + self.b_f)
-                g_t = torch.tanh(x_t @ self.W_g + h_t @ self.U_g + self.b_g)
-                o_t = torch.sigmoid(x_t @ self.W_o + h_t @ self.U_o + self.b_o)
-                c_t = f_t * c_t + i_t * g_t
-                h_t = o_t * torch.tanh(c_t)
-            elif self.variant == "peephole":
-                i_t = torch.sigmoid(x_t @ self.W_i + h_t @ self.U_i + self.b_i + self.p_i * c_t)
-                f_t = torch.sigmoid(x_t @ self.W_f + h_t @ self.U_f + self.b_f + self.p_f * c_t)
-                g_t = torch.tanh(x_t @ self.W_g + h_t @ self.U_g + self.b_g)
-                c_t = f_t * c_t + i_t * g_t
-                o_t = torch.sigmoid(x_t @ self.W_o + h_t @ self.U_o + self.b_o + self.p_o * c_t)
-                h_t = o_t * torch.tanh(c_t)
-            else:  # "peephole_full": the gates read c_{t-1}; g has no recurrent term
-                i_t = torch.sigmoid(x_t @ self.W_i + c_t @ self.U_i + self.b_i)
-                f_t = torch.sigmoid(x_t @ self.W_f + c_t @ self.U_f + self.b_f)
-                g_t = torch.sigmoid(x_t @ self.W_g + self.b_g)
-                o_t = torch.sigmoid(x_t @ self.W_o + c_t @ self.U_o + self.b_o)
-                c_t = f_t * c_t + i_t * g_t
-                h_t = torch.tanh(o_t * c_t)
+            r = h_t if variant.recurrent_state == "h" else c_t
+            z = []
+            for gate in spec.GATE_ORDER:
+                z_k = x_t @ getattr(self, f"W_{gate}") + getattr(self, f"b_{gate}")
+                if gate not in variant.unused_recurrent_gates:
+                    z_k = z_k + r @ getattr(self, f"U_{gate}")
+                z.append(z_k)
+            h_t, c_t, _ = variant.gates_forward(OPS, torch.cat(z, -1), c_t, extra)
             outputs.append(h_t)
         y = torch.stack(outputs, dim=1 if self.batch_first else 0)
         return y, (h_t.unsqueeze(0), c_t.unsqueeze(0))

@@ -284,14 +284,6 @@ def test_check_variant_fails_on_a_wrong_derivation_rule(monkeypatch):
     assert {r.name for r in report.failed} == {"gates", "network"}
 
 
-def test_naive_lstm_refuses_variants_it_does_not_write_out():
-    pytest.importorskip("torch")
-    from lstm_multi.torch import NaiveLSTM
-
-    with pytest.raises(ValueError, match=r"NaiveLSTM writes out the article's .* got 'cifg'"):
-        NaiveLSTM(3, 4, variant="cifg")
-
-
 def test_host_kernels_say_what_is_missing(monkeypatch, request):
     from lstm_multi.kernels import build, host_kernels
 

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 from conftest import assert_close  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from oracle import VARIANTS as ORACLE_VARIANTS  # noqa: E402
 from reference import (  # noqa: E402
     Config,
     batch_layout,
@@ -22,6 +23,7 @@ from test_agreement import assert_matches_reference  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
+import lstm_multi  # noqa: E402
 from lstm_multi import spec  # noqa: E402
 from lstm_multi.torch import LSTM, NaiveLSTM  # noqa: E402
 
@@ -168,9 +170,10 @@ def test_module_matches_oracle(path, data):
     )
 
 
-@pytest.mark.parametrize("variant", ["lstm", "peephole", "peephole_full"])
+@pytest.mark.parametrize("variant", ORACLE_VARIANTS)
 def test_naive_module_matches_oracle(variant):
-    """The article's readable 8-matmul form computes the README's equations too."""
+    """The article's readable per-gate-product form, on the spec's gate math, computes the
+    README's equations for every variant (the oracle: independent of the spec)."""
     config = Config(variant, 4, 7, 3, 5, 1, False, True, False, True, 3)
     problem = make_problem(config)
     naive = NaiveLSTM(3, 5, variant=variant).double().load_numpy_params(problem.params[0][0])
@@ -196,11 +199,54 @@ def test_naive_module_matches_oracle(variant):
         U_grad = torch.zeros_like(U) if U.grad is None else U.grad
         assert_close(U_grad, want["U"][:, block], "float64", f"U_{gate}")
         assert_close(getattr(naive, f"b_{gate}").grad, want["b"][block], "float64", f"b_{gate}")
-    if variant == "peephole":
-        for row, gate in enumerate("ifo"):
+    for name, rows in spec.get_variant(variant).params.items():
+        for r, row in enumerate(rows):
             assert_close(
-                getattr(naive, f"p_{gate}").grad, expected["grads"][0][0]["p"][row], "float64", gate
+                getattr(naive, f"{name}_{row}").grad,
+                expected["grads"][0][0][name][r],
+                "float64",
+                f"{name}_{row}",
             )
+
+
+def _output_gate_reads_the_previous_cell(z, c_prev, p):
+    """The peephole LSTM with o reading c_{t-1} instead of c_t: a changed spec."""
+    i = lstm_multi.sigmoid(z.i + p.i * c_prev)
+    f = lstm_multi.sigmoid(z.f + p.f * c_prev)
+    c = f * c_prev + i * lstm_multi.tanh(z.g)
+    o = lstm_multi.sigmoid(z.o + p.o * c_prev)
+    return o * lstm_multi.tanh(c), c
+
+
+def test_naive_module_follows_a_change_to_the_spec(monkeypatch):
+    """NaiveLSTM states no gate equation of its own: a variant changed in the spec changes
+    what it computes, exactly as it changes the fused module."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    before = NaiveLSTM(3, 5, variant="peephole").double()
+    y_before = before(x)[0]
+    builtin = spec._BUILTINS.pop("peephole")  # a deliberately changed spec
+    try:
+        changed = spec.Variant(
+            "peephole", _output_gate_reads_the_previous_cell, params={"p": ("i", "f", "o")}
+        )
+    finally:
+        spec._BUILTINS["peephole"] = builtin
+    monkeypatch.setitem(spec.VARIANTS, "peephole", changed)
+    after = NaiveLSTM(3, 5, variant="peephole").double()
+    after.load_state_dict(before.state_dict())
+    y_after = after(x)[0]
+    assert not torch.allclose(y_after, y_before)
+    fused = LSTM(3, 5, variant="peephole", batch_first=True, dtype=torch.float64)
+    with torch.no_grad():
+        canonical = {
+            "W": torch.cat([getattr(before, f"W_{k}") for k in "ifgo"], 1),
+            "U": torch.cat([getattr(before, f"U_{k}") for k in "ifgo"], 1),
+            "b": torch.cat([getattr(before, f"b_{k}") for k in "ifgo"]),
+            "p": torch.stack([getattr(before, f"p_{k}") for k in "ifo"]),
+        }
+        fused.load_numpy_params([[canonical]])
+    assert_close(fused(x)[0].detach(), y_after.detach(), "float64", "changed spec")
 
 
 def oracle_params_of(state_dict, num_layers, num_directions):

@@ -263,8 +263,16 @@ def test_from_torch_refuses_to_broadcast_a_parameter_into_another_shape():
         lm_torch.LSTM.from_torch(source, variant="peephole", strict=False)  # (3, H)
 
 
-def test_naive_lstm_knows_a_variant_by_its_math():
-    mine = Variant("mylstm", _lstm_rewritten, extends_lstm=True)
-    assert lm_torch.NaiveLSTM(IN, H, variant=mine).variant == "lstm"
-    with pytest.raises(ValueError, match="NaiveLSTM writes out"):
-        lm_torch.NaiveLSTM(IN, H, variant=Variant("custom", _lstm_tanh_output_gate))
+def test_naive_lstm_runs_a_users_variant_on_its_own_math():
+    """NaiveLSTM runs the gate math of the Variant it is given (generated from it), whatever
+    its name: the same math under another name computes what the built-in does, and other
+    math computes something else."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, IN, dtype=torch.float64)
+    builtin = lm_torch.NaiveLSTM(IN, H, variant="lstm").double()
+    same = lm_torch.NaiveLSTM(IN, H, variant=Variant("mylstm", _lstm_rewritten, extends_lstm=True))
+    other = lm_torch.NaiveLSTM(IN, H, variant=Variant("custom", _lstm_tanh_output_gate))
+    for module in (same, other):
+        module.double().load_state_dict(builtin.state_dict())
+    np.testing.assert_array_equal(same(x)[0].detach(), builtin(x)[0].detach())
+    assert not torch.allclose(other(x)[0], builtin(x)[0])
