@@ -33,7 +33,8 @@ arguments and outputs are trees (tuples, lists, dicts, None) of arrays:
   workload with many sequence lengths does not grow without bound.
 
 Graphs replay the arithmetic bit for bit: a replay's outputs equal a direct
-call's (tested with ``EagerCapturer``, which stands in for a device on the CPU).
+call's (tested with ``tests/doubles.py``'s ``EagerCapturer``, which stands in for a device on
+the CPU).
 """
 
 from __future__ import annotations
@@ -199,32 +200,3 @@ class GraphedFunction:
         self.replays += 1
         out = [capturer.clone(x) if capturer.is_array(x) else x for x in graph.static_outputs]
         return unflatten(out, graph.output_structure)
-
-
-class EagerCapturer(Capturer):
-    """A stand-in for a device graph on any array module (the tests' CPU capturer).
-
-    ``capture`` runs the thunk once and keeps its outputs; ``replay`` runs it
-    again and writes the results into those same arrays, which is what a
-    graph does: it reads the static inputs and rewrites the static outputs in
-    place. So the plumbing around a graph (copying in, copying out, the cache)
-    is exercised without a GPU.
-    """
-
-    def __init__(self, is_array, clone, copy_into, leaf_signature):
-        self.is_array, self.clone = is_array, clone
-        self.copy_into, self.leaf_signature = copy_into, leaf_signature
-        self.captures = 0
-
-    def capture(self, thunk):
-        outputs = thunk()
-        self.captures += 1
-        out_leaves, _ = flatten(outputs)
-
-        def replay():
-            fresh, _ = flatten(thunk())
-            for dst, src in zip(out_leaves, fresh, strict=True):
-                if self.is_array(dst):
-                    self.copy_into(dst, src)
-
-        return replay, outputs

@@ -16,12 +16,12 @@ import warnings
 
 import numpy as np
 import pytest
+from doubles import EagerCapturer, ProgramKernels  # noqa: E402
 
 from lstm_multi import bptt, network, spec  # noqa: E402
 from lstm_multi.backends import cupy_graphs  # noqa: E402
-from lstm_multi.backends.cupy_kernels import FusedOps, ProgramKernels  # noqa: E402
+from lstm_multi.backends.cupy_kernels import FusedOps  # noqa: E402
 from lstm_multi.backends.numpy_backend import ArrayModuleCell  # noqa: E402
-from lstm_multi.device_graphs import EagerCapturer  # noqa: E402
 
 
 def _numpy_capturer(kind=EagerCapturer):

@@ -30,6 +30,7 @@ import types
 import numpy as np
 import pytest
 from conftest import assert_close, scaled
+from doubles import ProgramKernels
 from half_precision import FORGETFUL, INTEGRATOR, assert_within_bound, errors_in_u
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -73,7 +74,7 @@ def test_program_kernels_equal_oracle_gates(name, batch, hidden, seed):
     oracle's gate math (``test_compile.oracle_gates``), forward and backward."""
     variant = spec.VARIANTS[name]
     z, c_prev, extra, dh, dc = _gate_inputs(np.random.default_rng(seed), name, batch, hidden)
-    kernels = ck.ProgramKernels()
+    kernels = ProgramKernels()
     kh, kc, kcache = kernels.forward(variant, z, c_prev, extra)
     kdz, kdc_prev, terms = kernels.backward(variant, dh, dc, kcache, extra)
     h, c, dz, dc_prev, dextra = oracle_gates(name, z, c_prev, extra, dh, dc)
@@ -116,7 +117,7 @@ def test_kernel_c_source_compiled_on_host_equals_program(host_kernels, name, typ
     z, dh, extra = z.astype(T), dh.astype(T), {k: v.astype(T) for k, v in extra.items()}
     c_prev, dc = c_prev.astype(S), dc.astype(S)
     wide = {k: v.astype(np.float64) for k, v in extra.items()}
-    evaluate = ck.ProgramKernels()
+    evaluate = ProgramKernels()
     h, c, saved = evaluate.forward(variant, z.astype(np.float64), c_prev.astype(np.float64), wide)
     kh, kc, k_saved = kernels.forward(z, c_prev, extra)
     tol = dict(rtol=1e-12, atol=1e-13) if T is np.float64 else dict(rtol=2e-5, atol=2e-6)
@@ -218,7 +219,7 @@ class FusedNumpyCell(ArrayModuleCell):
     NumPy (``ProgramKernels``) in place of the CUDA kernels."""
 
     backend = "fused-numpy"
-    ops = ProgramFusedOps(ck.ProgramKernels())
+    ops = ProgramFusedOps(ProgramKernels())
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -276,7 +277,7 @@ def test_fused_ops_on_program_kernels_equal_numpy_backend(
 
 
 def test_fused_add_matmul_accumulates_in_place():
-    ops = ck.FusedOps(ck.ProgramKernels())
+    ops = ck.FusedOps(ProgramKernels())
     rng = np.random.default_rng(0)
     z, a, b = rng.normal(size=(3, 8)), rng.normal(size=(3, 2)), rng.normal(size=(2, 8))
     expected = z + a @ b

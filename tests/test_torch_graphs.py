@@ -17,10 +17,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from doubles import EagerCapturer  # noqa: E402
+
 from lstm_multi import get_cell  # noqa: E402
 from lstm_multi.backends import torch_backend, torch_bptt, torch_graphs  # noqa: E402
 from lstm_multi.device_graphs import (  # noqa: E402
-    EagerCapturer,
     GraphedFunction,
     flatten,
     unflatten,

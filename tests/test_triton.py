@@ -15,8 +15,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install triton)")
 
+from doubles import ProgramKernels  # noqa: E402
+
 from lstm_multi import Variant, sigmoid, spec, tanh  # noqa: E402
-from lstm_multi.backends.cupy_kernels import ProgramKernels  # noqa: E402
 
 VARIANTS = sorted(spec.VARIANTS)
 

@@ -179,7 +179,7 @@ class GraphedArrayDirections:
     ``kernel_direction.backward_any`` unreplayed. One instance holds one graph
     cache (``max_graphs`` graphs each way): keep it as long as its graphs are
     useful (the CuPy cell keeps one per cell). ``capturer`` defaults to CUDA's
-    (``CupyCapturer``); the tests pass ``device_graphs.EagerCapturer``.
+    (``CupyCapturer``); the tests pass their ``EagerCapturer`` (``tests/doubles.py``).
     """
 
     def __init__(self, capturer=None, max_graphs=8, warmup_calls=1):

@@ -4,14 +4,12 @@ Each variant's forward gate math (``lstm_multi.spec``) and its derived backward
 (``lstm_multi.compile.derive``) are emitted as the operations of two
 ``cupy.ElementwiseKernel``s (``lstm_multi.compile.emit_cuda``): a step's whole
 elementwise math is one kernel launch forward and one backward, for every
-variant, a user's own included. Two runners share one interface:
-
-* ``CudaKernels``: the generated kernels, compiled by CuPy (NVRTC) on first use
-  per variant and dtype, and cached by CuPy on disk;
-* ``ProgramKernels``: the same programs evaluated node by node with NumPy
-  (``lstm_multi.compile.evaluate``), so the plumbing around the kernels runs in
-  the tests on machines without a GPU. The generated C itself is compiled with
-  a host C++ compiler in the tests and checked against the same evaluation.
+variant, a user's own included. ``CudaKernels`` runs the generated kernels,
+compiled by CuPy (NVRTC) on first use per variant and dtype, and cached by CuPy
+on disk. (The tests run the plumbing around the kernels on machines without a
+GPU through a stand-in with the same interface, ``tests/doubles.py``
+``ProgramKernels``; the generated C itself is compiled with a host C++ compiler
+in the tests and checked against the programs.)
 
 Interface: ``forward(variant, z, c_prev, extra) -> (h, c, saved)`` and
 ``backward(variant, dh, dc, saved, extra) -> (dz, dc_prev, terms)`` where
@@ -27,63 +25,8 @@ from __future__ import annotations
 
 import weakref
 
-import numpy as np
-
-from .. import spec
-from ..compile import emit_cuda, evaluate
+from ..compile import emit_cuda
 from ..ops import ArrayModuleOps
-
-
-def _blocks(z, hidden):
-    return [z[:, k * hidden : (k + 1) * hidden] for k in range(4)]
-
-
-def _rows(variant, extra):
-    """Input name -> parameter row, for the variant's parameters."""
-    return {
-        f"{name}_{row}": extra[name][r]
-        for name, rows in variant.params.items()
-        for r, row in enumerate(rows)
-    }
-
-
-class ProgramKernels:
-    """The kernels' programs evaluated by NumPy (for tests on machines without a GPU)."""
-
-    xp = np
-
-    def forward(self, variant, z, c_prev, extra):
-        programs = variant.programs
-        state = c_prev.dtype
-        inputs = dict(
-            zip(
-                ("z_i", "z_f", "z_g", "z_o"),
-                (b.astype(state) for b in _blocks(z, c_prev.shape[-1])),
-                strict=True,
-            )
-        )
-        inputs["c_prev"] = c_prev
-        inputs.update((k, v.astype(state)) for k, v in _rows(variant, extra).items())
-        h, c, saved = evaluate.evaluate_forward(programs, inputs)
-        return h.astype(z.dtype), c, tuple(np.asarray(a, dtype=state) for a in saved)
-
-    def backward(self, variant, dh, dc, saved, extra):
-        programs = variant.programs
-        state = dc.dtype
-        inputs = {"dh": dh.astype(state), "dc": dc}
-        inputs.update((k, v.astype(state)) for k, v in _rows(variant, extra).items())
-        out = evaluate.evaluate_backward(programs, inputs, saved)
-        dz = np.concatenate([out[f"dz_{g}"] for g in spec.GATE_ORDER], -1)
-        terms = {
-            name: np.stack([out[f"d{name}_{row}"] for row in rows], 1)
-            for name, rows in variant.params.items()
-        }
-        return dz, out["dc_prev"], terms
-
-    def gemm_accumulate(self, z, a, b):
-        """z += a @ b in place; returns z."""
-        z += a @ b
-        return z
 
 
 class CudaKernels:
@@ -168,7 +111,7 @@ class FusedOps(ArrayModuleOps):
     ``gates_forward`` / ``gates_backward`` run one fused kernel each, for every
     variant, and ``add_matmul`` accumulates ``r @ U`` into the step's slice of
     the hoisted input projection in place. With ``CudaKernels`` this is the
-    CuPy backend's ops; with ``ProgramKernels`` the same plumbing runs on the
+    CuPy backend's ops; with the tests' ``ProgramKernels`` the same plumbing runs on the
     CPU for tests.
     """
 

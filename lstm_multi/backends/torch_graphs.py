@@ -90,7 +90,7 @@ class GraphedLoopEngine:
     """``LoopEngine`` (the per-step loop over ``ops``) replayed from device graphs.
 
     Same interface as ``LoopEngine``; its tape is ``stack_tape``'s.
-    ``capturer`` defaults to CUDA's; the tests pass ``device_graphs.EagerCapturer``.
+    ``capturer`` defaults to CUDA's; the tests pass their ``EagerCapturer`` (``tests/doubles.py``).
     """
 
     def __init__(self, ops, capturer=None, max_graphs=8):

@@ -1,0 +1,98 @@
+"""Test doubles: stand-ins for a GPU, so that the plumbing around the device code runs on the
+CPU in the tests. They live here, not in the library.
+
+* ``ProgramKernels``: the CuPy backend's kernel runner (``cupy_kernels.CudaKernels``'s
+  interface) with each kernel's program evaluated node by node by NumPy
+  (``lstm_multi.compile.evaluate``);
+* ``EagerCapturer``: a device graph capturer (``device_graphs.Capturer``) that runs the
+  captured function again on every replay, writing into the captured outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lstm_multi import spec
+from lstm_multi.compile import evaluate
+from lstm_multi.device_graphs import Capturer, flatten
+
+
+def _blocks(z, hidden):
+    return [z[:, k * hidden : (k + 1) * hidden] for k in range(4)]
+
+
+def _rows(variant, extra):
+    """Input name -> parameter row, for the variant's parameters."""
+    return {
+        f"{name}_{row}": extra[name][r]
+        for name, rows in variant.params.items()
+        for r, row in enumerate(rows)
+    }
+
+
+class ProgramKernels:
+    """The kernels' programs evaluated by NumPy (for tests on machines without a GPU)."""
+
+    xp = np
+
+    def forward(self, variant, z, c_prev, extra):
+        programs = variant.programs
+        state = c_prev.dtype
+        inputs = dict(
+            zip(
+                ("z_i", "z_f", "z_g", "z_o"),
+                (b.astype(state) for b in _blocks(z, c_prev.shape[-1])),
+                strict=True,
+            )
+        )
+        inputs["c_prev"] = c_prev
+        inputs.update((k, v.astype(state)) for k, v in _rows(variant, extra).items())
+        h, c, saved = evaluate.evaluate_forward(programs, inputs)
+        return h.astype(z.dtype), c, tuple(np.asarray(a, dtype=state) for a in saved)
+
+    def backward(self, variant, dh, dc, saved, extra):
+        programs = variant.programs
+        state = dc.dtype
+        inputs = {"dh": dh.astype(state), "dc": dc}
+        inputs.update((k, v.astype(state)) for k, v in _rows(variant, extra).items())
+        out = evaluate.evaluate_backward(programs, inputs, saved)
+        dz = np.concatenate([out[f"dz_{g}"] for g in spec.GATE_ORDER], -1)
+        terms = {
+            name: np.stack([out[f"d{name}_{row}"] for row in rows], 1)
+            for name, rows in variant.params.items()
+        }
+        return dz, out["dc_prev"], terms
+
+    def gemm_accumulate(self, z, a, b):
+        """z += a @ b in place; returns z."""
+        z += a @ b
+        return z
+
+
+class EagerCapturer(Capturer):
+    """A stand-in for a device graph on any array module (the tests' CPU capturer).
+
+    ``capture`` runs the thunk once and keeps its outputs; ``replay`` runs it
+    again and writes the results into those same arrays, which is what a
+    graph does: it reads the static inputs and rewrites the static outputs in
+    place. So the plumbing around a graph (copying in, copying out, the cache)
+    is exercised without a GPU.
+    """
+
+    def __init__(self, is_array, clone, copy_into, leaf_signature):
+        self.is_array, self.clone = is_array, clone
+        self.copy_into, self.leaf_signature = copy_into, leaf_signature
+        self.captures = 0
+
+    def capture(self, thunk):
+        outputs = thunk()
+        self.captures += 1
+        out_leaves, _ = flatten(outputs)
+
+        def replay():
+            fresh, _ = flatten(thunk())
+            for dst, src in zip(out_leaves, fresh, strict=True):
+                if self.is_array(dst):
+                    self.copy_into(dst, src)
+
+        return replay, outputs
