@@ -181,14 +181,21 @@ class Variant:
         return derive.gate_programs(self.forward, self.params)
 
     @functools.cached_property
-    def _array_code(self):
+    def array_code(self):
+        """(forward, backward): the generated array code of the programs
+        (``compile.emit_array``), functions of an ``ops`` object:
+        ``forward(ops, z_i, z_f, z_g, z_o, c_prev, *param_rows) -> (h, c, saved)`` and
+        ``backward(ops, dh, dc, *param_rows, *saved) -> (dz_i, dz_f, dz_g, dz_o, dc_prev,
+        *row grads)``; ``param_rows`` gives the rows in their order."""
         return emit_array.compile_programs(self.programs, self.name)
 
     def extra_param_shapes(self, hidden_size: int) -> dict[str, tuple[int, ...]]:
         """Shapes of the parameters beyond W, U, b: (rows, H) each."""
         return {name: (len(rows), hidden_size) for name, rows in self.params.items()}
 
-    def _rows(self, extra):
+    def param_rows(self, extra):
+        """The rows of the variant's own parameters, ``extra[name][r]`` (each (H,)), in the
+        order the generated code takes them (``array_code``)."""
         return [extra[name][r] for name, rows in self.params.items() for r in range(len(rows))]
 
     def gates_forward(self, ops, z, c_prev, extra):
@@ -196,8 +203,8 @@ class Variant:
 
         The cache is the tuple of forward values the derived backward reads.
         """
-        forward, _ = self._array_code
-        return forward(ops, *split_gates(z, c_prev.shape[-1]), c_prev, *self._rows(extra))
+        forward, _ = self.array_code
+        return forward(ops, *split_gates(z, c_prev.shape[-1]), c_prev, *self.param_rows(extra))
 
     def gates_backward(self, ops, dh, dc, cache, extra):
         """Gradients at (h_t, c_t) -> (dz (B, 4H), dc_{t-1} excluding r @ U, extra grads).
@@ -205,8 +212,8 @@ class Variant:
         The extra grads are a dict like ``extra`` holding this step's
         contribution (already summed over the batch).
         """
-        _, backward = self._array_code
-        out = backward(ops, dh, dc, *self._rows(extra), *cache)
+        _, backward = self.array_code
+        out = backward(ops, dh, dc, *self.param_rows(extra), *cache)
         grads, k = {}, 5
         for name, rows in self.params.items():  # each row's gradient, summed over the batch
             grads[name] = ops.stack(list(out[k : k + len(rows)]), 0)
@@ -215,7 +222,7 @@ class Variant:
 
     def __getstate__(self):
         # the traced programs and the generated code are rebuilt on first use
-        return {k: v for k, v in self.__dict__.items() if k not in ("programs", "_array_code")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("programs", "array_code")}
 
     def __repr__(self) -> str:
         return f"Variant({self.name!r})"

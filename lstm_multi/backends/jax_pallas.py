@@ -22,7 +22,7 @@ then whole-sequence products of the stored dz (``bptt.direction_grads``), as in
 ``jax_backend._direction_backward`` and ``PersistentEngine.backward``.
 
 Where the equations come from. Nowhere here: the gate math inside both kernels
-is the variant's generated array code (``variant._array_code``, made by
+is the variant's generated array code (``variant.array_code``, made by
 ``compile.emit_array`` from the traced program and its derived backward), called
 on the tiles loaded from the refs with ``_TileOps`` (the JAX backend's sigmoid and
 tanh, and a ``sum`` over the tile's valid rows). A user's own ``lstm_multi.Variant``
@@ -131,7 +131,7 @@ def _index32(n):
 
 def _forward_kernel(variant, steps, compute, recurrent_c, has_valid, n_rows, stored_at):
     """The forward kernel's body; refs in ``PallasKernels.sequence_forward``'s order."""
-    forward, _ = variant._array_code
+    forward, _ = variant.array_code
     ops = _TileOps()
 
     def kernel(*refs):
@@ -183,7 +183,7 @@ def _backward_kernel(variant, steps, compute, recurrent_c, has_valid, n_rows, sa
     ``saved_from[j]`` says where the backward's j-th saved value comes from: ("c", 0)
     c_{t-1} (cs[t]), ("c", 1) c_t (cs[t + 1]), ("stored", i) the i-th stored array.
     """
-    _, backward = variant._array_code
+    _, backward = variant.array_code
     n_stored = sum(kind == "stored" for kind, _ in saved_from)
 
     def kernel(*refs):
@@ -316,10 +316,10 @@ class PallasKernels:
 
     @staticmethod
     def _rows(variant, extra, compute, block_h):
-        """The parameter rows, (1, BLOCK_H) each, in ``variant._rows`` order."""
+        """The parameter rows, (1, BLOCK_H) each, in ``variant.param_rows`` order."""
         return [
             _pad_to(row.astype(compute)[None, :], (1, block_h))
-            for row in variant._rows(extra)
+            for row in variant.param_rows(extra)
         ]  # fmt: skip
 
     @staticmethod
