@@ -346,7 +346,7 @@ class FunctionalCell:
             raise TypeError(f"lengths: expected an array of integers, got {type(lengths).__name__}")
         dtype = str(lengths.dtype).removeprefix("torch.")
         validation.check_lengths_shape(dtype, lengths.shape, batch)
-        values = host_values(lengths)
+        values = self.ops.host_values(lengths)
         if values is None:  # traced (JAX under jit): the backend checks at run time
             return self._traced_lengths(lengths, steps)
         validation.check_lengths_values(values, steps)
@@ -355,19 +355,3 @@ class FunctionalCell:
     def _traced_lengths(self, lengths, steps):
         """lengths whose values are not known yet (only JAX traces)."""
         raise TypeError(f"lengths: expected concrete integers, got {type(lengths).__name__}")
-
-
-def host_values(array):
-    """The values of an array of any framework as NumPy, or None while traced (JAX)."""
-    if isinstance(array, np.ndarray):
-        return array
-    if hasattr(array, "detach"):  # torch, on any device, inside torch.func transforms too
-        from .backends.torch_ops import host_values as torch_host_values
-
-        return torch_host_values(array)
-    if type(array).__module__.split(".")[0] == "cupy":
-        return array.get()
-    try:
-        return np.asarray(array)
-    except TypeError:  # a JAX tracer (its conversion errors are TypeErrors)
-        return None

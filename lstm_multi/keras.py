@@ -68,8 +68,7 @@ import numbers
 import numpy as np
 
 from . import init, spec, validation
-from .cell import host_values
-from .ops import ArrayModuleOps
+from .ops import ArrayModuleOps, host_values
 from .registry import get_cell
 
 __all__ = ["LSTM"]

@@ -170,7 +170,7 @@ class ArrayModuleOps:
         masks = [(rng.random(shape) >= rate) * scale for shape in shapes]
         return [self.astype(self.asarray(m), self.dtype_name(like)) for m in masks]
 
-    # raw memory, for the compiled CPU kernels (``lstm_multi.kernel_direction``)
+    # raw memory, for the compiled CPU kernels (``lstm_multi.backends.kernel_direction``)
     def cpu_scalar(self, x):
         """The C type ("float" or "double") of ``x`` when the CPU kernels can read it
         (a host array of float32 or float64), else None."""
@@ -248,6 +248,10 @@ class ArrayModuleOps:
     def is_array(self, x):
         return isinstance(x, self.xp.ndarray)
 
+    def host_values(self, array):
+        """The values of an array of any framework as NumPy, or None while traced (JAX)."""
+        return host_values(array)
+
     def asarray(self, x):
         return self.xp.asarray(x)
 
@@ -269,3 +273,17 @@ class ArrayModuleOps:
     def cast(self, x, dtype_name):
         """``x`` in ``dtype_name``; ``x`` itself when it already is."""
         return x if self.dtype_name(x) == dtype_name else self.astype(x, dtype_name)
+
+
+def host_values(array):
+    """The values of an array of any framework as NumPy, or None while traced (JAX)."""
+    if isinstance(array, np.ndarray):
+        return array
+    if hasattr(array, "detach"):  # torch, on any device (inside torch.func transforms:
+        return np.asarray(array.detach().cpu())  # the torch ops' own ``host_values``)
+    if type(array).__module__.split(".")[0] == "cupy":
+        return array.get()
+    try:
+        return np.asarray(array)
+    except TypeError:  # a JAX tracer (its conversion errors are TypeErrors)
+        return None

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import bptt, environment, kernel_direction, network, registry, spec
+from . import bptt, environment, network, registry, spec
+from .backends import kernel_direction
 from .compile import emit_cuda, evaluate
 from .kernels.build import CompilerMissing
 from .kernels.cpu_kernels import CpuKernels

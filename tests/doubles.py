@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from lstm_multi import spec
+from lstm_multi.backends.device_graphs import Capturer, flatten
 from lstm_multi.compile import evaluate
-from lstm_multi.device_graphs import Capturer, flatten
 
 
 def _blocks(z, hidden):

@@ -247,7 +247,7 @@ def test_projection_backward_mutation_fails_the_oracle(backend, monkeypatch):
     """The mutation is in the array code's step (``spec.step_backward``), so the CPU kernels
     (whose projected path is checked against the oracle in test_cpu_kernels.py) are
     turned off here."""
-    from lstm_multi import kernel_direction
+    from lstm_multi.backends import kernel_direction
 
     monkeypatch.setattr(kernel_direction, "kernels_for", lambda *args: None)
     monkeypatch.setattr(spec, "step_backward", step_backward_reading_the_wrong_saved_value)

@@ -21,7 +21,8 @@ from reference import Config, make_problem, reference
 from test_agreement import assert_matches_reference, run_backend
 
 import lstm_multi
-from lstm_multi import kernel_direction, spec
+from lstm_multi import spec
+from lstm_multi.backends import kernel_direction
 from lstm_multi.backends.numpy_fast import InPlaceOps
 from lstm_multi.kernels import build, cpu_kernels
 

@@ -23,7 +23,8 @@ from test_agreement import assert_matches_reference, run_backend
 from test_cpu_kernels import _config, check_direction_by_finite_differences, needs_compiler
 
 import lstm_multi
-from lstm_multi import kernel_direction, spec
+from lstm_multi import spec
+from lstm_multi.backends import kernel_direction
 from lstm_multi.kernels import cpu_kernels
 
 torch = pytest.importorskip("torch")

@@ -2,7 +2,7 @@
 
 On the CPU the CuPy cell's plumbing runs with NumPy arrays: its ops are
 ``FusedOps`` over ``ProgramKernels`` (the generated kernels' programs
-evaluated by NumPy), and a ``device_graphs.EagerCapturer`` stands in for the
+evaluated by NumPy), and a ``doubles.EagerCapturer`` stands in for the
 device graph (it replays by rerunning the captured function on the static
 inputs and rewriting the static outputs in place, which is what a CUDA graph
 does). So everything around the graph is tested here: the stacked tape, the

@@ -1,6 +1,6 @@
 """CUDA-graph replay of the torch generic path (``cuda_graphs=True``).
 
-On the CPU a ``device_graphs.EagerCapturer`` stands in for the device graph:
+On the CPU a ``doubles.EagerCapturer`` stands in for the device graph:
 it replays by rerunning the captured function on the static inputs and
 rewriting the static outputs in place, which is what a CUDA graph does, so
 everything around the graph (signatures, copies in and out, the stacked
@@ -21,7 +21,7 @@ from doubles import EagerCapturer  # noqa: E402
 
 from lstm_multi import get_cell  # noqa: E402
 from lstm_multi.backends import torch_backend, torch_bptt, torch_graphs  # noqa: E402
-from lstm_multi.device_graphs import (  # noqa: E402
+from lstm_multi.backends.device_graphs import (  # noqa: E402
     GraphedFunction,
     flatten,
     unflatten,

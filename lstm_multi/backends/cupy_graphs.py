@@ -6,7 +6,7 @@ plus a few small ones) is bound by the host: each launch from Python costs more
 than the kernel it launches. ``GraphedArrayDirections`` captures a
 layer-direction's whole forward (with its tape) and its whole backward, each as
 one CUDA graph per signature (shapes, dtypes, devices, variant, ops, whether
-the tape is recorded: ``lstm_multi.device_graphs``), and replays them: one host
+the tape is recorded: ``lstm_multi.backends.device_graphs``), and replays them: one host
 call per direction instead of a few per step.
 
 What changes for the caller: nothing but speed. A replay computes what the
@@ -53,8 +53,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .. import bptt, kernel_direction, network, validation
-from ..device_graphs import Capturer, GraphedFunction, stack_steps, unstack_steps
+from .. import bptt, network, validation
+from . import kernel_direction
+from .device_graphs import Capturer, GraphedFunction, stack_steps, unstack_steps
 
 
 def _cupy():

@@ -10,8 +10,9 @@ import functools
 
 import numpy as np
 
-from .. import bptt, kernel_direction, network
+from .. import bptt, network
 from ..cell import FunctionalCell
+from . import kernel_direction
 from .numpy_fast import InPlaceOps
 
 

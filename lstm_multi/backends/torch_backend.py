@@ -195,7 +195,7 @@ class Cell(FunctionalCell):
     Torch only: ``native=True`` (the default) runs the plain variant on PyTorch's
     own LSTM kernel; ``native=False`` always runs the generic spec loop.
     The generic path runs CPU float32/float64 tensors on the variant's
-    compiled CPU kernels (``lstm_multi.kernel_direction``; built with the host
+    compiled CPU kernels (``lstm_multi.backends.kernel_direction``; built with the host
     C++ compiler on first use and cached) and everything else on the
     generated array code. ``gate_kernel="array"`` asks for the array code on
     the CPU too; ``gate_kernel="triton"`` runs each step's gate math as one

@@ -27,7 +27,8 @@ import functools
 
 import torch
 
-from .. import bptt, kernel_direction, network
+from .. import bptt, network
+from . import kernel_direction
 from .torch_ops import TorchOps
 
 

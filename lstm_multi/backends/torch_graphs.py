@@ -5,7 +5,7 @@ fused gate kernel a step, forward and backward) is bound by the host: each
 launch from Python costs more than the kernel it launches. ``GraphedLoopEngine``
 captures a direction's whole forward (with its tape) and whole backward, each
 as one ``torch.cuda.CUDAGraph`` per shape, dtype and variant
-(``lstm_multi.device_graphs``), and replays them: one host call per direction
+(``lstm_multi.backends.device_graphs``), and replays them: one host call per direction
 instead of a few per step.
 
 What changes for the caller: nothing but speed. A replay computes what the
@@ -28,7 +28,7 @@ import functools
 
 import torch
 
-from ..device_graphs import Capturer, GraphedFunction, stack_steps, unstack_steps
+from .device_graphs import Capturer, GraphedFunction, stack_steps, unstack_steps
 from .torch_bptt import LoopEngine, _flatten_tape, _unflatten_tape, direction_runner
 
 

@@ -34,6 +34,13 @@ class TorchOps(ArrayModuleOps):
     def __init__(self):
         super().__init__(torch)
 
+    def host_values(self, array):
+        """As ``ArrayModuleOps.host_values``; a tensor's values also inside ``torch.func``
+        transforms (the module's ``host_values``)."""
+        if isinstance(array, torch.Tensor):
+            return host_values(array)
+        return super().host_values(array)
+
     def sigmoid(self, z):
         return torch.sigmoid(z)
 

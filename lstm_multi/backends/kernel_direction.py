@@ -34,9 +34,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from . import bptt, network, spec
-from .kernels.cpu_kernels import cpu_kernels
-from .network import extra_params
+from .. import bptt, network, spec
+from ..kernels.cpu_kernels import cpu_kernels
+from ..network import extra_params
 
 #: up to this many multiply-adds per step (B * H * 4H) the whole loop runs in C
 #: (measured: benchmarks/NOTES.md section 9)
