@@ -36,6 +36,7 @@ Errors, all ``RuntimeError``:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -181,24 +182,29 @@ def _cached_library(directory: Path, digest: str, cxx, source, flags) -> ctypes.
     library = directory / f"gates_{digest}.so"
     loaded = None
     if _intact(library):
-        try:
-            loaded = _dlopen(library)
-        except OSError as error:
-            if _not_executable(error):
-                why = f"libraries there cannot be loaded ({error})"
-                raise CacheUnusable(directory, why) from error
-            # intact but unloadable (a record written beside someone else's file): rebuilt
+        # intact but unloadable (a record written beside someone else's file): rebuilt
+        with contextlib.suppress(OSError):
+            loaded = _load_from(directory, library)
     if loaded is None:
         _build_into(directory, library, cxx, source, flags)
         try:
-            loaded = _dlopen(library)
+            loaded = _load_from(directory, library)
         except OSError as error:
-            if _not_executable(error):
-                why = f"libraries there cannot be loaded ({error})"
-                raise CacheUnusable(directory, why) from error
             raise BuildFailed(f"the freshly built {library} cannot be loaded: {error}") from error
     _loaded[directory, digest] = loaded
     return loaded
+
+
+def _load_from(directory: Path, library: Path) -> ctypes.CDLL:
+    """``library`` loaded; a file system that refuses to map it executable (noexec) is a
+    ``CacheUnusable`` naming ``directory``, any other failure the ``OSError`` itself."""
+    try:
+        return _dlopen(library)
+    except OSError as error:
+        if _not_executable(error):
+            why = f"libraries there cannot be loaded ({error})"
+            raise CacheUnusable(directory, why) from error
+        raise
 
 
 def _record_of(library: Path) -> Path:
