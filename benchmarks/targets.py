@@ -57,16 +57,16 @@ def target_specs(backends):
             MODES,
             "torch.nn.LSTM",
             1.0,
-            note="default path (native kernel for 'lstm')",
+            note="default path (auto: the generated CPU kernels for 'lstm')",
         ),
         Target(
-            "torch[generic]",
+            "torch[native]",
             ("lstm",),
             MEDIUM_LARGE,
             MODES,
             "torch.nn.LSTM",
             1.15,
-            note="generic spec path; held to the peephole bound (no target of its own)",
+            note="engine='native': nn.LSTM's own kernel through the functional cell",
         ),
         Target(
             "torch",
@@ -86,7 +86,7 @@ def target_specs(backends):
             2.0,
             note="small size: per-step Python overhead dominates",
         ),
-        Target("torch[generic]", ("lstm",), ("small",), MODES, "torch.nn.LSTM", 2.0),
+        Target("torch[native]", ("lstm",), ("small",), MODES, "torch.nn.LSTM", 2.0),
         Target(
             "jax",
             ALL_VARIANTS,

@@ -25,6 +25,7 @@ kernels and every backend follow (``lstm_multi.spec``)::
 
 from . import kernels, testing
 from .compile.trace import sigmoid, tanh
+from .engine import engine_table, engines
 from .registry import available_backends, get_cell, known_backends
 from .spec import GATE_ORDER, VARIANTS, Variant, get_variant, register_variant
 
@@ -33,6 +34,8 @@ __all__ = [
     "VARIANTS",
     "Variant",
     "available_backends",
+    "engine_table",
+    "engines",
     "get_cell",
     "get_variant",
     "kernels",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import engine as engines
 from . import init, spec, validation
 from .ops import ArrayModuleOps
 
@@ -47,6 +48,10 @@ class FunctionalCell:
             dropout: kept entries are scaled by 1 / (1 - dropout)). It applies
             only to calls given a ``dropout_key`` (training); calls without one
             run the network as in evaluation.
+        engine: what runs each direction's time loop, a name from
+            ``lstm_multi.engines.engine_names(backend)``; "auto" (the default) lets the
+            engine table choose per call (``explain(x)`` says which and why,
+            ``last_choice`` holds the last call's).
 
     ``cell(params, x, state=None, lengths=None)`` returns ``y, (h_n, c_n)``;
     ``cell.vjp(params, x, dy, ...)`` returns the gradients of
@@ -66,6 +71,7 @@ class FunctionalCell:
         batch_first=True,
         proj_size=0,
         dropout=0.0,
+        engine="auto",
     ):
         self.input_size = validation.check_positive_int("input_size", input_size)
         self.hidden_size = validation.check_positive_int("hidden_size", hidden_size)
@@ -75,6 +81,9 @@ class FunctionalCell:
         self.variant = spec.get_variant(variant)
         self.proj_size = validation.check_proj_size(proj_size, self.hidden_size)
         self.dropout = validation.check_dropout(dropout, self.num_layers)
+        self.engine = engines.check_engine(self.backend, engine)
+        #: the ``engines.Choice`` of the most recent call (None before the first)
+        self.last_choice = None
 
     def __repr__(self):
         projection = f", proj_size={self.proj_size}" if self.proj_size else ""
@@ -174,6 +183,38 @@ class FunctionalCell:
 
     def _cast(self, params, dtype):
         return self._map(lambda name, a: self.ops.astype(a, dtype), params)
+
+    # engines ------------------------------------------------------------------
+
+    def explain(self, x, *, dropout_key=None) -> engines.Choice:
+        """The engine a call on ``x`` would run, and why, without running it.
+
+        Returns an ``lstm_multi.engines.Choice``: ``.engine`` (its name), ``.reason``,
+        and ``.passed_over``, the engines tried before it with why each could not
+        run (``print`` shows them). ``dropout_key``: as the call would be given.
+        """
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"x: expected an array, got {type(x).__name__}")
+        x = self._to_backend(x, "x")
+        masks = dropout_key is not None and bool(self.dropout) and self.num_layers > 1
+        return self._choose(x, masks)
+
+    def _choose(self, x, layer_masks=False) -> engines.Choice:
+        """``engines.select_engine`` for a call on x (``layer_masks``: with dropout masks)."""
+        case = engines.Case(
+            self.backend,
+            self._device_type(x),
+            self.ops.dtype_name(x),
+            self.variant,
+            self.hidden_size,
+            self.proj_size,
+            layer_masks=layer_masks,
+        )
+        return engines.select_engine(case, self.engine)
+
+    def _device_type(self, x) -> str:
+        """The device type of x's memory ("cpu", "cuda", ...)."""
+        return "cpu"
 
     # running ------------------------------------------------------------------
 

@@ -31,12 +31,14 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import spec, validation
-from .backends import torch_bptt, torch_native
+from .backends import torch_native
 from .backends.torch_backend import (
-    check_gate_kernel,
-    direction_runner_for,
+    choose_engine,
+    engine_from_options,
+    engine_runner,
     generic_forward,
-    warn_unused_device_options,
+    spelled_as,
+    warn_device_fallback,
 )
 from .backends.torch_ops import OPS
 
@@ -82,15 +84,19 @@ class LSTM(nn.LSTM):
     Arguments are ``nn.LSTM``'s (``proj_size`` P > 0 projects h for every variant:
     ``weight_hr_l{k}`` (P, H), h states (L * D, B, P); a variant whose recurrence
     reads c_{t-1} keeps ``weight_hh`` (4H, H)), plus
-    ``variant`` ("lstm", "peephole", "peephole_full") and ``native``: when True
-    (the default) the plain variant runs ``nn.LSTM``'s own forward (its kernel,
-    cuDNN on CUDA); other variants always run the spec's loop, whose kernels
-    ``gate_kernel`` and ``cuda_graphs`` choose as for the functional cell
-    (``lstm_multi.backends.torch_backend.direction_runner_for``): e.g.
-    ``gate_kernel="triton", cuda_graphs=True`` on a GPU. Those two act on CUDA tensors
-    only: on CPU tensors each warns once per process (a ``UserWarning`` naming the path
-    that runs instead; not ``gate_kernel="triton"`` under ``TRITON_INTERPRET=1``) and the
-    call runs without it, so that a module made for a GPU and moved to the CPU still runs.
+    ``variant`` ("lstm", "peephole", "peephole_full", or a ``Variant``), ``native`` and
+    ``engine``. ``native=True`` (the default) runs the plain variant on ``nn.LSTM``'s own
+    forward (its kernel, cuDNN on CUDA), so that a plain module is ``nn.LSTM`` bit for
+    bit; ``native=False`` never does. Everything else runs the spec's loop on the engine
+    ``engine`` names (``lstm_multi.engines``; "auto", the default, lets the engine table
+    choose per call: the generated CPU kernels on the CPU; ``explain(input)`` says which
+    engine a call runs and why, ``last_choice`` holds the last call's), e.g.
+    ``engine="graphed_triton"`` on a GPU; an engine named explicitly wins over
+    ``native=True``. ``gate_kernel`` and ``cuda_graphs`` are the older spellings of the
+    Triton and graphed engines. An engine that acts on CUDA tensors only warns once per
+    process on other tensors (a ``UserWarning`` naming the engine that runs instead; not
+    the Triton engines under ``TRITON_INTERPRET=1``) and the call runs without it, so
+    that a module made for a GPU and moved to the CPU still runs.
     A batch of no sequences gives empty outputs, as ``nn.LSTM`` does. ``torch.jit.script``
     scripts variant "lstm" with ``native=True`` as ``nn.LSTM`` (sharing the parameters)
     and refuses the others (``__prepare_scriptable__``); ``torch.compile`` takes every one.
@@ -124,6 +130,7 @@ class LSTM(nn.LSTM):
         *,
         variant="lstm",
         native=True,
+        engine="auto",
         gate_kernel=None,
         cuda_graphs=False,
     ):
@@ -135,7 +142,7 @@ class LSTM(nn.LSTM):
         validation.check_bool("bidirectional", bidirectional)
         validation.check_bool("native", native)
         validation.check_bool("cuda_graphs", cuda_graphs)
-        check_gate_kernel(gate_kernel)
+        requested, excluded = engine_from_options(engine, native, gate_kernel, cuda_graphs)
         if (
             isinstance(dropout, bool)
             or not isinstance(dropout, (int, float))
@@ -165,6 +172,10 @@ class LSTM(nn.LSTM):
             self._user_variant = variant
         self.native = native
         self.gate_kernel, self.cuda_graphs = gate_kernel, cuda_graphs
+        self.engine = engine
+        self._requested, self._excluded = requested, excluded
+        #: the ``lstm_multi.engines.Choice`` of the most recent call (None before the first)
+        self.last_choice = None
         # the variant's own parameters, after nn.LSTM's (which nn.LSTM.__init__ drew
         # first, so a plain module starts with nn.LSTM's numbers for the same seed)
         bound = 1.0 / math.sqrt(hidden_size)
@@ -208,6 +219,8 @@ class LSTM(nn.LSTM):
         text = super().extra_repr() + f", variant={self.variant!r}"
         if not self.native:
             text += ", native=False"
+        if self.__dict__.get("engine", "auto") != "auto":
+            text += f", engine={self.engine!r}"
         if self.__dict__.get("gate_kernel") is not None:
             text += f", gate_kernel={self.gate_kernel!r}"
         if self.__dict__.get("cuda_graphs"):
@@ -457,23 +470,39 @@ class LSTM(nn.LSTM):
 
     # forward -------------------------------------------------------------------
 
-    @property
-    def runs_native(self):
-        """Whether a call now runs ``nn.LSTM``'s own forward (see the class doc)."""
-        return (
-            self.native
-            and torch_native.supports(self._variant_spec)
-            and not torch_bptt.functorch_active()
+    def _engine_request(self):
+        """(requested engine, excluded engines, how the user spelled it); a module
+        unpickled from before ``engine`` existed asks as its options did."""
+        if "_requested" not in self.__dict__:
+            gate_kernel = self.__dict__.get("gate_kernel")
+            cuda_graphs = self.__dict__.get("cuda_graphs", False)
+            self._requested, self._excluded = engine_from_options(
+                "auto", self.native, gate_kernel, cuda_graphs
+            )
+        spelled = spelled_as(
+            self.__dict__.get("engine", "auto"),
+            self.__dict__.get("gate_kernel"),
+            self.__dict__.get("cuda_graphs", False),
+        )
+        return self._requested, self._excluded, spelled
+
+    def explain(self, input):
+        """The engine a call on ``input`` would run, and why, without running it: an
+        ``lstm_multi.engines.Choice`` (``print`` it for the engines passed over)."""
+        data = input.data if isinstance(input, PackedSequence) else input
+        if not isinstance(data, torch.Tensor):
+            raise TypeError(f"input: expected a tensor, got {type(input).__name__}")
+        requested, excluded, _ = self._engine_request()
+        return choose_engine(
+            self._variant_spec, self.hidden_size, self.proj_size, requested, excluded, data
         )
 
-    def _direction_runner(self):
-        """The spec loop's ``run_direction`` for ``gate_kernel`` and ``cuda_graphs``
-        (None: the default; a module unpickled from before these options has neither)."""
-        gate_kernel = self.__dict__.get("gate_kernel")
-        cuda_graphs = self.__dict__.get("cuda_graphs", False)
-        if gate_kernel is None and not cuda_graphs:
-            return None
-        return direction_runner_for(gate_kernel, cuda_graphs)
+    @property
+    def runs_native(self):
+        """Whether a call on this module's device and dtype runs ``nn.LSTM``'s own forward
+        (``explain(input)`` says which engine runs and why)."""
+        weight = self.weight_ih_l0
+        return self.explain(weight.new_empty(0)).engine == "native"
 
     @torch.compiler.disable  # one graph break, run eagerly: what torch.compile does to nn.LSTM
     def forward(self, input, hx=None):
@@ -482,10 +511,13 @@ class LSTM(nn.LSTM):
         unbatched = not packed and input.dim() == 2
         data = input.data if packed else input
         self._check_state(hx, batch, unbatched, data)
-        warn_unused_device_options(
-            self.__dict__.get("gate_kernel"), self.__dict__.get("cuda_graphs", False), data
+        requested, excluded, spelled = self._engine_request()
+        choice = choose_engine(
+            self._variant_spec, self.hidden_size, self.proj_size, requested, excluded, data
         )
-        if self.runs_native:
+        self.last_choice = choice
+        warn_device_fallback(choice, spelled, data)
+        if choice.engine == "native":
             return super().forward(input, hx)
         lengths = None
         if packed:
@@ -513,7 +545,7 @@ class LSTM(nn.LSTM):
             h0,
             c0,
             None if lengths is None else lengths.to(x.device),
-            self._direction_runner(),
+            engine_runner(choice.engine),
             between_layers=between,
         )
         if packed:

@@ -232,9 +232,9 @@ def test_gpu_paths_join_cuda_runs_only():
         device: config.BenchConfig(backends=["torch"], device=device) for device in ("cpu", "cuda")
     }
     names = {d: {r.name for r in suite.select_runners(c)} for d, c in on.items()}
-    assert {"torch", "torch[generic]"} <= names["cpu"]
-    assert not any(n in names["cpu"] for n in ("torch[triton]", "torch[triton+graphs]"))
-    assert {"torch[triton]", "torch[triton+graphs]", "torch[persistent]"} <= names["cuda"]
+    assert {"torch", "torch[native]"} <= names["cpu"]
+    assert not any(n in names["cpu"] for n in ("torch[triton]", "torch[graphed_triton]"))
+    assert {"torch[triton]", "torch[graphed_triton]", "torch[triton_persistent]"} <= names["cuda"]
 
 
 @pytest.mark.parametrize(
@@ -333,3 +333,23 @@ def test_importing_the_bench_imports_no_framework():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_engine_runners_measure_only_an_engine_that_runs_and_is_not_the_default():
+    """torch[native] runs "lstm" (auto picks the CPU kernels there), and is left out, with
+    the reason, for a variant PyTorch's kernel cannot compute."""
+    torch = pytest.importorskip("torch")
+    from lstm_multi.bench import runners
+    from lstm_multi.bench.frameworks import Unavailable
+
+    native = next(r for r in runners.backend_runners() if r.name == "torch[native]")
+    size = config.parse_size("4,2,3,5")
+
+    def case(variant):
+        return runners.Case(size, variant, "forward", "float32", "cpu")
+
+    if lstm_multi.get_cell("torch")(3, 5).explain(torch.zeros(2, 4, 3)).engine == "native":
+        pytest.skip("auto picks native here (no C++ compiler): the runner repeats the default")
+    native.build(native, case("lstm"))()
+    with pytest.raises(Unavailable, match="engine 'native' falls back to .*plain 'lstm' math"):
+        native.build(native, case("peephole"))

@@ -176,7 +176,7 @@ def test_kernel_option_is_checked():
         ValueError, match="kernel: expected None or 'pallas_persistent', got 'bogus'"
     ):
         Cell(3, 4, kernel="bogus")
-    with pytest.raises(ValueError, match="kernel: 'pallas_persistent' .* autodiff=True"):
+    with pytest.raises(ValueError, match="engine: .pallas_persistent. .* autodiff=True"):
         Cell(3, 4, kernel="pallas_persistent", autodiff=True)
     assert Cell(3, 4, kernel=None).kernel is None
 

@@ -61,7 +61,7 @@ class Cell(GraphedDirectionsCell, ArrayModuleCell):
     __doc__ = (
         (FunctionalCell.__doc__ or "")
         + """
-    CuPy only: ``cuda_graphs=True`` replays each layer-direction's whole time
+    CuPy only: ``engine="cupy_graphed"`` (older spelling ``cuda_graphs=True``) replays each layer-direction's whole time
     loop, forward (with its tape) and backward, from a CUDA graph captured on
     the second call of each signature (shapes, dtypes, variant) and replayed
     from then on (``lstm_multi.backends.cupy_graphs``): one host call a
@@ -74,6 +74,28 @@ class Cell(GraphedDirectionsCell, ArrayModuleCell):
     )
     backend = "cupy"
     ops = OPS
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        variant="lstm",
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        batch_first: bool = True,
+        proj_size: int = 0,
+        dropout: float = 0.0,
+        *,
+        engine: str = "auto",
+        cuda_graphs: bool = False,
+    ):
+        super().__init__(
+            input_size, hidden_size, variant, num_layers, bidirectional, batch_first,
+            proj_size, dropout, engine=engine, cuda_graphs=cuda_graphs,
+        )  # fmt: skip
+
+    def _device_type(self, x):
+        return "cuda"
 
     def _to_backend(self, array, name):
         if isinstance(array, cupy.ndarray):

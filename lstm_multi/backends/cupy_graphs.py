@@ -209,16 +209,24 @@ class GraphedDirectionsCell:
     with ``cuda_graphs=True`` each cell keeps one ``GraphedArrayDirections`` and routes
     its directions' forward and backward through it (graphs persist across calls)."""
 
-    def __init__(self, *args, cuda_graphs=False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.cuda_graphs = validation.check_bool("cuda_graphs", cuda_graphs)
-        self._graphs = self._make_graphed_directions() if cuda_graphs else None
+    def __init__(self, *args, engine="auto", cuda_graphs=False, **kwargs):
+        cuda_graphs = validation.check_bool("cuda_graphs", cuda_graphs)
+        if cuda_graphs:  # the older spelling of engine="cupy_graphed"
+            if engine not in ("auto", "cupy_graphed"):
+                raise ValueError(
+                    f"engine: {engine!r} and cuda_graphs=True both choose the engine; give "
+                    "engine='cupy_graphed' alone (cuda_graphs=True is its older spelling)"
+                )
+            engine = "cupy_graphed"
+        super().__init__(*args, engine=engine, **kwargs)
+        self.cuda_graphs = self.engine == "cupy_graphed"
+        self._graphs = self._make_graphed_directions() if self.cuda_graphs else None
 
     def _make_graphed_directions(self):
         """This cell's graph cache; the tests override it to capture with a CPU stand-in."""
         return GraphedArrayDirections()
 
-    def _run_direction(self, ops, variant, p, xs, h0, c0, valid, record=False):
+    def _run_direction(self, ops, variant, p, xs, h0, c0, valid, record=False, engine=None):
         if self._graphs is None:
             return super()._run_direction(ops, variant, p, xs, h0, c0, valid, record)
         return self._graphs.run_direction(ops, variant, p, xs, h0, c0, valid, record)

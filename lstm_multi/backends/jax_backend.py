@@ -290,9 +290,9 @@ class Cell(FunctionalCell):
     higher order work too (``jvp``, ``jacfwd``, ``hessian``, ``linearize``).
     Both work under ``jit``, ``vmap`` and ``checkpoint``.
 
-    JAX only: ``kernel`` chooses what runs each direction's time loop.
-    ``None`` (the default): ``lax.scan`` (``scan_direction``).
-    ``"pallas_persistent"``: the whole time loop of a direction in one
+    JAX only: ``engine`` chooses what runs each direction's time loop
+    (``kernel`` is its older spelling). "auto" (the default) or "scan":
+    ``lax.scan`` (``scan_direction``). "pallas_persistent": the whole time loop of a direction in one
     Pallas kernel, forward and backward (``jax_pallas.pallas_direction``: U
     held on chip, one program per 16 rows of the batch, the variant's
     generated gate math), for H <= 64, no projection and float32, float16
@@ -304,23 +304,47 @@ class Cell(FunctionalCell):
     backend = "jax"
     ops = OPS
 
-    #: the values ``kernel`` takes
+    #: the values ``kernel`` takes (the older spelling of ``engine``)
     KERNELS = (None, "pallas_persistent")
 
-    def __init__(self, *args, autodiff=False, kernel=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.autodiff = validation.check_bool("autodiff", autodiff)
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        variant="lstm",
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        batch_first: bool = True,
+        proj_size: int = 0,
+        dropout: float = 0.0,
+        *,
+        engine: str = "auto",
+        autodiff: bool = False,
+        kernel: str | None = None,
+    ):
         if not (kernel is None or (isinstance(kernel, str) and kernel in self.KERNELS)):
             raise ValueError(f"kernel: expected None or 'pallas_persistent', got {kernel!r}")
-        if kernel is not None and self.autodiff:
+        if kernel is not None:
+            if engine not in ("auto", kernel):
+                raise ValueError(
+                    f"engine: {engine!r} and kernel={kernel!r} both choose the engine; give "
+                    f"engine={kernel!r} alone (kernel is its older spelling)"
+                )
+            engine = kernel
+        super().__init__(
+            input_size, hidden_size, variant, num_layers, bidirectional, batch_first,
+            proj_size, dropout, engine,
+        )  # fmt: skip
+        self.autodiff = validation.check_bool("autodiff", autodiff)
+        if self.engine == "pallas_persistent" and self.autodiff:
             raise ValueError(
-                f"kernel: {kernel!r} differentiates through its own custom VJP; it cannot "
-                "be combined with autodiff=True"
+                "engine: 'pallas_persistent' differentiates through its own custom VJP; it "
+                "cannot be combined with autodiff=True"
             )
-        self.kernel = kernel
+        self.kernel = "pallas_persistent" if self.engine == "pallas_persistent" else None
         if self.autodiff:
             self.direction = autodiff_direction
-        elif kernel == "pallas_persistent":
+        elif self.engine == "pallas_persistent":
             from . import jax_pallas  # imported on first use: Pallas is loaded only then
 
             self.direction = jax_pallas.pallas_direction
@@ -344,7 +368,11 @@ class Cell(FunctionalCell):
         _, pullback = jax.vjp(run, params, x, h0, c0)
         return pullback((dy, dh_n, dc_n))
 
+    def _device_type(self, x):
+        return jax.default_backend()
+
     def _forward(self, params, x, h0, c0, lengths, layer_masks=None):
+        self.last_choice = self._choose(x, layer_masks is not None)
         try:
             return self._jit_forward(params, x, h0, c0, lengths, layer_masks)
         except TypeError as error:

@@ -23,20 +23,26 @@ def unavailable_reason():
 class ArrayModuleCell(FunctionalCell):
     """A cell over a NumPy-like module: forward records a tape, vjp replays it backwards.
 
-    Host float32/float64 arrays run each direction on the compiled CPU kernels
-    (``kernel_direction``) where they can be built; everything else runs the
-    spec's array code in a Python loop.
+    ``engine`` "cpu_kernels" (auto's choice for host float32/float64 arrays where a C++
+    compiler is found) runs each direction on the compiled CPU kernels
+    (``kernel_direction``); "array" runs the spec's array code in a Python loop.
     """
 
     def _forward(self, params, x, h0, c0, lengths, layer_masks=None):
+        run = functools.partial(self._run_direction, engine=self._chosen(x, layer_masks))
         y, h_n, c_n, _, _ = network.forward(
-            self.ops, self.variant, params, x, h0, c0, lengths, self._run_direction,
-            layer_masks=layer_masks,
-        )  # fmt: skip
+            self.ops, self.variant, params, x, h0, c0, lengths, run, layer_masks=layer_masks
+        )
         return y, h_n, c_n
 
+    def _chosen(self, x, layer_masks):
+        """The engine this call runs (kept in ``last_choice``)."""
+        self.last_choice = self._choose(x, layer_masks is not None)
+        return self.last_choice.engine
+
     def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None):
-        record = functools.partial(self._run_direction, record=True)
+        engine = self._chosen(x, layer_masks)
+        record = functools.partial(self._run_direction, record=True, engine=engine)
         _, _, _, tapes, layout = network.forward(
             self.ops, self.variant, params, x, h0, c0, lengths, record, layer_masks=layer_masks
         )
@@ -56,10 +62,13 @@ class ArrayModuleCell(FunctionalCell):
     # the time loop of one layer-direction: a subclass may route it elsewhere (the CuPy
     # cell replays it from CUDA graphs with ``cuda_graphs=True``)
 
-    def _run_direction(self, ops, variant, p, xs, h0, c0, valid, record=False):
+    def _run_direction(self, ops, variant, p, xs, h0, c0, valid, record=False, engine="array"):
         """One direction's forward for ``network.forward`` (``network.loop_direction``'s
-        contract): the CPU kernels for host float32/float64, else the array loop."""
-        return kernel_direction.run_direction(ops, variant, p, xs, h0, c0, valid, record)
+        contract) on ``engine``: "cpu_kernels" (host float32/float64; the array loop
+        where the kernels cannot be built) or "array"."""
+        if engine == "cpu_kernels":
+            return kernel_direction.run_direction(ops, variant, p, xs, h0, c0, valid, record)
+        return network.loop_direction(ops, variant, p, xs, h0, c0, valid, record)
 
     def _backward_direction(self, ops, variant, p, tape, dys, dh, dc, valid):
         """The backward of a tape from ``_run_direction`` (``bptt.backward_direction``'s

@@ -21,13 +21,16 @@ that runs eagerly, as ``torch.compile`` treats ``nn.LSTM``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import warnings
 
 import torch
 
-from .. import environment, network, validation
+from .. import engine as engines
+from .. import network, validation
 from ..cell import FunctionalCell
+from ..spec import Variant
 from . import torch_bptt, torch_native
 from .torch_ops import OPS, TorchOps
 
@@ -124,98 +127,162 @@ def check_gate_kernel(gate_kernel):
     return gate_kernel
 
 
-#: the options ``warn_unused_device_options`` has warned about in this process
-_WARNED_OPTIONS = set()
+#: (gate_kernel, cuda_graphs) -> the engine they spell (``engine_from_options``)
+_SPELLED_ENGINES = {
+    ("array", False): "array",
+    ("triton", False): "triton",
+    ("triton_persistent", False): "triton_persistent",
+    (None, True): "graphed_array",
+    ("array", True): "graphed_array",
+    ("triton", True): "graphed_triton",
+    ("triton_persistent", True): "graphed_triton_persistent",
+}
 
 
-def warn_unused_device_options(gate_kernel, cuda_graphs, x):
-    """One ``UserWarning`` per process and option where an option that acts on CUDA tensors
-    only is given others (x on the CPU): ``gate_kernel="triton"`` / ``"triton_persistent"``
-    (the generated array code runs instead; not under ``TRITON_INTERPRET=1``, where Triton's
-    interpreter runs the kernels on the CPU) and ``cuda_graphs=True`` (the loop runs
-    directly). Not an error: a module made for a GPU keeps working when moved to the CPU.
+def engine_from_options(engine, native, gate_kernel, cuda_graphs):
+    """The engine a torch cell asks for, from ``engine=`` and the older spellings.
+
+    ``gate_kernel`` / ``cuda_graphs`` name engines (``_SPELLED_ENGINES``); giving them
+    beside an ``engine`` other than "auto" is a ValueError, as is ``native=False`` with
+    ``engine="native"``. ``native=True`` asks for "native" where ``engine`` is "auto"
+    (an engine named explicitly wins over it). Returns (requested engine, excluded
+    engines).
     """
-    if x.is_cuda:
-        return
-    device = x.device.type
-    if gate_kernel in ("triton", "triton_persistent") and not environment.triton_interpret():
-        _warn_once(
-            f"gate_kernel={gate_kernel!r}",
-            f"has no effect on {device} tensors (Triton runs CUDA tensors, or any under "
-            "TRITON_INTERPRET=1): the generated array code runs instead",
-        )
-    if cuda_graphs:
-        _warn_once(
-            "cuda_graphs=True",
-            f"has no effect on {device} tensors (CUDA graphs replay CUDA work only): the "
-            "loop runs directly, as with cuda_graphs=False",
-        )
+    engine = engines.check_engine("torch", engine)
+    check_gate_kernel(gate_kernel)
+    spelled = _SPELLED_ENGINES.get((gate_kernel, cuda_graphs))
+    if spelled is not None:
+        if engine != engines.AUTO:
+            raise ValueError(
+                f"engine: {engine!r} and gate_kernel={gate_kernel!r}, "
+                f"cuda_graphs={cuda_graphs!r} both choose the engine; give engine={spelled!r} "
+                "alone (gate_kernel and cuda_graphs are its older spellings)"
+            )
+        engine = spelled
+    if native is False:
+        if engine == "native":
+            raise ValueError("native: False contradicts engine='native'")
+        return engine, ("native",)
+    if native and engine == engines.AUTO:
+        return "native", ()
+    return engine, ()
 
 
-def _warn_once(option, consequence):
-    if option in _WARNED_OPTIONS:
-        return
-    _WARNED_OPTIONS.add(option)
-    warnings.warn(
-        f"lstm_multi: {option} {consequence}. Warned once per process.",
-        UserWarning,
-        stacklevel=4,
-    )
+def engine_runner(name):
+    """The generic path's ``run_direction`` for the torch engine ``name`` (not "native").
 
-
-def direction_runner_for(gate_kernel=None, cuda_graphs=False):
-    """The generic path's ``run_direction`` for a ``gate_kernel`` and ``cuda_graphs``.
-
-    None: the CPU kernels for CPU tensors, the array code elsewhere; "array":
-    the array code everywhere; "triton": the per-step Triton gate kernels;
-    "triton_persistent": the persistent Triton kernels where they fit, else the
-    per-step ones. ``cuda_graphs``: CUDA tensors' per-step loops replayed from
-    CUDA graphs (``torch_graphs``).
+    cpu_kernels / array: ``torch_bptt``'s runner with or without the CPU kernels;
+    triton / triton_persistent: the Triton ops (``torch_triton``), with the persistent
+    engine for the latter; graphed_*: the same loops captured and replayed
+    (``torch_graphs``).
     """
-    if gate_kernel in (None, "array"):
+    return _engine_runner(name)
+
+
+@functools.cache
+def _engine_runner(name):
+    graphed = name.startswith("graphed_")
+    base = name.removeprefix("graphed_")
+    if base in ("cpu_kernels", "array"):
         ops, engine_for = torch_bptt.FAST_OPS, None
     else:
         from . import torch_triton
 
         ops = torch_triton.TRITON_OPS
-        persistent = gate_kernel == "triton_persistent"
-        engine_for = torch_triton.persistent_engine if persistent else None
-    cpu_kernels = gate_kernel is None
-    if cuda_graphs:
+        engine_for = torch_triton.persistent_engine if base == "triton_persistent" else None
+    cpu_kernels = base == "cpu_kernels"
+    if graphed:
         from . import torch_graphs
 
         return torch_graphs.graphed_runner(ops, cpu_kernels, engine_for)
     return torch_bptt.direction_runner_for(ops, cpu_kernels, engine_for)
 
 
+#: the engines ``warn_device_fallback`` has warned about in this process
+_WARNED_OPTIONS = set()
+
+
+def warn_device_fallback(choice, spelled, x):
+    """One ``UserWarning`` per process and engine where an engine the user named runs
+    CUDA tensors only and x is elsewhere: the engine the table fell back to runs instead.
+    Not an error: a module made for a GPU keeps working when moved to the CPU.
+    ``spelled``: how the user named it ("gate_kernel='triton'", "engine='triton'").
+    """
+    if x.is_cuda or choice.engine == choice.requested or not choice.passed_over:
+        return
+    name, why = choice.passed_over[0]
+    if name != choice.requested or not why.startswith("needs CUDA tensors"):
+        return
+    if spelled in _WARNED_OPTIONS:
+        return
+    _WARNED_OPTIONS.add(spelled)
+    what = (
+        "CUDA graphs replay CUDA work only"
+        if name.startswith("graphed_")
+        else "Triton runs CUDA tensors, or any under TRITON_INTERPRET=1"
+    )
+    warnings.warn(
+        f"lstm_multi: {spelled} has no effect on {x.device.type} tensors ({what}): engine "
+        f"{choice.engine!r} runs instead. Warned once per process.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def spelled_as(engine, gate_kernel, cuda_graphs):
+    """How the user named ``engine``, for messages: the older options where they did."""
+    if gate_kernel is not None and cuda_graphs:
+        return f"gate_kernel={gate_kernel!r} with cuda_graphs=True"
+    if cuda_graphs:
+        return "cuda_graphs=True"
+    if gate_kernel is not None:
+        return f"gate_kernel={gate_kernel!r}"
+    return f"engine={engine!r}"
+
+
+def choose_engine(variant, hidden_size, proj_size, requested, exclude, x, layer_masks=False):
+    """``engines.select_engine`` for a torch call on x (its device, its compute dtype: the
+    autocast dtype inside ``torch.autocast``; inside ``torch.func`` transforms or not)."""
+    dtype = autocast_dtype(x) or x.dtype
+    case = engines.Case(
+        "torch",
+        x.device.type,
+        str(dtype).removeprefix("torch."),
+        variant,
+        hidden_size,
+        proj_size,
+        transform=torch_bptt.functorch_active(),
+        layer_masks=layer_masks,
+    )
+    return engines.select_engine(case, requested, exclude)
+
+
 class Cell(FunctionalCell):
     __doc__ = (
         (FunctionalCell.__doc__ or "")
         + """
-    Torch only: ``native=True`` (the default) runs the plain variant on PyTorch's
-    own LSTM kernel; ``native=False`` always runs the generic spec loop.
-    The generic path runs CPU float32/float64 tensors on the variant's
-    compiled CPU kernels (``lstm_multi.backends.kernel_direction``; built with the host
-    C++ compiler on first use and cached) and everything else on the
-    generated array code. ``gate_kernel="array"`` asks for the array code on
-    the CPU too; ``gate_kernel="triton"`` runs each step's gate math as one
-    generated Triton kernel (CUDA tensors; float64 keeps the array code; see
-    ``torch_triton``); ``gate_kernel="triton_persistent"`` runs each direction's
-    whole time loop in one launch of the generated persistent Triton kernels
-    (H <= 64, no projection; else the per-step kernels). ``cuda_graphs=True``
-    replays each direction's per-step loop on CUDA tensors, forward and
-    backward, from a CUDA graph captured on the second call of each shape
-    (``torch_graphs``): one host call a direction instead of a few a step;
-    it changes nothing on the CPU or on the native path. Given CPU tensors,
-    ``gate_kernel="triton"``/``"triton_persistent"`` (outside
-    ``TRITON_INTERPRET=1``) and ``cuda_graphs=True`` have no effect: each warns
-    once per process (a ``UserWarning`` naming the path that runs instead) and
-    the call runs as without it, so that a cell made for a GPU still runs on the CPU.
+    Torch only: ``engine`` (``lstm_multi.engines``) chooses what runs each direction:
+    "auto" (the default) the engine table's choice for each call's device, dtype and
+    shape (``cell.explain(x)`` says which and why); or one of "native" (PyTorch's own
+    LSTM kernel, cuDNN on CUDA: the plain variant only), "cpu_kernels" (the variant's
+    generated C++, built with the host compiler on first use and cached), "array" (the
+    generated array code in a Python loop), "triton", "triton_persistent" (generated
+    Triton kernels, per step or the whole loop in one launch for H <= 64),
+    "graphed_array", "graphed_triton", "graphed_triton_persistent" (those loops replayed
+    from CUDA graphs captured on the second call of each shape, ``torch_graphs``).
+    A named engine that cannot run a call falls back (``engines.Engine.fallback``);
+    one that needs CUDA tensors, given others, warns once per process (a
+    ``UserWarning`` naming the engine that runs instead), so a cell made for a GPU
+    still runs on the CPU. ``native``: None (the default) leaves the choice to
+    ``engine``; True asks for PyTorch's kernel where ``engine`` is "auto"; False keeps
+    auto from picking it. ``gate_kernel`` ("array", "triton", "triton_persistent") and
+    ``cuda_graphs=True`` are the older spellings of those engines.
     Outputs are differentiable with autograd (repeated backward, double
-    backward, ``torch.func`` transforms); tensors may live on any device.
-    ``device`` (such as "cuda") is where the tensors the cell makes from NumPy
-    go (``init``, ``from_numpy``, NumPy inputs); tensors passed in stay where
-    they are, and states and gradients the cell creates follow x.
+    backward, ``torch.func`` transforms, under which the array loop runs);
+    tensors may live on any device. ``device`` (such as "cuda") is where the
+    tensors the cell makes from NumPy go (``init``, ``from_numpy``, NumPy
+    inputs); tensors passed in stay where they are, and states and gradients
+    the cell creates follow x.
     """
     )
 
@@ -223,22 +290,50 @@ class Cell(FunctionalCell):
     ops = OPS
 
     def __init__(
-        self, *args, native=True, device=None, gate_kernel=None, cuda_graphs=False, **kwargs
+        self,
+        input_size: int,
+        hidden_size: int,
+        variant: str | Variant = "lstm",
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        batch_first: bool = True,
+        proj_size: int = 0,
+        dropout: float = 0.0,
+        *,
+        engine: str = "auto",
+        native: bool | None = None,
+        device=None,
+        gate_kernel: str | None = None,
+        cuda_graphs: bool = False,
     ):
-        super().__init__(*args, **kwargs)
-        self.native = validation.check_bool("native", native)
+        super().__init__(
+            input_size, hidden_size, variant, num_layers, bidirectional, batch_first,
+            proj_size, dropout,
+        )  # fmt: skip
+        if native is not None and not isinstance(native, bool):
+            raise TypeError(f"native: expected True, False or None, got {native!r}")
+        self.native = native
         self.cuda_graphs = validation.check_bool("cuda_graphs", cuda_graphs)
         self.device = None if device is None else torch.device(device)
         self.gate_kernel = check_gate_kernel(gate_kernel)
+        self.engine, self._excluded = engine_from_options(
+            engine, native, gate_kernel, self.cuda_graphs
+        )
+        self._spelled = spelled_as(self.engine, gate_kernel, self.cuda_graphs)
+        #: the ``engines.Choice`` of the most recent call (None before the first)
+        self.last_choice = None
+
+    def _choose(self, x, layer_masks=False):
+        return choose_engine(
+            self.variant, self.hidden_size, self.proj_size, self.engine, self._excluded, x,
+            layer_masks,
+        )  # fmt: skip
 
     @property
     def uses_native(self):
-        """Whether calls run PyTorch's own kernel (the plain variant, outside torch.func)."""
-        return (
-            self.native
-            and torch_native.supports(self.variant)
-            and not torch_bptt.functorch_active()
-        )
+        """Whether a float32 call on the CPU runs PyTorch's own kernel (``explain`` says
+        it for a given input)."""
+        return self._choose(torch.empty(0)).engine == "native"
 
     # torch.compile: one graph break around the whole call, which runs eagerly
     @torch.compiler.disable
@@ -269,30 +364,20 @@ class Cell(FunctionalCell):
         except (TypeError, RuntimeError) as error:
             raise TypeError(f"{name}: expected a torch tensor or numpy array ({error})") from None
 
-    #: the generic path's time loop; None: ``torch_bptt.run_direction`` (one autograd
-    #: node per direction, tested equal to ``network.loop_direction``)
+    #: a subclass's own generic time loop, run in place of every engine but "native"
+    #: (the tests' reference path); None: the chosen engine's (``engine_runner``)
     generic_direction = None
 
     def _forward(self, params, x, h0, c0, lengths, layer_masks=None):
-        warn_unused_device_options(self.gate_kernel, self.cuda_graphs, x)
-        if self.uses_native and layer_masks is None:
+        choice = self._choose(x, layer_masks is not None)
+        self.last_choice = choice
+        warn_device_fallback(choice, self._spelled, x)
+        if choice.engine == "native":
             return torch_native.forward(params, x, h0, c0, lengths)
+        runner = type(self).generic_direction or engine_runner(choice.engine)
         return generic_forward(
-            self.variant,
-            params,
-            x,
-            h0,
-            c0,
-            lengths,
-            self._direction_runner(),
-            layer_masks=layer_masks,
+            self.variant, params, x, h0, c0, lengths, runner, layer_masks=layer_masks
         )
-
-    def _direction_runner(self):
-        """The generic path's ``run_direction`` for this cell's options."""
-        if self.gate_kernel is None and not self.cuda_graphs:
-            return type(self).generic_direction
-        return direction_runner_for(self.gate_kernel, self.cuda_graphs)
 
     def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None):
         with torch.enable_grad():

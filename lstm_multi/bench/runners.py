@@ -56,9 +56,10 @@ class Runner:
     per_variant: bool = True  # False: the same computation for every variant (run once)
     #: the devices it runs on (None: every device the framework has); others leave it out
     devices: tuple | None = None
-    #: the path equals the default runner's where the variant has no native kernel
-    #: (``native=False``): then it is not measured twice
-    same_as_default_without_native: bool = False
+    #: the engine this runner names (``lstm_multi.engines``); None: the cell's "auto".
+    #: Left out (``Unavailable``) where that engine would fall back, or where auto runs it
+    #: already (the default runner measures it then)
+    engine: str | None = None
 
     def supports(self, variant):
         return self.variants is None or variant in self.variants
@@ -74,22 +75,19 @@ def build_backend(runner, case):
     fw.check(case.device, case.dtype)
     Cell = lstm_multi.get_cell(runner.backend)
     s = case.size
-    cell = Cell(
-        s.input_size, s.hidden_size, variant=case.variant, batch_first=True, **runner.options
-    )
     if runner.devices is not None and case.device not in runner.devices:
         raise Unavailable(f"runs on {', '.join(runner.devices)} only (use --device cuda)")
-    if runner.same_as_default_without_native:
-        native = Cell(s.input_size, s.hidden_size, variant=case.variant, native=True)
-        if not getattr(native, "uses_native", False):
-            raise Unavailable(
-                "no native path for this variant: the default runner is the generic path"
-            )
+    options = dict(runner.options)
+    if runner.engine is not None:
+        options["engine"] = runner.engine
+    cell = Cell(s.input_size, s.hidden_size, variant=case.variant, batch_first=True, **options)
     x_np, dy_np = case.data()
     x, dy = (
         fw.to_device(x_np, case.dtype, case.device),
         fw.to_device(dy_np, case.dtype, case.device),
     )
+    if runner.engine is not None:
+        _check_engine_runs(cell, Cell(s.input_size, s.hidden_size, variant=case.variant), x)
     params = [
         [{k: fw.to_device(v, case.dtype, case.device) for k, v in p.items()} for p in layer]
         for layer in case.params()
@@ -115,16 +113,25 @@ def build_backend(runner, case):
     return run
 
 
-def backend_runners():
-    """One runner per available backend, plus its generic path where it has a native one."""
-    import inspect
+def _check_engine_runs(cell, default_cell, x):
+    """``Unavailable`` unless ``cell``'s named engine runs x itself and the default cell
+    (auto) runs another: a fallback or a repeat of the default row is not measured."""
+    choice = cell.explain(x)
+    if choice.engine != choice.requested:
+        why = dict(choice.passed_over).get(choice.requested, "")
+        raise Unavailable(f"engine {choice.requested!r} falls back to {choice.engine!r} ({why})")
+    if default_cell.explain(x).engine == choice.engine:
+        raise Unavailable(f"the default runner runs engine {choice.engine!r} already")
 
+
+def backend_runners():
+    """One runner per available backend (its "auto" engine), plus its ``BENCH_ENGINES``."""
     import lstm_multi
+    import lstm_multi.engine
 
     runners = []
     for name in lstm_multi.available_backends():
         framework = frameworks.framework_of_backend(name)
-        Cell = lstm_multi.get_cell(name)
         runners.append(
             Runner(
                 name,
@@ -135,54 +142,34 @@ def backend_runners():
                 description=f"lstm_multi {name} backend (default path)",
             )
         )
-        if "native" in inspect.signature(Cell.__init__).parameters:
+        for engine, devices in BENCH_ENGINES.get(name, ()):
             runners.append(
                 Runner(
-                    f"{name}[generic]",
+                    f"{name}[{engine}]",
                     framework,
                     "backend",
                     build_backend,
                     backend=name,
-                    options={"native": False},
-                    description=f"lstm_multi {name} backend, generic spec path (native=False)",
-                    same_as_default_without_native=True,
+                    engine=engine,
+                    description=f"lstm_multi {name} backend, engine={engine!r}: "
+                    f"{lstm_multi.engine.get_engine(engine).summary}",
+                    devices=devices,
                 )
             )
-        accepted = inspect.signature(Cell.__init__).parameters
-        for path, options, description in GPU_PATHS.get(name, ()):
-            if all(k in accepted for k in options):
-                runners.append(
-                    Runner(
-                        f"{name}[{path}]",
-                        framework,
-                        "backend",
-                        build_backend,
-                        backend=name,
-                        options=options,
-                        description=f"lstm_multi {name} backend, {description} (GPU)",
-                        devices=("cuda",),
-                    )
-                )
     return runners
 
 
-#: backend -> the GPU paths measured beside its default with --device cuda:
-#: (name, Cell options, description)
-GPU_PATHS = {
+#: backend -> (engine, devices or None for every device) measured beside its default
+#: (auto), where the engine runs the case and auto picks another
+BENCH_ENGINES = {
     "torch": (
-        ("triton", {"native": False, "gate_kernel": "triton"}, "per-step Triton gate kernels"),
-        (
-            "triton+graphs",
-            {"native": False, "gate_kernel": "triton", "cuda_graphs": True},
-            "per-step Triton gate kernels replayed from CUDA graphs",
-        ),
-        (
-            "persistent",
-            {"native": False, "gate_kernel": "triton_persistent"},
-            "persistent Triton kernels (H <= 64; per-step kernels above)",
-        ),
+        ("native", None),
+        ("triton", ("cuda",)),
+        ("graphed_triton", ("cuda",)),
+        ("triton_persistent", ("cuda",)),
     ),
-    "cupy": (("graphs", {"cuda_graphs": True}, "replayed from CUDA graphs"),),
+    "cupy": (("cupy_graphed", ("cuda",)),),
+    "jax": (("pallas_persistent", ("cuda",)),),
 }
 
 
