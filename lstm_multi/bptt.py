@@ -1,15 +1,15 @@
 """Hand-written backpropagation through time, against ``ops``.
 
 Walks the tape that ``network.forward`` recorded with ``loop_direction(...,
-record=True)`` backwards, one ``spec.step_backward`` per step, then forms the
+record=True)`` backwards, one ``step.step_backward`` per step, then forms the
 W, U, b gradients with one matrix product each over the whole sequence
-(``spec.projection_grads``). Used by the NumPy and CuPy backends; the autodiff
+(``step.projection_grads``). Used by the NumPy and CuPy backends; the autodiff
 backends are tested against it and it against finite differences.
 """
 
 from __future__ import annotations
 
-from . import spec
+from . import spec, step
 from .network import extra_params
 
 
@@ -24,9 +24,9 @@ def masked_step_backward(ops, variant, dh, dc, dy, cache, v, U_step_t, extra):
     """
     dh_out = dh + dy
     if v is None:
-        return spec.step_backward(ops, variant, dh_out, dc, cache, U_step_t, extra)
+        return step.step_backward(ops, variant, dh_out, dc, cache, U_step_t, extra)
     zero_h, zero_c = ops.zeros_like(dh), ops.zeros_like(dc)
-    dz, dh_prev, dc_prev, dextra = spec.step_backward(
+    dz, dh_prev, dc_prev, dextra = step.step_backward(
         ops, variant, ops.where(v, dh_out, zero_h), ops.where(v, dc, zero_c), cache, U_step_t, extra
     )
     # past the length the state was carried unchanged: its gradient passes straight through
@@ -49,7 +49,7 @@ def direction_grads(ops, variant, p, xs, rs, dzs, dextra, dh0, dc0, h0, c0):
     gradient to its primal's dtype, once (the sums stay in the state dtype
     until here). Returns (grads like p, dxs (T, B, in), dh0, dc0).
     """
-    dW, dU, db, dxs = spec.projection_grads(ops, variant, xs, rs, dzs, p["W"])
+    dW, dU, db, dxs = step.projection_grads(ops, variant, xs, rs, dzs, p["W"])
     grads = {"W": dW, "U": dU, "b": db, **dextra}
     dtype = ops.dtype_name
     grads = {k: ops.cast(g, dtype(p[k])) for k, g in grads.items()}
@@ -64,7 +64,7 @@ def backward_direction(ops, variant, p, tape, dys, dh, dc, valid):
     primal's dtype.
     """
     xs, rs, caches = tape
-    U_step_t = ops.prepare_step_weight_t(spec.recurrent_weight(ops, variant, p["U"]))
+    U_step_t = ops.prepare_step_weight_t(step.recurrent_weight(ops, variant, p["U"]))
     extra = extra_params(p)
     h0_like, c0_like = dh, dc
     dc = ops.cast(dc, ops.state_dtype(ops.dtype_name(xs)))

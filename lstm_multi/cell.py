@@ -148,7 +148,7 @@ class FunctionalCell:
         dtype = validation.dtype_name("dtype", dtype)
         self._check_dtype_supported("dtype", dtype)
         np_dtype = "float32" if dtype == "bfloat16" else dtype  # NumPy has no bfloat16
-        np_params = spec.init_params(
+        np_params = init.init_params(
             self.variant,
             self.input_size,
             self.hidden_size,

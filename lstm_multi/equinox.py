@@ -372,7 +372,7 @@ class LSTMCell(eqx.Module):
     Arguments as ``LSTM``'s (input_size, hidden_size, variant, proj_size, scheme, dtype,
     a required ``key``). ``params`` is one canonical layer-direction dict ``{"W", "U",
     "b", ...}`` (``[[cell.params]]`` is a one-layer functional cell's parameters), drawn
-    as ``cell.init(seed=key)`` draws them. The step is the spec's (``spec.step_forward``)
+    as ``cell.init(seed=key)`` draws them. The step is ``lstm_multi.step.step_forward``
     and JAX differentiates it; with ``proj_size`` h is (proj_size,).
     """
 

@@ -337,8 +337,8 @@ class LinenCell(linen.RNNCellBase):
 
     ``cell.apply(variables, carry, x_t)`` returns ``((c, h), h)`` with Flax's carry order
     (c first); x_t (..., input features), any leading batch axes; h (..., features), or
-    (..., proj_size) with a projection. The step is the spec's (``spec.step_forward``, the
-    generated gate math) and JAX differentiates it. The parameters are one canonical
+    (..., proj_size) with a projection. The step is ``lstm_multi.step.step_forward`` (the
+    spec's generated gate math) and JAX differentiates it. The parameters are one canonical
     layer-direction dict, ``variables["params"]["lstm"] = {"W", "U", "b", ...}``, drawn from
     the ``"params"`` key as ``cell.init(seed=key)`` draws them (``scheme``), so
     ``[[variables["params"]["lstm"]]]`` is a one-layer functional cell's ``params``.

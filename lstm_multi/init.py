@@ -35,6 +35,8 @@ import numbers
 
 import numpy as np
 
+from . import spec
+
 SCHEMES = ("uniform", "keras")
 
 
@@ -79,6 +81,34 @@ def check_scheme(scheme) -> str:
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
     return scheme
+
+
+def init_params(
+    variant,
+    input_size,
+    hidden_size,
+    num_layers,
+    num_directions,
+    seed,
+    dtype,
+    scheme="uniform",
+    proj_size=0,
+):
+    """Canonical NumPy parameters of a whole network drawn under ``scheme`` ("uniform" or
+    "keras", above), at the shapes of ``spec.network_param_shapes``.
+
+    Returns ``params[layer][direction] = {"W": (in, 4H), "U": (H or P, 4H), "b": (4H,),
+    ...}`` in ``dtype``, ``in`` being input_size for layer 0 and (P or H) * num_directions
+    after. The same integer seed gives the same numbers on every backend: one NumPy
+    generator draws every layer and direction in order.
+    """
+    rng = np.random.default_rng(seed)
+    return [
+        [draw(scheme, rng, shapes, hidden_size, dtype) for shapes in directions]
+        for directions in spec.network_param_shapes(
+            variant, input_size, hidden_size, num_layers, num_directions, proj_size
+        )
+    ]
 
 
 def draw(scheme, rng, shapes, hidden_size, dtype):

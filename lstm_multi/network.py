@@ -13,7 +13,7 @@ Python loop (``loop_direction``), ``jax.lax.scan``, or a native kernel.
 
 from __future__ import annotations
 
-from . import spec
+from . import spec, step
 
 
 class TimeLayout:
@@ -61,9 +61,9 @@ def layer_step(ops, variant, p, x_t, h, c):
     """One step of one layer-direction from its canonical parameters ``p``: x_t (..., in),
     h, c (..., H) (h (..., P) with a projection) -> (h_t, c_t). For cells that a
     framework's own loop drives (Flax's ``nn.RNN``, an Equinox ``lax.scan``)."""
-    U_step = ops.prepare_step_weight(spec.recurrent_weight(ops, variant, p["U"]))
+    U_step = ops.prepare_step_weight(step.recurrent_weight(ops, variant, p["U"]))
     zx = x_t @ p["W"] + p["b"]
-    h, c, _ = spec.step_forward(ops, variant, zx, h, c, U_step, extra_params(p))
+    h, c, _ = step.step_forward(ops, variant, zx, h, c, U_step, extra_params(p))
     return h, c
 
 
@@ -74,7 +74,7 @@ def masked_step(ops, variant, zx, h, c, v, U_step, extra):
     Returns (h_t, c_t, y_t, cache): where v is False, h and c are carried
     unchanged and y_t is zero.
     """
-    h_new, c_new, cache = spec.step_forward(ops, variant, zx, h, c, U_step, extra)
+    h_new, c_new, cache = step.step_forward(ops, variant, zx, h, c, U_step, extra)
     if v is None:
         return h_new, c_new, h_new, cache
     y = ops.where(v, h_new, ops.zeros_like(h_new))
@@ -90,7 +90,7 @@ def loop_direction(ops, variant, p, xs, h0, c0, valid, record=False):
     unchanged and its output is zero.
     """
     zxs = ops.unstack_time(ops.project(xs, p["W"], p["b"]))
-    U_step = ops.prepare_step_weight(spec.recurrent_weight(ops, variant, p["U"]))
+    U_step = ops.prepare_step_weight(step.recurrent_weight(ops, variant, p["U"]))
     extra = extra_params(p)
     h, c = h0, ops.cast(c0, ops.state_dtype(ops.dtype_name(c0)))  # float32 for half inputs
     ys, caches, rs = [], [], []

@@ -26,7 +26,7 @@ from reference import (
     reference,
 )
 
-from lstm_multi import spec
+from lstm_multi import spec, step
 from lstm_multi.compile import derive
 
 
@@ -232,7 +232,7 @@ def test_backward_only_mutation_fails_the_oracle(backend, monkeypatch):
         assert_gradients_match(result, expected, "float64", False)
 
 
-REAL_STEP_BACKWARD = spec.step_backward
+REAL_STEP_BACKWARD = step.step_backward
 
 
 def step_backward_reading_the_wrong_saved_value(ops, variant, dh, dc, cache, U_step_t, extra):
@@ -244,13 +244,13 @@ def step_backward_reading_the_wrong_saved_value(ops, variant, dh, dc, cache, U_s
 
 
 def test_projection_backward_mutation_fails_the_oracle(backend, monkeypatch):
-    """The mutation is in the array code's step (``spec.step_backward``), so the CPU kernels
+    """The mutation is in the array code's step (``step.step_backward``), so the CPU kernels
     (whose projected path is checked against the oracle in test_cpu_kernels.py) are
     turned off here."""
     from lstm_multi.backends import kernel_direction
 
     monkeypatch.setattr(kernel_direction, "kernels_for", lambda *args: None)
-    monkeypatch.setattr(spec, "step_backward", step_backward_reading_the_wrong_saved_value)
+    monkeypatch.setattr(step, "step_backward", step_backward_reading_the_wrong_saved_value)
     config = Config("peephole", 3, 5, 2, 4, 2, True, True, True, False, 11, proj_size=2)
     problem = make_problem(config)
     expected = reference(config, problem)

@@ -233,12 +233,12 @@ def test_torch_bptt_double_backward_equals_reference(variant):
     pytest.importorskip("torch")
     import torch
 
-    from lstm_multi import spec
+    from lstm_multi import init, spec
     from lstm_multi.backends import torch_bptt
     from lstm_multi.backends.torch_backend import OPS
 
     var = spec.get_variant(variant)
-    raw = spec.init_params(variant, 3, 4, 1, 1, 0, "float64")[0][0]
+    raw = init.init_params(variant, 3, 4, 1, 1, 0, "float64")[0][0]
     g = torch.Generator().manual_seed(2)
     xs, h0, c0 = (
         torch.randn(s, generator=g, dtype=torch.float64) for s in ((5, 2, 3), (2, 4), (2, 4))

@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import bptt, network, spec, validation
+from .. import bptt, network, validation
 from ..cell import FunctionalCell
 from ..ops import ArrayModuleOps
+from ..step import recurrent_weight
 
 
 def unavailable_reason():
@@ -146,7 +147,7 @@ def _forward_scan(variant, p, xs, h0, c0, valid, record, unroll):
     gate caches, stacked over time) only when ``record``.
     """
     ops = OPS
-    U_step = ops.prepare_step_weight(spec.recurrent_weight(ops, variant, p["U"]))
+    U_step = ops.prepare_step_weight(recurrent_weight(ops, variant, p["U"]))
     extra = network.extra_params(p)
     in_step = project_in_step()
 
@@ -190,7 +191,7 @@ def _direction_backward(variant, saved, cotangents):
     ops = OPS
     p, xs, h0, c0, valid, (rs, caches) = saved
     dys, dh, dc = cotangents
-    U_step_t = ops.prepare_step_weight_t(spec.recurrent_weight(ops, variant, p["U"]))
+    U_step_t = ops.prepare_step_weight_t(recurrent_weight(ops, variant, p["U"]))
     extra = network.extra_params(p)
     h0_like, c0_like = dh, dc
     dc = ops.cast(dc, ops.state_dtype(ops.dtype_name(xs)))

@@ -29,7 +29,7 @@ tanh, and a ``sum`` over the tile's valid rows). A user's own ``lstm_multi.Varia
 gets kernels the same way.
 
 Shapes (the caller's, never padded): zx (T, B, 4H) = x W + b; U (H, 4H) with the
-unused gate blocks zeroed (``spec.recurrent_weight``); h0, c0 (B, H); valid
+unused gate blocks zeroed (``step.recurrent_weight``); h0, c0 (B, H); valid
 (T, B, 1) booleans or None. Inside, B is padded to a multiple of 16 (the padded
 rows are marked invalid, so they hold zeros and add nothing to the sums) and H
 to ``BLOCK_H`` = max(16, next power of 2 of H) with zeros (zero rows and columns
@@ -78,6 +78,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from .. import bptt, environment, network, spec
 from ..compile.emit_cuda import forward_stored
+from ..step import recurrent_weight
 from . import jax_backend
 
 _INPUT_DTYPES = ("float32", "float16", "bfloat16")
@@ -483,7 +484,7 @@ def fits(variant, p, xs):
 
 
 def _weights(variant, p):
-    return spec.recurrent_weight(jax_backend.OPS, variant, p["U"]), network.extra_params(p)
+    return recurrent_weight(jax_backend.OPS, variant, p["U"]), network.extra_params(p)
 
 
 def _forward(variant, p, xs, h0, c0, valid):

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 from .. import bptt, network, spec
 from ..kernels.cpu_kernels import cpu_kernels
 from ..network import extra_params
+from ..step import recurrent_weight
 
 #: up to this many multiply-adds per step (B * H * 4H) the whole loop runs in C
 #: (measured: benchmarks/NOTES.md section 9)
@@ -158,7 +159,7 @@ def forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record=False)
     # (T, B, G), on huge pages where large; the loops add r U into it
     zx = ops.project_into(xs, p["W"], p["b"], _fresh(ops, kernels, (steps, batch, 4 * hidden), h0))
     zx = ops.contiguous(zx)
-    U = ops.contiguous(spec.recurrent_weight(ops, variant, p["U"]))
+    U = ops.contiguous(recurrent_weight(ops, variant, p["U"]))
     P = _packed_params(ops, variant, p, h0)
     hs = _fresh(ops, kernels, (steps + 1, batch, hidden), h0)
     cs = _fresh(ops, kernels, (steps + 1, batch, hidden), h0)
@@ -238,7 +239,7 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
     xs, hs, cs, saved, _, _ = tape
     steps, batch, hidden = dys.shape
     h0_like, c0_like = dh, dc
-    U = ops.contiguous(spec.recurrent_weight(ops, variant, p["U"]))
+    U = ops.contiguous(recurrent_weight(ops, variant, p["U"]))
     P = _packed_params(ops, variant, p, hs)
     dys = ops.contiguous(ops.cast(dys, ops.dtype_name(hs)))
     dh = ops.contiguous(ops.cast(dh, ops.dtype_name(hs))) + 0  # fresh: updated in place
@@ -309,7 +310,7 @@ def _forward_projected(ops, kernels, variant, p, xs, h0, c0, valid, record):
     W_hr = p[spec.PROJECTION]
     zx = ops.project_into(xs, p["W"], p["b"], _fresh(ops, kernels, (steps, batch, 4 * hidden), c0))
     zx = ops.contiguous(zx)
-    U = ops.contiguous(spec.recurrent_weight(ops, variant, p["U"]))
+    U = ops.contiguous(recurrent_weight(ops, variant, p["U"]))
     P = _packed_params(ops, variant, p, c0)
     hs = ops.empty((steps + 1, batch, W_hr.shape[1]), h0)
     cs = _fresh(ops, kernels, (steps + 1, batch, hidden), c0)
@@ -350,7 +351,7 @@ def _backward_projected(ops, kernels, variant, p, tape, dys, dh, dc, valid):
     steps, batch, hidden = ms.shape
     h0_like, c0_like = dh, dc
     W_hr = p[spec.PROJECTION]
-    U = ops.contiguous(spec.recurrent_weight(ops, variant, p["U"]))
+    U = ops.contiguous(recurrent_weight(ops, variant, p["U"]))
     P = _packed_params(ops, variant, p, cs)
     W_hr_t, U_t = ops.transpose(W_hr), ops.transpose(U)
     dys = ops.cast(dys, ops.dtype_name(hs))

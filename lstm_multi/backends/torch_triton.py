@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import bptt, environment, spec
+from ..step import recurrent_weight
 from .torch_bptt import OneDnnTorchOps, direction_runner_for
 from .triton_kernels import TritonKernels
 
@@ -68,7 +69,7 @@ class PersistentEngine:
         self.ops = ops
 
     def _weights(self, variant, p):
-        U = spec.recurrent_weight(self.ops, variant, p["U"])
+        U = recurrent_weight(self.ops, variant, p["U"])
         return U, {name: p[name] for name in variant.params}
 
     def forward(self, variant, p, xs, h0, c0, valid, record):

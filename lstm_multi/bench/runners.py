@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import spec
+from .. import init
 from . import frameworks, peers
 from .frameworks import Unavailable
 
@@ -38,7 +38,7 @@ class Case:
     def params(self):
         """Canonical float32 NumPy parameters of one layer and direction."""
         s = self.size
-        return spec.init_params(
+        return init.init_params(
             self.variant, s.input_size, s.hidden_size, 1, 1, self.seed, "float32"
         )
 
