@@ -353,3 +353,13 @@ def test_engine_runners_measure_only_an_engine_that_runs_and_is_not_the_default(
     native.build(native, case("lstm"))()
     with pytest.raises(Unavailable, match="engine 'native' falls back to .*plain 'lstm' math"):
         native.build(native, case("peephole"))
+
+
+def test_engines_command_prints_the_table(capsys):
+    from lstm_multi import engine
+
+    assert cli.main(["engines"]) == 0
+    assert capsys.readouterr().out.strip() == engine.engine_table()
+    assert cli.main(["engines", "--backend", "jax"]) == 0
+    out = capsys.readouterr().out
+    assert "`scan`" in out and "`native`" not in out

@@ -34,7 +34,8 @@ DEFAULT_OUT = "lstm-multi-bench"
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="lstm-multi",
-        description="lstm_multi tools. 'lstm-multi bench' times every backend, variant and peer.",
+        description="lstm_multi tools. 'lstm-multi bench' times every backend, variant and peer; "
+        "'lstm-multi engines' prints the engine table.",
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
     bench = sub.add_parser(
@@ -46,6 +47,21 @@ def build_parser():
             "alternately in the same run, and as a percentage of the machine's limit (GEMM FLOPs "
             "over the GEMM rate measured at the start). See benchmarks/README.md."
         ),
+    )
+    engines = sub.add_parser(
+        "engines",
+        help="print the engine table: every way each backend can run the time loop",
+        description=(
+            "Print lstm_multi's engine table (lstm_multi.engine_table()): each engine, its "
+            "backends, devices, dtypes and limits, its older spelling, and whether and where "
+            "engine='auto' picks it."
+        ),
+    )
+    engines.add_argument(
+        "--backend",
+        "-b",
+        choices=registry.known_backends(),
+        help="only this backend's engines",
     )
     bench.add_argument(
         "--backend",
@@ -213,6 +229,11 @@ def list_runners(config):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "engines":
+        from .. import engine
+
+        print(engine.engine_table(args.backend))
+        return 0
     if args.command != "bench":
         parser.print_help()
         return 0 if args.command is None else 2
