@@ -23,6 +23,8 @@ kernels and every backend follow (``lstm_multi.spec``)::
     lstm_multi.testing.check_variant(variant)
 """
 
+import sys
+
 from . import kernels, testing
 from .compile.trace import sigmoid, tanh
 from .engine import engine_table, engines
@@ -46,3 +48,19 @@ __all__ = [
     "testing",
 ]
 __version__ = "0.1.0"
+
+
+def _register_with_torch():
+    """Where torch is already imported, import ``lstm_multi.torch``, which registers its
+    modules with ``torch.serialization.add_safe_globals``: then ``torch.load`` (default
+    ``weights_only=True``) restores a whole saved ``lstm_multi.torch.LSTM`` after a plain
+    ``import lstm_multi``. No framework is imported that was not already."""
+    if sys.modules.get("torch") is None:
+        return
+    try:
+        from . import torch as _torch_modules  # noqa: F401
+    except ImportError:  # a broken torch: its backend says so when asked for
+        pass
+
+
+_register_with_torch()

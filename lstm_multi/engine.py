@@ -80,7 +80,9 @@ class Case:
     "cuda"; JAX's default backend "cpu"/"gpu"/"tpu"); dtype: the compute dtype's name
     (the autocast dtype inside ``torch.autocast``); transform: inside ``torch.func``
     transforms, which see only plain ops; layer_masks: dropout between layers from a
-    ``dropout_key`` (the functional cell's; PyTorch's own kernel cannot take them).
+    ``dropout_key`` (the functional cell's; PyTorch's own kernel cannot take them);
+    tracing: under ``torch.jit.trace``, which records plain ops only (PyTorch's own
+    kernel is one).
     """
 
     backend: str
@@ -91,6 +93,7 @@ class Case:
     proj_size: int = 0
     transform: bool = False
     layer_masks: bool = False
+    tracing: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,8 @@ def _installed(package: str, extra: str) -> str | None:
 def _no_transform(case: Case) -> str | None:
     if case.transform:
         return "torch.func transforms see only plain torch ops (the array loop runs there)"
+    if case.tracing:
+        return "torch.jit.trace records only plain torch ops (the array loop runs there)"
     return None
 
 
@@ -169,7 +174,9 @@ def _native_refusal(case: Case) -> str | None:
         return f"PyTorch's kernel computes only the plain 'lstm' math, not {case.variant.name!r}"
     if case.layer_masks:
         return "PyTorch's kernel cannot take the cell's dropout masks between layers"
-    return _no_transform(case)
+    if case.transform:
+        return "torch.func transforms see only plain torch ops (the array loop runs there)"
+    return None
 
 
 def _cpu_kernels_refusal(case: Case) -> str | None:

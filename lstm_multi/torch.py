@@ -99,7 +99,9 @@ class LSTM(nn.LSTM):
     that a module made for a GPU and moved to the CPU still runs.
     A batch of no sequences gives empty outputs, as ``nn.LSTM`` does. ``torch.jit.script``
     scripts variant "lstm" with ``native=True`` as ``nn.LSTM`` (sharing the parameters)
-    and refuses the others (``__prepare_scriptable__``); ``torch.compile`` takes every one.
+    and refuses the others (``__prepare_scriptable__``); ``torch.compile`` takes every one;
+    ``torch.jit.trace`` records ``nn.LSTM``'s kernel ("lstm", native) or the spec's loop as
+    plain ops, unrolled over the traced sequence length (that length only).
 
     Inputs: ``input`` of shape (T, B, in), (B, T, in) with ``batch_first``, (T, in)
     unbatched, or a ``PackedSequence``; ``hx = (h_0, c_0)``, each (L * D, B, H), or

@@ -562,3 +562,60 @@ def test_unbatched_input_needs_unbatched_state(native):
         module(torch.zeros(5, 3), state)
     with pytest.raises(ValueError, match=r"hx h_0: expected shape \(1, 2, 4\) for batched input"):
         module(torch.zeros(5, 2, 3), (torch.zeros(1, 4), torch.zeros(1, 4)))
+
+
+@pytest.mark.parametrize("variant", ["lstm", "peephole"])
+def test_jit_trace_gives_a_module_that_passes_its_own_check(variant):
+    """torch.jit.trace records PyTorch's kernel ("lstm") or the spec's loop as plain ops
+    (the compiled kernels are opaque to a trace, which would record constants): the
+    trace passes its own check, equals the module at the traced length for other batch
+    sizes, survives save/load, and another length raises (the loop is unrolled)."""
+    import io
+    import warnings
+
+    from lstm_multi.torch import LSTM
+
+    torch.manual_seed(0)
+    module = LSTM(3, 4, num_layers=2, bidirectional=True, variant=variant)
+    x = torch.randn(5, 2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(module, (x,))  # check_trace=True: its own sanity check
+    for batch in (2, 6):
+        x2 = torch.randn(5, batch, 3)
+        (y, (h, c)), (y_want, (h_want, c_want)) = traced(x2), module(x2)
+        for got, want in ((y, y_want), (h, h_want), (c, c_want)):
+            torch.testing.assert_close(got, want)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.jit.load(buffer)(x)[0], module(x)[0])
+    if variant != "lstm":
+        with pytest.raises(Exception):  # noqa: B017 - TorchScript's own error type
+            traced(torch.randn(7, 2, 3))
+
+
+def test_whole_saved_model_loads_in_a_new_process_after_import_lstm_multi(tmp_path):
+    """torch.save(module) then, in a fresh process, ``import torch, lstm_multi`` and
+    torch.load with its default weights_only=True: the module comes back and runs."""
+    import subprocess
+    import sys
+
+    from lstm_multi.torch import LSTM
+
+    path = tmp_path / "model.pt"
+    module = LSTM(3, 4, variant="peephole")
+    torch.save(module, path)
+    x = torch.randn(5, 2, 3)
+    torch.save(module(x)[0].detach(), tmp_path / "y.pt")
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import torch, lstm_multi\n"
+        f"m = torch.load({str(path)!r})\n"
+        f"x, y = torch.load({str(tmp_path / 'x.pt')!r}), torch.load({str(tmp_path / 'y.pt')!r})\n"
+        "torch.testing.assert_close(m(x)[0], y)\n"
+        "print(type(m).__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "lstm_multi.torch"

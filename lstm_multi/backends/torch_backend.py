@@ -253,6 +253,7 @@ def choose_engine(variant, hidden_size, proj_size, requested, exclude, x, layer_
         proj_size,
         transform=torch_bptt.functorch_active(),
         layer_masks=layer_masks,
+        tracing=torch.jit.is_tracing(),
     )
     return engines.select_engine(case, requested, exclude)
 

@@ -290,7 +290,8 @@ def direction_runner(fast_ops, cpu_kernels=True, engine_for=None):
 
     One ``BpttDirection`` node when a gradient is wanted, the loop under
     ``no_grad`` otherwise, and the reference loop (plain torch ops that every
-    transform understands) under ``torch.func`` transforms. With
+    transform understands) under ``torch.func`` transforms and ``torch.jit.trace``
+    (which records the loop unrolled over the traced sequence length). With
     ``cpu_kernels``, CPU float32/float64 tensors run on the variant's compiled
     CPU kernels where they can be built; everything else runs the array code
     over ``fast_ops``. ``engine_for(variant, p, xs, h0, c0)``, where given, may supply
@@ -298,7 +299,7 @@ def direction_runner(fast_ops, cpu_kernels=True, engine_for=None):
     """
 
     def run_direction(ops, variant, p, xs, h0, c0, valid):
-        if functorch_active():
+        if functorch_active() or torch.jit.is_tracing():
             ys, h, c, _ = network.loop_direction(REFERENCE_OPS, variant, p, xs, h0, c0, valid)
             return ys, h, c, None
         tensors = (xs, h0, c0, *p.values())
