@@ -139,9 +139,11 @@ class FunctionalCell:
         generator advances, and different keys give different parameters.
         dtype: a name ("float32"), a NumPy or JAX dtype (``np.float64``,
         ``jnp.bfloat16``) or a ``torch.dtype``. scheme: "uniform" (``nn.LSTM``'s,
-        U(-1/sqrt(H), 1/sqrt(H)) everywhere) or "keras" (Keras's ``LSTM``:
-        glorot-uniform W, orthogonal U, forget-gate bias 1, zero peepholes);
-        see ``lstm_multi.init``.
+        U(-1/sqrt(H), 1/sqrt(H)) everywhere), "keras" (Keras's ``LSTM``:
+        glorot-uniform W, orthogonal U, forget-gate bias 1, zero peepholes),
+        "flax" (Flax's ``OptimizedLSTMCell``: lecun-normal W, orthogonal U per
+        gate, zero b) or "equinox" (``eqx.nn.LSTMCell``'s, the same as
+        "uniform"); see ``lstm_multi.init``.
         """
         seed = init.seed_from(seed)
         scheme = init.check_scheme(scheme)

@@ -102,8 +102,10 @@ class LSTM(eqx.Module):
             direction, h states (L * D, B, P)); 0, the default, for none.
         dropout: probability of zeroing each input of layers after the first (as
             ``nn.LSTM`` places it), in calls given a ``key``.
-        scheme: "uniform" (``nn.LSTM``'s U(-1/sqrt(H), 1/sqrt(H))) or "keras" (glorot W,
-            orthogonal U, forget bias 1, zero peepholes); see ``lstm_multi.init``.
+        scheme: "equinox" (the default: ``eqx.nn.LSTMCell``'s U(-1/sqrt(H), 1/sqrt(H))
+            for every entry, the same numbers as "uniform"), "keras" (glorot W,
+            orthogonal U, forget bias 1, zero peepholes) or "flax"; see
+            ``lstm_multi.init``.
         dtype: the parameters' floating dtype (float64 needs JAX's 64-bit mode).
         key: a JAX PRNG key (``jax.random.key(n)``), required and keyword-only, as in
             Equinox's layers; the same key gives the same parameters, different keys
@@ -135,7 +137,7 @@ class LSTM(eqx.Module):
         batch_first=True,
         proj_size=0,
         dropout=0.0,
-        scheme="uniform",
+        scheme="equinox",
         dtype=jnp.float32,
         key=None,
     ):
@@ -386,7 +388,7 @@ class LSTMCell(eqx.Module):
         *,
         variant="lstm",
         proj_size=0,
-        scheme="uniform",
+        scheme="equinox",
         dtype=jnp.float32,
         key=None,
     ):

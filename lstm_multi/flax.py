@@ -157,8 +157,9 @@ class LSTM(nnx.Module):
         proj_size: P > 0 projects h to width P (LSTMP, ``W_hr`` (H, P)); 0 for none.
         dropout: probability of zeroing each input of layers after the first (as
             ``nn.LSTM`` places it) while the module is in training mode.
-        scheme: initial parameters as ``nn.LSTM`` draws them ("uniform") or as Keras's
-            ``LSTM`` does ("keras"); see ``lstm_multi.init``.
+        scheme: the initial parameters: "flax" (the default: Flax's
+            ``OptimizedLSTMCell``'s, lecun-normal W, orthogonal U per gate, zero b),
+            "uniform" (``nn.LSTM``'s), "keras" or "equinox"; see ``lstm_multi.init``.
         param_dtype: the parameters' dtype; inputs and states must have it too.
         rngs: an ``nnx.Rngs``; ``rngs.params()`` is the key of the initial parameters,
             and with ``dropout`` the module keeps it, as ``nnx.Dropout`` does, to draw
@@ -179,7 +180,7 @@ class LSTM(nnx.Module):
         batch_first=True,
         proj_size=0,
         dropout=0.0,
-        scheme="uniform",
+        scheme="flax",
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -281,7 +282,7 @@ class LinenLSTM(linen.Module):
     proj_size: int = 0
     dropout: float = 0.0
     deterministic: bool | None = None
-    scheme: str = "uniform"
+    scheme: str = "flax"
     param_dtype: object = jnp.float32
 
     def __post_init__(self):
@@ -347,7 +348,7 @@ class LinenCell(linen.RNNCellBase):
     features: int
     variant: str | spec.Variant = "lstm"
     proj_size: int = 0
-    scheme: str = "uniform"
+    scheme: str = "flax"
     param_dtype: object = jnp.float32
 
     def __post_init__(self):

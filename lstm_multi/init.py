@@ -24,6 +24,22 @@ and the variant's own rows):
     projection's ``W_hr`` (H, P) glorot-uniform (Keras has no projection: this is
     its default for a ``Dense`` kernel).
 
+``"flax"``
+    Flax's ``OptimizedLSTMCell`` (and ``LSTMCell``) defaults: W lecun-normal (a
+    normal truncated to two standard deviations, scaled to variance 1 / in, as
+    ``jax.nn.initializers.lecun_normal`` draws it), U orthogonal per gate block
+    (each (H, H) block of the four, as Flax's per-gate recurrent kernels), b zero
+    (no forget-gate bias); the variant's own rows zero; a projection's ``W_hr``
+    lecun-normal (Flax's ``Dense`` kernel default).
+``"equinox"``
+    ``eqx.nn.LSTMCell``'s: every entry, the bias included, from U(-1/sqrt(H),
+    1/sqrt(H)): the same distribution, and the same numbers, as ``"uniform"``.
+
+Each framework layer defaults to its framework's scheme (``lstm_multi.flax``:
+"flax", ``lstm_multi.equinox``: "equinox", ``lstm_multi.keras``: "keras"; the
+torch module draws as ``nn.LSTM`` itself), and every backend's cell takes every
+scheme (``cell.init(seed, scheme=...)``).
+
 With a projection, U has P rows (``lstm_multi.spec.param_shapes``); the
 schemes draw it as above at that shape.
 """
@@ -37,7 +53,7 @@ import numpy as np
 
 from . import spec
 
-SCHEMES = ("uniform", "keras")
+SCHEMES = ("uniform", "keras", "flax", "equinox")
 
 
 def seed_from(value, name="seed") -> int:
@@ -113,9 +129,11 @@ def init_params(
 
 def draw(scheme, rng, shapes, hidden_size, dtype):
     """One layer-direction's parameters ``{name: array}`` for ``shapes`` under ``scheme``."""
-    if scheme == "uniform":
+    if scheme in ("uniform", "equinox"):
         bound = 1.0 / math.sqrt(hidden_size)
         return {k: rng.uniform(-bound, bound, s).astype(dtype) for k, s in shapes.items()}
+    if scheme == "flax":
+        return _draw_flax(rng, shapes, hidden_size, dtype)
     inputs = shapes["W"][0]
     limit = math.sqrt(6.0 / (inputs + 4 * hidden_size))
     bias = np.zeros(4 * hidden_size)
@@ -131,6 +149,37 @@ def draw(scheme, rng, shapes, hidden_size, dtype):
         params["W_hr"] = rng.uniform(-bound, bound, shapes["W_hr"])
     params.update({k: np.zeros(s) for k, s in shapes.items() if k not in params})
     return {k: params[k].astype(dtype) for k in shapes}
+
+
+def _draw_flax(rng, shapes, hidden_size, dtype):
+    """One layer-direction under the "flax" scheme (module doc)."""
+    params = {
+        "W": _lecun_normal(rng, shapes["W"]),
+        "U": np.concatenate(
+            [_orthogonal(rng, (shapes["U"][0], hidden_size)) for _ in range(4)], axis=1
+        ),
+        "b": np.zeros(shapes["b"]),
+    }
+    if "W_hr" in shapes:
+        params["W_hr"] = _lecun_normal(rng, shapes["W_hr"])
+    params.update({k: np.zeros(s) for k, s in shapes.items() if k not in params})
+    return {k: params[k].astype(dtype) for k in shapes}
+
+
+#: the standard deviation of a unit normal truncated to [-2, 2], by which
+#: ``jax.nn.initializers.variance_scaling`` divides so that the variance is the one asked
+_TRUNCATED_STD = 0.87962566103423978
+
+
+def _lecun_normal(rng, shape):
+    """(fan_in, fan_out) entries of variance 1 / fan_in from a normal truncated to two
+    standard deviations, as ``jax.nn.initializers.lecun_normal`` draws them."""
+    values = rng.standard_normal(shape)
+    outside = np.abs(values) > 2.0
+    while outside.any():  # redraw what falls outside [-2, 2]: the truncated normal
+        values[outside] = rng.standard_normal(int(outside.sum()))
+        outside = np.abs(values) > 2.0
+    return values * (math.sqrt(1.0 / shape[0]) / _TRUNCATED_STD)
 
 
 def _orthogonal(rng, shape):

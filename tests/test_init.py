@@ -100,3 +100,52 @@ def test_uniform_scheme_is_nn_lstms_bound():
     values = _flat(cell, cell.init(seed=1, dtype="float64"))
     bound = 1 / 3
     assert np.abs(values).max() <= bound and np.abs(values).max() > 0.95 * bound
+
+
+def test_flax_scheme_draws_as_flax_optimized_lstm_cell():
+    """The "flax" scheme against Flax's own ``OptimizedLSTMCell`` at the same shapes: the
+    input kernel's spread and truncation (lecun-normal), each gate's recurrent kernel
+    orthogonal, zero biases."""
+    flax_linen = pytest.importorskip("flax.linen")
+    jax = pytest.importorskip("jax")
+    inputs, hidden = 96, 24
+    theirs = flax_linen.OptimizedLSTMCell(hidden).init(
+        jax.random.key(0), flax_linen.OptimizedLSTMCell(hidden).initialize_carry(
+            jax.random.key(1), (1, inputs)
+        ), np.zeros((1, inputs), np.float32)
+    )["params"]  # fmt: skip
+    cell = lstm_multi.get_cell("numpy")(inputs, hidden, variant="peephole")
+    ((ours,),) = cell.init(seed=0, dtype="float64", scheme="flax")
+    their_W = np.concatenate([np.asarray(theirs[f"i{g}"]["kernel"]) for g in "ifgo"], axis=1)
+    sigma = math.sqrt(1 / inputs)  # lecun-normal: variance 1 / fan_in, truncated at 2 sd
+    for W in (ours["W"], their_W):
+        assert W.shape == (inputs, 4 * hidden)
+        assert abs(W.std() - sigma) < 0.05 * sigma
+        assert np.abs(W).max() <= 2 * sigma / 0.87962566103423978 + 1e-6
+    for k, gate in enumerate("ifgo"):
+        block = ours["U"][:, k * hidden : (k + 1) * hidden]
+        their_block = np.asarray(theirs[f"h{gate}"]["kernel"], np.float64)
+        for U in (block, their_block):
+            assert_close(U.T @ U, np.eye(hidden), "float32", f"U block {gate}")
+        assert not np.any(np.asarray(theirs[f"h{gate}"]["bias"]))
+    assert not np.any(ours["b"]) and not np.any(ours["p"])
+
+
+def test_equinox_scheme_draws_as_equinox_lstm_cell():
+    """The "equinox" scheme (the "uniform" numbers) against ``eqx.nn.LSTMCell``: every
+    entry, the bias included, within 1/sqrt(H), uniformly."""
+    eqx = pytest.importorskip("equinox")
+    jax = pytest.importorskip("jax")
+    inputs, hidden = 40, 25
+    theirs = eqx.nn.LSTMCell(inputs, hidden, key=jax.random.key(0))
+    cell = lstm_multi.get_cell("numpy")(inputs, hidden)
+    ((ours,),) = cell.init(seed=0, dtype="float64", scheme="equinox")
+    ((uniform,),) = cell.init(seed=0, dtype="float64", scheme="uniform")
+    bound = 1 / math.sqrt(hidden)
+    pairs = ((ours["W"], theirs.weight_ih), (ours["U"], theirs.weight_hh), (ours["b"], theirs.bias))
+    for mine, their in pairs:
+        for values in (np.asarray(mine), np.asarray(their)):
+            assert np.abs(values).max() <= bound
+            assert abs(values.std() - bound / math.sqrt(3)) < 0.1 * bound / math.sqrt(3)
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], uniform[key])

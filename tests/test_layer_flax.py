@@ -243,8 +243,10 @@ def test_linen_keys_give_distinct_parameters():
         assert not np.array_equal(a, b)
     assert not np.array_equal(first[0][0]["W"], first[0][1]["W"])  # the directions differ
     assert _tree_equal(jax.jit(module.init)(jax.random.key(0), x)["params"]["layers"], first)
-    bound = 1 / np.sqrt(H)  # scheme "uniform": nn.LSTM's U(-1/sqrt(H), 1/sqrt(H))
-    assert all(float(jnp.max(jnp.abs(a))) <= bound for a in jax.tree.leaves(first))
+    for p in (p for layer in first for p in layer):  # the default scheme: Flax's own
+        assert not np.any(p["b"])
+        bound = 2 * np.sqrt(1 / p["W"].shape[0]) / 0.87962566103423978  # lecun-normal's
+        assert float(jnp.max(jnp.abs(p["W"]))) <= bound
 
 
 # training and checkpoints -----------------------------------------------------------------
