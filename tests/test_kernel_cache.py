@@ -259,6 +259,42 @@ def test_a_changed_header_is_a_new_library_never_the_stale_one(fresh_state, tmp_
     assert len(_libraries(fresh_state)) == 2
 
 
+def test_the_kernels_library_name_covers_every_support_header(tmp_path):
+    """Each file the generated kernels include (``cpu_kernels.HEADERS``) is part of the
+    library's name: one changed comment in any of them is another library."""
+    headers = tmp_path / "cpp"
+    shutil.copytree(cpu_kernels.HEADERS, headers)
+    source = cpu_kernels.kernel_source(spec.get_variant("peephole"), "float")
+
+    def name(folder=headers):
+        return build.library_digest("g++", source, cpu_kernels.FLAGS, (folder,))
+
+    before = name()
+    assert before == name(cpu_kernels.HEADERS)  # the contents count, not the folder's path
+    assert before != build.library_digest("g++", source, cpu_kernels.FLAGS)
+    files = sorted(headers.iterdir())
+    assert {f.name for f in files} >= {"lm_math.h", "lm_kernels.h", "lm_loops.h", "lm_blas.h"}
+    for path in files:
+        original = path.read_text()
+        path.write_text(original + "// changed\n")
+        assert name() != before, path.name
+        path.write_text(original)
+    assert name() == before
+
+
+def test_the_support_headers_ship_with_the_package():
+    """pyproject's package data names every file in ``kernels/cpp`` (a header left out
+    would be missing from the wheel, and every build of the kernels would fail)."""
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = Path(lstm_multi.__file__).parent.parent / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("an installed lstm_multi, not a source tree")
+    data = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]
+    kernels = Path(cpu_kernels.__file__).parent
+    shipped = {p for pattern in data["lstm_multi.kernels"] for p in kernels.glob(pattern)}
+    assert set(cpu_kernels.HEADERS.iterdir()) <= shipped
+
+
 CONCURRENT_SCRIPT = textwrap.dedent(
     """
     import ctypes, sys

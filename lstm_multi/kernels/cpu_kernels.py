@@ -1,13 +1,16 @@
 """A variant's generated CPU kernels (``emit_cpu``), compiled once per machine and loaded.
 
 ``cpu_kernels(variant, scalar)`` returns a ``CpuKernels`` (or None where they
-cannot be had, after one warning saying why): the four functions of
-``emit_cpu`` called through ctypes on raw addresses, so that any framework's
-contiguous CPU arrays can be passed (``ops.address``). Compiled with the host
-C++ compiler at ``-O3 -march=native`` (the library is cached by source,
-flags and CPU under ``$LSTM_MULTI_CACHE`` or ``~/.cache/lstm_multi``, checked
-against its recorded hash before it is loaded, see ``build``): a second
-process, or a second run, loads it in milliseconds.
+cannot be had, after one warning saying why): the step and sequence functions
+(``emit_cpu``'s gate math in the loops of ``cpp/lm_loops.h``, which states their
+contracts) called through ctypes on raw addresses, so that any framework's
+contiguous CPU arrays can be passed (``ops.address``). The generated text
+includes the fixed C++ around the gate math from ``HEADERS`` (``kernels/cpp``,
+shipped with the package). Compiled with the host C++ compiler at ``-O3
+-march=native`` (the library is cached by source, headers, flags and CPU under
+``$LSTM_MULTI_CACHE`` or ``~/.cache/lstm_multi``, checked against its recorded
+hash before it is loaded, see ``build``): a second process, or a second run,
+loads it in milliseconds.
 
 In the process, the kernels are kept by the SHA-256 of their source (variants
 computing the same math share them), and each variant is mapped to its kernels
@@ -37,11 +40,15 @@ import hashlib
 import os
 import warnings
 import weakref
+from pathlib import Path
 from typing import NamedTuple
 
 from .. import environment
 from ..compile import emit_cpu, emit_cuda
 from . import build
+
+#: the C++ the generated text includes (``lm_math.h``, ``lm_kernels.h``): package data
+HEADERS = Path(__file__).parent / "cpp"
 
 FLAGS = (
     "-O3",
@@ -65,7 +72,7 @@ class CpuKernels:
 
     Every array argument is an address (an int, or None for NULL) of a
     C-contiguous array of ``scalar`` (``valid``: of bytes); shapes as in
-    ``emit_cpu``. ``saved_count`` is NS, ``rows`` R.
+    ``cpp/lm_loops.h``. ``saved_count`` is NS, ``rows`` R.
     """
 
     def __init__(self, variant, scalar, source=None):
@@ -76,9 +83,9 @@ class CpuKernels:
         if source is None:
             source = kernel_source(variant, scalar)
         try:
-            library = build.compile_library(source, FLAGS)
+            library = build.compile_library(source, FLAGS, (HEADERS,))
         except build.BuildFailed:  # no OpenMP runtime with this compiler (Apple's clang)
-            library = build.compile_library(source, FLAGS_WITHOUT_OPENMP)
+            library = build.compile_library(source, FLAGS_WITHOUT_OPENMP, (HEADERS,))
         self.step_forward = _bind(library.lm_step_forward, 2, 10)
         self.step_backward = _bind(library.lm_step_backward, 2, 11)
         self.sequence_forward = _bind(library.lm_sequence_forward, 3, 8)
@@ -129,7 +136,7 @@ class HostBlas(NamedTuple):
 
 
 class SplitLoops:
-    """``lm_split_forward``/``lm_split_backward`` bound to a BLAS (``emit_cpu``).
+    """``lm_split_forward``/``lm_split_backward`` bound to a BLAS (``cpp/lm_split.h``).
 
     ``packed_bytes(rows, H, transposed)`` is the size of U packed for the products
     of ``rows`` rows (0: no packed GEMM here, pass None for it), ``pack`` fills it.
