@@ -29,7 +29,8 @@ where that is safe: the framework names a loaded library carrying a BLAS
 (``ops.host_blas()``: torch's MKL), and that library runs on the OpenMP
 runtime the kernels bound to, so that the BLAS sees their parallel region and
 runs one thread in each of theirs instead of starting a team of its own in
-each (benchmarks/NOTES.md section 12). ``LSTM_MULTI_CPU_THREADS=0`` turns
+each (benchmarks/NOTES.md section 12). The BLAS is called with integers of the
+width it declares (``blas.integer_bytes``). ``LSTM_MULTI_CPU_THREADS=0`` turns
 them off.
 """
 
@@ -45,7 +46,7 @@ from typing import NamedTuple
 
 from .. import environment
 from ..compile import emit_cpu, emit_cuda
-from . import build
+from . import blas, build
 
 #: the C++ the generated text includes (``lm_math.h``, ``lm_kernels.h``): package data
 HEADERS = Path(__file__).parent / "cpp"
@@ -165,8 +166,9 @@ def _split_loops(library, blas_library):
     if not same(os.fsencode(blas_library)):
         return None
     bind = library.lm_blas_bind
-    bind.argtypes, bind.restype = [ctypes.c_char_p], ctypes.c_int
-    return SplitLoops(library) if bind(os.fsencode(blas_library)) else None
+    bind.argtypes, bind.restype = [ctypes.c_char_p, ctypes.c_int], ctypes.c_int
+    width = blas.integer_bytes(blas_library)
+    return SplitLoops(library) if bind(os.fsencode(blas_library), width) else None
 
 
 def split_enabled() -> bool:

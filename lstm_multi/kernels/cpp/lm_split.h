@@ -27,7 +27,8 @@ static inline void lm_thread_rows(long B, long* b0, long* b1) {
   *b1 = B * (i + 1) / n;
 }
 
-template <bool RECORD>
+// the BLAS's integers are I
+template <bool RECORD, typename I>
 static void lm_split_forward_t(long T, long B, long H, S* zx, const S* U, const S* packed,
                                S* hs, S* cs, const S* P, const unsigned char* valid, S* ys,
                                S* saved, int threads) {
@@ -38,7 +39,7 @@ static void lm_split_forward_t(long T, long B, long H, S* zx, const S* U, const 
     lm_thread_rows(B, &b0, &b1);
     for (long t = 0; t < T; ++t) {
       S* z = zx + t * G * B;
-      lm_product_forward(b1 - b0, H, LM_RECURRENT + t * BH + b0 * H, U, packed, z + b0 * G);
+      lm_product_forward<I>(b1 - b0, H, LM_RECURRENT + t * BH + b0 * H, U, packed, z + b0 * G);
       lm_step_forward_rows<RECORD, false>(b0, b1, B, H, z, 0, hs + t * BH, cs + t * BH, P,
                                           valid ? valid + t * B : 0, hs + (t + 1) * BH,
                                           cs + (t + 1) * BH, ys + t * BH,
@@ -47,23 +48,33 @@ static void lm_split_forward_t(long T, long B, long H, S* zx, const S* U, const 
   }
 }
 
+template <typename I>
+static void lm_split_forward_i(long T, long B, long H, S* zx, const S* U, const S* packed,
+                               S* hs, S* cs, const S* P, const unsigned char* valid, S* ys,
+                               S* saved, int threads) {
+  if (saved)
+    lm_split_forward_t<true, I>(T, B, H, zx, U, packed, hs, cs, P, valid, ys, saved, threads);
+  else
+    lm_split_forward_t<false, I>(T, B, H, zx, U, packed, hs, cs, P, valid, ys, saved, threads);
+}
+
 // lm_sequence_forward's contract, the batch split over ``threads`` threads
 extern "C" void lm_split_forward(long T, long B, long H, S* zx, const S* U, const S* packed,
                                  S* hs, S* cs, const S* P, const unsigned char* valid, S* ys,
                                  S* saved, long threads) {
-  if (saved)
-    lm_split_forward_t<true>(T, B, H, zx, U, packed, hs, cs, P, valid, ys, saved, (int)threads);
+  if (lm_blas_ilp64)
+    lm_split_forward_i<long long>(T, B, H, zx, U, packed, hs, cs, P, valid, ys, saved,
+                                  (int)threads);
   else
-    lm_split_forward_t<false>(T, B, H, zx, U, packed, hs, cs, P, valid, ys, saved, (int)threads);
+    lm_split_forward_i<int>(T, B, H, zx, U, packed, hs, cs, P, valid, ys, saved, (int)threads);
 }
 
-// lm_sequence_backward's contract, the batch split over ``threads`` threads: each
-// thread sums its rows' parameter gradients apart, and they are added into dP in
-// thread order afterwards (the same bits every run)
-extern "C" void lm_split_backward(long T, long B, long H, const S* dys, S* dh, S* dc,
-                                  const S* cs, const S* saved, const S* P,
-                                  const unsigned char* valid, const S* U, const S* packed,
-                                  S* dzs, S* dP, long threads) {
+// the BLAS's integers are I
+template <typename I>
+static void lm_split_backward_t(long T, long B, long H, const S* dys, S* dh, S* dc,
+                                const S* cs, const S* saved, const S* P,
+                                const unsigned char* valid, const S* U, const S* packed,
+                                S* dzs, S* dP, long threads) {
   const long BH = B * H, G = 4 * H, R = LM_R * H;
   std::vector<S> parts(threads * R, S(0));
 #pragma omp parallel num_threads((int)threads)
@@ -77,10 +88,25 @@ extern "C" void lm_split_backward(long T, long B, long H, const S* dys, S* dh, S
       lm_step_backward_rows(b0, b1, B, H, dys + t * BH, 0, dh, dc, cs + t * BH,
                             cs + (t + 1) * BH, saved + t * LM_NS * BH, P,
                             valid ? valid + t * B : 0, dz, mine);
-      lm_product_backward(b1 - b0, H, dz + b0 * G, U, packed, d + b0 * H);
+      lm_product_backward<I>(b1 - b0, H, dz + b0 * G, U, packed, d + b0 * H);
     }
   }
   for (long i = 0; i < threads; ++i)
     for (long k = 0; k < R; ++k) dP[k] += parts[i * R + k];
+}
+
+// lm_sequence_backward's contract, the batch split over ``threads`` threads: each
+// thread sums its rows' parameter gradients apart, and they are added into dP in
+// thread order afterwards (the same bits every run)
+extern "C" void lm_split_backward(long T, long B, long H, const S* dys, S* dh, S* dc,
+                                  const S* cs, const S* saved, const S* P,
+                                  const unsigned char* valid, const S* U, const S* packed,
+                                  S* dzs, S* dP, long threads) {
+  if (lm_blas_ilp64)
+    lm_split_backward_t<long long>(T, B, H, dys, dh, dc, cs, saved, P, valid, U, packed, dzs,
+                                   dP, threads);
+  else
+    lm_split_backward_t<int>(T, B, H, dys, dh, dc, cs, saved, P, valid, U, packed, dzs, dP,
+                             threads);
 }
 #endif
