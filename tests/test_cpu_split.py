@@ -1,4 +1,4 @@
-"""The batch-split CPU loops (``emit_cpu``'s ``lm_split_forward``/``lm_split_backward``).
+"""The batch-split CPU loops (``kernels/cpp/lm_split.h``: ``lm_split_forward``/``_backward``).
 
 Each thread runs its own rows of the batch through the whole sequence, the step
 products on torch's MKL called from inside the kernels. Checked here:

@@ -243,6 +243,58 @@ def test_the_compilers_own_message_is_shown(fresh_state):
     assert not list((fresh_state / "kernels").glob("build-*"))  # its build folder removed
 
 
+def test_a_changed_header_is_a_new_library_never_the_stale_one(fresh_state, tmp_path):
+    """The source includes a header: changing the header (not the source) builds and
+    loads a new library, in the same process and beside the old one in the cache."""
+    headers = tmp_path / "headers"
+    headers.mkdir()
+    source = '#include "lm_probe.h"\nextern "C" double lm_probe() { return LM_PROBE; }\n'
+    values = []
+    for value in (1.5, 2.5):
+        (headers / "lm_probe.h").write_text(f"#define LM_PROBE {value}\n")
+        probe = build.compile_library(source, include_dirs=(headers,)).lm_probe
+        probe.restype = build.ctypes.c_double
+        values.append(probe())
+    assert values == [1.5, 2.5]
+    assert len(_libraries(fresh_state)) == 2
+
+
+def test_the_kernels_library_name_covers_every_support_header(tmp_path):
+    """Each file the generated kernels include (``cpu_kernels.HEADERS``) is part of the
+    library's name: one changed comment in any of them is another library."""
+    headers = tmp_path / "cpp"
+    shutil.copytree(cpu_kernels.HEADERS, headers)
+    source = cpu_kernels.kernel_source(spec.get_variant("peephole"), "float")
+
+    def name(folder=headers):
+        return build.library_digest("g++", source, cpu_kernels.FLAGS, (folder,))
+
+    before = name()
+    assert before == name(cpu_kernels.HEADERS)  # the contents count, not the folder's path
+    assert before != build.library_digest("g++", source, cpu_kernels.FLAGS)
+    files = sorted(headers.iterdir())
+    assert {f.name for f in files} >= {"lm_math.h", "lm_kernels.h", "lm_loops.h", "lm_blas.h"}
+    for path in files:
+        original = path.read_text()
+        path.write_text(original + "// changed\n")
+        assert name() != before, path.name
+        path.write_text(original)
+    assert name() == before
+
+
+def test_the_support_headers_ship_with_the_package():
+    """pyproject's package data names every file in ``kernels/cpp`` (a header left out
+    would be missing from the wheel, and every build of the kernels would fail)."""
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = Path(lstm_multi.__file__).parent.parent / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("an installed lstm_multi, not a source tree")
+    data = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]
+    kernels = Path(cpu_kernels.__file__).parent
+    shipped = {p for pattern in data["lstm_multi.kernels"] for p in kernels.glob(pattern)}
+    assert set(cpu_kernels.HEADERS.iterdir()) <= shipped
+
+
 CONCURRENT_SCRIPT = textwrap.dedent(
     """
     import ctypes, sys
@@ -368,7 +420,7 @@ def test_clear_cache_forgets_loaded_kernels_and_failed_builds(fresh_state, monke
     monkeypatch.setattr(cpu_kernels, "_warned", ["warned already"])
     real = build.compile_library
 
-    def refuse(source, flags=build.DEFAULT_FLAGS):
+    def refuse(source, flags=build.DEFAULT_FLAGS, include_dirs=()):
         raise build.BuildFailed("compiling the generated kernels failed: refused")
 
     monkeypatch.setattr(build, "compile_library", refuse)
@@ -392,7 +444,7 @@ def test_a_missing_compiler_is_not_remembered_once_there_is_one(fresh_state, mon
 def test_the_warning_for_a_failed_build_says_its_cause(fresh_state, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_warned", [])
 
-    def refuse(source, flags=build.DEFAULT_FLAGS):
+    def refuse(source, flags=build.DEFAULT_FLAGS, include_dirs=()):
         raise build.BuildFailed("compiling the generated kernels failed:\ngates.cpp:1: error: no")
 
     monkeypatch.setattr(build, "compile_library", refuse)

@@ -3,6 +3,9 @@
 * ``build``: compiling C++ text into a shared library, the cache, loading;
 * ``cpu_kernels``: a variant's generated CPU kernels (``compile.emit_cpu``), bound
   through ctypes for every framework's CPU arrays;
+* ``cpp/``: the fixed C++ the generated CPU kernels include (nonlinearities, step,
+  sequence and batch-split loops, the BLAS binding), shipped as package data;
+* ``blas``: the integer width of the framework's BLAS, which those loops call;
 * ``host_kernels``: the generated CUDA C compiled for the CPU (a correctness tool:
   tests and ``lstm_multi.testing.check_variant``).
 

@@ -1,10 +1,13 @@
 """Building, caching and loading the generated C++ kernels: the one place a compiler runs.
 
-``compile_library(source, flags)`` compiles C++ text with the host compiler
-(``$CXX``, ``g++`` or ``clang++``) into a shared library and loads it. Libraries
-are cached on disk, named by the hash of the compiler, the flags, the source and
-(for ``-march=native``) the CPU, in ``cache_dir()``: ``$LSTM_MULTI_CACHE/kernels``
-or ``~/.cache/lstm_multi/kernels``.
+``compile_library(source, flags, include_dirs)`` compiles C++ text with the host
+compiler (``$CXX``, ``g++`` or ``clang++``) into a shared library and loads it; the
+text may ``#include`` headers from ``include_dirs`` (passed as ``-I``: the kernels'
+support headers in ``kernels/cpp``). Libraries are cached on disk, named by the hash
+of the compiler, the flags, the source, the contents of every file in
+``include_dirs`` (a changed header is a new library, never a stale one loaded) and
+(for ``-march=native``) the CPU (``library_digest``), in ``cache_dir()``:
+``$LSTM_MULTI_CACHE/kernels`` or ``~/.cache/lstm_multi/kernels``.
 
 The cache is safe against crashes, concurrent builders and damage:
 
@@ -125,9 +128,21 @@ def _dlopen(path: Path) -> ctypes.CDLL:
     return ctypes.CDLL(str(path))
 
 
-def compile_library(source: str, flags=DEFAULT_FLAGS) -> ctypes.CDLL:
-    """``source`` compiled with ``flags`` into a shared library (cached by the hash of
-    the compiler, the flags, the source and, for ``-march=native``, the CPU); loaded.
+def library_digest(cxx, source: str, flags, include_dirs=()) -> str:
+    """The name of ``source``'s library in the cache: the hash of the compiler ``cxx``,
+    the flags, the CPU where the flags target it, the source, and every file under
+    ``include_dirs`` (its path there and its bytes), which the source may include."""
+    key = hashlib.sha256(f"{cxx}\n{' '.join(flags)}\n{_machine_identity(flags)}\n{source}".encode())
+    for folder in map(Path, include_dirs):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            key.update(f"\n{path.relative_to(folder).as_posix()}\n".encode())
+            key.update(path.read_bytes())
+    return key.hexdigest()[:24]
+
+
+def compile_library(source: str, flags=DEFAULT_FLAGS, include_dirs=()) -> ctypes.CDLL:
+    """``source`` compiled with ``flags`` into a shared library, headers included from
+    ``include_dirs`` (folders, passed as ``-I``); cached by ``library_digest``; loaded.
 
     Raises ``CompilerMissing``, ``BuildFailed`` or ``CacheUnusable`` (module doc).
     """
@@ -140,8 +155,8 @@ def compile_library(source: str, flags=DEFAULT_FLAGS) -> ctypes.CDLL:
             else "no host C++ compiler found (set CXX, or install g++ or clang++) to compile "
             "the generated kernels for the CPU"
         )
-    key = f"{cxx}\n{' '.join(flags)}\n{_machine_identity(flags)}\n{source}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    digest = library_digest(cxx, source, flags, include_dirs)
+    flags = (*flags, *(f"-I{folder}" for folder in include_dirs))
     configured = cache_dir()
     if configured not in _unusable:
         try:

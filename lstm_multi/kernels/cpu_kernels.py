@@ -1,13 +1,16 @@
 """A variant's generated CPU kernels (``emit_cpu``), compiled once per machine and loaded.
 
 ``cpu_kernels(variant, scalar)`` returns a ``CpuKernels`` (or None where they
-cannot be had, after one warning saying why): the four functions of
-``emit_cpu`` called through ctypes on raw addresses, so that any framework's
-contiguous CPU arrays can be passed (``ops.address``). Compiled with the host
-C++ compiler at ``-O3 -march=native`` (the library is cached by source,
-flags and CPU under ``$LSTM_MULTI_CACHE`` or ``~/.cache/lstm_multi``, checked
-against its recorded hash before it is loaded, see ``build``): a second
-process, or a second run, loads it in milliseconds.
+cannot be had, after one warning saying why): the step and sequence functions
+(``emit_cpu``'s gate math in the loops of ``cpp/lm_loops.h``, which states their
+contracts) called through ctypes on raw addresses, so that any framework's
+contiguous CPU arrays can be passed (``ops.address``). The generated text
+includes the fixed C++ around the gate math from ``HEADERS`` (``kernels/cpp``,
+shipped with the package). Compiled with the host C++ compiler at ``-O3
+-march=native`` (the library is cached by source, headers, flags and CPU under
+``$LSTM_MULTI_CACHE`` or ``~/.cache/lstm_multi``, checked against its recorded
+hash before it is loaded, see ``build``): a second process, or a second run,
+loads it in milliseconds.
 
 In the process, the kernels are kept by the SHA-256 of their source (variants
 computing the same math share them), and each variant is mapped to its kernels
@@ -26,7 +29,8 @@ where that is safe: the framework names a loaded library carrying a BLAS
 (``ops.host_blas()``: torch's MKL), and that library runs on the OpenMP
 runtime the kernels bound to, so that the BLAS sees their parallel region and
 runs one thread in each of theirs instead of starting a team of its own in
-each (benchmarks/NOTES.md section 12). ``LSTM_MULTI_CPU_THREADS=0`` turns
+each (benchmarks/NOTES.md section 12). The BLAS is called with integers of the
+width it declares (``blas.integer_bytes``). ``LSTM_MULTI_CPU_THREADS=0`` turns
 them off.
 """
 
@@ -37,11 +41,15 @@ import hashlib
 import os
 import warnings
 import weakref
+from pathlib import Path
 from typing import NamedTuple
 
 from .. import environment
 from ..compile import emit_cpu, emit_cuda
-from . import build
+from . import blas, build
+
+#: the C++ the generated text includes (``lm_math.h``, ``lm_kernels.h``): package data
+HEADERS = Path(__file__).parent / "cpp"
 
 FLAGS = (
     "-O3",
@@ -65,7 +73,7 @@ class CpuKernels:
 
     Every array argument is an address (an int, or None for NULL) of a
     C-contiguous array of ``scalar`` (``valid``: of bytes); shapes as in
-    ``emit_cpu``. ``saved_count`` is NS, ``rows`` R.
+    ``cpp/lm_loops.h``. ``saved_count`` is NS, ``rows`` R.
     """
 
     def __init__(self, variant, scalar, source=None):
@@ -76,9 +84,9 @@ class CpuKernels:
         if source is None:
             source = kernel_source(variant, scalar)
         try:
-            library = build.compile_library(source, FLAGS)
+            library = build.compile_library(source, FLAGS, (HEADERS,))
         except build.BuildFailed:  # no OpenMP runtime with this compiler (Apple's clang)
-            library = build.compile_library(source, FLAGS_WITHOUT_OPENMP)
+            library = build.compile_library(source, FLAGS_WITHOUT_OPENMP, (HEADERS,))
         self.step_forward = _bind(library.lm_step_forward, 2, 10)
         self.step_backward = _bind(library.lm_step_backward, 2, 11)
         self.sequence_forward = _bind(library.lm_sequence_forward, 3, 8)
@@ -129,7 +137,7 @@ class HostBlas(NamedTuple):
 
 
 class SplitLoops:
-    """``lm_split_forward``/``lm_split_backward`` bound to a BLAS (``emit_cpu``).
+    """``lm_split_forward``/``lm_split_backward`` bound to a BLAS (``cpp/lm_split.h``).
 
     ``packed_bytes(rows, H, transposed)`` is the size of U packed for the products
     of ``rows`` rows (0: no packed GEMM here, pass None for it), ``pack`` fills it.
@@ -158,8 +166,9 @@ def _split_loops(library, blas_library):
     if not same(os.fsencode(blas_library)):
         return None
     bind = library.lm_blas_bind
-    bind.argtypes, bind.restype = [ctypes.c_char_p], ctypes.c_int
-    return SplitLoops(library) if bind(os.fsencode(blas_library)) else None
+    bind.argtypes, bind.restype = [ctypes.c_char_p, ctypes.c_int], ctypes.c_int
+    width = blas.integer_bytes(blas_library)
+    return SplitLoops(library) if bind(os.fsencode(blas_library), width) else None
 
 
 def split_enabled() -> bool:
