@@ -371,8 +371,12 @@ class LSTMCell(eqx.Module):
     interface: ``cell(x_t, (h, c)) -> (h, c)``, x_t (input_size,) and h, c (H,) (any
     leading axes work too), for your own ``lax.scan`` or per-token loop.
 
-    Arguments as ``LSTM``'s (input_size, hidden_size, variant, proj_size, scheme, dtype,
-    a required ``key``). ``params`` is one canonical layer-direction dict ``{"W", "U",
+    Arguments as ``eqx.nn.LSTMCell``'s (input_size, hidden_size, use_bias, dtype, a
+    required keyword ``key``), plus ``variant``, ``proj_size`` and ``scheme`` (default
+    "equinox": ``eqx.nn.LSTMCell``'s draw). Its attributes are ``eqx.nn.LSTMCell``'s too:
+    ``input_size``, ``hidden_size``, ``use_bias``, and ``weight_ih`` (4H, in),
+    ``weight_hh`` (4H, H) and ``bias`` (4H,) as views of the canonical parameters, so code
+    written against Equinox's cell reads them. ``params`` is one canonical layer-direction dict ``{"W", "U",
     "b", ...}`` (``[[cell.params]]`` is a one-layer functional cell's parameters), drawn
     as ``cell.init(seed=key)`` draws them. The step is ``lstm_multi.step.step_forward``
     and JAX differentiates it; with ``proj_size`` h is (proj_size,).
@@ -380,24 +384,55 @@ class LSTMCell(eqx.Module):
 
     params: dict
     variant: spec.Variant = eqx.field(static=True)
+    input_size: int = eqx.field(static=True)
+    hidden_size: int = eqx.field(static=True)
+    use_bias: bool = eqx.field(static=True)
 
     def __init__(
         self,
         input_size,
         hidden_size,
+        use_bias=True,
+        dtype=jnp.float32,
         *,
         variant="lstm",
         proj_size=0,
         scheme="equinox",
-        dtype=jnp.float32,
         key=None,
     ):
         cell = _JaxCell(input_size, hidden_size, variant=variant, proj_size=proj_size)
         self.variant = cell.variant
-        self.params = cell.init(seed=_checked_key(key), dtype=dtype, scheme=scheme)[0][0]
+        self.input_size, self.hidden_size = cell.input_size, cell.hidden_size
+        self.use_bias = validation.check_bool("use_bias", use_bias)
+        params = cell.init(seed=_checked_key(key), dtype=dtype, scheme=scheme)[0][0]
+        if not self.use_bias:
+            params["b"] = jnp.zeros_like(params["b"])
+        self.params = params
+
+    # eqx.nn.LSTMCell's attributes, as views of the canonical parameters
+    @property
+    def weight_ih(self):
+        """(4H, input_size): ``W`` transposed, gate blocks in the order (i, f, g, o), as
+        ``eqx.nn.LSTMCell.weight_ih``."""
+        return self.params["W"].T
+
+    @property
+    def weight_hh(self):
+        """(4H, H) (or (4H, proj_size) with a projection): ``U`` transposed, as
+        ``eqx.nn.LSTMCell.weight_hh``."""
+        return self.params["U"].T
+
+    @property
+    def bias(self):
+        """(4H,): ``b``, as ``eqx.nn.LSTMCell.bias``; None with ``use_bias=False``."""
+        return self.params["b"] if self.use_bias else None
 
     def __call__(self, input, hidden, *, key=None):
         """``(h, c)`` after one step from ``hidden = (h, c)``; ``key`` is unused (as in
-        ``eqx.nn.LSTMCell``)."""
+        ``eqx.nn.LSTMCell``). With ``use_bias=False`` the bias is held at zero (no
+        gradient reaches it)."""
         h, c = hidden
-        return network.layer_step(OPS, self.variant, self.params, input, h, c)
+        params = self.params
+        if not self.use_bias:
+            params = {**params, "b": jax.lax.stop_gradient(jnp.zeros_like(params["b"]))}
+        return network.layer_step(OPS, self.variant, params, input, h, c)

@@ -258,7 +258,9 @@ def test_init_seed_must_be_a_non_negative_integer_or_a_generator(backend):
     for bad in (1.5, True, "3"):
         with pytest.raises(TypeError, match=f"{expected} or a JAX PRNG key, got"):
             cell.init(seed=bad)
-    with pytest.raises(ValueError, match=r"scheme: expected one of \('uniform', 'keras', 'flax', 'equinox'\)"):
+    with pytest.raises(
+        ValueError, match=r"scheme: expected one of \('uniform', 'keras', 'flax', 'equinox'\)"
+    ):
         cell.init(scheme="xavier")
 
 

@@ -394,3 +394,31 @@ def test_lstm_cell_scanned_is_the_sequence_call():
         assert_close(got[k], want[k], "float32", f"d{k}")
     with pytest.raises(TypeError, match="key"):
         LSTMCell(IN, H)
+
+
+def test_cell_has_equinox_lstm_cells_attributes():
+    """input_size, hidden_size, use_bias, weight_ih, weight_hh, bias with
+    ``eqx.nn.LSTMCell``'s shapes and meanings: Equinox's own step, run on our cell's
+    attributes, is our step (plain variant)."""
+    from lstm_multi.equinox import LSTMCell
+
+    ours = LSTMCell(IN, H, key=jax.random.key(5))
+    theirs = eqx.nn.LSTMCell(IN, H, key=jax.random.key(5))
+    for name in ("input_size", "hidden_size", "use_bias"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    for name in ("weight_ih", "weight_hh", "bias"):
+        assert getattr(ours, name).shape == getattr(theirs, name).shape, name
+    x = jnp.linspace(-1.0, 1.0, IN)
+    h, c = jnp.linspace(0.5, -0.5, H), jnp.linspace(-0.3, 0.3, H)
+    want = eqx.nn.LSTMCell.__call__(ours, x, (h, c))  # Equinox's math, our attributes
+    got = ours(x, (h, c))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    no_bias = LSTMCell(IN, H, use_bias=False, key=jax.random.key(5))
+    assert no_bias.bias is None and not no_bias.use_bias
+    got = no_bias(x, (h, c))
+    want = eqx.nn.LSTMCell.__call__(no_bias, x, (h, c))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    grads = jax.grad(lambda cell: cell(x, (h, c))[0].sum())(no_bias)
+    assert not np.any(np.asarray(grads.params["b"]))

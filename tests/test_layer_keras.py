@@ -377,7 +377,11 @@ def test_unsupported_keras_backend_is_refused(monkeypatch):
         ({"num_layers": 0}, ValueError, r"num_layers: expected a positive integer, got 0"),
         ({"variant": "gru"}, ValueError, r"variant: expected one of \[.*\], got 'gru'"),
         ({"return_sequences": 1}, TypeError, r"return_sequences: expected True or False, got 1"),
-        ({"scheme": "glorot"}, ValueError, r"scheme: expected one of \('uniform', 'keras', 'flax', 'equinox'\)"),
+        (
+            {"scheme": "glorot"},
+            ValueError,
+            r"scheme: expected one of \('uniform', 'keras', 'flax', 'equinox'\)",
+        ),
         ({"seed": -1}, ValueError, r"seed: expected None or a non-negative integer, got -1"),
         (
             {"go_backwards": True, "bidirectional": True},
