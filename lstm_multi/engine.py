@@ -299,7 +299,7 @@ _TABLE = (
         "cuda",
         _FLOATS,
         "CUDA tensors",
-        "array",
+        "auto",
         "cuda_graphs=True",
         _NOT_ON_GPU_YET,
         _graphed_refusal,
