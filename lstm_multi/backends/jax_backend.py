@@ -308,7 +308,8 @@ class Cell(FunctionalCell):
     interpreter on any device (to debug a kernel on a GPU).
 
     JAX only: how the scan is compiled (the scan engine's, and the Pallas
-    engine's where it falls back to the scan). Both change speed, never a result.
+    engine's where it falls back to the scan). Both change speed, not results
+    (beyond rounding).
     ``scan_unroll`` (2 by default): steps per iteration of the forward without
     gradient (``lax.scan``'s ``unroll``), and of the forward JAX differentiates
     with ``autodiff=True``. Unrolling trades compile time and code size for
