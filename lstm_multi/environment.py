@@ -1,35 +1,44 @@
 """Every environment variable lstm_multi reads, and their strict parsers.
 
-They are for CI, tests and benchmarks: where a function argument does the same
-(``gate_kernel=``, ``interpret=``), prefer the argument. A value that cannot be
-read is a ``ValueError`` naming the variable, what it accepts and what it holds;
-unset or empty (whitespace only) means the default.
+They are for CI, tests and benchmarks. Every behaviour a user may want is an
+argument: the last column names it, and no user needs a variable. A value that
+cannot be read is a ``ValueError`` naming the variable, what it accepts and what
+it holds; unset or empty (whitespace only) means the default.
 
-=============================== ============================================ =================
-name                            meaning                                      values (default)
-=============================== ============================================ =================
-``LSTM_MULTI_CPU_KERNELS``      CPU arrays run the generated C++ kernels;    switch (on)
-                                off: the array code everywhere (per call:
-                                ``gate_kernel="array"`` on the torch cell)
-``LSTM_MULTI_CPU_THREADS``      the batch-split loops where the plan allows; switch (on)
-                                off: the per-step loop. Not a thread count:
-                                the split runs on torch's threads
-                                (``torch.set_num_threads``)
-``LSTM_MULTI_PALLAS_INTERPRET`` the Pallas kernels run in Pallas's           switch (off)
-                                interpreter on accelerators too (on the CPU
-                                they always are); else
-                                ``jax_pallas.PallasKernels(interpret=True)``
-``LSTM_MULTI_CACHE``            where compiled kernels and generated         a directory
-                                modules are cached                           (~/.cache/lstm_multi)
-``CXX``                         the host C++ compiler for the CPU kernels    a command (g++,
-                                                                             then clang++)
-``TRITON_INTERPRET``            Triton's own: Triton kernels run in its      switch (off)
-                                interpreter, on CPU tensors too (the tests)
-=============================== ============================================ =================
+=============================== ========================================= ================= =================================
+name                            meaning                                   values (default)  the argument instead
+=============================== ========================================= ================= =================================
+``LSTM_MULTI_CPU_KERNELS``      CPU arrays may run the generated C++      switch (on)       ``engine="array"`` on any cell
+                                kernels; off: the engine table refuses                      (per cell, not process-wide)
+                                them (CI's array-code run)
+``LSTM_MULTI_CPU_THREADS``      the batch-split loops where the plan      switch (on)       none wanted: the plan takes the
+                                allows; off: the per-step loop (to                          split only where it measured
+                                compare the two, or to rule the split                       faster; results agree to
+                                out). Not a thread count                                    rounding. Threads:
+                                                                                            ``torch.set_num_threads``
+``LSTM_MULTI_PALLAS_INTERPRET`` the Pallas kernels run in Pallas's        switch (off)      ``pallas_kernels=jax_pallas.
+                                interpreter on accelerators too (on the                     PallasKernels(interpret=True)``
+                                CPU they always are)                                        on the JAX cell
+``LSTM_MULTI_CACHE``            where compiled kernels and generated      a directory       (a machine's setting)
+                                modules are cached                        (~/.cache/
+                                                                          lstm_multi)
+``CXX``                         the host C++ compiler for the CPU kernels a command (g++,   (a machine's setting)
+                                                                          then clang++)
+``TRITON_INTERPRET``            Triton's own: Triton kernels run in its   switch (off)      (Triton's own; the tests)
+                                interpreter, on CPU tensors too
+``KERAS_BACKEND``               Keras's own: the backend Keras loads at   a name (Keras's)  (Keras's own)
+                                its first import, for the whole process;
+                                read only by the benchmark's Keras peer,
+                                which needs "jax" and is skipped
+                                otherwise. The ``lstm-multi`` command
+                                sets it to "jax" when unset, in its own
+                                process only
+=============================== ========================================= ================= =================================
 
 A switch is one of ``1 0 true false yes no on off`` (any case, surrounding
-whitespace ignored). ``KERAS_BACKEND`` is Keras's own; the benchmark sets it to
-``jax`` when unset, before Keras is imported.
+whitespace ignored). Nothing in lstm_multi changes a caller's environment but
+``temporarily``, which restores it: ``check_variant`` runs its Triton check with
+``TRITON_INTERPRET=1`` (Triton reads only the variable).
 
 Only ``os`` is imported: every layer may read these, none is above it.
 """
@@ -57,6 +66,7 @@ PALLAS_INTERPRET = "LSTM_MULTI_PALLAS_INTERPRET"
 CACHE = "LSTM_MULTI_CACHE"
 COMPILER = "CXX"
 TRITON_INTERPRET = "TRITON_INTERPRET"
+KERAS_BACKEND = "KERAS_BACKEND"
 
 
 def switch(name: str, default: bool, hint: str = "") -> bool:
@@ -113,6 +123,12 @@ def compiler() -> str | None:
     """``CXX``: the host C++ compiler asked for, or None (unset or empty: g++, then
     clang++)."""
     raw = os.environ.get(COMPILER, "")
+    return raw.strip() or None
+
+
+def keras_backend() -> str | None:
+    """``KERAS_BACKEND`` (Keras's own): the backend it names, or None (unset or empty)."""
+    raw = os.environ.get(KERAS_BACKEND, "")
     return raw.strip() or None
 
 

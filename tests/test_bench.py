@@ -146,7 +146,8 @@ def test_module_entry_point_help():
 
 
 def test_in_process_run_subset(tmp_path, capsys):
-    code = cli.main(
+    environment = dict(os.environ)
+    code = cli.run(
         [
             "bench",
             "--backend",
@@ -171,6 +172,7 @@ def test_in_process_run_subset(tmp_path, capsys):
         ]
     )
     assert code == 0
+    assert dict(os.environ) == environment  # run from Python: the caller's, unchanged
     out = capsys.readouterr().out
     assert "numpy / lstm" in out and "numpy.matmuls" in out
     results = json.loads((tmp_path / "results.json").read_text())
@@ -189,7 +191,7 @@ def test_step_mode_times_one_step_per_call(tmp_path, capsys):
     arguments = ["bench", "--backend", "numpy", "--backend", "torch", "--variant", "lstm"]
     arguments += ["--peer", "article", "--size", "4,2,3,5", "--mode", "step", "--repeats", "2"]
     arguments += ["--warmup", "0", "--no-progress", "--out", str(tmp_path)]
-    assert cli.main(arguments) == 0
+    assert cli.run(arguments) == 0
     assert "one step per call" in capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
     check_results(results, ("step",), [config.parse_size("4,2,3,5")])
@@ -208,7 +210,7 @@ def test_default_run_is_short_and_says_where_and_how_long(tmp_path, capsys, monk
     assert set(every.variants) == set(lstm_multi.VARIANTS)
     monkeypatch.chdir(tmp_path)
     arguments = ["bench", "--backend", "numpy", "--no-peers", "--size", TINY, "--mode", "forward"]
-    assert cli.main([*arguments, "--repeats", "1", "--warmup", "0", "--no-progress"]) == 0
+    assert cli.run([*arguments, "--repeats", "1", "--warmup", "0", "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert "a rough estimate" in captured.err and "lstm-multi-bench/" in captured.err
     assert "took " in captured.out
@@ -216,7 +218,7 @@ def test_default_run_is_short_and_says_where_and_how_long(tmp_path, capsys, monk
 
 
 def test_list_runners(capsys):
-    assert cli.main(["bench", "--list"]) == 0
+    assert cli.run(["bench", "--list"]) == 0
     out = capsys.readouterr().out
     for name in ("torch.nn.LSTM", "article", "flax", "equinox", "keras", "numpy.matmuls"):
         assert name in out
@@ -254,7 +256,7 @@ def test_gpu_paths_join_cuda_runs_only():
 )
 def test_option_errors_are_clear(args, message, capsys):
     with pytest.raises(SystemExit) as raised:
-        cli.main(["bench", *args])
+        cli.run(["bench", *args])
     assert raised.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -266,7 +268,7 @@ def test_unavailable_backend_is_a_clear_error(capsys):
     if not missing:
         pytest.skip("every backend is available here")
     with pytest.raises(SystemExit):
-        cli.main(["bench", "--backend", missing[0]])
+        cli.run(["bench", "--backend", missing[0]])
     assert "cannot run here" in capsys.readouterr().err
 
 
@@ -358,8 +360,78 @@ def test_engine_runners_measure_only_an_engine_that_runs_and_is_not_the_default(
 def test_engines_command_prints_the_table(capsys):
     from lstm_multi import engine
 
-    assert cli.main(["engines"]) == 0
+    assert cli.run(["engines"]) == 0
     assert capsys.readouterr().out.strip() == engine.engine_table()
-    assert cli.main(["engines", "--backend", "jax"]) == 0
+    assert cli.run(["engines", "--backend", "jax"]) == 0
     out = capsys.readouterr().out
     assert "`scan`" in out and "`native`" not in out
+
+
+KERAS_CHECK = """
+import os, sys
+from lstm_multi.bench import peers
+from lstm_multi.bench.frameworks import Unavailable
+try:
+    peers.require_keras_on_jax()
+    print("ok")
+except Unavailable as error:
+    print("unavailable:", error)
+print("keras imported:", "keras" in sys.modules)
+print("KERAS_BACKEND:", os.environ.get("KERAS_BACKEND"))
+"""
+
+
+@pytest.mark.parametrize("value", [None, "torch", "jax"])
+def test_the_keras_peer_leaves_the_callers_environment_alone(value):
+    """In a caller's process the benchmark sets no KERAS_BACKEND: the Keras peer runs only
+    where Keras will load on JAX, and is refused with the reason otherwise, before Keras
+    is imported (which would fix its backend for the process)."""
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    if value is not None:
+        env["KERAS_BACKEND"] = value
+    proc = subprocess.run(
+        [sys.executable, "-c", KERAS_CHECK], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[1:] == ["keras imported: False", f"KERAS_BACKEND: {value}"], lines
+    if value == "jax":
+        assert lines[0] == "ok"
+    else:
+        found = "unset" if value is None else f"'{value}'"
+        assert lines[0].startswith(f"unavailable: the Keras peer runs on Keras's 'jax' backend, "
+                                   f"and KERAS_BACKEND is {found}"), lines[0]  # fmt: skip
+
+
+def test_keras_loaded_on_another_backend_is_refused_with_the_reason():
+    """Keras already imported on another backend: the peer says so instead of running."""
+    if not all(importlib.util.find_spec(m) for m in ("keras", "torch")):
+        pytest.skip("needs keras and torch")  # not imported here: keras would fix its backend
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
+    code = "import keras; import os; os.environ['KERAS_BACKEND'] = 'jax'\n" + KERAS_CHECK
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("unavailable: Keras was already loaded with the 'torch'"), (
+        proc.stdout
+    )
+
+
+def test_the_command_sets_keras_backend_in_its_own_process_only():
+    """``main`` (the ``lstm-multi`` command) defaults KERAS_BACKEND to jax in its process and
+    keeps a value given (``run``, the same from Python, leaves it: the in-process tests)."""
+    code = (
+        "import os\n"
+        "from lstm_multi.bench import cli\n"
+        "cli.run = lambda argv: print(os.environ.get('KERAS_BACKEND')) or 0\n"
+        "cli.main(['bench'])\n"
+    )
+    for value, want in ((None, "jax"), ("torch", "torch")):
+        env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+        if value is not None:
+            env["KERAS_BACKEND"] = value
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert proc.stdout.strip() == want, proc.stdout + proc.stderr

@@ -284,15 +284,14 @@ def _has_node(fn, name, depth=6):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_jax_unrolled_scan_equals_plain_scan_and_numpy(variant, monkeypatch):
+def test_jax_unrolled_scan_equals_plain_scan_and_numpy(variant):
     pytest.importorskip("jax")
     from lstm_multi.backends import jax_backend, numpy_backend
 
     cfg = {**DEEP, "variant": variant, "seed": 5}
     reference = run(numpy_backend.Cell(5, 4, **cell_kwargs(cfg)), cfg)
     for unroll in (1, 2, 3):
-        monkeypatch.setattr(jax_backend, "SCAN_UNROLL", unroll)
-        cell = jax_backend.Cell(5, 4, **cell_kwargs(cfg))  # a fresh cell: traced anew
+        cell = jax_backend.Cell(5, 4, **cell_kwargs(cfg), scan_unroll=unroll)
         assert_all_close(run(cell, cfg), reference, tolerance("float64"), tolerance("float64"))
 
 
@@ -304,10 +303,7 @@ def test_jax_custom_vjp_equals_autodiff(dtype, tol, cfg):
     pytest.importorskip("jax")
     from lstm_multi.backends import jax_backend
 
-    class AutodiffCell(jax_backend.Cell):
-        direction = staticmethod(jax_backend.autodiff_direction)
-
     i, h = cfg["input_size"], cfg["hidden_size"]
     got = run(jax_backend.Cell(i, h, **cell_kwargs(cfg)), cfg, dtype)
-    want = run(AutodiffCell(i, h, **cell_kwargs(cfg)), cfg, dtype)
+    want = run(jax_backend.Cell(i, h, **cell_kwargs(cfg), autodiff=True), cfg, dtype)
     assert_all_close(got, want, tol, tol)

@@ -79,18 +79,29 @@ def test_the_cpu_cells_loops_are_read():
 
 
 @pytest.mark.parametrize("variant", ["lstm", "peephole"])
-def test_projected_before_the_scan_a_forward_step_has_one_product(monkeypatch, variant):
-    """``PROJECT_IN_STEP=False`` (the default off the CPU): x W + b is one product
+def test_projected_before_the_scan_a_forward_step_has_one_product(variant):
+    """``project_in_step=False`` (the default off the CPU): x W + b is one product
     before the loop, and the loop's step has the recurrent product only."""
     jax = pytest.importorskip("jax")
     import lstm_multi
-    from lstm_multi.backends import jax_backend
 
     x = jax.numpy.ones((6, 4, 8), "float32")
     loops = {}
     for in_step in (True, False):
-        monkeypatch.setattr(jax_backend, "PROJECT_IN_STEP", in_step)
-        cell = lstm_multi.get_cell("jax")(8, 16, variant=variant)  # traced afresh
+        cell = lstm_multi.get_cell("jax")(8, 16, variant=variant, project_in_step=in_step)
         (loops[in_step],) = hlo.cell_report(cell, cell.init(seed=0), x)["forward"]
     inside, before = loops[True], loops[False]
     assert inside["gemm"] == 2 and before["gemm"] == 1
+
+
+@pytest.mark.parametrize("unroll", [1, 3])
+def test_scan_unroll_sets_the_steps_an_iteration_of_the_forward(unroll):
+    """``scan_unroll=n``: the forward loop's body holds n steps (2n products with x_t W in
+    the step), which ``cell_report`` divides back to 2 a step."""
+    jax = pytest.importorskip("jax")
+    import lstm_multi
+
+    cell = lstm_multi.get_cell("jax")(8, 16, scan_unroll=unroll, project_in_step=True)
+    x = jax.numpy.ones((6, 4, 8), "float32")
+    (forward,) = hlo.cell_report(cell, cell.init(seed=0), x)["forward"]
+    assert forward["gemm"] == 2, forward

@@ -170,20 +170,18 @@ def test_lengths_under_vmap_and_grad():
 
 
 @pytest.mark.parametrize("variant", ["lstm", "peephole", "peephole_full"])
-def test_the_input_projections_placement_changes_no_result(monkeypatch, variant):
+def test_the_input_projections_placement_changes_no_result(variant):
     """x W + b inside each step (the CPU's default) or before the scan (elsewhere):
     the same outputs and gradients in float64, with lengths and both directions."""
-    from lstm_multi.backends import jax_backend
-
     rng = np.random.default_rng(0)
     x = rng.normal(size=(5, 3, 3))
     dy = rng.normal(size=(5, 3, 8))
     lengths = np.array([5, 2, 4])
     results = []
     for in_step in (True, False):
-        monkeypatch.setattr(jax_backend, "PROJECT_IN_STEP", in_step)
-        # a new cell: the flag is read when a cell's jitted functions are traced
-        cell = lstm_multi.get_cell("jax")(3, 4, variant, 2, True, batch_first=False)
+        cell = lstm_multi.get_cell("jax")(
+            3, 4, variant, 2, True, batch_first=False, project_in_step=in_step
+        )
         params = cell.init(seed=1, dtype="float64")
         y, _ = cell(params, x, lengths=lengths)
         grads = cell.vjp(params, x, dy, lengths=lengths)

@@ -13,6 +13,7 @@ an error, never a silent downcast to float32.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,24 +68,27 @@ class JaxOps(ArrayModuleOps):
 
 OPS = JaxOps()
 
-#: steps per iteration of the compiled forward loop when no gradient is taken
-#: (``lax.scan``'s ``unroll``); the forward that keeps residuals for the
-#: backward and the backward itself are not unrolled (unrolling them measured
-#: slower, benchmarks/NOTES.md)
-SCAN_UNROLL = 2
 
-#: where the input projection x_t W + b is computed: True inside each scan step
-#: (measured faster on XLA-CPU, benchmarks/NOTES.md), False as one (T*B, in)
-#: product before the scan, so that a step is one GEMM (r U) and the gate
-#: fusion (the design of cuDNN and haste, for accelerators); None (default):
-#: inside on the CPU, before the scan on any other default backend
-PROJECT_IN_STEP = None
+class ScanPlan(NamedTuple):
+    """How a direction's ``lax.scan`` is compiled (the cell's ``scan_unroll`` and
+    ``project_in_step``, the latter resolved for the default backend).
+
+    unroll: steps per iteration of the forward that keeps no residuals (the call
+        without a gradient, and the forward JAX differentiates with ``autodiff=True``);
+        the forward that keeps them for the custom VJP and the reverse scan always run 1.
+    in_step: True computes x_t W + b inside each step; False as one (T*B, in) product
+        before the scan, so that a step is one GEMM (r U) and the gate fusion.
+    """
+
+    unroll: int
+    in_step: bool
 
 
-def project_in_step():
-    """Whether ``_forward_scan`` projects x_t inside the step (``PROJECT_IN_STEP``)."""
-    if PROJECT_IN_STEP is not None:
-        return PROJECT_IN_STEP
+def project_in_step(setting=None):
+    """Where x_t W + b is computed: ``setting`` when it is True or False, else (None)
+    inside each step on the CPU and before the scan on any other default backend."""
+    if setting is not None:
+        return setting
     return jax.default_backend() == "cpu"
 
 
@@ -136,20 +140,17 @@ def _summed_like(cotangents, primals):
     return jax.tree.map(reduce, cotangents, primals)
 
 
-def _forward_scan(variant, p, xs, h0, c0, valid, record, unroll):
-    """The forward of one direction in ``lax.scan``.
+def _forward_scan(variant, p, xs, h0, c0, valid, record, unroll, in_step):
+    """The forward of one direction in ``lax.scan``, ``unroll`` steps an iteration.
 
-    The input projection x_t W + b is computed inside the step on the CPU: on
-    XLA-CPU one (T*B, in) product before the scan was measured about 2x slower
-    in the forward than T small ones inside it (benchmarks/NOTES.md). Elsewhere
-    it is one product before the scan (``project_in_step``).
-    Returns (ys, h_T, c_T, residuals); residuals (the recurrent inputs r and the
-    gate caches, stacked over time) only when ``record``.
+    ``in_step`` (``ScanPlan``): the input projection x_t W + b inside the step,
+    or one product before the scan. Returns (ys, h_T, c_T, residuals);
+    residuals (the recurrent inputs r and the gate caches, stacked over time)
+    only when ``record``.
     """
     ops = OPS
     U_step = ops.prepare_step_weight(recurrent_weight(ops, variant, p["U"]))
     extra = network.extra_params(p)
-    in_step = project_in_step()
 
     def step(carry, inputs):
         h, c = carry
@@ -173,18 +174,18 @@ def _forward_scan(variant, p, xs, h0, c0, valid, record, unroll):
     return ys, h, c, (rs, caches)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _direction(variant, p, xs, h0, c0, valid):
-    ys, h, c, _ = _forward_scan(variant, p, xs, h0, c0, valid, False, SCAN_UNROLL)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _direction(variant, plan, p, xs, h0, c0, valid):
+    ys, h, c, _ = _forward_scan(variant, p, xs, h0, c0, valid, False, *plan)
     return ys, h, c
 
 
-def _direction_forward(variant, p, xs, h0, c0, valid):
-    ys, h, c, residuals = _forward_scan(variant, p, xs, h0, c0, valid, True, 1)
+def _direction_forward(variant, plan, p, xs, h0, c0, valid):
+    ys, h, c, residuals = _forward_scan(variant, p, xs, h0, c0, valid, True, 1, plan.in_step)
     return (ys, h, c), (p, xs, h0, c0, valid, residuals)
 
 
-def _direction_backward(variant, saved, cotangents):
+def _direction_backward(variant, plan, saved, cotangents):
     """The BPTT (``bptt.masked_step_backward``, the derived gate backward) in a reverse scan,
     then one GEMM each for dW, dU and dx over the whole sequence
     (``bptt.direction_grads``, which also gives each gradient its primal's dtype)."""
@@ -217,21 +218,22 @@ def _direction_backward(variant, saved, cotangents):
 _direction.defvjp(_direction_forward, _direction_backward)
 
 
-def scan_direction(ops, variant, p, xs, h0, c0, valid):
-    """One direction over time with ``lax.scan``; same contract as ``network.loop_direction``.
+def scan_direction(ops, variant, p, xs, h0, c0, valid, plan):
+    """One direction over time with ``lax.scan``, compiled as ``plan`` (a ``ScanPlan``)
+    says; otherwise ``network.loop_direction``'s contract.
 
     Differentiable through a custom VJP: the spec's derived backward in a
     reverse scan (as the NumPy backend runs it), which measured ~10% faster than
     JAX's transpose of the forward scan. ``autodiff_direction`` is the plain
     autodiff version it is tested against.
     """
-    ys, h, c = _direction(variant, p, xs, h0, c0, valid)
+    ys, h, c = _direction(variant, plan, p, xs, h0, c0, valid)
     return ys, h, c, None
 
 
-def autodiff_direction(ops, variant, p, xs, h0, c0, valid):
+def autodiff_direction(ops, variant, p, xs, h0, c0, valid, plan):
     """``scan_direction`` differentiated by JAX itself (the reference for the custom VJP)."""
-    ys, h, c, _ = _forward_scan(variant, p, xs, h0, c0, valid, False, SCAN_UNROLL)
+    ys, h, c, _ = _forward_scan(variant, p, xs, h0, c0, valid, False, *plan)
     return ys, h, c, None
 
 
@@ -300,6 +302,32 @@ class Cell(FunctionalCell):
     or bfloat16; other directions fall back to the scan. Compiled through
     Triton on a GPU, run by Pallas's interpreter on the CPU (slow: for
     tests). Reverse mode only; ``autodiff=True`` cannot be combined with it.
+    ``pallas_kernels``: the ``jax_pallas.PallasKernels`` it launches (only with
+    that engine); None (the default) is the shared one, compiled on a GPU and
+    interpreted on the CPU; ``PallasKernels(interpret=True)`` runs Pallas's
+    interpreter on any device (to debug a kernel on a GPU).
+
+    JAX only: how the scan is compiled (the scan engine's, and the Pallas
+    engine's where it falls back to the scan). Both change speed, not results
+    (beyond rounding).
+    ``scan_unroll`` (2 by default): steps per iteration of the forward without
+    gradient (``lax.scan``'s ``unroll``), and of the forward JAX differentiates
+    with ``autodiff=True``. Unrolling trades compile time and code size for
+    fewer loop iterations and more fusion across steps. Measured against Flax
+    on XLA-CPU when this forward was also the one differentiated
+    (benchmarks/NOTES.md section 2): forward 1.00x at 1, 0.83x at 2, 0.69x at
+    4, but forward+backward 1.06x, 1.01x, 1.18x (the transposed scan carries
+    more residuals); 8 was worse. The forward that keeps residuals for the
+    custom VJP and the reverse scan always run one step an iteration
+    (unrolling them measured slower).
+    ``project_in_step`` (None by default): True computes x_t W + b inside
+    each step; False as one (T*B, in) product before the scan, so that a step
+    is one GEMM (r U) and the gate fusion (cuDNN's and haste's design, for
+    accelerators); None: inside on the CPU, before the scan on any other
+    default backend. On XLA-CPU the product before the scan measured about 2x
+    slower in the forward than T small ones inside it (40 against 16 ms at
+    medium, 105 against 67 at large: benchmarks/NOTES.md section 2); on an
+    H100 it gives a step of 1 GEMM and 1.5 fusions (``bench.hlo``).
     """
     )
     backend = "jax"
@@ -322,6 +350,9 @@ class Cell(FunctionalCell):
         engine: str = "auto",
         autodiff: bool = False,
         kernel: str | None = None,
+        scan_unroll: int = 2,
+        project_in_step: bool | None = None,
+        pallas_kernels=None,
     ):
         if not (kernel is None or (isinstance(kernel, str) and kernel in self.KERNELS)):
             raise ValueError(f"kernel: expected None or 'pallas_persistent', got {kernel!r}")
@@ -343,22 +374,55 @@ class Cell(FunctionalCell):
                 "cannot be combined with autodiff=True"
             )
         self.kernel = "pallas_persistent" if self.engine == "pallas_persistent" else None
-        if self.autodiff:
-            self.direction = autodiff_direction
-        elif self.engine == "pallas_persistent":
-            from . import jax_pallas  # imported on first use: Pallas is loaded only then
-
-            self.direction = jax_pallas.pallas_direction
+        self.scan_unroll = validation.check_positive_int("scan_unroll", scan_unroll)
+        if project_in_step is not None and not isinstance(project_in_step, bool):
+            raise TypeError(
+                f"project_in_step: expected None, True or False, got {project_in_step!r}"
+            )
+        self.project_in_step = project_in_step
+        self.pallas_kernels = self._checked_pallas_kernels(pallas_kernels)
         self._jit_forward = jax.jit(self._forward_impl)
         self._jit_vjp = jax.jit(self._vjp_impl)
 
-    #: the time loop of one direction: the custom VJP; ``autodiff_direction`` with
-    #: ``autodiff=True``
-    direction = staticmethod(scan_direction)
+    def _checked_pallas_kernels(self, kernels):
+        """The Pallas kernels the "pallas_persistent" engine launches (None otherwise)."""
+        if self.engine != "pallas_persistent":
+            if kernels is not None:
+                raise ValueError(
+                    "pallas_kernels: only engine='pallas_persistent' launches Pallas kernels, "
+                    f"got engine={self.engine!r}"
+                )
+            return None
+        from . import jax_pallas  # imported on first use: Pallas is loaded only then
+
+        if kernels is None:
+            return jax_pallas.KERNELS
+        if not isinstance(kernels, jax_pallas.PallasKernels):
+            raise TypeError(
+                "pallas_kernels: expected None or a jax_pallas.PallasKernels, got "
+                f"{type(kernels).__name__}"
+            )
+        return kernels
+
+    def _direction(self, ops, variant, p, xs, h0, c0, valid):
+        """The time loop of one direction (``network.loop_direction``'s contract): the
+        custom VJP's scan, ``autodiff_direction`` with ``autodiff=True``, or the Pallas
+        kernels; the scan compiled as ``scan_unroll`` and ``project_in_step`` say
+        (resolved while tracing, for the default backend)."""
+        plan = ScanPlan(self.scan_unroll, project_in_step(self.project_in_step))
+        if self.autodiff:
+            return autodiff_direction(ops, variant, p, xs, h0, c0, valid, plan)
+        if self.pallas_kernels is not None:
+            from . import jax_pallas
+
+            return jax_pallas.pallas_direction(
+                ops, variant, p, xs, h0, c0, valid, plan, self.pallas_kernels
+            )
+        return scan_direction(ops, variant, p, xs, h0, c0, valid, plan)
 
     def _forward_impl(self, params, x, h0, c0, lengths, layer_masks=None):
         y, h_n, c_n, _, _ = network.forward(
-            OPS, self.variant, params, x, h0, c0, lengths, self.direction, layer_masks=layer_masks
+            OPS, self.variant, params, x, h0, c0, lengths, self._direction, layer_masks=layer_masks
         )
         return y, h_n, c_n
 

@@ -39,20 +39,22 @@ The tape is the Triton kernels': hs and cs (T + 1, B, H) from h0, c0 on, and the
 values other than c_{t-1} and c_t, which the backward reads from cs).
 
 Limits: H <= ``MAX_SEQUENCE_HIDDEN`` = 64 (U's four blocks on chip) and no
-projection; ``fits`` says when, and ``pallas_direction`` falls back to
-``jax_backend.scan_direction`` otherwise.
+projection; ``PallasKernels.fits`` says when, and ``pallas_direction`` falls
+back to ``jax_backend.scan_direction`` otherwise.
 
 Precision: the math runs in float32 (``lax.Precision.HIGHEST`` dots: IEEE float32
 in Triton, no TF32); inputs may be float32, float16 or bfloat16. h (hs, ys) comes
 back in the input's dtype; c (cs), the stored values, dz, dh0, dc0 and the
 parameter sums are float32, rounded once by ``bptt.direction_grads``. The carried
 h stays float32 between steps, as in the Triton kernels. float64 is not for the
-kernel (``fits`` falls back to the scan), except under the interpreter when
-``INTERPRET_FLOAT64`` is set: then the kernel's math runs in float64, which the
-tests use to check its structure against the oracle to 1e-10.
+kernel (``PallasKernels.fits`` falls back to the scan), except under the
+interpreter of kernels built with ``interpret_float64=True``: then the kernel's
+math runs in float64, which the tests use to check its structure against the
+oracle to 1e-10.
 
-Interpreter: ``interpret=True`` runs the kernels as plain JAX (Pallas's
-interpreter), the default when JAX's default backend is the CPU or
+Interpreter: ``PallasKernels(interpret=True)`` runs the kernels as plain JAX
+(Pallas's interpreter; the JAX cell takes such an object as ``pallas_kernels``),
+the default when JAX's default backend is the CPU or, for CI,
 ``LSTM_MULTI_PALLAS_INTERPRET=1``; that is how the tests run without a GPU. On a
 GPU Pallas lowers the kernels through Triton, asked for by name
 (``pltriton.CompilerParams``: jax >= 0.10 may otherwise pick Mosaic GPU); the
@@ -76,7 +78,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .. import bptt, environment, network, spec
+from .. import bptt, environment, network, spec, validation
 from ..compile.emit_cuda import forward_stored
 from ..step import recurrent_weight
 from . import jax_backend
@@ -87,8 +89,6 @@ _INPUT_DTYPES = ("float32", "float16", "bfloat16")
 BLOCK_B = 16
 #: the largest H the kernels take (U's four blocks held on chip), as the Triton kernels'
 MAX_SEQUENCE_HIDDEN = 64
-#: run the kernels' math in float64 for float64 inputs under the interpreter (tests only)
-INTERPRET_FLOAT64 = False
 
 
 def default_interpret():
@@ -293,22 +293,49 @@ class PallasKernels:
 
     ``interpret``: True runs Pallas's interpreter, False compiles (on a GPU, through
     Triton); None (the default) decides at each call (``default_interpret``).
+    ``interpret_float64`` (for tests; False by default): under the interpreter, take
+    float64 arrays and run the kernels' math in float64, so that their indexing,
+    masking and tape can be checked against a float64 oracle to 1e-10. Compiled
+    kernels never take float64.
     """
 
     BLOCK_B = BLOCK_B
     MAX_SEQUENCE_HIDDEN = MAX_SEQUENCE_HIDDEN
 
-    def __init__(self, interpret=None):
+    def __init__(self, interpret=None, interpret_float64=False):
+        if interpret is not None and not isinstance(interpret, bool):
+            raise TypeError(f"interpret: expected None, True or False, got {interpret!r}")
         self.interpret = interpret
+        self.interpret_float64 = validation.check_bool("interpret_float64", interpret_float64)
+
+    def __repr__(self):
+        return (
+            f"{type(self).__name__}(interpret={self.interpret!r}, "
+            f"interpret_float64={self.interpret_float64!r})"
+        )
 
     def _interpret(self):
-        return default_interpret() if self.interpret is None else bool(self.interpret)
+        return default_interpret() if self.interpret is None else self.interpret
+
+    def _takes_float64(self):
+        return self.interpret_float64 and self._interpret()
+
+    def fits(self, variant, p, xs):
+        """Whether these kernels take this direction: H <= 64, no projection, and float32,
+        float16 or bfloat16 throughout (float64 falls back to the scan, except under the
+        interpreter with ``interpret_float64``)."""
+        variant = spec.get_variant(variant)
+        if spec.PROJECTION in p or p["U"].shape[-1] // 4 > MAX_SEQUENCE_HIDDEN:
+            return False
+        dtype = str(xs.dtype)
+        allowed = dtype in _INPUT_DTYPES or (dtype == "float64" and self._takes_float64())
+        return allowed and all(str(v.dtype) == dtype for v in p.values())
 
     def _compute_dtype(self, name, array):
         dtype = str(array.dtype)
         if dtype in _INPUT_DTYPES:
             return jnp.float32
-        if dtype == "float64" and INTERPRET_FLOAT64 and self._interpret():
+        if dtype == "float64" and self._takes_float64():
             return jnp.float64
         raise TypeError(
             f"{name}: the Pallas persistent kernels compute in float32 and take float32, "
@@ -464,54 +491,42 @@ class PallasKernels:
         return dzs, dh0, dc0, grads
 
 
+#: the kernels a cell launches unless given its own (``pallas_kernels``)
 KERNELS = PallasKernels()
 
 
 # one direction, differentiable ------------------------------------------------------------
 
 
-def fits(variant, p, xs):
-    """Whether the persistent kernels take this direction: H <= 64, no projection, and
-    float32, float16 or bfloat16 throughout (float64 falls back to the scan)."""
-    variant = spec.get_variant(variant)
-    if spec.PROJECTION in p or p["U"].shape[-1] // 4 > MAX_SEQUENCE_HIDDEN:
-        return False
-    dtype = str(xs.dtype)
-    allowed = dtype in _INPUT_DTYPES
-    if dtype == "float64" and INTERPRET_FLOAT64 and KERNELS._interpret():
-        allowed = True
-    return allowed and all(str(v.dtype) == dtype for v in p.values())
-
-
 def _weights(variant, p):
     return recurrent_weight(jax_backend.OPS, variant, p["U"]), network.extra_params(p)
 
 
-def _forward(variant, p, xs, h0, c0, valid):
+def _forward(variant, kernels, p, xs, h0, c0, valid):
     U, extra = _weights(variant, p)
     zx = jax_backend.OPS.project(xs, p["W"], p["b"])
-    return KERNELS.sequence_forward(variant, zx, U, h0, c0, extra, valid)
+    return kernels.sequence_forward(variant, zx, U, h0, c0, extra, valid)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _direction(variant, p, xs, h0, c0, valid):
-    ys, hs, cs, _ = _forward(variant, p, xs, h0, c0, valid)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _direction(variant, kernels, p, xs, h0, c0, valid):
+    ys, hs, cs, _ = _forward(variant, kernels, p, xs, h0, c0, valid)
     return ys, hs[-1].astype(h0.dtype), cs[-1].astype(c0.dtype)
 
 
-def _direction_forward(variant, p, xs, h0, c0, valid):
-    ys, hs, cs, stored = _forward(variant, p, xs, h0, c0, valid)
+def _direction_forward(variant, kernels, p, xs, h0, c0, valid):
+    ys, hs, cs, stored = _forward(variant, kernels, p, xs, h0, c0, valid)
     out = ys, hs[-1].astype(h0.dtype), cs[-1].astype(c0.dtype)
     return out, (p, xs, h0, c0, valid, hs, cs, stored)
 
 
-def _direction_backward(variant, saved, cotangents):
+def _direction_backward(variant, kernels, saved, cotangents):
     """The persistent backward, then one product each for dW, dU, db and dx over the
     whole sequence (``bptt.direction_grads``, which gives each its primal's dtype)."""
     p, xs, h0, c0, valid, hs, cs, stored = saved
     dys, dh, dc = cotangents
     U, extra = _weights(variant, p)
-    dzs, dh0, dc0, dextra = KERNELS.sequence_backward(
+    dzs, dh0, dc0, dextra = kernels.sequence_backward(
         variant, dys, dh, dc, cs, stored, U, extra, valid
     )
     rs = (hs if variant.recurrent_state == "h" else cs)[: xs.shape[0]]
@@ -525,12 +540,13 @@ def _direction_backward(variant, saved, cotangents):
 _direction.defvjp(_direction_forward, _direction_backward)
 
 
-def pallas_direction(ops, variant, p, xs, h0, c0, valid):
-    """One direction over time in the persistent kernels; ``network.loop_direction``'s
-    contract (returns ys, h_T, c_T, None). Differentiable (reverse mode) through a
-    custom VJP that runs the persistent backward. Where the kernels do not fit
-    (``fits``), ``jax_backend.scan_direction`` runs the direction."""
-    if not fits(variant, p, xs) or str(h0.dtype) != str(xs.dtype):
-        return jax_backend.scan_direction(ops, variant, p, xs, h0, c0, valid)
-    ys, h, c = _direction(variant, p, xs, h0, c0, valid)
+def pallas_direction(ops, variant, p, xs, h0, c0, valid, plan, kernels=KERNELS):
+    """One direction over time in the persistent ``kernels`` (a ``PallasKernels``);
+    ``network.loop_direction``'s contract (returns ys, h_T, c_T, None). Differentiable
+    (reverse mode) through a custom VJP that runs the persistent backward. Where the
+    kernels do not fit (``kernels.fits``), ``jax_backend.scan_direction`` runs the
+    direction, compiled as ``plan`` (a ``jax_backend.ScanPlan``) says."""
+    if not kernels.fits(variant, p, xs) or str(h0.dtype) != str(xs.dtype):
+        return jax_backend.scan_direction(ops, variant, p, xs, h0, c0, valid, plan)
+    ys, h, c = _direction(variant, kernels, p, xs, h0, c0, valid)
     return ys, h, c, None

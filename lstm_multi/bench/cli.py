@@ -1,11 +1,16 @@
-"""The ``lstm-multi`` command: ``lstm-multi bench [options]`` (also ``python -m lstm_multi.bench``)."""
+"""The ``lstm-multi`` command: ``lstm-multi bench [options]`` (also ``python -m lstm_multi.bench``).
+
+``main`` is the command, in a process of its own; ``run`` is the same from
+Python, in the caller's process, whose environment it leaves alone.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from .. import registry, spec
+from .. import environment, registry, spec
 from .config import (
     DEFAULT_SIZES,
     DEFAULT_VARIANTS,
@@ -227,6 +232,17 @@ def list_runners(config):
 
 
 def main(argv=None):
+    """The ``lstm-multi`` command (and ``python -m lstm_multi.bench``): ``run`` in the
+    command's own process, where Keras is to load on JAX for the Keras peer unless
+    ``KERAS_BACKEND`` already names a backend (Keras reads it once, at its first import)."""
+    os.environ.setdefault(environment.KERAS_BACKEND, "jax")
+    return run(argv)
+
+
+def run(argv=None):
+    """``lstm-multi`` with the arguments ``argv`` (default: this process's); returns the exit
+    status. The environment is left as it is: the Keras peer runs only where Keras is, or
+    will be, on JAX (``KERAS_BACKEND=jax``) and is skipped with the reason otherwise."""
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "engines":

@@ -106,10 +106,8 @@ def scan_kernels(hlo_text):
 def cell_report(cell, params, x):
     """The JAX cell's forward and VJP loops, compiled for ``x`` (time-major (T, B, in)):
     {"forward": [...], "vjp": [...]} with each loop's counts per time step (divided by
-    the steps one iteration runs: ``SCAN_UNROLL`` in the forward, 1 elsewhere)."""
+    the steps one iteration runs: the cell's ``scan_unroll`` in the forward, 1 elsewhere)."""
     import jax.numpy as jnp
-
-    from ..backends import jax_backend
 
     shapes = cell.state_shapes(x.shape[1])
     h0, c0 = (jnp.zeros(s, x.dtype) for s in shapes)
@@ -119,7 +117,7 @@ def cell_report(cell, params, x):
     vjp = cell._jit_vjp.lower(params, x, h0, c0, None, dy, h0, c0, None).compile().as_text()
     report = {}
     for name, text, unroll in (
-        ("forward", forward, jax_backend.SCAN_UNROLL),
+        ("forward", forward, cell.scan_unroll),
         ("vjp", vjp, 1),
     ):
         loops = scan_kernels(text)

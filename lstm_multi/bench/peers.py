@@ -9,8 +9,9 @@ the gradients of every parameter and of x for the output gradient dy).
 from __future__ import annotations
 
 import importlib.util
-import os
+import sys
 
+from .. import environment
 from . import frameworks
 from .frameworks import Unavailable
 
@@ -189,17 +190,38 @@ def build_equinox(runner, case):
     return _jax_runner(fw, case, apply, params, x, dy)
 
 
+def require_keras_on_jax():
+    """Unavailable unless Keras runs, or will run once imported, on its JAX backend.
+
+    Keras fixes its backend for the whole process at its first import, from
+    ``KERAS_BACKEND``. The benchmark never sets it in a caller's process (their own
+    Keras code may expect another backend); the ``lstm-multi`` command sets it in
+    its own (``cli.main``). Unset here counts as not JAX, although Keras may also
+    read a backend from its config file: importing Keras to find out would fix it.
+    """
+    if "keras" in sys.modules:
+        name = sys.modules["keras"].backend.backend()
+        if name != "jax":
+            raise Unavailable(
+                f"Keras was already loaded with the {name!r} backend; the Keras peer runs "
+                "on 'jax' (set KERAS_BACKEND=jax before keras is imported)"
+            )
+        return
+    name = environment.keras_backend()
+    if name != "jax":
+        found = "unset" if name is None else f"{name!r}"
+        raise Unavailable(
+            f"the Keras peer runs on Keras's 'jax' backend, and KERAS_BACKEND is {found}; "
+            "the benchmark leaves this process's environment alone: set KERAS_BACKEND=jax "
+            "before keras is imported (the lstm-multi command does so in its own process)"
+        )
+
+
 def build_keras(runner, case):
     _require("jax", "keras")
-    os.environ.setdefault("KERAS_BACKEND", "jax")
-    import keras
-
-    if keras.backend.backend() != "jax":
-        raise Unavailable(
-            f"Keras was already loaded with the {keras.backend.backend()!r} backend "
-            "(set KERAS_BACKEND=jax before it is imported)"
-        )
+    require_keras_on_jax()
     import jax
+    import keras
 
     fw = frameworks.get("jax")
     fw.check(case.device, case.dtype)

@@ -19,8 +19,9 @@ is remembered per variant (one warning per process says why), except one that
 failed for want of a compiler, which looks for one again on the next call;
 ``lstm_multi.kernels.clear_cache()`` (or ``build.forget_loaded()``) forgets all.
 
-``LSTM_MULTI_CPU_KERNELS=0`` turns them off (every path then runs the
-generated array code, one framework call per operation).
+``engine="array"`` on a cell runs the generated array code instead (one
+framework call per operation); ``LSTM_MULTI_CPU_KERNELS=0`` turns the kernels
+off for the whole process (CI's array-code run).
 
 The batch-split loops (``lm_split_forward``/``lm_split_backward``) run each
 thread's rows of the batch through the whole sequence, the step products on
@@ -31,7 +32,8 @@ runtime the kernels bound to, so that the BLAS sees their parallel region and
 runs one thread in each of theirs instead of starting a team of its own in
 each (benchmarks/NOTES.md section 12). The BLAS is called with integers of the
 width it declares (``blas.integer_bytes``). ``LSTM_MULTI_CPU_THREADS=0`` turns
-them off.
+them off, for CI and benchmarks (no argument: the plan takes them only where
+they measured faster, ``kernel_direction._split_plan``).
 """
 
 from __future__ import annotations
@@ -240,7 +242,8 @@ def _warn_once(error):
     warnings.warn(
         "lstm_multi: the fused CPU kernels could not be built, so the CPU runs the slower "
         f"per-operation code. {type(error).__name__}: {cause}. "
-        "LSTM_MULTI_CPU_KERNELS=0 silences this.",
+        "engine='array' on the cell (or LSTM_MULTI_CPU_KERNELS=0, for a whole CI run) "
+        "silences this.",
         RuntimeWarning,
         stacklevel=4,
     )
