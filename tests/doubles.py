@@ -78,7 +78,9 @@ class EagerCapturer(Capturer):
     place. So the plumbing around a graph (copying in, copying out, the cache)
     is exercised without a GPU. ``context``, ``on_device`` and
     ``is_out_of_memory``, where given, replace ``Capturer``'s; ``around(real)``
-    takes everything but the capture from a real capturer.
+    takes everything but the capture from a real capturer. The functions given are
+    instance attributes: a test breaks one (``copy_into``, say) by assigning it on
+    the instance, not by overriding it in a subclass.
     """
 
     def __init__(
