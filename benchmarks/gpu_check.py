@@ -115,6 +115,8 @@ GPU_TESTS = [
     "tests/test_triton.py::test_triton_kernels_compiled_on_cuda_equal_the_program",
     "tests/test_triton.py::test_persistent_kernels_compiled_on_cuda_match_the_oracle",
     "tests/test_torch_graphs.py::test_cuda_graphs_on_the_gpu_equal_direct_calls",
+    "tests/test_torch_graphs.py::test_a_training_loop_on_the_gpu",
+    "tests/test_torch_graphs.py::test_tensors_on_another_gpu_are_captured_and_replayed_there",
     "tests/test_cupy_graphs.py::test_cuda_graphs_on_the_gpu_equal_direct_calls",
 ]
 

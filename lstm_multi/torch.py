@@ -40,6 +40,7 @@ from .backends.torch_backend import (
     spelled_as,
     warn_device_fallback,
 )
+from .backends.torch_graphs import GraphOwner
 from .backends.torch_ops import OPS
 
 __all__ = ["LSTM", "NaiveLSTM"]
@@ -78,7 +79,7 @@ def _recorded_variant(state_dict, prefix):
     return name, fingerprint
 
 
-class LSTM(nn.LSTM):
+class LSTM(GraphOwner, nn.LSTM):
     r"""A multi-layer LSTM, ``torch.nn.LSTM``'s drop-in, with the variants of ``lstm_multi.spec``.
 
     Arguments are ``nn.LSTM``'s (``proj_size`` P > 0 projects h for every variant:
@@ -93,10 +94,13 @@ class LSTM(nn.LSTM):
     engine a call runs and why, ``last_choice`` holds the last call's), e.g.
     ``engine="graphed_triton"`` on a GPU; an engine named explicitly wins over
     ``native=True``. ``gate_kernel`` and ``cuda_graphs`` are the older spellings of the
-    Triton and graphed engines. An engine that acts on CUDA tensors only warns once per
-    process on other tensors (a ``UserWarning`` naming the engine that runs instead; not
-    the Triton engines under ``TRITON_INTERPRET=1``) and the call runs without it, so
-    that a module made for a GPU and moved to the CPU still runs.
+    Triton and graphed engines. The graphed engines replay the module's own CUDA graphs
+    (``lstm_multi.backends.torch_graphs``): ``graph_stats()`` counts their captures and
+    replays, ``free_graphs()`` drops them; a copy starts without graphs. An engine that
+    acts on CUDA tensors only warns once per process on other tensors (a ``UserWarning``
+    naming the engine that runs instead; not the Triton engines under
+    ``TRITON_INTERPRET=1``) and the call runs without it, so that a module made for a
+    GPU and moved to the CPU still runs.
     A batch of no sequences gives empty outputs, as ``nn.LSTM`` does. ``torch.jit.script``
     scripts variant "lstm" with ``native=True`` as ``nn.LSTM`` (sharing the parameters)
     and refuses the others (``__prepare_scriptable__``); ``torch.compile`` takes every one;
@@ -216,6 +220,13 @@ class LSTM(nn.LSTM):
     @property
     def num_directions(self):
         return 2 if self.bidirectional else 1
+
+    def __getstate__(self):
+        # the last call's choice is a record of that call, not part of the module (and
+        # torch.load's weights_only default refuses its class); the graphs: GraphOwner
+        state = super().__getstate__()
+        state["last_choice"] = None
+        return state
 
     def extra_repr(self):
         text = super().extra_repr() + f", variant={self.variant!r}"
@@ -547,7 +558,7 @@ class LSTM(nn.LSTM):
             h0,
             c0,
             None if lengths is None else lengths.to(x.device),
-            engine_runner(choice.engine),
+            engine_runner(choice.engine, self._graphs_for(choice.engine)),
             between_layers=between,
         )
         if packed:

@@ -76,13 +76,47 @@ class EagerCapturer(Capturer):
     again and writes the results into those same arrays, which is what a
     graph does: it reads the static inputs and rewrites the static outputs in
     place. So the plumbing around a graph (copying in, copying out, the cache)
-    is exercised without a GPU.
+    is exercised without a GPU. ``context``, ``on_device`` and
+    ``is_out_of_memory``, where given, replace ``Capturer``'s; ``around(real)``
+    takes everything but the capture from a real capturer. The functions given are
+    instance attributes: a test breaks one (``copy_into``, say) by assigning it on
+    the instance, not by overriding it in a subclass.
     """
 
-    def __init__(self, is_array, clone, copy_into, leaf_signature):
+    def __init__(
+        self,
+        is_array,
+        clone,
+        copy_into,
+        leaf_signature,
+        context=None,
+        on_device=None,
+        is_out_of_memory=None,
+    ):
         self.is_array, self.clone = is_array, clone
         self.copy_into, self.leaf_signature = copy_into, leaf_signature
+        for name, given in (
+            ("context", context),
+            ("on_device", on_device),
+            ("is_out_of_memory", is_out_of_memory),
+        ):
+            if given is not None:
+                setattr(self, name, given)
         self.captures = 0
+
+    @classmethod
+    def around(cls, real):
+        """An eager capturer with ``real``'s signatures, copies, context, device guard
+        and out-of-memory test: only the capture and replay are the double's."""
+        return cls(
+            real.is_array,
+            real.clone,
+            real.copy_into,
+            real.leaf_signature,
+            real.context,
+            real.on_device,
+            real.is_out_of_memory,
+        )
 
     def capture(self, thunk):
         outputs = thunk()

@@ -12,6 +12,7 @@ capture (``CupyCapturer``) runs in the ``gpu`` test at the end.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 from doubles import EagerCapturer, ProgramKernels  # noqa: E402
 
 from lstm_multi import bptt, network, spec  # noqa: E402
-from lstm_multi.backends import cupy_graphs  # noqa: E402
+from lstm_multi.backends import cupy_graphs, device_graphs  # noqa: E402
 from lstm_multi.backends.cupy_kernels import FusedOps  # noqa: E402
 from lstm_multi.backends.numpy_backend import ArrayModuleCell  # noqa: E402
 
@@ -55,7 +56,7 @@ OPS = DeviceLikeOps(ProgramKernels(), "program")
 class ProgramCell(cupy_graphs.GraphedDirectionsCell, ArrayModuleCell):
     """The CuPy backend's cell with NumPy in place of CuPy, graphs captured eagerly."""
 
-    backend = "cupy-program"
+    backend = "cupy"  # the engine table's rows for the CuPy cell (cupy_graphed)
     ops = OPS
 
     def _to_backend(self, array, name):
@@ -279,6 +280,142 @@ def test_a_failed_capture_warns_once_and_runs_directly():
 
 
 # ---------------------------------------------------------------------------
+# what a training loop relies on
+
+
+def _graphed_cell_class(make_capturer=_numpy_capturer):
+    class Graphed(ProgramCell):
+        def _make_graphed_directions(self):
+            return cupy_graphs.GraphedArrayDirections(make_capturer())
+
+    return Graphed
+
+
+def _train_against_direct(make_capturer=_numpy_capturer, steps=4, lr=0.1):
+    """A training loop through the graphed cell beside the cell without graphs: fresh
+    inputs, lengths, initial states and cotangents at every step, parameters updated in
+    place (SGD) between steps; outputs and every gradient equal at every step, and the
+    graphed cell replayed. Returns its ``graph_stats()``."""
+    kw = dict(input_size=4, hidden_size=5, variant="peephole", num_layers=2,
+              bidirectional=True, batch_first=False)  # fmt: skip
+    direct, graphed = ProgramCell(**kw), _graphed_cell_class(make_capturer)(**kw, cuda_graphs=True)
+    params = direct.init(0, "float64")
+    twins = {id(graphed): params, id(direct): copy.deepcopy(params)}
+    rng = np.random.default_rng(1)
+    for step in range(steps):
+        x = rng.normal(size=(6, 3, 4))
+        lengths = np.array([6, rng.integers(1, 6), rng.integers(1, 7)])
+        state = tuple(rng.normal(size=s) for s in direct.state_shapes(3))
+        dy, dh_n, dc_n = (rng.normal(size=s) for s in ((6, 3, 10), *direct.state_shapes(3)))
+        results = []
+        for cell in (graphed, direct):
+            p = twins[id(cell)]
+            y, (h_n, c_n) = cell(p, x, state, lengths)
+            grads, dx, (dh0, dc0) = cell.vjp(p, x, dy, state, lengths, dh_n, dc_n)
+            flat = [g[k] for layer in grads for g in layer for k in sorted(g)]
+            results.append([y, h_n, c_n, dx, dh0, dc0, *flat])
+            for layer, layer_grads in zip(p, grads, strict=True):
+                for direction, direction_grads in zip(layer, layer_grads, strict=True):
+                    for k, g in direction_grads.items():
+                        direction[k] -= lr * g  # in place: the arrays the graph copies from
+        for a, b in zip(*results, strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=f"step {step}")
+    stats = graphed.graph_stats()
+    # a step: the call's forward, the vjp's forward with a tape and its backward, each over
+    # 2 layers x 2 directions and 2 signatures (the layers' input widths): at step 1 each
+    # direction 0 runs directly and each direction 1 captures; every later call replays
+    assert stats["replays"] == 12 * steps - 6, stats
+    assert (stats["captures"], stats["direct_calls"], stats["graphs"]) == (6, 6, 6), stats
+    return stats
+
+
+def test_a_training_loop_replays_fresh_inputs_and_updated_parameters():
+    _train_against_direct()
+
+
+def test_a_stale_replay_fails_the_training_loop():
+    """Mutation: a capturer that does not copy the call's arrays into the graph replays
+    the captured inputs and parameters; the loop's comparison catches it."""
+
+    def stale():
+        capturer = _numpy_capturer()
+        capturer.copy_into = lambda dst, src: None
+        return capturer
+
+    with pytest.raises(AssertionError, match="step 1"):
+        _train_against_direct(stale)
+
+
+def test_a_silent_direct_run_fails_the_training_loop():
+    """Mutation: graphs that are never replayed give right numbers; the count catches it."""
+
+    class NeverReplays(EagerCapturer):
+        def capturing(self):
+            return True
+
+    with pytest.raises(AssertionError, match="'replays': 0"):
+        _train_against_direct(lambda: _numpy_capturer(NeverReplays))
+
+
+def test_the_cell_reads_and_frees_its_graphs():
+    direct, graphed, params, x, state, lengths = _cell_problem("peephole")
+    assert direct.graph_stats() == graphed.graph_stats() == device_graphs.empty_stats()
+    for _ in range(2):
+        _outputs(graphed, params, x, state, lengths)
+    stats = graphed.graph_stats()
+    assert stats["graphs"] == 6 and stats["replays"] > 0 and stats["failed_captures"] == 0
+    graphed.free_graphs()
+    assert graphed.graph_stats()["graphs"] == 0
+    _assert_all_equal(
+        _outputs(graphed, params, x, state, lengths), _outputs(direct, params, x, state, lengths)
+    )
+    assert graphed.graph_stats()["captures"] == stats["captures"] + 6
+    direct.free_graphs()  # nothing to free
+
+
+def test_varying_lengths_stop_capturing_with_one_warning_for_both_ways():
+    capturer = _numpy_capturer()
+    directions = cupy_graphs.GraphedArrayDirections(capturer, max_graphs=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for steps in range(1, 11):
+            args = _direction_problem(T=steps)
+            for _ in range(2):
+                _assert_all_equal(_graphed(directions, args), _direct(args))
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "max_graphs=3" in messages[0], messages
+    assert capturer.captures == 6 and directions.stats()["graphs"] == 6
+
+
+def test_out_of_memory_in_a_capture_is_raised():
+    class OutOfMemory(EagerCapturer):
+        def capture(self, thunk):
+            raise MemoryError("Out of memory allocating 1073741824 bytes")
+
+    directions = cupy_graphs.GraphedArrayDirections(_numpy_capturer(OutOfMemory))
+    args = _direction_problem()
+    _graphed(directions, args)  # direct
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(MemoryError, match="Out of memory"):
+            _graphed(directions, args)
+    assert directions.stats()["failed_captures"] == 0
+
+
+def test_the_cupy_capturer_raises_cupys_out_of_memory_errors():
+    cupy = pytest.importorskip("cupy")
+    from cupy_backends.cuda.api.runtime import CUDARuntimeError
+
+    capturer = cupy_graphs.CupyCapturer()
+    assert capturer.is_out_of_memory(cupy.cuda.memory.OutOfMemoryError(1 << 30, 0))
+    assert capturer.is_out_of_memory(CUDARuntimeError(2))  # cudaErrorMemoryAllocation
+    assert not capturer.is_out_of_memory(RuntimeError("operation not permitted when capturing"))
+    # arrays of no device: no device guard
+    with capturer.on_device([np.zeros(2), 1]):
+        pass
+
+
+# ---------------------------------------------------------------------------
 # the cell's argument
 
 
@@ -316,9 +453,10 @@ def test_the_cupy_cell_takes_cuda_graphs():
 @pytest.mark.filterwarnings("error::RuntimeWarning")
 @pytest.mark.parametrize("variant, proj_size", [("lstm", 0), ("peephole", 0), ("peephole", 3)])
 def test_cuda_graphs_on_the_gpu_equal_direct_calls(variant, proj_size):
-    """CuPy's stream capture: three calls with graphs equal the same cell without
-    them (the same kernels: equal up to the products' nondeterminism), forward and
-    every gradient, in float32; and they were replayed, not run directly."""
+    """CuPy's stream capture: four calls with fresh inputs, the parameters updated in
+    place between them, equal the same cell without graphs (the same kernels: equal up
+    to the products' nondeterminism), forward and every gradient, in float32; and they
+    were replayed, not run directly (the replays counted)."""
     cupy_backend = _cupy_backend()
     reason = cupy_backend.unavailable_reason()
     if reason is not None:
@@ -338,16 +476,22 @@ def test_cuda_graphs_on_the_gpu_equal_direct_calls(variant, proj_size):
     graphed = cupy_backend.Cell(**kw, cuda_graphs=True)
     params = direct.init(0, "float32")
     rng = np.random.default_rng(0)
-    x = cupy.asarray(rng.normal(size=(9, 4, 4)).astype(np.float32))
-    state = tuple(
-        cupy.asarray(rng.normal(size=s).astype(np.float32)) for s in direct.state_shapes(4)
-    )
     lengths = np.array([9, 3, 6, 1])
-    want = [cupy.asnumpy(a) for a in _outputs(direct, params, x, state, lengths)]
-    for _ in range(3):
-        got = [cupy.asnumpy(a) for a in _outputs(graphed, params, x, state, lengths)]
+    for call in range(4):  # fresh inputs every call; parameters updated in place between
+        x = cupy.asarray(rng.normal(size=(9, 4, 4)).astype(np.float32))
+        state = tuple(
+            cupy.asarray(rng.normal(size=s).astype(np.float32)) for s in direct.state_shapes(4)
+        )
+        want = [cupy.asnumpy(a) for a in _outputs(direct, params, x, state, lengths, seed=call)]
+        got = [cupy.asnumpy(a) for a in _outputs(graphed, params, x, state, lengths, seed=call)]
         for a, b in zip(got, want, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-    graphs = graphed._graphs
-    assert not graphs.graphed_forward.failures and not graphs.graphed_backward.failures
-    assert graphs.graphed_forward.replays > 0 and graphs.graphed_backward.replays > 0
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=f"call {call}")
+        for layer in params:
+            for p in layer:
+                for k in p:
+                    p[k] *= 0.99  # in place: the arrays the graphs copy from
+    stats = graphed.graph_stats()
+    assert stats["failed_captures"] == 0, stats
+    # per call 3 functions (forward, forward with a tape, backward) x 4 directions over 2
+    # signatures each: at the first call 2 direct and 2 captured and replayed each
+    assert stats["replays"] == 12 * 4 - 6, stats

@@ -35,7 +35,7 @@ from half_precision import FORGETFUL, INTEGRATOR, assert_within_bound, errors_in
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import CORE_VARIANTS, Config, configs, make_problem, reference
-from test_agreement import assert_matches_reference, run_backend, run_cell
+from test_agreement import assert_matches_reference, run_cell
 from test_compile import oracle_gates
 
 import lstm_multi
@@ -577,6 +577,7 @@ class GpuTarget:
 
             self.cupy = cupy
             self.backend, self.kwargs = "cupy", {}
+            self.engine = "cupy_kernels"
             self.dtypes = ("float64", "float32", "float16")
         elif self.name.startswith("torch"):
             torch = pytest.importorskip("torch", reason="torch is not installed")
@@ -588,6 +589,7 @@ class GpuTarget:
             self.Cell = lstm_multi.get_cell("torch")
             native = self.name == "torch-cuda-native"
             self.backend, self.kwargs = "torch", {"native": native, "device": "cuda"}
+            self.engine = "native" if native else "array"
             self.dtypes = ("float64", "float32", "float16", "bfloat16")
         else:
             jax = pytest.importorskip("jax", reason="jax is not installed")
@@ -599,6 +601,7 @@ class GpuTarget:
             self.jax = jax
             self.Cell = lstm_multi.get_cell("jax")
             self.backend, self.kwargs = "jax", {}
+            self.engine = "scan"
             self.dtypes = ("float32", "float16", "bfloat16") + (
                 ("float64",) if jax.config.jax_enable_x64 else ()
             )
@@ -661,9 +664,11 @@ def test_gpu_backend_matches_oracle(gpu_target, dtype, config):
     if target.native and config.variant != "lstm":
         config = dataclasses.replace(config, variant="lstm")  # the native path is "lstm" only
     problem = make_problem(config)
-    result = run_backend(target.backend, config, problem, dtype, **target.kwargs)
+    cell = config.cell(target.backend, **target.kwargs)
+    result = run_cell(cell, config, problem, dtype)
     label = f"oracle vs {target.name}/{config.variant}"
     assert_matches_reference(result, reference(config, problem), dtype, label)
+    assert cell.last_choice.engine == target.engine, cell.last_choice  # not a fallback
 
 
 @pytest.mark.gpu
@@ -796,5 +801,7 @@ def test_torch_module_on_cuda_matches_cpu(variant, native):
         (y.sum() + h_n.square().sum() + c_n.sum()).backward()
         outs.append([y, h_n, c_n, xs.grad, *(p.grad for p in module.parameters())])
         assert y.device == xs.device
+    native_runs = native and variant == "lstm"
+    assert gpu.last_choice.engine == ("native" if native_runs else "array"), gpu.last_choice
     for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-9, atol=1e-9)

@@ -190,18 +190,13 @@ def test_torch_cell_with_triton_gates_equals_the_array_code(kernels, variant, mo
         if dtype == "float32":  # 2 layers x 2 directions x 5 steps; call and vjp
             assert launches == {"forward": 40, "backward": 20}, launches
             launches.update(forward=0, backward=0)
+        assert fused.last_choice.engine == ("triton" if dtype == "float32" else "array")
     assert launches == {"forward": 0, "backward": 0}  # float64: the array code
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_persistent_kernels_match_the_oracle(kernels, variant, monkeypatch):
-    """gate_kernel="triton_persistent": each direction's whole time loop in one launch of
-    the generated persistent kernels (tl.dot with U held, the derived gate math), forward
-    and backward, against the independent oracle: 2 layers, both directions, an initial
-    state and lengths, float32; float64 falls back to the array code (still the oracle's)."""
-    from reference import Config, make_problem, reference
-    from test_agreement import assert_matches_reference, run_backend
-
+@pytest.fixture
+def persistent_launches(monkeypatch):
+    """Counts of the persistent kernels' launches (a fallback launches none)."""
     from lstm_multi.backends.triton_kernels import TritonKernels
 
     launches = {"sequence_forward": 0, "sequence_backward": 0}
@@ -213,6 +208,19 @@ def test_persistent_kernels_match_the_oracle(kernels, variant, monkeypatch):
             return _original(self, *args)
 
         monkeypatch.setattr(TritonKernels, name, counted)
+    return launches
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_persistent_kernels_match_the_oracle(kernels, variant, persistent_launches):
+    """gate_kernel="triton_persistent": each direction's whole time loop in one launch of
+    the generated persistent kernels (tl.dot with U held, the derived gate math), forward
+    and backward, against the independent oracle: 2 layers, both directions, an initial
+    state and lengths, float32; float64 falls back to the array code (still the oracle's)."""
+    from reference import Config, make_problem, reference
+    from test_agreement import assert_matches_reference, run_backend
+
+    launches = persistent_launches
     config = Config(variant, 3, 5, 2, 5, 2, True, True, True, True, 13)
     problem = make_problem(config)
     expected = reference(config, problem)
@@ -255,14 +263,17 @@ def test_persistent_kernels_take_half_inputs(kernels, dtype, monkeypatch):
     want, _ = reference(params, x, lengths=[5, 3])
     tolerance = 8e-3 if dtype == torch.bfloat16 else 1e-3
     torch.testing.assert_close(y.float(), want, rtol=tolerance, atol=tolerance)
-    assert launched
+    assert launched and persistent.last_choice.engine == "triton_persistent"
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["lstm", "peephole", "peephole_full", "cifg"])
-def test_persistent_kernels_compiled_on_cuda_match_the_oracle(variant, monkeypatch, tmp_path):
+def test_persistent_kernels_compiled_on_cuda_match_the_oracle(
+    variant, monkeypatch, tmp_path, persistent_launches
+):
     """On a GPU: the persistent kernels compiled by Triton (no interpreter), a batch that is
-    not a multiple of the tile (37 rows) and H = 64, against the oracle in float32."""
+    not a multiple of the tile (37 rows) and H = 64, against the oracle in float32; and
+    they ran (not a fallback to the per-step path)."""
     if not torch.cuda.is_available():
         pytest.skip("torch: no CUDA device (torch.cuda.is_available() is False)")
     from reference import Config, make_problem, reference
@@ -277,6 +288,8 @@ def test_persistent_kernels_compiled_on_cuda_match_the_oracle(variant, monkeypat
         device="cuda",
     )  # fmt: skip
     assert_matches_reference(result, reference(config, problem), "float32", f"cuda/{variant}")
+    # call and vjp (whose forward records a tape) x 2 layers x 2 directions
+    assert persistent_launches == {"sequence_forward": 8, "sequence_backward": 4}
 
 
 def _leaves(tree):

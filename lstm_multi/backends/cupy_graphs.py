@@ -45,17 +45,36 @@ The capture (``CupyCapturer``), and why each step of it is there:
   after the copies into its inputs and before the copies out of its outputs,
   which ``GraphedFunction`` issues on that stream.
 
+What a graph is keyed on besides the arrays' shapes, dtypes and devices: the
+current device and stream (``CupyCapturer.context``), so that each stream replays
+its own graph. The capture and its replays run under ``cupy.cuda.Device`` of the
+arrays (``CupyCapturer.on_device``): arrays on a GPU other than the current one are
+captured and replayed on their own.
+
 A failed capture (a host synchronisation, an operation CUDA cannot record)
-warns once and that signature runs directly (``GraphedFunction``).
+warns once and that signature runs directly (``GraphedFunction``); running out
+of memory (``cupy.cuda.memory.OutOfMemoryError``, cuBLAS's allocation) is raised.
+Each cell keeps its own graphs (``GraphedDirectionsCell``): at most ``max_graphs``
+each way, past which new shapes run directly, warned once per cell;
+``cell.graph_stats()`` counts captures, replays, direct calls, failed captures,
+signatures and graphs held, and ``cell.free_graphs()`` drops the graphs.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple
 
 from .. import bptt, network, validation
 from . import kernel_direction
-from .device_graphs import Capturer, GraphedFunction, stack_steps, unstack_steps
+from .device_graphs import (
+    Capturer,
+    GraphedFunction,
+    empty_stats,
+    stack_steps,
+    sum_stats,
+    unstack_steps,
+)
 
 
 def _cupy():
@@ -103,6 +122,15 @@ class CupyCapturer(Capturer):
 
     def copy_into(self, dst, src):
         _cupy().copyto(dst, src)
+
+    def context(self):
+        """The current device and stream (which ``on_device`` made the arrays')."""
+        cupy = _cupy()
+        return cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr
+
+    def on_device(self, leaves):
+        array = next((x for x in leaves if self.is_array(x)), None)
+        return contextlib.nullcontext() if array is None else array.device
 
     def capturing(self):
         return _cupy().cuda.get_current_stream().is_capturing()
@@ -185,12 +213,20 @@ class GraphedArrayDirections:
 
     def __init__(self, capturer=None, max_graphs=8, warmup_calls=1):
         capturer = capturer or CupyCapturer()
-        self.graphed_forward = GraphedFunction(
-            _forward_stacked, capturer, warmup_calls=warmup_calls, max_graphs=max_graphs
+        notices = set()  # shared: the limit is warned about once for both ways
+        self.graphed_forward, self.graphed_backward = (
+            GraphedFunction(fn, capturer, warmup_calls, max_graphs, notices)
+            for fn in (_forward_stacked, _backward_stacked)
         )
-        self.graphed_backward = GraphedFunction(
-            _backward_stacked, capturer, warmup_calls=warmup_calls, max_graphs=max_graphs
-        )
+
+    def stats(self):
+        """The forward's and backward's ``GraphedFunction.stats`` added up."""
+        return sum_stats((self.graphed_forward, self.graphed_backward))
+
+    def free(self):
+        """Drop the forward's and backward's graphs (``GraphedFunction.free``)."""
+        self.graphed_forward.free()
+        self.graphed_backward.free()
 
     def run_direction(self, ops, variant, p, xs, h0, c0, valid, record=False):
         """-> (ys (T, B, H), h_T, c_T, StackedTape or None), as ``loop_direction``."""
@@ -225,6 +261,17 @@ class GraphedDirectionsCell:
     def _make_graphed_directions(self):
         """This cell's graph cache; the tests override it to capture with a CPU stand-in."""
         return GraphedArrayDirections()
+
+    def graph_stats(self):
+        """This cell's CUDA-graph counters, both ways: {"captures", "replays",
+        "direct_calls", "failed_captures", "signatures", "graphs"}
+        (``device_graphs.GraphedFunction.stats``); all zero without graphs."""
+        return empty_stats() if self._graphs is None else self._graphs.stats()
+
+    def free_graphs(self):
+        """Drop this cell's CUDA graphs and their memory pools; later calls capture again."""
+        if self._graphs is not None:
+            self._graphs.free()
 
     def _run_direction(self, ops, variant, p, xs, h0, c0, valid, record=False, engine=None):
         if self._graphs is None:

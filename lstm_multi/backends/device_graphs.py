@@ -13,34 +13,87 @@ arguments and outputs are trees (tuples, lists, dicts, None) of arrays:
 
 * one graph per **signature**: every array leaf's shape, dtype and device, the
   tree's structure, the non-array leaves (a variant, a flag) by value, and the
-  capturer's context (torch: the autocast state). A new signature runs ``fn``
-  directly ``warmup_calls`` times (the first call compiles kernels and creates
-  library handles, which a capture must not do), and is captured on the next;
+  capturer's context (torch: the autocast state, the TF32 and matmul-precision
+  settings, the current stream; CuPy: the current device and stream). A new
+  signature runs ``fn`` directly ``warmup_calls`` times (the first call compiles
+  kernels and creates library handles, which a capture must not do), and is
+  captured on the next;
+* on the arrays' own device: the warm-up, the capture and every replay run under
+  ``capturer.on_device(leaves)`` (torch: ``torch.cuda.device`` of the CUDA
+  tensors), so tensors on a GPU that is not the current one are captured and
+  replayed where they live;
 * a replay copies the arguments into the graph's static inputs, replays, and
   returns **copies** of the static outputs, so that what one call returned is
   not overwritten by the next (the tape of one forward must survive a second
   forward before its backward, as with gradient accumulation);
+* thread-safe: the bookkeeping, each capture and each replay (copy in, replay,
+  copy out) hold the function's lock, so two threads never write one graph's
+  static inputs at once; direct calls run outside it. Calls on different streams
+  have different signatures (the stream is in the context), so each stream
+  replays its own graph and static inputs, ordered on that stream;
 * a capture that fails (an operation the framework cannot record, a host
   synchronisation inside ``fn``) is remembered for that signature, reported
   once with a ``RuntimeWarning`` naming the reason, and ``fn`` runs directly
-  from then on: a graph is an optimisation, never a new way to fail;
+  from then on: a graph is an optimisation, never a new way to fail. Running
+  out of device memory is not such a failure: it is raised
+  (``capturer.is_out_of_memory``), as it would be without graphs;
 * called while the caller is itself capturing a graph (``torch.cuda.graph``
   around a training step, ``torch.compile(mode="reduce-overhead")``), ``fn``
   runs directly and is recorded into the caller's graph: a capture cannot
   nest, and a failed one would spoil the caller's;
-* at most ``max_graphs`` graphs are kept (least recently used dropped first):
-  each holds its own memory (its inputs, outputs and temporaries), so a
-  workload with many sequence lengths does not grow without bound.
+* **no thrash**: at most ``max_graphs`` graphs are captured (each holds its own
+  memory: its inputs, outputs and temporaries). Past that, a signature not yet
+  captured runs directly, and one ``RuntimeWarning`` (per ``notices`` set: one
+  per cell) says so and how to avoid it. Graphs are never evicted to make room,
+  since evicting and recapturing is the thrash: with sequence lengths that
+  vary, each length a new signature, a least-recently-used cache recaptures on
+  nearly every call, each capture costing more than the direct call it
+  replaces. Pad or bucket the lengths to a few values instead;
+* ``stats`` counts captures, replays, direct calls, failed captures, signatures
+  seen and graphs held (a benchmark reads them to show that it replayed), and
+  ``free()`` drops the graphs (their memory goes when the last reference does)
+  and the limit's count: later calls capture again.
 
-Graphs replay the arithmetic bit for bit: a replay's outputs equal a direct
-call's (tested with ``tests/doubles.py``'s ``EagerCapturer``, which stands in for a device on
-the CPU).
+Graphs replay the arithmetic of a direct call on copies of its arguments: the
+outputs are a direct call's (bit for bit where the arguments are laid out as
+their copies are; tested with ``tests/doubles.py``'s ``EagerCapturer``, which
+stands in for a device on the CPU).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import threading
 import warnings
+
+#: the counters of ``GraphedFunction.stats``, in order
+STAT_NAMES = ("captures", "replays", "direct_calls", "failed_captures", "signatures", "graphs")
+
+
+#: what an error's message says where a CUDA library ran out of device memory (cudaMalloc,
+#: cuBLAS's workspace) without raising a ``MemoryError``
+OUT_OF_MEMORY_MARKS = ("out of memory", "cudaErrorMemoryAllocation", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(error):
+    """Whether ``error`` is running out of memory: a ``MemoryError`` (CuPy's
+    ``OutOfMemoryError`` is one) or an error whose message says so."""
+    return isinstance(error, MemoryError) or any(m in str(error) for m in OUT_OF_MEMORY_MARKS)
+
+
+def empty_stats():
+    """Every counter of ``GraphedFunction.stats`` at zero (what a cell without graphs reports)."""
+    return dict.fromkeys(STAT_NAMES, 0)
+
+
+def sum_stats(functions):
+    """The ``stats`` of several ``GraphedFunction``s added up (a cell's forward and backward)."""
+    total = empty_stats()
+    for function in functions:
+        for name, value in function.stats.items():
+            total[name] += value
+    return total
 
 
 class Capturer:
@@ -48,7 +101,9 @@ class Capturer:
 
     ``is_array(x)``, ``leaf_signature(x)`` (hashable: shape, dtype, device),
     ``clone(x)``, ``copy_into(dst, src)``, ``context()`` (hashable state that
-    changes what ``fn`` launches, e.g. autocast) and ``capture(thunk) ->
+    changes what ``fn`` launches or where: autocast, TF32, the current stream),
+    ``on_device(leaves)`` (a context manager that makes the arrays' device the
+    current one), ``is_out_of_memory(error)`` and ``capture(thunk) ->
     (replay, outputs)``: run ``thunk()`` under capture and return a function
     that replays it and the tree of outputs that the replay rewrites in place.
     """
@@ -60,6 +115,15 @@ class Capturer:
         """Whether the caller is itself recording a graph now (then ``GraphedFunction``
         neither captures nor replays: ``fn`` runs into the caller's graph)."""
         return False
+
+    def on_device(self, leaves):
+        """A context manager making the device of the array ``leaves`` current (none here)."""
+        return contextlib.nullcontext()
+
+    def is_out_of_memory(self, error):
+        """Whether a capture's ``error`` is the device (or host) running out of memory,
+        which ``GraphedFunction`` raises instead of running ``fn`` without a graph."""
+        return is_out_of_memory(error)
 
 
 def flatten(tree):
@@ -130,10 +194,20 @@ class _Graph:
         self.output_structure = output_structure
 
 
-class GraphedFunction:
-    """``fn`` replayed from one captured graph per argument signature (module doc)."""
+#: the ``notices`` entry of the warning that ``max_graphs`` was reached
+LIMIT_NOTICE = "max_graphs"
 
-    def __init__(self, fn, capturer, warmup_calls=1, max_graphs=8):
+
+class GraphedFunction:
+    """``fn`` replayed from one captured graph per argument signature (module doc).
+
+    warmup_calls: the direct calls of a new signature before it is captured (at least
+    1); max_graphs: the most graphs captured until ``free()``; notices: a set shared
+    by the functions of one cell (its forward and backward), so that the limit is
+    warned about once for all of them.
+    """
+
+    def __init__(self, fn, capturer, warmup_calls=1, max_graphs=8, notices=None):
         if warmup_calls < 1:
             raise ValueError(
                 f"warmup_calls: expected at least 1 (a capture must follow a direct call "
@@ -143,10 +217,48 @@ class GraphedFunction:
             raise ValueError(f"max_graphs: expected at least 1, got {max_graphs}")
         self.fn, self.capturer = fn, capturer
         self.warmup_calls, self.max_graphs = warmup_calls, max_graphs
-        self.graphs = collections.OrderedDict()  # signature -> _Graph
-        self.direct_calls = collections.Counter()  # signature -> calls run directly so far
+        self.notices = set() if notices is None else notices
+        self.graphs = {}  # signature -> _Graph
         self.failures = {}  # signature -> why its capture failed
-        self.replays = 0
+        self.calls = collections.Counter()  # signature -> calls so far
+        self.captures = self.replays = self.direct_calls = 0
+        self._lock = threading.RLock()
+
+    def __getstate__(self):
+        """Pickled and copied without its graphs (device state) and its counts: a copy
+        captures its own."""
+        state = dict(self.__dict__, graphs={}, failures={}, calls=collections.Counter())
+        state.update(captures=0, replays=0, direct_calls=0)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    @property
+    def stats(self):
+        """{"captures", "replays", "direct_calls", "failed_captures", "signatures", "graphs"}:
+        graphs captured and replays since this function was made, calls run without a
+        graph (warm-ups, failed or refused captures, inside the caller's capture),
+        signatures whose capture failed, signatures seen, graphs held now."""
+        with self._lock:
+            return {
+                "captures": self.captures,
+                "replays": self.replays,
+                "direct_calls": self.direct_calls,
+                "failed_captures": len(self.failures),
+                "signatures": len(self.calls),
+                "graphs": len(self.graphs),
+            }
+
+    def free(self):
+        """Drop every graph (its device memory is released with the last reference to it:
+        in torch, ``torch.cuda.empty_cache()`` then returns it to the device). The
+        counters stay; a signature seen before is captured again on its next call."""
+        with self._lock:
+            self.graphs.clear()
+            self.notices.discard(LIMIT_NOTICE)
 
     def _signature(self, leaves, structure):
         is_array, sig = self.capturer.is_array, self.capturer.leaf_signature
@@ -154,20 +266,43 @@ class GraphedFunction:
         return _freeze(structure), parts, self.capturer.context()
 
     def __call__(self, *args):
-        if self.capturer.capturing():  # inside the caller's own capture: be recorded by it
-            return self.fn(*args)
         leaves, structure = flatten(args)
-        key = self._signature(leaves, structure)
-        graph = self.graphs.get(key)
-        if graph is None:
-            if key in self.failures or self.direct_calls[key] < self.warmup_calls:
-                self.direct_calls[key] += 1
+        with self.capturer.on_device(leaves):
+            if self.capturer.capturing():  # inside the caller's own capture: be recorded by it
+                with self._lock:
+                    self.direct_calls += 1
                 return self.fn(*args)
-            graph = self._capture(key, leaves, structure)
-            if graph is None:
-                return self.fn(*args)
-        self.graphs.move_to_end(key)
-        return self._replay(graph, leaves)
+            key = self._signature(leaves, structure)
+            with self._lock:
+                self.calls[key] += 1
+                graph = self.graphs.get(key)
+                if graph is None and self._may_capture(key):
+                    graph = self._capture(key, leaves, structure)
+                if graph is not None:
+                    return self._replay(graph, leaves)
+                self.direct_calls += 1
+            return self.fn(*args)
+
+    def _may_capture(self, key):
+        """Whether ``key`` (not captured) is captured now: past its warm-up, not failed
+        before, and under the limit (warned about once where it is reached)."""
+        if key in self.failures or self.calls[key] <= self.warmup_calls:
+            return False
+        if len(self.graphs) < self.max_graphs:
+            return True
+        if LIMIT_NOTICE not in self.notices:
+            self.notices.add(LIMIT_NOTICE)
+            warnings.warn(
+                f"lstm_multi: {len(self.graphs)} device graphs captured, the most kept "
+                f"(max_graphs={self.max_graphs}), and {len(self.calls)} argument signatures "
+                "seen: calls of a shape without a graph now run directly. The sequence "
+                "lengths or batch sizes vary: pad or bucket them to a few values so that "
+                "each is replayed, or free the graphs (free_graphs()) to capture the next "
+                "shapes. Warned once.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return False
 
     def _capture(self, key, leaves, structure):
         capturer = self.capturer
@@ -176,19 +311,20 @@ class GraphedFunction:
         try:
             replay, outputs = capturer.capture(lambda: self.fn(*static_args))
         except Exception as error:  # any failure to record: run directly from now on
+            if capturer.is_out_of_memory(error):
+                raise  # as a direct call would: not a reason to give up the graph
             self.failures[key] = f"{type(error).__name__}: {error}"
             warnings.warn(
                 f"lstm_multi: capturing a device graph failed ({self.failures[key]}); "
                 "this shape runs without one",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             return None
         out_leaves, out_structure = flatten(outputs)
         graph = _Graph(replay, static, out_leaves, out_structure)
         self.graphs[key] = graph
-        while len(self.graphs) > self.max_graphs:
-            self.graphs.popitem(last=False)
+        self.captures += 1
         return graph
 
     def _replay(self, graph, leaves):

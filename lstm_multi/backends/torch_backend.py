@@ -32,6 +32,7 @@ from .. import network, validation
 from ..cell import FunctionalCell
 from ..spec import Variant
 from . import torch_bptt, torch_native
+from .torch_graphs import GraphOwner
 from .torch_ops import OPS, TorchOps
 
 __all__ = ["OPS", "Cell", "TorchOps", "generic_forward", "unavailable_reason"]
@@ -168,34 +169,40 @@ def engine_from_options(engine, native, gate_kernel, cuda_graphs):
     return engine, ()
 
 
-def engine_runner(name):
+def engine_runner(name, graphs=None):
     """The generic path's ``run_direction`` for the torch engine ``name`` (not "native").
 
     cpu_kernels / array: ``torch_bptt``'s runner with or without the CPU kernels;
     triton / triton_persistent: the Triton ops (``torch_triton``), with the persistent
-    engine for the latter; graphed_*: the same loops captured and replayed
-    (``torch_graphs``).
+    engine for the latter; graphed_*: the same loops captured and replayed from the
+    graphs of ``graphs`` (the calling cell's ``torch_graphs.CellGraphs``: graphs belong
+    to a cell, not the process).
     """
-    return _engine_runner(name)
+    graphed = name.startswith("graphed_")
+    if not graphed:
+        return _engine_runner(name)
+    if graphs is None:
+        raise ValueError(
+            f"engine {name!r}: a graphed engine replays the graphs of a cell; pass its "
+            "graphs (torch_graphs.CellGraphs)"
+        )
+    return graphs.runner(name, *_engine_parts(name.removeprefix("graphed_")))
+
+
+@functools.cache
+def _engine_parts(name):
+    """(ops, cpu_kernels, engine_for) of the ungraphed torch engine ``name``."""
+    if name in ("cpu_kernels", "array"):
+        return torch_bptt.FAST_OPS, name == "cpu_kernels", None
+    from . import torch_triton
+
+    engine_for = torch_triton.persistent_engine if name == "triton_persistent" else None
+    return torch_triton.TRITON_OPS, False, engine_for
 
 
 @functools.cache
 def _engine_runner(name):
-    graphed = name.startswith("graphed_")
-    base = name.removeprefix("graphed_")
-    if base in ("cpu_kernels", "array"):
-        ops, engine_for = torch_bptt.FAST_OPS, None
-    else:
-        from . import torch_triton
-
-        ops = torch_triton.TRITON_OPS
-        engine_for = torch_triton.persistent_engine if base == "triton_persistent" else None
-    cpu_kernels = base == "cpu_kernels"
-    if graphed:
-        from . import torch_graphs
-
-        return torch_graphs.graphed_runner(ops, cpu_kernels, engine_for)
-    return torch_bptt.direction_runner_for(ops, cpu_kernels, engine_for)
+    return torch_bptt.direction_runner_for(*_engine_parts(name))
 
 
 #: the engines ``warn_device_fallback`` has warned about in this process
@@ -258,7 +265,7 @@ def choose_engine(variant, hidden_size, proj_size, requested, exclude, x, layer_
     return engines.select_engine(case, requested, exclude)
 
 
-class Cell(FunctionalCell):
+class Cell(GraphOwner, FunctionalCell):
     __doc__ = (
         (FunctionalCell.__doc__ or "")
         + """
@@ -270,7 +277,9 @@ class Cell(FunctionalCell):
     generated array code in a Python loop), "triton", "triton_persistent" (generated
     Triton kernels, per step or the whole loop in one launch for H <= 64),
     "graphed_array", "graphed_triton", "graphed_triton_persistent" (those loops replayed
-    from CUDA graphs captured on the second call of each shape, ``torch_graphs``).
+    from CUDA graphs captured on the second call of each shape, ``torch_graphs``: the
+    graphs are the cell's own; ``cell.graph_stats()`` counts their captures and
+    replays, ``cell.free_graphs()`` drops them).
     A named engine that cannot run a call falls back (``engines.Engine.fallback``);
     one that needs CUDA tensors, given others, warns once per process (a
     ``UserWarning`` naming the engine that runs instead), so a cell made for a GPU
@@ -375,7 +384,9 @@ class Cell(FunctionalCell):
         warn_device_fallback(choice, self._spelled, x)
         if choice.engine == "native":
             return torch_native.forward(params, x, h0, c0, lengths)
-        runner = type(self).generic_direction or engine_runner(choice.engine)
+        runner = type(self).generic_direction or engine_runner(
+            choice.engine, self._graphs_for(choice.engine)
+        )
         return generic_forward(
             self.variant, params, x, h0, c0, lengths, runner, layer_masks=layer_masks
         )
