@@ -437,6 +437,11 @@ def check_engine(backend: str, name) -> str:
 
 def auto_order(backend: str, device: str) -> tuple[str, ...]:
     """The engines ``"auto"`` tries for ``backend`` on ``device``, in order."""
+    if backend not in _AUTO_OTHER_DEVICE:
+        raise ValueError(
+            f"backend: expected one of {sorted(_AUTO_OTHER_DEVICE)} (a cell's ``backend`` "
+            f"names the engines it runs), got {backend!r}"
+        )
     return AUTO_ORDER.get((backend, device), _AUTO_OTHER_DEVICE[backend])
 
 

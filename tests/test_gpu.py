@@ -201,7 +201,7 @@ def test_cuda_kernels_compile_with_nvrtc(name):
 class ReferenceNumpyCell(ArrayModuleCell):
     """The NumPy-like cell on the reference loop (what the CuPy backend runs), plain NumPy ops."""
 
-    backend = "reference-numpy"
+    backend = "numpy"  # its engines: the array loop (these ops give the CPU kernels no memory)
     ops = ArrayModuleOps(np)
 
 
@@ -218,7 +218,7 @@ class FusedNumpyCell(ArrayModuleCell):
     """The CuPy backend's plumbing (``FusedOps``) with the kernels' programs evaluated by
     NumPy (``ProgramKernels``) in place of the CUDA kernels."""
 
-    backend = "fused-numpy"
+    backend = "cupy"  # its engines: the CuPy plumbing, with the kernels on the host
     ops = ProgramFusedOps(ProgramKernels())
 
 
@@ -378,7 +378,7 @@ def host_cuda_cell(host_cupy):
             return None  # as for CuPy arrays: never the CPU kernels, always CudaKernels
 
     class HostCudaCell(ArrayModuleCell):
-        backend = "cupy-on-host"
+        backend = "cupy"  # the CuPy cell, on a host stand-in of CuPy
         ops = DeviceArrayOps(ck.CudaKernels(host_cupy), "cupy")
 
     return HostCudaCell
