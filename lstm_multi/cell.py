@@ -20,6 +20,8 @@ projected: y (.., D * P), h0 and h_n (L * D, B, P), c0 and c_n still
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from . import engine as engines
@@ -27,6 +29,9 @@ from . import init, spec, validation
 from .ops import ArrayModuleOps
 
 _NUMPY_OPS = ArrayModuleOps(np)
+
+#: ``params[layer][direction][name]``: the canonical parameters, arrays of any backend
+Params = list[list[dict[str, Any]]]
 
 
 class FunctionalCell:
@@ -63,15 +68,15 @@ class FunctionalCell:
 
     def __init__(
         self,
-        input_size,
-        hidden_size,
-        variant="lstm",
-        num_layers=1,
-        bidirectional=False,
-        batch_first=True,
-        proj_size=0,
-        dropout=0.0,
-        engine="auto",
+        input_size: int,
+        hidden_size: int,
+        variant: str | spec.Variant = "lstm",
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        batch_first: bool = True,
+        proj_size: int = 0,
+        dropout: float = 0.0,
+        engine: str = "auto",
     ):
         self.input_size = validation.check_positive_int("input_size", input_size)
         self.hidden_size = validation.check_positive_int("hidden_size", hidden_size)
@@ -103,7 +108,7 @@ class FunctionalCell:
         """Width of h and of each direction's output: P with a projection, else H."""
         return spec.output_size(self.hidden_size, self.proj_size)
 
-    def param_shapes(self):
+    def param_shapes(self) -> list[list[dict[str, tuple[int, ...]]]]:
         """Canonical shapes: ``shapes[layer][direction] = {"W": ..., "U": ..., "b": ...}``."""
         return spec.network_param_shapes(
             self.variant,
@@ -114,12 +119,12 @@ class FunctionalCell:
             self.proj_size,
         )
 
-    def state_shapes(self, batch):
+    def state_shapes(self, batch: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         """Shapes of (h, c): (L * D, B, P or H) and (L * D, B, H)."""
         layers = self.num_layers * self.num_directions
         return (layers, batch, self.output_size), (layers, batch, self.hidden_size)
 
-    def state_shape(self, batch):
+    def state_shape(self, batch: int) -> tuple[int, int, int]:
         """The one shape of h and c, (L * D, B, H), where they share it (no projection)."""
         h_shape, c_shape = self.state_shapes(batch)
         if h_shape != c_shape:
@@ -131,7 +136,7 @@ class FunctionalCell:
 
     # parameters ---------------------------------------------------------------
 
-    def init(self, seed=0, dtype="float32", scheme="uniform"):
+    def init(self, seed: Any = 0, dtype: Any = "float32", scheme: str = "uniform") -> Params:
         """Fresh parameters; the same seed gives the same numbers on every backend.
 
         seed: a non-negative integer, a ``numpy.random.Generator``, a
@@ -164,12 +169,12 @@ class FunctionalCell:
         params = self.from_numpy(np_params)
         return params if dtype == np_dtype else self._cast(params, dtype)
 
-    def from_numpy(self, np_params):
+    def from_numpy(self, np_params: Params) -> Params:
         """Canonical NumPy parameters -> this backend's arrays (same structure)."""
         validation.check_params(_NUMPY_OPS, np_params, self.param_shapes())
         return self._map(lambda name, a: self._to_backend(np.asarray(a), name), np_params)
 
-    def to_numpy(self, params):
+    def to_numpy(self, params: Params) -> Params:
         """This backend's parameters -> canonical NumPy arrays."""
         validation.check_params(self.ops, params, self.param_shapes())
         return self._map(lambda name, a: self.ops.to_numpy(a), params)
@@ -220,7 +225,15 @@ class FunctionalCell:
 
     # running ------------------------------------------------------------------
 
-    def __call__(self, params, x, state=None, lengths=None, *, dropout_key=None):
+    def __call__(
+        self,
+        params: Params,
+        x: Any,
+        state: tuple[Any, Any] | None = None,
+        lengths: Any = None,
+        *,
+        dropout_key: Any = None,
+    ) -> tuple[Any, tuple[Any, Any]]:
         """Run the network: returns ``y, (h_n, c_n)``.
 
         dropout_key: with a cell built with ``dropout`` > 0, the randomness of
@@ -247,7 +260,9 @@ class FunctionalCell:
         )
         return [None, *masks]
 
-    def step(self, params, x_t, state=None):
+    def step(
+        self, params: Params, x_t: Any, state: tuple[Any, Any] | None = None
+    ) -> tuple[Any, tuple[Any, Any]]:
         """One time step of the whole stack: returns ``y_t, (h, c)``.
 
         x_t: (B, input_size); state: ``(h, c)``, each (L, B, H), or None for
@@ -278,7 +293,7 @@ class FunctionalCell:
         y, h_n, c_n = self._forward(params, x, h0, c0, None)  # no dropout: inference
         return y[0], (h_n, c_n)
 
-    def stop_gradient(self, state):
+    def stop_gradient(self, state: tuple[Any, Any]) -> tuple[Any, Any]:
         """``(h, c)`` cut from the graph of derivatives: truncated backpropagation
         through time.
 
@@ -302,8 +317,17 @@ class FunctionalCell:
         return tuple(self.ops.stop_gradient(s) for s in state)
 
     def vjp(
-        self, params, x, dy, state=None, lengths=None, dh_n=None, dc_n=None, *, dropout_key=None
-    ):
+        self,
+        params: Params,
+        x: Any,
+        dy: Any,
+        state: tuple[Any, Any] | None = None,
+        lengths: Any = None,
+        dh_n: Any = None,
+        dc_n: Any = None,
+        *,
+        dropout_key: Any = None,
+    ) -> tuple[Params, Any, tuple[Any, Any]]:
         """Gradients of ``sum(y*dy) + sum(h_n*dh_n) + sum(c_n*dc_n)``.
 
         Returns ``grads, dx, (dh0, dc0)`` with grads in the canonical structure.
@@ -317,16 +341,20 @@ class FunctionalCell:
             out_shape = (out_shape[1], out_shape[0], out_shape[2])
         validation.check_array_shape(self.ops, "dy", dy, out_shape, dtype)
         dy = self._to_time_major(self._to_backend(dy, "dy"))
-        final = []
-        for name, grad, like in (("dh_n", dh_n, h0), ("dc_n", dc_n, c0)):
-            if grad is None:
-                final.append(self.ops.zeros(like.shape, x))
-            else:
-                validation.check_array_shape(self.ops, name, grad, like.shape, dtype)
-                final.append(self._to_backend(grad, name))
+        dh_n, dc_n = (
+            self._final_grad(name, grad, like, dtype, x)
+            for name, grad, like in (("dh_n", dh_n, h0), ("dc_n", dc_n, c0))
+        )
         masks = self._layer_masks(dropout_key, x)
-        grads, dx, dh0, dc0 = self._vjp(params, x, h0, c0, lengths, dy, *final, masks)
+        grads, dx, dh0, dc0 = self._vjp(params, x, h0, c0, lengths, dy, dh_n, dc_n, masks)
         return grads, self._from_time_major(dx), (dh0, dc0)
+
+    def _final_grad(self, name, grad, like, dtype, x):
+        """The gradient of a final state (``dh_n`` or ``dc_n``) checked, or zeros for None."""
+        if grad is None:
+            return self.ops.zeros(like.shape, x)
+        validation.check_array_shape(self.ops, name, grad, like.shape, dtype)
+        return self._to_backend(grad, name)
 
     # backend hooks ------------------------------------------------------------
 

@@ -463,9 +463,10 @@ def select_engine(case: Case, requested: str = AUTO, exclude: tuple[str, ...] = 
             reason = "asked for by name" if name == requested else f"the fallback of {requested!r}"
             return Choice(name, requested, reason, tuple(passed_over))
         passed_over.append((name, why))
-        name = _BY_NAME[name].fallback
-        if name is None:  # pragma: no cover - an engine without a fallback never refuses
-            raise AssertionError(f"engine {passed_over[-1][0]!r} refused {case}")
+        fallback = _BY_NAME[name].fallback
+        if fallback is None:  # pragma: no cover - an engine without a fallback never refuses
+            raise AssertionError(f"engine {name!r} refused {case}")
+        name = fallback
     order = auto_order(case.backend, case.device)
     tried = {n for n, _ in passed_over}
     for name in order:

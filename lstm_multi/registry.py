@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .cell import FunctionalCell
 
 
 class BackendEntry:
-    def __init__(self, module, framework, extra):
+    def __init__(self, module: str, framework: str, extra: str):
         self.module = module  # the backend module's import path
         self.framework = framework  # the top-level package it needs
         self.extra = extra  # the pip extra that installs it
@@ -26,19 +31,19 @@ _BACKENDS = {
 }
 
 
-def known_backends():
+def known_backends() -> list[str]:
     """Every backend name, usable here or not."""
     return sorted(_BACKENDS)
 
 
-def _entry(name):
+def _entry(name: str) -> BackendEntry:
     try:
         return _BACKENDS[name]
     except (KeyError, TypeError):
         raise ValueError(f"backend: expected one of {known_backends()}, got {name!r}") from None
 
 
-def load_backend(name):
+def load_backend(name: str) -> ModuleType:
     """Import and return the backend module ``name``.
 
     Raises ValueError for an unknown name, ImportError naming the pip extra when
@@ -64,12 +69,12 @@ def load_backend(name):
     return module
 
 
-def get_cell(name):
+def get_cell(name: str) -> type[FunctionalCell]:
     """The functional cell class of backend ``name`` (see ``lstm_multi.cell.FunctionalCell``)."""
     return load_backend(name).Cell
 
 
-def available_backends():
+def available_backends() -> list[str]:
     """Names of the backends that can run on this machine, sorted."""
     names = []
     for name in known_backends():
