@@ -388,6 +388,7 @@ class FunctionalCell:
         validation.check_input(self.ops, x, self.input_size, batch_first)
         dtype = self.ops.dtype_name(x)
         self._check_dtype_supported("x", dtype)
+        self._check_x_matches_params(params, dtype)
         validation.check_params(self.ops, params, self.param_shapes(), dtype)
         x = self._to_backend(x, "x")
         x = self.ops.swap_batch_time(x) if batch_first else x
@@ -404,6 +405,23 @@ class FunctionalCell:
         if lengths is not None:
             lengths = self._prepare_lengths(lengths, steps, batch, x)
         return params, x, h0, c0, lengths
+
+    def _check_x_matches_params(self, params, dtype):
+        """x's dtype against the parameters': where every parameter has one dtype and x
+        another, the error names x (a parameter is named only where they disagree)."""
+        try:
+            dtypes = {
+                self.ops.dtype_name(a) for layer in params for p in layer for a in p.values()
+            }
+        except (TypeError, AttributeError, ValueError):
+            return  # not the canonical structure: check_params says what is wrong
+        if len(dtypes) == 1 and dtype not in dtypes:
+            (param_dtype,) = dtypes
+            raise TypeError(
+                f"x: expected the parameters' dtype {param_dtype}, got {dtype} (cast x to "
+                f"{param_dtype}, or draw the parameters in {dtype}: cell.init(seed, "
+                f"dtype={dtype!r}))"
+            )
 
     def _to_backend_if_needed(self, name, array):
         return array if self.ops.is_array(array) else self._to_backend(array, name)

@@ -86,11 +86,21 @@ def test_time_major_layout_is_named(backend):
 
 def test_mixed_dtypes(backend):
     cell, params = make(backend)
+    # every parameter float32, x float64: the error names x
     with pytest.raises(
         TypeError,
-        match=r"params\[0\]\[0\]\['W'\]: expected dtype float64 \(the dtype of x\), got float32",
+        match=r"x: expected the parameters' dtype float32, got float64 \(cast x to float32, "
+        r"or draw the parameters in float64: cell.init\(seed, dtype='float64'\)\)",
     ):
         cell(params, x_of(dtype="float64"))
+    # the parameters disagree among themselves: the one that differs from x is named
+    mixed = [[dict(p) for p in layer] for layer in params]
+    mixed[0][0]["W"] = cell.ops.astype(mixed[0][0]["W"], "float64")
+    with pytest.raises(
+        TypeError,
+        match=r"params\[0\]\[0\]\['W'\]: expected dtype float32 \(the dtype of x\), got float64",
+    ):
+        cell(params=mixed, x=x_of())
     state = (np.zeros((4, 2, 4), "float64"), np.zeros((4, 2, 4), "float32"))
     with pytest.raises(
         TypeError, match=r"state h0: expected dtype float32 \(the dtype of x\), got float64"
