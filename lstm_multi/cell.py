@@ -410,9 +410,7 @@ class FunctionalCell:
         """x's dtype against the parameters': where every parameter has one dtype and x
         another, the error names x (a parameter is named only where they disagree)."""
         try:
-            dtypes = {
-                self.ops.dtype_name(a) for layer in params for p in layer for a in p.values()
-            }
+            dtypes = {self.ops.dtype_name(a) for layer in params for p in layer for a in p.values()}
         except (TypeError, AttributeError, ValueError):
             return  # not the canonical structure: check_params says what is wrong
         if len(dtypes) == 1 and dtype not in dtypes:

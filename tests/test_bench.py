@@ -435,3 +435,10 @@ def test_the_command_sets_keras_backend_in_its_own_process_only():
             [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
         )
         assert proc.stdout.strip() == want, proc.stdout + proc.stderr
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lstm-multi {lstm_multi.__version__}"

@@ -36,11 +36,21 @@ def _split(values):
 DEFAULT_OUT = "lstm-multi-bench"
 
 
+def _version():
+    """lstm_multi's version (the package's ``__version__``)."""
+    from .. import __version__
+
+    return __version__
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="lstm-multi",
         description="lstm_multi tools. 'lstm-multi bench' times every backend, variant and peer; "
         "'lstm-multi engines' prints the engine table.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()}", help="print the version"
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
     bench = sub.add_parser(
