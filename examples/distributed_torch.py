@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -98,7 +99,12 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--checkpoint", default="distributed_torch.pt")
+    parser.add_argument(
+        "--checkpoint",
+        default=os.path.join(tempfile.gettempdir(), "lstm_multi_examples", "distributed_torch.pt"),
+        help="where rank 0 saves after each epoch (default under the temporary directory, "
+        "not the current one)",
+    )
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -133,6 +139,7 @@ def main(argv=None):
             predicted = model.module(test[0].to(device), test[1]).argmax(1).cpu()
         accuracy = (predicted == test[2]).float().mean().item()
         if rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(args.checkpoint)), exist_ok=True)
             torch.save(
                 {"model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
                  "epoch": epoch},

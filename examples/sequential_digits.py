@@ -32,6 +32,7 @@ import itertools
 import math
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -39,7 +40,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    RESULTS_DIR,
     NumpyAdam,
     machine_info,
     progress,
@@ -431,7 +431,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--plot",
         default=None,
-        help="where to write the loss-curve PNG (default examples/results/digits_<sequence>_<dtype>.png)",
+        help="where to write the loss-curve PNG (default: <tmp>/lstm_multi_examples/"
+        "digits_<sequence>_<dtype>.png; the committed examples/results/ figures are written "
+        "only when named here)",
     )
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -511,7 +513,11 @@ def run(cfg):
 
     plot_path = None
     if not cfg.no_plot:
-        path = cfg.plot or os.path.join(RESULTS_DIR, f"digits_{cfg.sequence}_{cfg.dtype}.png")
+        # never into the repository or the current directory unless asked (--plot PATH)
+        path = cfg.plot or os.path.join(
+            tempfile.gettempdir(), "lstm_multi_examples", f"digits_{cfg.sequence}_{cfg.dtype}.png"
+        )
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         plot_path = plot_curves(results, cfg, path, largest)
         if plot_path:
             print(f"loss curves written to {plot_path}")

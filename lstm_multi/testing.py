@@ -192,15 +192,7 @@ def _check_network(variant, rng, report, directions=3, eps=1e-6):
 
 def _array_code_cell(variant):
     """The NumPy cell with every direction on the array code (never the CPU kernels)."""
-
-    class ArrayCodeCell(registry.get_cell("numpy")):
-        def _run_direction(self, ops, variant, p, xs, h0, c0, valid, record=False):
-            return network.loop_direction(ops, variant, p, xs, h0, c0, valid, record)
-
-        def _backward_direction(self, ops, variant, p, tape, dys, dh, dc, valid):
-            return bptt.backward_direction(ops, variant, p, tape, dys, dh, dc, valid)
-
-    return ArrayCodeCell(variant=variant, **_SIZES)
+    return registry.get_cell("numpy")(variant=variant, engine="array", **_SIZES)
 
 
 def _check_array(variant, reference_cell, p, report):
