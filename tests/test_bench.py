@@ -442,3 +442,16 @@ def test_version_flag(capsys):
         cli.run(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"lstm-multi {lstm_multi.__version__}"
+
+
+def test_backend_choice_restricts_the_peers_too():
+    """-b torch leaves out the peers of other frameworks (numpy.matmuls, flax, ...) unless
+    named with --peer; torch.nn.LSTM, the reference, always runs."""
+    from lstm_multi.bench import suite
+
+    pytest.importorskip("torch")
+    names = {r.name for r in suite.select_runners(config.BenchConfig(backends=["torch"]))}
+    assert "torch.nn.LSTM" in names
+    assert not names & {"numpy.matmuls", "flax", "equinox", "keras"}
+    named = config.BenchConfig(backends=["torch"], peers=["numpy.matmuls"])
+    assert "numpy.matmuls" in {r.name for r in suite.select_runners(named)}

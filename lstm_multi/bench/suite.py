@@ -59,9 +59,17 @@ def select_runners(config):
                 chosen.append(r)
         elif r.name == runners.REFERENCE:
             chosen.append(r)  # always measured: the ratios are to it
-        elif config.peers is None or r.name in config.peers:
-            chosen.append(r)
+        elif config.peers is not None:
+            if r.name in config.peers:
+                chosen.append(r)
+        elif config.backends is None or r.framework in _frameworks_of(config.backends):
+            chosen.append(r)  # -b restricts the peers too: those of its backends' frameworks
     return chosen
+
+
+def _frameworks_of(backends):
+    """The frameworks the chosen backends run on (a peer of another one is left out)."""
+    return {frameworks.framework_of_backend(b.split("[")[0]) for b in backends}
 
 
 def _cases(selected, variants):
