@@ -23,6 +23,7 @@ kernels and every backend follow (``lstm_multi.spec``)::
     lstm_multi.testing.check_variant(variant)
 """
 
+import importlib
 import sys
 
 from . import kernels, testing
@@ -50,17 +51,29 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def _register_with_torch():
-    """Where torch is already imported, import ``lstm_multi.torch``, which registers its
-    modules with ``torch.serialization.add_safe_globals``: then ``torch.load`` (default
-    ``weights_only=True``) restores a whole saved ``lstm_multi.torch.LSTM`` after a plain
-    ``import lstm_multi``. No framework is imported that was not already."""
-    if sys.modules.get("torch") is None:
-        return
-    try:
-        from . import torch as _torch_modules  # noqa: F401
-    except ImportError:  # a broken torch: its backend says so when asked for
-        pass
+#: framework -> the lstm_multi module that registers lstm_multi's classes with it on import
+_REGISTERING_MODULES = {
+    # torch.serialization.add_safe_globals: torch.load (default weights_only=True)
+    # restores a whole saved lstm_multi.torch.LSTM
+    "torch": "lstm_multi.torch",
+    # keras.saving.register_keras_serializable: keras.models.load_model restores a
+    # saved lstm_multi.keras.LSTM (Keras imports no module a saved config names but
+    # its own, so the registration must have run before load_model)
+    "keras": "lstm_multi.keras",
+}
 
 
-_register_with_torch()
+def _register_with_frameworks():
+    """Import the module of ``_REGISTERING_MODULES`` of each framework already imported,
+    so that after a plain ``import lstm_multi`` the framework's loader finds the saved
+    layers. No framework is imported that was not already."""
+    for framework, module in _REGISTERING_MODULES.items():
+        if sys.modules.get(framework) is None:
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError:  # a broken framework: its module says so when imported
+            pass
+
+
+_register_with_frameworks()

@@ -17,6 +17,40 @@ the variant's own (``p`` (rows, H) for the peephole variants), gate blocks
 are exactly ``keras.layers.LSTM``'s ``kernel``, ``recurrent_kernel`` and ``bias``
 (``lstm_multi.convert.to_keras`` / ``from_keras`` move them).
 
+Keras's protocol. The layer has ``keras.layers.LSTM``'s ``return_sequences``,
+``return_state``, ``go_backwards``, ``stateful`` (with ``states``,
+``reset_state``/``reset_states``), ``zero_output_for_mask``, ``unroll`` and
+``use_cudnn`` arguments and attributes, and its ``get_config`` round-trips through
+``from_config``: that is what ``keras.layers.Bidirectional`` needs to wrap it (it
+rebuilds the layer from its config, once as given and once with
+``go_backwards=True``, sets ``zero_output_for_mask = return_sequences`` on both, and
+flips the backward outputs), so ``Bidirectional(LSTM(units))`` computes what
+``LSTM(units, bidirectional=True)`` does given the same weights, masks included.
+``unroll`` has no effect (the time loop is the cell's engine's) and ``use_cudnn``
+does not choose anything ("auto", True or False: lstm_multi's own kernels run,
+chosen by the cell's engine table); both are accepted so that code and configs
+written for ``keras.layers.LSTM`` work.
+
+Stateful. With ``stateful=True`` the final h and c of each call become the initial
+state of the next (row n of one batch continues row n of the previous one), until
+``reset_state()`` zeros them; the batch size is fixed by the first build
+(``keras.Input(..., batch_size=B)``). The states are ``keras.Variable``s held, as
+``keras.layers.RNN`` holds them, outside the layer's weights: not saved, not in
+``get_weights``, so weights move between models of other batch sizes. Like
+``keras.layers.LSTM``'s they are carried by eager calls (``layer(x)``,
+``model(x)``) and by the torch backend's ``predict``/``fit``; Keras's jitted JAX
+``predict``/``fit`` only write back tracked variables, so there (for
+``keras.layers.LSTM(stateful=True)`` too, Keras 3.15) the state is not carried.
+
+Saving. The class is registered as ``"lstm_multi>LSTM"``
+(``keras.saving.register_keras_serializable``), which is what ``load_model`` looks
+up: it is registered when this module is imported, and ``import lstm_multi``
+imports it where keras is already imported. Keras imports the module a saved
+config names only for its own packages (keras, keras_hub, ...), so a process that
+loads a model must import ``lstm_multi.keras`` (or keras, then ``lstm_multi``)
+first; otherwise Keras's ``TypeError`` says ``Could not locate class 'LSTM'`` and
+shows the config's ``'module': 'lstm_multi.keras'``.
+
 Masks. Keras passes a (B, T) boolean mask (``Embedding(mask_zero=True)``,
 ``Masking``); it becomes ``lengths = mask.sum(1)``, so it must be True on each
 row's first steps and False after (padding at the end). ``keras.layers.LSTM``
@@ -41,7 +75,8 @@ refuse) gets Keras's result: its initial state back, its initial h as every
 output; the cell runs it for one step on a zeroed input (so nothing in the
 padding, NaN included, reaches a gradient) and the result is discarded.
 ``bidirectional`` outputs are ``keras.layers.Bidirectional``'s: zero at masked
-steps.
+steps; ``zero_output_for_mask=True`` gives zeros there too (with
+``return_sequences``; for ``go_backwards`` at the padding, read first).
 """
 
 from __future__ import annotations
@@ -114,6 +149,17 @@ def _take_steps(y, index):
     return ops.take_along_axis(y, index, axis=1)
 
 
+class _Carried:
+    """Where a stateful layer keeps its h and c variables: a plain object, which Keras's
+    attribute tracking does not look into (a list or tuple attribute it would track),
+    so that, as ``keras.layers.RNN``'s states, they are not weights."""
+
+    __slots__ = ("variables",)
+
+    def __init__(self):
+        self.variables = None
+
+
 @keras.saving.register_keras_serializable(package="lstm_multi")
 class LSTM(keras.layers.Layer):
     """A multi-layer, optionally bidirectional LSTM of any lstm_multi variant, as a Keras layer.
@@ -136,7 +182,19 @@ class LSTM(keras.layers.Layer):
         go_backwards: read each sequence reversed, as ``keras.layers.LSTM`` does: the
             sequence outputs come in the order read (the last input's first), and
             with a mask the padding steps come first (outputting the initial h).
-            Not with ``bidirectional``.
+            Not with ``bidirectional``. With a ``seed`` the initial numbers are
+            those of the seed's reverse direction (below).
+        stateful: carry the final state of each call into the next (the initial
+            state when none is given; module docstring); the batch size is the one
+            the layer is built with. ``reset_state()`` zeros it.
+        unroll: accepted for ``keras.layers.LSTM``'s configs (True or False); no
+            effect: the time loop is the cell's engine's, compiled or fused.
+        use_cudnn: accepted for ``keras.layers.LSTM``'s configs ("auto", True or
+            False); lstm_multi's own kernels run whatever it says (the cell's
+            engine table chooses them).
+        zero_output_for_mask: with ``return_sequences`` and a mask, output zeros at
+            the masked steps instead of the current h (``keras.layers.RNN``'s
+            argument; ``keras.layers.Bidirectional`` sets it).
         num_layers: stacked layers; layer k > 0 reads layer k - 1's outputs.
         bidirectional: add a direction that reads each sequence reversed (within
             its length); outputs are the two directions' concatenated (D = 2), as
@@ -149,7 +207,12 @@ class LSTM(keras.layers.Layer):
         seed: a non-negative integer: the same seed gives the same initial numbers as
             ``get_cell(backend)(...).init(seed, scheme=scheme)`` on every lstm_multi
             backend; None draws one from NumPy's global generator (which
-            ``keras.utils.set_random_seed`` seeds).
+            ``keras.utils.set_random_seed`` seeds). With ``go_backwards`` the seed's
+            generator draws each layer's forward numbers first and the layer takes
+            the ones after (a reverse direction's), so that
+            ``keras.layers.Bidirectional(LSTM(units, seed=s))`` starts as
+            ``LSTM(units, bidirectional=True, seed=s)`` does (one layer) rather than
+            with two equal directions.
         **kwargs: ``keras.layers.Layer``'s (``name``, ``dtype``, ``trainable``).
 
     Call arguments:
@@ -160,7 +223,8 @@ class LSTM(keras.layers.Layer):
             as in ``keras.layers.LSTM`` (module docstring); a row with no True step
             returns its initial state.
         initial_state: ``[h0, c0]``, each (B, units) for one layer and direction,
-            (num_layers * D, B, units) otherwise; zeros when not given.
+            (num_layers * D, B, units) otherwise; when not given zeros, or with
+            ``stateful`` the state the previous call ended with.
 
     Returns ``output`` or, with ``return_state``, ``output, h, c`` (shapes above);
     a mask is passed on with ``return_sequences``, unchanged (also with
@@ -175,6 +239,10 @@ class LSTM(keras.layers.Layer):
         return_sequences=False,
         return_state=False,
         go_backwards=False,
+        stateful=False,
+        unroll=False,
+        use_cudnn="auto",
+        zero_output_for_mask=False,
         num_layers=1,
         bidirectional=False,
         proj_size=0,
@@ -188,6 +256,14 @@ class LSTM(keras.layers.Layer):
         self.return_sequences = validation.check_bool("return_sequences", return_sequences)
         self.return_state = validation.check_bool("return_state", return_state)
         self.go_backwards = validation.check_bool("go_backwards", go_backwards)
+        self.stateful = validation.check_bool("stateful", stateful)
+        self.unroll = validation.check_bool("unroll", unroll)
+        if not (use_cudnn == "auto" or isinstance(use_cudnn, bool)):
+            raise ValueError(f"use_cudnn: expected 'auto', True or False, got {use_cudnn!r}")
+        self.use_cudnn = use_cudnn
+        self.zero_output_for_mask = validation.check_bool(
+            "zero_output_for_mask", zero_output_for_mask
+        )
         self.num_layers = validation.check_positive_int("num_layers", num_layers)
         self.bidirectional = validation.check_bool("bidirectional", bidirectional)
         self.proj_size = validation.check_proj_size(proj_size, self.units)
@@ -202,6 +278,23 @@ class LSTM(keras.layers.Layer):
         self.supports_masking = True
         self.cell = None  # the functional cell, made in build (it needs the input size)
         self._params = None  # params[layer][direction] = {key: keras.Variable}
+        self._carried = _Carried()  # the stateful layer's [h, c] variables, made in build
+
+    @property
+    def states(self):
+        """``[h, c]``, the ``keras.Variable``s a stateful layer carries (shapes as
+        ``return_state``'s), once built; None otherwise (as ``keras.layers.RNN``)."""
+        return None if self._carried.variables is None else list(self._carried.variables)
+
+    def reset_state(self):
+        """Zero the carried state of a stateful layer (nothing to do otherwise, as for
+        ``keras.layers.LSTM``)."""
+        for variable in self.states or ():
+            variable.assign(ops.zeros_like(variable.value))
+
+    def reset_states(self):
+        """``reset_state`` (Keras's other spelling)."""
+        self.reset_state()
 
     @property
     def num_directions(self):
@@ -237,14 +330,17 @@ class LSTM(keras.layers.Layer):
                 "inputs: expected a 3-d shape (batch, time, features) with the features "
                 f"known, got {input_shape}"
             )
+        if self.stateful and input_shape[0] is None:
+            raise ValueError(
+                "stateful: expected a fixed batch size (keras.Input(shape, batch_size=B), or "
+                f"a first call on a batch), got the input shape {input_shape}"
+            )
         input_size = int(input_shape[-1])
         self.cell = get_cell(self._backend)(input_size, **self._cell_kwargs())
         seed = self.seed if self.seed is not None else int(np.random.randint(0, 2**31 - 1))
         # drawn in float32 (float64 for float64 variables) and cast to the variables' dtype
         float64 = keras.backend.standardize_dtype(self.variable_dtype) == "float64"
-        dtype = "float64" if float64 else "float32"
-        numpy_cell = get_cell("numpy")(input_size, **self._cell_kwargs())
-        values = numpy_cell.init(seed, dtype=dtype, scheme=self.scheme)
+        values = self._initial_values(input_size, seed, "float64" if float64 else "float32")
         self._params = [
             [
                 {
@@ -259,6 +355,35 @@ class LSTM(keras.layers.Layer):
             ]
             for layer, layer_values in enumerate(values)
         ]
+        if self.stateful:
+            batch = int(input_shape[0])
+            self._carried.variables = [
+                keras.Variable(
+                    np.zeros(self._state_shape(batch, part)),
+                    trainable=False,
+                    dtype=self.variable_dtype,
+                    name=f"{part}_state",
+                )
+                for part in ("h", "c")
+            ]
+
+    def _initial_values(self, input_size, seed, dtype):
+        """The initial canonical numbers: ``get_cell("numpy")(...).init(seed)``'s; with
+        ``go_backwards`` a reverse direction's: the seed's generator draws each layer's
+        forward numbers first (discarded) and the layer's after, as a bidirectional
+        network's direction 1 (for one layer, the very same numbers)."""
+        if not self.go_backwards:
+            numpy_cell = get_cell("numpy")(input_size, **self._cell_kwargs())
+            return numpy_cell.init(seed, dtype=dtype, scheme=self.scheme)
+        rng = np.random.default_rng(seed)
+        shapes = spec.network_param_shapes(
+            self.variant, input_size, self.units, self.num_layers, 1, self.proj_size
+        )
+        values = []
+        for (layer_shapes,) in shapes:
+            init.draw(self.scheme, rng, layer_shapes, self.units, dtype)  # the forward one's
+            values.append([init.draw(self.scheme, rng, layer_shapes, self.units, dtype)])
+        return values
 
     def get_canonical_params(self):
         """The weights as lstm_multi's canonical ``params[layer][direction]`` (NumPy arrays):
@@ -293,6 +418,15 @@ class LSTM(keras.layers.Layer):
             [{key: ops.cast(v.value, dtype) for key, v in p.items()} for p in layer]
             for layer in self._params
         ]
+        if self.stateful:
+            carried = self._carried.variables
+            if tuple(carried[1].shape)[-2] != batch:
+                raise ValueError(
+                    f"stateful: expected inputs of the batch size the state was built for "
+                    f"({tuple(carried[1].shape)[-2]}), got {batch}"
+                )
+            if initial_state is None:  # copies: the variables are overwritten below
+                initial_state = [ops.copy(ops.cast(v.value, dtype)) for v in carried]
         state = self._initial_state(initial_state, batch)
         lengths = run_lengths = empty = None
         if mask is not None:
@@ -310,10 +444,13 @@ class LSTM(keras.layers.Layer):
         else:  # each direction's final h of the top layer, as Keras's last output
             top = range(h_n.shape[0] - self.num_directions, h_n.shape[0])
             output = ops.concatenate([h_n[k] for k in top], axis=-1)
-        if not self.return_state:
-            return output
         if len(self._state_shape(batch)) == 2:
             h_n, c_n = h_n[0], c_n[0]
+        if self.stateful:
+            for variable, value in zip(self._carried.variables, (h_n, c_n), strict=True):
+                variable.assign(ops.cast(value, variable.dtype))
+        if not self.return_state:
+            return output
         return output, h_n, c_n
 
     def _initial_state(self, initial_state, batch):
@@ -377,18 +514,20 @@ class LSTM(keras.layers.Layer):
         jax and numpy): a masked step outputs the current h, so the last valid output
         repeats past the length, and before a row's first valid step (go_backwards'
         padding, a row of length 0) comes the initial h (zeros unless an initial state
-        is given). Bidirectional outputs are Keras's ``Bidirectional`` ones: zero where
-        masked. ``h0_top`` (B, H): the top layer's initial h."""
+        is given). Bidirectional outputs are Keras's ``Bidirectional`` ones, and with
+        ``zero_output_for_mask`` all: zero where masked. ``h0_top`` (B, H): the top
+        layer's initial h."""
         if lengths is None:
             return y
         t = ops.arange(steps, dtype="int32")[None, :]
         length = lengths[:, None]
-        if self.bidirectional:
-            return ops.where(ops.equal(length, 0)[:, :, None], ops.zeros_like(y), y)
-        if self.go_backwards:
+        if self.go_backwards:  # in the order read: the padding first
             y = _take_steps(y, (t + length) % steps)
             before = t < steps - length
-        else:
+        if self.bidirectional or self.zero_output_for_mask:
+            masked = before if self.go_backwards else t >= length
+            return ops.where(masked[:, :, None], ops.zeros_like(y), y)
+        if not self.go_backwards:
             y = _take_steps(y, ops.minimum(t, ops.maximum(length - 1, 0)))
             before = ops.broadcast_to(ops.equal(length, 0), (y.shape[0], steps))
         return ops.where(before[:, :, None], h0_top[:, None, :], y)
@@ -424,6 +563,10 @@ class LSTM(keras.layers.Layer):
             return_sequences=self.return_sequences,
             return_state=self.return_state,
             go_backwards=self.go_backwards,
+            stateful=self.stateful,
+            unroll=self.unroll,
+            use_cudnn=self.use_cudnn,
+            zero_output_for_mask=self.zero_output_for_mask,
             num_layers=self.num_layers,
             bidirectional=self.bidirectional,
             proj_size=self.proj_size,

@@ -11,13 +11,19 @@ What is checked, against an independent computation each time:
 ``return_sequences``, ``go_backwards``, ``initial_state`` and masks (a fully
 masked row included), compared at every step, masked ones too (the layer
 gives what Keras's LSTM gives there: the current h); a peephole network equals
-the functional NumPy cell run sequence by sequence, laid out as Keras would; ``model.fit`` lowers the loss (jax, torch); a ``.keras``
-file restores identical outputs; the errors.
+the functional NumPy cell run sequence by sequence, laid out as Keras would;
+``keras.layers.Bidirectional`` wrapping the layer equals ``bidirectional=True`` and,
+for "lstm", ``Bidirectional(keras.layers.LSTM)`` (masks and initial states
+included); ``stateful`` split sequences equal one call and follow Keras's own
+stateful LSTM; ``model.fit`` lowers the loss (jax, torch); a ``.keras`` file
+restores identical outputs, in this process and in a fresh one after ``import
+lstm_multi``; configs round-trip; the errors.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -196,6 +202,191 @@ def check_peephole_equals_functional_cell():
         np.testing.assert_allclose(got, expected, **TOL)
 
 
+def _split_directions(params):
+    """A one-layer bidirectional network's params -> (forward, backward) one-direction ones."""
+    return [[params[0][0]]], [[params[0][1]]]
+
+
+def check_bidirectional_wrapper_equals_bidirectional():
+    """``keras.layers.Bidirectional(LSTM(...))`` against ``LSTM(..., bidirectional=True)`` with
+    the same weights, for "lstm" and "peephole" (and for "lstm" against
+    ``Bidirectional(keras.layers.LSTM)``): outputs and states, with a mask (a fully masked
+    row included), initial states, both; with the same seed they start equal too."""
+    x = _inputs(12)
+    rng = np.random.default_rng(13)
+    h0, c0 = (rng.standard_normal((2, B, H)).astype(np.float32) for _ in range(2))
+    for variant in ("lstm", "peephole"):
+        for return_sequences in (False, True):
+            options = dict(variant=variant, return_sequences=return_sequences, return_state=True)
+            wrapped = keras.layers.Bidirectional(_ours(**options, seed=3))
+            ours = _ours(**options, bidirectional=True, seed=3)
+            wrapped.build(x.shape)
+            ours.build(x.shape)
+            assert wrapped.backward_layer.go_backwards and not wrapped.forward_layer.go_backwards
+            assert wrapped.backward_layer.zero_output_for_mask == return_sequences
+            start = _split_directions(ours.get_canonical_params())
+            for layer, want in zip(
+                (wrapped.forward_layer, wrapped.backward_layer), start, strict=True
+            ):
+                for key, value in want[0][0].items():
+                    np.testing.assert_array_equal(layer.get_canonical_params()[0][0][key], value)
+            params = _random_params(ours, seed=14 + return_sequences)
+            ours.set_canonical_params(params)
+            forward, backward = _split_directions(params)
+            wrapped.forward_layer.set_canonical_params(forward)
+            wrapped.backward_layer.set_canonical_params(backward)
+            theirs = None
+            if variant == "lstm":
+                lstm = keras.layers.LSTM(H, return_sequences=return_sequences, return_state=True)
+                theirs = keras.layers.Bidirectional(lstm)
+            for mask, state in ((None, None), (MASK, None), (None, True), (MASK, True)):
+                initial = [h0, c0] if state else None
+                split = [h0[0], c0[0], h0[1], c0[1]] if state else None
+                got = _numpy(wrapped(x, mask=mask, initial_state=split))
+                want = _numpy(ours(x, mask=mask, initial_state=initial))
+                message = str((options, mask is not None, state))
+                np.testing.assert_allclose(got[0], want[0], **TOL, err_msg=message)
+                for k, part in ((1, want[1]), (2, want[2])):  # h (fw, bw), c (fw, bw)
+                    both = np.stack([got[k], got[k + 2]])
+                    np.testing.assert_allclose(both, part, **TOL, err_msg=message)
+                if theirs is not None and (mask is None or state is None):
+                    # (Keras's torch loop outputs zeros where its scans give the initial h:
+                    # see _torch_keras_steps_before_the_first; without one they agree)
+                    if not theirs.built:
+                        theirs.build(x.shape)
+                        convert.to_keras(params, theirs)
+                    keras_out = _numpy(theirs(x, mask=mask, initial_state=split))
+                    for g, w in zip(got, keras_out, strict=True):
+                        np.testing.assert_allclose(g, w, **TOL, err_msg=message)
+
+
+def check_stateful_bidirectional_wrapper():
+    """Bidirectional(LSTM(stateful=True)) carries each direction's state as a stateful
+    bidirectional=True layer does (same seed, so same weights), and resets with it."""
+    x = _inputs(24)
+    wrapped = keras.layers.Bidirectional(_ours(stateful=True, return_sequences=True, seed=5))
+    ours = _ours(stateful=True, bidirectional=True, return_sequences=True, seed=5)
+    first, second = (_numpy([wrapped(x), ours(x)]) for _ in range(2))
+    assert np.abs(first[0] - second[0]).max() > 1e-3  # the state was carried
+    for got, want in (first, second):
+        np.testing.assert_allclose(got, want, **TOL)
+    assert len(wrapped.states) == 4
+    wrapped.reset_states()
+    ours.reset_states()
+    np.testing.assert_allclose(*_numpy([wrapped(x), ours(x)]), **TOL)
+    np.testing.assert_allclose(_numpy([wrapped(x)])[0], second[0], **TOL)
+
+
+def check_zero_output_for_mask_equals_keras():
+    """``zero_output_for_mask=True`` (what Bidirectional sets): zeros at the masked steps, in
+    the order read, as keras.layers.LSTM's."""
+    x = _inputs(15)
+    for go_backwards in (False, True):
+        options = dict(return_sequences=True, go_backwards=go_backwards, zero_output_for_mask=True)
+        ours, theirs = _ours(**options), keras.layers.LSTM(H, **options)
+        ours.build(x.shape)
+        theirs.build(x.shape)
+        params = _random_params(ours, seed=16)
+        ours.set_canonical_params(params)
+        convert.to_keras(params, theirs)
+        got = keras.ops.convert_to_numpy(ours(x, mask=MASK))
+        want = keras.ops.convert_to_numpy(theirs(x, mask=MASK))
+        read = MASK[:, ::-1] if go_backwards else MASK
+        np.testing.assert_array_equal(got[~read], 0)
+        np.testing.assert_allclose(got, want, **TOL)
+
+
+def check_stateful():
+    """stateful=True: a sequence in two calls equals one call (with a mask ending in the
+    second call too), reset_state() starts afresh, as keras.layers.LSTM(stateful=True)
+    with the same weights (go_backwards included), in eager calls and in model.predict
+    (whatever Keras's own does there: it carries on torch, not in JAX's jitted predict);
+    the states are not weights; model.fit runs (jax, torch)."""
+    x = _inputs(17)
+    ragged = np.arange(T)[None, :] < np.array([T, 3, 1])[:, None]  # ends in either half
+    for variant in ("lstm", "peephole"):
+        for go_backwards in (False, True):
+            options = dict(variant=variant, return_sequences=True, return_state=True)
+            stateful = _ours(**options, go_backwards=go_backwards, stateful=True)
+            stateful.build(x.shape)
+            params = _random_params(stateful, seed=18)
+            stateful.set_canonical_params(params)
+            assert [w.name for w in stateful.weights] == [w.name for w in _built(variant)]
+            assert [tuple(s.shape) for s in stateful.states] == [(B, H), (B, H)]
+            calls = [_numpy(stateful(x[:, :2])), _numpy(stateful(x[:, 2:]))]
+            np.testing.assert_allclose(_numpy(stateful.states), calls[1][1:], **TOL)
+            if not go_backwards:  # the two halves are one sequence
+                whole = _ours(**options)
+                whole.build(x.shape)
+                whole.set_canonical_params(params)
+                want = _numpy(whole(x))
+                np.testing.assert_allclose(
+                    np.concatenate([calls[0][0], calls[1][0]], 1), want[0], **TOL
+                )
+                for g, w in zip(calls[1][1:], want[1:], strict=True):
+                    np.testing.assert_allclose(g, w, **TOL)
+                stateful.reset_states()
+                y1, *_ = _numpy(stateful(x[:, :2], mask=ragged[:, :2]))
+                y2, h, c = _numpy(stateful(x[:, 2:], mask=ragged[:, 2:]))
+                y, h_n, c_n = _numpy(whole(x, mask=ragged))
+                np.testing.assert_allclose(np.concatenate([y1, y2], 1), y, **TOL)
+                np.testing.assert_allclose(h, h_n, **TOL)
+                np.testing.assert_allclose(c, c_n, **TOL)
+            stateful.reset_states()
+            for v in _numpy(stateful.states):
+                np.testing.assert_array_equal(v, 0)
+            again = _numpy(stateful(x[:, :2]))
+            for g, w in zip(again, calls[0], strict=True):
+                np.testing.assert_array_equal(g, w)
+            if variant != "lstm":
+                continue
+            keras_options = dict(options, go_backwards=go_backwards, stateful=True)
+            theirs = keras.layers.LSTM(H, **{k: v for k, v in keras_options.items()
+                                             if k != "variant"})  # fmt: skip
+            theirs.build(x.shape)
+            convert.to_keras(params, theirs)
+            theirs_calls = [_numpy(theirs(x[:, :2])), _numpy(theirs(x[:, 2:]))]
+            for ours_call, keras_call in zip(calls, theirs_calls, strict=True):
+                for g, w in zip(ours_call, keras_call, strict=True):
+                    np.testing.assert_allclose(g, w, **TOL)
+    # in a model with a fixed batch: eager calls and predict, as Keras's own
+    layers = [_ours(stateful=True), keras.layers.LSTM(H, stateful=True)]
+    models = [keras.Sequential([keras.Input((2, F), batch_size=B), layer]) for layer in layers]
+    params = _random_params(layers[0], seed=19)
+    layers[0].set_canonical_params(params)
+    convert.to_keras(params, layers[1])
+    for run in (lambda m, x: m(x), lambda m, x: m.predict(x, verbose=0)):
+        outputs = []
+        for model, layer in zip(models, layers, strict=True):
+            layer.reset_states()
+            outputs.append([keras.ops.convert_to_numpy(run(model, x[:, :2])),
+                            keras.ops.convert_to_numpy(run(model, x[:, 2:]))])  # fmt: skip
+        np.testing.assert_allclose(np.array(outputs[0]), np.array(outputs[1]), **TOL)
+    # weights move to a stateless model of another batch size (the states are not weights)
+    stateless = keras.Sequential([keras.Input((2, F)), _ours()])
+    stateless.set_weights(models[0].get_weights())
+    layers[0].reset_states()
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(stateless(x[:1, :2])),
+        keras.ops.convert_to_numpy(models[0](x[:, :2]))[:1],
+        **TOL,
+    )
+    if BACKEND in TRAINABLE:  # the carried state is not part of the graph of a step
+        model = keras.Sequential(
+            [keras.Input((2, F), batch_size=B), _ours(stateful=True, seed=0), keras.layers.Dense(1)]
+        )
+        model.compile(optimizer="adam", loss="mse")
+        chunks = np.concatenate([x[:, :2], x[:, 2:]])
+        history = model.fit(chunks, np.ones((2 * B, 1)), batch_size=B, shuffle=False, verbose=0)
+        assert np.isfinite(history.history["loss"][0])
+
+
+def _built(variant):
+    layer = _ours(variant=variant)
+    layer.build((B, T, F))
+    return layer.weights
+
+
 def check_masks_flow_through_a_model():
     """Masking -> our LSTM (sequences) -> our LSTM (backwards), as Keras's own model."""
     x = _inputs(8)
@@ -239,25 +430,44 @@ def check_fit_lowers_the_loss():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def check_save_and_load(directory):
-    """A .keras file restores the layer (config and weights): identical outputs."""
+def _saved_model(directory):
+    """A model of the layer (bidirectional, peephole, 2 layers) and of Bidirectional wrapping
+    it, with random weights, saved to ``directory``/model.keras; returns (model, path, x)."""
     x = _inputs(9)
     x[1, 3:] = 0.0
     layer = _ours(variant="peephole", num_layers=2, bidirectional=True, return_sequences=True)
-    model = keras.Sequential([keras.Input((T, F)), keras.layers.Masking(0.0), layer])
+    wrapped = keras.layers.Bidirectional(_ours(variant="nog", unroll=True, use_cudnn=False))
+    model = keras.Sequential([keras.Input((T, F)), keras.layers.Masking(0.0), layer, wrapped])
     layer.set_canonical_params(_random_params(layer, seed=11))
+    for k, direction in enumerate((wrapped.forward_layer, wrapped.backward_layer)):
+        direction.set_canonical_params(_random_params(direction, seed=20 + k))
     path = os.path.join(directory, "model.keras")
     model.save(path)
+    return model, path, x
+
+
+def check_save_and_load(directory):
+    """A .keras file restores the layers (config and weights): identical outputs."""
+    model, path, x = _saved_model(directory)
     loaded = keras.models.load_model(path)
-    restored = loaded.layers[-1]
-    assert type(restored) is type(layer)
-    assert restored.get_config() == layer.get_config()
+    for restored, layer in zip(loaded.layers[-2:], model.layers[-2:], strict=True):
+        assert type(restored) is type(layer)
+        # (through JSON: Bidirectional's nested build_config has tuples, restored as lists)
+        assert _json(restored.get_config()) == _json(layer.get_config())
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def _json(config):
+    return json.loads(json.dumps(config))
 
 
 CHECKS = {
     "lstm": check_lstm_equals_keras,
     "bidirectional": check_bidirectional_stack_equals_keras,
+    "wrapper": check_bidirectional_wrapper_equals_bidirectional,
+    "zero_output": check_zero_output_for_mask_equals_keras,
+    "stateful_wrapper": check_stateful_bidirectional_wrapper,
+    "stateful": check_stateful,
     "peephole": check_peephole_equals_functional_cell,
     "model": check_masks_flow_through_a_model,
     "fit": check_fit_lowers_the_loss,
@@ -311,7 +521,9 @@ def other_runs(request, tmp_path_factory):
     }
     runs = {}
     for other in sorted(selected):
-        names = ["lstm", "peephole", "save"] + (["fit"] if other in TRAINABLE else [])
+        names = ["lstm", "peephole", "wrapper", "zero_output", "stateful", "stateful_wrapper"]
+        names += ["save"]
+        names += ["fit"] if other in TRAINABLE else []
         log = tmp_path_factory.mktemp(other) / "log"
         with open(log, "w") as out:  # the child keeps its own copy of the file
             process = subprocess.Popen(
@@ -388,6 +600,11 @@ def test_unsupported_keras_backend_is_refused(monkeypatch):
             ValueError,
             r"go_backwards: expected False with bidirectional=True",
         ),
+        ({"stateful": "yes"}, TypeError, r"stateful: expected True or False, got 'yes'"),
+        ({"unroll": 1}, TypeError, r"unroll: expected True or False, got 1"),
+        ({"use_cudnn": "on"}, ValueError, r"use_cudnn: expected 'auto', True or False, got 'on'"),
+        ({"use_cudnn": 1}, ValueError, r"use_cudnn: expected 'auto', True or False, got 1"),
+        ({"zero_output_for_mask": None}, TypeError, r"zero_output_for_mask: expected True or"),
     ],
 )
 def test_bad_arguments(kwargs, error, message):
@@ -416,6 +633,166 @@ def test_bad_inputs():
     unbuilt = _ours()
     with pytest.raises(ValueError, match=r"get_canonical_params: the layer is not built yet"):
         unbuilt.get_canonical_params()
+
+
+@here
+def test_stateful_needs_one_batch_size():
+    x = _inputs()
+    layer = _ours(stateful=True)
+    with pytest.raises(ValueError, match=r"stateful: expected a fixed batch size"):
+        layer.build((None, T, F))
+    layer(x)
+    with pytest.raises(
+        ValueError, match=r"stateful: expected inputs of the batch size the state was built "
+        r"for \(3\), got 2"
+    ):  # fmt: skip
+        layer(x[:2])
+    stack = _ours(stateful=True, num_layers=2, bidirectional=True, return_state=True)
+    _, h, c = stack(x)
+    assert [tuple(v.shape) for v in stack.states] == [(4, B, H), (4, B, H)]
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(stack.states[1]), _numpy([c])[0])
+    assert _ours().states is None
+    _ours().reset_states()  # nothing to reset, as keras.layers.LSTM(stateful=False)
+
+
+@here
+@pytest.mark.parametrize("options", [{"unroll": True}, {"use_cudnn": True}, {"use_cudnn": False}])
+def test_unroll_and_use_cudnn_change_nothing(options):
+    """Accepted for keras.layers.LSTM's configs; the cell's engine runs either way."""
+    x = _inputs(21)
+    plain, other = (
+        _ours(return_sequences=True, seed=4),
+        _ours(return_sequences=True, seed=4, **options),
+    )
+    for layer in (plain, other):
+        layer.build(x.shape)
+    assert other.get_config() == {**plain.get_config(), **options, "name": other.name}
+    np.testing.assert_array_equal(*_numpy([other(x, mask=MASK), plain(x, mask=MASK)]))
+
+
+@here
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"variant": "peephole", "return_sequences": True, "go_backwards": True, "stateful": True},
+        {"variant": "nfg", "num_layers": 2, "bidirectional": True, "proj_size": 1, "seed": 7,
+         "return_state": True, "unroll": True, "use_cudnn": False, "scheme": "uniform",
+         "zero_output_for_mask": True},
+        {"variant": "vanilla"},  # an alias: saved by the name it stands for
+    ],
+)  # fmt: skip
+def test_config_round_trip(options):
+    layer = _ours(**options)
+    config = layer.get_config()
+    for key in ("stateful", "unroll", "use_cudnn", "zero_output_for_mask", "go_backwards"):
+        assert key in config
+    again = type(layer).from_config(config)
+    assert again.get_config() == config
+    serialized = keras.saving.serialize_keras_object(layer)
+    assert serialized["registered_name"] == "lstm_multi>LSTM"
+    assert serialized["module"] == "lstm_multi.keras"
+    restored = keras.saving.deserialize_keras_object(_json(serialized))
+    assert type(restored) is type(layer)
+    assert restored.get_config() == config
+    assert restored.variant is lstm_multi.get_variant(config["variant"])
+
+
+@here
+def test_a_registered_variant_round_trips(monkeypatch):
+    from lstm_multi import Variant, sigmoid, spec, tanh
+
+    def coupled(z, c_prev, p):
+        i = sigmoid(z.i + p.i * c_prev)
+        c = (1 - i) * c_prev + i * tanh(z.g)
+        return sigmoid(z.o + p.o * c) * tanh(c), c
+
+    monkeypatch.setattr(spec, "VARIANTS", dict(spec.VARIANTS))  # undone after the test
+    variant = lstm_multi.register_variant(
+        Variant("keras_test_registered", coupled, params={"p": ("i", "o")})
+    )
+    layer = _ours(variant=variant, return_sequences=True)
+    x = _inputs(22)
+    layer.build(x.shape)
+    layer.set_canonical_params(_random_params(layer, seed=23))
+    config = layer.get_config()
+    assert config["variant"] == "keras_test_registered"
+    restored = type(layer).from_config(config)
+    assert restored.variant is variant
+    restored.build(x.shape)
+    restored.set_weights(layer.get_weights())
+    np.testing.assert_array_equal(*_numpy([restored(x), layer(x)]))
+
+
+# loading in a fresh process ------------------------------------------------------------
+
+#: run in a fresh process: keras.models.load_model(path) after ``first`` (lstm_multi.keras not
+#: imported), then after ``then``; prints the error, the frameworks ``then`` imported and
+#: whether lstm_multi.keras is, and saves the predictions
+FRESH_LOAD = """
+import json, sys
+import numpy as np
+path, x_path, out_path = sys.argv[1:]
+FRAMEWORKS = {frameworks!r}
+{first}
+try:
+    keras.models.load_model(path)
+    print("loaded without lstm_multi.keras")
+except TypeError as error:
+    print("error:", error)
+before = {{m for m in FRAMEWORKS if m in sys.modules}}
+{then}
+print("new frameworks:", json.dumps(sorted({{m for m in FRAMEWORKS if m in sys.modules}} - before)))
+print("lstm_multi.keras imported:", "lstm_multi.keras" in sys.modules)
+import keras
+model = keras.models.load_model(path)
+np.save(out_path, model.predict(np.load(x_path), verbose=0))
+"""
+
+
+def _fresh_load(tmp_path, first, then):
+    model, path, x = _saved_model(str(tmp_path))
+    np.save(tmp_path / "x.npy", x)
+    script = tmp_path / "load.py"
+    frameworks = ["torch", "jax", "jaxlib", "cupy", "tensorflow", "flax", "equinox", "keras"]
+    script.write_text(FRESH_LOAD.format(first=first, then=then, frameworks=frameworks))
+    out = tmp_path / "y.npy"
+    run = subprocess.run(
+        [sys.executable, str(script), path, str(tmp_path / "x.npy"), str(out)],
+        env={**os.environ, "KERAS_BACKEND": BACKEND},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    return run.stdout, model.predict(x, verbose=0), out
+
+
+@here
+def test_load_model_in_a_fresh_process_after_import_lstm_multi(tmp_path):
+    """With keras imported, ``import lstm_multi`` registers the layer (and imports no other
+    framework): load_model restores the model; before it Keras cannot find the class, and
+    its error shows the module to import."""
+    stdout, want, out = _fresh_load(tmp_path, "import keras", "import lstm_multi")
+    assert "error: " in stdout, stdout
+    error = stdout.split("error: ", 1)[1]
+    assert "Could not locate class 'LSTM'" in error
+    assert "'module': 'lstm_multi.keras'" in error
+    assert "new frameworks: []" in stdout, stdout
+    assert "lstm_multi.keras imported: True" in stdout, stdout
+    np.testing.assert_array_equal(np.load(out), want)
+
+
+@here
+def test_load_model_needs_lstm_multi_keras_when_keras_comes_after(tmp_path):
+    """``import lstm_multi`` before keras imports no keras, so nothing registers the layer:
+    Keras imports no module a config names (but its own), and load_model fails until
+    ``lstm_multi.keras`` is imported (the module docstring says so)."""
+    first = "import lstm_multi\nimport keras\nassert 'lstm_multi.keras' not in sys.modules"
+    stdout, want, out = _fresh_load(tmp_path, first, "import lstm_multi.keras")
+    assert "Could not locate class 'LSTM'" in stdout, stdout
+    assert "new frameworks: []" in stdout, stdout
+    np.testing.assert_array_equal(np.load(out), want)
 
 
 @here
