@@ -43,6 +43,11 @@ def _entry(name: str) -> BackendEntry:
         raise ValueError(f"backend: expected one of {known_backends()}, got {name!r}") from None
 
 
+def framework_of(name: str) -> str:
+    """The top-level package backend ``name`` computes with ("torch" for "torch", ...)."""
+    return _entry(name).framework
+
+
 def load_backend(name: str) -> ModuleType:
     """Import and return the backend module ``name``.
 

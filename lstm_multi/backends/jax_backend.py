@@ -123,7 +123,7 @@ def _varying_like(values, *like):
     return jax.tree.map(cast, values)
 
 
-def _summed_like(cotangents, primals):
+def summed_like(cotangents, primals):
     """Each cotangent summed over the mesh axes it varies over and its primal does not.
 
     Inside ``shard_map`` a parameter replicated over the mesh (the same on
@@ -211,7 +211,7 @@ def _direction_backward(variant, plan, saved, cotangents):
     grads, dxs, dh0, dc0 = bptt.direction_grads(
         ops, variant, p, xs, rs, dzs, dextra, dh0, dc0, h0_like, c0_like
     )
-    grads, dxs, dh0, dc0 = _summed_like((grads, dxs, dh0, dc0), (p, xs, h0, c0))
+    grads, dxs, dh0, dc0 = summed_like((grads, dxs, dh0, dc0), (p, xs, h0, c0))
     return grads, dxs, dh0, dc0, None
 
 
@@ -435,6 +435,21 @@ class Cell(FunctionalCell):
 
     def _device_type(self, x):
         return jax.default_backend()
+
+    def compiled_text(self, params, x):
+        """The optimized HLO text of the cell's jitted forward and VJP for time-major x
+        (T, B, in) with zero initial states: ``{"forward": ..., "vjp": ...}`` (what
+        ``lstm_multi.bench.hlo`` counts kernels in)."""
+        shapes = self.state_shapes(x.shape[1])
+        h0, c0 = (jnp.zeros(s, x.dtype) for s in shapes)
+        y_shape = (x.shape[0], x.shape[1], self.num_directions * self.output_size)
+        dy = jnp.ones(y_shape, x.dtype)
+        return {
+            "forward": self._jit_forward.lower(params, x, h0, c0, None, None).compile().as_text(),
+            "vjp": self._jit_vjp.lower(params, x, h0, c0, None, dy, h0, c0, None)
+            .compile()
+            .as_text(),
+        }
 
     def _forward(self, params, x, h0, c0, lengths, layer_masks=None):
         self.last_choice = self._choose(x, layer_masks is not None)

@@ -533,7 +533,7 @@ def _direction_backward(variant, kernels, saved, cotangents):
     grads, dxs, dh0, dc0 = bptt.direction_grads(
         jax_backend.OPS, variant, p, xs, rs, dzs, dextra, dh0, dc0, h0, c0
     )
-    grads, dxs, dh0, dc0 = jax_backend._summed_like((grads, dxs, dh0, dc0), (p, xs, h0, c0))
+    grads, dxs, dh0, dc0 = jax_backend.summed_like((grads, dxs, dh0, dc0), (p, xs, h0, c0))
     return grads, dxs, dh0, dc0, None
 
 

@@ -157,7 +157,7 @@ def framework_of_backend(backend):
     """The framework an lstm_multi backend computes with (from lstm_multi's registry)."""
     from .. import registry
 
-    return registry._entry(backend).framework
+    return registry.framework_of(backend)
 
 
 def gemm_rate(device, dtype, n=1024, repeats=7):

@@ -107,14 +107,8 @@ def cell_report(cell, params, x):
     """The JAX cell's forward and VJP loops, compiled for ``x`` (time-major (T, B, in)):
     {"forward": [...], "vjp": [...]} with each loop's counts per time step (divided by
     the steps one iteration runs: the cell's ``scan_unroll`` in the forward, 1 elsewhere)."""
-    import jax.numpy as jnp
-
-    shapes = cell.state_shapes(x.shape[1])
-    h0, c0 = (jnp.zeros(s, x.dtype) for s in shapes)
-    forward = cell._jit_forward.lower(params, x, h0, c0, None, None).compile().as_text()
-    y_shape = (x.shape[0], x.shape[1], cell.num_directions * cell.output_size)
-    dy = jnp.ones(y_shape, x.dtype)
-    vjp = cell._jit_vjp.lower(params, x, h0, c0, None, dy, h0, c0, None).compile().as_text()
+    texts = cell.compiled_text(params, x)
+    forward, vjp = texts["forward"], texts["vjp"]
     report = {}
     for name, text, unroll in (
         ("forward", forward, cell.scan_unroll),
