@@ -252,7 +252,7 @@ def _loss(cell, params, x, lengths, dy):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["lstm", "peephole", "peephole_full", "cifg"])
-def test_pallas_kernels_compiled_on_gpu_match_the_oracle(variant, monkeypatch, launches):
+def test_pallas_kernels_compiled_on_gpu_match_the_oracle(variant, monkeypatch, kernels):
     """On a GPU: the kernels compiled by Pallas's Triton lowering (no interpreter), 37 rows
     (not a multiple of the tile), H = 64 and H = 20 (padded to 32), 2 layers, both
     directions, lengths, in float32, against the oracle; and the scan cell's results;
@@ -266,10 +266,11 @@ def test_pallas_kernels_compiled_on_gpu_match_the_oracle(variant, monkeypatch, l
         problem = make_problem(config)
         # the products outside the kernels (x W, dW, dU, dx) in float32, not JAX's default
         # TF32 on the GPU; the kernels' own dots are float32 always
-        launches.update(sequence_forward=0, sequence_backward=0)
+        kernels.launches.update(sequence_forward=0, sequence_backward=0)
         with jax.default_matmul_precision("float32"):
-            result = run_backend("jax", config, problem, "float32", **PALLAS)
-        assert launches["sequence_forward"] > 0 and launches["sequence_backward"] > 0
+            result = run_backend("jax", config, problem, "float32", **pallas_args(kernels))
+        assert kernels.launches["sequence_forward"] > 0
+        assert kernels.launches["sequence_backward"] > 0
         label = f"gpu pallas/{variant}/H{hidden}"
         assert_matches_reference(result, reference(config, problem), "float32", label)
         scan = run_backend("jax", config, problem, "float64")
