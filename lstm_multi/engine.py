@@ -241,7 +241,7 @@ _TABLE = (
         "variant 'lstm' only; not under torch.func; no dropout_key masks",
         "auto",
         "native=True",
-        "first in auto on CUDA (cuDNN); on the CPU after cpu_kernels where they build",
+        "first in auto for 'lstm' (cuDNN on CUDA; on an AMD EPYC it beat cpu_kernels, NOTES 13)",
         _native_refusal,
     ),
     Engine(
@@ -253,7 +253,7 @@ _TABLE = (
         "a C++ compiler on PATH (built on first use, cached)",
         "array",
         "the default on host float32/float64 arrays",
-        "first in auto on the CPU",
+        "first in auto on the CPU for every variant but 'lstm' (native's)",
         _cpu_kernels_refusal,
     ),
     Engine(
@@ -386,7 +386,7 @@ _BY_NAME = {engine.name: engine for engine in _TABLE}
 
 #: (backend, device) -> the engines "auto" tries, in order; the last runs every case
 AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
-    ("torch", "cpu"): ("cpu_kernels", "native", "array"),
+    ("torch", "cpu"): ("native", "cpu_kernels", "array"),
     ("torch", "cuda"): ("native", "array"),
     ("numpy", "cpu"): ("cpu_kernels", "array"),
     ("cupy", "cuda"): ("cupy_kernels",),

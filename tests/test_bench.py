@@ -338,21 +338,27 @@ def test_importing_the_bench_imports_no_framework():
 
 
 def test_engine_runners_measure_only_an_engine_that_runs_and_is_not_the_default():
-    """torch[native] runs "lstm" (auto picks the CPU kernels there), and is left out, with
-    the reason, for a variant PyTorch's kernel cannot compute."""
+    """torch[cpu_kernels] runs "lstm" (auto picks PyTorch's kernel there) and is left out,
+    with the reason, for "peephole", where auto runs the kernels already; torch[native] is
+    left out for a variant PyTorch's kernel cannot compute."""
     torch = pytest.importorskip("torch")
     from lstm_multi.bench import runners
     from lstm_multi.bench.frameworks import Unavailable
 
-    native = next(r for r in runners.backend_runners() if r.name == "torch[native]")
+    by_name = {r.name: r for r in runners.backend_runners()}
+    kernels, native = by_name["torch[cpu_kernels]"], by_name["torch[native]"]
     size = config.parse_size("4,2,3,5")
 
     def case(variant):
         return runners.Case(size, variant, "forward", "float32", "cpu")
 
-    if lstm_multi.get_cell("torch")(3, 5).explain(torch.zeros(2, 4, 3)).engine == "native":
-        pytest.skip("auto picks native here (no C++ compiler): the runner repeats the default")
-    native.build(native, case("lstm"))()
+    if lstm_multi.get_cell("torch")(3, 5, "peephole").explain(torch.zeros(2, 4, 3)).engine != (
+        "cpu_kernels"
+    ):
+        pytest.skip("no C++ compiler here: the CPU kernels fall back")
+    kernels.build(kernels, case("lstm"))()
+    with pytest.raises(Unavailable, match="the default runner runs engine 'cpu_kernels'"):
+        kernels.build(kernels, case("peephole"))
     with pytest.raises(Unavailable, match="engine 'native' falls back to .*plain 'lstm' math"):
         native.build(native, case("peephole"))
 

@@ -164,6 +164,7 @@ def backend_runners():
 BENCH_ENGINES = {
     "torch": (
         ("native", None),
+        ("cpu_kernels", None),
         ("triton", ("cuda",)),
         ("graphed_triton", ("cuda",)),
         ("triton_persistent", ("cuda",)),
