@@ -96,6 +96,21 @@ def pytest_report_header(config):
     return f"lstm_multi tests: the {run} run, hypothesis max_examples={settings().max_examples}"
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pytest-xdist): a worker a core, but no more than the memory holds at
+    3 GiB a worker (each imports torch, JAX, Flax, Equinox and Keras: up to 2.7 GiB seen)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return cores
+    return max(1, min(cores, memory // (3 << 30)))
+
+
 def scaled(examples):
     """``examples`` (a test's count at ``BASE_EXAMPLES`` a test) scaled by the loaded
     profile's max_examples, at least 1: a test that needs fewer examples than the rest
