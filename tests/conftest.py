@@ -1,39 +1,121 @@
 """Shared test setup: hypothesis profiles, JAX float64, backend fixtures, tolerances.
 
-Profiles (HYPOTHESIS_PROFILE=...): "ci" (the default under CI=true; keeps the
-suite within minutes on 2 cores), "dev" (the default elsewhere), "thorough"
-(many more examples, run on demand).
+Two runs (README, "Tests"):
+
+- the default, ``python -m pytest``: every test, each property test with
+  ``DEFAULT_EXAMPLES`` hypothesis examples (the "default" profile) besides the edge
+  cases it pins with ``@example``;
+- the thorough run, ``--thorough``: the "thorough" profile, ``THOROUGH_EXAMPLES``
+  examples a property test, and what a test that takes the ``thorough`` fixture
+  does only then (a heavy repetition of a path the default run goes through too).
+  Property tests are marked ``property`` and those tests ``thorough``, so that CI
+  runs just them a second time: ``--thorough -m "property or thorough"``.
+
+``HYPOTHESIS_PROFILE`` still names a profile ("default", "thorough", and "ci" and
+"dev", both the default's counts); ``--thorough`` wins over it.
+
+Every JAX compilation of the session goes through JAX's persistent compilation
+cache, in a directory of this process's own, removed at exit: a program compiled
+once (the same cell and shapes, built again by another test or parameter) is
+loaded, not compiled again. Nothing is kept between runs.
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, is_hypothesis_test, settings
 
 import lstm_multi
 
+#: the examples a property test gets in the default run and in the thorough run
+DEFAULT_EXAMPLES = 6
+THOROUGH_EXAMPLES = 60
+#: the count a test's own ``scaled(n)`` is written against (the former "ci" profile's)
+BASE_EXAMPLES = 30
+
+_QUIET = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("default", max_examples=DEFAULT_EXAMPLES, **_QUIET)
+for _name in ("ci", "dev"):  # the former profiles' names, kept for HYPOTHESIS_PROFILE
+    settings.register_profile(_name, settings.get_profile("default"))
 settings.register_profile(
-    "ci", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "thorough",
+    max_examples=THOROUGH_EXAMPLES,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
 )
-settings.register_profile(
-    "dev", max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
-settings.register_profile(
-    "thorough", max_examples=400, deadline=None, suppress_health_check=list(HealthCheck)
-)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--thorough",
+        action="store_true",
+        help=f"the thorough run: {THOROUGH_EXAMPLES} hypothesis examples a property test "
+        f"(default {DEFAULT_EXAMPLES}) and the checks run only then",
+    )
+
+
+def pytest_configure(config):
+    """Loads the profile before any test module is imported (``scaled`` reads it)."""
+    global _THOROUGH
+    name = os.environ.get("HYPOTHESIS_PROFILE", "default")
+    if config.getoption("thorough"):
+        name = "thorough"
+    settings.load_profile(name)
+    _THOROUGH = name == "thorough"
+
+
+_THOROUGH = False
+
+
+@pytest.fixture(scope="session")
+def thorough():
+    """Whether this is the thorough run (``--thorough`` or HYPOTHESIS_PROFILE=thorough)."""
+    return _THOROUGH
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Marks the property tests ``property`` and the tests that take the ``thorough``
+    fixture ``thorough`` (before ``-m`` selects by them)."""
+    for item in items:
+        if is_hypothesis_test(getattr(item, "obj", None)):
+            item.add_marker(pytest.mark.property)
+        if "thorough" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.thorough)
+
+
+def pytest_report_header(config):
+    run = "thorough" if _THOROUGH else "default"
+    return f"lstm_multi tests: the {run} run, hypothesis max_examples={settings().max_examples}"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pytest-xdist): a worker a core, but no more than the memory holds at
+    3 GiB a worker (each imports torch, JAX, Flax, Equinox and Keras: up to 2.7 GiB seen)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return cores
+    return max(1, min(cores, memory // (3 << 30)))
 
 
 def scaled(examples):
-    """``examples`` (a test's count under the "ci" profile) scaled by the loaded profile's
-    max_examples over ci's, at least 1: a test that needs fewer examples than the rest
-    (each one slow) still gets more under "thorough" and fewer under "dev"."""
-    ci = settings.get_profile("ci").max_examples
-    return max(1, round(examples * settings().max_examples / ci))
+    """``examples`` (a test's count at ``BASE_EXAMPLES`` a test) scaled by the loaded
+    profile's max_examples, at least 1: a test that needs fewer examples than the rest
+    (each one slow) still gets more in the thorough run and fewer in the default."""
+    return max(1, round(examples * settings().max_examples / BASE_EXAMPLES))
 
 
 if importlib.util.find_spec("jax") is not None:
@@ -41,6 +123,14 @@ if importlib.util.find_spec("jax") is not None:
 
     # float64 agreement needs JAX's 64-bit mode; the error without it is tested in a subprocess.
     jax.config.update("jax_enable_x64", True)
+    # the persistent compilation cache, for this process only (see the module docstring):
+    # every executable is written, however small or quick, so that a second compilation
+    # of the same program anywhere in the session loads it
+    _JAX_CACHE = tempfile.mkdtemp(prefix="lstm_multi-tests-jax-cache-")
+    atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", _JAX_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 CPU_BACKENDS = [b for b in lstm_multi.known_backends() if b != "cupy"]
 
@@ -100,8 +190,29 @@ def assert_close(actual, expected, dtype, what, label=None):
     if expected.size and label is not False:
         worst = float(np.max(np.abs(actual - expected))) / scale
         for key in (dtype,) if label is None else (dtype, (label, dtype)):
-            WORST_DISAGREEMENT[key] = max(WORST_DISAGREEMENT.get(key, 0.0), worst)
+            _record_worst(key, worst)
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale, err_msg=what)
+
+
+def _record_worst(key, worst):
+    WORST_DISAGREEMENT[key] = max(WORST_DISAGREEMENT.get(key, 0.0), worst)
+
+
+def pytest_sessionfinish(session):
+    """A pytest-xdist worker hands its worst disagreements to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["worst_disagreement"] = [
+            [list(key) if isinstance(key, tuple) else key, worst]
+            for key, worst in WORST_DISAGREEMENT.items()
+        ]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """The pytest-xdist controller: each worker's worst disagreements, merged by key."""
+    for key, worst in getattr(node, "workeroutput", {}).get("worst_disagreement", []):
+        _record_worst(tuple(key) if isinstance(key, list) else key, worst)
 
 
 def to_numpy(x):

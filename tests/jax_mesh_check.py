@@ -1,9 +1,10 @@
 """The JAX side of test_distributed.py, run in a fresh process with two CPU devices:
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/jax_mesh_check.py [--all]
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/jax_mesh_check.py \
+        [--all | --variant NAME]
 
-For the core variants (every variant with ``--all``) and the cell's
-``autodiff=True`` path, float64: the
+For the core variants (every variant with ``--all``, one with ``--variant``) and the
+cell's ``autodiff=True`` path, float64: the
 gradients of the mean loss over a global batch with variable lengths from
 ``examples/distributed_jax.py``'s two data-parallel ways (jit with shardings,
 shard_map + pmean) against one device's. Prints one JSON line: the largest
@@ -42,7 +43,11 @@ def main():
     mesh = example.data_mesh()
     batch = example.make_data(8, 7, seed=3, dtype="float64")
     report = {"devices": mesh.size, "largest": {}}
-    names = sorted(spec.VARIANTS) if "--all" in sys.argv else ["lstm", "peephole", "peephole_full"]
+    names = ["lstm", "peephole", "peephole_full"]
+    if "--all" in sys.argv:
+        names = sorted(spec.VARIANTS)
+    elif "--variant" in sys.argv:
+        names = [sys.argv[sys.argv.index("--variant") + 1]]
     cases = [(name, {}) for name in names] + [("peephole autodiff", {"autodiff": True})]
     for name, options in cases:
         variant = name.split()[0]

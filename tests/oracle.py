@@ -43,7 +43,11 @@ projected h_t of width P; U is (P, 4H) where r = h_{t-1} (and (H, 4H) for
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError:  # the oracle's functions skip the test that calls them (require_torch)
+    torch = None
 
 GATES = ("i", "f", "g", "o")
 VARIANTS = ("lstm", "peephole", "peephole_full", "nig", "nfg", "nog", "niaf", "noaf", "cifg")
@@ -76,6 +80,16 @@ def param_shapes(variant, input_size, hidden_size, num_layers, num_directions, p
     return shapes
 
 
+def require_torch():
+    """PyTorch, which the oracle's autograd needs: without it the calling test is skipped
+    with the reason (the constants and ``param_shapes`` above need no PyTorch)."""
+    if torch is None:
+        import pytest
+
+        pytest.skip("the oracle computes its gradients by PyTorch autograd: pip install torch")
+    return torch
+
+
 def _block(matrix, gate, h):
     """The columns (or entries) of one gate: block k of width H for gate k of (i, f, g, o)."""
     k = GATES.index(gate)
@@ -84,6 +98,7 @@ def _block(matrix, gate, h):
 
 def step(variant, x_t, h_prev, c_prev, W, U, b, p):
     """One time step of one sequence: x_t (in,), h_prev, c_prev (H,) -> (h_t, c_t)."""
+    require_torch()
     h = c_prev.shape[-1]
     recurrent = c_prev if variant == "peephole_full" else h_prev
 
@@ -165,6 +180,7 @@ def oracle(variant, params, x, h0, c0, lengths, dy, dh_n, dc_n):
     The gradients are those of sum(y*dy) + sum(h_n*dh_n) + sum(c_n*dc_n).
     Returns {"y", "h_n", "c_n", "grads", "dx", "dh0", "dc0"}.
     """
+    require_torch()
     steps, batch = x.shape[0], x.shape[1]
     lengths = [steps] * batch if lengths is None else [int(n) for n in lengths]
     leaves = [

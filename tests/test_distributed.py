@@ -9,7 +9,8 @@
 * JAX: ``examples/distributed_jax.py``'s two ways (jit with a sharded batch,
   shard_map + pmean) over two CPU devices give one device's loss and
   gradients, float64, to 100 eps (``jax_mesh_check.py``, in a fresh process:
-  the device count is fixed when JAX starts).
+  the device count is fixed when JAX starts): one variant and the autodiff path,
+  every variant in the thorough run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 
 import pytest
 from conftest import tolerance
+from oracle import VARIANTS as ORACLE_VARIANTS
 from test_examples import EXAMPLES, load_example
 
 from lstm_multi import spec
@@ -85,11 +87,15 @@ def test_example_runs_under_torchrun_and_resumes(tmp_path):
     assert torch.load(checkpoint)["epoch"] == 1
 
 
-def test_jax_mesh_of_two_devices_equals_one_device():
+def test_jax_mesh_of_two_devices_equals_one_device(thorough):
+    """One variant (with its custom VJP) and the autodiff path, both ways; every variant in
+    the thorough run (what the mesh adds is the same for each: sharding, shard_map, pmean)."""
     pytest.importorskip("jax")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    variants = ORACLE_VARIANTS if thorough else ("peephole",)
+    which = ["--all"] if thorough else ["--variant", "peephole"]
     done = subprocess.run(
-        [sys.executable, os.path.join(TESTS, "jax_mesh_check.py")],
+        [sys.executable, os.path.join(TESTS, "jax_mesh_check.py"), *which],
         capture_output=True,
         text=True,
         env=env,
@@ -97,7 +103,8 @@ def test_jax_mesh_of_two_devices_equals_one_device():
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["devices"] == 2
-    assert len(report["largest"]) == 8  # 3 variants and the autodiff path, two ways each
+    cases = {*variants, "peephole autodiff"}
+    assert report["largest"].keys() == {f"{c} / {w}" for c in cases for w in ("jit", "shard_map")}
     print("largest |mesh - one device|:", report["largest"])
     # the loss and gradients are O(1) here, so an absolute bound of 100 eps is a relative one;
     # observed worst 1.1e-16 (pmean sums the devices' halves in another order)

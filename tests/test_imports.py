@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import site
 import subprocess
 import sys
 
@@ -73,3 +75,44 @@ def test_torch_module_without_torch_names_the_pip_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("ImportError lstm_multi.torch needs torch")
     assert "pip install 'lstm_multi[torch]'" in out.stdout
+
+
+#: the packages of each framework a core install lacks (top-level names in site-packages)
+FRAMEWORK_PACKAGES = {"torch": ("torch", "functorch", "torchgen"), "jax": ("jax", "jaxlib")}
+
+
+def site_packages_without(packages, where):
+    """A directory of links to every entry of this interpreter's site-packages except
+    ``packages`` (and their dist-info): added with ``site.addsitedir`` to a ``python -S``,
+    it is this environment as if they had never been installed."""
+    farm = where / "site-packages"
+    farm.mkdir()
+    for directory in site.getsitepackages():
+        for entry in os.listdir(directory):
+            if entry.split("-")[0].split(".")[0] not in packages and not (farm / entry).exists():
+                (farm / entry).symlink_to(os.path.join(directory, entry))
+    return farm
+
+
+def test_the_suite_collects_without_torch_and_jax(tmp_path):
+    """A core install (NumPy only) collects every test file: what needs a missing
+    framework is skipped with the reason, nothing errors at import (the oracle's torch
+    is needed only when a test calls it, and skips that test then)."""
+    hidden = {name for names in FRAMEWORK_PACKAGES.values() for name in names}
+    farm = site_packages_without(hidden, tmp_path)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        f"import site, sys; site.addsitedir({str(farm)!r}); import pytest; "
+        "sys.exit(pytest.main(sys.argv[1:]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code, "--collect-only", "-q", "-p", "no:cacheprovider",
+         "-p", "no:xdist", "-rs", tests],
+        capture_output=True, text=True, cwd=os.path.dirname(tests),
+    )  # fmt: skip
+    summary = [line for line in done.stdout.splitlines() if not line.startswith("tests/")]
+    assert done.returncode == 0, "\n".join(summary[-40:]) + done.stderr[-2000:]
+    assert "error" not in summary[-1], summary[-1]
+    skipped = "\n".join(line for line in summary if line.startswith("SKIPPED"))
+    for framework in FRAMEWORK_PACKAGES:
+        assert f"No module named '{framework}'" in skipped, skipped
