@@ -31,10 +31,12 @@ from .compile.trace import sigmoid, tanh
 from .engine import engine_table, engines
 from .registry import available_backends, get_cell, known_backends
 from .spec import GATE_ORDER, VARIANTS, Variant, get_variant, register_variant
+from .stream import Stream
 
 __all__ = [
     "GATE_ORDER",
     "VARIANTS",
+    "Stream",
     "Variant",
     "available_backends",
     "engine_table",

@@ -374,3 +374,21 @@ def test_interchange_runs_the_keras_weights_alike_in_every_framework(tmp_path):
     # float32 logits from Keras, Flax, Equinox and nn.LSTM, each summing in its own order
     assert max(logit_diff.values()) < 1e-4, logit_diff
     assert (tmp_path / "i.json").exists()
+
+
+# streaming -------------------------------------------------------------------------------------
+
+
+def test_streaming_serves_what_the_whole_sequence_call_computes(tmp_path):
+    if not has("torch"):
+        pytest.skip("the streaming example needs torch")
+    streaming = load_example("streaming")
+    summary = streaming.main(
+        ["--steps", "60", "--hidden", "8", "--train-length", "2000", "--stream-length", "200"]
+        + ["--no-progress", "--json", str(tmp_path / "s.json")]
+    )
+    assert summary["streamed_vs_whole_max_abs"] < 1e-5
+    assert summary["losses"][-1] < summary["losses"][0] / 2  # it learned
+    assert summary["forecast_mse"] < summary["naive_mse"]  # better than "next = last"
+    assert summary["step_seconds_median"] > 0 and summary["nn_lstm_step_seconds_median"] > 0
+    assert (tmp_path / "s.json").exists()
