@@ -126,6 +126,12 @@ def compiler() -> str | None:
     return raw.strip() or None
 
 
+def search_path() -> str | None:
+    """``PATH`` (the system's): where a compiler named without a directory is looked for,
+    or None where it is unset (then ``shutil.which`` uses the system's default)."""
+    return os.environ.get("PATH")
+
+
 def keras_backend() -> str | None:
     """``KERAS_BACKEND`` (Keras's own): the backend it names, or None (unset or empty)."""
     raw = os.environ.get(KERAS_BACKEND, "")

@@ -41,6 +41,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -77,9 +78,18 @@ def host_compiler():
     else clang++."""
     asked = environment.compiler()
     candidates = (asked,) if asked else ("g++", "clang++")
+    return _first_command(candidates, environment.search_path())
+
+
+@functools.lru_cache(maxsize=16)
+def _first_command(candidates: tuple[str, ...], search_path: str | None) -> str | None:
+    """The path of the first of ``candidates`` found on ``search_path``, or None.
+    Cached by the names and the search path: the engine table asks on every call, and
+    a PATH search stats a file in each directory (a third of a one-step call's time)."""
     for candidate in candidates:
-        if shutil.which(candidate):
-            return shutil.which(candidate)
+        found = shutil.which(candidate, path=search_path)
+        if found:
+            return found
     return None
 
 
