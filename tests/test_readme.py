@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 
@@ -33,3 +34,11 @@ def test_readme_snippet_runs_alone(snippet, tmp_path):
     assert result.returncode == 0, (
         f"{snippet.where} failed:\n{snippet.code}\n{result.stderr[-3000:]}"
     )
+
+
+def test_the_readme_test_command_is_what_ci_runs():
+    """The README's second command installs what .ci/run installs and runs its test command."""
+    commands = re.findall(r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
+    install, test = commands[1].split(" && ")[-2:]
+    ci = [line.replace(" --quiet", "") for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert install in ci and test in ci, (install, test)
