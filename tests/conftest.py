@@ -1,6 +1,6 @@
 """Shared test setup: hypothesis profiles, JAX float64, backend fixtures, tolerances.
 
-Two runs (README, "Tests"):
+Two runs (docs/verification.md, "The tests"; CI runs both, .ci/run):
 
 - the default, ``python -m pytest``: every test, each property test with
   ``DEFAULT_EXAMPLES`` hypothesis examples (the "default" profile) besides the edge

@@ -1,15 +1,16 @@
-"""The independent oracle: an LSTM written from the README's equation table, in float64.
+"""The independent oracle: an LSTM written from the documented equations, in float64.
 
 It imports nothing from ``lstm_multi``: every agreement test compares the library
-with what the README says, not with another part of the library. It is written
-to be read against the README, not to be fast:
+with what the docs say (``docs/model.md``: the equation tables and the canonical
+parameters), not with another part of the library. It is written to be read
+against that page, not to be fast:
 
 - one sequence at a time, over its valid steps only (steps past ``lengths[n]``
   are never read, so padding cannot reach it);
 - one gate at a time, each with its own slice of W, U and b;
 - gradients by PyTorch autograd of that plain computation.
 
-The README's contract it implements (gate order i, f, g, o; W (in, 4H),
+The documented contract it implements (gate order i, f, g, o; W (in, 4H),
 U (H, 4H), b (4H,), p (3, H) with rows (i, f, o); states (L * D, B, H);
 direction 1 reads each sequence reversed within its length; outputs past the
 length are zero; h_n, c_n are the states at the last valid step)::
@@ -64,7 +65,7 @@ PEEPHOLE_ROWS = {
 
 
 def param_shapes(variant, input_size, hidden_size, num_layers, num_directions, proj_size=0):
-    """The README's "Canonical parameters" table: shapes[layer][direction][key]."""
+    """The "Canonical parameters" table of ``docs/model.md``: shapes[layer][direction][key]."""
     h = hidden_size
     out = proj_size or h  # the width of h_t
     recurrent = h if variant == "peephole_full" else out

@@ -6,7 +6,7 @@ For "lstm", ``torch.nn.LSTM`` itself with packed sequences is a second
 reference (``nn_lstm_reference``), loaded directly from the canonical
 parameters without going through ``lstm_multi``.
 
-Problems are drawn from the README's shapes (``oracle.param_shapes``), not
+Problems are drawn from the shapes of docs/model.md (``oracle.param_shapes``), not
 from the library's initialiser, so a layout the library got wrong is an error.
 """
 

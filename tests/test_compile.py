@@ -231,7 +231,7 @@ def _coupled(z, c_prev, p):
 
 
 def test_user_variant_on_every_backend_and_check_variant():
-    """The README's worked example: a user's variant, unregistered, on every backend."""
+    """The worked example of docs/variants.md: a user's variant, unregistered, on every backend."""
     variant = Variant("coupled", _coupled, params={"p": ("i", "o")})
     report = lstm_multi.testing.check_variant(variant)
     statuses = {r.name: r.status for r in report.results}
