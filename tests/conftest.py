@@ -36,7 +36,7 @@ import lstm_multi
 
 #: the examples a property test gets in the default run and in the thorough run
 DEFAULT_EXAMPLES = 6
-THOROUGH_EXAMPLES = 60
+THOROUGH_EXAMPLES = 30
 #: the count a test's own ``scaled(n)`` is written against (the former "ci" profile's)
 BASE_EXAMPLES = 30
 
@@ -89,6 +89,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.property)
         if "thorough" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.thorough)
+        only = item.get_closest_marker("thorough_only")
+        if only is not None:
+            item.add_marker(pytest.mark.thorough)
+            if not _THOROUGH:
+                why = only.args[0] if only.args else "a repetition of a path the default covers"
+                item.add_marker(pytest.mark.skip(reason=f"runs under --thorough only: {why}"))
+
+
+def thorough_params(values, default, why="the default run takes the others' path with"):
+    """pytest params over ``values``: those in ``default`` run in every run, the rest only
+    under ``--thorough`` (skipped in the default run, saying which value covers their
+    path). For parametrisations whose values all go through one path (the variants of a
+    generated kernel, say), so that the default run keeps the path and the thorough run
+    the product."""
+    values, default = list(values), list(default)
+    missing = [v for v in default if v not in values]
+    if missing:
+        raise ValueError(f"thorough_params: default values {missing} are not among {values}")
+    shown = ", ".join(str(v) for v in default)
+    mark = pytest.mark.thorough_only(f"{why} {shown}")
+    return [
+        v if v in default else pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=mark)
+        for v in values
+    ]
 
 
 def pytest_report_header(config):

@@ -11,7 +11,7 @@ import pytest
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
-from conftest import assert_close  # noqa: E402
+from conftest import assert_close, thorough_params  # noqa: E402
 from reference import CORE_VARIANTS  # noqa: E402
 
 import lstm_multi  # noqa: E402
@@ -94,7 +94,7 @@ def _loss_of_x(cell, params, lengths):
     return loss
 
 
-@pytest.mark.parametrize("variant", CORE_VARIANTS)
+@pytest.mark.parametrize("variant", thorough_params(CORE_VARIANTS, ["peephole"]))
 def test_forward_mode_with_autodiff(variant):
     """jvp, jacfwd and hessian work with autodiff=True and agree with reverse mode."""
     Cell = lstm_multi.get_cell("jax")
@@ -169,7 +169,9 @@ def test_lengths_under_vmap_and_grad():
     assert np.all(np.isfinite(np.asarray(grads[0][0]["p"])))
 
 
-@pytest.mark.parametrize("variant", ["lstm", "peephole", "peephole_full"])
+@pytest.mark.parametrize(
+    "variant", thorough_params(["lstm", "peephole", "peephole_full"], ["peephole_full"])
+)
 def test_the_input_projections_placement_changes_no_result(variant):
     """x W + b inside each step (the CPU's default) or before the scan (elsewhere):
     the same outputs and gradients in float64, with lengths and both directions."""

@@ -23,7 +23,7 @@ jax = pytest.importorskip("jax")
 pytest.importorskip("torch", reason="the oracle runs on torch")
 jnp = jax.numpy
 
-from conftest import assert_close  # noqa: E402
+from conftest import assert_close, thorough_params  # noqa: E402
 from reference import Config, make_problem, reference  # noqa: E402
 from test_agreement import assert_matches_reference, run_backend  # noqa: E402
 
@@ -75,7 +75,7 @@ def _lengths(batch, steps):
     return [(1, steps, 2, steps - 1, 3)[n % 5] for n in range(batch)]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", thorough_params(VARIANTS, ["peephole", "peephole_full"]))
 def test_pallas_kernels_match_the_oracle(kernels, variant):
     """Every variant, an initial state and lengths (17 rows: a full tile and a 15-row padded
     one), H = 8 (padded to 16), in float64 (both directions: the tests below)."""
@@ -87,7 +87,7 @@ def test_pallas_kernels_match_the_oracle(kernels, variant):
     assert kernels.launches == {"sequence_forward": 2, "sequence_backward": 1}, kernels.launches
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", thorough_params(["float32", "float64"], ["float32"]))
 def test_pallas_kernels_two_layers_match_the_oracle(kernels, dtype):
     """2 layers x 2 directions, H = 16, 3 rows, batch first, in the kernels' own float32
     and in float64."""
@@ -162,7 +162,7 @@ def test_pallas_refuses_float64_without_the_interpreter_flag():
     assert not jax_pallas.KERNELS.fits(variant, projected, half["W"][None])
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", thorough_params(["bfloat16", "float16"], ["float16"]))
 def test_pallas_kernels_take_half_inputs(kernels, dtype):
     """Half inputs: float32 math inside, outputs and gradients in the input's dtype, within
     the half type's rounding of the float32 scan."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import assert_close, thorough_params
 
 import lstm_multi
 
@@ -211,7 +211,9 @@ def test_jax_transforms_with_projection():
         assert_close(per_sequence(jnp.asarray(x)), whole, "float32", "vmap over sequences")
 
 
-@pytest.mark.parametrize("variant", ["lstm", "peephole", "peephole_full"])
+@pytest.mark.parametrize(
+    "variant", thorough_params(["lstm", "peephole", "peephole_full"], ["peephole"])
+)
 def test_torch_machinery_with_projection(variant):
     """gradcheck and gradgradcheck (the kernels' backward, then the reference loop's double
     backward), repeated backward, and torch.func.grad (the reference loop) with lengths."""
