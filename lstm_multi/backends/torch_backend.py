@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import warnings
+from contextlib import nullcontext
 
 import torch
 
@@ -31,7 +32,7 @@ from .. import engine as engines
 from .. import network, validation
 from ..cell import FunctionalCell
 from ..spec import Variant
-from . import torch_bptt, torch_native
+from . import torch_bptt, torch_library, torch_native  # noqa: F401 (torch_library registers the op)
 from .torch_graphs import GraphOwner
 from .torch_ops import OPS, TorchOps
 
@@ -81,7 +82,11 @@ def generic_forward(
             layer_masks = [None if m is None else m.to(dtype) for m in layer_masks]
     if x.shape[1] == 0:
         return empty_batch(params, x, h0, c0)
-    with torch.autocast(x.device.type, enabled=False):
+    # autocast off inside, entered only where it is on: the context would be one more
+    # region (a higher-order op) in what torch.export records
+    autocasting = torch.is_autocast_enabled(x.device.type)
+    off = torch.autocast(x.device.type, enabled=False) if autocasting else nullcontext()
+    with off:
         y, h_n, c_n, _, _ = network.forward(
             OPS, variant, params, x, h0, c0, lengths, run_direction, between_layers, layer_masks
         )
@@ -365,6 +370,12 @@ class Cell(GraphOwner, FunctionalCell):
         return super().vjp(params, x, dy, state, lengths, dh_n, dc_n, dropout_key=dropout_key)
 
     vjp.__doc__ = FunctionalCell.vjp.__doc__
+
+    def _traced_lengths(self, lengths, steps):
+        """lengths traced by ``torch.export`` / ``torch.compile`` (values known at run time
+        only): taken as they are, unchecked (an exported program trusts its caller, as
+        ``nn.LSTM``'s packed sequences do)."""
+        return lengths.to(torch.int64)
 
     def _to_backend(self, array, name):
         if isinstance(array, torch.Tensor):

@@ -10,6 +10,7 @@ import functools
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ..kernels.cpu_kernels import HostBlas
 from ..ops import ArrayModuleOps
@@ -148,8 +149,12 @@ def host_values(tensor):
     There even a tensor made outside the transform cannot be read (``.numpy()``:
     "Cannot access data pointer of Tensor that doesn't have storage"); its
     values are read with the transforms set aside. A tensor that varies under
-    ``torch.func.vmap`` has no single value: a TypeError says so.
+    ``torch.func.vmap`` has no single value: a TypeError says so. None for a tensor
+    traced by ``torch.export`` or ``torch.compile`` (a fake tensor, whose values come
+    at run time).
     """
+    if is_fake(tensor):  # traced by torch.export / torch.compile: no values yet
+        return None
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(tensor):
         if functorch.is_batchedtensor(tensor):
