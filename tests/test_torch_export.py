@@ -24,6 +24,7 @@ from conftest import assert_close  # noqa: E402
 from oracle import VARIANTS  # noqa: E402
 
 import lstm_multi  # noqa: E402
+from lstm_multi import sigmoid, tanh  # noqa: E402
 from lstm_multi.torch import LSTM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,28 +140,56 @@ class CellModel(torch.nn.Module):
         it = iter(self.values)
         return [[{k: next(it) for k in keys} for keys in layer] for layer in self.layout]
 
-    def forward(self, x, h0, c0):
-        return self.cell(self.params(), x, (h0, c0))
+    def forward(self, x, h0, c0, lengths=None):
+        y, (h, c) = self.cell(self.params(), x, (h0, c0), lengths)
+        return y, h, c
 
 
-def test_export_of_the_functional_cell():
+def test_export_of_the_functional_cell_with_lengths():
     cell = lstm_multi.get_cell("torch")(
         3, 4, variant="peephole", num_layers=2, bidirectional=True, proj_size=2
     )
-    params = cell.init(seed=0)
-    model = CellModel(cell, params)
+    model = CellModel(cell, cell.init(seed=0))
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 5, 3, generator=g)  # batch_first, the cell's default
-    h0, c0 = torch.randn(4, 2, 2, generator=g), torch.randn(4, 2, 4, generator=g)
+    x = torch.randn(3, 5, 3, generator=g)  # batch_first, the cell's default
+    h0, c0 = torch.randn(4, 3, 2, generator=g), torch.randn(4, 3, 4, generator=g)
+    lengths = torch.tensor([5, 2, 4])
     program = torch.export.export(
-        model, (x, h0, c0), dynamic_shapes=({1: torch.export.Dim("T", min=1)}, None, None)
+        model,
+        (x, h0, c0, lengths),
+        dynamic_shapes=({1: torch.export.Dim("T", min=1)}, None, None, None),
     )
-    x2 = torch.randn(2, 8, 3, generator=g)
-    got, want = program.module()(x2, h0, c0), model(x2, h0, c0)
-    y, (h, c) = got
-    y_ref, (h_ref, c_ref) = want
-    for a, b, what in ((y, y_ref, "y"), (h, h_ref, "h_n"), (c, c_ref, "c_n")):
+    x2, lengths2 = torch.randn(3, 8, 3, generator=g), torch.tensor([3, 8, 1])
+    got = program.module()(x2, h0, c0, lengths2)
+    want = model(x2, h0, c0, lengths2)
+    for a, b, what in zip(got, want, ("y", "h_n", "c_n"), strict=True):
         assert_close(a.detach(), b.detach(), "float32", what)
+
+
+def _doubled(z, c_prev):  # a user's variant: "lstm" with its cell input doubled
+    i, f, g, o = sigmoid(z.i), sigmoid(z.f), tanh(z.g), sigmoid(z.o)
+    c = f * c_prev + 2.0 * i * g
+    return o * tanh(c), c
+
+
+def test_a_users_variant_registered_or_not():
+    """Registered: the custom op, any length; not registered: the spec's loop as plain
+    ops, exact at the traced length (a loading process could not find it by name)."""
+    variant = lstm_multi.Variant("doubled_export_test", _doubled)
+    for registered in (True, False):
+        if registered:
+            lstm_multi.register_variant(variant)
+        try:
+            torch.manual_seed(0)
+            module = LSTM(3, 4, variant=variant).eval()
+            x = torch.randn(5, 2, 3)
+            program = torch.export.export(module, (x,))
+            ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+            assert ("lstm_multi.direction.default" in ops) == registered, ops
+            with torch.no_grad():
+                assert_close(program.module()(x)[0], module(x)[0], "float32", "y")
+        finally:
+            lstm_multi.spec.VARIANTS.pop(variant.name, None)
 
 
 @pytest.mark.parametrize("variant", ["peephole_full"])

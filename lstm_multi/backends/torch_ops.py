@@ -116,7 +116,9 @@ class TorchOps(ArrayModuleOps):
         return torch.flip(x, (0,))
 
     def take_time(self, x, index):
-        return torch.take_along_dim(x, index, dim=0)
+        # gather, not take_along_dim: torch.export of take_along_dim fixes the traced
+        # sequence length (its broadcast guards T == the traced T)
+        return torch.gather(x, 0, index.expand(x.shape))
 
     def sum(self, x, axis):
         return torch.sum(x, dim=axis)
