@@ -24,8 +24,9 @@ A direction becomes:
   ``MatMul`` for the recurrence and before the projection ``MatMul``; a sequence past
   its length keeps its state and outputs zero (``Where``).
 
-Variant "lstm" with ``native=True`` runs ``nn.LSTM``'s kernel, which PyTorch's exporter
-translates itself. The ``onnx`` extra installs what this needs:
+Variant "lstm" with ``native=True`` is exported as the others are: under ``torch.export``
+the modules run the custom op in place of ``nn.LSTM``'s kernel, which exports with the
+traced sequence length only. The ``onnx`` extra installs what this needs:
 ``pip install 'lstm_multi[onnx]'`` (onnx, onnxruntime, onnxscript).
 """
 
@@ -113,15 +114,24 @@ def export(model, args, path=None, *, kwargs=None, dynamic_shapes=None, **option
 def _direction(variant, fingerprint, cpu_kernels, xs, h0, c0, valid=None, values=()):
     """ONNX nodes for one direction: xs (T, B, in), h0 (B, P or H), c0 (B, H), valid
     (T, B, 1) or None, the canonical parameters -> (ys (T, B, P or H), h_n, c_n)."""
-    from . import spec
     from .backends import torch_bptt, torch_library
 
     v = torch_library.lookup_variant(variant, fingerprint)
     p = dict(zip(torch_bptt.parameter_keys(v, len(values)), values, strict=True))
-    form = native_form(v, spec.PROJECTION in p, xs.dtype == _require("onnx_ir").DataType.DOUBLE)
+    return _one_direction(v, p, xs, h0, c0, valid, c0.shape[-1], xs.dtype)
+
+
+def _one_direction(variant, p, xs, h0, c0, valid, hidden, dtype):
+    """The ONNX LSTM operator where it computes the direction exactly, else the Scan.
+    ``hidden``: H; ``dtype``: the ``onnx_ir.DataType`` of xs (values made by ops inside a
+    translation carry no shapes or types)."""
+    from . import spec
+
+    double = dtype == _require("onnx_ir").DataType.DOUBLE
+    form = native_form(variant, spec.PROJECTION in p, double)
     if form is not None:
-        return _native_lstm(v, p, xs, h0, c0, valid, *form)
-    return _scan(v, p, xs, h0, c0, valid)
+        return _native_lstm(variant, p, xs, h0, c0, valid, hidden, *form)
+    return _scan(variant, p, xs, h0, c0, valid, hidden, dtype)
 
 
 def _op():
@@ -148,9 +158,8 @@ def _lengths(op, valid):
     return op.Reshape(counts, [-1])
 
 
-def _native_lstm(variant, p, xs, h0, c0, valid, rows, input_forget):
+def _native_lstm(variant, p, xs, h0, c0, valid, hidden, rows, input_forget):
     op = _op()
-    hidden = c0.shape[-1]
 
     def onnx_order(matrix, axis):  # ours (i, f, g, o) -> ONNX's (i, o, f, c)
         blocks = _gate_blocks(op, matrix, hidden, axis)
@@ -181,7 +190,7 @@ def _native_lstm(variant, p, xs, h0, c0, valid, rows, input_forget):
     return op.Squeeze(y, [1]), op.Squeeze(h_n, [0]), op.Squeeze(c_n, [0])
 
 
-def _scan(variant, p, xs, h0, c0, valid):
+def _scan(variant, p, xs, h0, c0, valid, hidden, dtype):
     """A ``Scan`` over time whose body is the variant's gate math (``emit_onnx``)."""
     from . import spec
     from .compile import emit_onnx
@@ -191,8 +200,7 @@ def _scan(variant, p, xs, h0, c0, valid):
     from torch.onnx._internal.exporter import _core, _tensors
 
     op = _op()
-    hidden = c0.shape[-1]
-    elem = xs.dtype.value  # the ONNX TensorProto data type
+    elem = dtype.value  # the ONNX TensorProto data type
     # the input half of every step at once, and U with the unused blocks zeroed
     zx = op.Add(op.MatMul(xs, p["W"]), p["b"])
     U = p["U"]

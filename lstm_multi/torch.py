@@ -36,6 +36,7 @@ from .backends.torch_backend import (
     choose_engine,
     engine_from_options,
     engine_runner,
+    export_engine,
     generic_forward,
     spelled_as,
     warn_device_fallback,
@@ -538,7 +539,8 @@ class LSTM(GraphOwner, nn.LSTM):
         )
         self.last_choice = choice
         warn_device_fallback(choice, spelled, data)
-        if choice.engine == "native":
+        engine = export_engine(choice.engine, data)
+        if engine == "native":
             return super().forward(input, hx)
         lengths = None
         if packed:
@@ -566,7 +568,7 @@ class LSTM(GraphOwner, nn.LSTM):
             h0,
             c0,
             None if lengths is None else lengths.to(x.device),
-            engine_runner(choice.engine, self._graphs_for(choice.engine)),
+            engine_runner(engine, self._graphs_for(engine)),
             between_layers=between,
         )
         if packed:

@@ -30,7 +30,7 @@ NATIVE = {"lstm", "peephole", "cifg"}
 
 #: module options per variant: layers, directions, projection and batch_first spread over them
 CASES = {
-    "lstm": {"native": False, "num_layers": 2, "bidirectional": True},
+    "lstm": {"num_layers": 2, "bidirectional": True},  # native=True: the op under export
     "peephole": {"num_layers": 2, "bidirectional": True},
     "peephole_full": {"proj_size": 2, "batch_first": True},
     "nig": {"bidirectional": True},

@@ -88,6 +88,24 @@ def test_export_equals_eager_at_another_length(variant):
             assert_close(got, want, "float32", what)
 
 
+def test_native_lstm_exports_through_the_op_at_any_length():
+    """nn.LSTM's kernel exports with the traced length only: under torch.export the
+    module runs the custom op in its place."""
+    torch.manual_seed(0)
+    module = LSTM(3, 4, bidirectional=True, batch_first=True).eval()  # native=True
+    assert module.runs_native
+    x = torch.randn(2, 5, 3)
+    program = torch.export.export(module, (x,), dynamic_shapes=({1: torch.export.Dim("T")},))
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "lstm_multi.direction.default" in ops and "aten.lstm.input" not in ops, ops
+    x2 = torch.randn(2, 9, 3)
+    with torch.no_grad():
+        for got, want, what in zip(
+            flat(program.module()(x2)), flat(module(x2)), ("y", "h_n", "c_n"), strict=True
+        ):
+            assert_close(got, want, "float32", what)
+
+
 def test_saved_programs_load_in_a_fresh_process(tmp_path):
     """Saved, loaded by a process that imports lstm_multi.torch and nothing of the test."""
     expected = {}

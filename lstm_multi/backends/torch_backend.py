@@ -174,6 +174,17 @@ def engine_from_options(engine, native, gate_kernel, cuda_graphs):
     return engine, ()
 
 
+def export_engine(name, x):
+    """The engine that runs a call on x chosen as ``name``: "cpu_kernels" in place of
+    "native" where x is traced by ``torch.export`` (``torch_bptt.exporting``), so the call
+    becomes the custom op ``lstm_multi::direction``, whose sequence length stays
+    symbolic (``nn.LSTM``'s kernel exports with the traced length only); ``name``
+    otherwise."""
+    if name == "native" and torch_bptt.exporting([x]):
+        return "cpu_kernels"
+    return name
+
+
 def engine_runner(name, graphs=None):
     """The generic path's ``run_direction`` for the torch engine ``name`` (not "native").
 
@@ -393,11 +404,10 @@ class Cell(GraphOwner, FunctionalCell):
         choice = self._choose(x, layer_masks is not None)
         self.last_choice = choice
         warn_device_fallback(choice, self._spelled, x)
-        if choice.engine == "native":
+        engine = export_engine(choice.engine, x)
+        if engine == "native":
             return torch_native.forward(params, x, h0, c0, lengths)
-        runner = type(self).generic_direction or engine_runner(
-            choice.engine, self._graphs_for(choice.engine)
-        )
+        runner = type(self).generic_direction or engine_runner(engine, self._graphs_for(engine))
         return generic_forward(
             self.variant, params, x, h0, c0, lengths, runner, layer_masks=layer_masks
         )
