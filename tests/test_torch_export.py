@@ -242,3 +242,46 @@ def test_a_variant_registered_with_other_math_is_refused():
         torch.ops.lstm_multi.direction(
             "peephole", "0" * 64, True, torch.zeros(4, 2, 2), z, z, None, values
         )
+
+
+@pytest.mark.parametrize("variant", ["nog", "peephole_full"])
+def test_gradients_through_the_op_equal_the_eager_ones(variant, monkeypatch):
+    """With a projection, two layers, both directions and lengths: the op's autograd
+    formula (direction_backward) gives the gradients of the eager path."""
+    from lstm_multi.backends import torch_bptt
+
+    cell = lstm_multi.get_cell("torch")(
+        3, 4, variant=variant, num_layers=2, bidirectional=True, proj_size=2
+    )
+    params = [
+        [{k: torch.as_tensor(v, dtype=torch.float64) for k, v in p.items()} for p in layer]
+        for layer in cell.init(seed=0)
+    ]
+    leaves = [v.requires_grad_() for layer in params for p in layer for v in p.values()]
+    x = torch.randn(3, 5, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([5, 2, 4])
+
+    def grads():
+        y, (h, c) = cell(params, x, lengths=lengths)
+        loss = (y * y.detach().cos()).sum() + h.sum() + (c * c).sum()
+        return torch.autograd.grad(loss, [x, *leaves])
+
+    eager = grads()
+    monkeypatch.setattr(torch_bptt, "exporting", lambda tensors: True)  # the op, eagerly
+    through_op = grads()
+    for a, b in zip(through_op, eager, strict=True):
+        assert_close(a, b, "float64", "gradient")
+
+
+def test_the_op_refuses_wrong_shapes():
+    v = lstm_multi.spec.get_variant("peephole")
+    values = [torch.zeros(s) for s in lstm_multi.spec.param_shapes(v, 2, 3).values()]
+    xs, c0 = torch.zeros(4, 2, 2), torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="expects h0"):
+        torch.ops.lstm_multi.direction(
+            v.name, v.fingerprint, True, xs, torch.zeros(2, 5), c0, None, values
+        )
+    with pytest.raises(ValueError, match="parameters"):
+        torch.ops.lstm_multi.direction(
+            v.name, v.fingerprint, True, xs, c0, c0, None, values[:3] + [torch.zeros(2, 3)]
+        )

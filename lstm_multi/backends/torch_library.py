@@ -53,6 +53,34 @@ def lookup_variant(name: str, fingerprint: str) -> spec.Variant:
     return variant
 
 
+def _checked(variant, xs, h0, c0, valid, values):
+    """The parameters by key, every shape checked (the kernels read raw memory: a wrong
+    shape must be an error here, never a read past an array)."""
+    keys = torch_bptt.parameter_keys(variant, len(values))
+    if xs.dim() != 3 or h0.dim() != 2 or c0.dim() != 2:
+        raise ValueError(
+            "lstm_multi::direction: expected xs (T, B, in), h0 (B, P or H), c0 (B, H), got "
+            f"{tuple(xs.shape)}, {tuple(h0.shape)}, {tuple(c0.shape)}"
+        )
+    steps, batch, size = xs.shape
+    hidden = c0.shape[1]
+    proj = h0.shape[1] if spec.PROJECTION in keys else 0
+    want = spec.param_shapes(variant, size, hidden, proj)
+    got = {key: tuple(v.shape) for key, v in zip(keys, values, strict=True)}
+    if list(got.values()) != list(want.values()) or h0.shape != (batch, proj or hidden):
+        raise ValueError(
+            f"lstm_multi::direction: variant {variant.name!r} with xs {tuple(xs.shape)} and "
+            f"c0 {tuple(c0.shape)} expects h0 {(batch, proj or hidden)} and parameters "
+            f"{want}, got h0 {tuple(h0.shape)} and {got}"
+        )
+    if valid is not None and tuple(valid.shape) != (steps, batch, 1):
+        raise ValueError(
+            f"lstm_multi::direction: expected valid of shape {(steps, batch, 1)}, got "
+            f"{tuple(valid.shape)}"
+        )
+    return dict(zip(keys, values, strict=True))
+
+
 def _engine(variant, cpu_kernels, p, xs, h0, c0):
     return torch_bptt.engine_for_tensors(variant, p, xs, h0, c0, cpu_kernels)
 
@@ -70,8 +98,7 @@ def direction(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One direction forward (see the module doc): -> (ys, h_n, c_n)."""
     v = lookup_variant(variant, fingerprint)
-    keys = torch_bptt.parameter_keys(v, len(values))
-    p = dict(zip(keys, values, strict=True))
+    p = _checked(v, xs, h0, c0, valid, values)
     engine = _engine(v, cpu_kernels, p, xs, h0, c0)
     with torch.no_grad():
         ys, h, c, _ = engine.forward(v, p, xs, h0, c0, valid, record=False)
@@ -105,8 +132,13 @@ def backward(
     """The gradients of ``direction``: [dxs, dh0, dc0, *dvalues]. The forward runs again
     keeping its tape (an opaque op cannot hand its tape over), then the derived BPTT."""
     v = lookup_variant(variant, fingerprint)
-    keys = torch_bptt.parameter_keys(v, len(values))
-    p = dict(zip(keys, values, strict=True))
+    p = _checked(v, xs, h0, c0, valid, values)
+    keys = list(p)
+    if dys.shape != (*xs.shape[:2], h0.shape[1]) or dh.shape != h0.shape or dc.shape != c0.shape:
+        raise ValueError(
+            "lstm_multi::direction_backward: expected dys, dh, dc shaped as ys, h_n, c_n, "
+            f"got {tuple(dys.shape)}, {tuple(dh.shape)}, {tuple(dc.shape)}"
+        )
     engine = _engine(v, cpu_kernels, p, xs, h0, c0)
     with torch.no_grad():
         _, _, _, tape = engine.forward(v, p, xs, h0, c0, valid, record=True)
