@@ -76,10 +76,10 @@ def native_form(variant, projected=False, float64=False):
 def translation_table():
     """``{torch.ops.lstm_multi.direction.default: translation}`` for
     ``torch.onnx.export(..., dynamo=True, custom_translation_table=...)``."""
+    from . import torch as _registers_the_op  # noqa: F401 (else an ImportError naming [torch])
+
     _require("onnxscript")
     import torch
-
-    from . import torch as _registers_the_op  # noqa: F401
 
     return {torch.ops.lstm_multi.direction.default: _direction}
 
@@ -90,8 +90,8 @@ def export(model, args, path=None, *, kwargs=None, dynamic_shapes=None, **option
     the ``torch.onnx.ONNXProgram``. ``dynamic_shapes`` as for ``torch.export.export``
     (e.g. ``({0: "T"},)`` for a time-major input whose length varies); ``options`` go to
     ``torch.onnx.export`` as they are."""
-    _require("onnx")
     table = translation_table()
+    _require("onnx")
     import torch
 
     table.update(options.pop("custom_translation_table", None) or {})
@@ -140,16 +140,12 @@ def _op():
 
 def _gate_blocks(op, matrix, hidden, axis):
     """Our gate blocks (i, f, g, o) of ``matrix`` along ``axis``, as a dict."""
-    return {
-        gate: op.Slice(matrix, [k * hidden], [(k + 1) * hidden], [axis])
-        for k, gate in enumerate(spec_gates())
-    }
-
-
-def spec_gates():
     from .spec import GATE_ORDER
 
-    return GATE_ORDER
+    return {
+        gate: op.Slice(matrix, [k * hidden], [(k + 1) * hidden], [axis])
+        for k, gate in enumerate(GATE_ORDER)
+    }
 
 
 def _lengths(op, valid):

@@ -285,3 +285,12 @@ def test_the_op_refuses_wrong_shapes():
         torch.ops.lstm_multi.direction(
             v.name, v.fingerprint, True, xs, c0, c0, None, values[:3] + [torch.zeros(2, 3)]
         )
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxscript"])
+def test_onnx_export_without_the_onnx_extra_names_it(missing, monkeypatch):
+    import lstm_multi.onnx
+
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'lstm_multi\[onnx\]'"):
+        lstm_multi.onnx.export(LSTM(3, 4), torch.zeros(2, 1, 3), None)
