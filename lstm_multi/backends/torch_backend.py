@@ -309,6 +309,10 @@ class Cell(GraphOwner, FunctionalCell):
     tensors the cell makes from NumPy go (``init``, ``from_numpy``, NumPy
     inputs); tensors passed in stay where they are, and states and gradients
     the cell creates follow x.
+    ``torch.export.export`` of a module calling the cell records each direction as the
+    custom op ``lstm_multi::direction`` (``torch_library``; "native" included), the
+    sequence length symbolic; ``lengths`` are then an input of the program, taken
+    unchecked (docs/deploy.md).
     """
     )
 
