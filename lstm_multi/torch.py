@@ -36,6 +36,7 @@ from .backends.torch_backend import (
     choose_engine,
     engine_from_options,
     engine_runner,
+    export_engine,
     generic_forward,
     spelled_as,
     warn_device_fallback,
@@ -101,9 +102,15 @@ class LSTM(GraphOwner, nn.LSTM):
     naming the engine that runs instead; not the Triton engines under
     ``TRITON_INTERPRET=1``) and the call runs without it, so that a module made for a
     GPU and moved to the CPU still runs.
-    A batch of no sequences gives empty outputs, as ``nn.LSTM`` does. ``torch.jit.script``
+    A batch of no sequences gives empty outputs, as ``nn.LSTM`` does. ``torch.export.export``
+    takes every variant: each direction of each layer is one call of the custom op
+    ``lstm_multi::direction`` (``backends/torch_library``: the generated CPU kernels, any
+    sequence length, differentiable), registered by ``import lstm_multi.torch``, which a
+    process loading the exported program must do first; ``lstm_multi.onnx.export`` writes
+    ONNX (docs/deploy.md). ``torch.jit.script``
     scripts variant "lstm" with ``native=True`` as ``nn.LSTM`` (sharing the parameters)
-    and refuses the others (``__prepare_scriptable__``); ``torch.compile`` takes every one;
+    and refuses the others, naming torch.export (``__prepare_scriptable__``);
+    ``torch.compile`` takes every one;
     ``torch.jit.trace`` records ``nn.LSTM``'s kernel ("lstm", native) or the spec's loop as
     plain ops, unrolled over the traced sequence length (that length only).
 
@@ -465,9 +472,11 @@ class LSTM(GraphOwner, nn.LSTM):
             f"torch.jit.script: lstm_multi.torch.LSTM with variant={self.variant!r}"
             f"{'' if self.native else ', native=False'} cannot be scripted (it runs the "
             "spec's generic Python loop, which TorchScript does not compile; TorchScript is "
-            "deprecated in PyTorch). Use torch.compile(module) (the module runs eagerly "
-            "between compiled regions, as nn.LSTM does), or eager mode; torch.export and "
-            "torch.jit.script take variant='lstm' with native=True only"
+            "deprecated in PyTorch). To deploy it, use torch.export.export(module, (input,)) "
+            "(each direction is the custom op lstm_multi::direction; a process loading the "
+            "program imports lstm_multi.torch first) or lstm_multi.onnx.export; "
+            "torch.compile(module) runs it eagerly between compiled regions, as nn.LSTM; "
+            "docs/deploy.md"
         )
 
     def _sharing_torch_lstm(self) -> nn.LSTM:
@@ -530,7 +539,8 @@ class LSTM(GraphOwner, nn.LSTM):
         )
         self.last_choice = choice
         warn_device_fallback(choice, spelled, data)
-        if choice.engine == "native":
+        engine = export_engine(choice.engine, data)
+        if engine == "native":
             return super().forward(input, hx)
         lengths = None
         if packed:
@@ -558,7 +568,7 @@ class LSTM(GraphOwner, nn.LSTM):
             h0,
             c0,
             None if lengths is None else lengths.to(x.device),
-            engine_runner(choice.engine, self._graphs_for(choice.engine)),
+            engine_runner(engine, self._graphs_for(engine)),
             between_layers=between,
         )
         if packed:

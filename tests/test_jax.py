@@ -190,3 +190,39 @@ def test_the_input_projections_placement_changes_no_result(variant):
         results.append(jax.tree.leaves((y, grads)))
     for a, b in zip(*results, strict=True):
         assert_close(a, b, "float64", "projection in the step against before the scan")
+
+
+# jax.export ---------------------------------------------------------------------------
+
+
+def test_jax_export_with_a_symbolic_length_loads_in_a_fresh_process(tmp_path):
+    """Serialized with a symbolic T; deserialized and called at T = 7 by a process that
+    imports jax only (StableHLO holds everything)."""
+    cell = lstm_multi.get_cell("jax")(3, 4, variant="cifg", bidirectional=True)
+    params = cell.init(seed=0)
+
+    def run(params, x):
+        y, (h, c) = cell(params, x)
+        return y, h, c
+
+    (steps,) = jax.export.symbolic_shape("T")
+    x_spec = jax.ShapeDtypeStruct((2, steps, 3), np.float32)
+    exported = jax.export.export(jax.jit(run))(params, x_spec)
+    (tmp_path / "lstm.bin").write_bytes(exported.serialize())
+    x = np.random.default_rng(0).standard_normal((2, 7, 3)).astype(np.float32)
+    flat = jax.tree_util.tree_leaves(params)
+    np.savez(tmp_path / "inputs.npz", x, *[np.asarray(a) for a in flat])
+    script = """
+import sys, numpy as np, jax
+exported = jax.export.deserialize(bytearray(open(sys.argv[1] + "/lstm.bin", "rb").read()))
+data = np.load(sys.argv[1] + "/inputs.npz")
+x, *flat = [data[f"arr_{k}"] for k in range(len(data.files))]
+args, kwargs = exported.in_tree.unflatten([*flat, x])  # ((params, x), {})
+y, h, c = exported.call(*args, **kwargs)
+np.save(sys.argv[1] + "/y.npy", np.asarray(y))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_close(np.load(tmp_path / "y.npy"), np.asarray(run(params, x)[0]), "float32", "y")

@@ -26,9 +26,9 @@ ALLOWED = {
     "layers": {"compile", "kernels", "environment", "core", "backends"},
     "tools": {"compile", "kernels", "environment", "core", "backends", "layers"},
 }
-#: the framework layers (lstm_multi.torch and the Flax, Equinox and Keras layers) and
+#: the framework layers (lstm_multi.torch, the Flax, Equinox and Keras layers, ONNX export) and
 #: the tools above everything (check_variant, the benchmark, the package's own __init__)
-LAYERS = {"torch", "flax", "equinox", "keras"}
+LAYERS = {"torch", "flax", "equinox", "keras", "onnx"}
 TOOLS = {"testing", "bench", "__init__"}
 
 

@@ -166,6 +166,10 @@ def _forward_scan(variant, p, xs, h0, c0, valid, record, unroll, in_step):
     # the cell state is carried in float32 for half-precision inputs (ops.state_dtype)
     c_start = ops.cast(c0, ops.state_dtype(ops.dtype_name(c0)))
     carry = _varying_like((h0, c_start), xs, p, valid)
+    if not isinstance(xs.shape[0], int):
+        # a symbolic length (jax.export with jax.export.symbolic_shape): the scan cannot
+        # split it into unrolled iterations (T // unroll is not decidable), so one a step
+        unroll = 1
     (h, c), out = jax.lax.scan(step, carry, (xs, valid), unroll=unroll)
     c = ops.cast(c, ops.dtype_name(c0))
     if not record:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import warnings
+from contextlib import nullcontext
 
 import torch
 
@@ -31,7 +32,7 @@ from .. import engine as engines
 from .. import network, validation
 from ..cell import FunctionalCell
 from ..spec import Variant
-from . import torch_bptt, torch_native
+from . import torch_bptt, torch_library, torch_native  # noqa: F401 (torch_library registers the op)
 from .torch_graphs import GraphOwner
 from .torch_ops import OPS, TorchOps
 
@@ -81,7 +82,11 @@ def generic_forward(
             layer_masks = [None if m is None else m.to(dtype) for m in layer_masks]
     if x.shape[1] == 0:
         return empty_batch(params, x, h0, c0)
-    with torch.autocast(x.device.type, enabled=False):
+    # autocast off inside, entered only where it is on: the context would be one more
+    # region (a higher-order op) in what torch.export records
+    autocasting = torch.is_autocast_enabled(x.device.type)
+    off = torch.autocast(x.device.type, enabled=False) if autocasting else nullcontext()
+    with off:
         y, h_n, c_n, _, _ = network.forward(
             OPS, variant, params, x, h0, c0, lengths, run_direction, between_layers, layer_masks
         )
@@ -167,6 +172,17 @@ def engine_from_options(engine, native, gate_kernel, cuda_graphs):
     if native and engine == engines.AUTO:
         return "native", ()
     return engine, ()
+
+
+def export_engine(name, x):
+    """The engine that runs a call on x chosen as ``name``: "cpu_kernels" in place of
+    "native" where x is traced by ``torch.export`` (``torch_bptt.exporting``), so the call
+    becomes the custom op ``lstm_multi::direction``, whose sequence length stays
+    symbolic (``nn.LSTM``'s kernel exports with the traced length only); ``name``
+    otherwise."""
+    if name == "native" and torch_bptt.exporting([x]):
+        return "cpu_kernels"
+    return name
 
 
 def engine_runner(name, graphs=None):
@@ -293,6 +309,10 @@ class Cell(GraphOwner, FunctionalCell):
     tensors the cell makes from NumPy go (``init``, ``from_numpy``, NumPy
     inputs); tensors passed in stay where they are, and states and gradients
     the cell creates follow x.
+    ``torch.export.export`` of a module calling the cell records each direction as the
+    custom op ``lstm_multi::direction`` (``torch_library``; "native" included), the
+    sequence length symbolic; ``lengths`` are then an input of the program, taken
+    unchecked (docs/deploy.md).
     """
     )
 
@@ -366,6 +386,12 @@ class Cell(GraphOwner, FunctionalCell):
 
     vjp.__doc__ = FunctionalCell.vjp.__doc__
 
+    def _traced_lengths(self, lengths, steps):
+        """lengths traced by ``torch.export`` / ``torch.compile`` (values known at run time
+        only): taken as they are, unchecked (an exported program trusts its caller, as
+        ``nn.LSTM``'s packed sequences do)."""
+        return lengths.to(torch.int64)
+
     def _to_backend(self, array, name):
         if isinstance(array, torch.Tensor):
             return array
@@ -382,11 +408,10 @@ class Cell(GraphOwner, FunctionalCell):
         choice = self._choose(x, layer_masks is not None)
         self.last_choice = choice
         warn_device_fallback(choice, self._spelled, x)
-        if choice.engine == "native":
+        engine = export_engine(choice.engine, x)
+        if engine == "native":
             return torch_native.forward(params, x, h0, c0, lengths)
-        runner = type(self).generic_direction or engine_runner(
-            choice.engine, self._graphs_for(choice.engine)
-        )
+        runner = type(self).generic_direction or engine_runner(engine, self._graphs_for(engine))
         return generic_forward(
             self.variant, params, x, h0, c0, lengths, runner, layer_masks=layer_masks
         )

@@ -27,7 +27,7 @@ import functools
 
 import torch
 
-from .. import bptt, network
+from .. import bptt, network, spec
 from . import kernel_direction
 from .torch_ops import TorchOps
 
@@ -274,6 +274,52 @@ class BpttDirection(torch.autograd.Function):
         )
 
 
+def engine_for_tensors(variant, p, xs, h0, c0, cpu_kernels=True, fast_ops=FAST_OPS):
+    """The engine that runs a direction on these tensors: the variant's CPU kernels where
+    ``cpu_kernels`` and they apply (host float32/float64, a compiler), else the array loop."""
+    kernels = (
+        kernel_direction.direction_kernels(fast_ops, variant, p, xs, h0, c0)
+        if cpu_kernels
+        else None
+    )
+    return LoopEngine(fast_ops) if kernels is None else KernelEngine(fast_ops, kernels)
+
+
+def parameter_keys(variant: spec.Variant, count: int) -> list[str]:
+    """The canonical keys of ``count`` parameter values, in their order: W, U, b, the
+    variant's own, and W_hr where there is one more (a projection)."""
+    keys = ["W", "U", "b", *variant.params]
+    return keys + [spec.PROJECTION] if count == len(keys) + 1 else keys
+
+
+def _exported_direction(variant, p, xs, h0, c0, valid, cpu_kernels):
+    """A direction under ``torch.export`` / ``torch.compile`` (fake tensors): one call of
+    the custom op ``lstm_multi::direction`` (``torch_library``), whose sequence length
+    stays symbolic. A variant not registered under its name cannot be found again by a
+    process loading the program: its loop is recorded as plain ops instead, unrolled
+    over the traced length (as ``torch.jit.trace`` records it)."""
+    if not spec.is_registered(variant):
+        ys, h, c, _ = network.loop_direction(REFERENCE_OPS, variant, p, xs, h0, c0, valid)
+        return ys, h, c, None
+    keys = parameter_keys(variant, len(p))
+    ys, h, c = torch.ops.lstm_multi.direction(
+        variant.name, variant.fingerprint, cpu_kernels, xs, h0, c0, valid, [p[k] for k in keys]
+    )
+    return ys, h, c, None
+
+
+def exporting(tensors) -> bool:
+    """Whether ``tensors`` are being traced with fake tensors (``torch.export``, the ONNX
+    exporters, ``torch.compile``): then the kernels, which read memory, cannot run and
+    the custom op ``lstm_multi::direction`` (``torch_library``, registered by
+    ``torch_backend``) stands in for them."""
+    if torch.compiler.is_compiling():
+        return True
+    from torch._guards import detect_fake_mode  # noqa: PLC0415
+
+    return detect_fake_mode(list(tensors)) is not None
+
+
 def functorch_active():
     """True inside ``torch.func`` transforms (grad, vmap, jacrev, ...).
 
@@ -303,14 +349,11 @@ def direction_runner(fast_ops, cpu_kernels=True, engine_for=None):
             ys, h, c, _ = network.loop_direction(REFERENCE_OPS, variant, p, xs, h0, c0, valid)
             return ys, h, c, None
         tensors = (xs, h0, c0, *p.values())
+        if exporting(tensors):
+            return _exported_direction(variant, p, xs, h0, c0, valid, cpu_kernels)
         engine = None if engine_for is None else engine_for(variant, p, xs, h0, c0)
         if engine is None:
-            kernels = (
-                kernel_direction.direction_kernels(fast_ops, variant, p, xs, h0, c0)
-                if cpu_kernels
-                else None
-            )
-            engine = LoopEngine(fast_ops) if kernels is None else KernelEngine(fast_ops, kernels)
+            engine = engine_for_tensors(variant, p, xs, h0, c0, cpu_kernels, fast_ops)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             ys, h, c = BpttDirection.apply(engine, variant, valid, tuple(p), *tensors)
             return ys, h, c, None

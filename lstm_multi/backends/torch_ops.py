@@ -10,6 +10,7 @@ import functools
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ..kernels.cpu_kernels import HostBlas
 from ..ops import ArrayModuleOps
@@ -115,7 +116,9 @@ class TorchOps(ArrayModuleOps):
         return torch.flip(x, (0,))
 
     def take_time(self, x, index):
-        return torch.take_along_dim(x, index, dim=0)
+        # gather, not take_along_dim: torch.export of take_along_dim fixes the traced
+        # sequence length (its broadcast guards T == the traced T)
+        return torch.gather(x, 0, index.expand(x.shape))
 
     def sum(self, x, axis):
         return torch.sum(x, dim=axis)
@@ -148,8 +151,12 @@ def host_values(tensor):
     There even a tensor made outside the transform cannot be read (``.numpy()``:
     "Cannot access data pointer of Tensor that doesn't have storage"); its
     values are read with the transforms set aside. A tensor that varies under
-    ``torch.func.vmap`` has no single value: a TypeError says so.
+    ``torch.func.vmap`` has no single value: a TypeError says so. None for a tensor
+    traced by ``torch.export`` or ``torch.compile`` (a fake tensor, whose values come
+    at run time).
     """
+    if is_fake(tensor):  # traced by torch.export / torch.compile: no values yet
+        return None
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(tensor):
         if functorch.is_batchedtensor(tensor):
