@@ -107,7 +107,7 @@ class LSTM(GraphOwner, nn.LSTM):
     ``lstm_multi::direction`` (``backends/torch_library``: the generated CPU kernels, any
     sequence length, differentiable), registered by ``import lstm_multi.torch``, which a
     process loading the exported program must do first; ``lstm_multi.onnx.export`` writes
-    ONNX (docs/deploy.md). ``torch.jit.script``
+    ONNX (docs/deployment.md). ``torch.jit.script``
     scripts variant "lstm" with ``native=True`` as ``nn.LSTM`` (sharing the parameters)
     and refuses the others, naming torch.export (``__prepare_scriptable__``);
     ``torch.compile`` takes every one;
@@ -476,7 +476,7 @@ class LSTM(GraphOwner, nn.LSTM):
             "(each direction is the custom op lstm_multi::direction; a process loading the "
             "program imports lstm_multi.torch first) or lstm_multi.onnx.export; "
             "torch.compile(module) runs it eagerly between compiled regions, as nn.LSTM; "
-            "docs/deploy.md"
+            "docs/deployment.md"
         )
 
     def _sharing_torch_lstm(self) -> nn.LSTM:

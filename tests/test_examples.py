@@ -339,7 +339,9 @@ def test_timing_example_trains_both_variants(tmp_path):
 # weight interchange ----------------------------------------------------------------------------
 
 
-@pytest.mark.thorough_only("the converters' tests (test_convert*) take its path; this runs the example")
+@pytest.mark.thorough_only(
+    "the converters' tests (test_convert*) take its path; this runs the example"
+)
 def test_interchange_runs_the_keras_weights_alike_in_every_framework(tmp_path):
     """Keras trains (--quick); its weights, converted, classify the test digits with the
     same accuracy in Flax, Equinox, torch.nn.LSTM and every lstm_multi backend."""

@@ -93,7 +93,9 @@ def test_second_backward_without_retain_graph_is_pytorchs_error(path):
 #: gradgradcheck is the slowest check here: the default run takes nn.LSTM's kernel and the
 #: generated kernels' path once each, the thorough run every path
 GRADGRAD_PATHS = [
-    p if p.id in ("lstm-native", "peephole") else pytest.param(
+    p
+    if p.id in ("lstm-native", "peephole")
+    else pytest.param(
         *p.values, id=p.id, marks=pytest.mark.thorough_only("lstm-native and peephole cover it")
     )
     for p in PATHS

@@ -312,7 +312,7 @@ class Cell(GraphOwner, FunctionalCell):
     ``torch.export.export`` of a module calling the cell records each direction as the
     custom op ``lstm_multi::direction`` (``torch_library``; "native" included), the
     sequence length symbolic; ``lengths`` are then an input of the program, taken
-    unchecked (docs/deploy.md).
+    unchecked (docs/deployment.md).
     """
     )
 
