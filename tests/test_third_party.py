@@ -18,6 +18,11 @@ from ``nn.OptimizedLSTMCell``'s (``test_sst2_learns_from_the_default_init``).
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -268,3 +273,172 @@ def test_sst2_learns_from_the_default_init(thorough):
                 after = np.asarray(state.params["encoder"][direction][cell]["lstm"]["p"])
                 assert np.all(before == 0) and np.any(after != 0), direction
     assert results["linen_cell"] >= results["flax"] - 0.05, results
+
+
+# Keras: keras-io bidirectional_lstm_imdb -------------------------------------------------
+
+os.environ.setdefault("KERAS_BACKEND", "jax")  # as in test_layer_keras.py, before keras loads
+#: the Keras backends lstm_multi.keras runs on; numpy has no fit (forward only there)
+KERAS_BACKENDS = ("jax", "numpy", "torch")
+#: the example's sizes are 20000 words, embeddings 128, 64 units, reviews of 200, batch 32
+WORDS, KERAS_EMBED, UNITS, MAXLEN, KERAS_BATCH = 60, 8, 4, 12, 8
+
+
+def _imdb_like(rng, n=KERAS_BATCH):
+    """``n`` reviews of 3..2*MAXLEN token ids (some cut, some padded: both of
+    pad_sequences' cases), ids 1..WORDS-1 (0 is the padding), label 1 when the review holds
+    more ids below WORDS / 2 than above."""
+    reviews = [rng.integers(1, WORDS, int(rng.integers(3, 2 * MAXLEN))).tolist() for _ in range(n)]
+    labels = np.array([np.mean(np.array(r) < WORDS // 2) > 0.5 for r in reviews], np.float32)
+    return reviews, labels
+
+
+def _keras_models(imdb, variant):
+    """(theirs: the example with keras.layers.LSTM, ours: with the swap) from the same
+    initial weights: Keras's, moved into ours by lstm_multi.convert (LSTMs) and
+    set_weights (Embedding, Dense)."""
+    import keras
+
+    from lstm_multi import convert
+
+    keras.utils.set_random_seed(0)
+    size = dict(max_features=WORDS, embedding_size=KERAS_EMBED, units=UNITS)
+    theirs = imdb.build_model(**size)
+    ours = imdb.build_model(**size, variant=variant)
+    for mine, keras_layer in zip(ours.layers, theirs.layers, strict=True):
+        if type(keras_layer).__name__ != "Bidirectional":
+            mine.set_weights(keras_layer.get_weights())
+            continue
+        [[forward, backward]] = convert.from_keras(keras_layer)
+        for lstm, p in ((mine.forward_layer, forward), (mine.backward_layer, backward)):
+            # a variant's own rows (peepholes) start at zero: it computes what "lstm" does
+            own = lstm.get_canonical_params()[0][0]
+            lstm.set_canonical_params([[{k: p.get(k, np.zeros_like(v)) for k, v in own.items()}]])
+    return theirs, ours
+
+
+def check_keras_lstm_follows_keras():
+    """Variant "lstm" swapped in: the same predictions before training and, where Keras
+    trains (jax, torch), the same losses and weights over three Adam steps (``fit``, three
+    epochs of one batch)."""
+    import keras
+
+    imdb = _keras_program()
+    reviews, labels = _imdb_like(np.random.default_rng(0))
+    x = imdb.prepare(reviews, maxlen=MAXLEN)
+    theirs, ours = _keras_models(imdb, "lstm")
+    # float32, the gate sums in another order. Worst seen: predictions equal on every
+    # backend; losses equal on jax, 1 ulp apart on torch; weights after the steps 1.2e-7
+    # (jax) and 3.4e-7 (torch) apart (Adam divides by the gradient's own size, so rounding
+    # in a small gradient moves a weight by up to lr * its relative error)
+    tol = dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours.predict(x, verbose=0), theirs.predict(x, verbose=0), **tol)
+    if keras.backend.backend() == "numpy":
+        return
+    fit = dict(batch_size=KERAS_BATCH, epochs=3, shuffle=False, verbose=0)
+    theirs_loss = imdb.compile_and_fit(theirs, x, labels, **fit).history["loss"]
+    ours_loss = imdb.compile_and_fit(ours, x, labels, **fit).history["loss"]
+    np.testing.assert_allclose(ours_loss, theirs_loss, **tol)
+    for g, w in zip(ours.get_weights(), theirs.get_weights(), strict=True):
+        np.testing.assert_allclose(g, w, **tol)
+
+
+def _keras_program():
+    return pytest.importorskip("third_party.bidirectional_lstm_imdb", exc_type=ImportError)
+
+
+def check_keras_peephole_trains():
+    """Variant "peephole" swapped in, from Keras's weights and zero peepholes: fit lowers
+    the loss over five steps and moves the peepholes (jax, torch); numpy predicts."""
+    import keras
+
+    imdb = _keras_program()
+    reviews, labels = _imdb_like(np.random.default_rng(0))
+    x = imdb.prepare(reviews, maxlen=MAXLEN)
+    _, ours = _keras_models(imdb, "peephole")
+    assert np.all(np.isfinite(ours.predict(x, verbose=0)))
+    if keras.backend.backend() == "numpy":
+        return
+    peepholes = [w for w in ours.weights if w.path.split("/")[-1].startswith("p_")]
+    assert len(peepholes) == 4, [w.path for w in ours.weights]  # 2 layers, 2 directions
+    fit = dict(batch_size=KERAS_BATCH, epochs=5, shuffle=False, verbose=0)
+    losses = imdb.compile_and_fit(ours, x, labels, **fit).history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    for weight in peepholes:
+        assert np.any(keras.ops.convert_to_numpy(weight) != 0), weight.path
+
+
+KERAS_CHECKS = {"lstm": check_keras_lstm_follows_keras, "peephole": check_keras_peephole_trains}
+
+
+def _keras_backend_here():
+    pytest.importorskip("keras")
+    import keras
+
+    return keras.backend.backend()
+
+
+@pytest.mark.parametrize("name", KERAS_CHECKS)
+def test_keras_program_on_this_backend(name):
+    backend = _keras_backend_here()
+    if backend not in KERAS_BACKENDS:
+        pytest.skip(f"Keras runs on {backend}, which lstm_multi.keras does not support")
+    KERAS_CHECKS[name]()
+
+
+def _other_keras_backends():
+    """The supported Keras backends other than this process's (the one KERAS_BACKEND names,
+    jax unless set), each skipped when its framework is missing."""
+    here = os.environ["KERAS_BACKEND"]
+    params = []
+    for name in KERAS_BACKENDS:
+        if name != here:
+            missing = name != "numpy" and importlib.util.find_spec(name) is None
+            marks = pytest.mark.skip(reason=f"{name} is not installed") if missing else ()
+            params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+@pytest.fixture(scope="module", autouse=True)
+def other_keras_runs(request):
+    """The subprocesses of the selected other backends, started before this module's first
+    test, so that they run beside the tests in this process (as test_layer_keras.py's)."""
+    selected = {
+        item.callspec.params["backend"]
+        for item in request.session.items
+        if "backend" in getattr(getattr(item, "callspec", None), "params", {})
+        and item.originalname == "test_keras_program_on_another_backend"
+    }
+    runs = {
+        backend: subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), *KERAS_CHECKS],
+            env={**os.environ, "KERAS_BACKEND": backend},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for backend in sorted(selected)
+    }
+    yield runs
+    for process in runs.values():
+        if process.poll() is None:
+            process.kill()
+
+
+@pytest.mark.parametrize("backend", _other_keras_backends())
+def test_keras_program_on_another_backend(backend, other_keras_runs):
+    """Both checks in a subprocess with KERAS_BACKEND set (Keras's backend is fixed per
+    process), as tests/test_layer_keras.py runs its checks."""
+    pytest.importorskip("keras")
+    output, _ = other_keras_runs[backend].communicate(timeout=300)
+    assert other_keras_runs[backend].returncode == 0, output[-4000:]
+    for name in KERAS_CHECKS:
+        assert f"{backend} {name}: ok" in output, output[-4000:]
+
+
+if __name__ == "__main__":
+    import keras
+
+    for check in sys.argv[1:]:
+        KERAS_CHECKS[check]()
+        print(f"{keras.backend.backend()} {check}: ok", flush=True)
