@@ -436,6 +436,82 @@ def test_keras_program_on_another_backend(backend, other_keras_runs):
         assert f"{backend} {name}: ok" in output, output[-4000:]
 
 
+# Equinox: equinox examples/train_rnn ------------------------------------------------------
+
+#: the example's sizes are 10000 spirals, batches of 32, hidden 16, Adam 3e-3, 200 steps
+SPIRALS, SPIRAL_BATCH, SPIRAL_HIDDEN = 64, 32, 16
+
+
+def _train_rnn():
+    pytest.importorskip("equinox")
+    pytest.importorskip("optax")
+    return pytest.importorskip("third_party.train_rnn", exc_type=ImportError)
+
+
+def _spiral_models(train_rnn, variant, seed=5678):
+    """(theirs: eqx.nn.LSTMCell, ours: the swap) from the same initial weights: Equinox's
+    cell moved into ours by lstm_multi.convert.from_equinox (a variant's own rows zero)."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    from lstm_multi import convert
+
+    data_key, loader_key, model_key = jax.random.split(jax.random.PRNGKey(seed), 3)
+    xs, ys = train_rnn.get_data(SPIRALS, key=data_key)
+    theirs = train_rnn.RNN(2, 1, SPIRAL_HIDDEN, key=model_key)
+    ours = train_rnn.RNN(2, 1, SPIRAL_HIDDEN, key=model_key, variant=variant)
+    canonical = convert.from_equinox(theirs.cell)
+    params = {
+        k: jnp.asarray(canonical.get(k, np.zeros(v.shape, v.dtype)))
+        for k, v in ours.cell.params.items()
+    }
+    ours = eqx.tree_at(lambda m: m.cell.params, ours, params)
+    assert eqx.tree_equal(ours.linear, theirs.linear)  # the same key, the same Linear
+    return theirs, ours, xs, ys, loader_key
+
+
+def test_train_rnn_lstm_follows_eqx_lstm_cell():
+    """Variant "lstm" swapped in: three of the example's steps (filter_jit,
+    filter_value_and_grad, Adam) give the losses and weights eqx.nn.LSTMCell gives, within
+    100 eps of the dtype the model holds (float64 here, where the suite turns JAX's 64-bit
+    mode on; worst seen: losses equal, weights 3.7e-16 apart)."""
+    from conftest import tolerance
+
+    from lstm_multi import convert
+
+    train_rnn = _train_rnn()
+    theirs, ours, xs, ys, key = _spiral_models(train_rnn, "lstm")
+    tol = tolerance(theirs.bias.dtype)
+    steps = dict(batch_size=SPIRAL_BATCH, steps=3, key=key)
+    theirs, theirs_losses = train_rnn.train(theirs, xs, ys, **steps)
+    ours, ours_losses = train_rnn.train(ours, xs, ys, **steps)
+    np.testing.assert_allclose(ours_losses, theirs_losses, rtol=tol)
+    got = {**ours.cell.params, "linear": ours.linear.weight, "bias": ours.bias}
+    want = {
+        **convert.from_equinox(theirs.cell),
+        "linear": theirs.linear.weight,
+        "bias": theirs.bias,
+    }
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=tol, atol=tol, err_msg=name)
+
+
+def test_train_rnn_peephole_trains():
+    """Variant "peephole" swapped in, from Equinox's weights and zero peepholes: five of the
+    example's steps on one batch lower its loss at each step, and the peepholes' gradient is
+    nonzero (they move)."""
+    train_rnn = _train_rnn()
+    _, ours, xs, ys, key = _spiral_models(train_rnn, "peephole")
+    start = np.asarray(ours.cell.params["p"])
+    batch = (xs[:SPIRAL_BATCH], ys[:SPIRAL_BATCH])
+    trained, losses = train_rnn.train(ours, *batch, batch_size=SPIRAL_BATCH, steps=5, key=key)
+    assert np.all(np.isfinite(losses))
+    assert np.all(np.diff(losses) < 0), losses
+    assert np.all(start == 0) and np.any(np.asarray(trained.cell.params["p"]) != 0)
+
+
 if __name__ == "__main__":
     import keras
 
