@@ -461,6 +461,8 @@ def _spiral_models(train_rnn, variant, seed=5678):
     xs, ys = train_rnn.get_data(SPIRALS, key=data_key)
     theirs = train_rnn.RNN(2, 1, SPIRAL_HIDDEN, key=model_key)
     ours = train_rnn.RNN(2, 1, SPIRAL_HIDDEN, key=model_key, variant=variant)
+    # the swap keeps the program's precision (float64 where the suite turns on 64-bit mode)
+    assert {p.dtype for p in ours.cell.params.values()} == {theirs.cell.weight_ih.dtype}
     canonical = convert.from_equinox(theirs.cell)
     params = {
         k: jnp.asarray(canonical.get(k, np.zeros(v.shape, v.dtype)))
