@@ -233,10 +233,10 @@ def create_train_state(params, model, learning_rate=0.1, momentum=0.9, weight_de
     return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
-@jax.jit
 def train_step(state, batch, rngs):
     """One step: (new state, mean loss, accuracy) on ``batch`` (``token_ids``, ``length``,
-    ``label``); a new dropout key each step, folded from ``rngs`` and the step number."""
+    ``label``); a new dropout key each step, folded from ``rngs`` and the step number. The
+    caller jits it, as ``train.py`` does (``jax.jit(train_step)``)."""
     rngs = {name: jax.random.fold_in(rng, state.step) for name, rng in rngs.items()}
     labels = jnp.expand_dims(batch["label"], 1)
 
@@ -256,9 +256,8 @@ def train_step(state, batch, rngs):
     return state.apply_gradients(grads=grads), loss, accuracy
 
 
-@jax.jit
 def accuracy(state, batch):
-    """The fraction of ``batch`` classified right, dropout off."""
+    """The fraction of ``batch`` classified right, dropout off (``eval_step``'s metric)."""
     logits = state.apply_fn(
         {"params": state.params}, batch["token_ids"], batch["length"], deterministic=True
     )
