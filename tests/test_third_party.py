@@ -316,9 +316,9 @@ def _keras_models(imdb, variant):
 
 
 def check_keras_lstm_follows_keras():
-    """Variant "lstm" swapped in: the same predictions before training and, where Keras
-    trains (jax, torch), the same losses and weights over three Adam steps (``fit``, three
-    epochs of one batch)."""
+    """Variant "lstm" swapped in: where Keras trains (jax, torch), the same losses and
+    weights over three Adam steps (``fit``, three epochs of one batch); on numpy the same
+    predictions."""
     import keras
 
     imdb = _keras_program()
@@ -330,8 +330,8 @@ def check_keras_lstm_follows_keras():
     # (jax) and 3.4e-7 (torch) apart (Adam divides by the gradient's own size, so rounding
     # in a small gradient moves a weight by up to lr * its relative error)
     tol = dict(rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(ours.predict(x, verbose=0), theirs.predict(x, verbose=0), **tol)
-    if keras.backend.backend() == "numpy":
+    if keras.backend.backend() == "numpy":  # no fit: the forward pass (fit's first loss)
+        np.testing.assert_allclose(ours.predict(x, verbose=0), theirs.predict(x, verbose=0), **tol)
         return
     fit = dict(batch_size=KERAS_BATCH, epochs=3, shuffle=False, verbose=0)
     theirs_loss = imdb.compile_and_fit(theirs, x, labels, **fit).history["loss"]
@@ -354,8 +354,8 @@ def check_keras_peephole_trains():
     reviews, labels = _imdb_like(np.random.default_rng(0))
     x = imdb.prepare(reviews, maxlen=MAXLEN)
     _, ours = _keras_models(imdb, "peephole")
-    assert np.all(np.isfinite(ours.predict(x, verbose=0)))
     if keras.backend.backend() == "numpy":
+        assert np.all(np.isfinite(ours.predict(x, verbose=0)))
         return
     peepholes = [w for w in ours.weights if w.path.split("/")[-1].startswith("p_")]
     assert len(peepholes) == 4, [w.path for w in ours.weights]  # 2 layers, 2 directions
