@@ -86,10 +86,11 @@ def test_word_language_model_lstm_follows_nn_lstm(native):
             np.testing.assert_allclose(after[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
 
 
-def test_word_language_model_peephole_trains():
+def test_word_language_model_peephole_trains(tmp_path):
     """The peephole variant, with the example's dropout between layers (main.py's 0.2):
-    finite losses whose epoch means fall, and the peephole weights move. (lr 5: the
-    example's 20 makes this tiny model's loss jump about, nn.LSTM's as much.)"""
+    finite losses whose epoch means fall, and the peephole weights move (lr 5: the
+    example's 20 makes this tiny model's loss jump about, nn.LSTM's as much); the model
+    saved and loaded whole, as main.py keeps its best, evaluates the same."""
     torch = pytest.importorskip("torch")
     model, initial, losses = _trained(torch, "peephole", dropout=0.2, lr=5.0, epochs=4)
     assert np.all(np.isfinite(losses))
@@ -99,6 +100,16 @@ def test_word_language_model_peephole_trains():
     assert len(peepholes) == NLAYERS
     for key in peepholes:
         assert not torch.equal(model.state_dict()[key], initial[key]), key
+    # main.py keeps the best model with torch.save(model) and reloads it to test
+    wlm = _word_language_model()
+    saved = tmp_path / "model.pt"
+    torch.save(model, saved)
+    loaded = torch.load(saved, weights_only=False)
+    assert type(loaded.rnn) is type(model.rnn) and loaded.rnn.variant == "peephole"
+    data = wlm.batchify(_corpus(torch), BATCH)
+    test_loss = wlm.evaluate(model, data, NTOKEN, bptt=BPTT, eval_batch_size=BATCH)
+    assert wlm.evaluate(loaded, data, NTOKEN, bptt=BPTT, eval_batch_size=BATCH) == test_loss
+    assert test_loss < np.log(NTOKEN)  # below chance
 
 
 # Flax: google/flax examples/sst2 -----------------------------------------------------------

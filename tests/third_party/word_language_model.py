@@ -80,6 +80,21 @@ def repackage_hidden(h):
     return tuple(repackage_hidden(v) for v in h)
 
 
+def evaluate(model, data_source, ntokens, *, bptt=35, eval_batch_size=10):
+    """``main.py``'s ``evaluate()``: the mean NLL over ``data_source``, dropout off."""
+    criterion = nn.NLLLoss()
+    model.eval()
+    total_loss = 0.0
+    hidden = model.init_hidden(eval_batch_size)
+    with torch.no_grad():
+        for i in range(0, data_source.size(0) - 1, bptt):
+            data, targets = get_batch(data_source, i, bptt)
+            output, hidden = model(data, hidden)
+            total_loss += len(data) * criterion(output, targets).item()
+            hidden = repackage_hidden(hidden)
+    return total_loss / (len(data_source) - 1)
+
+
 def train(model, train_data, ntokens, *, bptt=35, lr=20.0, clip=0.25, batch_size=20):
     """``main.py``'s ``train()`` for one pass over ``train_data``: the loss of each batch.
 
