@@ -408,41 +408,23 @@ def _other_keras_backends():
     return params
 
 
-@pytest.fixture(scope="module", autouse=True)
-def other_keras_runs(request):
-    """The subprocesses of the selected other backends, started before this module's first
-    test, so that they run beside the tests in this process (as test_layer_keras.py's)."""
-    selected = {
-        item.callspec.params["backend"]
-        for item in request.session.items
-        if "backend" in getattr(getattr(item, "callspec", None), "params", {})
-        and item.originalname == "test_keras_program_on_another_backend"
-    }
-    runs = {
-        backend: subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), *KERAS_CHECKS],
-            env={**os.environ, "KERAS_BACKEND": backend},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for backend in sorted(selected)
-    }
-    yield runs
-    for process in runs.values():
-        if process.poll() is None:
-            process.kill()
-
-
 @pytest.mark.parametrize("backend", _other_keras_backends())
-def test_keras_program_on_another_backend(backend, other_keras_runs):
+def test_keras_program_on_another_backend(backend):
     """Both checks in a subprocess with KERAS_BACKEND set (Keras's backend is fixed per
-    process), as tests/test_layer_keras.py runs its checks."""
+    process), as tests/test_layer_keras.py runs its checks. Started by the test itself, so
+    that pytest-xdist runs it once, on one worker."""
     pytest.importorskip("keras")
-    output, _ = other_keras_runs[backend].communicate(timeout=300)
-    assert other_keras_runs[backend].returncode == 0, output[-4000:]
+    done = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *KERAS_CHECKS],
+        env={**os.environ, "KERAS_BACKEND": backend},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
     for name in KERAS_CHECKS:
-        assert f"{backend} {name}: ok" in output, output[-4000:]
+        assert f"{backend} {name}: ok" in done.stdout, output[-4000:]
 
 
 # Equinox: equinox examples/train_rnn ------------------------------------------------------
