@@ -10,10 +10,17 @@ the example's shapes (scaled down), each trains a few steps:
   forward, so bit for bit; everything else to float32 rounding, the tolerance stated
   where it is used;
 * a peephole variant trains: finite losses that fall over the steps, nonzero gradients
-  on every parameter the swap added.
+  on the peepholes the swap added (they move off their zero start).
 
 The Flax sst2 model also learns from ``LinenCell``'s default initial weights as it does
-from ``nn.OptimizedLSTMCell``'s (``test_sst2_learns_from_the_default_init``).
+from ``nn.OptimizedLSTMCell``'s (``test_sst2_learns_from_the_default_init``, which trains
+the peephole variant too: one more compilation of the example's step costs several
+seconds, so Flax's peephole check runs in the thorough run only).
+
+Sizes are the examples' scaled down (each section says the originals); the data are
+synthetic, of the examples' shapes and layouts (sequence-first token ids for
+word_language_model, end-padded ids with lengths for sst2, ``pad_sequences``' front
+padding for Keras, (16, 2) spirals for Equinox).
 """
 
 from __future__ import annotations
