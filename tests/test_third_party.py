@@ -267,7 +267,7 @@ def test_sst2_learns_from_the_default_init(thorough):
     than 5 points; the peepholes move off zero. Measured (seed 0): loss (first ten steps ->
     last ten) 0.694 -> 0.284 Flax, 0.695 -> 0.256 LinenCell, 0.695 -> 0.234 peephole;
     held-out accuracy 0.979, 1.000 and 1.000.
-    About 100 s of CPU: the thorough run only."""
+    About 40 s of CPU: the thorough run only."""
     if not thorough:
         pytest.skip("150 training steps of three models: the thorough run (--thorough)")
     sst2 = _sst2()
