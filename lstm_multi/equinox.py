@@ -37,7 +37,7 @@ import functools
 import numpy as np
 
 from . import convert, init, network, spec, validation
-from .backends.jax_backend import OPS
+from .backends.jax_backend import OPS, x64_enabled
 from .backends.jax_backend import Cell as _JaxCell
 
 __all__ = ["LSTM", "LSTMCell"]
@@ -373,7 +373,9 @@ class LSTMCell(eqx.Module):
 
     Arguments as ``eqx.nn.LSTMCell``'s (input_size, hidden_size, use_bias, dtype, a
     required keyword ``key``), plus ``variant``, ``proj_size`` and ``scheme`` (default
-    "equinox": ``eqx.nn.LSTMCell``'s draw). Its attributes are ``eqx.nn.LSTMCell``'s too:
+    "equinox": ``eqx.nn.LSTMCell``'s draw). ``dtype=None``, the default, is Equinox's:
+    float64 in JAX's 64-bit mode, float32 otherwise, so that swapping this cell for
+    ``eqx.nn.LSTMCell`` keeps a program's precision. Its attributes are ``eqx.nn.LSTMCell``'s too:
     ``input_size``, ``hidden_size``, ``use_bias``, and ``weight_ih`` (4H, in),
     ``weight_hh`` (4H, H) and ``bias`` (4H,) as views of the canonical parameters, so code
     written against Equinox's cell reads them. ``params`` is one canonical layer-direction dict ``{"W", "U",
@@ -393,7 +395,7 @@ class LSTMCell(eqx.Module):
         input_size,
         hidden_size,
         use_bias=True,
-        dtype=jnp.float32,
+        dtype=None,
         *,
         variant="lstm",
         proj_size=0,
@@ -401,6 +403,8 @@ class LSTMCell(eqx.Module):
         key=None,
     ):
         cell = _JaxCell(input_size, hidden_size, variant=variant, proj_size=proj_size)
+        if dtype is None:  # eqx.nn.LSTMCell's default_floating_dtype()
+            dtype = jnp.float64 if x64_enabled() else jnp.float32
         self.variant = cell.variant
         self.input_size, self.hidden_size = cell.input_size, cell.hidden_size
         self.use_bias = validation.check_bool("use_bias", use_bias)

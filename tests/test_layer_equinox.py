@@ -367,7 +367,7 @@ def test_lstm_cell_scanned_is_the_sequence_call():
     vmapped over the batch, gives the functional cell's outputs and gradients."""
     from lstm_multi.equinox import LSTMCell
 
-    cell = LSTMCell(IN, H, variant="nog", proj_size=2, key=jax.random.key(4))
+    cell = LSTMCell(IN, H, variant="nog", proj_size=2, dtype=jnp.float32, key=jax.random.key(4))
     functional = lstm_multi.get_cell("jax")(IN, H, variant="nog", proj_size=2)
     x = jnp.asarray(_normal(7, (B, T, IN), "float32"))
 
@@ -394,6 +394,27 @@ def test_lstm_cell_scanned_is_the_sequence_call():
         assert_close(got[k], want[k], "float32", f"d{k}")
     with pytest.raises(TypeError, match="key"):
         LSTMCell(IN, H)
+
+
+@pytest.mark.parametrize("x64", [True, False], ids=["64-bit mode", "32-bit mode"])
+def test_cell_dtype_defaults_as_equinox_lstm_cells(x64):
+    """dtype=None follows eqx.nn.LSTMCell: float64 in JAX's 64-bit mode (on in this suite),
+    float32 without it, so that the swap keeps a program's precision (found by
+    tests/third_party/train_rnn.py: the cell used to hold float32 in a float64 program);
+    a dtype asked for is kept."""
+    from lstm_multi.equinox import LSTMCell
+
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", x64)
+    try:
+        theirs = eqx.nn.LSTMCell(IN, H, key=jax.random.key(5))
+        ours = LSTMCell(IN, H, variant="peephole", key=jax.random.key(5))
+        assert theirs.weight_ih.dtype == (jnp.float64 if x64 else jnp.float32)
+        assert {str(p.dtype) for p in ours.params.values()} == {str(theirs.weight_ih.dtype)}
+        asked = LSTMCell(IN, H, dtype=jnp.float32, key=jax.random.key(5))
+        assert {str(p.dtype) for p in asked.params.values()} == {"float32"}
+    finally:
+        jax.config.update("jax_enable_x64", previous)
 
 
 def test_cell_has_equinox_lstm_cells_attributes():
