@@ -510,41 +510,27 @@ def _other_backends():
     return params
 
 
-@pytest.fixture(scope="module", autouse=True)
-def other_runs(request, tmp_path_factory):
-    """The subprocesses of the selected other backends, started before this module's first
-    test, so that they run beside the tests in this process."""
-    selected = {
-        item.callspec.params["other"]
-        for item in request.session.items
-        if "other" in getattr(getattr(item, "callspec", None), "params", {})
-    }
-    runs = {}
-    for other in sorted(selected):
-        names = ["lstm", "peephole", "wrapper", "zero_output", "stateful", "stateful_wrapper"]
-        names += ["save"]
-        names += ["fit"] if other in TRAINABLE else []
-        log = tmp_path_factory.mktemp(other) / "log"
-        with open(log, "w") as out:  # the child keeps its own copy of the file
-            process = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), *names],
-                env={**os.environ, "KERAS_BACKEND": other},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        runs[other] = (process, names, log)
-    yield runs
-    for process, _, _ in runs.values():
-        if process.poll() is None:
-            process.kill()
+def _checks_for(other):
+    names = ["lstm", "peephole", "wrapper", "zero_output", "stateful", "stateful_wrapper"]
+    return names + ["save"] + (["fit"] if other in TRAINABLE else [])
 
 
 @pytest.mark.parametrize("other", _other_backends())
-def test_checks_on_another_backend(other, other_runs):
-    process, names, log = other_runs[other]
-    returncode = process.wait(timeout=240)
-    output = log.read_text()
-    assert returncode == 0, output[-4000:]
+def test_checks_on_another_backend(other, tmp_path):
+    """The checks in a subprocess with KERAS_BACKEND=other. Started by its own test (not
+    ahead, by a module fixture), so that under pytest-xdist only the worker that runs the
+    test pays for it."""
+    names = _checks_for(other)
+    process = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *names],
+        env={**os.environ, "KERAS_BACKEND": other},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    output = process.stdout
+    assert process.returncode == 0, output[-4000:]
     for name in names:
         assert f"{other} {name}: ok" in output, output[-4000:]
 
