@@ -482,13 +482,10 @@ class FunctionalCell:
         values = self.ops.host_values(mask)
         if values is None:  # traced (JAX under jit): run it as a mask, whatever its pattern
             return self._traced_mask(mask)
-        values = np.asarray(values, bool)
-        lengths = network.prefix_lengths(values)
-        if lengths is not None and (lengths == steps).all():
+        steps_run = network.mask_steps(np.asarray(values, bool))
+        if steps_run is None:
             return None
-        if lengths is not None:
-            return self.ops.on_device_of(self._to_backend(lengths.astype(np.int64), "mask"), like)
-        return self.ops.on_device_of(self._to_backend(np.ascontiguousarray(values.T), "mask"), like)
+        return self.ops.on_device_of(self._to_backend(steps_run, "mask"), like)
 
     def _traced_mask(self, mask):
         """A (B, T) mask whose values are not known yet (only JAX traces) -> (T, B)."""
