@@ -43,6 +43,19 @@ def prefix_lengths(mask):
     return lengths
 
 
+def mask_steps(mask):
+    """A (B, T) NumPy boolean mask (True at a real step) -> what ``TimeLayout`` runs: None
+    where every step is real; the rows' lengths (B,) as int64 where each row is True on
+    its first steps and False after (right padding: the lengths' path, PyTorch's kernel
+    included); else the mask itself, time-major (T, B)."""
+    lengths = prefix_lengths(mask)
+    if lengths is None:
+        return np.ascontiguousarray(mask.T)
+    if (lengths == mask.shape[1]).all():
+        return None
+    return lengths.astype(np.int64)
+
+
 class TimeLayout:
     """Where each sequence is valid, and the permutation that reverses it.
 
