@@ -398,3 +398,41 @@ def test_module_mask_checks():
     packed = pack_padded_sequence(x, [5, 3, 2], batch_first=True)
     with pytest.raises(ValueError, match="mask: expected None with a PackedSequence"):
         module(packed, mask=torch.ones(BATCH, STEPS, dtype=torch.bool))
+
+
+def _doc_examples():
+    import pathlib
+    import re
+
+    page = pathlib.Path(__file__).parent.parent / "docs" / "masks.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+    assert len(blocks) == 2
+    return page, blocks
+
+
+def test_the_docs_page_runs():
+    """docs/masks.md's cell and module example runs as written."""
+    pytest.importorskip("torch")
+    _, (_, cell_example) = _doc_examples()
+    exec(compile(cell_example, "docs/masks.md", "exec"), {})
+
+
+def test_the_docs_keras_example_runs(tmp_path, thorough):
+    """docs/masks.md's Keras example runs on JAX, in a subprocess (Keras's backend is fixed
+    per process; a slow start, so in the thorough run: test_layer_keras trains the same
+    pipeline in the default one)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if not thorough:
+        pytest.skip("a Keras process: --thorough")
+    if importlib.util.find_spec("keras") is None or importlib.util.find_spec("jax") is None:
+        pytest.skip("needs keras and jax")
+    page, (keras_example, _) = _doc_examples()
+    script = tmp_path / "keras_example.py"
+    script.write_text(keras_example)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(page.parent.parent)}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
