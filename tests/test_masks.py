@@ -436,3 +436,41 @@ def test_the_docs_keras_example_runs(tmp_path, thorough):
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(page.parent.parent)}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_flax_and_equinox_modules_take_a_mask():
+    """The Flax (NNX, Linen) and Equinox modules pass ``mask`` to their cell: a gapped mask
+    gives the functional JAX cell's results on the module's parameters; Equinox's one
+    sequence takes a (T,) mask, under ``jax.vmap`` too."""
+    _available("jax")
+    pytest.importorskip("flax")
+    pytest.importorskip("equinox")
+    import jax
+    from flax import nnx
+
+    from lstm_multi import equinox as eqx_layers
+    from lstm_multi import flax as flax_layers
+
+    mask = _mask(MIXED)
+    x = np.random.default_rng(0).standard_normal((BATCH, STEPS, INPUT)).astype(np.float32)
+    cell = lstm_multi.get_cell("jax")(INPUT, HIDDEN)
+    nnx_model = flax_layers.LSTM(INPUT, HIDDEN, rngs=nnx.Rngs(0))
+    linen = flax_layers.LinenLSTM(INPUT, HIDDEN)
+    variables = linen.init(jax.random.key(0), x)
+    linen_params = [[dict(p) for p in d] for d in variables["params"]["layers"]]
+    eqx_model = eqx_layers.LSTM(INPUT, HIDDEN, key=jax.random.key(0))
+    runs = [
+        (nnx_model(x, mask=mask), cell(nnx_model.params, x, mask=mask)),
+        (linen.apply(variables, x, mask=mask), cell(linen_params, x, mask=mask)),
+        (eqx_model(x, mask=mask), cell(eqx_model.params, x, mask=mask)),
+        (
+            jax.vmap(lambda s, m: eqx_model(s, mask=m), out_axes=(0, (1, 1)))(x, mask),
+            eqx_model(x, mask=mask),
+        ),  # fmt: skip
+    ]
+    for got, want in runs:
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    assert np.all(np.asarray(runs[0][0][0])[~mask] == 0)
+    with pytest.raises(ValueError, match=r"mask: expected shape \(5,\) \(time\) for one"):
+        eqx_model(x[0], mask=mask)
