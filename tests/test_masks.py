@@ -238,18 +238,18 @@ def test_a_masked_step_holds_the_state():
 
 def test_triton_kernels_run_a_mask(monkeypatch, tmp_path):
     """The Triton engines (the interpreter on the CPU) with left padding, a gap and an
-    empty row, both directions, against the oracle in float32."""
+    empty row, both directions (one layer: the layers' plumbing is the network's, which
+    the CPU engines check), against the oracle in float32."""
     pytest.importorskip("torch")
     pytest.importorskip("triton", reason="the Triton kernels need triton (pip install triton)")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("LSTM_MULTI_CACHE", str(tmp_path))
-    p = _problem("peephole", _mask(MIXED), seed=2, dtype="float32")
+    p = _problem("peephole", _mask(MIXED), seed=2, dtype="float32", num_layers=1)
     expected = _expected("peephole", p)
     for engine in ("triton", "triton_persistent"):
         cell = lstm_multi.get_cell("torch")(
-            INPUT, HIDDEN, variant="peephole", num_layers=LAYERS, bidirectional=True,
-            engine=engine,
-        )  # fmt: skip
+            INPUT, HIDDEN, variant="peephole", bidirectional=True, engine=engine
+        )
         result = _run(cell, p, _torch_tensor)
         assert cell.last_choice.engine == engine, cell.last_choice
         _assert_matches(result, expected, "float32", f"mask vs {engine}")
@@ -294,8 +294,8 @@ def test_cupy_cell_runs_a_mask():
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("native", [True, False])
 def test_module_mask_is_the_cells(batch_first, native):
-    """``LSTM(...)(x, mask=mask)``: mask (B, T) whatever batch_first, the functional cell's
-    results on the module's canonical parameters, for every pattern (right padding runs
+    """``LSTM(...)(x, hx, mask=mask)``: mask (B, T) whatever batch_first, the functional
+    cell's results on the module's canonical parameters, for every pattern (right padding runs
     on PyTorch's kernel where native is allowed)."""
     torch = pytest.importorskip("torch")
     from lstm_multi.torch import LSTM
@@ -309,8 +309,9 @@ def test_module_mask_is_the_cells(batch_first, native):
     for pattern in sorted(PATTERNS):
         mask = torch.as_tensor(_mask(pattern))
         x = torch.randn(BATCH, STEPS, INPUT, dtype=torch.float64)
-        y, (h_n, c_n) = module(x if batch_first else x.transpose(0, 1), mask=mask)
-        want, (h_want, c_want) = cell(module.canonical_params(), x, mask=mask)
+        hx = tuple(torch.randn(2 * LAYERS, BATCH, HIDDEN, dtype=torch.float64) for _ in "hc")
+        y, (h_n, c_n) = module(x if batch_first else x.transpose(0, 1), hx, mask=mask)
+        want, (h_want, c_want) = cell(module.canonical_params(), x, hx, mask=mask)
         y = y if batch_first else y.transpose(0, 1)
         for got, expected in ((y, want), (h_n, h_want), (c_n, c_want)):
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=pattern)
@@ -438,39 +439,52 @@ def test_the_docs_keras_example_runs(tmp_path, thorough):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_flax_and_equinox_modules_take_a_mask():
-    """The Flax (NNX, Linen) and Equinox modules pass ``mask`` to their cell: a gapped mask
-    gives the functional JAX cell's results on the module's parameters; Equinox's one
-    sequence takes a (T,) mask, under ``jax.vmap`` too."""
+def _assert_trees_close(got, want):
+    import jax
+
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+def _float32_batch():
+    return np.random.default_rng(0).standard_normal((BATCH, STEPS, INPUT)).astype(np.float32)
+
+
+def test_equinox_module_takes_a_mask():
+    """The Equinox module passes ``mask`` to its cell: a gapped mask gives the functional
+    JAX cell's results on its parameters; one sequence takes a (T,) mask, under
+    ``jax.vmap`` too."""
+    _available("jax")
+    pytest.importorskip("equinox")
+    import jax
+
+    from lstm_multi import equinox as eqx_layers
+
+    mask, x = _mask(MIXED), _float32_batch()
+    model = eqx_layers.LSTM(INPUT, HIDDEN, key=jax.random.key(0))
+    y, state = model(x, mask=mask)
+    assert np.all(np.asarray(y)[~mask] == 0)
+    _assert_trees_close((y, state), model.cell(model.params, x, mask=mask))
+    one = jax.vmap(lambda s, m: model(s, mask=m), out_axes=(0, (1, 1)))
+    _assert_trees_close(one(x, mask), (y, state))
+    with pytest.raises(ValueError, match=r"mask: expected shape \(5,\) \(time\) for one"):
+        model(x[0], mask=mask)
+
+
+def test_flax_modules_take_a_mask():
+    """The Flax NNX and Linen modules pass ``mask`` to their cell."""
     _available("jax")
     pytest.importorskip("flax")
-    pytest.importorskip("equinox")
     import jax
     from flax import nnx
 
-    from lstm_multi import equinox as eqx_layers
     from lstm_multi import flax as flax_layers
 
-    mask = _mask(MIXED)
-    x = np.random.default_rng(0).standard_normal((BATCH, STEPS, INPUT)).astype(np.float32)
+    mask, x = _mask(MIXED), _float32_batch()
     cell = lstm_multi.get_cell("jax")(INPUT, HIDDEN)
-    nnx_model = flax_layers.LSTM(INPUT, HIDDEN, rngs=nnx.Rngs(0))
+    model = flax_layers.LSTM(INPUT, HIDDEN, rngs=nnx.Rngs(0))
+    _assert_trees_close(model(x, mask=mask), cell(model.params, x, mask=mask))
     linen = flax_layers.LinenLSTM(INPUT, HIDDEN)
     variables = linen.init(jax.random.key(0), x)
-    linen_params = [[dict(p) for p in d] for d in variables["params"]["layers"]]
-    eqx_model = eqx_layers.LSTM(INPUT, HIDDEN, key=jax.random.key(0))
-    runs = [
-        (nnx_model(x, mask=mask), cell(nnx_model.params, x, mask=mask)),
-        (linen.apply(variables, x, mask=mask), cell(linen_params, x, mask=mask)),
-        (eqx_model(x, mask=mask), cell(eqx_model.params, x, mask=mask)),
-        (
-            jax.vmap(lambda s, m: eqx_model(s, mask=m), out_axes=(0, (1, 1)))(x, mask),
-            eqx_model(x, mask=mask),
-        ),  # fmt: skip
-    ]
-    for got, want in runs:
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
-    assert np.all(np.asarray(runs[0][0][0])[~mask] == 0)
-    with pytest.raises(ValueError, match=r"mask: expected shape \(5,\) \(time\) for one"):
-        eqx_model(x[0], mask=mask)
+    params = [[dict(p) for p in d] for d in variables["params"]["layers"]]
+    _assert_trees_close(linen.apply(variables, x, mask=mask), cell(params, x, mask=mask))
