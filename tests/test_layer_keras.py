@@ -219,8 +219,9 @@ def _split_directions(params):
 def check_bidirectional_wrapper_equals_bidirectional():
     """``keras.layers.Bidirectional(LSTM(...))`` against ``LSTM(..., bidirectional=True)`` with
     the same weights, for "lstm" and "peephole" (and for "lstm" against
-    ``Bidirectional(keras.layers.LSTM)``): outputs and states, with a mask (a fully masked
-    row included), initial states, both; with the same seed they start equal too."""
+    ``Bidirectional(keras.layers.LSTM)``): outputs and states, with masks (right padding
+    and a fully masked row, left padding, gaps), initial states, both; with the same seed
+    they start equal too."""
     x = _inputs(12)
     rng = np.random.default_rng(13)
     h0, c0 = (rng.standard_normal((2, B, H)).astype(np.float32) for _ in range(2))
@@ -248,7 +249,10 @@ def check_bidirectional_wrapper_equals_bidirectional():
             if variant == "lstm":
                 lstm = keras.layers.LSTM(H, return_sequences=return_sequences, return_state=True)
                 theirs = keras.layers.Bidirectional(lstm)
-            for mask, state in ((None, None), (MASK, None), (None, True), (MASK, True)):
+            left, gaps = GENERAL_MASKS["left"], GENERAL_MASKS["gaps"]
+            cases = ((None, None), (MASK, None), (None, True), (MASK, True), (left, None),
+                     (gaps, None), (gaps, True))  # fmt: skip
+            for mask, state in cases:
                 initial = [h0, c0] if state else None
                 split = [h0[0], c0[0], h0[1], c0[1]] if state else None
                 got = _numpy(wrapped(x, mask=mask, initial_state=split))
