@@ -117,7 +117,14 @@ def backward(
             if direction == 1:
                 dys = layout.reverse(ops, dys)
             g, dxs, dh0[k], dc0[k] = backward_direction(
-                ops, variant, p, tapes[layer][direction], dys, dh_n[k], dc_n[k], layout.valid
+                ops,
+                variant,
+                p,
+                tapes[layer][direction],
+                dys,
+                dh_n[k],
+                dc_n[k],
+                layout.valid_of(direction),
             )
             if direction == 1:
                 dxs = layout.reverse(ops, dxs)

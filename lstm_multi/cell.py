@@ -11,6 +11,9 @@ Shapes (B batch, T time, H hidden_size, L num_layers, D 1 or 2 directions)::
     y        (B, T, D * H)      if batch_first else (T, B, D * H)
     h0, c0, h_n, c_n   (L * D, B, H)
     lengths  (B,) integers in 1..T, or None for full sequences
+    mask     (B, T) booleans (whatever batch_first), True where the step is real, or
+             None; instead of lengths, for any pattern (left padding, gaps, rows
+             with no real step): at a masked step h and c are held and y is zero
     params[layer][direction] = {"W": (in, 4H), "U": (H, 4H), "b": (4H,), ...}
 
 With a projection (``proj_size`` P > 0, the LSTMP of Sak et al. 2014) h is
@@ -25,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import engine as engines
-from . import init, spec, validation
+from . import init, network, spec, validation
 from .ops import ArrayModuleOps
 
 _NUMPY_OPS = ArrayModuleOps(np)
@@ -58,7 +61,7 @@ class FunctionalCell:
             engine table choose per call (``explain(x)`` says which and why,
             ``last_choice`` holds the last call's).
 
-    ``cell(params, x, state=None, lengths=None)`` returns ``y, (h_n, c_n)``;
+    ``cell(params, x, state=None, lengths=None, mask=None)`` returns ``y, (h_n, c_n)``;
     ``cell.vjp(params, x, dy, ...)`` returns the gradients of
     ``sum(y * dy) + sum(h_n * dh_n) + sum(c_n * dc_n)``.
     """
@@ -193,21 +196,27 @@ class FunctionalCell:
 
     # engines ------------------------------------------------------------------
 
-    def explain(self, x, *, dropout_key=None) -> engines.Choice:
+    def explain(self, x, *, dropout_key=None, mask=None) -> engines.Choice:
         """The engine a call on ``x`` would run, and why, without running it.
 
         Returns an ``lstm_multi.engines.Choice``: ``.engine`` (its name), ``.reason``,
         and ``.passed_over``, the engines tried before it with why each could not
-        run (``print`` shows them). ``dropout_key``: as the call would be given.
+        run (``print`` shows them). ``dropout_key``, ``mask``: as the call would be given.
         """
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"x: expected an array, got {type(x).__name__}")
         x = self._to_backend(x, "x")
         masks = dropout_key is not None and bool(self.dropout) and self.num_layers > 1
-        return self._choose(x, masks)
+        if mask is None:
+            return self._choose(x, masks)
+        batch_first = self.batch_first and len(x.shape) == 3
+        steps, batch = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
+        steps_mask = self._prepare_mask(mask, steps, batch, x)
+        return self._choose(x, masks, network.is_step_mask(steps_mask))
 
-    def _choose(self, x, layer_masks=False) -> engines.Choice:
-        """``engines.select_engine`` for a call on x (``layer_masks``: with dropout masks)."""
+    def _choose(self, x, layer_masks=False, step_mask=False) -> engines.Choice:
+        """``engines.select_engine`` for a call on x (``layer_masks``: with dropout masks;
+        ``step_mask``: with a per-step mask that is not right padding)."""
         case = engines.Case(
             self.backend,
             self._device_type(x),
@@ -216,6 +225,7 @@ class FunctionalCell:
             self.hidden_size,
             self.proj_size,
             layer_masks=layer_masks,
+            step_mask=step_mask,
         )
         return engines.select_engine(case, self.engine)
 
@@ -232,10 +242,16 @@ class FunctionalCell:
         state: tuple[Any, Any] | None = None,
         lengths: Any = None,
         *,
+        mask: Any = None,
         dropout_key: Any = None,
     ) -> tuple[Any, tuple[Any, Any]]:
         """Run the network: returns ``y, (h_n, c_n)``.
 
+        lengths: (B,) integers in 1..T, sequence n being its first lengths[n] steps;
+        or mask: (B, T) booleans (whatever batch_first), True where a step is real,
+        any pattern. At a step past the length or masked, h and c are held (carried
+        unchanged) and the output is zero; the reverse direction reads the real
+        steps in reverse order. At most one of the two; None: every step is real.
         dropout_key: with a cell built with ``dropout`` > 0, the randomness of
         this call's dropout masks between layers: an int seed, a NumPy or torch
         generator, or a JAX key (a JAX key or int on the JAX backend, traceable
@@ -243,7 +259,7 @@ class FunctionalCell:
         with it differentiates the same network; a generator advances. None
         (the default): no dropout.
         """
-        params, x, h0, c0, lengths = self._prepare(params, x, state, lengths)
+        params, x, h0, c0, lengths = self._prepare(params, x, state, lengths, mask=mask)
         masks = self._layer_masks(dropout_key, x)
         y, h_n, c_n = self._forward(params, x, h0, c0, lengths, masks)
         return self._from_time_major(y), (h_n, c_n)
@@ -326,15 +342,18 @@ class FunctionalCell:
         dh_n: Any = None,
         dc_n: Any = None,
         *,
+        mask: Any = None,
         dropout_key: Any = None,
     ) -> tuple[Params, Any, tuple[Any, Any]]:
         """Gradients of ``sum(y*dy) + sum(h_n*dh_n) + sum(c_n*dc_n)``.
 
         Returns ``grads, dx, (dh0, dc0)`` with grads in the canonical structure.
-        dh_n and dc_n default to zeros; ``dropout_key`` as in ``__call__`` (the same
-        int or key gives the network that call ran).
+        dh_n and dc_n default to zeros; ``lengths``, ``mask`` and ``dropout_key`` as in
+        ``__call__`` (the same int or key gives the network that call ran). Nothing
+        reaches x or the parameters from a masked step (its dx is zero); dh and dc pass
+        through it unchanged.
         """
-        params, x, h0, c0, lengths = self._prepare(params, x, state, lengths)
+        params, x, h0, c0, lengths = self._prepare(params, x, state, lengths, mask=mask)
         dtype = self.ops.dtype_name(x)
         out_shape = tuple(x.shape[:2]) + (self.num_directions * self.output_size,)
         if self.batch_first:
@@ -359,8 +378,9 @@ class FunctionalCell:
     # backend hooks ------------------------------------------------------------
 
     def _forward(self, params, x, h0, c0, lengths, layer_masks=None):
-        """Time-major forward: returns (y, h_n, c_n). ``layer_masks``: see
-        ``network.forward`` (dropout between layers)."""
+        """Time-major forward: returns (y, h_n, c_n). ``lengths``: (B,) integers, a
+        time-major (T, B) boolean mask, or None (``network.TimeLayout``);
+        ``layer_masks``: see ``network.forward`` (dropout between layers)."""
         raise NotImplementedError
 
     def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None):
@@ -381,7 +401,11 @@ class FunctionalCell:
 
     _from_time_major = _to_time_major
 
-    def _prepare(self, params, x, state, lengths, time_major=False):
+    def _prepare(self, params, x, state, lengths, time_major=False, mask=None):
+        """Check and convert a call's arguments: returns (params, time-major x, h0, c0,
+        lengths) where lengths is (B,) integers, a (T, B) boolean mask (a ``mask`` that is
+        not right padding) or None (``network.TimeLayout``)."""
+        validation.check_lengths_or_mask(lengths, mask)
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"x: expected an array, got {type(x).__name__}")
         batch_first = self.batch_first and not time_major
@@ -404,6 +428,8 @@ class FunctionalCell:
             )
         if lengths is not None:
             lengths = self._prepare_lengths(lengths, steps, batch, x)
+        if mask is not None:
+            lengths = self._prepare_mask(mask, steps, batch, x)
         return params, x, h0, c0, lengths
 
     def _check_x_matches_params(self, params, dtype):
@@ -442,3 +468,25 @@ class FunctionalCell:
     def _traced_lengths(self, lengths, steps):
         """lengths whose values are not known yet (only JAX traces)."""
         raise TypeError(f"lengths: expected concrete integers, got {type(lengths).__name__}")
+
+    def _prepare_mask(self, mask, steps, batch, like):
+        """mask (B, T) booleans (a list, or an array of any framework) -> what the network
+        runs (``network.TimeLayout``): None where every step is real; the rows' lengths
+        where each row is True on its first steps and False after (the lengths' path,
+        PyTorch's kernel included); else the mask, time-major (T, B), on x's device."""
+        if isinstance(mask, (list, tuple)):
+            mask = np.asarray(mask)
+        if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
+            raise TypeError(f"mask: expected an array of booleans, got {type(mask).__name__}")
+        validation.check_mask(str(mask.dtype).removeprefix("torch."), mask.shape, batch, steps)
+        values = self.ops.host_values(mask)
+        if values is None:  # traced (JAX under jit): run it as a mask, whatever its pattern
+            return self._traced_mask(mask)
+        steps_run = network.mask_steps(np.asarray(values, bool))
+        if steps_run is None:
+            return None
+        return self.ops.on_device_of(self._to_backend(steps_run, "mask"), like)
+
+    def _traced_mask(self, mask):
+        """A (B, T) mask whose values are not known yet (only JAX traces) -> (T, B)."""
+        raise TypeError(f"mask: expected concrete booleans, got {type(mask).__name__}")

@@ -82,7 +82,8 @@ class Case:
     transforms, which see only plain ops; layer_masks: dropout between layers from a
     ``dropout_key`` (the functional cell's; PyTorch's own kernel cannot take them);
     tracing: under ``torch.jit.trace``, which records plain ops only (PyTorch's own
-    kernel is one).
+    kernel is one); step_mask: a per-step mask that is not right padding (left padding,
+    gaps, a row with no real step; right padding runs as lengths).
     """
 
     backend: str
@@ -94,6 +95,7 @@ class Case:
     transform: bool = False
     layer_masks: bool = False
     tracing: bool = False
+    step_mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,11 @@ def _native_refusal(case: Case) -> str | None:
         return f"PyTorch's kernel computes only the plain 'lstm' math, not {case.variant.name!r}"
     if case.layer_masks:
         return "PyTorch's kernel cannot take the cell's dropout masks between layers"
+    if case.step_mask:
+        return (
+            "PyTorch's kernel takes right-padded lengths only, not a mask with left padding, "
+            "gaps or a row with no real step"
+        )
     if case.transform:
         return "torch.func transforms see only plain torch ops (the array loop runs there)"
     return None

@@ -173,7 +173,7 @@ class LSTM(eqx.Module):
 
     # running ------------------------------------------------------------------------
 
-    def __call__(self, x, state=None, lengths=None, *, key=None):
+    def __call__(self, x, state=None, lengths=None, *, mask=None, key=None):
         """Run the network over whole sequences.
 
         Arguments:
@@ -185,6 +185,9 @@ class LSTM(eqx.Module):
             lengths: (B,) integers in 1..T (a list or any integer array; each sequence runs
                 over its first ``lengths[n]`` steps), or one integer for one sequence; None
                 for full sequences.
+            mask: instead of lengths, (B, T) booleans, True at a real step, any pattern
+                (left padding, gaps; h and c held and the output zero at a masked
+                step; docs/masks.md), or (T,) for one sequence.
             key: the dropout masks' randomness (a JAX key) for a module with ``dropout``
                 > 0: pass one to train with dropout; None (inference) runs without it.
                 Under ``jax.vmap`` of one-sequence calls, map over split keys
@@ -199,7 +202,9 @@ class LSTM(eqx.Module):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"x: expected an array, got {type(x).__name__}")
         if len(x.shape) == 3:
-            return self.cell(self.params, x, state=state, lengths=lengths, dropout_key=key)
+            return self.cell(
+                self.params, x, state=state, lengths=lengths, mask=mask, dropout_key=key
+            )
         if len(x.shape) != 2:
             layout = "(batch, time, input_size)" if self.batch_first else "(time, batch, ...)"
             raise ValueError(
@@ -211,11 +216,14 @@ class LSTM(eqx.Module):
         state = self._batched_state(state, x)
         if lengths is not None:
             lengths = self._one_length(lengths)
+        if mask is not None:
+            mask = self._one_mask(mask, x.shape[0])
         y, (h_n, c_n) = self.cell(
             self.params,
             jnp.expand_dims(x, batch_axis),
             state=state,
             lengths=lengths,
+            mask=mask,
             dropout_key=key,
         )
         return jnp.squeeze(y, batch_axis), (h_n[:, 0], c_n[:, 0])
@@ -248,6 +256,15 @@ class LSTM(eqx.Module):
         shapes = [(s[0], *s[2:]) for s in self.cell.state_shapes(batch=1)]
         validation.check_state(OPS, state, shapes, OPS.dtype_name(x))
         return tuple(s[:, None] for s in state)
+
+    @staticmethod
+    def _one_mask(mask, steps):
+        """One sequence's (T,) mask -> (1, T)."""
+        shape = getattr(mask, "shape", None)
+        if shape is None or tuple(shape) != (steps,):
+            got = f"shape {tuple(shape)}" if shape is not None else type(mask).__name__
+            raise ValueError(f"mask: expected shape ({steps},) (time) for one sequence, got {got}")
+        return jnp.reshape(mask, (1, steps))
 
     @staticmethod
     def _one_length(lengths):

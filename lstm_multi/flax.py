@@ -235,13 +235,15 @@ class LSTM(nnx.Module):
                     p[key].set_value(value)
         return self
 
-    def __call__(self, x, state=None, lengths=None, *, deterministic=None, rngs=None):
+    def __call__(self, x, state=None, lengths=None, *, mask=None, deterministic=None, rngs=None):
         """Run the network over a sequence: returns ``y, (h_n, c_n)``.
 
         x: (B, T, input_size) if batch_first else (T, B, input_size); state: ``(h0, c0)``,
         each (L * D, B, H), or None for zeros; lengths: (B,) integers in 1..T, or None
         for full sequences (outputs past a length are zero, h_n and c_n are the states
-        at each sequence's last valid step). With ``dropout``: ``deterministic`` (default
+        at each sequence's last valid step); or mask: (B, T) booleans, True at a real
+        step, any pattern (held state and zero output at a masked step; docs/masks.md).
+        With ``dropout``: ``deterministic`` (default
         the module's, False until ``model.eval()``) turns it off; the masks come from
         ``rngs`` (default the module's) ``"dropout"`` stream.
         """
@@ -249,7 +251,7 @@ class LSTM(nnx.Module):
         key = None
         if self.dropout and not deterministic:
             key = (rngs if rngs is not None else self.rngs).dropout()
-        return self.cell(self.params, x, state=state, lengths=lengths, dropout_key=key)
+        return self.cell(self.params, x, state=state, lengths=lengths, mask=mask, dropout_key=key)
 
     def step(self, x_t, state=None):
         """One time step of the whole stack: x_t (B, input_size), state ``(h, c)`` each
@@ -317,14 +319,16 @@ class LinenLSTM(linen.Module):
         layers = self.get_variable("params", "layers")
         return [[dict(p) for p in directions] for directions in layers]
 
-    def __call__(self, x, state=None, lengths=None, deterministic=None):
+    def __call__(self, x, state=None, lengths=None, deterministic=None, mask=None):
         """Run the network over a sequence: returns ``y, (h_n, c_n)`` (see ``LSTM.__call__``)."""
         key = None
         if self.dropout:
             deterministic = linen.merge_param("deterministic", self.deterministic, deterministic)
             if not deterministic:
                 key = self.make_rng("dropout")
-        return self.cell(self._params(), x, state=state, lengths=lengths, dropout_key=key)
+        return self.cell(
+            self._params(), x, state=state, lengths=lengths, mask=mask, dropout_key=key
+        )
 
     def step(self, x_t, state=None):
         """One time step of the whole stack: returns ``y_t, (h, c)`` (see ``LSTM.step``)."""

@@ -52,31 +52,27 @@ first; otherwise Keras's ``TypeError`` says ``Could not locate class 'LSTM'`` an
 shows the config's ``'module': 'lstm_multi.keras'``.
 
 Masks. Keras passes a (B, T) boolean mask (``Embedding(mask_zero=True)``,
-``Masking``); it becomes ``lengths = mask.sum(1)``, so it must be True on each
-row's first steps and False after (padding at the end). ``keras.layers.LSTM``
-skips masked steps wherever they are; lstm_multi runs each sequence over its
-first ``length`` steps, so any other pattern is a ``ValueError`` rather than a
-different computation. Under ``jax.jit`` (``model.fit`` / ``predict`` on JAX) the
-mask's values are not known while tracing: such a row is given the length
-T + 1, and the cell's own run-time check raises ``lengths: expected every value
-in 1..T ... got [T + 1]`` (a ``ValueError``, or JAX's runtime error carrying it)
-when the result is computed.
+``Masking``), with any pattern: padding at the end, at the start (``pad_sequences``'
+default ``padding="pre"``), gaps, a fully masked row. The cell takes it as it is
+(``mask=``): at a masked step h and c are held, as in ``keras.layers.LSTM``, and
+nothing at a masked step (NaN included) reaches an output or a gradient. A mask
+that is True on each row's first steps runs as lengths (PyTorch's own kernel on
+the torch backend); under ``jax.jit`` (``model.fit`` / ``predict`` on JAX) the
+mask's values are not known while tracing and it runs as a mask, whatever it is.
+``go_backwards`` reads the input and its mask from the end, as Keras does.
 
-Outputs at masked steps. The cell zeros its outputs past a sequence's length;
+Outputs at masked steps. The cell outputs zero at a masked step;
 ``keras.layers.LSTM`` (its scan, on the jax and numpy backends) outputs the
-current h at a masked step: the last valid output repeated past the length, and
-before a row's first valid step (``go_backwards`` reads the padding first; a
-fully masked row) the initial h, zeros unless ``initial_state`` is given. The
-outputs here are gathered on the time axis to be exactly those (cheap: one
-gather and one select). Keras's torch loop (and ``unroll=True``) gives zeros
-instead of the initial h before the first valid step; the two agree without an
-``initial_state``. A fully masked row (length 0, which ``nn.LSTM`` and the cell
-refuse) gets Keras's result: its initial state back, its initial h as every
-output; the cell runs it for one step on a zeroed input (so nothing in the
-padding, NaN included, reaches a gradient) and the result is discarded.
-``bidirectional`` outputs are ``keras.layers.Bidirectional``'s: zero at masked
-steps; ``zero_output_for_mask=True`` gives zeros there too (with
-``return_sequences``; for ``go_backwards`` at the padding, read first).
+current h there: the output of the row's last real step before it, and before a
+row's first real step (a fully masked row) the initial h, zeros unless
+``initial_state`` is given. The outputs here are gathered on the time axis to be
+exactly those (cheap: one cumulative max, one gather and one select). Keras's
+torch loop (and ``unroll=True``) gives zeros instead of the initial h before the
+first real step; the two agree without an ``initial_state``. ``bidirectional``
+outputs are ``keras.layers.Bidirectional``'s: zero at masked steps;
+``zero_output_for_mask=True`` gives zeros there too (with ``return_sequences``).
+The final states (and the output without ``return_sequences``) are those of each
+row's last real step.
 """
 
 from __future__ import annotations
@@ -103,7 +99,7 @@ import numbers
 import numpy as np
 
 from . import init, spec, validation
-from .ops import ArrayModuleOps, host_values
+from .ops import ArrayModuleOps
 from .registry import get_cell
 
 __all__ = ["LSTM"]
@@ -428,19 +424,15 @@ class LSTM(keras.layers.Layer):
             if initial_state is None:  # copies: the variables are overwritten below
                 initial_state = [ops.copy(ops.cast(v.value, dtype)) for v in carried]
         state = self._initial_state(initial_state, batch)
-        lengths = run_lengths = empty = None
         if mask is not None:
-            lengths, run_lengths, empty = self._lengths(mask, batch, steps)
-            x = ops.where(empty[:, None, None], ops.zeros_like(x), x)
-        if self.go_backwards:
-            x = self._reverse_within(x, lengths, steps)
-        y, (h_n, c_n) = self.cell(params, x, state, run_lengths)
-        h0, c0 = state if state is not None else (ops.zeros_like(h_n), ops.zeros_like(c_n))
-        if empty is not None:  # length 0: the initial state comes back
-            keep = ops.reshape(empty, (1, batch, 1))
-            h_n, c_n = ops.where(keep, h0, h_n), ops.where(keep, c0, c_n)
+            mask = self._check_mask(mask, batch, steps)
+        if self.go_backwards:  # Keras's: the input and its mask read from the end
+            x = ops.flip(x, axis=1)
+            mask = None if mask is None else ops.flip(mask, axis=1)
+        y, (h_n, c_n) = self.cell(params, x, state, mask=mask)
+        h0 = state[0] if state is not None else ops.zeros_like(h_n)
         if self.return_sequences:
-            output = self._keras_steps(y, lengths, steps, h0[-1])
+            output = y if mask is None else self._keras_steps(y, mask, steps, h0[-1])
         else:  # each direction's final h of the top layer, as Keras's last output
             top = range(h_n.shape[0] - self.num_directions, h_n.shape[0])
             output = ops.concatenate([h_n[k] for k in top], axis=-1)
@@ -473,64 +465,32 @@ class LSTM(keras.layers.Layer):
             states.append(ops.expand_dims(s, 0) if len(expected) == 2 else s)
         return tuple(states)
 
-    def _lengths(self, mask, batch, steps):
-        """A (B, T) mask -> (lengths, the lengths the cell runs, rows of length 0).
-
-        lengths = mask.sum(1); the cell runs a row of length 0 for one step (its
-        result is discarded) and is given T + 1 for a row that is not a prefix of
-        Trues, which its own check refuses when the values are only known at run
-        time (under ``jax.jit``); known values are checked here.
-        """
+    def _check_mask(self, mask, batch, steps):
+        """Keras's (B, T) mask, checked, as booleans (Keras's RNNs read nonzero as real)."""
         mask = ops.convert_to_tensor(mask)
         if tuple(mask.shape) != (batch, steps):
             raise ValueError(
                 f"mask: expected shape {(batch, steps)} (batch, time), got {tuple(mask.shape)}"
             )
-        ones = ops.cast(mask, "int32")
-        lengths = ops.sum(ones, axis=1)
-        prefix = ops.cast(ops.arange(steps, dtype="int32")[None, :] < lengths[:, None], "int32")
-        is_prefix = ops.all(ops.equal(ones, prefix), axis=1)
-        known = host_values(is_prefix)
-        if known is not None and not np.all(known):
-            bad = np.flatnonzero(~np.asarray(known, bool))
-            raise ValueError(
-                "mask: expected each row to be True on its first steps and False after "
-                "(sequences padded at the end; lstm_multi runs each over its first "
-                f"mask.sum(1) steps), got a False before a True in rows {bad[:5].tolist()}"
-            )
-        run = ops.where(is_prefix, ops.maximum(lengths, 1), steps + 1)
-        return lengths, run, ops.equal(lengths, 0)
+        return ops.cast(mask, "bool")
 
-    def _reverse_within(self, x, lengths, steps):
-        """Each sequence reversed within its length (the padding after it stays)."""
-        if lengths is None:
-            return ops.flip(x, axis=1)
-        t = ops.arange(steps, dtype="int32")[None, :]
-        length = lengths[:, None]
-        return _take_steps(x, ops.where(t < length, length - 1 - t, t))
-
-    def _keras_steps(self, y, lengths, steps, h0_top):
-        """The cell's outputs (zero past each length) -> Keras's (``backend.rnn``'s scan on
-        jax and numpy): a masked step outputs the current h, so the last valid output
-        repeats past the length, and before a row's first valid step (go_backwards'
-        padding, a row of length 0) comes the initial h (zeros unless an initial state
-        is given). Bidirectional outputs are Keras's ``Bidirectional`` ones, and with
-        ``zero_output_for_mask`` all: zero where masked. ``h0_top`` (B, H): the top
-        layer's initial h."""
-        if lengths is None:
+    def _keras_steps(self, y, mask, steps, h0_top):
+        """The cell's outputs (zero at masked steps) -> Keras's (``backend.rnn``'s scan on
+        jax and numpy): a masked step outputs the current h, the output of the row's last
+        real step before it, or before a row's first real step the initial h (zeros unless
+        an initial state is given). Bidirectional outputs are Keras's ``Bidirectional``
+        ones, and with ``zero_output_for_mask`` all: zero where masked, the cell's own.
+        mask (B, T) in the order read; ``h0_top`` (B, H): the top layer's initial h."""
+        if self.bidirectional or self.zero_output_for_mask:
             return y
         t = ops.arange(steps, dtype="int32")[None, :]
-        length = lengths[:, None]
-        if self.go_backwards:  # in the order read: the padding first
-            y = _take_steps(y, (t + length) % steps)
-            before = t < steps - length
-        if self.bidirectional or self.zero_output_for_mask:
-            masked = before if self.go_backwards else t >= length
-            return ops.where(masked[:, :, None], ops.zeros_like(y), y)
-        if not self.go_backwards:
-            y = _take_steps(y, ops.minimum(t, ops.maximum(length - 1, 0)))
-            before = ops.broadcast_to(ops.equal(length, 0), (y.shape[0], steps))
-        return ops.where(before[:, :, None], h0_top[:, None, :], y)
+        # the last real step at or before t, -1 before the first (Keras's numpy backend
+        # scans in floats: cast back)
+        last_real = ops.cast(
+            ops.associative_scan(ops.maximum, ops.where(mask, t, -1), axis=1), "int32"
+        )
+        y = _take_steps(y, ops.maximum(last_real, 0))
+        return ops.where((last_real < 0)[:, :, None], h0_top[:, None, :], y)
 
     # shapes, masks, config --------------------------------------------------------
 

@@ -7,33 +7,86 @@ over its own valid steps, which this module does by a permutation of the time
 axis (``reverse``) around an ordinary forward run; the permutation is its own
 inverse, so outputs and gradients are mapped back by the same gather.
 
+Which steps are real comes as ``lengths`` (B,) (right-padded sequences: steps
+t < lengths[n]) or as a per-step mask (T, B) of booleans (any pattern: left
+padding, gaps, rows with no real step). At a step that is not real every
+direction holds its state (h and c carried unchanged) and outputs zero; direction
+1 then runs t = T-1 .. 0 over the whole padded sequence (a plain flip, and the
+mask flipped with it), so it reads the real steps in reverse order. For
+right-padded sequences that is exactly the reversal within each length: the
+flipped padding comes first and holds the initial state.
+
 The time loop over one direction (``run_direction``) is the backend's choice: a
 Python loop (``loop_direction``), ``jax.lax.scan``, or a native kernel.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from . import spec, step
+
+
+def is_step_mask(lengths):
+    """Whether the network's ``lengths`` argument is a per-step mask (T, B) rather than
+    lengths (B,) (see the module doc)."""
+    return lengths is not None and len(lengths.shape) == 2
+
+
+def prefix_lengths(mask):
+    """A (B, T) NumPy boolean mask -> its rows' lengths (B,) where every row is True on
+    its first steps (at least one) and False after (right padding), else None."""
+    lengths = mask.sum(1)
+    prefix = np.arange(mask.shape[1])[None, :] < lengths[:, None]
+    if not (lengths >= 1).all() or not (mask == prefix).all():
+        return None
+    return lengths
+
+
+def mask_steps(mask):
+    """A (B, T) NumPy boolean mask (True at a real step) -> what ``TimeLayout`` runs: None
+    where every step is real; the rows' lengths (B,) as int64 where each row is True on
+    its first steps and False after (right padding: the lengths' path, PyTorch's kernel
+    included); else the mask itself, time-major (T, B)."""
+    lengths = prefix_lengths(mask)
+    if lengths is None:
+        return np.ascontiguousarray(mask.T)
+    if (lengths == mask.shape[1]).all():
+        return None
+    return lengths.astype(np.int64)
 
 
 class TimeLayout:
     """Where each sequence is valid, and the permutation that reverses it.
 
-    valid: (T, B, 1) booleans, t < lengths[n]; None when every sequence is full.
+    ``lengths``: (B,) integers (right-padded sequences), a (T, B) boolean mask, or
+    None (every step real).
+    valid: (T, B, 1) booleans, True at a real step (t < lengths[n], or the mask);
+    None when every sequence is full.
     reverse_index: (T, B, 1) integers, lengths[n] - 1 - t inside the sequence
-    and t past it; None when every sequence is full (a plain flip then).
+    and t past it; None for a mask or when every sequence is full (a plain
+    flip then).
+    reverse_valid: ``valid`` in direction 1's order (the order ``reverse`` gives).
     """
 
     def __init__(self, ops, steps, lengths):
         self.valid = None
         self.reverse_index = None
-        if lengths is not None:
+        self.reverse_valid = None
+        if is_step_mask(lengths):
+            self.valid = ops.reshape(lengths, (steps, lengths.shape[1], 1))
+            self.reverse_valid = ops.flip_time(self.valid)
+        elif lengths is not None:
             t = ops.reshape(ops.arange(steps, lengths), (steps, 1))
             n = ops.reshape(lengths, (1, lengths.shape[0]))
             valid = t < n
-            self.valid = ops.reshape(valid, (steps, lengths.shape[0], 1))
+            self.valid = self.reverse_valid = ops.reshape(valid, (steps, lengths.shape[0], 1))
             index = ops.where(valid, n - 1 - t, t)
             self.reverse_index = ops.reshape(index, (steps, lengths.shape[0], 1))
+
+    def valid_of(self, direction):
+        """The valid steps (T, B, 1) in the order ``direction`` reads them, or None."""
+        return self.valid if direction == 0 else self.reverse_valid
 
     def zero_padding(self, ops, xs):
         """(T, B, F) with every entry past its sequence's length replaced by 0.
@@ -46,7 +99,8 @@ class TimeLayout:
         return ops.where(self.valid, xs, ops.zeros_like(xs))
 
     def reverse(self, ops, xs):
-        """Reverse each sequence of (T, B, F) within its valid steps."""
+        """Reverse each sequence of (T, B, F) within its valid steps (lengths), or the
+        whole time axis (a mask, or full sequences)."""
         if self.reverse_index is None:
             return ops.flip_time(xs)
         return ops.take_time(xs, self.reverse_index)
@@ -121,7 +175,7 @@ def forward(
     """The whole network forward.
 
     x: (T, B, in); h0, c0: (L * D, B, H) (h: (L * D, B, P) with a projection);
-    lengths: (B,) integers or None.
+    lengths: (B,) integers, a (T, B) boolean mask (``TimeLayout``) or None.
     ``run_direction(ops, variant, p, xs, h0, c0, valid)`` returns
     (ys, h_T, c_T, tape). ``between_layers`` (such as the torch module's
     dropout) is applied to the input of every layer after the first;
@@ -144,7 +198,8 @@ def forward(
         for direction, p in enumerate(layer_params):
             k = layer * num_directions + direction
             xs = layer_input if direction == 0 else layout.reverse(ops, layer_input)
-            ys, h, c, tape = run_direction(ops, variant, p, xs, h0[k], c0[k], layout.valid)
+            valid = layout.valid_of(direction)
+            ys, h, c, tape = run_direction(ops, variant, p, xs, h0[k], c0[k], valid)
             outputs.append(ys if direction == 0 else layout.reverse(ops, ys))
             h_n.append(h)
             c_n.append(c)

@@ -30,7 +30,7 @@ import math
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import spec, validation
+from . import network, spec, validation
 from .backends import torch_native
 from .backends.torch_backend import (
     choose_engine,
@@ -116,7 +116,9 @@ class LSTM(GraphOwner, nn.LSTM):
 
     Inputs: ``input`` of shape (T, B, in), (B, T, in) with ``batch_first``, (T, in)
     unbatched, or a ``PackedSequence``; ``hx = (h_0, c_0)``, each (L * D, B, H), or
-    (L * D, H) for unbatched input. Returns ``output, (h_n, c_n)`` exactly as
+    (L * D, H) for unbatched input; beyond ``nn.LSTM``, ``mask=`` (keyword): booleans
+    (B, T) whatever ``batch_first`` ((T,) unbatched), True where a step is real, any
+    pattern (``forward``; ``docs/masks.md``). Returns ``output, (h_n, c_n)`` exactly as
     ``nn.LSTM`` does. For "peephole_full", whose recurrence reads c_{t-1} only,
     h_0 does not enter the computation (its gradient is zero); it is accepted so
     that a previous chunk's (h_n, c_n) can be passed on as they are.
@@ -527,20 +529,31 @@ class LSTM(GraphOwner, nn.LSTM):
         return self.explain(weight.new_empty(0)).engine == "native"
 
     @torch.compiler.disable  # one graph break, run eagerly: what torch.compile does to nn.LSTM
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, mask=None):
+        """``nn.LSTM``'s forward, and ``mask``: None, or booleans (B, T) (whatever
+        ``batch_first``; (T,) for unbatched input), True where a step is real, in any
+        pattern (left padding, gaps, a row with no real step). At a masked step h and c
+        are held (carried unchanged) and the output is zero; the reverse direction reads
+        the real steps in reverse order; nothing reaches the input or the parameters from
+        a masked step. A right-padded mask runs as the lengths it spells (PyTorch's
+        kernel included); not with a ``PackedSequence``, which says it already."""
         packed = isinstance(input, PackedSequence)
         batch = self._check_input(input)
         unbatched = not packed and input.dim() == 2
         data = input.data if packed else input
         self._check_state(hx, batch, unbatched, data)
+        steps_run = None if mask is None else self._mask_steps(mask, input, batch, unbatched)
         requested, excluded, spelled = self._engine_request()
         choice = choose_engine(
-            self._variant_spec, self.hidden_size, self.proj_size, requested, excluded, data
-        )
+            self._variant_spec, self.hidden_size, self.proj_size, requested, excluded, data,
+            step_mask=steps_run is not None and steps_run.dim() == 2,
+        )  # fmt: skip
         self.last_choice = choice
         warn_device_fallback(choice, spelled, data)
         engine = export_engine(choice.engine, data)
         if engine == "native":
+            if steps_run is not None:
+                return self._native_with_lengths(input, hx, steps_run, unbatched)
             return super().forward(input, hx)
         lengths = None
         if packed:
@@ -549,6 +562,7 @@ class LSTM(GraphOwner, nn.LSTM):
             x = input.unsqueeze(1) if unbatched else input
             if self.batch_first and not unbatched:
                 x = x.transpose(0, 1)
+            lengths = steps_run
         if hx is None:
             layers = self.num_layers * self.num_directions
             h0 = x.new_zeros(layers, batch, self.proj_size or self.hidden_size)
@@ -585,6 +599,46 @@ class LSTM(GraphOwner, nn.LSTM):
         if unbatched:
             return y.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
         return (y.transpose(0, 1) if self.batch_first else y), (h_n, c_n)
+
+    def _mask_steps(self, mask, input, batch, unbatched):
+        """``forward``'s mask checked -> what the network runs (``network.mask_steps``):
+        None, lengths (B,) on the CPU, or a (T, B) mask on the input's device."""
+        if isinstance(input, PackedSequence):
+            raise ValueError(
+                "mask: expected None with a PackedSequence input (its batch_sizes already "
+                "say which steps are real), got a mask"
+            )
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask: expected a bool tensor, got {type(mask).__name__}")
+        steps = input.shape[1 if self.batch_first and not unbatched else 0]
+        if unbatched:
+            if tuple(mask.shape) != (steps,):
+                raise ValueError(
+                    f"mask: expected shape ({steps},) (time) for unbatched input, got "
+                    f"{tuple(mask.shape)}"
+                )
+            mask = mask.unsqueeze(0)
+        validation.check_mask(str(mask.dtype).removeprefix("torch."), mask.shape, batch, steps)
+        steps_run = network.mask_steps(OPS.host_values(mask).astype(bool))
+        if steps_run is None:
+            return None
+        steps_run = torch.as_tensor(steps_run)
+        return steps_run if steps_run.dim() == 1 else steps_run.to(input.device)
+
+    def _native_with_lengths(self, input, hx, lengths, unbatched):
+        """``nn.LSTM``'s forward on a right-padded mask's lengths (packed, then padded
+        back with zeros to the input's length)."""
+        x = input.unsqueeze(1) if unbatched else input
+        batch_first = self.batch_first and not unbatched
+        if hx is not None and unbatched:
+            hx = tuple(s.unsqueeze(1) for s in hx)
+        steps = x.shape[1 if batch_first else 0]
+        packed = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+        out, (h_n, c_n) = super().forward(packed, hx)
+        y, _ = pad_packed_sequence(out, batch_first=batch_first, total_length=steps)
+        if unbatched:
+            return y.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        return y, (h_n, c_n)
 
     def _check_input(self, input):
         """Raise on a malformed input; return its batch size."""

@@ -125,6 +125,32 @@ def check_lengths_shape(lengths_dtype_name, shape, batch):
         raise TypeError(f"lengths: expected integers, got dtype {lengths_dtype_name}")
 
 
+def check_mask(mask_dtype_name, shape, batch, steps):
+    """A per-step mask: (B, T) booleans, True where the step is real.
+
+    Only booleans: a float mask is ambiguous (PyTorch's attention masks take floats as
+    additive -inf/0 biases, where 0 means *keep*), and an integer one is one cast away.
+    """
+    if tuple(shape) != (batch, steps):
+        raise ValueError(
+            f"mask: expected shape ({batch}, {steps}) (batch, time: True where the step is "
+            f"real, whatever batch_first), got {tuple(shape)}"
+        )
+    if mask_dtype_name != "bool":
+        raise TypeError(
+            f"mask: expected booleans (True where the step is real), got dtype "
+            f"{mask_dtype_name} (pass mask.bool() or mask.astype(bool) for a 0/1 mask)"
+        )
+
+
+def check_lengths_or_mask(lengths, mask):
+    if lengths is not None and mask is not None:
+        raise ValueError(
+            "lengths, mask: expected at most one of them, got both (a mask already says "
+            "which steps are real: pass only the mask)"
+        )
+
+
 def check_lengths_values(values, steps):
     """Every length must lie in 1..T (``values`` a NumPy array)."""
     bad = [int(v) for v in values if v < 1 or v > steps]

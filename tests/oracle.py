@@ -5,8 +5,10 @@ with what the docs say (``docs/model.md``: the equation tables and the canonical
 parameters), not with another part of the library. It is written to be read
 against that page, not to be fast:
 
-- one sequence at a time, over its valid steps only (steps past ``lengths[n]``
-  are never read, so padding cannot reach it);
+- one sequence at a time, over its valid steps only (steps past ``lengths[n]``,
+  or where a per-step ``mask`` is False, are never read, so padding cannot reach
+  it): a masked step is skipped, which is the README's "held" (the state carries
+  over it unchanged) with a zero output there;
 - one gate at a time, each with its own slice of W, U and b;
 - gradients by PyTorch autograd of that plain computation.
 
@@ -172,18 +174,25 @@ def run_sequence(variant, params, xs, h0, c0):
     return layer_input, torch.stack(h_n), torch.stack(c_n)
 
 
-def oracle(variant, params, x, h0, c0, lengths, dy, dh_n, dc_n):
+def oracle(variant, params, x, h0, c0, lengths, dy, dh_n, dc_n, mask=None):
     """Outputs and gradients of the README's LSTM, float64 NumPy, time-major.
 
     params[layer][direction] = {"W", "U", "b"[, "p"][, "W_hr"]} (NumPy); x (T, B, in);
     h0, dh_n (L*D, B, P or H); c0, dc_n (L*D, B, H); lengths (B,) or None;
+    mask (B, T) booleans (True at a real step, any pattern) or None, instead of
+    lengths: sequence n is then the steps where mask[n] is True, in order;
     dy (T, B, D*(P or H)).
     The gradients are those of sum(y*dy) + sum(h_n*dh_n) + sum(c_n*dc_n).
     Returns {"y", "h_n", "c_n", "grads", "dx", "dh0", "dc0"}.
     """
     require_torch()
     steps, batch = x.shape[0], x.shape[1]
-    lengths = [steps] * batch if lengths is None else [int(n) for n in lengths]
+    if mask is not None:
+        assert lengths is None, "oracle: lengths or mask, not both"
+        real = [np.flatnonzero(np.asarray(row, bool)) for row in mask]
+    else:
+        lengths = [steps] * batch if lengths is None else [int(n) for n in lengths]
+        real = [np.arange(length) for length in lengths]
     leaves = [
         [
             {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in p.items()}
@@ -198,11 +207,14 @@ def oracle(variant, params, x, h0, c0, lengths, dy, dh_n, dc_n):
     y = torch.zeros(steps, batch, width, dtype=torch.float64)
     h_n, c_n = torch.zeros_like(h0t), torch.zeros_like(c0t)
     loss = torch.zeros((), dtype=torch.float64)
-    for n, length in enumerate(lengths):
-        ys, hs, cs = run_sequence(variant, leaves, xt[:length, n], h0t[:, n], c0t[:, n])
-        loss = loss + (ys * torch.tensor(dy[:length, n])).sum()
+    for n, t in enumerate(real):
+        if len(t):
+            ys, hs, cs = run_sequence(variant, leaves, xt[t, n], h0t[:, n], c0t[:, n])
+            loss = loss + (ys * torch.tensor(dy[t, n])).sum()
+            y[t, n] = ys.detach()
+        else:  # no real step: the initial state is the final one
+            hs, cs = h0t[:, n], c0t[:, n]
         loss = loss + (hs * torch.tensor(dh_n[:, n])).sum() + (cs * torch.tensor(dc_n[:, n])).sum()
-        y[:length, n] = ys.detach()
         h_n[:, n], c_n[:, n] = hs.detach(), cs.detach()
     loss.backward()
 

@@ -456,7 +456,7 @@ class Cell(FunctionalCell):
         }
 
     def _forward(self, params, x, h0, c0, lengths, layer_masks=None):
-        self.last_choice = self._choose(x, layer_masks is not None)
+        self.last_choice = self._choose(x, layer_masks is not None, network.is_step_mask(lengths))
         try:
             return self._jit_forward(params, x, h0, c0, lengths, layer_masks)
         except TypeError as error:
@@ -470,6 +470,9 @@ class Cell(FunctionalCell):
 
     def _traced_lengths(self, lengths, steps):
         return checked_lengths(lengths, steps)
+
+    def _traced_mask(self, mask):
+        return jnp.transpose(mask)
 
     def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None):
         return self._jit_vjp(params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks)

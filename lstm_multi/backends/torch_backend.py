@@ -263,7 +263,9 @@ def spelled_as(engine, gate_kernel, cuda_graphs):
     return f"engine={engine!r}"
 
 
-def choose_engine(variant, hidden_size, proj_size, requested, exclude, x, layer_masks=False):
+def choose_engine(
+    variant, hidden_size, proj_size, requested, exclude, x, layer_masks=False, step_mask=False
+):
     """``engines.select_engine`` for a torch call on x (its device, its compute dtype: the
     autocast dtype inside ``torch.autocast``; inside ``torch.func`` transforms or not)."""
     dtype = autocast_dtype(x) or x.dtype
@@ -277,6 +279,7 @@ def choose_engine(variant, hidden_size, proj_size, requested, exclude, x, layer_
         transform=torch_bptt.functorch_active(),
         layer_masks=layer_masks,
         tracing=torch.jit.is_tracing(),
+        step_mask=step_mask,
     )
     return engines.select_engine(case, requested, exclude)
 
@@ -353,10 +356,10 @@ class Cell(GraphOwner, FunctionalCell):
         #: the ``engines.Choice`` of the most recent call (None before the first)
         self.last_choice = None
 
-    def _choose(self, x, layer_masks=False):
+    def _choose(self, x, layer_masks=False, step_mask=False):
         return choose_engine(
             self.variant, self.hidden_size, self.proj_size, self.engine, self._excluded, x,
-            layer_masks,
+            layer_masks, step_mask,
         )  # fmt: skip
 
     @property
@@ -367,8 +370,8 @@ class Cell(GraphOwner, FunctionalCell):
 
     # torch.compile: one graph break around the whole call, which runs eagerly
     @torch.compiler.disable
-    def __call__(self, params, x, state=None, lengths=None, *, dropout_key=None):
-        return super().__call__(params, x, state, lengths, dropout_key=dropout_key)
+    def __call__(self, params, x, state=None, lengths=None, *, mask=None, dropout_key=None):
+        return super().__call__(params, x, state, lengths, mask=mask, dropout_key=dropout_key)
 
     __call__.__doc__ = FunctionalCell.__call__.__doc__
 
@@ -380,9 +383,21 @@ class Cell(GraphOwner, FunctionalCell):
 
     @torch.compiler.disable
     def vjp(
-        self, params, x, dy, state=None, lengths=None, dh_n=None, dc_n=None, *, dropout_key=None
+        self,
+        params,
+        x,
+        dy,
+        state=None,
+        lengths=None,
+        dh_n=None,
+        dc_n=None,
+        *,
+        mask=None,
+        dropout_key=None,
     ):
-        return super().vjp(params, x, dy, state, lengths, dh_n, dc_n, dropout_key=dropout_key)
+        return super().vjp(
+            params, x, dy, state, lengths, dh_n, dc_n, mask=mask, dropout_key=dropout_key
+        )
 
     vjp.__doc__ = FunctionalCell.vjp.__doc__
 
@@ -405,7 +420,7 @@ class Cell(GraphOwner, FunctionalCell):
     generic_direction = None
 
     def _forward(self, params, x, h0, c0, lengths, layer_masks=None):
-        choice = self._choose(x, layer_masks is not None)
+        choice = self._choose(x, layer_masks is not None, network.is_step_mask(lengths))
         self.last_choice = choice
         warn_device_fallback(choice, self._spelled, x)
         engine = export_engine(choice.engine, x)
