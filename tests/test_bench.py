@@ -171,6 +171,8 @@ def test_in_process_run_subset(tmp_path, capsys):
             "forward",
             "--repeats",
             "2",
+            "--retries",
+            "0",
             "--warmup",
             "0",
             "--no-progress",
@@ -197,7 +199,17 @@ def test_step_mode_times_one_step_per_call(tmp_path, capsys):
     pytest.importorskip("torch")
     arguments = ["bench", "--backend", "numpy", "--backend", "torch", "--variant", "lstm"]
     arguments += ["--peer", "article", "--size", "4,2,3,5", "--mode", "step", "--repeats", "2"]
-    arguments += ["--warmup", "0", "--no-progress", "--out", str(tmp_path)]
+    arguments += [
+        "--retries",
+        "0",
+        "--threads",
+        "1",
+        "--warmup",
+        "0",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
     assert cli.run(arguments) == 0
     assert "one step per call" in capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
@@ -219,7 +231,10 @@ def test_default_run_is_short_and_says_where_and_how_long(tmp_path, capsys, monk
     arguments = ["bench", "--backend", "numpy", "--no-peers", "--size", TINY, "--mode", "forward"]
     assert cli.run([*arguments, "--repeats", "1", "--warmup", "0", "--no-progress"]) == 0
     captured = capsys.readouterr()
-    assert "a rough estimate" in captured.err and "lstm-multi-bench/" in captured.err
+    first = captured.err.splitlines()[0]  # how long it will take comes first
+    assert first.startswith("lstm-multi bench: about ") and "a rough estimate" in first
+    assert "lstm-multi-bench/" in first
+    assert "(estimated " in captured.out
     assert "took " in captured.out
     assert (tmp_path / "lstm-multi-bench" / "results.json").exists()
 

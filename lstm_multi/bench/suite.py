@@ -54,6 +54,13 @@ class Progress:
                 self._last = pct
                 print(f"[bench] {pct}% ({self.done}/{self.total})", file=sys.stderr, flush=True)
 
+    def say(self, text):
+        """A line for the console that leaves the progress bar whole."""
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            say(text)
+
     def close(self):
         if self.bar is not None:
             self.bar.close()
@@ -132,12 +139,13 @@ def _cases(selected, variants):
 #: the order the frameworks' processes run in (torch first: its thread choice is printed early)
 FRAMEWORK_ORDER = ("torch", "jax", "numpy", "cupy")
 
-#: a rough model of a run, fitted to the recorded 2-core runs (benchmarks/NOTES.md 14):
-#: the products at this rate (FLOP/s), plus a per-step cost of the Python loops, plus a
-#: fixed cost per case (building it, its first call, JAX's compilation) and per process
-#: (starting Python, importing the framework, the GEMM probe, the thread choice)
-_ESTIMATED_RATE, _ESTIMATED_STEP_S, _ESTIMATED_CASE_S = 60e9, 25e-6, 1.0
-_ESTIMATED_PROCESS_S = {"torch": 6.0, "jax": 8.0, "numpy": 2.0, "cupy": 6.0}
+#: a rough model of a run, fitted to the recorded quiet 2-core runs (the mean row of
+#: benchmarks/results at each size; NOTES.md 14): the products at this rate (FLOP/s), plus
+#: a per-step cost of the Python loops, plus a fixed cost per case (building it, its first
+#: call, JAX's compilation) and per process (starting Python, importing the framework, the
+#: GEMM probe, the thread choice). Cases the engine table then leaves out count in full.
+_ESTIMATED_RATE, _ESTIMATED_STEP_S, _ESTIMATED_CASE_S = 170e9, 25e-6, 0.4
+_ESTIMATED_PROCESS_S = {"torch": 5.0, "jax": 8.0, "numpy": 2.0, "cupy": 6.0}
 
 
 def estimate_seconds(config: BenchConfig, n_cases_by_framework):
@@ -296,8 +304,7 @@ def run_framework(job):
             others = sampler.others_share()
             busy = machine.busy_during(others, f"{prefix}{size.key} {mode}")
             if busy:
-                progress.describe("")
-                say(busy)
+                progress.say(busy)
             for row in group_rows:
                 row["others_cpu"] = others
             rows += group_rows
