@@ -288,7 +288,13 @@ def plot(results, path):
             text = f"{value:.2f}x" + (" (noisy)" if r.get("noisy") else "")
             ax.text(value * 1.03, y, text, va="center", fontsize=8)
         ax.set_yticks(list(ys))
-        ax.set_yticklabels([_label(r) for r, _ in bars], fontsize=8)
+        ax.set_yticklabels(
+            [
+                _label(r) + (" (reference)" if r["runner"] == r["reference"] else "")
+                for r, _ in bars
+            ],
+            fontsize=8,
+        )
         ax.set_xscale("log")
         ax.set_xlim(min(lo, 1.0) / 1.3, max(hi, 1.0) * 2.2)
         ax.axvline(1.0, color="black", linewidth=0.8)
@@ -303,14 +309,17 @@ def plot(results, path):
     handles = [
         Patch(
             color=FRAMEWORK_COLOURS.get(f, "#777777"),
-            label=f"{f}: "
-            + (REFERENCE_COLUMNS.get(references[f]) or "no reference")
-            + (f" ({references[f]})" if references[f] else ""),
+            label=f"{f} rows: " + (REFERENCE_COLUMNS.get(references[f]) or "no reference"),
         )
         for f in references
     ]
     handles += [
-        Patch(facecolor="white", edgecolor="black", hatch=_hatch(v, variants), label=v)
+        Patch(
+            facecolor="white",
+            edgecolor="black",
+            hatch=_hatch(v, variants),
+            label=v + (" (and rows without a variant)" if v == "lstm" else ""),
+        )
         for v in variants
         if v != "*"
     ]
