@@ -7,12 +7,30 @@ Started by ``isolation.run_child`` with the framework's environment; runs
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
+import time
 
 from .suite import run_framework
 
 
+def _exit_with_parent(interval=1.0):
+    """End this process when the command that started it is gone (killed, timed out):
+    a daemon thread watches the parent's pid. A benchmark left running alone would
+    load the machine for nobody."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main(argv):
+    _exit_with_parent()
     job_path, out_path = argv
     with open(job_path) as f:
         job = json.load(f)
