@@ -466,7 +466,9 @@ def test_each_framework_process_wakes_only_its_own_thread_pools():
     beside the one measured), its own the cores, torch's the --threads value when given."""
     from lstm_multi.bench import isolation
 
-    cores = str(os.cpu_count() or 1)
+    cores = str(
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    )
     numpy_env = isolation.child_environment("numpy", base={})
     assert numpy_env["OPENBLAS_NUM_THREADS"] == cores and numpy_env["OMP_NUM_THREADS"] == cores
     torch_env = isolation.child_environment("torch", threads=3, base={})
@@ -758,7 +760,9 @@ def test_each_framework_runs_in_a_child_process(tmp_path):
     assert imported == "[]"
     parent, child = pids.split()
     assert parent != child
-    cores = str(os.cpu_count() or 1)
+    cores = str(
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    )
     for line in log.read_text().splitlines():
         pid, openblas, omp, torch_loaded = line.split()
         assert (pid, openblas, omp, torch_loaded) == (child, cores, cores, "False")

@@ -19,6 +19,7 @@ import sys
 import tempfile
 
 from . import frameworks
+from .machine import usable_cores
 
 
 class ChildFailed(RuntimeError):
@@ -30,7 +31,7 @@ def child_environment(framework, threads=None, base=None):
     thread-pool variable at 1 but the framework's own, at ``threads`` for torch when given
     (else the core count: torch then measures its choice), else the core count."""
     env = dict(os.environ if base is None else base)
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     for name in frameworks.THREAD_VARIABLES:
         env[name] = "1"
     own = threads if (framework == "torch" and threads) else cores

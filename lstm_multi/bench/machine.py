@@ -53,6 +53,14 @@ def versions():
     return out
 
 
+def usable_cores():
+    """The cores this process may run on (its CPU affinity: taskset, a container's
+    cpuset), else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def describe(device):
     """The machine, as the parent sees it without importing a framework (the torch process
     adds its threads and, on CUDA, the GPU's name)."""
@@ -61,6 +69,7 @@ def describe(device):
         "python": platform.python_version(),
         "processor": platform.processor(),
         "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores(),
         "lscpu": lscpu(),
         "versions": versions(),
         "device": device,

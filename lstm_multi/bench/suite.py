@@ -193,7 +193,7 @@ def run_benchmark(config: BenchConfig, announce=None, launch=None):
     if announce is not None:
         announce(sum(n_cases.values()), estimate)
     description = machine.describe(config.device)
-    busy = machine.busy_at_start(description.get("loadavg_at_start"), os.cpu_count() or 1)
+    busy = machine.busy_at_start(description.get("loadavg_at_start"), machine.usable_cores())
     if busy:
         say(busy)
     description["busy_at_start"] = busy

@@ -9,10 +9,10 @@ quick ``nn.LSTM`` forward with each candidate count and keeps the faster;
 
 from __future__ import annotations
 
-import os
 import statistics
 
 from . import timing
+from .machine import usable_cores
 
 #: the quick shape the choice is measured on: T50 B64 I128 H256, forward (a few ms)
 PROBE_SHAPE = (50, 64, 128, 256)
@@ -48,7 +48,7 @@ def set_torch_threads(config, say):
     """
     import torch
 
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     medians = {}
     if config.threads is not None:
         chosen = config.threads
