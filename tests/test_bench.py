@@ -568,6 +568,7 @@ def test_a_busy_machine_is_said():
 
     assert machine.busy_at_start([0.1, 0.1, 0.1], 2) is None
     assert "machine busy: load average 2.40 on 2 core" in machine.busy_at_start([2.4, 1, 1], 2)
+    assert machine.slowdown([0.1, 0, 0], 2) == 1.0 and machine.slowdown([9.0, 0, 0], 2) == 5.0
     assert machine.busy_during(0.1, "torch: medium forward") is None
     assert "60% of the cores during torch" in machine.busy_during(0.6, "torch: medium forward")
     share = machine.CpuSampler().others_share()

@@ -299,10 +299,15 @@ def run(argv=None):
     from .report import text_table, write
     from .suite import run_benchmark
 
-    def announce(n_cases, seconds):
+    def announce(n_cases, seconds, loaded_seconds=None):
         sizes = ", ".join(size.label for size in config.sizes)
+        how_long = f"about {_duration(seconds)}"
+        if loaded_seconds is not None:
+            how_long += (
+                f" on a quiet machine, about {_duration(loaded_seconds)} at the load average now"
+            )
         print(
-            f"lstm-multi bench: about {_duration(seconds)} (a rough estimate; retries of noisy "
+            f"lstm-multi bench: {how_long} (a rough estimate; retries of noisy "
             f"rows may add some): {n_cases} runner/variant cases at {sizes}, "
             f"{' and '.join(config.modes)}, {config.repeats} rounds each, each framework in "
             f"its own process against its reference (nn.LSTM, Flax, the GEMM floor); "
@@ -316,8 +321,14 @@ def run(argv=None):
     paths = write(results, args.out)
     meta = results["meta"]
     print(
-        f"\ntook {_duration(meta['duration_s'])} (estimated {_duration(meta['estimate_s'])}); "
-        "wrote " + ", ".join(p for p in paths.values() if p)
+        f"\ntook {_duration(meta['duration_s'])} (estimated {_duration(meta['estimate_s'])}"
+        + (
+            f" quiet, {_duration(meta['estimate_at_load_s'])} at the load"
+            if meta.get("estimate_at_load_s")
+            else ""
+        )
+        + "); wrote "
+        + ", ".join(p for p in paths.values() if p)
     )
     return 0
 

@@ -107,6 +107,15 @@ def busy_at_start(loadavg, cores):
     )
 
 
+def slowdown(loadavg, cores):
+    """How much longer a run should take at this load: one thread of ours among
+    ``loadavg[0]`` others gets ``cores / (load + 1)`` of a core, so (load + 1) / cores,
+    at least 1."""
+    if not loadavg:
+        return 1.0
+    return max(1.0, (loadavg[0] + 1.0) / cores)
+
+
 def busy_during(others_share, where):
     """A line saying other processes took more than BUSY_SHARE of the cores during a
     group of rows (``others_share``, from ``CpuSampler``), else None."""

@@ -168,8 +168,9 @@ def run_benchmark(config: BenchConfig, announce=None, launch=None):
     """Measure ``config``, each framework in a child process; returns the results as a
     JSON-ready dict.
 
-    ``announce(n_cases, seconds)``, when given, is called once the cases are known,
-    with a rough estimate of the run's duration. ``launch(job, env)`` runs one
+    ``announce(n_cases, seconds, loaded_seconds)``, when given, is called once the cases
+    are known, with a rough estimate of the run's duration on a quiet machine and, when
+    the machine is busy, at the load average now (else None). ``launch(job, env)`` runs one
     framework's job and returns its result (default: ``isolation.run_child``, a
     child process; the tests pass one running it in this process).
     """
@@ -190,10 +191,12 @@ def run_benchmark(config: BenchConfig, announce=None, launch=None):
     order = sorted(by_framework, key=lambda f: (FRAMEWORK_ORDER + (f,)).index(f))
     n_cases = {f: len(_cases(by_framework[f], variants)) for f in order}
     estimate = estimate_seconds(config, n_cases)
-    if announce is not None:
-        announce(sum(n_cases.values()), estimate)
     description = machine.describe(config.device)
-    busy = machine.busy_at_start(description.get("loadavg_at_start"), machine.usable_cores())
+    loadavg, cores = description.get("loadavg_at_start"), machine.usable_cores()
+    busy = machine.busy_at_start(loadavg, cores)
+    loaded = None if not busy else estimate * machine.slowdown(loadavg, cores)
+    if announce is not None:
+        announce(sum(n_cases.values()), estimate, loaded)
     if busy:
         say(busy)
     description["busy_at_start"] = busy
@@ -237,6 +240,7 @@ def run_benchmark(config: BenchConfig, announce=None, launch=None):
             "gemm_probe": "square 1024 x 1024 product, best of 7 after one warm-up, "
             "in each framework's process",
             "estimate_s": estimate,
+            "estimate_at_load_s": loaded,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "duration_s": time.time() - started,
         },
