@@ -473,6 +473,7 @@ def test_each_framework_process_wakes_only_its_own_thread_pools():
     assert numpy_env["OPENBLAS_NUM_THREADS"] == cores and numpy_env["OMP_NUM_THREADS"] == cores
     torch_env = isolation.child_environment("torch", threads=3, base={})
     assert torch_env["OMP_NUM_THREADS"] == "3" and torch_env["OPENBLAS_NUM_THREADS"] == "1"
+    assert isolation.child_environment("numpy", threads=3, base={})["OPENBLAS_NUM_THREADS"] == "3"
     jax_env = isolation.child_environment("jax", base={})
     assert jax_env["OPENBLAS_NUM_THREADS"] == "1" and jax_env["OMP_NUM_THREADS"] == "1"
     assert torch_env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
@@ -628,6 +629,7 @@ def _results(rows):
                 "warmup": 1,
                 "max_spread": 0.2,
                 "retries": 2,
+                "retry_budget": 1.5,
             },
             "references": {"torch": "torch.nn.LSTM", "jax": "flax"},
             "gemm_rate_flops": 1e11,

@@ -145,8 +145,8 @@ def build_parser():
         "--threads",
         type=int,
         metavar="N",
-        help="torch's intra-op threads (default: the faster of 1 and the core count, measured "
-        "on a quick nn.LSTM at the start and printed)",
+        help="torch's intra-op threads and NumPy's BLAS threads (default: the faster of 1 and "
+        "the core count, measured on a quick nn.LSTM or its products at the start, printed)",
     )
     bench.add_argument(
         "--retries",

@@ -28,13 +28,13 @@ class ChildFailed(RuntimeError):
 
 def child_environment(framework, threads=None, base=None):
     """The environment of ``framework``'s process: ``base`` (this process's) with every
-    thread-pool variable at 1 but the framework's own, at ``threads`` for torch when given
-    (else the core count: torch then measures its choice), else the core count."""
+    thread-pool variable at 1 but the framework's own, at ``threads`` when given, else the
+    core count (torch and NumPy then measure their choice)."""
     env = dict(os.environ if base is None else base)
     cores = usable_cores()
     for name in frameworks.THREAD_VARIABLES:
         env[name] = "1"
-    own = threads if (framework == "torch" and threads) else cores
+    own = threads or cores
     for name in frameworks.get(framework).thread_variables:
         env[name] = str(own)
     if framework == "jax":

@@ -118,10 +118,12 @@ def text_table(results):
     noisy = [r for r in results["results"] if r.get("noisy")]
     if noisy:
         lines.append("")
+        retried = max(r.get("attempts", 1) for r in noisy) - 1
         lines.append(
             f"{len(noisy)} row(s) marked {NOISY_MARK}: their times still spread over "
-            f"{100 * meta['config']['max_spread']:.0f}% after {meta['config']['retries']} "
-            "retries (another process was busy); compare them with care."
+            f"{100 * meta['config']['max_spread']:.0f}% (after up to {retried} of "
+            f"{meta['config']['retries']} retries: no retry starts once the run has taken "
+            f"{meta['config']['retry_budget']:g}x its estimate); compare them with care."
         )
     return "\n".join(lines)
 
@@ -145,14 +147,16 @@ def markdown(results):
         out.append(f"- GPU: {m['gpu']}")
     out.append(f"- {m['platform']}, Python {m['python']}")
     out.append("- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
-    if "torch_threads" in m:
-        probe = m.get("torch_thread_probe_s") or {}
+    for name, what in (("torch", "torch intra-op threads"), ("numpy", "NumPy's BLAS threads")):
+        if f"{name}_threads" not in m:
+            continue
+        probe = m.get(f"{name}_thread_probe_s") or {}
         how = (
             "measured: " + ", ".join(f"{n} -> {1e3 * s:.1f} ms" for n, s in probe.items())
             if probe
             else "set by --threads"
         )
-        out.append(f"- torch intra-op threads: {m['torch_threads']} ({how})")
+        out.append(f"- {what}: {m[f'{name}_threads']} ({how})")
     if "loadavg_at_start" in m:
         out.append(
             f"- load average at start {_loads(m['loadavg_at_start'])}, "

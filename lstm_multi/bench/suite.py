@@ -289,10 +289,11 @@ def run_framework(job):
     reference = by_name.get(job["reference"]) if job["reference"] in job["runners"] else None
     prefix = f"{framework}: "
     info = {}
-    if framework == "torch":
+    if framework in ("torch", "numpy"):
         from . import threads
 
-        info = threads.set_torch_threads(config, say)
+        chosen_by = threads.set_torch_threads if framework == "torch" else threads.set_numpy_threads
+        info = chosen_by(config, say)
     _, gemm_rates = frameworks.gemm_rate(config.device, config.dtype, names=(framework,))
     cases = _cases(selected, variants)
     groups = [(size, mode) for size in config.sizes for mode in config.modes]
