@@ -251,6 +251,20 @@ def _hatch(variant, variants):
     return _OTHER_HATCHES[others.index(variant) % len(_OTHER_HATCHES)]
 
 
+def _bar_order(bar):
+    """Frameworks in FRAMEWORK_COLOURS' order, each reference first, then by ratio."""
+    row, value = bar
+    frameworks = list(FRAMEWORK_COLOURS)
+    rank = frameworks.index(row["framework"]) if row["framework"] in frameworks else len(frameworks)
+    return rank, row["runner"] != row["reference"], value
+
+
+#: the ratios the plot's axis may mark (those within its range are used): dense for a
+#: narrow range, sparse for a wide one
+_TICKS = (0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10)
+_WIDE_TICKS = (0.01, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10000)
+
+
 def plot(results, path):
     """One panel per size and mode: each row's time over its framework's reference
     (horizontal bars, log scale, the value written on each), one colour per framework,
@@ -260,6 +274,7 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
 
     groups = _groups(results)
     panels = []
@@ -267,8 +282,7 @@ def plot(results, path):
         rows = table_rows(results, size, mode)
         bars = [(r, ratio_cells(r, rows)) for r in rows]
         bars = [(r, next(iter(c.values()))) for r, c in bars if c]
-        bars.sort(key=lambda b: (list(FRAMEWORK_COLOURS).index(b[0]["framework"])
-                                 if b[0]["framework"] in FRAMEWORK_COLOURS else 99, b[1]))  # fmt: skip
+        bars.sort(key=_bar_order)
         if bars:
             panels.append((size, mode, rows, bars))
     if not panels:
@@ -290,7 +304,10 @@ def plot(results, path):
                 hatch=_hatch(r["variant"], variants), edgecolor="white", linewidth=0,
             )  # fmt: skip
             text = f"{value:.2f}x" + (" (noisy)" if r.get("noisy") else "")
-            ax.text(value * 1.03, y, text, va="center", fontsize=8)
+            ax.text(
+                value * 1.03, y, text, va="center", fontsize=8,
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5, "alpha": 0.8},
+            )  # fmt: skip
         ax.set_yticks(list(ys))
         ax.set_yticklabels(
             [
@@ -300,7 +317,12 @@ def plot(results, path):
             fontsize=8,
         )
         ax.set_xscale("log")
-        ax.set_xlim(min(lo, 1.0) / 1.3, max(hi, 1.0) * 2.2)
+        left, right = min(lo, 1.0) / 1.2, max(hi, 1.0) * 1.6
+        ax.set_xlim(left, right)
+        ticks = [t for t in (_TICKS if right / left < 8 else _WIDE_TICKS) if left <= t <= right]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FixedFormatter([f"{t:g}x" for t in ticks]))
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_title(
             f"{size} ({_dims(rows[0])}), {MODE_LABEL.get(mode, mode)}: time / the framework's "
