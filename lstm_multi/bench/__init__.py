@@ -9,8 +9,10 @@ alone), and as a percentage of the machine's limit (the GEMM FLOPs over the
 GEMM rate measured in the run). The method is described in
 ``benchmarks/README.md``.
 
-Importing this package imports no array framework, and neither does a run:
-each runner imports its own framework when it is built, in its child process.
+Importing this package imports no array framework (NumPy aside, which
+lstm_multi itself needs), and neither does a run, which computes nothing in the
+caller's process: each runner imports its own framework when it is built, in
+its child process.
 """
 
 from .config import PRESETS, BenchConfig, Size, parse_size

@@ -1,6 +1,7 @@
 """One benchmark run: plan the cases, measure each framework in a process of its own, collect.
 
-The parent (``run_benchmark``) imports no array framework. It groups the
+The parent (``run_benchmark``) imports no array framework (NumPy aside, which
+lstm_multi itself imports) and computes nothing. It groups the
 chosen runners by framework and starts one child process per framework
 (``isolation.run_child``), with that framework's thread-pool variables set to
 the cores (torch's to the threads chosen) and every other library's to one, so
