@@ -183,7 +183,14 @@ def markdown(results):
     out.append(
         f"- run: dtype {cfg['dtype']}, device {cfg['device']}, {cfg['repeats']} rounds after "
         f"{cfg['warmup']} warm-up call(s), started {meta['started']}, took "
-        f"{meta['duration_s']:.0f} s (estimated {meta.get('estimate_s', 0):.0f} s)"
+        f"{meta['duration_s']:.0f} s (estimated {meta.get('estimate_s', 0):.0f} s on a quiet "
+        "machine"
+        + (
+            f", {meta['estimate_at_load_s']:.0f} s at the load average at the start"
+            if meta.get("estimate_at_load_s")
+            else ""
+        )
+        + ")"
     )
     out.append("")
     out.append(
