@@ -8,8 +8,9 @@ says which targets were met::
     python benchmarks/targets.py DIR/results.json
 
 Each target compares one runner's time to another's in the same run. When both
-were measured against ``torch.nn.LSTM`` the comparison is the quotient of their
-ratios to it (so machine noise cancels); otherwise the quotient of median times.
+were measured against the same reference (in one framework's process: nn.LSTM,
+Flax, the GEMM floor) the comparison is the quotient of their ratios to it (so
+machine noise cancels); otherwise the quotient of median times.
 Targets are only evaluated for CPU float32 runs, at the preset sizes they name.
 """
 
@@ -134,8 +135,10 @@ def target_specs(backends):
 
 
 def relative(a, b):
-    """a's time over b's, through their ratios to the reference when both have one."""
-    if a.get("ratio_to_reference") and b.get("ratio_to_reference"):
+    """a's time over b's, through their ratios to the reference when both have one ratio
+    to the same reference (measured in the same process); else the quotient of medians."""
+    same = a.get("reference", "torch.nn.LSTM") == b.get("reference", "torch.nn.LSTM")
+    if same and a.get("ratio_to_reference") and b.get("ratio_to_reference"):
         return a["ratio_to_reference"] / b["ratio_to_reference"]
     if a.get("median_s") and b.get("median_s"):
         return a["median_s"] / b["median_s"]

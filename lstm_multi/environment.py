@@ -31,8 +31,8 @@ name                            meaning                                   values
                                 read only by the benchmark's Keras peer,
                                 which needs "jax" and is skipped
                                 otherwise. The ``lstm-multi`` command
-                                sets it to "jax" when unset, in its own
-                                process only
+                                sets it to "jax" in the child process
+                                of its JAX rows only
 =============================== ========================================= ================= =================================
 
 A switch is one of ``1 0 true false yes no on off`` (any case, surrounding

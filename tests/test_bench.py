@@ -45,8 +45,12 @@ ROW_KEYS = {
     "spread",
     "first_call_s",
     "setup_s",
+    "reference",
     "ratio_to_reference",
     "ratios",
+    "noisy",
+    "attempts",
+    "others_cpu",
     "flops",
     "limit_s",
     "pct_of_limit",
@@ -71,13 +75,16 @@ def check_results(results, modes, sizes):
         assert row["mode"] in modes
         assert row["error"] is None, row
         assert row["median_s"] > 0
-        if row["role"] == "reference":  # measured around every case of every round
-            assert len(row["times_s"]) > meta["config"]["repeats"]
+        reference = meta["references"][row["framework"]]
+        if row["runner"] == reference:  # measured around every case of every round
+            assert len(row["times_s"]) >= meta["config"]["repeats"]
         else:
             assert len(row["times_s"]) == meta["config"]["repeats"]
         assert row["runner"] in results["runners"]
-        if meta["reference"]:
+        if row["reference"] is not None:  # a ratio only to its own framework's reference
+            assert row["reference"] == reference
             assert row["ratio_to_reference"] > 0
+        assert row["noisy"] == (row["spread"] > meta["config"]["max_spread"])
     for skip in results["skipped"]:
         assert skip["reason"]
 
@@ -164,6 +171,8 @@ def test_in_process_run_subset(tmp_path, capsys):
             "forward",
             "--repeats",
             "2",
+            "--retries",
+            "0",
             "--warmup",
             "0",
             "--no-progress",
@@ -190,7 +199,17 @@ def test_step_mode_times_one_step_per_call(tmp_path, capsys):
     pytest.importorskip("torch")
     arguments = ["bench", "--backend", "numpy", "--backend", "torch", "--variant", "lstm"]
     arguments += ["--peer", "article", "--size", "4,2,3,5", "--mode", "step", "--repeats", "2"]
-    arguments += ["--warmup", "0", "--no-progress", "--out", str(tmp_path)]
+    arguments += [
+        "--retries",
+        "0",
+        "--threads",
+        "1",
+        "--warmup",
+        "0",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
     assert cli.run(arguments) == 0
     assert "one step per call" in capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
@@ -212,7 +231,10 @@ def test_default_run_is_short_and_says_where_and_how_long(tmp_path, capsys, monk
     arguments = ["bench", "--backend", "numpy", "--no-peers", "--size", TINY, "--mode", "forward"]
     assert cli.run([*arguments, "--repeats", "1", "--warmup", "0", "--no-progress"]) == 0
     captured = capsys.readouterr()
-    assert "a rough estimate" in captured.err and "lstm-multi-bench/" in captured.err
+    first = captured.err.splitlines()[0]  # how long it will take comes first
+    assert first.startswith("lstm-multi bench: about ") and "a rough estimate" in first
+    assert "lstm-multi-bench/" in first
+    assert "(estimated " in captured.out
     assert "took " in captured.out
     assert (tmp_path / "lstm-multi-bench" / "results.json").exists()
 
@@ -318,6 +340,8 @@ def test_targets_compare_ratios_to_the_reference():
             row("numpy.matmuls", "*", "forward", 1.0, role="floor"),
         ],
     }
+    for r in results["results"]:
+        r["reference"] = {"jax": "flax", "flax": "flax"}.get(r["runner"], "numpy.matmuls")
     found = {(t["runner"], t["variant"]): t for t in targets.evaluate(results)}
     assert found[("jax", "lstm")]["ratio"] == pytest.approx(0.8)
     assert found[("jax", "lstm")]["met"] is True
@@ -424,23 +448,35 @@ def test_keras_loaded_on_another_backend_is_refused_with_the_reason():
     )
 
 
-def test_the_command_sets_keras_backend_in_its_own_process_only():
-    """``main`` (the ``lstm-multi`` command) defaults KERAS_BACKEND to jax in its process and
-    keeps a value given (``run``, the same from Python, leaves it: the in-process tests)."""
-    code = (
-        "import os\n"
-        "from lstm_multi.bench import cli\n"
-        "cli.run = lambda argv: print(os.environ.get('KERAS_BACKEND')) or 0\n"
-        "cli.main(['bench'])\n"
+def test_keras_backend_is_set_in_the_jax_process_only():
+    """The JAX rows' process gets KERAS_BACKEND=jax (the Keras peer runs on JAX); the
+    others keep the caller's value, and the caller's own environment is never changed."""
+    from lstm_multi.bench import isolation
+
+    before = dict(os.environ)
+    base = {"KERAS_BACKEND": "torch", "PATH": "/bin"}
+    assert isolation.child_environment("jax", base=base)["KERAS_BACKEND"] == "jax"
+    assert isolation.child_environment("torch", base=base)["KERAS_BACKEND"] == "torch"
+    assert base == {"KERAS_BACKEND": "torch", "PATH": "/bin"}
+    assert dict(os.environ) == before
+
+
+def test_each_framework_process_wakes_only_its_own_thread_pools():
+    """In a framework's process the other libraries' pools get one thread (no spinning
+    beside the one measured), its own the cores, torch's the --threads value when given."""
+    from lstm_multi.bench import isolation
+
+    cores = str(
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     )
-    for value, want in ((None, "jax"), ("torch", "torch")):
-        env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-        if value is not None:
-            env["KERAS_BACKEND"] = value
-        proc = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-        )
-        assert proc.stdout.strip() == want, proc.stdout + proc.stderr
+    numpy_env = isolation.child_environment("numpy", base={})
+    assert numpy_env["OPENBLAS_NUM_THREADS"] == cores and numpy_env["OMP_NUM_THREADS"] == cores
+    torch_env = isolation.child_environment("torch", threads=3, base={})
+    assert torch_env["OMP_NUM_THREADS"] == "3" and torch_env["OPENBLAS_NUM_THREADS"] == "1"
+    assert isolation.child_environment("numpy", threads=3, base={})["OPENBLAS_NUM_THREADS"] == "3"
+    jax_env = isolation.child_environment("jax", base={})
+    assert jax_env["OPENBLAS_NUM_THREADS"] == "1" and jax_env["OMP_NUM_THREADS"] == "1"
+    assert torch_env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
 
 
 def test_version_flag(capsys):
@@ -461,3 +497,275 @@ def test_backend_choice_restricts_the_peers_too():
     assert not names & {"numpy.matmuls", "flax", "equinox", "keras"}
     named = config.BenchConfig(backends=["torch"], peers=["numpy.matmuls"])
     assert "numpy.matmuls" in {r.name for r in suite.select_runners(named)}
+
+
+def test_backend_choice_restricts_every_row():
+    """-b numpy: the numpy backend and its reference (its GEMM floor) only - not nn.LSTM,
+    which was measured in every run before; -b jax: its rows against Flax."""
+    from lstm_multi.bench import suite
+
+    names = {r.name for r in suite.select_runners(config.BenchConfig(backends=["numpy"]))}
+    assert names == {"numpy", "numpy.matmuls"}
+    bare = config.BenchConfig(backends=["numpy"], peers=())
+    assert {r.name for r in suite.select_runners(bare)} == {"numpy", "numpy.matmuls"}
+    jax = {r.name for r in suite.select_runners(config.BenchConfig(backends=["jax"]))}
+    assert "flax" in jax and "jax" in jax
+    assert not jax & {"torch.nn.LSTM", "numpy.matmuls", "article", "numpy", "torch"}
+
+
+# spread, retries, busy machine ------------------------------------------------
+
+
+def _fake_clock(monkeypatch, times_by_name):
+    """timing.timed returns the next time listed for the function's ``name``."""
+    queues = {name: iter(times) for name, times in times_by_name.items()}
+    monkeypatch.setattr(timing, "timed", lambda fn: next(queues[fn.name]))
+
+
+class _Named:
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self):
+        pass
+
+
+def test_a_row_spreading_over_the_limit_is_retried_and_the_calmest_attempt_kept(monkeypatch):
+    """Fake times: "calm" spreads 10% (no retry); "shaky" spreads 100%, then 50%, then 10%
+    (two retries, the last kept, not noisy); "noisy" spreads 100% every time (marked)."""
+    _fake_clock(
+        monkeypatch,
+        {
+            "ref": [1.0] * 100,
+            "calm": [1.0, 1.1, 1.05],
+            "shaky": [1.0, 2.0, 1.5, 1.0, 1.5, 1.0, 1.0, 1.1, 1.05],
+            "noisy": [1.0, 2.0, 1.5] * 3,
+        },
+    )
+    ref = (_Named("ref"), timing.Measured())
+    cases = {name: (_Named(name), timing.Measured()) for name in ("calm", "shaky", "noisy")}
+    taken = timing.measure(ref, list(cases.values()), 3, max_spread=0.2, retries=2)
+    calm, shaky, noisy = (cases[n][1] for n in ("calm", "shaky", "noisy"))
+    assert taken == 2
+    assert calm.attempts == 1 and not calm.noisy(0.2)
+    assert shaky.attempts == 3 and shaky.times == [1.0, 1.1, 1.05] and not shaky.noisy(0.2)
+    assert shaky.ratios == [1.0, 1.1, 1.05]  # the kept attempt's ratios go with its times
+    assert noisy.attempts == 3 and noisy.noisy(0.2)
+
+
+def test_retries_stop_at_the_limit_and_at_the_deadline(monkeypatch):
+    _fake_clock(monkeypatch, {"ref": [1.0] * 100, "noisy": [1.0, 3.0] * 10})
+    measured = timing.Measured()
+    timing.measure(None, [(_Named("noisy"), measured)], 2, max_spread=0.2, retries=0)
+    assert measured.attempts == 1 and measured.noisy(0.2)
+    late = timing.Measured()
+    past = (lambda: 10.0, 5.0)  # now, deadline: the run's time budget is spent
+    assert timing.measure(None, [(_Named("noisy"), late)], 2, 0.2, 5, clock=past) == 0
+    assert late.attempts == 1
+
+
+def test_a_busy_machine_is_said():
+    from lstm_multi.bench import machine
+
+    assert machine.busy_at_start([0.1, 0.1, 0.1], 2) is None
+    assert "machine busy: load average 2.40 on 2 core" in machine.busy_at_start([2.4, 1, 1], 2)
+    assert machine.slowdown([0.1, 0, 0], 2) == 1.0 and machine.slowdown([9.0, 0, 0], 2) == 5.0
+    assert machine.busy_during(0.1, "torch: medium forward") is None
+    assert "60% of the cores during torch" in machine.busy_during(0.6, "torch: medium forward")
+    share = machine.CpuSampler().others_share()
+    assert share is None or 0.0 <= share <= 1.0
+
+
+def test_torch_threads_are_the_faster_measured_setting():
+    from lstm_multi.bench import threads
+
+    fake = {1: [5.0, 5.2, 5.1], 2: [3.0, 9.0, 3.1]}  # 2 threads: median 3.1 ms, one spike
+    calls = {n: iter(t) for n, t in fake.items()}
+    chosen, medians = threads.choose(lambda n: next(calls[n]) / 1e3, [1, 2])
+    assert chosen == 2 and medians == pytest.approx({1: 5.1e-3, 2: 3.1e-3})
+    line = threads.describe(chosen, medians)
+    assert line.startswith("torch threads: 2 (measured: 1 -> 5.1 ms, 2 -> 3.1 ms")
+    assert threads.describe(4, {}) == "torch threads: 4 (set by --threads)"
+
+
+# the table's columns and the plot --------------------------------------------
+
+
+def _row(runner, framework, median, reference, ratio, variant="lstm", role="peer", noisy=False):
+    return {
+        "runner": runner,
+        "framework": framework,
+        "role": role,
+        "variant": variant,
+        "size": "medium",
+        "dims": {"T": 100, "B": 64, "I": 128, "H": 256},
+        "mode": "forward",
+        "median_s": median,
+        "times_s": [median],
+        "spread": 0.5 if noisy else 0.05,
+        "noisy": noisy,
+        "attempts": 3 if noisy else 1,
+        "first_call_s": median,
+        "setup_s": 0.0,
+        "reference": reference,
+        "ratio_to_reference": ratio,
+        "ratios": [ratio],
+        "flops": 1e9,
+        "limit_s": 1e-3,
+        "pct_of_limit": 50.0,
+        "error": None,
+        "others_cpu": 0.0,
+    }
+
+
+def _results(rows):
+    return {
+        "meta": {
+            "machine": {"platform": "test", "python": "3", "versions": {}, "lscpu": {}},
+            "config": {
+                "dtype": "float32",
+                "device": "cpu",
+                "repeats": 5,
+                "warmup": 1,
+                "max_spread": 0.2,
+                "retries": 2,
+                "retry_budget": 1.5,
+            },
+            "references": {"torch": "torch.nn.LSTM", "jax": "flax"},
+            "gemm_rate_flops": 1e11,
+            "gemm_rates_by_framework": {"torch": 1e11},
+            "gemm_probe": "test",
+            "started": "now",
+            "duration_s": 1.0,
+            "estimate_s": 1.0,
+        },
+        "runners": {},
+        "results": rows,
+        "skipped": [],
+    }
+
+
+def _table_line(table, label):
+    return next(line for line in table.splitlines() if line.strip().startswith(label))
+
+
+def test_a_ratio_is_shown_only_in_its_references_column_beside_that_time():
+    """A JAX row shows x Flax (from the Flax time of its process), a torch row x nn.LSTM;
+    each leaves the other column blank; with Flax's time missing, the JAX row shows none."""
+    from lstm_multi.bench import report
+
+    rows = [
+        _row("torch.nn.LSTM", "torch", 0.010, "torch.nn.LSTM", 1.0, role="reference"),
+        _row("torch", "torch", 0.012, "torch.nn.LSTM", 1.2, role="backend"),
+        _row("flax", "jax", 0.020, "flax", 1.0),
+        _row("jax", "jax", 0.015, "flax", 0.75, role="backend", noisy=True),
+    ]
+    table = report.text_table(_results(rows))
+    header = _table_line(table, "runner / variant")
+    assert "x nn.LSTM" in header and "x Flax" in header and "x GEMM floor" not in header
+    columns = report.ratio_columns(rows)
+    assert columns == ["x nn.LSTM", "x Flax"]
+    assert report.ratio_cells(rows[1], rows) == {"x nn.LSTM": 1.2}
+    assert report.ratio_cells(rows[3], rows) == {"x Flax": 0.75}
+    jax_line = _table_line(table, "jax / lstm")
+    assert "0.75" in jax_line and "1.20" not in jax_line and "noisy" in jax_line
+    # the number sits under its own column: x Flax starts where the header's does
+    start = header.index("x Flax") - (13 - len("x Flax"))
+    assert jax_line[start : start + 13].strip() == "0.75"
+    assert _table_line(table, "torch / lstm")[start : start + 13].strip() == ""
+    without_flax = [r for r in rows if r["runner"] != "flax"]
+    assert report.ratio_cells(rows[3], without_flax) == {}
+    assert report.ratio_columns(without_flax) == ["x nn.LSTM"]
+    assert "0.75" not in _table_line(report.text_table(_results(without_flax)), "jax / lstm")
+    md = report.markdown(_results(rows))
+    assert "| x nn.LSTM | x Flax | % of limit |" in md and "*noisy*" in md
+    assert "| jax | lstm | 15.00 |  | 0.750 |" in md
+
+
+def test_the_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lstm_multi.bench import report
+
+    rows = [
+        _row("torch.nn.LSTM", "torch", 0.010, "torch.nn.LSTM", 1.0, role="reference"),
+        _row("torch", "torch", 0.012, "torch.nn.LSTM", 1.2, role="backend"),
+        _row("torch", "torch", 0.02, "torch.nn.LSTM", 2.0, "peephole", "backend", noisy=True),
+        _row("flax", "jax", 0.020, "flax", 1.0),
+        _row("jax", "jax", 0.015, "flax", 0.75, role="backend"),
+    ]
+    paths = report.write(_results(rows), tmp_path)
+    assert paths["png"] and os.path.getsize(paths["png"]) > 1000
+    assert report.plot(_results([]), tmp_path / "empty.png") is False  # nothing to draw
+
+
+# process isolation ------------------------------------------------------------
+
+STUB_REGISTRY = """
+import os, sys
+from lstm_multi.bench.runners import Runner
+
+
+def build(runner, case):
+    import bench_stub_marker  # noqa: F401 - only the child imports it
+
+    with open(os.environ["BENCH_STUB_LOG"], "a") as f:
+        f.write(f"{os.getpid()} {os.environ.get('OPENBLAS_NUM_THREADS')} "
+                f"{os.environ.get('OMP_NUM_THREADS')} {'torch' in sys.modules}\\n")
+    return lambda: sum(range(100))
+
+
+def runners():
+    return [
+        Runner("numpy.matmuls", "numpy", "floor", build, None, "stub reference",
+               per_variant=False),
+        Runner("stub", "numpy", "backend", build, None, "stub backend", backend="numpy",
+               per_variant=False),
+    ]
+"""
+
+ISOLATION_CHECK = """
+import os, sys
+from lstm_multi.bench import config, suite
+cfg = config.BenchConfig(
+    sizes=(config.parse_size("3,1,2,2"),), backends=("numpy",), modes=("forward",),
+    repeats=2, warmup=0, progress=False, registry="bench_stub_registry:runners",
+)
+results = suite.run_benchmark(cfg)
+print(sorted(r["runner"] for r in results["results"]))
+print([m for m in ("torch", "jax", "flax", "keras", "bench_stub_marker") if m in sys.modules])
+print(os.getpid(), results["meta"]["processes"]["numpy"]["pid"])
+"""
+
+
+def test_each_framework_runs_in_a_child_process(tmp_path):
+    """A run with a stub runner: its rows are measured in a child process (which imports
+    the stub's module and sees the framework's thread settings); the parent imports no
+    framework and not the stub's module."""
+    (tmp_path / "bench_stub_registry.py").write_text(STUB_REGISTRY)
+    (tmp_path / "bench_stub_marker.py").write_text("")
+    log = tmp_path / "log.txt"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
+        "BENCH_STUB_LOG": str(log),
+        "OPENBLAS_NUM_THREADS": "7",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", ISOLATION_CHECK],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runners, imported, pids = proc.stdout.strip().splitlines()[-3:]
+    assert runners == "['numpy.matmuls', 'stub']"
+    assert imported == "[]"
+    parent, child = pids.split()
+    assert parent != child
+    cores = str(
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    )
+    for line in log.read_text().splitlines():
+        pid, openblas, omp, torch_loaded = line.split()
+        assert (pid, openblas, omp, torch_loaded) == (child, cores, cores, "False")

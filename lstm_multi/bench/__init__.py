@@ -2,13 +2,17 @@
 
 Runs every available lstm_multi backend and variant, and the peers users
 compare against (``torch.nn.LSTM``, the article's hand-written module, Flax,
-Equinox, Keras), at a few sizes, and reports each time as a ratio to
-``torch.nn.LSTM`` measured alternately in the same run, and as a percentage of
-the machine's limit (the GEMM FLOPs over the GEMM rate measured at the start).
-The method is described in ``benchmarks/README.md``.
+Equinox, Keras), at a few sizes, each framework in a child process of its own,
+and reports each time as a ratio to its framework's reference measured
+alternately in that process (``torch.nn.LSTM``, Flax, the matrix products
+alone), and as a percentage of the machine's limit (the GEMM FLOPs over the
+GEMM rate measured in the run). The method is described in
+``benchmarks/README.md``.
 
-Importing this package imports no array framework; each runner imports its
-own framework when it is built.
+Importing this package imports no array framework (NumPy aside, which
+lstm_multi itself needs), and neither does a run, which computes nothing in the
+caller's process: each runner imports its own framework when it is built, in
+its child process.
 """
 
 from .config import PRESETS, BenchConfig, Size, parse_size

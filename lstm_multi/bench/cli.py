@@ -1,16 +1,18 @@
 """The ``lstm-multi`` command: ``lstm-multi bench [options]`` (also ``python -m lstm_multi.bench``).
 
-``main`` is the command, in a process of its own; ``run`` is the same from
-Python, in the caller's process, whose environment it leaves alone.
+``main`` is the command; ``run`` is the same from Python. Either leaves its
+process's environment alone and imports no array framework for a run: each
+framework's rows run in a child process (``isolation``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import importlib.util
 import sys
 
-from .. import environment, registry, spec
+from .. import registry, spec
+from . import frameworks
 from .config import (
     DEFAULT_SIZES,
     DEFAULT_VARIANTS,
@@ -57,10 +59,12 @@ def build_parser():
         "bench",
         help="benchmark the backends against torch.nn.LSTM, the article's module, Flax, Equinox, Keras",
         description=(
-            "Time every available lstm_multi backend and variant, and the installed peers, at "
-            "three sizes. Each time is also given as a ratio to torch.nn.LSTM measured "
-            "alternately in the same run, and as a percentage of the machine's limit (GEMM FLOPs "
-            "over the GEMM rate measured at the start). See benchmarks/README.md."
+            "Time every available lstm_multi backend and variant, and the installed peers. "
+            "Each framework runs in a process of its own; each time is also given as a ratio "
+            "to its framework's reference measured alternately in that process (torch: "
+            "nn.LSTM, JAX: Flax, NumPy: its matrix products alone), and as a percentage of "
+            "the machine's limit (GEMM FLOPs over the GEMM rate measured in the run). See "
+            "benchmarks/README.md."
         ),
     )
     engines = sub.add_parser(
@@ -103,7 +107,7 @@ def build_parser():
     bench.add_argument(
         "--no-peers",
         action="store_true",
-        help="measure no peers except the reference torch.nn.LSTM",
+        help="measure no peers but the references (nn.LSTM, Flax, the GEMM floor)",
     )
     bench.add_argument(
         "--size",
@@ -136,6 +140,20 @@ def build_parser():
         type=int,
         default=1,
         help="untimed calls after the (separately timed) first call (default 1)",
+    )
+    bench.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch's intra-op threads and NumPy's BLAS threads (default: the faster of 1 and "
+        "the core count, measured on a quick nn.LSTM or its products at the start, printed)",
+    )
+    bench.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="measure a row whose times spread over 20%% again, up to this many times "
+        "(default 2); what still spreads is marked noisy",
     )
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument(
@@ -175,10 +193,18 @@ def config_from_args(args, parser):
             base = name.split("[", 1)[0]
             if base not in known:
                 parser.error(f"--backend: unknown backend {name!r}; expected one of {known}")
-            try:
-                registry.load_backend(base)
-            except (ImportError, RuntimeError) as error:
-                parser.error(f"--backend: {name!r} cannot run here: {error}")
+            framework = registry.framework_of(base)
+            if importlib.util.find_spec(framework) is None:
+                parser.error(
+                    f"--backend: {name!r} cannot run here: it needs {framework}, which is "
+                    "not installed"
+                )
+            devices = frameworks.get(framework).devices
+            if args.device not in devices:
+                parser.error(
+                    f"--backend: {name!r} cannot run here: {framework} computes on "
+                    f"{', '.join(devices)} only, and --device is {args.device!r}"
+                )
     variants = _split(args.variant)
     if variants is not None and "all" in variants:
         variants = tuple(spec.VARIANTS)
@@ -209,6 +235,10 @@ def config_from_args(args, parser):
         parser.error(f"--repeats: expected at least 1, got {args.repeats}")
     if args.warmup < 0:
         parser.error(f"--warmup: expected 0 or more, got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads: expected at least 1, got {args.threads}")
+    if args.retries < 0:
+        parser.error(f"--retries: expected 0 or more, got {args.retries}")
     return BenchConfig(
         sizes=tuple(sizes),
         backends=backends,
@@ -221,6 +251,8 @@ def config_from_args(args, parser):
         warmup=args.warmup,
         seed=args.seed,
         progress=not args.no_progress,
+        threads=args.threads,
+        retries=args.retries,
     )
 
 
@@ -242,17 +274,14 @@ def list_runners(config):
 
 
 def main(argv=None):
-    """The ``lstm-multi`` command (and ``python -m lstm_multi.bench``): ``run`` in the
-    command's own process, where Keras is to load on JAX for the Keras peer unless
-    ``KERAS_BACKEND`` already names a backend (Keras reads it once, at its first import)."""
-    os.environ.setdefault(environment.KERAS_BACKEND, "jax")
+    """The ``lstm-multi`` command (and ``python -m lstm_multi.bench``)."""
     return run(argv)
 
 
 def run(argv=None):
     """``lstm-multi`` with the arguments ``argv`` (default: this process's); returns the exit
-    status. The environment is left as it is: the Keras peer runs only where Keras is, or
-    will be, on JAX (``KERAS_BACKEND=jax``) and is skipped with the reason otherwise."""
+    status. Each framework runs in a child process with its own environment (Keras's
+    backend set to JAX in the JAX process); this process's environment is left alone."""
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "engines":
@@ -270,12 +299,19 @@ def run(argv=None):
     from .report import text_table, write
     from .suite import run_benchmark
 
-    def announce(n_cases, seconds):
+    def announce(n_cases, seconds, loaded_seconds=None):
         sizes = ", ".join(size.label for size in config.sizes)
+        how_long = f"about {_duration(seconds)}"
+        if loaded_seconds is not None:
+            how_long += (
+                f" on a quiet machine, about {_duration(loaded_seconds)} at the load average now"
+            )
         print(
-            f"lstm-multi bench: {n_cases} runner/variant cases against torch.nn.LSTM at "
-            f"{sizes}, {' and '.join(config.modes)}, {config.repeats} rounds each; "
-            f"about {_duration(seconds)} (a rough estimate); results to {args.out}/",
+            f"lstm-multi bench: {how_long} (a rough estimate; retries of noisy "
+            f"rows may add some): {n_cases} runner/variant cases at {sizes}, "
+            f"{' and '.join(config.modes)}, {config.repeats} rounds each, each framework in "
+            f"its own process against its reference (nn.LSTM, Flax, the GEMM floor); "
+            f"results to {args.out}/",
             file=sys.stderr,
             flush=True,
         )
@@ -283,8 +319,15 @@ def run(argv=None):
     results = run_benchmark(config, announce)
     print(text_table(results))
     paths = write(results, args.out)
+    meta = results["meta"]
     print(
-        f"\ntook {_duration(results['meta']['duration_s'])}; wrote "
+        f"\ntook {_duration(meta['duration_s'])} (estimated {_duration(meta['estimate_s'])}"
+        + (
+            f" quiet, {_duration(meta['estimate_at_load_s'])} at the load"
+            if meta.get("estimate_at_load_s")
+            else ""
+        )
+        + "); wrote "
         + ", ".join(p for p in paths.values() if p)
     )
     return 0

@@ -40,7 +40,7 @@ PRESETS = {
     "medium": Size(100, 64, 128, 256, "medium"),
     "large": Size(50, 128, 512, 512, "large"),
 }
-#: what ``lstm-multi bench`` measures by default (about a minute on 2 cores); ``--full``
+#: what ``lstm-multi bench`` measures by default (under 2 minutes on 2 cores); ``--full``
 #: measures every preset
 DEFAULT_SIZES = ("medium",)
 FULL_SIZES = ("small", "medium", "large")
@@ -101,4 +101,32 @@ class BenchConfig:
     warmup: int = 1
     seed: int = 0
     progress: bool = True
-    max_seconds_per_case: float = 30.0  # fewer repeats for a case slower than this per round
+    #: torch's intra-op threads; None: the faster of 1 and the core count, measured at the start
+    threads: int | None = None
+    #: a row whose times spread more than this ((max - min) / median) is measured again...
+    max_spread: float = 0.2
+    #: ...up to this many more times, and marked noisy if it still does
+    retries: int = 2
+    #: no retry starts once the run has taken this many times its estimate
+    retry_budget: float = 1.5
+    #: "module:function" returning the runners (tests name a stub one)
+    registry: str = "lstm_multi.bench.runners:all_runners"
+
+    def as_dict(self):
+        """JSON-ready, for a child process (``from_dict`` reverses it) and results.json."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["sizes"] = [s.as_dict() for s in self.sizes]
+        for key in ("backends", "variants", "peers", "modes"):
+            out[key] = None if out[key] is None else list(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, data):
+        data = dict(data)
+        data["sizes"] = tuple(
+            Size(s["T"], s["B"], s["I"], s["H"], s.get("name", "")) for s in data["sizes"]
+        )
+        for key in ("backends", "variants", "peers", "modes"):
+            if data[key] is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)

@@ -21,6 +21,10 @@ class Unavailable(Exception):
 class Framework:
     name = ""
     module = ""  # the top-level package
+    devices = ("cpu", "cuda")  # where it can compute at all (known without importing it)
+    #: the thread-pool variables of the libraries it computes with (its child process sets
+    #: them to the threads it is given; the other libraries' to 1, so that they cannot spin)
+    thread_variables = ("OMP_NUM_THREADS",)
 
     def installed(self):
         return importlib.util.find_spec(self.module) is not None
@@ -45,6 +49,8 @@ class Framework:
 
 class NumpyFramework(Framework):
     name = module = "numpy"
+    devices = ("cpu",)
+    thread_variables = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
 
     def check(self, device, dtype):
         super().check(device, dtype)
@@ -59,6 +65,7 @@ class NumpyFramework(Framework):
 
 class TorchFramework(Framework):
     name = module = "torch"
+    thread_variables = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
     def check(self, device, dtype):
         super().check(device, dtype)
@@ -83,6 +90,7 @@ class TorchFramework(Framework):
 
 class JaxFramework(Framework):
     name = module = "jax"
+    thread_variables = ()  # XLA's CPU pool takes every core and reads none of these
 
     def _device(self, device):
         import jax
@@ -119,6 +127,8 @@ class JaxFramework(Framework):
 
 class CupyFramework(Framework):
     name = module = "cupy"
+    devices = ("cuda",)
+    thread_variables = ()
 
     def check(self, device, dtype):
         super().check(device, dtype)
@@ -160,8 +170,12 @@ def framework_of_backend(backend):
     return registry.framework_of(backend)
 
 
-def gemm_rate(device, dtype, n=1024, repeats=7):
-    """The highest square-GEMM rate (FLOP/s) any installed framework reaches here.
+#: every thread-pool variable a framework's child process sets
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def gemm_rate(device, dtype, n=1024, repeats=7, names=None):
+    """The highest square-GEMM rate (FLOP/s) the installed frameworks (or ``names``) reach.
 
     Returns (rate, {framework: rate}); each rate is 2 n^3 over the best time of
     ``repeats`` products after one warm-up (the highest rate reached: a limit).
@@ -172,6 +186,8 @@ def gemm_rate(device, dtype, n=1024, repeats=7):
     rng = np.random.default_rng(0)
     a_np, b_np = rng.standard_normal((n, n)), rng.standard_normal((n, n))
     for name, fw in FRAMEWORKS.items():
+        if names is not None and name not in names:
+            continue
         try:
             fw.check(device, dtype)
         except (Unavailable, ImportError):

@@ -195,9 +195,10 @@ def require_keras_on_jax():
 
     Keras fixes its backend for the whole process at its first import, from
     ``KERAS_BACKEND``. The benchmark never sets it in a caller's process (their own
-    Keras code may expect another backend); the ``lstm-multi`` command sets it in
-    its own (``cli.main``). Unset here counts as not JAX, although Keras may also
-    read a backend from its config file: importing Keras to find out would fix it.
+    Keras code may expect another backend); a run sets it in the child process of
+    its JAX rows (``isolation.child_environment``). Unset here counts as not JAX,
+    although Keras may also read a backend from its config file: importing Keras
+    to find out would fix it.
     """
     if "keras" in sys.modules:
         name = sys.modules["keras"].backend.backend()
@@ -213,7 +214,7 @@ def require_keras_on_jax():
         raise Unavailable(
             f"the Keras peer runs on Keras's 'jax' backend, and KERAS_BACKEND is {found}; "
             "the benchmark leaves this process's environment alone: set KERAS_BACKEND=jax "
-            "before keras is imported (the lstm-multi command does so in its own process)"
+            "before keras is imported (a benchmark run does so in its JAX rows' process)"
         )
 
 

@@ -48,6 +48,7 @@ class Runner:
     name: str
     framework: str
     role: str  # "backend" (lstm_multi), "reference" (torch.nn.LSTM), "peer", "floor"
+    # (which runner each framework's ratios are to is REFERENCES, below)
     build: Callable  # build(runner, case) -> callable running one iteration, synchronised
     variants: tuple | None = None  # None: every variant
     description: str = ""
@@ -124,13 +125,26 @@ def _check_engine_runs(cell, default_cell, x):
         raise Unavailable(f"the default runner runs engine {choice.engine!r} already")
 
 
+def installed_backends():
+    """The backends whose framework is installed, found without importing any framework
+    (a backend that still cannot run, as CuPy without a GPU, says why when built)."""
+    import importlib.util
+
+    from .. import registry
+
+    return [
+        name
+        for name in registry.known_backends()
+        if importlib.util.find_spec(registry.framework_of(name)) is not None
+    ]
+
+
 def backend_runners():
-    """One runner per available backend (its "auto" engine), plus its ``BENCH_ENGINES``."""
-    import lstm_multi
+    """One runner per installed backend (its "auto" engine), plus its ``BENCH_ENGINES``."""
     import lstm_multi.engine
 
     runners = []
-    for name in lstm_multi.available_backends():
+    for name in installed_backends():
         framework = frameworks.framework_of_backend(name)
         runners.append(
             Runner(
@@ -240,7 +254,23 @@ def all_runners():
     return runners
 
 
-REFERENCE = "torch.nn.LSTM"
+#: each framework's reference: its rows are timed alternately with it, in the framework's
+#: own process, and their ratio is to it (a ratio to a runner of another process would
+#: compare times taken at other moments of the machine)
+REFERENCES = {
+    "torch": "torch.nn.LSTM",
+    "jax": "flax",
+    "numpy": "numpy.matmuls",
+    "cupy": "cupy.matmuls",
+}
+#: the column a reference's ratios are printed in
+REFERENCE_COLUMNS = {
+    "torch.nn.LSTM": "x nn.LSTM",
+    "flax": "x Flax",
+    "numpy.matmuls": "x GEMM floor",
+    "cupy.matmuls": "x GEMM floor",
+}
+REFERENCE = REFERENCES["torch"]
 
 
 def peer_names():

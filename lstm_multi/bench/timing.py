@@ -14,6 +14,11 @@ Each timed call is preceded by one untimed call of the same function
 ran in between must wake up and refill its caches, which measured 2-6x on a
 0.5 ms ``torch.nn.LSTM`` call right after NumPy or JAX work. The time reported
 is that of a warm, steady-state call, as in a training loop.
+
+A case whose times spread by more than ``max_spread`` ((max - min) / median)
+is measured again, in fresh rounds against the same reference, up to
+``retries`` more times (``measure``); the attempt with the smallest spread is
+kept, and a case still above ``max_spread`` is marked ``noisy``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class Measured:
         self.times = []
         self.ratios = []
         self.error = None
+        self.attempts = 1  # rounds of ``repeats`` measured (1 + retries taken)
 
     @property
     def median_s(self):
@@ -57,6 +63,16 @@ class Measured:
         if len(self.times) < 2:
             return 0.0
         return (max(self.times) - min(self.times)) / self.median_s
+
+    def noisy(self, max_spread):
+        """Whether the kept times spread by more than ``max_spread``."""
+        return self.error is None and bool(self.times) and self.spread > max_spread
+
+    def keep_better(self, other):
+        """Take ``other``'s times and ratios where they spread less (one more attempt)."""
+        self.attempts += 1
+        if other.error is None and other.times and other.spread < self.spread:
+            self.times, self.ratios = other.times, other.ratios
 
 
 def warm_up(fn, warmup):
@@ -95,3 +111,27 @@ def alternate(reference, cases, repeats, tick=lambda: None):
                 measured.ratios.append(t / min(ref_before, ref_after))
                 ref_before = ref_after
             tick()
+
+
+def measure(reference, cases, repeats, max_spread, retries, tick=lambda: None, clock=None):
+    """``alternate``, then fresh rounds for the cases that spread over ``max_spread``.
+
+    reference and cases as in ``alternate``. Each retry runs ``repeats`` rounds
+    of the cases still over ``max_spread`` against the reference (whose times
+    keep accumulating); a case keeps the attempt with the smallest spread. At
+    most ``retries`` retries; ``clock``, when given, is ``(now, deadline)``:
+    no retry starts after ``deadline`` (a run's time budget). Returns the
+    number of retries taken.
+    """
+    alternate(reference, cases, repeats, tick)
+    taken = 0
+    for _ in range(retries):
+        again = [(fn, m) for fn, m in cases if m.noisy(max_spread)]
+        if not again or (clock is not None and clock[0]() > clock[1]):
+            break
+        fresh = [(fn, Measured()) for fn, _ in again]
+        alternate(reference, fresh, repeats)
+        for (_, kept), (_, new) in zip(again, fresh, strict=True):
+            kept.keep_better(new)
+        taken += 1
+    return taken
