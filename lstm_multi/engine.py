@@ -245,7 +245,7 @@ _TABLE = (
         "PyTorch's own LSTM kernel (torch._VF.lstm, what nn.LSTM runs: cuDNN on CUDA)",
         "cpu, cuda",
         _FLOATS,
-        "variant 'lstm' only; not under torch.func; no dropout_key masks",
+        "variant 'lstm' only; not under torch.func; no dropout_key masks; a step mask only as right padding",
         "auto",
         "native=True",
         "first in auto for 'lstm' (cuDNN on CUDA; on an AMD EPYC it beat cpu_kernels, NOTES 13)",
