@@ -80,6 +80,56 @@ def thorough():
     return _THOROUGH
 
 
+def _jax_except(*kept):
+    return lambda p: p.get("backend") == "jax" and p.get("variant") not in kept
+
+
+#: the parametrisations that run only under --thorough, by test name: (a rule over the
+#: test's parameters, what covers their path in the default run). Mostly JAX's: each case
+#: compiles a program (seconds), and the variants share one generated scan, so the default
+#: run takes the JAX path with one variant there and every variant on numpy and torch
+#: (every variant reaches JAX in the default run through test_compile and test_agreement).
+THOROUGH_ONLY = {
+    "test_half_precision_within_derived_bound": (
+        _jax_except("peephole"),
+        "JAX takes peephole; numpy and torch every variant",
+    ),
+    "test_huge_preactivations_stay_finite": (
+        _jax_except("peephole"),
+        "JAX takes peephole; numpy and torch every variant",
+    ),
+    "test_steps_equal_the_sequence_call": (
+        _jax_except("peephole"),
+        "JAX takes peephole; numpy and torch every variant",
+    ),
+    "test_example_runs_under_torchrun_and_resumes": (
+        lambda p: True,
+        "test_ddp_two_processes_equal_one_process takes DDP's path; this runs the example",
+    ),
+    "test_keras_program_on_another_backend": (
+        lambda p: True,
+        "the program runs on this process's Keras backend, and test_layer_keras checks the "
+        "layer on the others",
+    ),
+    "test_keras_loaded_on_another_backend_is_refused_with_the_reason": (
+        lambda p: True,
+        "the Keras peer's other refusals are tested in-process; this starts Keras on torch",
+    ),
+    "test_load_model_needs_lstm_multi_keras_when_keras_comes_after": (
+        lambda p: True,
+        "test_load_model_in_a_fresh_process_after_import_lstm_multi loads in a fresh process",
+    ),
+    "test_a_damaged_library_is_rebuilt_never_loaded": (
+        lambda p: p["damage"].__name__ != "_damage_truncated_40000",
+        "the truncated library (the damage that crashed the process) takes the path",
+    ),
+    "test_keras_in_float64_on_its_torch_backend": (
+        lambda p: True,
+        "the Keras converters' float32 tests take the same path",
+    ),
+}
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Marks the property tests ``property`` and the tests that take the ``thorough``
@@ -89,6 +139,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.property)
         if "thorough" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.thorough)
+        rule = THOROUGH_ONLY.get(getattr(item, "originalname", item.name))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if rule is not None and rule[0](params):
+            item.add_marker(pytest.mark.thorough_only(rule[1]))
         only = item.get_closest_marker("thorough_only")
         if only is not None:
             item.add_marker(pytest.mark.thorough)
@@ -141,6 +195,12 @@ def scaled(examples):
     (each one slow) still gets more in the thorough run and fewer in the default."""
     return max(1, round(examples * settings().max_examples / BASE_EXAMPLES))
 
+
+#: XLA compiles the tests' programs with LLVM's optimisation off (about a fifth less of
+#: the JAX tests' time, which is mostly compilation; subprocesses inherit it). The numbers
+#: agree to the same bounds; the benchmark and users compile at XLA's default level.
+if "XLA_FLAGS" not in os.environ:
+    os.environ["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
 
 if importlib.util.find_spec("jax") is not None:
     import jax
