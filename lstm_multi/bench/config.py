@@ -108,7 +108,7 @@ class BenchConfig:
     #: ...up to this many more times, and marked noisy if it still does
     retries: int = 2
     #: no retry starts once the run has taken this many times its estimate
-    retry_budget: float = 1.5
+    retry_budget: float = 1.1
     #: "module:function" returning the runners (tests name a stub one)
     registry: str = "lstm_multi.bench.runners:all_runners"
 
