@@ -19,6 +19,7 @@ onnx = pytest.importorskip("onnx", reason="the onnx extra: pip install 'lstm_mul
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra: pip install 'lstm_multi[onnx]'")
 pytest.importorskip("onnxscript", reason="the onnx extra: pip install 'lstm_multi[onnx]'")
 
+from cell_module import CellModel  # noqa: E402
 from conftest import assert_close  # noqa: E402
 from oracle import VARIANTS, oracle  # noqa: E402
 
@@ -159,26 +160,6 @@ def test_the_lstm_operator_runs_lstm_peephole_and_cifg(every_variant):
     lstm_nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "LSTM"]
     forget = sorted(a.i for n in lstm_nodes for a in n.attribute if a.name == "input_forget")
     assert forget.count(1) == directions["cifg"], forget
-
-
-class CellModel(torch.nn.Module):
-    """The functional torch cell, parameters held by the module, lengths an input."""
-
-    def __init__(self, cell, params):
-        super().__init__()
-        self.cell = cell
-        self.values = torch.nn.ParameterList(
-            [torch.nn.Parameter(v) for layer in params for p in layer for v in p.values()]
-        )
-        self.layout = [[list(p) for p in layer] for layer in params]
-
-    def params(self):
-        it = iter(self.values)
-        return [[{k: next(it) for k in keys} for keys in layer] for layer in self.layout]
-
-    def forward(self, x, h0, c0, lengths):
-        y, (h, c) = self.cell(self.params(), x, (h0, c0), lengths)
-        return y, h, c
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from cell_module import CellModel  # noqa: E402
 from conftest import assert_close  # noqa: E402
 from oracle import VARIANTS  # noqa: E402
 
@@ -141,26 +142,6 @@ print(json.dumps(out))
     for variant, want in expected.items():
         for got, ref, what in zip(loaded[variant], want, ("y", "h_n", "c_n"), strict=True):
             assert_close(torch.tensor(got), torch.tensor(ref), "float64", f"{variant} {what}")
-
-
-class CellModel(torch.nn.Module):
-    """The functional torch cell with its parameters held by a module (what export takes)."""
-
-    def __init__(self, cell, params):
-        super().__init__()
-        self.cell = cell
-        self.values = torch.nn.ParameterList(
-            [torch.nn.Parameter(v) for layer in params for p in layer for v in p.values()]
-        )
-        self.layout = [[list(p) for p in layer] for layer in params]
-
-    def params(self):
-        it = iter(self.values)
-        return [[{k: next(it) for k in keys} for keys in layer] for layer in self.layout]
-
-    def forward(self, x, h0, c0, lengths=None):
-        y, (h, c) = self.cell(self.params(), x, (h0, c0), lengths)
-        return y, h, c
 
 
 def test_export_of_the_functional_cell_with_lengths():
