@@ -499,6 +499,26 @@ def test_backend_choice_restricts_the_peers_too():
     assert "numpy.matmuls" in {r.name for r in suite.select_runners(named)}
 
 
+def test_the_articles_module_runs_only_when_named_or_in_full_runs():
+    """The default run leaves the article's module out (its rows took minutes of a default
+    run that must end in about two); ``--peer article`` and ``--full`` measure it."""
+    from lstm_multi.bench import cli, suite
+
+    pytest.importorskip("torch")
+
+    def chosen(argv):
+        parser = cli.build_parser()
+        return {
+            r.name
+            for r in suite.select_runners(cli.config_from_args(parser.parse_args(argv), parser))
+        }
+
+    assert "article" not in chosen(["bench"]) and "torch.nn.LSTM" in chosen(["bench"])
+    assert "article" in chosen(["bench", "--full"])
+    assert "article" in chosen(["bench", "--peer", "article"])
+    assert "article" not in chosen(["bench", "--full", "--no-peers"])
+
+
 def test_backend_choice_restricts_every_row():
     """-b numpy: the numpy backend and its reference (its GEMM floor) only - not nn.LSTM,
     which was measured in every run before; -b jax: its rows against Flax."""

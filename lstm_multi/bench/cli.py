@@ -102,7 +102,8 @@ def build_parser():
         "--peer",
         action="append",
         metavar="NAME",
-        help="peer(s) to measure besides torch.nn.LSTM (default: every installed one; see --list)",
+        help="peer(s) to measure besides torch.nn.LSTM (default: every installed one but the "
+        "article's module, which --full adds; see --list)",
     )
     bench.add_argument(
         "--no-peers",
@@ -167,7 +168,8 @@ def build_parser():
         "--full",
         action="store_true",
         help=f"every preset size ({', '.join(FULL_SIZES)}) instead of the default "
-        f"({', '.join(DEFAULT_SIZES)}); several minutes",
+        f"({', '.join(DEFAULT_SIZES)}), and every installed peer (the article's module too); "
+        "several minutes",
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.add_argument(
@@ -253,6 +255,7 @@ def config_from_args(args, parser):
         progress=not args.no_progress,
         threads=args.threads,
         retries=args.retries,
+        every_peer=args.full,
     )
 
 
@@ -266,7 +269,7 @@ def list_runners(config):
             fw.check(config.device, config.dtype)
             if r.devices is not None and config.device not in r.devices:
                 raise Unavailable(f"runs on {', '.join(r.devices)} only (use --device cuda)")
-            state = "ok"
+            state = "ok" if r.in_default else "ok (with --peer or --full)"
         except (Unavailable, ImportError) as error:
             state = f"not here: {error}"
         variants = "all variants" if r.variants is None else ", ".join(r.variants)

@@ -93,7 +93,9 @@ class BenchConfig:
     sizes: tuple = field(default_factory=lambda: tuple(PRESETS[n] for n in DEFAULT_SIZES))
     backends: tuple | None = None  # None: every available lstm_multi backend
     variants: tuple | None = None  # None: DEFAULT_VARIANTS
-    peers: tuple | None = None  # None: every installed peer; () for none
+    peers: tuple | None = None  # None: every installed default peer; () for none
+    #: with ``peers`` None, also the peers left out by default (``Runner.in_default``)
+    every_peer: bool = False
     modes: tuple = MODES
     dtype: str = "float32"
     device: str = "cpu"
@@ -107,7 +109,7 @@ class BenchConfig:
     max_spread: float = 0.2
     #: ...up to this many more times, and marked noisy if it still does
     retries: int = 2
-    #: no retry starts once the run has taken this many times its estimate
+    #: no retry starts once a framework's process has taken this many times its estimate
     retry_budget: float = 1.1
     #: "module:function" returning the runners (tests name a stub one)
     registry: str = "lstm_multi.bench.runners:all_runners"

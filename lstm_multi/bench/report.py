@@ -122,8 +122,8 @@ def text_table(results):
         lines.append(
             f"{len(noisy)} row(s) marked {NOISY_MARK}: their times still spread over "
             f"{100 * meta['config']['max_spread']:.0f}% (after up to {retried} of "
-            f"{meta['config']['retries']} retries: no retry starts once the run has taken "
-            f"{meta['config']['retry_budget']:g}x its estimate); compare them with care."
+            f"{meta['config']['retries']} retries: no retry starts once a framework's process "
+            f"has taken {meta['config']['retry_budget']:g}x its estimate); compare them with care."
         )
     return "\n".join(lines)
 

@@ -61,6 +61,9 @@ class Runner:
     #: Left out (``Unavailable``) where that engine would fall back, or where auto runs it
     #: already (the default runner measures it then)
     engine: str | None = None
+    #: measured by default (True), or only when named (``--peer``) or in ``--full`` runs
+    #: (False: a peer that adds minutes and no framework's reference)
+    in_default: bool = True
 
     def supports(self, variant):
         return self.variants is None or variant in self.variants
@@ -207,6 +210,7 @@ def all_runners():
             peers.build_article,
             ("lstm", "peephole_full"),
             "the article's optimized module: x_t @ W + h_t @ U + b in a Python loop, autograd",
+            in_default=False,
         ),
         Runner(
             "flax",

@@ -110,6 +110,8 @@ def select_runners(config, every=None):
         elif config.peers is not None:
             if r.name in config.peers:
                 chosen.append(r)
+        elif not (r.in_default or config.every_peer):
+            continue  # named with --peer, or in --full runs
         elif config.backends is None or r.framework in _frameworks_of(config.backends):
             chosen.append(r)
     with_rows = {r.framework for r in chosen}
@@ -140,29 +142,54 @@ def _cases(selected, variants):
 #: the order the frameworks' processes run in (torch first: its thread choice is printed early)
 FRAMEWORK_ORDER = ("torch", "jax", "numpy", "cupy")
 
-#: a rough model of a run, fitted to the recorded quiet 2-core runs (the mean row of
-#: benchmarks/results at each size; NOTES.md 14): the products at this rate (FLOP/s), plus
-#: a per-step cost of the Python loops, plus a fixed cost per case (building it, its first
-#: call, JAX's compilation) and per process (starting Python, importing the framework, the
-#: GEMM probe, the thread choice). Cases the engine table then leaves out count in full.
-_ESTIMATED_RATE, _ESTIMATED_STEP_S, _ESTIMATED_CASE_S = 170e9, 25e-6, 0.4
-_ESTIMATED_PROCESS_S = {"torch": 5.0, "jax": 8.0, "numpy": 2.0, "cupy": 6.0}
+#: a rough model of a run on the reference machine (2-core AMD EPYC, a 185 GFLOP/s square
+#: GEMM; the quiet default runs of NOTES.md 16). One call of a case costs its products at
+#: the rate such LSTM calls reach there (forward, forward+backward, step), plus a cost per
+#: time step (the loop's overhead, which is what a small size measures). A case makes
+#: ``1 + warmup`` calls before its rounds, and in each round two of its own and two of the
+#: reference's (``timing.settled``: an untimed call before each timed one), at the case's
+#: cost; the rounds' bookkeeping adds ``_ROUND_OVERHEAD`` to that. Each case also costs
+#: its building and first-call work (JAX's compilation), each group (size and mode) its
+#: reference's, and each process its start (Python, the framework's import, the thread
+#: choice, the GEMM probe, the torch engine plan's measurement). Cases the engine table then
+#: leaves out count in full; retries are not in it (the run's time budget bounds them).
+_ESTIMATED_RATE = {"forward": 125e9, "forward_backward": 95e9, "step": 60e9}
+_ESTIMATED_STEP_S = {"forward": 25e-6, "forward_backward": 60e-6, "step": 150e-6}
+_ROUND_OVERHEAD = 1.15
+_ESTIMATED_CASE_S = {"torch": 0.3, "jax": 0.9, "numpy": 0.1, "cupy": 0.5}
+_ESTIMATED_GROUP_S = {"torch": 1.0, "jax": 1.5, "numpy": 0.3, "cupy": 1.0}
+_ESTIMATED_PROCESS_S = {"torch": 6.0, "jax": 4.0, "numpy": 2.0, "cupy": 6.0}
+#: the parent's own work: the cases' selection, the report and the plot
+_ESTIMATED_PARENT_S = 1.5
+
+
+def _estimated_call_s(size, mode):
+    return flops.gemm_flops(size, mode) / _ESTIMATED_RATE.get(
+        mode, 60e9
+    ) + size.steps * _ESTIMATED_STEP_S.get(mode, 150e-6)
+
+
+def estimate_framework_seconds(config: BenchConfig, framework: str, n_cases: int) -> float:
+    """The rough duration (the model above) of one framework's process with ``n_cases``
+    cases, its reference not counted, without retries."""
+    total = _ESTIMATED_PROCESS_S.get(framework, 5.0)
+    calls = 1 + config.warmup + 4 * config.repeats
+    for size in config.sizes:
+        for mode in config.modes:
+            call = _estimated_call_s(size, mode)
+            total += _ESTIMATED_GROUP_S.get(framework, 1.0) + (1 + config.warmup) * call
+            total += n_cases * (
+                _ESTIMATED_CASE_S.get(framework, 0.5) + calls * call * _ROUND_OVERHEAD
+            )
+    return total
 
 
 def estimate_seconds(config: BenchConfig, n_cases_by_framework):
     """A rough estimate of a run's duration (said up front; the model is above), without
     retries. ``n_cases_by_framework``: framework -> its cases, its reference not counted."""
-    total = 1.0
-    calls = 2 * config.repeats + config.warmup + 1  # the reference is timed between calls
-    for framework, n_cases in n_cases_by_framework.items():
-        total += _ESTIMATED_PROCESS_S.get(framework, 5.0)
-        for size in config.sizes:
-            for mode in config.modes:
-                factor = {"forward": 1.0, "forward_backward": 2.5}.get(mode, 4.0)  # step: 4
-                call = factor * size.steps * _ESTIMATED_STEP_S
-                call += flops.gemm_flops(size, mode) / _ESTIMATED_RATE
-                total += (n_cases + 1) * _ESTIMATED_CASE_S + n_cases * calls * 2 * call
-    return total
+    return _ESTIMATED_PARENT_S + sum(
+        estimate_framework_seconds(config, f, n) for f, n in n_cases_by_framework.items()
+    )
 
 
 def run_benchmark(config: BenchConfig, announce=None, launch=None):
@@ -202,8 +229,11 @@ def run_benchmark(config: BenchConfig, announce=None, launch=None):
         say(busy)
     description["busy_at_start"] = busy
     rows, processes, rates = [], {}, {}
-    deadline = started + config.retry_budget * estimate
     for framework in order:
+        # each process's retries are bounded by its own share of the budget, so that the
+        # first framework's noisy rows cannot take the retries of the others
+        own = estimate_framework_seconds(config, framework, n_cases[framework])
+        deadline = time.time() + config.retry_budget * own
         job = {
             "framework": framework,
             "config": config.as_dict(),
@@ -212,6 +242,7 @@ def run_benchmark(config: BenchConfig, announce=None, launch=None):
             "reference": runners.REFERENCES.get(framework),
             "retry_deadline": deadline,
         }
+        launched = time.time()
         try:
             result = launch(job, isolation.child_environment(framework, config.threads))
         except isolation.ChildFailed as error:
@@ -220,7 +251,7 @@ def run_benchmark(config: BenchConfig, announce=None, launch=None):
         rows += result["rows"]
         skipped += result["skipped"]
         rates.update(result["gemm_rates"])
-        processes[framework] = result["process"]
+        processes[framework] = {**result["process"], "wall_s": time.time() - launched}
         description.update(result.get("machine", {}))
     if hasattr(os, "getloadavg"):
         description["loadavg_at_end"] = list(os.getloadavg())
