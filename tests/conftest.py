@@ -131,6 +131,21 @@ THOROUGH_ONLY = {
         "test_ddp_two_processes_equal_one_process takes the data-parallel path (PyTorch's); "
         "the JAX cell under jit and shard_map is the cell the other JAX tests run",
     ),
+    "test_checks_on_another_backend": (
+        lambda p: p["other"] == "numpy",
+        "the torch backend takes the path (Keras on a backend other than this process's, "
+        "in a child process)",
+    ),
+    "test_backend_matches_oracle": (
+        lambda p: p["backend"] == "jax" and p["dtype"] == "float32",
+        "JAX runs the same program in float64 on every draw, and its float32 engines are "
+        "compared with the oracle in test_engines, test_padding and test_fast_paths",
+    ),
+    "test_numpy_backward_matches_finite_differences": (
+        lambda p: p["variant"] not in ("lstm", "peephole", "peephole_full", "cifg"),
+        "the other variants' backward is the same generated code (their gradients meet the "
+        "oracle's in test_agreement on every draw)",
+    ),
     "test_keras_in_float64_on_its_torch_backend": (
         lambda p: True,
         "the Keras converters' float32 tests take the same path",
