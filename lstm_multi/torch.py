@@ -41,6 +41,7 @@ from .backends.torch_backend import (
     spelled_as,
     warn_device_fallback,
 )
+from .backends.torch_compile_break import break_graph_at
 from .backends.torch_graphs import GraphOwner
 from .backends.torch_ops import OPS
 
@@ -528,7 +529,8 @@ class LSTM(GraphOwner, nn.LSTM):
         weight = self.weight_ih_l0
         return self.explain(weight.new_empty(0)).engine == "native"
 
-    @torch.compiler.disable  # one graph break, run eagerly: what torch.compile does to nn.LSTM
+    # one graph break, run eagerly: what torch.compile does to nn.LSTM (torch.compiler.disable,
+    # applied once TorchDynamo is imported: break_graph_at after the class)
     def forward(self, input, hx=None, *, mask=None):
         """``nn.LSTM``'s forward, and ``mask``: None, or booleans (B, T) (whatever
         ``batch_first``; (T,) for unbatched input), True where a step is real, in any
@@ -696,6 +698,9 @@ class LSTM(GraphOwner, nn.LSTM):
                     f"hx {name}: expected shape {expected} for {kind} input, got {tuple(s.shape)}"
                 )
             _check_dtype_and_device(f"hx {name}", s, data, "the input's")
+
+
+break_graph_at(LSTM, ("forward",))
 
 
 class NaiveLSTM(nn.Module):

@@ -15,8 +15,9 @@ and parameters to the autocast dtype once and runs the half-precision policy
 of ``lstm_multi.ops`` (float32 cell state and gate math) with autocast off
 inside, so a bfloat16/float16 autocast region gives outputs in that dtype and
 float32 parameter gradients, as ``nn.LSTM`` does. ``torch.compile`` does not
-trace into the cell (``torch.compiler.disable``): the call is one graph break
-that runs eagerly, as ``torch.compile`` treats ``nn.LSTM``.
+trace into the cell (``torch.compiler.disable``, applied when TorchDynamo is
+imported: ``torch_compile_break``): the call is one graph break that runs
+eagerly, as ``torch.compile`` treats ``nn.LSTM``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .. import network, validation
 from ..cell import FunctionalCell
 from ..spec import Variant
 from . import torch_bptt, torch_library, torch_native  # noqa: F401 (torch_library registers the op)
+from .torch_compile_break import break_graph_at
 from .torch_graphs import GraphOwner
 from .torch_ops import OPS, TorchOps
 
@@ -368,20 +370,18 @@ class Cell(GraphOwner, FunctionalCell):
         it for a given input)."""
         return self._choose(torch.empty(0)).engine == "native"
 
-    # torch.compile: one graph break around the whole call, which runs eagerly
-    @torch.compiler.disable
+    # torch.compile: one graph break around each of these calls, which run eagerly
+    # (torch.compiler.disable, applied once TorchDynamo is imported: break_graph_at below)
     def __call__(self, params, x, state=None, lengths=None, *, mask=None, dropout_key=None):
         return super().__call__(params, x, state, lengths, mask=mask, dropout_key=dropout_key)
 
     __call__.__doc__ = FunctionalCell.__call__.__doc__
 
-    @torch.compiler.disable
     def step(self, params, x_t, state=None):
         return super().step(params, x_t, state)
 
     step.__doc__ = FunctionalCell.step.__doc__
 
-    @torch.compiler.disable
     def vjp(
         self,
         params,
@@ -447,3 +447,6 @@ class Cell(GraphOwner, FunctionalCell):
         it = iter(grads)
         param_grads = self._map(lambda name, a: next(it), params)
         return param_grads, next(it), next(it), next(it)
+
+
+break_graph_at(Cell, ("__call__", "step", "vjp"))
