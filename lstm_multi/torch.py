@@ -1017,18 +1017,21 @@ def _routes_to_torch(module, native):
     return native and spec.computes_lstm(module._variant_spec) and not module.proj_size
 
 
-def quantize_dynamic(model, qconfig_spec=None, dtype=torch.qint8, mapping=None, *, native=True):
+def quantize_dynamic(model, qconfig_spec=None, dtype=torch.qint8, mapping=None, *, native=False):
     """``model`` for CPU inference in int8: every ``lstm_multi.torch.LSTM`` in it becomes
-    an int8 module, and the rest goes to ``torch.ao.quantization.quantize_dynamic(model,
-    qconfig_spec, dtype, mapping)`` (so ``nn.Linear`` and the like quantise as PyTorch
-    quantises them). Returns a new model; ``model`` is left as it was (copied).
+    a ``QuantizedLSTM`` (any variant, projection included), and the rest goes to
+    ``torch.ao.quantization.quantize_dynamic(model, qconfig_spec, dtype, mapping)``, so
+    ``nn.Linear`` and the like quantise as PyTorch quantises them. Returns a new model;
+    ``model`` is left as it was (copied).
 
-    Each ``LSTM`` computing "lstm" without a projection becomes, with ``native=True``
-    (the default), PyTorch's own quantised LSTM (``torch.ao.nn.quantized.dynamic.LSTM``,
-    its C++ loop; faster: benchmarks/NOTES.md section 17; it takes no ``mask=``), exactly
-    what torch's ``quantize_dynamic`` makes of an ``nn.LSTM`` with the same weights;
-    every other one, and every one with ``native=False``, becomes a ``QuantizedLSTM``
-    (any variant, projection included). ``dtype``: ``torch.qint8`` only.
+    ``native=True`` routes each ``LSTM`` computing "lstm" without a projection to
+    PyTorch's own quantised LSTM instead (``torch.ao.nn.quantized.dynamic.LSTM``:
+    exactly what torch's ``quantize_dynamic`` makes of an ``nn.LSTM`` with the same
+    weights, per-tensor weights; no ``mask=``). Not the default: on the 2-core AMD EPYC
+    it was faster only at B=1, H=256 (2.9 against 5.7 ms at T=100) and slower from B=8
+    or H=512 on (32.8 against 22.9 ms at B=8, H=512; benchmarks/NOTES.md section 17),
+    since ``QuantizedLSTM`` makes the whole sequence's input projection one int8 GEMM.
+    ``dtype``: ``torch.qint8`` only.
 
     ``torch.ao.quantization.quantize_dynamic(model)`` called directly leaves an
     ``lstm_multi.torch.LSTM`` in float32, silently (PyTorch matches modules by exact
