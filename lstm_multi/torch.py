@@ -908,19 +908,38 @@ class QuantizedLSTM(nn.Module):
                 )
                 continue
             self._buffers[name] = value
-        for layer, directions in enumerate(self._qparams):
-            for direction in range(len(directions)):
-                sfx, extra = self._names(layer, direction)
-                q = {
-                    "W": torch_int8.pack(
-                        self._buffers[f"weight_ih_{sfx}"], self._buffers[f"bias_{sfx}"]
-                    ),
-                    "U": torch_int8.pack(self._buffers[f"weight_hh_{sfx}"]),
-                }
-                q.update({key: self._buffers[name] for key, name in extra})
-                if self.proj_size:
-                    q[spec.PROJECTION] = torch_int8.pack(self._buffers[f"weight_hr_{sfx}"])
-                directions[direction] = q
+        self._repack()
+
+    def _repack(self):
+        """The packed int8 weights (``_qparams``) again from the buffers."""
+        self._qparams = [
+            [self._packed_direction(layer, direction) for direction in range(self.num_directions)]
+            for layer in range(self.num_layers)
+        ]
+
+    def _packed_direction(self, layer, direction):
+        sfx, extra = self._names(layer, direction)
+        buffers = self._buffers
+        q = {
+            "W": torch_int8.pack(buffers[f"weight_ih_{sfx}"], buffers[f"bias_{sfx}"]),
+            "U": torch_int8.pack(buffers[f"weight_hh_{sfx}"]),
+        }
+        q.update({key: buffers[name] for key, name in extra})
+        if self.proj_size:
+            q[spec.PROJECTION] = torch_int8.pack(buffers[f"weight_hr_{sfx}"])
+        return q
+
+    def __getstate__(self):
+        # fbgemm's packed weights are rebuilt from the int8 buffers on loading, so that the
+        # pickle holds tensors only (``torch.load``'s default ``weights_only=True`` takes it)
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state.pop("_qparams", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._repack()
 
     def dequantized_params(self):
         """The float parameters the int8 ones stand for, canonical

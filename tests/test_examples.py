@@ -401,6 +401,7 @@ def test_int8_digits_trains_and_compares_float32_with_int8():
     """The int8 example end to end on a few samples: the float32 module is the trained
     model (the example checks its accuracy against the trainer's), and int8 is measured."""
     pytest.importorskip("sklearn", reason="the digits example needs scikit-learn")
+    pytest.importorskip("torch", reason="int8 quantisation is lstm_multi.torch's")
     example = load_example("int8_digits")
     rows = example.main(["--variants", "peephole", "--train-size", "64", "--epochs", "1"])
     (row,) = rows
