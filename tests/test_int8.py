@@ -266,3 +266,32 @@ def test_torch_s_quantize_dynamic_leaves_ours_float_unless_given_the_mapping():
     x = _input()
     with torch.no_grad():
         assert torch.equal(mapped[0](x)[0], ours[0](x)[0])
+
+
+def test_a_mask_with_gaps_holds_the_state_and_zeroes_the_output():
+    module = _module("peephole", 1, True, 0, batch_first=True)
+    quantised = quantize_dynamic(module)
+    x = _input(batch_first=True)
+    mask = torch.tensor(
+        [[True] * 6, [False, True, False, True, True, False], [False] * 6], dtype=torch.bool
+    )
+    with torch.no_grad():
+        y, (h_n, c_n) = quantised(x, mask=mask)
+        y_float, (h_float, c_float) = module(x, mask=mask)
+    assert not y[~mask].any()
+    assert (y - y_float).abs().max() < FLOAT_TOL and (h_n - h_float).abs().max() < FLOAT_TOL
+    assert not h_n[:, 2].any() and not c_n[:, 2].any()  # no real step: the zero initial state
+
+
+def test_torch_s_mapping_with_a_float16_qconfig_is_refused():
+    from torch.ao.quantization.quantization_mappings import (
+        get_default_dynamic_quant_module_mappings,
+    )
+
+    mapping = {**get_default_dynamic_quant_module_mappings(), LSTM: QuantizedLSTM}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with pytest.raises(ValueError, match="qconfig: QuantizedLSTM takes qint8 weights"):
+            torch.ao.quantization.quantize_dynamic(
+                nn.Sequential(_module()), {LSTM}, dtype=torch.float16, mapping=mapping
+            )
