@@ -268,8 +268,9 @@ def test_torch_s_quantize_dynamic_leaves_ours_float_unless_given_the_mapping():
         assert torch.equal(mapped[0](x)[0], ours[0](x)[0])
 
 
-def test_a_mask_with_gaps_holds_the_state_and_zeroes_the_output():
-    module = _module("peephole", 1, True, 0, batch_first=True)
+@pytest.mark.parametrize("proj_size", [0, 3])
+def test_a_mask_with_gaps_holds_the_state_and_zeroes_the_output(proj_size):
+    module = _module("peephole", 1, True, proj_size, batch_first=True)
     quantised = quantize_dynamic(module)
     x = _input(batch_first=True)
     mask = torch.tensor(
