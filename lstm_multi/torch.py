@@ -1047,8 +1047,8 @@ def quantize_dynamic(model, qconfig_spec=None, dtype=torch.qint8, mapping=None, 
     PyTorch's own quantised LSTM instead (``torch.ao.nn.quantized.dynamic.LSTM``:
     exactly what torch's ``quantize_dynamic`` makes of an ``nn.LSTM`` with the same
     weights, per-tensor weights; no ``mask=``). Not the default: on the 2-core AMD EPYC
-    it was faster only at B=1, H=256 (2.9 against 5.7 ms at T=100) and slower from B=8
-    or H=512 on (32.8 against 22.9 ms at B=8, H=512; benchmarks/NOTES.md section 17),
+    it was faster only at B=1, H=256 (3.2 against 4.6 ms at T=100) and slower from B=8
+    or H=512 on (33.2 against 23.1 ms at B=8, H=512; benchmarks/NOTES.md section 17),
     since ``QuantizedLSTM`` makes the whole sequence's input projection one int8 GEMM.
     ``dtype``: ``torch.qint8`` only.
 
