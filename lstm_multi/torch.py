@@ -1,5 +1,6 @@
-"""``torch.nn`` modules: ``LSTM`` (a drop-in for ``torch.nn.LSTM`` with variants) and
-``NaiveLSTM`` (the article's readable one-matrix-per-gate form).
+"""``torch.nn`` modules: ``LSTM`` (a drop-in for ``torch.nn.LSTM`` with variants),
+``NaiveLSTM`` (the article's readable one-matrix-per-gate form) and ``QuantizedLSTM``
+(int8 CPU inference, made by ``quantize_dynamic``; docs/deployment.md).
 
 ``LSTM`` is a subclass of ``torch.nn.LSTM``: same constructor, defaults, return
 values, attributes (``all_weights``, ``_flat_weights_names``, ``mode``,
@@ -807,7 +808,7 @@ class QuantizedLSTM(nn.Module):
 
     W (in, 4H), U (H or P, 4H) and W_hr (H, P) are int8, symmetric, one scale per
     output unit; each product's activations are quantised per call (per tensor, 7 bits
-    on fbgemm/x86) by ``quantized::linear_dynamic``. Biases and the variant's own
+    on fbgemm, x86 and onednn) by ``quantized::linear_dynamic``. Biases and the variant's own
     parameters (peepholes) stay float32. Shapes, inputs and outputs are ``LSTM``'s:
     ``forward(input, hx=None, *, mask=None)`` with input (T, B, in), (B, T, in) with
     ``batch_first``, (T, in) or a ``PackedSequence``, float32 on the CPU; returns
