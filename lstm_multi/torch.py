@@ -1,5 +1,6 @@
-"""``torch.nn`` modules: ``LSTM`` (a drop-in for ``torch.nn.LSTM`` with variants) and
-``NaiveLSTM`` (the article's readable one-matrix-per-gate form).
+"""``torch.nn`` modules: ``LSTM`` (a drop-in for ``torch.nn.LSTM`` with variants),
+``NaiveLSTM`` (the article's readable one-matrix-per-gate form) and ``QuantizedLSTM``
+(int8 CPU inference, made by ``quantize_dynamic``; docs/deployment.md).
 
 ``LSTM`` is a subclass of ``torch.nn.LSTM``: same constructor, defaults, return
 values, attributes (``all_weights``, ``_flat_weights_names``, ``mode``,
@@ -31,7 +32,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import network, spec, validation
-from .backends import torch_native
+from .backends import torch_int8, torch_native
 from .backends.torch_backend import (
     choose_engine,
     engine_from_options,
@@ -45,7 +46,7 @@ from .backends.torch_compile_break import break_graph_at
 from .backends.torch_graphs import GraphOwner
 from .backends.torch_ops import OPS
 
-__all__ = ["LSTM", "NaiveLSTM"]
+__all__ = ["LSTM", "NaiveLSTM", "QuantizedLSTM", "quantize_dynamic"]
 
 #: the state_dict entry (``prefix + "_extra_state"``) where a module whose variant does not
 #: compute "lstm" records it (``{"variant": name, "fingerprint": ...}``); a module computing
@@ -676,8 +677,12 @@ class LSTM(GraphOwner, nn.LSTM):
                 f"input: expected input_size {self.input_size} on the last axis {layout}".rstrip()
                 + f", got shape {shape}"
             )
-        _check_dtype_and_device("input", data, self.weight_ih_l0, "the module's")
+        _check_dtype_and_device("input", data, self._compute_like(), "the module's")
         return batch
+
+    def _compute_like(self):
+        """A tensor of the dtype and device this module computes in (inputs must match)."""
+        return self.weight_ih_l0
 
     def _check_state(self, hx, batch, unbatched, data):
         """Raise unless hx is None or a pair (h_0, c_0) of the right shape, dtype, device."""
@@ -795,4 +800,297 @@ class NaiveLSTM(nn.Module):
         return y, (h_t.unsqueeze(0), c_t.unsqueeze(0))
 
 
-torch.serialization.add_safe_globals([LSTM, NaiveLSTM])
+class QuantizedLSTM(nn.Module):
+    r"""An ``LSTM`` for CPU inference with int8 weights (dynamic quantisation); made by
+    ``quantize_dynamic`` or ``QuantizedLSTM.from_float(module)``.
+
+    Every variant, projection included. Per layer-direction (``backends/torch_int8``)::
+
+        zx = int8(x W) + b        the whole sequence's input projection, one int8 GEMM
+        z_t = zx_t + int8(r U)    per step, an int8 GEMM (r = h_{t-1} or c_{t-1})
+        m_t, c_t = gates(z_t)     the variant's generated gate code, float32
+        h_t = int8(m_t W_hr)      with a projection (proj_size P > 0); h_t = m_t else
+
+    W (in, 4H), U (H or P, 4H) and W_hr (H, P) are int8, symmetric, one scale per
+    output unit; each product's activations are quantised per call (per tensor, 7 bits
+    on fbgemm, x86 and onednn) by ``quantized::linear_dynamic``. Biases and the variant's own
+    parameters (peepholes) stay float32. Shapes, inputs and outputs are ``LSTM``'s:
+    ``forward(input, hx=None, *, mask=None)`` with input (T, B, in), (B, T, in) with
+    ``batch_first``, (T, in) or a ``PackedSequence``, float32 on the CPU; returns
+    ``output, (h_n, c_n)``. Inference only: no parameters, no gradient (an input that
+    requires one is refused), and ``train(True)`` is refused; dropout is not applied.
+
+    The state_dict holds the int8 weights as quantised tensors under the float
+    module's names (``weight_ih_l0`` (4H, in) qint8, ...), the summed bias as
+    ``bias_l{k}`` and the variant's own parameters as in the float module.
+    """
+
+    def __init__(self, module: LSTM):
+        super().__init__()
+        if not isinstance(module, LSTM):
+            raise TypeError(
+                f"module: expected a lstm_multi.torch.LSTM, got {type(module).__name__} "
+                "(an nn.LSTM quantises with torch.ao.quantization.quantize_dynamic)"
+            )
+        weight = module.weight_ih_l0
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            raise ValueError(
+                "module: expected a float32 module on the CPU (int8 inference runs fbgemm's "
+                f"CPU kernels), got {weight.dtype} on {weight.device}; .float().cpu() it first"
+            )
+        for name in (
+            "input_size", "hidden_size", "num_layers", "bias", "batch_first", "bidirectional",
+            "proj_size", "dropout", "variant",
+        ):  # fmt: skip
+            setattr(self, name, getattr(module, name))
+        if "_user_variant" in module.__dict__:
+            self._user_variant = module._user_variant
+        self.training = False
+        self._extra_names = module._extra_names
+        with torch.no_grad():
+            params = module.canonical_params()
+            self._qparams = [
+                [torch_int8.quantize_direction(self._variant_spec, p) for p in layer]
+                for layer in params
+            ]
+        self._register_weights()
+
+    @classmethod
+    def from_float(cls, mod, use_precomputed_fake_quant=False, **kwargs):
+        """``torch.ao.quantization``'s conversion hook (``quantize_dynamic(model,
+        {LSTM, ...}, mapping={..., LSTM: QuantizedLSTM})``): refuses a qconfig whose
+        weights are not qint8, else ignores its observers (the scheme is fixed: the
+        class doc)."""
+        qconfig = getattr(mod, "qconfig", None)
+        if qconfig is not None:
+            dtype = qconfig.weight().dtype
+            if dtype != torch.qint8:
+                raise ValueError(
+                    f"qconfig: QuantizedLSTM takes qint8 weights, the qconfig asks for {dtype}"
+                )
+        return cls(mod)
+
+    _variant_spec = LSTM._variant_spec
+    num_directions = LSTM.num_directions
+    _check_input = LSTM._check_input
+    _check_state = LSTM._check_state
+    _mask_steps = LSTM._mask_steps
+
+    def _compute_like(self):
+        return torch.empty(0)  # float32 on the CPU
+
+    def _names(self, layer, direction):
+        sfx = f"l{layer}{_suffix(direction)}"
+        return sfx, [(key, f"weight_{word}_{sfx}") for key, word in LSTM._extra_words(self)]
+
+    def _register_weights(self):
+        """The int8 weights, bias and own parameters as buffers (the state_dict's entries)."""
+        for layer, directions in enumerate(self._qparams):
+            for direction, q in enumerate(directions):
+                sfx, extra = self._names(layer, direction)
+                self.register_buffer(f"weight_ih_{sfx}", q["W"].weight)
+                self.register_buffer(f"weight_hh_{sfx}", q["U"].weight)
+                _, bias = torch.ops.quantized.linear_unpack(q["W"].packed)
+                self.register_buffer(f"bias_{sfx}", bias)
+                for key, name in extra:
+                    self.register_buffer(name, q[key])
+                if self.proj_size:
+                    self.register_buffer(f"weight_hr_{sfx}", q[spec.PROJECTION].weight)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        """Take each int8 weight, bias and own parameter as saved, then pack them again."""
+        for name, current in list(self._buffers.items()):
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            value = state_dict[key]
+            if value.shape != current.shape or value.dtype != current.dtype:
+                error_msgs.append(
+                    f"{key}: expected {current.dtype} of shape {tuple(current.shape)}, got "
+                    f"{value.dtype} of shape {tuple(value.shape)}"
+                )
+                continue
+            self._buffers[name] = value
+        self._repack()
+
+    def _repack(self):
+        """The packed int8 weights (``_qparams``) again from the buffers."""
+        self._qparams = [
+            [self._packed_direction(layer, direction) for direction in range(self.num_directions)]
+            for layer in range(self.num_layers)
+        ]
+
+    def _packed_direction(self, layer, direction):
+        sfx, extra = self._names(layer, direction)
+        buffers = self._buffers
+        q = {
+            "W": torch_int8.pack(buffers[f"weight_ih_{sfx}"], buffers[f"bias_{sfx}"]),
+            "U": torch_int8.pack(buffers[f"weight_hh_{sfx}"]),
+        }
+        q.update({key: buffers[name] for key, name in extra})
+        if self.proj_size:
+            q[spec.PROJECTION] = torch_int8.pack(buffers[f"weight_hr_{sfx}"])
+        return q
+
+    def __getstate__(self):
+        # fbgemm's packed weights are rebuilt from the int8 buffers on loading, so that the
+        # pickle holds tensors only (``torch.load``'s default ``weights_only=True`` takes it)
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state.pop("_qparams", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._repack()
+
+    def dequantized_params(self):
+        """The float parameters the int8 ones stand for, canonical
+        (``params[layer][direction] = {"W", "U", "b", ...}``): for comparisons."""
+        variant = self._variant_spec
+        return [[torch_int8.dequantized(variant, q) for q in layer] for layer in self._qparams]
+
+    def train(self, mode=True):
+        if mode:
+            raise RuntimeError(
+                "QuantizedLSTM is for inference only (int8 weights, no gradient): train the "
+                "float lstm_multi.torch.LSTM and quantise it again (quantize_dynamic)"
+            )
+        return super().train(False)
+
+    def extra_repr(self):
+        text = (
+            f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+            f"variant={self.variant!r}, int8"
+        )
+        if self.bidirectional:
+            text += ", bidirectional=True"
+        if self.batch_first:
+            text += ", batch_first=True"
+        if self.proj_size:
+            text += f", proj_size={self.proj_size}"
+        return text
+
+    def forward(self, input, hx=None, *, mask=None):
+        """``LSTM.forward``'s inputs and outputs, computed with int8 products (class doc)."""
+        packed = isinstance(input, PackedSequence)
+        batch = self._check_input(input)
+        unbatched = not packed and input.dim() == 2
+        data = input.data if packed else input
+        self._check_state(hx, batch, unbatched, data)
+        tensors = [data, *(() if hx is None else hx)]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            raise RuntimeError(
+                "QuantizedLSTM is for inference only: its int8 products have no gradient, "
+                "and the input or hx requires one; call it under torch.no_grad() or "
+                "torch.inference_mode() (train the float lstm_multi.torch.LSTM)"
+            )
+        steps_run = None if mask is None else self._mask_steps(mask, input, batch, unbatched)
+        lengths = None
+        if packed:
+            x, lengths = pad_packed_sequence(input)
+        else:
+            x = input.unsqueeze(1) if unbatched else input
+            if self.batch_first and not unbatched:
+                x = x.transpose(0, 1)
+            lengths = steps_run
+        layers = self.num_layers * self.num_directions
+        if hx is None:
+            h0 = x.new_zeros(layers, batch, self.proj_size or self.hidden_size)
+            c0 = x.new_zeros(layers, batch, self.hidden_size)
+        else:
+            h0, c0 = (s.unsqueeze(1) for s in hx) if unbatched else hx
+        if batch == 0:
+            width = (self.proj_size or self.hidden_size) * self.num_directions
+            y, h_n, c_n = x.new_zeros(x.shape[0], 0, width), h0.clone(), c0.clone()
+        else:
+            y, h_n, c_n = torch_int8.forward(
+                self._variant_spec, self._qparams, x.contiguous(), h0, c0, lengths
+            )
+        if packed:
+            order = input.sorted_indices
+            if order is None:
+                data = pack_padded_sequence(y, lengths, enforce_sorted=True).data
+            else:
+                data = pack_padded_sequence(
+                    y.index_select(1, order), lengths[order.cpu()], enforce_sorted=True
+                ).data
+            return PackedSequence(
+                data, input.batch_sizes, input.sorted_indices, input.unsorted_indices
+            ), (h_n, c_n)
+        if unbatched:
+            return y.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        return (y.transpose(0, 1) if self.batch_first else y), (h_n, c_n)
+
+
+def _torch_quantized_lstm(module, dtype):
+    """PyTorch's own dynamic quantised LSTM (``torch.ao.nn.quantized.dynamic.LSTM``) of a
+    module computing "lstm" without a projection, quantised as
+    ``torch.ao.quantization.quantize_dynamic`` quantises an ``nn.LSTM`` by default."""
+    from torch.ao.nn.quantized.dynamic import LSTM as DynamicLSTM  # noqa: PLC0415
+    from torch.ao.quantization import default_dynamic_qconfig  # noqa: PLC0415
+
+    lstm = module.to_torch()
+    lstm.qconfig = default_dynamic_qconfig
+    return DynamicLSTM.from_float(lstm)
+
+
+def _routes_to_torch(module, native):
+    return native and spec.computes_lstm(module._variant_spec) and not module.proj_size
+
+
+def quantize_dynamic(model, qconfig_spec=None, dtype=torch.qint8, mapping=None, *, native=False):
+    """``model`` for CPU inference in int8: every ``lstm_multi.torch.LSTM`` in it becomes
+    a ``QuantizedLSTM`` (any variant, projection included), and the rest goes to
+    ``torch.ao.quantization.quantize_dynamic(model, qconfig_spec, dtype, mapping)``, so
+    ``nn.Linear`` and the like quantise as PyTorch quantises them. Returns a new model;
+    ``model`` is left as it was (copied).
+
+    ``native=True`` routes each ``LSTM`` computing "lstm" without a projection to
+    PyTorch's own quantised LSTM instead (``torch.ao.nn.quantized.dynamic.LSTM``:
+    exactly what torch's ``quantize_dynamic`` makes of an ``nn.LSTM`` with the same
+    weights, per-tensor weights; no ``mask=``). Not the default: on the 2-core AMD EPYC
+    it was faster only at B=1, H=256 (3.2 against 4.6 ms at T=100) and slower from B=8
+    or H=512 on (33.2 against 23.1 ms at B=8, H=512; benchmarks/NOTES.md section 17),
+    since ``QuantizedLSTM`` makes the whole sequence's input projection one int8 GEMM.
+    ``dtype``: ``torch.qint8`` only.
+
+    ``torch.ao.quantization.quantize_dynamic(model)`` called directly leaves an
+    ``lstm_multi.torch.LSTM`` in float32, silently (PyTorch matches modules by exact
+    type, and ours is a subclass of ``nn.LSTM``): call this function instead, or pass
+    the mapping shown in docs/deployment.md.
+    """
+    import copy  # noqa: PLC0415
+
+    import torch.ao.quantization as quantization  # noqa: PLC0415
+
+    if dtype != torch.qint8:
+        raise ValueError(
+            f"dtype: expected torch.qint8 (int8 weights), got {dtype!r}; lstm_multi offers no "
+            "float16 dynamic quantisation"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    model = copy.deepcopy(model)
+
+    def convert(module):
+        if _routes_to_torch(module, native):
+            return _torch_quantized_lstm(module, dtype)
+        return QuantizedLSTM(module)
+
+    if isinstance(model, LSTM):
+        return convert(model)
+    for name, child in list(model.named_modules()):
+        if isinstance(child, LSTM):
+            parent_name, _, attribute = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, attribute, convert(child))
+    return quantization.quantize_dynamic(
+        model, qconfig_spec=qconfig_spec, dtype=dtype, mapping=mapping, inplace=True
+    )
+
+
+torch.serialization.add_safe_globals([LSTM, NaiveLSTM, QuantizedLSTM])

@@ -395,3 +395,15 @@ def test_streaming_serves_what_the_whole_sequence_call_computes(tmp_path):
     assert summary["forecast_mse"] < summary["naive_mse"]  # better than "next = last"
     assert summary["step_seconds_median"] > 0 and summary["nn_lstm_step_seconds_median"] > 0
     assert (tmp_path / "s.json").exists()
+
+
+def test_int8_digits_trains_and_compares_float32_with_int8():
+    """The int8 example end to end on a few samples: the float32 module is the trained
+    model (the example checks its accuracy against the trainer's), and int8 is measured."""
+    pytest.importorskip("sklearn", reason="the digits example needs scikit-learn")
+    pytest.importorskip("torch", reason="int8 quantisation is lstm_multi.torch's")
+    example = load_example("int8_digits")
+    rows = example.main(["--variants", "peephole", "--train-size", "64", "--epochs", "1"])
+    (row,) = rows
+    assert row["variant"] == "peephole" and 0 <= row["int8"] <= 1 and 0 <= row["float32"] <= 1
+    assert 0 < row["logit gap"] < 1  # int8, not float: never exactly equal
