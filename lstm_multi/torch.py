@@ -1026,6 +1026,9 @@ class QuantizedLSTM(nn.Module):
         return (y.transpose(0, 1) if self.batch_first else y), (h_n, c_n)
 
 
+break_graph_at(QuantizedLSTM, ("forward",))  # run eagerly under torch.compile, as LSTM
+
+
 def _torch_quantized_lstm(module, dtype):
     """PyTorch's own dynamic quantised LSTM (``torch.ao.nn.quantized.dynamic.LSTM``) of a
     module computing "lstm" without a projection, quantised as
