@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import engine as engines
-from . import init, network, spec, validation
+from . import init, network, regularize, spec, validation
 from .ops import ArrayModuleOps
 
 _NUMPY_OPS = ArrayModuleOps(np)
@@ -60,6 +60,19 @@ class FunctionalCell:
             ``lstm_multi.engines.engine_names(backend)``; "auto" (the default) lets the
             engine table choose per call (``explain(x)`` says which and why,
             ``last_choice`` holds the last call's).
+        zoneout: p in [0, 1), or a pair (p_h, p_c): in a training call (one given a
+            ``dropout_key``) each unit of h (of c) keeps its previous value with
+            probability p_h (p_c), drawn per step (Krueger et al. 2017); in other calls
+            the expectation, h_t = p_h h_{t-1} + (1 - p_h) h̃_t (c likewise). The
+            output is the zoned h. haste's ``zoneout=p`` zones h only: ``(p, 0.0)``.
+        recurrent_dropout: Keras's: in a training call, the recurrent input of each
+            gate's product multiplied by its own inverted-dropout mask (B, R), drawn
+            once per call and fixed over the sequence (Gal & Ghahramani 2016).
+        dropconnect: in a training call, U multiplied by one inverted-dropout mask per
+            layer-direction and call (haste's ``dropout``, Wan et al. 2013).
+            See ``lstm_multi.regularize`` for the equations; zoneout and recurrent
+            dropout run on the array engines (numpy, torch "array", jax "scan"),
+            DropConnect on every engine.
 
     ``cell(params, x, state=None, lengths=None, mask=None)`` returns ``y, (h_n, c_n)``;
     ``cell.vjp(params, x, dy, ...)`` returns the gradients of
@@ -80,6 +93,10 @@ class FunctionalCell:
         proj_size: int = 0,
         dropout: float = 0.0,
         engine: str = "auto",
+        *,
+        zoneout: float | tuple[float, float] = 0.0,
+        recurrent_dropout: float = 0.0,
+        dropconnect: float = 0.0,
     ):
         self.input_size = validation.check_positive_int("input_size", input_size)
         self.hidden_size = validation.check_positive_int("hidden_size", hidden_size)
@@ -90,12 +107,19 @@ class FunctionalCell:
         self.proj_size = validation.check_proj_size(proj_size, self.hidden_size)
         self.dropout = validation.check_dropout(dropout, self.num_layers)
         self.engine = engines.check_engine(self.backend, engine)
+        #: (p_h, p_c): zoneout's probabilities of keeping h's and c's previous values
+        self.zoneout = regularize.check_zoneout(zoneout)
+        self.recurrent_dropout = regularize.check_rate("recurrent_dropout", recurrent_dropout)
+        self.dropconnect = regularize.check_rate("dropconnect", dropconnect)
         #: the ``engines.Choice`` of the most recent call (None before the first)
         self.last_choice = None
 
     def __repr__(self):
         projection = f", proj_size={self.proj_size}" if self.proj_size else ""
         projection += f", dropout={self.dropout}" if self.dropout else ""
+        projection += f", zoneout={self.zoneout}" if any(self.zoneout) else ""
+        for name in ("recurrent_dropout", "dropconnect"):
+            projection += f", {name}={getattr(self, name)}" if getattr(self, name) else ""
         return (
             f"{type(self).__name__}(input_size={self.input_size}, hidden_size={self.hidden_size}, "
             f"variant={self.variant.name!r}, num_layers={self.num_layers}, "
@@ -207,16 +231,22 @@ class FunctionalCell:
             raise TypeError(f"x: expected an array, got {type(x).__name__}")
         x = self._to_backend(x, "x")
         masks = dropout_key is not None and bool(self.dropout) and self.num_layers > 1
+        regularized = self._has_step_masks(dropout_key is not None)
         if mask is None:
-            return self._choose(x, masks)
+            return self._choose(x, masks, step_masks=regularized)
         batch_first = self.batch_first and len(x.shape) == 3
         steps, batch = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
         steps_mask = self._prepare_mask(mask, steps, batch, x)
-        return self._choose(x, masks, network.is_step_mask(steps_mask))
+        return self._choose(x, masks, network.is_step_mask(steps_mask), regularized)
 
-    def _choose(self, x, layer_masks=False, step_mask=False) -> engines.Choice:
+    def _has_step_masks(self, training):
+        """Whether a call runs zoneout or recurrent dropout in its time loop."""
+        return any(self.zoneout) or (training and bool(self.recurrent_dropout))
+
+    def _choose(self, x, layer_masks=False, step_mask=False, step_masks=False) -> engines.Choice:
         """``engines.select_engine`` for a call on x (``layer_masks``: with dropout masks;
-        ``step_mask``: with a per-step mask that is not right padding)."""
+        ``step_mask``: with a per-step mask that is not right padding; ``step_masks``:
+        with zoneout or recurrent dropout)."""
         case = engines.Case(
             self.backend,
             self._device_type(x),
@@ -226,6 +256,7 @@ class FunctionalCell:
             self.proj_size,
             layer_masks=layer_masks,
             step_mask=step_mask,
+            step_masks=step_masks,
         )
         return engines.select_engine(case, self.engine)
 
@@ -261,8 +292,44 @@ class FunctionalCell:
         """
         params, x, h0, c0, lengths = self._prepare(params, x, state, lengths, mask=mask)
         masks = self._layer_masks(dropout_key, x)
-        y, h_n, c_n = self._forward(params, x, h0, c0, lengths, masks)
+        step_masks, u_masks = self._regularizers(dropout_key, x)
+        params = _drop_connect(params, u_masks)
+        if step_masks is None:
+            y, h_n, c_n = self._forward(params, x, h0, c0, lengths, masks)
+        else:
+            y, h_n, c_n = self._forward(params, x, h0, c0, lengths, masks, step_masks=step_masks)
         return self._from_time_major(y), (h_n, c_n)
+
+    def _regularizers(self, dropout_key, x):
+        """(step masks, U masks) of a call (``lstm_multi.regularize``): per layer-direction
+        ``StepMasks`` (zoneout's masks, or its probabilities in evaluation; recurrent
+        dropout's) or None where the loop runs none; DropConnect's (R, 4H) masks or None.
+        """
+        p_h, p_c = self.zoneout
+        training = dropout_key is not None
+        count = self.num_layers * self.num_directions
+        if not training:
+            return (regularize.evaluation_masks(count, p_h, p_c) if p_h or p_c else None), None
+        rates = (p_h, p_c, self.recurrent_dropout, self.dropconnect)
+        if not any(rates):
+            return None, None
+        steps, batch = x.shape[0], x.shape[1]
+        width = self.output_size if self.variant.recurrent_state == "h" else self.hidden_size
+        shapes_of = [
+            (
+                (steps, batch, self.output_size),
+                (steps, batch, self.hidden_size),
+                width,
+                p["U"],
+            )
+            for layer in self.param_shapes()
+            for p in layer
+        ]
+        step_masks, u_masks = regularize.draw(self.ops, dropout_key, x, shapes_of, rates)
+        return (
+            step_masks if p_h or p_c or self.recurrent_dropout else None,
+            u_masks if self.dropconnect else None,
+        )
 
     def _layer_masks(self, dropout_key, x):
         """The dropout masks of layers 1..L-1 ([None, mask_1, ...], each (T, B, D * H)),
@@ -306,7 +373,11 @@ class FunctionalCell:
         validation.check_float_dtype("x_t", self.ops.dtype_name(x_t))
         x = self.ops.reshape(self._to_backend(x_t, "x_t"), (1, *x_t.shape))  # (T=1, B, in)
         params, x, h0, c0, _ = self._prepare(params, x, state, None, time_major=True)
-        y, h_n, c_n = self._forward(params, x, h0, c0, None)  # no dropout: inference
+        step_masks, _ = self._regularizers(None, x)  # inference: zoneout's expectation
+        if step_masks is None:
+            y, h_n, c_n = self._forward(params, x, h0, c0, None)  # no dropout: inference
+        else:
+            y, h_n, c_n = self._forward(params, x, h0, c0, None, step_masks=step_masks)
         return y[0], (h_n, c_n)
 
     def stop_gradient(self, state: tuple[Any, Any]) -> tuple[Any, Any]:
@@ -365,7 +436,16 @@ class FunctionalCell:
             for name, grad, like in (("dh_n", dh_n, h0), ("dc_n", dc_n, c0))
         )
         masks = self._layer_masks(dropout_key, x)
-        grads, dx, dh0, dc0 = self._vjp(params, x, h0, c0, lengths, dy, dh_n, dc_n, masks)
+        step_masks, u_masks = self._regularizers(dropout_key, x)
+        params = _drop_connect(params, u_masks)
+        if step_masks is None:
+            grads, dx, dh0, dc0 = self._vjp(params, x, h0, c0, lengths, dy, dh_n, dc_n, masks)
+        else:
+            grads, dx, dh0, dc0 = self._vjp(
+                params, x, h0, c0, lengths, dy, dh_n, dc_n, masks, step_masks=step_masks
+            )
+        # DropConnect: the gradient of U' = U * M at U is dU' * M
+        grads = _drop_connect(grads, u_masks)
         return grads, self._from_time_major(dx), (dh0, dc0)
 
     def _final_grad(self, name, grad, like, dtype, x):
@@ -490,3 +570,12 @@ class FunctionalCell:
     def _traced_mask(self, mask):
         """A (B, T) mask whose values are not known yet (only JAX traces) -> (T, B)."""
         raise TypeError(f"mask: expected concrete booleans, got {type(mask).__name__}")
+
+
+def _drop_connect(params, u_masks):
+    """params (or their gradients) with each layer-direction's U multiplied by its
+    DropConnect mask; params unchanged for None."""
+    if u_masks is None:
+        return params
+    it = iter(u_masks)
+    return [[{**p, "U": p["U"] * next(it)} for p in layer] for layer in params]

@@ -83,7 +83,9 @@ class Case:
     ``dropout_key`` (the functional cell's; PyTorch's own kernel cannot take them);
     tracing: under ``torch.jit.trace``, which records plain ops only (PyTorch's own
     kernel is one); step_mask: a per-step mask that is not right padding (left padding,
-    gaps, a row with no real step; right padding runs as lengths).
+    gaps, a row with no real step; right padding runs as lengths); step_masks: zoneout
+    (training or evaluation) or recurrent dropout inside the time loop
+    (``lstm_multi.regularize``), which only the ``REGULARIZING`` engines run.
     """
 
     backend: str
@@ -96,6 +98,7 @@ class Case:
     layer_masks: bool = False
     tracing: bool = False
     step_mask: bool = False
+    step_masks: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,7 @@ class Engine:
     refusal: Callable[[Case], str | None] = field(repr=False, compare=False)
 
     def runs(self, case: Case) -> bool:
-        return case.backend in self.backends and self.refusal(case) is None
+        return case.backend in self.backends and _refusal(self, case) is None
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,31 @@ def _pallas_refusal(case: Case) -> str | None:
 
 def _never(case: Case) -> str | None:
     return None
+
+
+#: the engines that run zoneout and recurrent dropout (``lstm_multi.regularize``): the
+#: array loops, differentiated by hand (NumPy) or by the framework (torch, JAX)
+REGULARIZING = ("array", "scan")
+
+
+def _refusal(engine: Engine, case: Case) -> str | None:
+    """``engine.refusal(case)``, and a refusal of zoneout / recurrent dropout by the
+    engines outside ``REGULARIZING`` (their kernels have no such step yet)."""
+    if case.step_masks and engine.name not in REGULARIZING:
+        return (
+            "its kernels run no zoneout or recurrent dropout (the array loop does: "
+            f"engines {', '.join(REGULARIZING)})"
+        )
+    return engine.refusal(case)
+
+
+def _check_regularizable(case: Case) -> None:
+    """A ValueError where a case with zoneout / recurrent dropout has no engine at all."""
+    if case.step_masks and not any(e.name in REGULARIZING for e in engines(case.backend)):
+        raise ValueError(
+            f"zoneout / recurrent_dropout: no engine of the {case.backend} backend runs them "
+            f"yet (the numpy, torch and jax backends do: engines {', '.join(REGULARIZING)})"
+        )
 
 
 _NOT_ON_GPU_YET = (
@@ -462,10 +490,11 @@ def select_engine(case: Case, requested: str = AUTO, exclude: tuple[str, ...] = 
     why.
     """
     requested = check_engine(case.backend, requested)
+    _check_regularizable(case)
     passed_over: list[tuple[str, str]] = []
     name = requested
     while name != AUTO:
-        why = _BY_NAME[name].refusal(case)
+        why = _refusal(_BY_NAME[name], case)
         if why is None:
             reason = "asked for by name" if name == requested else f"the fallback of {requested!r}"
             return Choice(name, requested, reason, tuple(passed_over))
@@ -479,7 +508,9 @@ def select_engine(case: Case, requested: str = AUTO, exclude: tuple[str, ...] = 
     for name in order:
         if name in tried:
             continue
-        why = "excluded by the cell's options" if name in exclude else _BY_NAME[name].refusal(case)
+        why = (
+            "excluded by the cell's options" if name in exclude else _refusal(_BY_NAME[name], case)
+        )
         if why is None:
             where = f"{case.backend} on {case.device}"
             return Choice(

@@ -160,6 +160,16 @@ def loop_direction(ops, variant, p, xs, h0, c0, valid, record=False):
     return ops.stack(ys, 0), h, ops.cast(c, ops.dtype_name(c0)), tape
 
 
+def reverse_masks(ops, layout, masks):
+    """A ``regularize.StepMasks`` (a NamedTuple) with its per-step (T, B, F) masks in
+    direction 1's order (``TimeLayout.reverse``); probabilities and per-call masks stay."""
+
+    def order(k):
+        return layout.reverse(ops, k) if hasattr(k, "shape") and len(k.shape) == 3 else k
+
+    return type(masks)(order(masks[0]), order(masks[1]), *masks[2:])
+
+
 def forward(
     ops,
     variant,
@@ -171,6 +181,7 @@ def forward(
     run_direction,
     between_layers=None,
     layer_masks=None,
+    step_masks=None,
 ):
     """The whole network forward.
 
@@ -181,7 +192,10 @@ def forward(
     dropout) is applied to the input of every layer after the first;
     ``layer_masks[k]`` (k >= 1; (T, B, F) arrays, such as inverted-dropout
     masks) multiplies layer k's input, where ``bptt.backward`` can apply it
-    again to the gradient.
+    again to the gradient. ``step_masks[k]`` (k = layer * D + direction; a
+    ``regularize.StepMasks``, time on x's axis): zoneout and recurrent-dropout masks,
+    handed to ``run_direction(..., step_masks=...)`` in the order the direction
+    reads its steps.
     Returns (y (T, B, D * H), h_n, c_n, tapes[layer][direction], layout).
     """
     variant = spec.get_variant(variant)
@@ -199,7 +213,15 @@ def forward(
             k = layer * num_directions + direction
             xs = layer_input if direction == 0 else layout.reverse(ops, layer_input)
             valid = layout.valid_of(direction)
-            ys, h, c, tape = run_direction(ops, variant, p, xs, h0[k], c0[k], valid)
+            if step_masks is None:
+                ys, h, c, tape = run_direction(ops, variant, p, xs, h0[k], c0[k], valid)
+            else:
+                masks = (
+                    step_masks[k] if direction == 0 else reverse_masks(ops, layout, step_masks[k])
+                )
+                ys, h, c, tape = run_direction(
+                    ops, variant, p, xs, h0[k], c0[k], valid, step_masks=masks
+                )
             outputs.append(ys if direction == 0 else layout.reverse(ops, ys))
             h_n.append(h)
             c_n.append(c)

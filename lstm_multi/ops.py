@@ -170,6 +170,17 @@ class ArrayModuleOps:
         masks = [(rng.random(shape) >= rate) * scale for shape in shapes]
         return [self.astype(self.asarray(m), self.dtype_name(like)) for m in masks]
 
+    def random_uniform(self, key, shapes, like):
+        """Uniform draws in [0, 1), one array per shape, on ``like``'s device, for the
+        masks of ``lstm_multi.regularize``: from a stream apart from ``dropout_masks``'
+        (NumPy: ``default_rng([seed, 1])`` where that is ``default_rng(seed)``), so the
+        same int or key gives the same draws and the inter-layer masks stay as they were.
+        """
+        from . import init
+
+        rng = np.random.default_rng([init.seed_from(key, "dropout_key"), 1])
+        return [self.asarray(rng.random(shape)) for shape in shapes]
+
     # raw memory, for the compiled CPU kernels (``lstm_multi.backends.kernel_direction``)
     def cpu_scalar(self, x):
         """The C type ("float" or "double") of ``x`` when the CPU kernels can read it

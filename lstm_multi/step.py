@@ -70,8 +70,15 @@ def step_forward(ops, variant, zx, h_prev, c_prev, U_step, extra):
     backward (and m_t last, with a projection).
     """
     r = h_prev if variant.recurrent_state == "h" else c_prev
-    W_hr = extra.get(spec.PROJECTION)
     z = ops.step_gemm(r, U_step, zx)
+    return gates_and_projection(ops, variant, z, c_prev, extra)
+
+
+def gates_and_projection(ops, variant, z, c_prev, extra):
+    """The step after its recurrent product: the gate math on the preactivations z
+    (B, 4H), then the projection if there is one. Returns (h_t, c_t, cache) as
+    ``step_forward`` does (``lstm_multi.regularize`` forms z its own way)."""
+    W_hr = extra.get(spec.PROJECTION)
     if W_hr is None:
         return ops.gates_forward(variant, z, c_prev, extra)
     m, c, cache = ops.gates_forward(variant, z, c_prev, gate_params(extra))
@@ -90,19 +97,25 @@ def step_backward(ops, variant, dh, dc, cache, U_step_t, extra):
     projection, dm_t = dh_t W_hr^T enters the gate backward and this step's
     dW_hr = m_t^T dh_t (in dz's dtype) is among the extra grads.
     """
-    W_hr = extra.get(spec.PROJECTION)
-    if W_hr is None:
-        dz, dc_prev, dextra = ops.gates_backward(variant, dh, dc, cache, extra)
-    else:
-        *cache, m = cache
-        dm = ops.cast(dh, ops.dtype_name(W_hr)) @ ops.transpose(W_hr)
-        dz, dc_prev, dextra = ops.gates_backward(variant, dm, dc, tuple(cache), gate_params(extra))
-        state = ops.dtype_name(dz)
-        dextra[spec.PROJECTION] = ops.transpose(ops.cast(m, state)) @ ops.cast(dh, state)
+    dz, dc_prev, dextra = gates_and_projection_backward(ops, variant, dh, dc, cache, extra)
     dr = ops.step_gemm_t(dz, U_step_t)
     if variant.recurrent_state == "h":
         return dz, dr, dc_prev, dextra
     return dz, ops.zeros_like(dh), dc_prev + dr, dextra
+
+
+def gates_and_projection_backward(ops, variant, dh, dc, cache, extra):
+    """Backward of ``gates_and_projection``: (dh_t, dc_t) -> (dz (B, 4H), the gate
+    math's dc_{t-1}, extra grads), without the recurrent product's dr."""
+    W_hr = extra.get(spec.PROJECTION)
+    if W_hr is None:
+        return ops.gates_backward(variant, dh, dc, cache, extra)
+    *cache, m = cache
+    dm = ops.cast(dh, ops.dtype_name(W_hr)) @ ops.transpose(W_hr)
+    dz, dc_prev, dextra = ops.gates_backward(variant, dm, dc, tuple(cache), gate_params(extra))
+    state = ops.dtype_name(dz)
+    dextra[spec.PROJECTION] = ops.transpose(ops.cast(m, state)) @ ops.cast(dh, state)
+    return dz, dc_prev, dextra
 
 
 def projection_grads(ops, variant, xs, rs, dzs, W):

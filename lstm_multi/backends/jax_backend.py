@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import bptt, network, validation
+from .. import bptt, network, regularize, validation
 from ..cell import FunctionalCell
 from ..ops import ArrayModuleOps
 from ..step import recurrent_weight
@@ -65,6 +65,23 @@ class JaxOps(ArrayModuleOps):
             for k, shape in enumerate(shapes)
         ]
 
+    def random_uniform(self, key, shapes, like):
+        """As ``ArrayModuleOps.random_uniform``, by ``jax.random`` (traceable): draw k from
+        ``fold_in(fold_in(key, RANDOM_STREAM), k)``, a stream apart from ``dropout_masks``'
+        ``fold_in(key, k)``."""
+        self.dropout_masks(key, [], 0.5, like)  # raises on a key it does not take
+        if isinstance(key, int):
+            key = jax.random.key(key)
+        stream = jax.random.fold_in(key, RANDOM_STREAM)
+        dtype = jnp.float64 if like.dtype == jnp.float64 else jnp.float32
+        return [
+            jax.random.uniform(jax.random.fold_in(stream, k), shape, dtype)
+            for k, shape in enumerate(shapes)
+        ]
+
+
+#: the ``fold_in`` tag of ``JaxOps.random_uniform``'s stream
+RANDOM_STREAM = 0x20E0
 
 OPS = JaxOps()
 
@@ -241,6 +258,33 @@ def autodiff_direction(ops, variant, p, xs, h0, c0, valid, plan):
     return ys, h, c, None
 
 
+def regularized_scan(variant, p, xs, h0, c0, valid, masks):
+    """One direction with zoneout / recurrent dropout (``regularize.regularized_step``) in
+    ``lax.scan``, differentiated by JAX itself. The per-step zoneout masks are scanned
+    over; probabilities (evaluation) and the recurrent-dropout masks are closed over."""
+    ops = OPS
+    U = recurrent_weight(ops, variant, p["U"])
+    extra = network.extra_params(p)
+    per_step = [k if hasattr(k, "shape") and k.ndim == 3 else None for k in masks[:2]]
+    fixed = [None if s is not None else k for s, k in zip(per_step, masks[:2], strict=True)]
+
+    def step(carry, inputs):
+        h, c = carry
+        zx, v, step_h, step_c = inputs
+        keep_h = fixed[0] if step_h is None else step_h
+        keep_c = fixed[1] if step_c is None else step_c
+        h, c, y, _ = regularize.regularized_step(
+            ops, variant, zx, h, c, v, U, extra, keep_h, keep_c, masks.recurrent
+        )
+        return (h, c), y
+
+    zxs = ops.project(xs, p["W"], p["b"])
+    c_start = ops.cast(c0, ops.state_dtype(ops.dtype_name(c0)))
+    carry = _varying_like((h0, c_start), xs, p, valid)
+    (h, c), ys = jax.lax.scan(step, carry, (zxs, valid, *per_step))
+    return ys, h, ops.cast(c, ops.dtype_name(c0)), None
+
+
 def x64_enabled():
     return bool(jax.config.jax_enable_x64)
 
@@ -357,6 +401,9 @@ class Cell(FunctionalCell):
         scan_unroll: int = 2,
         project_in_step: bool | None = None,
         pallas_kernels=None,
+        zoneout: float | tuple[float, float] = 0.0,
+        recurrent_dropout: float = 0.0,
+        dropconnect: float = 0.0,
     ):
         if not (kernel is None or (isinstance(kernel, str) and kernel in self.KERNELS)):
             raise ValueError(f"kernel: expected None or 'pallas_persistent', got {kernel!r}")
@@ -369,7 +416,8 @@ class Cell(FunctionalCell):
             engine = kernel
         super().__init__(
             input_size, hidden_size, variant, num_layers, bidirectional, batch_first,
-            proj_size, dropout, engine,
+            proj_size, dropout, engine, zoneout=zoneout, recurrent_dropout=recurrent_dropout,
+            dropconnect=dropconnect,
         )  # fmt: skip
         self.autodiff = validation.check_bool("autodiff", autodiff)
         if self.engine == "pallas_persistent" and self.autodiff:
@@ -408,11 +456,14 @@ class Cell(FunctionalCell):
             )
         return kernels
 
-    def _direction(self, ops, variant, p, xs, h0, c0, valid):
-        """The time loop of one direction (``network.loop_direction``'s contract): the
+    def _direction(self, ops, variant, p, xs, h0, c0, valid, step_masks=None):
+        """With ``step_masks`` (zoneout, recurrent dropout): ``regularized_scan``.
+        Otherwise The time loop of one direction (``network.loop_direction``'s contract): the
         custom VJP's scan, ``autodiff_direction`` with ``autodiff=True``, or the Pallas
         kernels; the scan compiled as ``scan_unroll`` and ``project_in_step`` say
         (resolved while tracing, for the default backend)."""
+        if step_masks is not None:
+            return regularized_scan(variant, p, xs, h0, c0, valid, step_masks)
         plan = ScanPlan(self.scan_unroll, project_in_step(self.project_in_step))
         if self.autodiff:
             return autodiff_direction(ops, variant, p, xs, h0, c0, valid, plan)
@@ -424,15 +475,18 @@ class Cell(FunctionalCell):
             )
         return scan_direction(ops, variant, p, xs, h0, c0, valid, plan)
 
-    def _forward_impl(self, params, x, h0, c0, lengths, layer_masks=None):
+    def _forward_impl(self, params, x, h0, c0, lengths, layer_masks=None, step_masks=None):
         y, h_n, c_n, _, _ = network.forward(
-            OPS, self.variant, params, x, h0, c0, lengths, self._direction, layer_masks=layer_masks
-        )
+            OPS, self.variant, params, x, h0, c0, lengths, self._direction,
+            layer_masks=layer_masks, step_masks=step_masks,
+        )  # fmt: skip
         return y, h_n, c_n
 
-    def _vjp_impl(self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None):
+    def _vjp_impl(
+        self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None, step_masks=None
+    ):
         def run(params, x, h0, c0):
-            return self._forward_impl(params, x, h0, c0, lengths, layer_masks)
+            return self._forward_impl(params, x, h0, c0, lengths, layer_masks, step_masks)
 
         _, pullback = jax.vjp(run, params, x, h0, c0)
         return pullback((dy, dh_n, dc_n))
@@ -455,10 +509,12 @@ class Cell(FunctionalCell):
             .as_text(),
         }
 
-    def _forward(self, params, x, h0, c0, lengths, layer_masks=None):
-        self.last_choice = self._choose(x, layer_masks is not None, network.is_step_mask(lengths))
+    def _forward(self, params, x, h0, c0, lengths, layer_masks=None, step_masks=None):
+        self.last_choice = self._choose(
+            x, layer_masks is not None, network.is_step_mask(lengths), step_masks is not None
+        )
         try:
-            return self._jit_forward(params, x, h0, c0, lengths, layer_masks)
+            return self._jit_forward(params, x, h0, c0, lengths, layer_masks, step_masks)
         except TypeError as error:
             if _FORWARD_MODE_ERROR not in str(error) or self.autodiff:
                 raise
@@ -474,8 +530,8 @@ class Cell(FunctionalCell):
     def _traced_mask(self, mask):
         return jnp.transpose(mask)
 
-    def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None):
-        return self._jit_vjp(params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks)
+    def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None, step_masks=None):
+        return self._jit_vjp(params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks, step_masks)
 
     def _check_dtype_supported(self, name, dtype_name):
         if dtype_name == "float64" and not x64_enabled():

@@ -30,7 +30,7 @@ from contextlib import nullcontext
 import torch
 
 from .. import engine as engines
-from .. import network, validation
+from .. import network, regularize, validation
 from ..cell import FunctionalCell
 from ..spec import Variant
 from . import torch_bptt, torch_library, torch_native  # noqa: F401 (torch_library registers the op)
@@ -68,12 +68,13 @@ def generic_forward(
     run_direction=None,
     between_layers=None,
     layer_masks=None,
+    step_masks=None,
 ):
     """The spec's network on the generic path, autocast honoured (see the module doc).
 
     Time-major x (T, B, in); returns (y, h_n, c_n). ``run_direction`` defaults
-    to ``torch_bptt.run_direction``; ``between_layers`` and ``layer_masks`` as in
-    ``network.forward``.
+    to ``torch_bptt.run_direction``; ``between_layers``, ``layer_masks`` and
+    ``step_masks`` (with ``regularized_direction``) as in ``network.forward``.
     """
     run_direction = run_direction or torch_bptt.run_direction
     dtype = autocast_dtype(x)
@@ -90,9 +91,20 @@ def generic_forward(
     off = torch.autocast(x.device.type, enabled=False) if autocasting else nullcontext()
     with off:
         y, h_n, c_n, _, _ = network.forward(
-            OPS, variant, params, x, h0, c0, lengths, run_direction, between_layers, layer_masks
-        )
+            OPS, variant, params, x, h0, c0, lengths, run_direction, between_layers, layer_masks,
+            step_masks,
+        )  # fmt: skip
     return y, h_n, c_n
+
+
+def regularized_direction(ops, variant, p, xs, h0, c0, valid, step_masks):
+    """A direction with zoneout / recurrent dropout (``regularize.loop_direction``): the
+    array code as plain torch ops, differentiated by autograd step by step (the "array"
+    engine's reference loop; no fused BPTT node yet)."""
+    ys, h, c, _ = regularize.loop_direction(
+        torch_bptt.REFERENCE_OPS, variant, p, xs, h0, c0, valid, step_masks
+    )
+    return ys, h, c, None
 
 
 def empty_batch(params, x, h0, c0):
@@ -266,8 +278,9 @@ def spelled_as(engine, gate_kernel, cuda_graphs):
 
 
 def choose_engine(
-    variant, hidden_size, proj_size, requested, exclude, x, layer_masks=False, step_mask=False
-):
+    variant, hidden_size, proj_size, requested, exclude, x, layer_masks=False, step_mask=False,
+    step_masks=False,
+):  # fmt: skip
     """``engines.select_engine`` for a torch call on x (its device, its compute dtype: the
     autocast dtype inside ``torch.autocast``; inside ``torch.func`` transforms or not)."""
     dtype = autocast_dtype(x) or x.dtype
@@ -282,6 +295,7 @@ def choose_engine(
         layer_masks=layer_masks,
         tracing=torch.jit.is_tracing(),
         step_mask=step_mask,
+        step_masks=step_masks,
     )
     return engines.select_engine(case, requested, exclude)
 
@@ -340,10 +354,14 @@ class Cell(GraphOwner, FunctionalCell):
         device=None,
         gate_kernel: str | None = None,
         cuda_graphs: bool = False,
+        zoneout: float | tuple[float, float] = 0.0,
+        recurrent_dropout: float = 0.0,
+        dropconnect: float = 0.0,
     ):
         super().__init__(
             input_size, hidden_size, variant, num_layers, bidirectional, batch_first,
-            proj_size, dropout,
+            proj_size, dropout, zoneout=zoneout, recurrent_dropout=recurrent_dropout,
+            dropconnect=dropconnect,
         )  # fmt: skip
         if native is not None and not isinstance(native, bool):
             raise TypeError(f"native: expected True, False or None, got {native!r}")
@@ -358,10 +376,10 @@ class Cell(GraphOwner, FunctionalCell):
         #: the ``engines.Choice`` of the most recent call (None before the first)
         self.last_choice = None
 
-    def _choose(self, x, layer_masks=False, step_mask=False):
+    def _choose(self, x, layer_masks=False, step_mask=False, step_masks=False):
         return choose_engine(
             self.variant, self.hidden_size, self.proj_size, self.engine, self._excluded, x,
-            layer_masks, step_mask,
+            layer_masks, step_mask, step_masks,
         )  # fmt: skip
 
     @property
@@ -419,23 +437,30 @@ class Cell(GraphOwner, FunctionalCell):
     #: (the tests' reference path); None: the chosen engine's (``engine_runner``)
     generic_direction = None
 
-    def _forward(self, params, x, h0, c0, lengths, layer_masks=None):
-        choice = self._choose(x, layer_masks is not None, network.is_step_mask(lengths))
+    def _forward(self, params, x, h0, c0, lengths, layer_masks=None, step_masks=None):
+        choice = self._choose(
+            x, layer_masks is not None, network.is_step_mask(lengths), step_masks is not None
+        )
         self.last_choice = choice
         warn_device_fallback(choice, self._spelled, x)
         engine = export_engine(choice.engine, x)
         if engine == "native":
             return torch_native.forward(params, x, h0, c0, lengths)
+        if step_masks is not None:
+            return generic_forward(
+                self.variant, params, x, h0, c0, lengths, regularized_direction,
+                layer_masks=layer_masks, step_masks=step_masks,
+            )  # fmt: skip
         runner = type(self).generic_direction or engine_runner(engine, self._graphs_for(engine))
         return generic_forward(
             self.variant, params, x, h0, c0, lengths, runner, layer_masks=layer_masks
         )
 
-    def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None):
+    def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None, step_masks=None):
         with torch.enable_grad():
             params = self._map(lambda name, a: a.detach().requires_grad_(True), params)
             x, h0, c0 = (a.detach().requires_grad_(True) for a in (x, h0, c0))
-            y, h_n, c_n = self._forward(params, x, h0, c0, lengths, layer_masks)
+            y, h_n, c_n = self._forward(params, x, h0, c0, lengths, layer_masks, step_masks)
             leaves = [v for layer in params for p in layer for v in p.values()]
             grads = torch.autograd.grad(
                 (y, h_n, c_n), [*leaves, x, h0, c0], (dy, dh_n, dc_n), allow_unused=True

@@ -70,6 +70,28 @@ class TorchOps(ArrayModuleOps):
             for shape in shapes
         ]
 
+    def random_uniform(self, key, shapes, like):
+        """As ``ArrayModuleOps.random_uniform``, drawn by torch on ``like``'s device: a
+        ``torch.Generator`` key is drawn from as it stands (it advances); an int or other
+        key seeds a generator with the stream (seed, 1)."""
+        import numpy as np
+
+        from .. import init
+
+        if isinstance(key, torch.Generator):
+            self.dropout_masks(key, [], 0.0, like)  # the device check
+            generator = key
+        else:
+            seed = init.seed_from(key, "dropout_key")
+            state = np.random.SeedSequence([seed, 1]).generate_state(2, np.uint32)
+            stream = ((int(state[0]) << 32) | int(state[1])) & (2**63 - 1)
+            generator = torch.Generator(device=like.device).manual_seed(stream)
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return [
+            torch.rand(shape, generator=generator, device=like.device, dtype=dtype)
+            for shape in shapes
+        ]
+
     def cpu_scalar(self, x):
         if x.device.type != "cpu":
             return None
