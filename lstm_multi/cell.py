@@ -300,6 +300,22 @@ class FunctionalCell:
             y, h_n, c_n = self._forward(params, x, h0, c0, lengths, masks, step_masks=step_masks)
         return self._from_time_major(y), (h_n, c_n)
 
+    def regularizer_masks(self, x, dropout_key=None):
+        """The zoneout, recurrent-dropout and DropConnect masks a call on ``x`` with
+        ``dropout_key`` runs: ``(step_masks, u_masks)``.
+
+        step_masks: None (no zoneout or recurrent dropout in this call), or per
+        layer-direction k = layer * D + direction a ``regularize.StepMasks``: ``keep_h``
+        (T, B, P or H) and ``keep_c`` (T, B, H) zoneout masks (1: the unit keeps its
+        previous value) time-major on x's time axis, or the probabilities p_h, p_c
+        without a key (evaluation); ``recurrent`` (B, 4, R) recurrent dropout's masks
+        per gate. u_masks: None, or per layer-direction DropConnect's (R, 4H) mask.
+        The same int or key gives the masks the call draws (a generator advances).
+        """
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"x: expected an array, got {type(x).__name__}")
+        return self._regularizers(dropout_key, self._to_time_major(self._to_backend(x, "x")))
+
     def _regularizers(self, dropout_key, x):
         """(step masks, U masks) of a call (``lstm_multi.regularize``): per layer-direction
         ``StepMasks`` (zoneout's masks, or its probabilities in evaluation; recurrent

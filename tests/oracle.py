@@ -99,14 +99,19 @@ def _block(matrix, gate, h):
     return matrix[..., k * h : (k + 1) * h]
 
 
-def step(variant, x_t, h_prev, c_prev, W, U, b, p):
-    """One time step of one sequence: x_t (in,), h_prev, c_prev (H,) -> (h_t, c_t)."""
+def step(variant, x_t, h_prev, c_prev, W, U, b, p, drop=None):
+    """One time step of one sequence: x_t (in,), h_prev, c_prev (H,) -> (h_t, c_t).
+
+    drop: recurrent dropout's masks (4, R), one per gate (Keras 3's): gate k's
+    product reads recurrent * drop[k]; None: no recurrent dropout.
+    """
     require_torch()
     h = c_prev.shape[-1]
     recurrent = c_prev if variant == "peephole_full" else h_prev
 
     def z(gate):
-        return x_t @ _block(W, gate, h) + recurrent @ _block(U, gate, h) + _block(b, gate, h)
+        r = recurrent if drop is None else recurrent * drop[GATES.index(gate)]
+        return x_t @ _block(W, gate, h) + r @ _block(U, gate, h) + _block(b, gate, h)
 
     if variant == "lstm":
         i, f = torch.sigmoid(z("i")), torch.sigmoid(z("f"))
@@ -147,9 +152,14 @@ def greff_step(variant, z, c_prev, p):
     return (o * c if variant == "noaf" else o * torch.tanh(c)), c
 
 
-def run_sequence(variant, params, xs, h0, c0):
+def run_sequence(variant, params, xs, h0, c0, masks=None):
     """One sequence through the network: xs (L, in) its valid steps, h0, c0 (L*D, H).
 
+    masks[k] (layer-direction k), for zoneout and recurrent dropout: {"keep_h": (L, P
+    or H) 0/1 masks or a probability p_h, "keep_c": likewise for c, "drop": (4, R) or
+    None}, indexed by the sequence's valid steps in time order. Zoneout (Krueger et al.
+    2017) after the step (and its projection): h_t = k_h h_{t-1} + (1 - k_h) h̃_t, c_t
+    likewise; the output is the zoned h_t.
     Returns (ys (L, D*H), h_n (L*D, H), c_n (L*D, H)).
     """
     num_directions = len(params[0])
@@ -162,10 +172,17 @@ def run_sequence(variant, params, xs, h0, c0):
             order = range(len(xs)) if direction == 0 else range(len(xs) - 1, -1, -1)
             h, c = h0[k], c0[k]
             ys = [None] * len(xs)
+            m = {} if masks is None else masks[k]
             for t in order:
-                h, c = step(variant, layer_input[t], h, c, p["W"], p["U"], p["b"], p.get("p"))
+                h_prev, c_prev = h, c
+                h, c = step(
+                    variant, layer_input[t], h, c, p["W"], p["U"], p["b"], p.get("p"),
+                    m.get("drop"),
+                )  # fmt: skip
                 if "W_hr" in p:
                     h = h @ p["W_hr"]  # the projection: m_t W_hr
+                h = _zone(m.get("keep_h"), t, h_prev, h)
+                c = _zone(m.get("keep_c"), t, c_prev, c)
                 ys[t] = h
             outputs.append(torch.stack(ys))
             h_n.append(h)
@@ -174,7 +191,35 @@ def run_sequence(variant, params, xs, h0, c0):
     return layer_input, torch.stack(h_n), torch.stack(c_n)
 
 
-def oracle(variant, params, x, h0, c0, lengths, dy, dh_n, dc_n, mask=None):
+def _zone(keep, t, previous, new):
+    """Zoneout's k previous + (1 - k) new, k step t's mask or a probability."""
+    if keep is None:
+        return new
+    k = keep if isinstance(keep, float) else keep[t]
+    return k * previous + (1 - k) * new
+
+
+def _sequence_masks(masks, t, n):
+    """The masks of sequence n at its valid steps t (see ``oracle``'s ``masks``)."""
+    if masks is None:
+        return None
+
+    def pick(keep):
+        if keep is None or isinstance(keep, float):
+            return keep
+        return torch.tensor(np.asarray(keep, np.float64)[t, n])
+
+    return [
+        {
+            "keep_h": pick(m.get("keep_h")),
+            "keep_c": pick(m.get("keep_c")),
+            "drop": None if m.get("drop") is None else torch.tensor(np.asarray(m["drop"])[n]),
+        }
+        for m in masks
+    ]
+
+
+def oracle(variant, params, x, h0, c0, lengths, dy, dh_n, dc_n, mask=None, masks=None):
     """Outputs and gradients of the README's LSTM, float64 NumPy, time-major.
 
     params[layer][direction] = {"W", "U", "b"[, "p"][, "W_hr"]} (NumPy); x (T, B, in);
@@ -182,6 +227,9 @@ def oracle(variant, params, x, h0, c0, lengths, dy, dh_n, dc_n, mask=None):
     mask (B, T) booleans (True at a real step, any pattern) or None, instead of
     lengths: sequence n is then the steps where mask[n] is True, in order;
     dy (T, B, D*(P or H)).
+    masks[k] (layer-direction k): zoneout and recurrent dropout, {"keep_h": (T, B, P or
+    H) or a float, "keep_c": (T, B, H) or a float, "drop": (B, 4, R) or None}, indexed
+    by x's time axis (see ``run_sequence``).
     The gradients are those of sum(y*dy) + sum(h_n*dh_n) + sum(c_n*dc_n).
     Returns {"y", "h_n", "c_n", "grads", "dx", "dh0", "dc0"}.
     """
@@ -209,7 +257,9 @@ def oracle(variant, params, x, h0, c0, lengths, dy, dh_n, dc_n, mask=None):
     loss = torch.zeros((), dtype=torch.float64)
     for n, t in enumerate(real):
         if len(t):
-            ys, hs, cs = run_sequence(variant, leaves, xt[t, n], h0t[:, n], c0t[:, n])
+            ys, hs, cs = run_sequence(
+                variant, leaves, xt[t, n], h0t[:, n], c0t[:, n], _sequence_masks(masks, t, n)
+            )
             loss = loss + (ys * torch.tensor(dy[t, n])).sum()
             y[t, n] = ys.detach()
         else:  # no real step: the initial state is the final one

@@ -1,0 +1,287 @@
+"""Zoneout, recurrent dropout and DropConnect on U in the functional cells
+(``lstm_multi.regularize``; ``zoneout=``, ``recurrent_dropout=``, ``dropconnect=``).
+
+Checked on numpy, torch and jax in float64 against the independent oracle, given the
+masks the cell drew (``cell.regularizer_masks``): outputs, final states and every
+gradient, in training (masks) and in evaluation (zoneout's expectation); p = 0 is the
+plain network exactly; the same key gives the same masks and another key others;
+padding never leaks; the kernel engines refuse and say why; bad arguments are refused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import assert_close
+
+import lstm_multi
+
+oracle = pytest.importorskip("oracle")
+
+BACKENDS = ("numpy", "torch", "jax")
+RATES = dict(zoneout=(0.3, 0.2), recurrent_dropout=0.3, dropconnect=0.25)
+
+
+def _cell(backend, **kwargs):
+    if backend not in lstm_multi.available_backends():
+        pytest.skip(f"{backend} is not installed")
+    if backend == "jax":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            pytest.skip("float64 needs JAX's x64 mode")
+    sizes = dict(input_size=2, hidden_size=3, num_layers=2, bidirectional=True, batch_first=False)
+    return lstm_multi.get_cell(backend)(**{**sizes, **kwargs})
+
+
+def _array(backend, a):
+    if backend == "torch":
+        import torch
+
+        return torch.as_tensor(a)
+    if backend == "jax":
+        import jax.numpy as jnp
+
+        return jnp.asarray(a)
+    return a
+
+
+def _key(backend, n):
+    if backend == "jax":
+        import jax
+
+        return jax.random.key(n)
+    return n
+
+
+def _numpy(a):
+    if a is None or isinstance(a, float):
+        return a
+    return np.asarray(a.detach() if hasattr(a, "detach") else a)
+
+
+def _against_oracle(backend, key, lengths=None, mask=None, **kwargs):
+    """The cell's call and vjp against the oracle given the cell's own masks."""
+    cell = _cell(backend, **kwargs)
+    params = cell.init(seed=3, dtype="float64")
+    rng = np.random.default_rng(4)
+    steps, batch = 5, 3
+    x = rng.standard_normal((steps, batch, 2))
+    h_shape, c_shape = cell.state_shapes(batch)
+    h0, c0 = rng.standard_normal(h_shape), rng.standard_normal(c_shape)
+    width = cell.num_directions * cell.output_size
+    dy, dh_n, dc_n = (rng.standard_normal(s) for s in ((steps, batch, width), h_shape, c_shape))
+    call = dict(lengths=lengths, mask=None if mask is None else _array(backend, mask))
+    if key is not None:
+        call["dropout_key"] = _key(backend, key)
+    state = (_array(backend, h0), _array(backend, c0))
+    y, (h_n, c_n) = cell(params, _array(backend, x), state, **call)
+    grads, dx, (dh0, dc0) = cell.vjp(
+        params, _array(backend, x), _array(backend, dy), state,
+        dh_n=_array(backend, dh_n), dc_n=_array(backend, dc_n), **call,
+    )  # fmt: skip
+    step_masks, u_masks = cell.regularizer_masks(
+        _array(backend, x), None if key is None else _key(backend, key)
+    )
+    np_params = cell.to_numpy(params)
+    if u_masks is not None:  # the oracle runs U' = U * M; dU = dU' * M
+        for k, p in enumerate(q for layer in np_params for q in layer):
+            p["U"] = p["U"] * _numpy(u_masks[k])
+    masks = None
+    if step_masks is not None:
+        masks = [
+            {"keep_h": _numpy(m.keep_h), "keep_c": _numpy(m.keep_c), "drop": _numpy(m.recurrent)}
+            for m in step_masks
+        ]
+    want = oracle.oracle(
+        cell.variant.name, np_params, x, h0, c0, lengths, dy, dh_n, dc_n, mask=mask, masks=masks
+    )
+    for name, got in (("y", y), ("h_n", h_n), ("c_n", c_n), ("dx", dx), ("dh0", dh0), ("dc0", dc0)):
+        assert_close(_numpy(got), want[name], "float64", name)
+    for k, (got, wanted) in enumerate(
+        zip((q for layer in grads for q in layer), (q for layer in want["grads"] for q in layer))
+    ):
+        for name in wanted:
+            expected = wanted[name]
+            if name == "U" and u_masks is not None:
+                expected = expected * _numpy(u_masks[k])
+            assert_close(_numpy(got[name]), expected, "float64", f"d{name} of {k}")
+    return cell
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_agrees_with_the_oracle(backend):
+    """All three regularizers, peephole, two layers, both directions, right padding."""
+    cell = _against_oracle(backend, 7, lengths=np.array([5, 2, 4]), variant="peephole", **RATES)
+    assert cell.last_choice.engine in ("array", "scan")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_evaluation_is_the_expectation(backend):
+    """No key: h_t = p_h h_{t-1} + (1 - p_h) h̃_t and c likewise, against the oracle."""
+    _against_oracle(backend, None, lengths=np.array([5, 2, 4]), **RATES)
+
+
+@pytest.mark.parametrize(
+    ("variant", "extra"),
+    [("peephole_full", {}), ("lstm", {"proj_size": 2}), ("cifg", {"zoneout": 0.4})],
+)
+def test_variants_with_a_mask_agree_with_the_oracle(variant, extra):
+    """r = c_{t-1} (peephole_full), a projection, one zoneout rate; a mask with gaps."""
+    mask = np.array([[1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], bool)
+    _against_oracle("numpy", 2, mask=mask, variant=variant, **{**RATES, **extra})
+
+
+def test_torch_and_jax_agree_with_the_oracle_on_peephole_full():
+    for backend in ("torch", "jax"):
+        _against_oracle(backend, 5, variant="peephole_full", proj_size=0, **RATES)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_rates_are_the_plain_network_exactly(backend):
+    cell = _cell(backend, variant="peephole")
+    zero = _cell(backend, variant="peephole", zoneout=0.0, recurrent_dropout=0.0, dropconnect=0.0)
+    params = cell.init(seed=1, dtype="float64")
+    x = _array(backend, np.random.default_rng(1).standard_normal((4, 2, 2)))
+    for key in (None, _key(backend, 3)):
+        call = {} if key is None else {"dropout_key": key}
+        y, _ = cell(params, x, **call)
+        y0, _ = zero(params, x, **call)
+        np.testing.assert_array_equal(_numpy(y0), _numpy(y))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keys_choose_the_masks(backend):
+    cell = _cell(backend, **RATES)
+    params = cell.init(seed=1, dtype="float64")
+    x = _array(backend, np.random.default_rng(1).standard_normal((4, 2, 2)))
+    a, _ = cell(params, x, dropout_key=_key(backend, 1))
+    b, _ = cell(params, x, dropout_key=_key(backend, 1))
+    c, _ = cell(params, x, dropout_key=_key(backend, 2))
+    np.testing.assert_array_equal(_numpy(a), _numpy(b))
+    assert not np.allclose(_numpy(a), _numpy(c))
+    masks, u_masks = cell.regularizer_masks(x, _key(backend, 1))
+    other, _ = cell.regularizer_masks(x, _key(backend, 2))
+    assert not np.array_equal(_numpy(masks[0].keep_h), _numpy(other[0].keep_h))
+    assert set(np.unique(_numpy(masks[0].keep_h))) <= {0.0, 1.0}
+    assert set(np.unique(_numpy(masks[0].recurrent))) <= {0.0, 1 / 0.7}
+    assert set(np.unique(_numpy(u_masks[0]))) <= {0.0, 1 / 0.75}
+
+
+def test_mask_rates_are_the_given_probabilities():
+    cell = _cell("numpy", hidden_size=50, **RATES)
+    x = np.zeros((40, 30, 2))
+    masks, u_masks = cell.regularizer_masks(x, 0)
+    assert abs(masks[0].keep_h.mean() - 0.3) < 0.02
+    assert abs(masks[0].keep_c.mean() - 0.2) < 0.02
+    assert abs((masks[0].recurrent == 0).mean() - 0.3) < 0.03
+    assert abs((u_masks[0] == 0).mean() - 0.25) < 0.03
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_does_not_leak(backend):
+    """NaN in the padded steps changes nothing, the held state included."""
+    cell = _cell(backend, batch_first=True, **RATES)
+    params = cell.init(seed=2, dtype="float64")
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 5, 2))
+    lengths = np.array([5, 2, 3])
+    nan = x.copy()
+    for n, length in enumerate(lengths):
+        nan[n, length:] = np.nan
+    dy = _array(backend, rng.standard_normal((3, 5, 6)))
+    key = _key(backend, 4)
+    for call in (dict(dropout_key=key), {}):
+        y, (h, c) = cell(params, _array(backend, x), lengths=lengths, **call)
+        y2, (h2, c2) = cell(params, _array(backend, nan), lengths=lengths, **call)
+        for a, b in ((y, y2), (h, h2), (c, c2)):
+            np.testing.assert_array_equal(_numpy(a), _numpy(b))
+        grads, dx, _ = cell.vjp(params, _array(backend, nan), dy, lengths=lengths, **call)
+        assert np.isfinite(_numpy(dx)).all()
+        assert all(
+            np.isfinite(_numpy(g)).all() for layer in grads for p in layer for g in p.values()
+        )
+        assert (_numpy(y2)[1, 2:] == 0).all()
+
+
+def test_vjp_matches_finite_differences():
+    """numpy's hand-written BPTT with fixed masks (the same int key), float64."""
+    cell = _cell("numpy", variant="peephole", **RATES)
+    params = cell.init(seed=5, dtype="float64")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 2, 2))
+    dy = rng.standard_normal((4, 2, 6))
+    grads, dx, _ = cell.vjp(params, x, dy, dropout_key=9)
+
+    def loss(params, x):
+        return float(np.sum(cell(params, x, dropout_key=9)[0] * dy))
+
+    eps = 1e-6
+    for layer, direction, name, index in ((1, 1, "U", (2, 7)), (0, 0, "p", (1, 2))):
+        plus = [[dict(p) for p in lay] for lay in params]
+        minus = [[dict(p) for p in lay] for lay in params]
+        for sign, ps in ((1, plus), (-1, minus)):
+            ps[layer][direction][name] = params[layer][direction][name].copy()
+            ps[layer][direction][name][index] += sign * eps
+        numeric = (loss(plus, x) - loss(minus, x)) / (2 * eps)
+        assert abs(numeric - grads[layer][direction][name][index]) < 1e-6
+    shifted = x.copy()
+    shifted[2, 1, 0] += eps
+    other = x.copy()
+    other[2, 1, 0] -= eps
+    assert abs((loss(params, shifted) - loss(params, other)) / (2 * eps) - dx[2, 1, 0]) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_engines_refuse_and_say_why(backend):
+    cell = _cell(backend, zoneout=0.1)
+    x = _array(backend, np.zeros((3, 2, 2)))
+    choice = cell.explain(x, dropout_key=_key(backend, 1))
+    assert choice.engine in ("array", "scan")
+    for name, why in choice.passed_over:
+        assert "zoneout" in why, (name, why)
+    # evaluation's zoneout (the expectation) runs on the array loops too, at this stage
+    assert cell.explain(x).engine in ("array", "scan")
+    # DropConnect alone needs no array loop
+    plain = _cell(backend, dropconnect=0.5)
+    assert plain.explain(x, dropout_key=_key(backend, 1)).engine == plain.explain(x).engine
+
+
+def test_named_kernel_engine_falls_back():
+    cell = _cell("numpy", engine="cpu_kernels", recurrent_dropout=0.2)
+    choice = cell.explain(np.zeros((3, 2, 2)), dropout_key=1)
+    assert choice.engine == "array"
+    assert "recurrent dropout" in choice.passed_over[0][1]
+    # without a key recurrent dropout does nothing: the kernels run
+    assert cell.explain(np.zeros((3, 2, 2))).engine in ("cpu_kernels", "array")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        (dict(zoneout=1.0), ValueError, "zoneout"),
+        (dict(zoneout=-0.1), ValueError, "zoneout"),
+        (dict(zoneout=(0.1,)), ValueError, "zoneout"),
+        (dict(zoneout="0.1"), TypeError, "zoneout"),
+        (dict(zoneout=(0.1, 1.5)), ValueError, "zoneout"),
+        (dict(recurrent_dropout=1), ValueError, "recurrent_dropout"),
+        (dict(recurrent_dropout=True), TypeError, "recurrent_dropout"),
+        (dict(dropconnect=2.0), ValueError, "dropconnect"),
+        (dict(dropconnect=None), TypeError, "dropconnect"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        lstm_multi.get_cell("numpy")(2, 3, **kwargs)
+
+
+def test_step_runs_evaluation_zoneout():
+    """``step`` is the sequence call with T = 1, evaluation's expectation included."""
+    cell = _cell("numpy", bidirectional=False, batch_first=True, zoneout=(0.5, 0.3))
+    params = cell.init(seed=1, dtype="float64")
+    x = np.random.default_rng(1).standard_normal((2, 4, 2))
+    y, _ = cell(params, x)
+    state = None
+    for t in range(4):
+        y_t, state = cell.step(params, x[:, t], state)
+        assert_close(y_t, y[:, t], "float64", f"y at {t}")
