@@ -99,7 +99,11 @@ def _against_oracle(backend, key, lengths=None, mask=None, **kwargs):
     for name, got in (("y", y), ("h_n", h_n), ("c_n", c_n), ("dx", dx), ("dh0", dh0), ("dc0", dc0)):
         assert_close(_numpy(got), want[name], "float64", name)
     for k, (got, wanted) in enumerate(
-        zip((q for layer in grads for q in layer), (q for layer in want["grads"] for q in layer))
+        zip(
+            (q for layer in grads for q in layer),
+            (q for layer in want["grads"] for q in layer),
+            strict=True,
+        )
     ):
         for name in wanted:
             expected = wanted[name]
