@@ -31,7 +31,7 @@ import math
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import network, spec, validation
+from . import network, regularize, spec, validation
 from .backends import torch_int8, torch_native
 from .backends.torch_backend import (
     choose_engine,
@@ -39,6 +39,7 @@ from .backends.torch_backend import (
     engine_runner,
     export_engine,
     generic_forward,
+    regularized_direction,
     spelled_as,
     warn_device_fallback,
 )
@@ -125,6 +126,18 @@ class LSTM(GraphOwner, nn.LSTM):
     h_0 does not enter the computation (its gradient is zero); it is accepted so
     that a previous chunk's (h_n, c_n) can be passed on as they are.
 
+    Regularizers inside the recurrence (keyword arguments; ``lstm_multi.regularize`` has
+    the equations): ``zoneout`` p or (p_h, p_c): in training (``module.training``) each
+    unit of h (c) keeps its previous value with probability p_h (p_c), drawn per step;
+    in evaluation the expectation h_t = p_h h_{t-1} + (1 - p_h) h̃_t (c likewise).
+    ``recurrent_dropout`` (Keras's): in training, the recurrent input of each gate's
+    product times its own inverted-dropout mask, fixed over the sequence.
+    ``dropconnect`` (haste's ``dropout``): in training, U times one inverted-dropout
+    mask per call. The masks are drawn from torch's default generator (one seed per
+    call, so ``torch.manual_seed`` repeats them). Zoneout and recurrent dropout run on
+    the "array" engine (the loop under autograd; ``explain`` says why the others are
+    passed over); DropConnect runs on every engine, ``nn.LSTM``'s kernel included.
+
     PyTorch machinery: repeated backward (``retain_graph=True``), double
     backward, ``gradcheck``/``gradgradcheck``, ``torch.func`` transforms (the
     spec's loop as plain ops runs there), ``torch.autocast`` (outputs in the
@@ -150,7 +163,13 @@ class LSTM(GraphOwner, nn.LSTM):
         engine="auto",
         gate_kernel=None,
         cuda_graphs=False,
+        zoneout=0.0,
+        recurrent_dropout=0.0,
+        dropconnect=0.0,
     ):
+        zoneout = regularize.check_zoneout(zoneout)
+        recurrent_dropout = regularize.check_rate("recurrent_dropout", recurrent_dropout)
+        dropconnect = regularize.check_rate("dropconnect", dropconnect)
         input_size = validation.check_positive_int("input_size", input_size)
         hidden_size = validation.check_positive_int("hidden_size", hidden_size)
         num_layers = validation.check_positive_int("num_layers", num_layers)
@@ -191,6 +210,9 @@ class LSTM(GraphOwner, nn.LSTM):
         self.gate_kernel, self.cuda_graphs = gate_kernel, cuda_graphs
         self.engine = engine
         self._requested, self._excluded = requested, excluded
+        self.zoneout, self.recurrent_dropout, self.dropconnect = (
+            zoneout, recurrent_dropout, dropconnect,
+        )  # fmt: skip
         #: the ``lstm_multi.engines.Choice`` of the most recent call (None before the first)
         self.last_choice = None
         # the variant's own parameters, after nn.LSTM's (which nn.LSTM.__init__ drew
@@ -249,7 +271,43 @@ class LSTM(GraphOwner, nn.LSTM):
             text += f", gate_kernel={self.gate_kernel!r}"
         if self.__dict__.get("cuda_graphs"):
             text += ", cuda_graphs=True"
+        if any(self.__dict__.get("zoneout", ())):
+            text += f", zoneout={self.zoneout}"
+        for name in ("recurrent_dropout", "dropconnect"):
+            if self.__dict__.get(name):
+                text += f", {name}={getattr(self, name)}"
         return text
+
+    def _step_masks_on(self):
+        """Whether this call runs zoneout or recurrent dropout in its loop."""
+        zoneout = any(self.__dict__.get("zoneout", ()))
+        return zoneout or (self.training and bool(self.__dict__.get("recurrent_dropout")))
+
+    def _regularized(self, params, x):
+        """(params with DropConnect's U, step masks or None) for time-major x; the masks
+        drawn from one seed of torch's default generator (``lstm_multi.regularize``)."""
+        p_h, p_c = self.__dict__.get("zoneout", (0.0, 0.0))
+        rates = (p_h, p_c, self.__dict__.get("recurrent_dropout", 0.0))
+        rates += (self.__dict__.get("dropconnect", 0.0),)
+        count = self.num_layers * self.num_directions
+        if not self.training:
+            masks = regularize.evaluation_masks(count, p_h, p_c) if p_h or p_c else None
+            return params, masks
+        if not any(rates):
+            return params, None
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        steps, batch, hidden = x.shape[0], x.shape[1], self.hidden_size
+        out = self.proj_size or hidden
+        shapes_of = [
+            ((steps, batch, out), (steps, batch, hidden), p["U"].shape[0], tuple(p["U"].shape))
+            for layer in params
+            for p in layer
+        ]
+        step_masks, u_masks = regularize.draw(OPS, seed, x, shapes_of, rates)
+        if rates[3]:
+            it = iter(u_masks)
+            params = [[{**p, "U": p["U"] * next(it)} for p in layer] for layer in params]
+        return params, (step_masks if any(rates[:3]) else None)
 
     # the variant in the state_dict ------------------------------------------------
 
@@ -520,8 +578,9 @@ class LSTM(GraphOwner, nn.LSTM):
             raise TypeError(f"input: expected a tensor, got {type(input).__name__}")
         requested, excluded, _ = self._engine_request()
         return choose_engine(
-            self._variant_spec, self.hidden_size, self.proj_size, requested, excluded, data
-        )
+            self._variant_spec, self.hidden_size, self.proj_size, requested, excluded, data,
+            step_masks=self._step_masks_on(),
+        )  # fmt: skip
 
     @property
     def runs_native(self):
@@ -550,11 +609,13 @@ class LSTM(GraphOwner, nn.LSTM):
         choice = choose_engine(
             self._variant_spec, self.hidden_size, self.proj_size, requested, excluded, data,
             step_mask=steps_run is not None and steps_run.dim() == 2,
+            step_masks=self._step_masks_on(),
         )  # fmt: skip
         self.last_choice = choice
         warn_device_fallback(choice, spelled, data)
         engine = export_engine(choice.engine, data)
-        if engine == "native":
+        drop_connect = self.training and bool(self.__dict__.get("dropconnect"))
+        if engine == "native" and not drop_connect:
             if steps_run is not None:
                 return self._native_with_lengths(input, hx, steps_run, unbatched)
             return super().forward(input, hx)
@@ -578,16 +639,26 @@ class LSTM(GraphOwner, nn.LSTM):
             def between(layer_input):
                 return nn.functional.dropout(layer_input, self.dropout, True)
 
-        y, h_n, c_n = generic_forward(
-            self._variant_spec,
-            self.canonical_params(),
-            x,
-            h0,
-            c0,
-            None if lengths is None else lengths.to(x.device),
-            engine_runner(engine, self._graphs_for(engine)),
-            between_layers=between,
-        )
+        params, step_masks = self._regularized(self.canonical_params(), x)
+        if engine == "native":  # DropConnect's U on nn.LSTM's kernel
+            y, h_n, c_n = torch_native.run_flat(
+                torch_native.flat_weights(params), x, h0, c0, lengths, self.num_layers,
+                self.bidirectional, dropout=self.dropout, training=True,
+            )  # fmt: skip
+        else:
+            y, h_n, c_n = generic_forward(
+                self._variant_spec,
+                params,
+                x,
+                h0,
+                c0,
+                None if lengths is None else lengths.to(x.device),
+                regularized_direction
+                if step_masks is not None
+                else engine_runner(engine, self._graphs_for(engine)),
+                between_layers=between,
+                step_masks=step_masks,
+            )
         if packed:
             order = input.sorted_indices
             if order is None:

@@ -289,3 +289,68 @@ def test_step_runs_evaluation_zoneout():
     for t in range(4):
         y_t, state = cell.step(params, x[:, t], state)
         assert_close(y_t, y[:, t], "float64", f"y at {t}")
+
+
+# the torch module ------------------------------------------------------------------
+
+
+def _module(**kwargs):
+    torch = pytest.importorskip("torch")
+    from lstm_multi.torch import LSTM
+
+    torch.manual_seed(0)
+    sizes = dict(num_layers=2, batch_first=True, bidirectional=True, variant="peephole")
+    return LSTM(3, 4, **{**sizes, **kwargs}).double()
+
+
+def test_torch_module_draws_the_cells_masks_from_torchs_generator():
+    """Training: the masks of ``dropout_key`` = one seed drawn from torch's default
+    generator, so the module equals the functional cell given that seed; evaluation:
+    the cell without a key. ``torch.manual_seed`` repeats a call, another seed does not."""
+    import torch
+
+    module = _module(**RATES)
+    cell = lstm_multi.get_cell("torch")(3, 4, "peephole", 2, True, **RATES)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    torch.manual_seed(1)
+    y, (h, c) = module(x)
+    torch.manual_seed(1)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    want, (h_want, c_want) = cell(module.canonical_params(), x, dropout_key=seed)
+    for got, expected in ((y, want), (h, h_want), (c, c_want)):
+        np.testing.assert_array_equal(_numpy(got), _numpy(expected))
+    assert module.last_choice.engine == "array"
+    torch.manual_seed(2)
+    assert not torch.allclose(module(x)[0], y)
+    y.sum().backward()
+    assert module.weight_hh_l1_reverse.grad.abs().sum() > 0
+    module.eval()
+    y_eval, _ = module(x)
+    np.testing.assert_array_equal(_numpy(y_eval), _numpy(cell(module.canonical_params(), x)[0]))
+    assert "zoneout" in str(module.explain(x))
+
+
+def test_torch_module_dropconnect_runs_on_nn_lstms_kernel():
+    """DropConnect alone: the masked U on the native kernel equals the array engine's."""
+    import torch
+
+    native = _module(variant="lstm", dropconnect=0.4)
+    array = _module(variant="lstm", dropconnect=0.4, native=False)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    torch.manual_seed(3)
+    y, _ = native(x)
+    assert native.last_choice.engine == "native"
+    torch.manual_seed(3)
+    y_array, _ = array(x)
+    assert_close(_numpy(y), _numpy(y_array), "float64", "y")
+    native.eval()
+    np.testing.assert_array_equal(_numpy(native(x)[0]), _numpy(_module(variant="lstm")(x)[0]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [(dict(zoneout=1.0), "zoneout"), (dict(recurrent_dropout=-1), "recurrent_dropout")],
+)
+def test_torch_module_refuses_bad_rates(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        _module(**kwargs)
