@@ -98,7 +98,7 @@ import numbers
 
 import numpy as np
 
-from . import init, spec, validation
+from . import init, regularize, spec, validation
 from .ops import ArrayModuleOps
 from .registry import get_cell
 
@@ -209,6 +209,18 @@ class LSTM(keras.layers.Layer):
             ``keras.layers.Bidirectional(LSTM(units, seed=s))`` starts as
             ``LSTM(units, bidirectional=True, seed=s)`` does (one layer) rather than
             with two equal directions.
+        recurrent_dropout: ``keras.layers.LSTM``'s: in training, the previous h as each
+            gate's recurrent product reads it is multiplied by that gate's own
+            inverted-dropout mask (B, units), drawn once per call and kept over the
+            sequence (Keras 3's ``LSTMCell``, four masks). The masks come from the
+            layer's ``keras.random.SeedGenerator(seed)``, not the same numbers as
+            Keras's layer draws (the rule is the same; tested with Keras's masks).
+        zoneout: p or (p_h, p_c) (Krueger et al. 2017; no Keras argument): in training
+            each unit of h (c) keeps its previous value with probability p_h (p_c),
+            per step; in inference the expectation.
+        dropconnect: in training, the recurrent kernel U times one inverted-dropout
+            mask per call (Wan et al. 2013; haste's ``dropout``; no Keras argument).
+            ``lstm_multi.regularize`` has the equations of all three.
         **kwargs: ``keras.layers.Layer``'s (``name``, ``dtype``, ``trainable``).
 
     Call arguments:
@@ -244,9 +256,15 @@ class LSTM(keras.layers.Layer):
         proj_size=0,
         scheme="keras",
         seed=None,
+        recurrent_dropout=0.0,
+        zoneout=0.0,
+        dropconnect=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.recurrent_dropout = regularize.check_rate("recurrent_dropout", recurrent_dropout)
+        self.zoneout = regularize.check_zoneout(zoneout)
+        self.dropconnect = regularize.check_rate("dropconnect", dropconnect)
         self.units = validation.check_positive_int("units", units)
         self.variant = spec.get_variant(variant)
         self.return_sequences = validation.check_bool("return_sequences", return_sequences)
@@ -270,6 +288,10 @@ class LSTM(keras.layers.Layer):
             )
         self.scheme = init.check_scheme(scheme)
         self.seed = _check_seed(seed)
+        # the regularizers' masks (made only where they are used, so that other layers
+        # keep exactly their weights and variables)
+        rates = (self.recurrent_dropout, *self.zoneout, self.dropconnect)
+        self.seed_generator = keras.random.SeedGenerator(self.seed) if any(rates) else None
         self._backend = _cell_backend()
         self.supports_masking = True
         self.cell = None  # the functional cell, made in build (it needs the input size)
@@ -304,6 +326,9 @@ class LSTM(keras.layers.Layer):
             "num_layers": self.num_layers,
             "bidirectional": self.bidirectional,
             "proj_size": self.proj_size,
+            "zoneout": self.zoneout,
+            "recurrent_dropout": self.recurrent_dropout,
+            "dropconnect": self.dropconnect,
         }
 
     @property
@@ -406,7 +431,7 @@ class LSTM(keras.layers.Layer):
 
     # running ----------------------------------------------------------------------
 
-    def call(self, inputs, mask=None, initial_state=None):
+    def call(self, inputs, mask=None, initial_state=None, training=None):
         x = inputs
         batch, steps = int(ops.shape(x)[0]), int(ops.shape(x)[1])
         dtype = keras.backend.standardize_dtype(x.dtype)
@@ -429,7 +454,10 @@ class LSTM(keras.layers.Layer):
         if self.go_backwards:  # Keras's: the input and its mask read from the end
             x = ops.flip(x, axis=1)
             mask = None if mask is None else ops.flip(mask, axis=1)
-        y, (h_n, c_n) = self.cell(params, x, state, mask=mask)
+        key = None
+        if training and self.seed_generator is not None:  # the masks' randomness
+            key = keras.random.randint((), 0, 2**31 - 1, seed=self.seed_generator)
+        y, (h_n, c_n) = self.cell(params, x, state, mask=mask, dropout_key=key)
         h0 = state[0] if state is not None else ops.zeros_like(h_n)
         if self.return_sequences:
             output = y if mask is None else self._keras_steps(y, mask, steps, h0[-1])
@@ -532,5 +560,8 @@ class LSTM(keras.layers.Layer):
             proj_size=self.proj_size,
             scheme=self.scheme,
             seed=self.seed,
+            recurrent_dropout=self.recurrent_dropout,
+            zoneout=list(self.zoneout),
+            dropconnect=self.dropconnect,
         )
         return config

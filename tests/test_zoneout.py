@@ -354,3 +354,92 @@ def test_torch_module_dropconnect_runs_on_nn_lstms_kernel():
 def test_torch_module_refuses_bad_rates(kwargs, name):
     with pytest.raises(ValueError, match=name):
         _module(**kwargs)
+
+
+# the Keras layer ---------------------------------------------------------------------
+
+
+def _keras():
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "jax")  # read when keras is first imported
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() not in ("jax", "torch"):
+        pytest.skip(f"Keras runs on {keras.backend.backend()} here")
+    return keras
+
+
+def test_keras_recurrent_dropout_is_keras_rule():
+    """``keras.layers.LSTM(recurrent_dropout=p)`` in training, its four masks read back
+    (drawn before the call: the cell caches them for the call), against lstm_multi's
+    step with those masks: Keras's rule (one mask per gate on h_{t-1}, fixed over the
+    sequence) is lstm_multi's. Keras's random numbers themselves cannot be matched."""
+    keras = _keras()
+    from lstm_multi import convert, regularize
+
+    batch, steps, features, units = 3, 6, 2, 4
+    x = np.random.default_rng(0).standard_normal((batch, steps, features)).astype("float32")
+    ref = keras.layers.LSTM(units, recurrent_dropout=0.5, return_sequences=True, seed=1)
+    ref.build((batch, steps, features))
+    masks = ref.cell.get_recurrent_dropout_mask(np.zeros((batch, units), "float32"))
+    want = np.asarray(ref(x, training=True))
+    recurrent = np.stack([np.asarray(m) for m in masks], 1)  # (B, 4, H)
+    assert set(np.unique(recurrent)) <= {0.0, 2.0}
+    cell = lstm_multi.get_cell("numpy")(features, units, batch_first=True)
+    params = convert.from_keras(ref)
+    zeros = np.zeros((1, batch, units), "float32")
+    got, _, _ = cell._forward(
+        params, np.swapaxes(x, 0, 1), zeros, zeros, None,
+        step_masks=[regularize.StepMasks(None, None, recurrent)],
+    )  # fmt: skip
+    assert_close(np.swapaxes(got, 0, 1), want, "float32", "y")
+    # one mask for all four gates (a wrong rule) is not Keras's
+    wrong, _, _ = cell._forward(
+        params, np.swapaxes(x, 0, 1), zeros, zeros, None,
+        step_masks=[regularize.StepMasks(None, None, recurrent[:, :1].repeat(4, 1))],
+    )  # fmt: skip
+    assert not np.allclose(np.swapaxes(wrong, 0, 1), want, atol=1e-3)
+
+
+def test_keras_layer_recurrent_dropout_trains_and_infers_as_keras():
+    """Inference: ``keras.layers.LSTM``'s output (recurrent dropout off); training: masks
+    from the layer's seed generator (a new draw each call), the rate's statistics."""
+    keras = _keras()
+    import lstm_multi.keras as lk
+    from lstm_multi import convert
+
+    batch, steps, features, units = 4, 5, 3, 4
+    x = np.random.default_rng(1).standard_normal((batch, steps, features)).astype("float32")
+    ref = keras.layers.LSTM(units, recurrent_dropout=0.4, return_sequences=True, seed=2)
+    ours = lk.LSTM(units, recurrent_dropout=0.4, return_sequences=True, seed=2)
+    ref.build(x.shape)
+    ours.build(x.shape)
+    for layer, values in zip(ours._params, convert.from_keras(ref), strict=True):
+        for p, v in zip(layer, values, strict=True):
+            for k in p:
+                p[k].assign(v[k])
+    assert_close(np.asarray(ours(x)), np.asarray(ref(x)), "float32", "inference")
+    a, b = np.asarray(ours(x, training=True)), np.asarray(ours(x, training=True))
+    assert not np.allclose(a, b)  # a new draw each call
+    assert not np.allclose(a, np.asarray(ours(x)))
+    config = ours.get_config()
+    assert config["recurrent_dropout"] == 0.4
+    again = lk.LSTM.from_config(config)
+    assert again.recurrent_dropout == 0.4 and again.zoneout == (0.0, 0.0)
+
+
+def test_keras_layer_zoneout_in_inference_is_the_expectation():
+    keras = _keras()
+    import lstm_multi.keras as lk
+
+    x = np.random.default_rng(2).standard_normal((2, 5, 3)).astype("float32")
+    layer = lk.LSTM(4, zoneout=(0.5, 0.25), return_sequences=True, seed=3)
+    y = np.asarray(layer(x))
+    cell = lstm_multi.get_cell("numpy")(3, 4, zoneout=(0.5, 0.25))
+    params = [
+        [{k: np.asarray(v.value) for k, v in p.items()} for p in lay] for lay in layer._params
+    ]
+    assert_close(y, cell(params, x)[0], "float32", "y")
+    assert keras.backend.backend() in ("jax", "torch")
+    with pytest.raises(ValueError, match="recurrent_dropout"):
+        lk.LSTM(4, recurrent_dropout=1.0)

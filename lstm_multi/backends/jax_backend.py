@@ -69,6 +69,12 @@ class JaxOps(ArrayModuleOps):
         """As ``ArrayModuleOps.random_uniform``, by ``jax.random`` (traceable): draw k from
         ``fold_in(fold_in(key, RANDOM_STREAM), k)``, a stream apart from ``dropout_masks``'
         ``fold_in(key, k)``."""
+        if (
+            isinstance(key, jax.Array)
+            and key.shape == ()
+            and jnp.issubdtype(key.dtype, jnp.integer)
+        ):
+            key = jax.random.key(key)  # an integer seed as an array (traceable): Keras's
         self.dropout_masks(key, [], 0.5, like)  # raises on a key it does not take
         if isinstance(key, int):
             key = jax.random.key(key)

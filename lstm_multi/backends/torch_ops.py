@@ -78,6 +78,8 @@ class TorchOps(ArrayModuleOps):
 
         from .. import init
 
+        if isinstance(key, torch.Tensor) and key.numel() == 1 and not key.is_floating_point():
+            key = int(key.item())  # an integer seed as a tensor (Keras's)
         if isinstance(key, torch.Generator):
             self.dropout_masks(key, [], 0.0, like)  # the device check
             generator = key
