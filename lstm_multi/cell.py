@@ -473,13 +473,15 @@ class FunctionalCell:
 
     # backend hooks ------------------------------------------------------------
 
-    def _forward(self, params, x, h0, c0, lengths, layer_masks=None):
+    def _forward(self, params, x, h0, c0, lengths, layer_masks=None, step_masks=None):
         """Time-major forward: returns (y, h_n, c_n). ``lengths``: (B,) integers, a
         time-major (T, B) boolean mask, or None (``network.TimeLayout``);
-        ``layer_masks``: see ``network.forward`` (dropout between layers)."""
+        ``layer_masks``: see ``network.forward`` (dropout between layers);
+        ``step_masks``: zoneout and recurrent dropout (``regularize.StepMasks`` per
+        layer-direction, or None)."""
         raise NotImplementedError
 
-    def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None):
+    def _vjp(self, params, x, h0, c0, lengths, dy, dh_n, dc_n, layer_masks=None, step_masks=None):
         """Time-major vjp: returns (grads, dx, dh0, dc0)."""
         raise NotImplementedError
 
