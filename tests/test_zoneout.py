@@ -443,3 +443,31 @@ def test_keras_layer_zoneout_in_inference_is_the_expectation():
     assert keras.backend.backend() in ("jax", "torch")
     with pytest.raises(ValueError, match="recurrent_dropout"):
         lk.LSTM(4, recurrent_dropout=1.0)
+
+
+# JAX's transforms; every variant (thorough) --------------------------------------------
+
+
+def test_jax_key_is_traceable_and_grad_is_the_vjp():
+    """A key passed into ``jax.jit``; ``jax.grad`` through the call with it equals ``vjp``."""
+    jax = pytest.importorskip("jax")
+    cell = _cell("jax", **RATES)
+    params = cell.init(seed=1, dtype="float64")
+    x = jax.numpy.asarray(np.random.default_rng(1).standard_normal((4, 2, 2)))
+    key = jax.random.key(5)
+    y, _ = jax.jit(lambda p, k: cell(p, x, dropout_key=k)[0])(params, key), None
+    np.testing.assert_allclose(np.asarray(y), np.asarray(cell(params, x, dropout_key=key)[0]))
+    grads = jax.grad(lambda p: cell(p, x, dropout_key=key)[0].sum())(params)
+    want, _, _ = cell.vjp(params, x, jax.numpy.ones_like(y), dropout_key=key)
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", oracle.VARIANTS)
+def test_every_variant_agrees_with_the_oracle(variant, thorough):
+    if not thorough:
+        pytest.skip("every variant runs under --thorough (peephole, peephole_full, lstm, cifg "
+                    "run in the default run)")  # fmt: skip
+    for backend in BACKENDS:
+        _against_oracle(backend, 11, lengths=np.array([5, 3, 1]), variant=variant, **RATES)
+        _against_oracle(backend, None, variant=variant, proj_size=2, **RATES)
