@@ -909,6 +909,12 @@ class QuantizedLSTM(nn.Module):
                 "module: expected a float32 module on the CPU (int8 inference runs fbgemm's "
                 f"CPU kernels), got {weight.dtype} on {weight.device}; .float().cpu() it first"
             )
+        if any(module.__dict__.get("zoneout", ())):
+            raise ValueError(
+                f"module: its zoneout {module.zoneout} changes the evaluation output too "
+                "(h_t = p h_{t-1} + (1 - p) h~_t), and QuantizedLSTM's int8 loop runs no "
+                "zoneout; quantise a module without zoneout"
+            )
         for name in (
             "input_size", "hidden_size", "num_layers", "bias", "batch_first", "bidirectional",
             "proj_size", "dropout", "variant",
