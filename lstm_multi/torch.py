@@ -199,6 +199,8 @@ class LSTM(GraphOwner, nn.LSTM):
                 for key, shape in variant.extra_param_shapes(hidden_size).items():
                     weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
                     nn.init.uniform_(weight, -bound, bound)
+                    if key in variant.param_init:  # the layer norms' gains 1, shifts 0
+                        nn.init.constant_(weight, variant.param_init[key])
                     word = self._extra_names.get(key, key)
                     name = f"weight_{word}_l{layer}{_suffix(direction)}"
                     self.register_parameter(name, weight)

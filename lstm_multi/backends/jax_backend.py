@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import bptt, network, validation
+from .. import step as step_module
 from ..cell import FunctionalCell
 from ..ops import ArrayModuleOps
 from ..step import recurrent_weight
@@ -37,6 +38,9 @@ class JaxOps(ArrayModuleOps):
 
     def sigmoid(self, z):
         return jax.nn.sigmoid(z)
+
+    def rsqrt(self, z):
+        return jax.lax.rsqrt(z)
 
     def is_array(self, x):
         return isinstance(x, jax.Array)
@@ -150,18 +154,19 @@ def _forward_scan(variant, p, xs, h0, c0, valid, record, unroll, in_step):
     """
     ops = OPS
     U_step = ops.prepare_step_weight(recurrent_weight(ops, variant, p["U"]))
-    extra = network.extra_params(p)
+    extra = step_module.step_params(variant, p)
 
     def step(carry, inputs):
         h, c = carry
         x_t, v = inputs
         r = h if variant.recurrent_state == "h" else c
-        zx = x_t @ p["W"] + p["b"] if in_step else x_t
+        zx = step_module.input_half(variant, x_t, p) if in_step else x_t
         h, c, y, cache = network.masked_step(ops, variant, zx, h, c, v, U_step, extra)
         return (h, c), ((y, r, cache) if record else y)
 
     if not in_step:
-        xs = ops.project(xs, p["W"], p["b"])  # (T, B, 4H): the steps read z_x from here
+        # (T, B, 4H): the steps read z_x from here
+        xs = step_module.input_projection(ops, variant, xs, p)
 
     # the cell state is carried in float32 for half-precision inputs (ops.state_dtype)
     c_start = ops.cast(c0, ops.state_dtype(ops.dtype_name(c0)))
@@ -197,7 +202,7 @@ def _direction_backward(variant, plan, saved, cotangents):
     p, xs, h0, c0, valid, (rs, caches) = saved
     dys, dh, dc = cotangents
     U_step_t = ops.prepare_step_weight_t(recurrent_weight(ops, variant, p["U"]))
-    extra = network.extra_params(p)
+    extra = step_module.step_params(variant, p)
     h0_like, c0_like = dh, dc
     dc = ops.cast(dc, ops.state_dtype(ops.dtype_name(xs)))
 

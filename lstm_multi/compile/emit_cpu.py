@@ -31,6 +31,7 @@ polynomials in float and libm in double (``lm_math.h``).
 
 from __future__ import annotations
 
+from . import derive
 from .derive import GATES, GatePrograms
 from .emit_cuda import c_name, c_statements, forward_stored
 from .trace import live_nodes
@@ -139,6 +140,7 @@ def cpu_source(programs: GatePrograms, scalar: str, recurrent_state: str = "h") 
 
     ``recurrent_state`` ("h" or "c") is the state the sequence loop multiplies by U.
     """
+    derive.check_kernel_programs(programs, "C++ kernel emitter")
     if scalar not in ("float", "double"):
         raise ValueError(f"scalar: expected 'float' or 'double', got {scalar!r}")
     if recurrent_state not in ("h", "c"):

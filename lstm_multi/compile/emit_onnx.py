@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from . import derive
 from .derive import GatePrograms
 from .trace import PRIMITIVES, live_nodes
 
@@ -59,6 +60,7 @@ def forward_step(programs: GatePrograms, outputs: dict[str, str], prefix: str = 
     """The nodes computing the forward program's h_t and c_t into ``outputs["h"]`` and
     ``outputs["c"]`` (value names chosen by the caller); ``prefix`` prefixes every
     internal name (so two steps can share a graph)."""
+    derive.check_kernel_programs(programs, "ONNX emitter")
     graph = programs.graph
     input_ids = {node_id: name for name, node_id in programs.inputs.items()}
     roots = [programs.forward_outputs["h"], programs.forward_outputs["c"]]
