@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from . import derive
 from .derive import GatePrograms
-from .trace import PRIMITIVES, live_nodes
+from .trace import ARRAY_ONLY, PRIMITIVES, live_nodes
 
 #: the program's operation -> the ONNX operator computing it elementwise
 ONNX_OPS = {
@@ -29,7 +29,8 @@ ONNX_OPS = {
     "sigmoid": "Sigmoid",
     "tanh": "Tanh",
 }
-assert set(ONNX_OPS) == set(PRIMITIVES)
+# the row reductions and rsqrt are not written here yet (``derive.check_kernel_programs``)
+assert set(ONNX_OPS) == set(PRIMITIVES) - set(ARRAY_ONLY)
 
 
 class OnnxNode(NamedTuple):
