@@ -6,7 +6,8 @@ split in two: the preactivation ``z = x_t W + b + r U`` (the input half
 math that turns ``z`` and the previous cell state into the new state.
 
 A variant's gate math is a plain Python function of per-unit values, written
-with ``+ - *``, ``sigmoid`` and ``tanh`` (``lstm_multi.compile``)::
+with ``+ - *``, ``sigmoid``, ``tanh``, ``rsqrt`` and the row mean ``mean``
+(``lstm_multi.compile``)::
 
     def lstm(z, c_prev):
         i, f, g, o = sigmoid(z.i), sigmoid(z.f), tanh(z.g), sigmoid(z.o)
@@ -28,6 +29,18 @@ sigmoid. The built-in variants (``VARIANTS``)::
                      c_t = f c_{t-1} + i g;  o=σ(z_o + p_o c_t);  h_t = o tanh(c_t)
     "peephole_full"  r = c_{t-1}; i=σ(z_i) f=σ(z_f) o=σ(z_o) g=σ(x_t W_g + b_g)
                      c_t = f c_{t-1} + i g;  h_t = tanh(o c_t)
+
+the layer-normalised LSTM of Ba, Kiros & Hinton, "Layer Normalization" (2016),
+each LN over the whole row of its argument (the biased variance, eps = 1e-5)::
+
+    "layernorm"           z   = LN(x_t W; γ_x, β_x) + LN(h_{t-1} U; γ_h, β_h) + b   (4H)
+                          c_t = σ(z_f) c_{t-1} + σ(z_i) tanh(z_g)
+                          h_t = σ(z_o) tanh(LN(c_t; γ_c, β_c))                    (H)
+    "layernorm_peephole"  the same z, and the gates of "peephole":
+                          i=σ(z_i + p_i c_{t-1}) f=σ(z_f + p_f c_{t-1}) o=σ(z_o + p_o c_t)
+                          h_t = o tanh(LN(c_t; γ_c, β_c))
+
+    LN(v; γ, β) = γ (v - mean(v)) / sqrt(var(v) + eps) + β      (``layer_norm``)
 
 and the variants of Greff et al., "LSTM: A Search Space Odyssey" (2017), each
 the peephole LSTM (their "vanilla", ``"peephole"`` here) with one change::
@@ -52,10 +65,38 @@ recurrence never reads h_{t-1}: an initial h0 is accepted (so a previous
 chunk's (h_n, c_n) can be passed on unchanged) but does not enter the
 computation, and its gradient is zero.
 
+Split halves. LN(x_t W) needs x_t W without b, and r U apart from it, where
+every other variant takes their sum: a variant declares ``halves="split"`` and
+its step contract becomes::
+
+    zx_t = x_t W                 (B, 4H), still one GEMM for the whole sequence,
+                                 only without b folded in
+    zr_t = r U                   (B, 4H), the step's recurrent product
+    h_t, c_t = gates(zx_t, zr_t, c_{t-1}, b, params)
+
+with the gate math written ``forward(zx, zr, c_prev, b, **params)``: ``zx.i``
+... ``zr.o`` are the halves' gate blocks and ``b`` (rows i, f, g, o) is the
+bias, now an ordinary per-unit parameter of the gate math (the same (4H,)
+numbers in gate order, so b's layout and converters are unchanged). The
+backward gives dzx and dzr apart: dW and dx read dzx, dU and dr read dzr, and
+db is the gate math's own parameter gradient (``lstm_multi.step``).
+
+Row reductions. ``mean(v)`` is the mean of the per-unit value v over the H
+units of its row (one sequence's state), read as the same number at every
+unit; a mean over the 4H preactivations is ``0.25 * mean(v.i + v.f + v.g +
+v.o)``. The derived backward spreads a row mean's gradient evenly
+(d mean(v) / d v_j = 1 / H). So far the array code (NumPy, PyTorch, JAX, CuPy
+arrays) runs reductions, ``rsqrt`` and split halves; the kernel emitters (C++,
+CUDA C, Triton, Pallas, ONNX) map one thread to one unit and refuse them by
+name, and the engine table keeps such a variant on the array engines.
+
 Canonical parameters of one layer and direction (``in`` is input_size for
 layer 0 and H * num_directions after)::
 
     W (in, 4H)   U (H, 4H)   b (4H,)   [p (rows, H) for the peephole variants]
+    [gamma_x, beta_x, gamma_h, beta_h (4, H), rows (i, f, g, o): the (4H,) gains and
+     shifts of LN(x_t W) and LN(r U) in gate order; gamma_c, beta_c (1, H), row c: those
+     of LN(c_t) -- for the layer-normalised variants; gains start at 1, shifts at 0]
 """
 
 from __future__ import annotations
@@ -91,8 +132,15 @@ class Variant:
     and each entry of ``params`` (name -> row names) arrives as an object whose
     attributes are that parameter's rows, e.g. ``params={"p": ("i", "f", "o")}``
     gives ``p.i, p.f, p.o``, a parameter of shape (3, H). Only ``+ - *``,
-    unary minus, float constants and ``lstm_multi.sigmoid`` / ``lstm_multi.tanh``
-    may be used; anything else is a TypeError when the variant is first traced.
+    unary minus, float constants, ``lstm_multi.sigmoid`` / ``tanh`` / ``rsqrt``
+    and the row mean ``lstm_multi.mean`` may be used; anything else is a TypeError
+    when the variant is first traced.
+
+    ``halves="split"`` (the module doc): the gate math is ``forward(zx, zr, c_prev,
+    b, **params)``, the input half x_t W and the recurrent half r U apart and the
+    bias b (rows i, f, g, o) among its parameters. ``param_init`` (name -> number)
+    gives parameters a fixed initial value under every initialisation scheme (the
+    layer norms' gains 1, shifts 0); the others are drawn as the scheme says.
 
     ``recurrent_state`` says which state feeds the recurrent product r @ U:
     ``"h"`` (h_{t-1}, the usual LSTM) or ``"c"`` (c_{t-1}).
