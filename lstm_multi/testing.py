@@ -200,7 +200,7 @@ def _check_network(variant, rng, report, directions=3, eps=1e-6):
         worst = max(worst, abs(numeric - analytic) / max(1.0, abs(analytic)))
     on_kernels = kernel_direction.kernels_for(cell.ops, variant, p["x"]) is not None
     path = "the CPU kernels" if on_kernels else "the array code: no CPU kernels here"
-    if variant.programs.kernel_refusal() is not None:
+    if variant.programs.kernel_refusal(reductions=True) is not None:
         path = "the array code: the C++ kernels do not write this variant yet"
     _record(report, "network", worst, 1e-6, f"(numpy vjp on {path}, vs finite differences)")
     return cell, p
@@ -301,7 +301,9 @@ def _cpu_step_pairs(variant, kernels, rng):
     known = {programs.inputs["c_prev"]: c_prev, programs.forward_outputs["c"]: c}
     known.update(zip(stored, saved, strict=False))
     pairs = [(h, want_h), (y, want_h), (c, want_c)]
-    pairs += list(zip((known[n] for n in programs.saved), cache, strict=True))
+    # a saved row mean is (B, 1) in the array code and stored at every unit by the kernels
+    pairs += [(k, np.broadcast_to(a, np.shape(k)))
+              for k, a in zip((known[n] for n in programs.saved), cache, strict=True)]  # fmt: skip
     dz = np.full((batch, 4 * hidden), np.nan)
     dP = np.zeros_like(P)
     dh_io, dc_io = dh.copy(), dc.copy()
@@ -342,11 +344,11 @@ def _cpu_sequence_pairs(variant, kernels, rng):
     return list(zip(_flat([k_out, k_grads]), _flat([a_out, a_grads]), strict=True))
 
 
-def _not_written(variant, report, name, kernels):
+def _not_written(variant, report, name, kernels, reductions=False):
     """Whether ``kernels`` do not write ``variant`` yet (row reductions and the like:
     ``GatePrograms.kernel_refusal``); then ``name`` is reported skipped with the reason
     (the engine table keeps the variant off them)."""
-    why = variant.programs.kernel_refusal()
+    why = variant.programs.kernel_refusal(reductions)
     if why is not None:
         note = f"({why}: not yet in {kernels}; the engine table runs the array code)"
         report.results.append(CheckResult(name, "skipped", note=note))
@@ -354,7 +356,7 @@ def _not_written(variant, report, name, kernels):
 
 
 def _check_cpu(variant, rng, report):
-    if _not_written(variant, report, "cpu", "the C++ kernels"):
+    if _not_written(variant, report, "cpu", "the C++ kernels", reductions=True):
         return
     kernels = _build(report, "cpu", lambda: CpuKernels(variant, "double"))
     if kernels is None:

@@ -78,7 +78,7 @@ def backward_any(ops, variant, p, tape, dys, dh, dc, valid):
 def kernels_for(ops, variant, *arrays):
     """The variant's CPU kernels for these arrays, or None (not host float32/64, none here, or
     a variant the C++ emitter does not write yet: ``GatePrograms.kernel_refusal``)."""
-    if spec.get_variant(variant).programs.kernel_refusal() is not None:
+    if spec.get_variant(variant).programs.kernel_refusal(reductions=True) is not None:
         return None
     scalar = ops.cpu_scalar(arrays[0])
     if scalar is None or any(ops.cpu_scalar(a) != scalar for a in arrays[1:]):
