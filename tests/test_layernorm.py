@@ -33,12 +33,16 @@ from test_agreement import (
 
 import lstm_multi
 from lstm_multi import Variant, engine, sigmoid, spec, tanh
-from lstm_multi.backends import cupy_kernels
-from lstm_multi.compile import derive, emit_array, evaluate, trace
+from lstm_multi.backends import cupy_kernels, kernel_direction
+from lstm_multi.compile import derive, emit_array, emit_cpu, evaluate, trace
 from lstm_multi.compile.trace import mean, rsqrt
+from lstm_multi.kernels import build
 from lstm_multi.ops import ArrayModuleOps
 
 NP_OPS = ArrayModuleOps(np)
+needs_compiler = pytest.mark.skipif(build.host_compiler() is None, reason="no host C++ compiler")
+#: forces one CPU-kernel loop or the other whatever the size (as tests/test_cpu_kernels.py)
+LOOPS = {"sequence in C": 1 << 62, "per step": 0}
 LAYER_NORMS = ("layernorm", "layernorm_peephole")
 BACKENDS = ("numpy", "torch", "jax")
 
@@ -149,13 +153,50 @@ def test_row_mean_is_written_once_a_row():
 
 def test_user_reduction_variant_passes_check_variant():
     """Traced, derived and checked: finite differences of one step and of a network, the
-    array loop, and torch and JAX against NumPy; the kernels say they do not write it."""
+    array loop, the C++ kernels (which write reductions) and torch against NumPy; the
+    CUDA C and Triton kernels say they do not write it."""
     report = lstm_multi.testing.check_variant(RMS, backends=["numpy", "torch"])
     status = {r.name: r for r in report.results}
     assert status["gates"].status == status["network"].status == "passed"
-    assert status["array"].status == "passed"
-    for name in ("cpu", "kernels", "triton"):
+    assert status["array"].status == status["torch"].status == "passed"
+    assert status["cpu"].status == ("passed" if build.host_compiler() else "skipped")
+    for name in ("kernels", "triton"):
         assert status[name].status == "skipped" and "row reductions (mean)" in status[name].note
+
+
+@needs_compiler
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_reduction_on_the_cpu_kernels_equals_the_array_engine(backend, loop, monkeypatch):
+    """A user's reduction (two loops a row: the mean square, then the rest) on the C++
+    kernels, both loops, against the array engine: outputs and every gradient, float64
+    and float32; auto picks the kernels."""
+    _backend(backend)
+    monkeypatch.setattr(kernel_direction, "SEQUENCE_LOOP_MAX_MACS", LOOPS[loop])
+    config = _config(RMS.name)
+    problem = make_problem(config)
+    rng = np.random.default_rng(3)
+    for layer in problem.params:  # the gain, which make_problem does not know
+        for p in layer:
+            p["g"] = 1 + 0.3 * rng.standard_normal((1, config.hidden_size))
+    Cell = lstm_multi.get_cell(backend)
+    sizes = dict(num_layers=2, bidirectional=True, batch_first=False)
+    kernels = Cell(config.input_size, config.hidden_size, variant=RMS, **sizes)
+    array = Cell(config.input_size, config.hidden_size, variant=RMS, engine="array", **sizes)
+    for dtype in ("float64", "float32"):
+        got = run_cell(kernels, config, problem, dtype)
+        want = run_cell(array, config, problem, dtype)
+        assert kernels.last_choice.engine == "cpu_kernels"
+        assert_matches_reference(got, want, dtype, f"{backend} {loop} {dtype}")
+
+
+def test_a_wrong_row_mean_in_the_cpu_kernels_fails_check_variant(monkeypatch):
+    """check_variant's power over the C++ row loops: a mean dividing by H - 1 fails 'cpu'."""
+    if build.host_compiler() is None:
+        pytest.skip("no host C++ compiler")
+    monkeypatch.setattr(emit_cpu, "_mean_of", lambda accumulator: f"{accumulator} / S(H - 1)")
+    report = lstm_multi.testing.check_variant(RMS, backends=["numpy"], raise_on_failure=False)
+    assert [r.name for r in report.failed] == ["cpu"]
 
 
 def _rule_mean_without_spread(graph, node, node_id, g):
@@ -296,7 +337,6 @@ def _case(backend, device, dtype="float32", variant="layernorm", **kw):
 @pytest.mark.parametrize(
     ("name", "device", "kernels"),
     [
-        ("cpu_kernels", "cpu", "the C++ kernels"),
         ("triton", "cuda", "the Triton kernels"),
         ("triton_persistent", "cuda", "the Triton kernels"),
         ("graphed_array", "cuda", "the CUDA-graph engines"),
@@ -311,6 +351,16 @@ def test_kernel_engines_refuse_row_reductions_by_name(name, device, kernels):
     why = engine.get_engine(name).refusal(_case(backend, device))
     assert why is not None and why.startswith("row reductions (mean), rsqrt and split halves")
     assert f"not yet in {kernels}" in why
+
+
+def test_cpu_kernels_refuse_split_halves_only():
+    """The C++ kernels write row reductions but not yet split halves: "layernorm" stays on
+    the array engine, a reduction with fused halves runs on them."""
+    cpu = engine.get_engine("cpu_kernels")
+    why = cpu.refusal(_case("numpy", "cpu", variant="layernorm"))
+    assert why.startswith("split halves (x_t W and r U apart): not yet in the C++ kernels")
+    case = engine.Case("numpy", "cpu", "float32", RMS, 16)
+    assert cpu.refusal(case) is None or "compiler" in cpu.refusal(case)
 
 
 def test_native_refuses_and_auto_picks_the_array_code():
@@ -332,7 +382,7 @@ def test_explain_says_why_the_array_engine_runs():
     cell = lstm_multi.get_cell("numpy")(3, 4, variant="layernorm")
     choice = cell.explain(np.zeros((2, 5, 3), np.float32))
     assert choice.engine == "array"
-    assert "row reductions (mean)" in dict(choice.passed_over)["cpu_kernels"]
+    assert "split halves" in dict(choice.passed_over)["cpu_kernels"]
 
 
 def test_fused_ops_run_the_array_code_for_a_reduction():
@@ -350,15 +400,17 @@ def test_fused_ops_run_the_array_code_for_a_reduction():
 
 
 def test_kernel_emitters_refuse_by_name():
-    from lstm_multi.compile import emit_cpu, emit_cuda, emit_triton
+    from lstm_multi.compile import emit_cuda, emit_triton
 
     programs = spec.VARIANTS["layernorm"].programs
-    for make, target in [
-        (lambda: emit_cpu.cpu_source(programs, "double"), "C++ kernel emitter"),
-        (lambda: emit_cuda.forward_kernel(programs, "x"), "CUDA C kernel emitter"),
-        (lambda: emit_triton.module_source(programs), "Triton kernel emitter"),
+    for make, target, what in [
+        (lambda: emit_cpu.cpu_source(programs, "double"), "C++ kernel emitter", "split halves"),
+        (lambda: emit_cuda.forward_kernel(programs, "x"), "CUDA C kernel emitter", "row"),
+        (lambda: emit_triton.module_source(programs), "Triton kernel emitter", "row"),
     ]:
-        with pytest.raises(NotImplementedError, match=re.escape(f"{target}: the gate math has")):
+        with pytest.raises(
+            NotImplementedError, match=re.escape(f"{target}: the gate math has {what}")
+        ):
             make()
 
 
