@@ -27,11 +27,11 @@ unless said otherwise:
 7. ``triton``: the Triton kernels (where torch and triton are installed), run
    by Triton's interpreter in float32, against the program's evaluation.
 
-A variant whose gate math the kernel emitters do not write yet (row reductions,
-``rsqrt``, split halves: the layer-normalised variants) has ``cpu``,
-``kernels`` and ``triton`` reported skipped with that reason: the engine table
-runs it on the array code, which ``gates``, ``network``, ``array`` and every
-backend check.
+A variant whose gate math a kernel emitter does not write yet has that target
+reported skipped with the reason (``kernels`` and ``triton`` for row reductions
+and ``rsqrt``; also ``cpu`` for split halves, the layer-normalised variants):
+the engine table runs it on the array code, which ``gates``, ``network``,
+``array`` and every backend check.
 
 Returns a ``VariantReport`` (printable) and raises ``AssertionError`` listing
 what failed, unless ``raise_on_failure=False``. A target is never reported

@@ -24,10 +24,11 @@ constants only (``row_valued``); the emitters hold such a value once a row
 ((B, 1) in array code) and broadcast it where it meets per-unit values.
 
 Every emitter writes the element-wise operations; ``mean`` and ``rsqrt`` are so
-far written by the array code (NumPy, PyTorch, JAX, CuPy arrays) only: the
-kernel emitters (C++, CUDA C, Triton, Pallas) map one thread to one unit and
-refuse a program with a reduction (``has_reductions``), and the engine table
-keeps such a variant off them.
+far written by the array code (NumPy, PyTorch, JAX, CuPy arrays) and the C++
+CPU kernels (a row function in phases, ``emit_cpu``): the CUDA C, Triton,
+Pallas and ONNX emitters map one thread to one unit and refuse a program with a
+reduction (``GatePrograms.kernel_refusal``), and the engine table keeps such a
+variant off them.
 A constant is held as the Python float (a double) it was written as; every
 target writes it exactly and rounds it once to its computation type, as NumPy's
 ``np.full_like(x, k)`` does (``evaluate``): in a float32 kernel 1e60 is inf and
