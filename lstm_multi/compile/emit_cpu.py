@@ -116,7 +116,8 @@ def _row_loops(programs: GatePrograms, roots, unit_loads, row_loads, final):
         for acc, n in zip(sums, means, strict=True):
             lines.append(f"const S v_r{n} = {_mean_of(acc)};")
             known[n] = f"r{n}"
-    per_unit_roots = [r for r in roots if r not in known]
+    # the per-row values are scalars by now; a given per-unit value a root is must be loaded
+    per_unit_roots = [r for r in roots if r in unit_loads or r not in known]
     return lines + loop(per_unit_roots, [], final(known))
 
 
