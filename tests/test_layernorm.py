@@ -199,6 +199,21 @@ def test_a_wrong_row_mean_in_the_cpu_kernels_fails_check_variant(monkeypatch):
     assert [r.name for r in report.failed] == ["cpu"]
 
 
+#: reductions at the edges: an output that is a row value (broadcast back to (B, H) by
+#: every emitter), a cell state that is one, a mean of a product with a mean
+DEGENERATE = {
+    "row_h": lambda z, c_prev: (mean(z.i), sigmoid(z.f) * c_prev),
+    "row_c": lambda z, c_prev: (sigmoid(z.o), mean(c_prev) + mean(z.g)),
+    "mean_of_mean": lambda z, c_prev: (mean(mean(z.i) * z.o), c_prev * sigmoid(z.f)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEGENERATE))
+def test_degenerate_reductions_are_derived_and_compiled(name):
+    report = lstm_multi.testing.check_variant(Variant(name, DEGENERATE[name]), backends=["numpy"])
+    assert {r.name for r in report.results if r.status == "passed"} >= {"gates", "network"}
+
+
 def _rule_mean_without_spread(graph, node, node_id, g):
     """A wrong derivation: the row mean's adjoint passed on unspread (g, not mean(g))."""
     if node.op == "mean":
