@@ -186,18 +186,18 @@ def _native_refusal(case: Case) -> str | None:
     return None
 
 
-def _kernel_math(case: Case, kernels: str, reductions=False) -> str | None:
+def _kernel_math(case: Case, kernels: str, cpu=False) -> str | None:
     """Why ``kernels`` cannot run the case's gate math yet: row reductions and array-only
-    operations (unless ``reductions``: the C++ kernels write them) or split halves
-    (``GatePrograms.kernel_refusal``), else None."""
-    why = case.variant.programs.kernel_refusal(reductions)
+    operations or split halves (``GatePrograms.kernel_refusal``; the C++ kernels, ``cpu``,
+    write both), else None."""
+    why = case.variant.programs.kernel_refusal(reductions=cpu, split=cpu)
     if why is None:
         return None
     return f"{why}: not yet in {kernels} (the array code runs {case.variant.name!r})"
 
 
 def _cpu_kernels_refusal(case: Case) -> str | None:
-    kernel_math = _kernel_math(case, "the C++ kernels", reductions=True)
+    kernel_math = _kernel_math(case, "the C++ kernels", cpu=True)
     if kernel_math is not None:
         return kernel_math
     if case.device != "cpu":
@@ -272,7 +272,7 @@ _TABLE = (
         "the variant's generated C++: a fused gate step per call, or the whole loop in C",
         "cpu",
         ("float32", "float64"),
-        "a C++ compiler on PATH (built on first use, cached); no split halves (layernorm)",
+        "a C++ compiler on PATH (built on first use, cached)",
         "array",
         "the default on host float32/float64 arrays",
         "first in auto on the CPU for every variant but 'lstm' (native's)",

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import pytest
 from conftest import assert_close
-from reference import KERNEL_VARIANTS, Config, make_problem, reference
+from reference import Config, make_problem, reference
 from test_agreement import assert_matches_reference, run_backend
 
 import lstm_multi
@@ -48,7 +48,7 @@ def _config(variant, **overrides):
 @needs_compiler
 @pytest.mark.parametrize("loop", sorted(LOOPS))
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
-@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
+@pytest.mark.parametrize("variant", sorted(spec.VARIANTS))
 def test_kernels_match_the_oracle(backend, variant, loop, monkeypatch):
     if backend == "torch":
         pytest.importorskip("torch")
@@ -65,7 +65,7 @@ def test_kernels_match_the_oracle(backend, variant, loop, monkeypatch):
 
 @needs_compiler
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
-@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
+@pytest.mark.parametrize("variant", sorted(spec.VARIANTS))
 def test_projected_kernels_match_the_oracle(backend, variant, monkeypatch):
     """With a projection (always the per-step loop: the framework's products for r U and
     m W_hr around the fused gate kernel), against the oracle, float64 and float32."""
@@ -110,7 +110,7 @@ def _count_calls(monkeypatch):
 
 @needs_compiler
 @pytest.mark.parametrize("loop", sorted(LOOPS))
-@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
+@pytest.mark.parametrize("variant", sorted(spec.VARIANTS))
 def test_kernel_gradients_by_finite_differences(variant, loop, monkeypatch):
     """d(loss)/d(every input) from the kernels' backward against central differences,
     float64, one direction with lengths; loss = <ys, wy> + <h_T, wh> + <c_T, wc>."""

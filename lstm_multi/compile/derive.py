@@ -117,19 +117,19 @@ class GatePrograms:
         roots = [*self.forward_outputs.values(), *self.backward_outputs.values()]
         return has_reductions(self.graph, roots)
 
-    def kernel_refusal(self, reductions=False) -> str | None:
+    def kernel_refusal(self, reductions=False, split=False) -> str | None:
         """Why a kernel emitter cannot write these programs, or None where it can: a row
         reduction or an array-only operation (unless ``reductions``: the emitter writes
-        ``mean`` and ``rsqrt``, as the C++ one does), or split halves (no kernel emitter
-        takes them yet). The CUDA C, Triton, Pallas and ONNX emitters map one thread or
-        lane to one unit and write neither."""
+        ``mean`` and ``rsqrt``), or split halves (unless ``split``). The C++ emitter
+        writes both; the CUDA C, Triton, Pallas and ONNX emitters map one thread or lane
+        to one unit and write neither."""
         roots = [*self.forward_outputs.values(), *self.backward_outputs.values()]
         reasons = []
         if not reductions:
             if has_reductions(self.graph, roots):
                 reasons.append("row reductions (mean)")
             reasons += [op for op in array_only_operations(self.graph, roots) if op != "mean"]
-        if self.halves == "split":
+        if self.halves == "split" and not split:
             reasons.append("split halves (x_t W and r U apart)")
         if not reasons:
             return None
@@ -151,10 +151,10 @@ class GatePrograms:
         return node.name if node.op == "input" else f"s{node_id}"
 
 
-def check_kernel_programs(programs: GatePrograms, target: str, reductions=False) -> None:
+def check_kernel_programs(programs: GatePrograms, target: str, reductions=False, split=False):
     """A NotImplementedError naming what ``target`` (a kernel emitter) does not write yet,
-    where ``programs.kernel_refusal(reductions)`` finds something."""
-    why = programs.kernel_refusal(reductions)
+    where ``programs.kernel_refusal(reductions, split)`` finds something."""
+    why = programs.kernel_refusal(reductions, split)
     if why is not None:
         raise NotImplementedError(
             f"{target}: the gate math has {why}, which the {target} does not write yet; "

@@ -125,13 +125,20 @@ def _forward_row(programs: GatePrograms) -> str:
     inputs = {programs.inputs[n]: n for n in programs.forward_inputs}
     stored = forward_stored(programs)
     roots = [*programs.forward_outputs.values(), *stored]
-    unit_loads = {
-        programs.inputs[f"z_{gate}"]: (
-            f"z_{gate}",
-            f"SUM ? z[{k} * H + j] + zr[{k} * H + j] : z[{k} * H + j]",
-        )
-        for k, gate in enumerate(GATES)
-    }
+    if programs.halves == "split":  # z is x_t W, zr is r U (always given): apart
+        unit_loads = {
+            programs.inputs[f"{half}_{gate}"]: (f"{half}_{gate}", f"{array}[{k} * H + j]")
+            for half, array in (("zx", "z"), ("zr", "zr"))
+            for k, gate in enumerate(GATES)
+        }
+    else:
+        unit_loads = {
+            programs.inputs[f"z_{gate}"]: (
+                f"z_{gate}",
+                f"SUM ? z[{k} * H + j] + zr[{k} * H + j] : z[{k} * H + j]",
+            )
+            for k, gate in enumerate(GATES)
+        }
     unit_loads[programs.inputs["c_prev"]] = ("c_prev", "c_prev[j]")
     unit_loads.update(
         (programs.inputs[key], (key, _param_load(programs, key))) for key in programs.param_rows
@@ -190,7 +197,7 @@ def _backward_row(programs: GatePrograms) -> str:
             return c_name(programs, n, {**inputs, **known})
 
         lines = [
-            f"dz[{k} * H + j] = {name(outputs[f'dz_{gate}'])};" for k, gate in enumerate(GATES)
+            f"dz[{k} * H + j] = {name(outputs[f'd{z}'])};" for k, z in enumerate(programs.z_inputs)
         ]
         lines += [f"dc[j] = {name(outputs['dc_prev'])};", "dh[j] = S(0);"]
         lines += [
@@ -216,7 +223,7 @@ def cpu_source(programs: GatePrograms, scalar: str, recurrent_state: str = "h") 
 
     ``recurrent_state`` ("h" or "c") is the state the sequence loop multiplies by U.
     """
-    derive.check_kernel_programs(programs, "C++ kernel emitter", reductions=True)
+    derive.check_kernel_programs(programs, "C++ kernel emitter", reductions=True, split=True)
     if scalar not in ("float", "double"):
         raise ValueError(f"scalar: expected 'float' or 'double', got {scalar!r}")
     if recurrent_state not in ("h", "c"):
@@ -229,6 +236,7 @@ def cpu_source(programs: GatePrograms, scalar: str, recurrent_state: str = "h") 
         f"#define LM_RECURRENT {recurrent_state}s",
         f"#define LM_RECURRENT_GRAD d{recurrent_state}",
         f"#define LM_R {len(programs.param_rows)}",
+        f"#define LM_G {len(programs.z_inputs)}",
         '#include "lm_math.h"',
     ]
     rows = _forward_row(programs) + _backward_row(programs)

@@ -9,6 +9,8 @@
 //   LM_R               the rows of the packed parameters P (R, H)
 //   LM_RECURRENT       hs or cs: the state the sequence loop multiplies by U
 //   LM_RECURRENT_GRAD  dh or dc: its gradient
+//   LM_G               the blocks of H a row of dz has: 4 (the gates), or 8 for split
+//                      halves (dzx then dzr; only the step functions run those)
 //   lm_forward_row<RECORD, SUM>(H, z, zr, c_prev, P, h, c, y, saved, stride)
 //   lm_backward_row(H, dy, dh, dc, c_prev, c, saved, stride, P, dz, dP)
 //                      one row's gate math over its H units, forward and backward
@@ -102,11 +104,11 @@ static void lm_step_backward_rows(long b0, long b1, long B, long H, const S* dy,
       for (long j = 0; j < H; ++j) dr_into[o + j] += dr[o + j];
     }
     if (valid && !valid[b]) {  // past the length: dz is zero, dh and dc pass through
-      for (long j = 0; j < 4 * H; ++j) dz[4 * o + j] = S(0);
+      for (long j = 0; j < LM_G * H; ++j) dz[LM_G * o + j] = S(0);
       continue;
     }
     lm_backward_row(H, dy + o, dh + o, dc + o, c_prev + o, c + o, saved + o, stride, P,
-                    dz + 4 * o, dP);
+                    dz + LM_G * o, dP);
   }
 }
 
