@@ -86,11 +86,10 @@ units of its row (one sequence's state), read as the same number at every
 unit; a mean over the 4H preactivations is ``0.25 * mean(v.i + v.f + v.g +
 v.o)``. The derived backward spreads a row mean's gradient evenly
 (d mean(v) / d v_j = 1 / H). So far the array code (NumPy, PyTorch, JAX, CuPy
-arrays) runs reductions, ``rsqrt`` and split halves; the C++ CPU kernels run
-reductions and ``rsqrt`` with fused halves (a row function in phases); the
-CUDA C, Triton, Pallas and ONNX emitters map one thread to one unit and refuse
-them by name, as the C++ one refuses split halves, and the engine table keeps
-such a variant on the engines that run it.
+arrays) and the C++ CPU kernels (a row function in phases; split halves in
+their per-step loop) run reductions, ``rsqrt`` and split halves; the CUDA C,
+Triton, Pallas and ONNX emitters map one thread to one unit and refuse them by
+name, and the engine table keeps such a variant on the engines that run it.
 
 Canonical parameters of one layer and direction (``in`` is input_size for
 layer 0 and H * num_directions after)::

@@ -28,10 +28,9 @@ unless said otherwise:
    by Triton's interpreter in float32, against the program's evaluation.
 
 A variant whose gate math a kernel emitter does not write yet has that target
-reported skipped with the reason (``kernels`` and ``triton`` for row reductions
-and ``rsqrt``; also ``cpu`` for split halves, the layer-normalised variants):
-the engine table runs it on the array code, which ``gates``, ``network``,
-``array`` and every backend check.
+reported skipped with the reason (``kernels`` and ``triton`` for row
+reductions, ``rsqrt`` and split halves, which the C++ kernels, ``cpu``, write):
+the engine table runs it elsewhere.
 
 Returns a ``VariantReport`` (printable) and raises ``AssertionError`` listing
 what failed, unless ``raise_on_failure=False``. A target is never reported

@@ -249,33 +249,51 @@ CONFIGS = {
 }
 
 
-def _run(backend, config, problem, variant=None, **kwargs):
+def _cell_for(backend, config, variant=None, **kwargs):
     Cell = lstm_multi.get_cell(backend)
-    cell = Cell(
+    return Cell(
         config.input_size, config.hidden_size, variant=variant or config.variant,
         num_layers=config.num_layers, bidirectional=config.bidirectional,
         batch_first=config.batch_first, proj_size=config.proj_size, **kwargs,
     )  # fmt: skip
-    return run_cell(cell, config, problem, "float64")
+
+
+def _run(backend, config, problem, variant=None, **kwargs):
+    return run_cell(_cell_for(backend, config, variant, **kwargs), config, problem, "float64")
+
+
+#: (backend, engine): the array engines, JAX's scan, and the C++ kernels
+ENGINES = [("numpy", "array"), ("numpy", "cpu_kernels"), ("torch", "array"),
+           ("torch", "cpu_kernels"), ("jax", "auto")]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(CONFIGS))
 @pytest.mark.parametrize("variant", LAYER_NORMS)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_layernorm_matches_the_oracle(backend, variant, case, thorough):
+@pytest.mark.parametrize(("backend", "engine_name"), ENGINES)
+def test_layernorm_matches_the_oracle(backend, engine_name, variant, case, thorough):
     """Outputs and every gradient (W, U, b, p, the gains and shifts, x, h0, c0), float64.
     JAX compiles each case (seconds): the default run takes its path with "layers" of
     "layernorm_peephole" (and "layernorm" in the mask test)."""
     if backend == "jax" and (case, variant) != ("layers", "layernorm_peephole") and not thorough:
         pytest.skip("runs under --thorough only: JAX takes its path with layernorm_peephole")
     _backend(backend)
+    if engine_name == "cpu_kernels" and build.host_compiler() is None:
+        pytest.skip("no host C++ compiler")
     config = _config(variant, **CONFIGS[case])
     problem = make_problem(config)
-    result = _run(backend, config, problem)
-    assert_matches_reference(result, reference(config, problem), "float64", f"{backend}/{case}")
+    expected = reference(config, problem)
+    for dtype in ("float64", "float32") if engine_name == "cpu_kernels" else ("float64",):
+        cell = _cell_for(backend, config, engine=engine_name)
+        result = run_cell(cell, config, problem, dtype)
+        if engine_name != "auto":
+            assert cell.last_choice.engine == engine_name
+        assert_matches_reference(result, expected, dtype, f"{backend}/{engine_name}/{case}")
 
 
-@pytest.mark.parametrize("engine_name", ["numpy-array", "torch-array", "jax-scan"])
+@pytest.mark.parametrize(
+    "engine_name",
+    ["numpy-array", "numpy-cpu_kernels", "torch-array", "torch-cpu_kernels", "jax-scan"],
+)
 def test_layernorm_with_a_step_mask_matches_the_oracle(engine_name):
     """A per-step mask with a gap and a row with no real step: held state, zero outputs."""
     from test_masks import _assert_matches, _cell, _convert, _expected, _layers, _problem, _run
@@ -368,22 +386,22 @@ def test_kernel_engines_refuse_row_reductions_by_name(name, device, kernels):
     assert f"not yet in {kernels}" in why
 
 
-def test_cpu_kernels_refuse_split_halves_only():
-    """The C++ kernels write row reductions but not yet split halves: "layernorm" stays on
-    the array engine, a reduction with fused halves runs on them."""
+def test_cpu_kernels_take_reductions_and_split_halves():
+    """The C++ kernels write row reductions and split halves: they run "layernorm" (where a
+    compiler is found)."""
     cpu = engine.get_engine("cpu_kernels")
-    why = cpu.refusal(_case("numpy", "cpu", variant="layernorm"))
-    assert why.startswith("split halves (x_t W and r U apart): not yet in the C++ kernels")
-    case = engine.Case("numpy", "cpu", "float32", RMS, 16)
-    assert cpu.refusal(case) is None or "compiler" in cpu.refusal(case)
+    for case in (_case("numpy", "cpu"), engine.Case("torch", "cpu", "float64", RMS, 16)):
+        why = cpu.refusal(case)
+        assert why is None or "compiler" in why, why
 
 
 def test_native_refuses_and_auto_picks_the_array_code():
     assert "not 'layernorm'" in engine.get_engine("native").refusal(_case("torch", "cuda"))
+    on_cpu = "cpu_kernels" if build.host_compiler() else "array"
     for backend, device, picked in [
-        ("torch", "cpu", "array"),
+        ("torch", "cpu", on_cpu),
         ("torch", "cuda", "array"),
-        ("numpy", "cpu", "array"),
+        ("numpy", "cpu", on_cpu),
         ("jax", "gpu", "scan"),
         ("cupy", "cuda", "cupy_kernels"),
     ]:
@@ -394,10 +412,11 @@ def test_native_refuses_and_auto_picks_the_array_code():
 
 
 def test_explain_says_why_the_array_engine_runs():
-    cell = lstm_multi.get_cell("numpy")(3, 4, variant="layernorm")
-    choice = cell.explain(np.zeros((2, 5, 3), np.float32))
+    """On the GPU (the case, no device needed) every kernel engine refuses by name."""
+    choice = engine.select_engine(_case("torch", "cuda"), "graphed_triton")
     assert choice.engine == "array"
-    assert "split halves" in dict(choice.passed_over)["cpu_kernels"]
+    assert "row reductions (mean)" in dict(choice.passed_over)["graphed_triton"]
+    assert "row reductions (mean)" in dict(choice.passed_over)["triton"]
 
 
 def test_fused_ops_run_the_array_code_for_a_reduction():
@@ -418,8 +437,8 @@ def test_kernel_emitters_refuse_by_name():
     from lstm_multi.compile import emit_cuda, emit_triton
 
     programs = spec.VARIANTS["layernorm"].programs
+    assert "LM_G 8" in emit_cpu.cpu_source(programs, "double")  # the C++ one writes it
     for make, target, what in [
-        (lambda: emit_cpu.cpu_source(programs, "double"), "C++ kernel emitter", "split halves"),
         (lambda: emit_cuda.forward_kernel(programs, "x"), "CUDA C kernel emitter", "row"),
         (lambda: emit_triton.module_source(programs), "Triton kernel emitter", "row"),
     ]:
@@ -456,4 +475,4 @@ def test_torch_module_starts_with_unit_gains():
     assert torch.all(named["weight_gamma_x_l0_reverse"] == 1)
     assert torch.all(named["weight_beta_c_l0"] == 0)
     y, _ = module(torch.randn(2, 5, 3))
-    assert y.shape == (2, 5, 8) and module.last_choice.engine == "array"
+    assert y.shape == (2, 5, 8) and module.last_choice.engine in ("cpu_kernels", "array")
