@@ -126,9 +126,9 @@ def _input_projection(ops, kernels, variant, p, xs, like):
     return ops.contiguous(ops.project_into(xs, p["W"], b, out))
 
 
-def _per_step_only(variant):
-    """Whether only the per-step loop runs the variant: split halves need r U apart from
-    x_t W, which the loops in C (``lm_sequence_*``, the batch split) add into it."""
+def _no_batch_split(variant):
+    """Whether the batch-split loops cannot run the variant: split halves need r U apart
+    from x_t W, which they add into it (the sequence loops in C keep it apart)."""
     return variant.split
 
 
@@ -205,13 +205,13 @@ def forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record=False)
     address = ops.address
     v = None if valid_bytes is None else address(valid_bytes)
     s = None if saved is None else address(saved)
-    if not _per_step_only(variant) and sequence_loop_in_c(batch, hidden):
+    if sequence_loop_in_c(batch, hidden):
         kernels.sequence_forward(
             steps, batch, hidden, address(zx), address(U), address(hs), address(cs),
             address(P), v, address(ys), s,
         )  # fmt: skip
     elif (
-        not _per_step_only(variant)
+        not _no_batch_split(variant)
         and (split := _split_plan(ops, kernels, batch, hidden)) is not None
     ):
         loops, threads = split
@@ -291,7 +291,7 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
     valid_bytes = _valid_bytes(ops, valid)
     address = ops.address
     v = None if valid_bytes is None else address(valid_bytes)
-    if not _per_step_only(variant) and sequence_loop_in_c(batch, hidden):
+    if sequence_loop_in_c(batch, hidden):
         U_t = ops.contiguous(ops.transpose(U))
         kernels.sequence_backward(
             steps, batch, hidden, address(dys), address(dh), address(dc), address(cs),
@@ -299,7 +299,7 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
             address(P), v, address(U_t), address(dzs), address(dP),
         )  # fmt: skip
     elif (
-        not _per_step_only(variant)
+        not _no_batch_split(variant)
         and (split := _split_plan(ops, kernels, batch, hidden)) is not None
     ):
         loops, threads = split
