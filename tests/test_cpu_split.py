@@ -70,7 +70,7 @@ class _threads:
         torch.set_num_threads(self.before)
 
 
-#: split halves (the layer-normalised variants) run the per-step loop only (kernel_direction)
+#: split halves (the layer-normalised variants) do not run the batch split yet (kernel_direction)
 @pytest.mark.parametrize("variant", sorted(n for n, v in spec.VARIANTS.items() if not v.split))
 def test_split_loops_match_the_oracle(variant, monkeypatch):
     used = _split_used(monkeypatch)
