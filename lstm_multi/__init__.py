@@ -27,7 +27,7 @@ import importlib
 import sys
 
 from . import kernels, testing
-from .compile.trace import sigmoid, tanh
+from .compile.trace import mean, rsqrt, sigmoid, tanh
 from .engine import engine_table, engines
 from .registry import available_backends, get_cell, known_backends
 from .spec import GATE_ORDER, VARIANTS, Variant, get_variant, register_variant
@@ -45,7 +45,9 @@ __all__ = [
     "get_variant",
     "kernels",
     "known_backends",
+    "mean",
     "register_variant",
+    "rsqrt",
     "sigmoid",
     "tanh",
     "testing",

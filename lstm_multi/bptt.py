@@ -10,7 +10,6 @@ backends are tested against it and it against finite differences.
 from __future__ import annotations
 
 from . import spec, step
-from .network import extra_params
 
 
 def masked_step_backward(ops, variant, dh, dc, dy, cache, v, U_step_t, extra):
@@ -50,7 +49,7 @@ def direction_grads(ops, variant, p, xs, rs, dzs, dextra, dh0, dc0, h0, c0):
     until here). Returns (grads like p, dxs (T, B, in), dh0, dc0).
     """
     dW, dU, db, dxs = step.projection_grads(ops, variant, xs, rs, dzs, p["W"])
-    grads = {"W": dW, "U": dU, "b": db, **dextra}
+    grads = {"W": dW, "U": dU, "b": db, **dextra}  # split halves: b is among dextra
     dtype = ops.dtype_name
     grads = {k: ops.cast(g, dtype(p[k])) for k, g in grads.items()}
     return grads, ops.cast(dxs, dtype(xs)), ops.cast(dh0, dtype(h0)), ops.cast(dc0, dtype(c0))
@@ -65,7 +64,7 @@ def backward_direction(ops, variant, p, tape, dys, dh, dc, valid):
     """
     xs, rs, caches = tape
     U_step_t = ops.prepare_step_weight_t(step.recurrent_weight(ops, variant, p["U"]))
-    extra = extra_params(p)
+    extra = step.step_params(variant, p)
     h0_like, c0_like = dh, dc
     dc = ops.cast(dc, ops.state_dtype(ops.dtype_name(xs)))
     dextra = zero_extra_grads(ops, extra, dc)

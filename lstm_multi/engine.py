@@ -189,7 +189,20 @@ def _native_refusal(case: Case) -> str | None:
     return None
 
 
+def _kernel_math(case: Case, kernels: str, cpu=False) -> str | None:
+    """Why ``kernels`` cannot run the case's gate math yet: row reductions and array-only
+    operations or split halves (``GatePrograms.kernel_refusal``; the C++ kernels, ``cpu``,
+    write both), else None."""
+    why = case.variant.programs.kernel_refusal(reductions=cpu, split=cpu)
+    if why is None:
+        return None
+    return f"{why}: not yet in {kernels} (the array code runs {case.variant.name!r})"
+
+
 def _cpu_kernels_refusal(case: Case) -> str | None:
+    kernel_math = _kernel_math(case, "the C++ kernels", cpu=True)
+    if kernel_math is not None:
+        return kernel_math
     if case.device != "cpu":
         return f"needs host arrays, got {case.device}"
     if not environment.cpu_kernels_enabled():
@@ -202,6 +215,7 @@ def _cpu_kernels_refusal(case: Case) -> str | None:
 def _triton_refusal(case: Case) -> str | None:
     device = None if environment.triton_interpret() else _cuda(case)
     return _first(
+        _kernel_math(case, "the Triton kernels"),
         device,
         _installed("triton", "triton"),
         _dtype_in(case, ("float16", "bfloat16", "float32")),
@@ -223,11 +237,12 @@ def _persistent_limits(case: Case) -> str | None:
 
 
 def _graphed_refusal(case: Case) -> str | None:
-    return _first(_cuda(case), _no_transform(case))
+    return _first(_kernel_math(case, "the CUDA-graph engines"), _cuda(case), _no_transform(case))
 
 
 def _pallas_refusal(case: Case) -> str | None:
     return _first(
+        _kernel_math(case, "the Pallas kernels"),
         _dtype_in(case, ("float16", "bfloat16", "float32")),
         _persistent_limits(case),
     )
@@ -309,7 +324,7 @@ _TABLE = (
         "each step's gate math as one generated Triton kernel forward and one backward",
         "cuda (any device under TRITON_INTERPRET=1)",
         ("float16", "bfloat16", "float32"),
-        "triton installed",
+        "triton installed; no row reductions (layernorm)",
         "array",
         "gate_kernel='triton'",
         _NOT_ON_GPU_YET,
@@ -321,7 +336,8 @@ _TABLE = (
         "each direction's whole loop in one launch of the generated persistent Triton kernels",
         "cuda (any device under TRITON_INTERPRET=1)",
         ("float16", "bfloat16", "float32"),
-        f"hidden_size <= {PERSISTENT_MAX_HIDDEN}, no projection; triton installed",
+        f"hidden_size <= {PERSISTENT_MAX_HIDDEN}, no projection; triton installed; no row "
+        "reductions (layernorm)",
         "triton",
         "gate_kernel='triton_persistent'",
         _NOT_ON_GPU_YET,
@@ -333,7 +349,7 @@ _TABLE = (
         "the array engine's per-step loop replayed from a CUDA graph per shape",
         "cuda",
         _FLOATS,
-        "CUDA tensors",
+        "CUDA tensors; no row reductions (layernorm)",
         "auto",
         "cuda_graphs=True",
         _NOT_ON_GPU_YET,
@@ -345,7 +361,7 @@ _TABLE = (
         "the Triton engine's per-step loop replayed from a CUDA graph per shape",
         "cuda",
         ("float16", "bfloat16", "float32"),
-        "CUDA tensors; triton installed",
+        "CUDA tensors; triton installed; no row reductions (layernorm)",
         "triton",
         "gate_kernel='triton', cuda_graphs=True",
         "not in auto: 0.74x cuDNN's float32 forward on an H100 at commit 37fbb62, but the "
@@ -358,7 +374,8 @@ _TABLE = (
         "the persistent Triton engine replayed from a CUDA graph per shape",
         "cuda",
         ("float16", "bfloat16", "float32"),
-        f"CUDA tensors; hidden_size <= {PERSISTENT_MAX_HIDDEN}, no projection; triton installed",
+        f"CUDA tensors; hidden_size <= {PERSISTENT_MAX_HIDDEN}, no projection; triton "
+        "installed; no row reductions (layernorm)",
         "graphed_triton",
         "gate_kernel='triton_persistent', cuda_graphs=True",
         _NOT_ON_GPU_YET,
@@ -372,7 +389,8 @@ _TABLE = (
         "one generated fused CUDA C kernel per step each way, cuBLAS for the products",
         "cuda",
         ("float16", "float32", "float64"),
-        "none",
+        "a variant with row reductions (layernorm) runs its gate math as CuPy array code, "
+        "not a fused kernel",
         None,
         "the CuPy default",
         "the CuPy backend's only direct engine",
@@ -384,11 +402,11 @@ _TABLE = (
         "the cupy_kernels loop, forward and backward, replayed from CUDA graphs",
         "cuda",
         ("float16", "float32", "float64"),
-        "none",
+        "no row reductions (layernorm)",
         "cupy_kernels",
         "cuda_graphs=True",
         "not in auto: no gain measured on an H100 (benchmarks/results/gpu/)",
-        _never,
+        lambda case: _kernel_math(case, "the CUDA-graph engines"),
     ),
     Engine(
         "scan",
@@ -409,7 +427,8 @@ _TABLE = (
         "the CPU: for tests)",
         "gpu (interpreted on cpu)",
         ("float16", "bfloat16", "float32"),
-        f"hidden_size <= {PERSISTENT_MAX_HIDDEN}, no projection; reverse mode only",
+        f"hidden_size <= {PERSISTENT_MAX_HIDDEN}, no projection; reverse mode only; no row "
+        "reductions (layernorm)",
         "scan",
         "kernel='pallas_persistent'",
         _NOT_ON_GPU_YET,

@@ -42,6 +42,11 @@ scheme (``cell.init(seed, scheme=...)``).
 
 With a projection, U has P rows (``lstm_multi.spec.param_shapes``); the
 schemes draw it as above at that shape.
+
+A variant's ``param_init`` overrides every scheme for the parameters it names:
+the layer-normalised variants' gains ``gamma_*`` start at 1 and their shifts
+``beta_*`` at 0 whatever the scheme (drawn first and then replaced, so the other
+parameters get the scheme's numbers for the seed).
 """
 
 from __future__ import annotations
@@ -120,15 +125,24 @@ def init_params(
     """
     rng = np.random.default_rng(seed)
     return [
-        [draw(scheme, rng, shapes, hidden_size, dtype) for shapes in directions]
+        [draw(scheme, rng, shapes, hidden_size, dtype, variant) for shapes in directions]
         for directions in spec.network_param_shapes(
             variant, input_size, hidden_size, num_layers, num_directions, proj_size
         )
     ]
 
 
-def draw(scheme, rng, shapes, hidden_size, dtype):
-    """One layer-direction's parameters ``{name: array}`` for ``shapes`` under ``scheme``."""
+def draw(scheme, rng, shapes, hidden_size, dtype, variant=None):
+    """One layer-direction's parameters ``{name: array}`` for ``shapes`` under ``scheme``,
+    with ``variant``'s ``param_init`` constants (when a variant is given) in place."""
+    params = _draw(scheme, rng, shapes, hidden_size, dtype)
+    if variant is not None:
+        for key, value in spec.get_variant(variant).param_init.items():
+            params[key] = np.full(shapes[key], value, dtype=dtype)
+    return params
+
+
+def _draw(scheme, rng, shapes, hidden_size, dtype):
     if scheme in ("uniform", "equinox"):
         bound = 1.0 / math.sqrt(hidden_size)
         return {k: rng.uniform(-bound, bound, s).astype(dtype) for k, s in shapes.items()}

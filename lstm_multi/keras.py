@@ -403,7 +403,9 @@ class LSTM(keras.layers.Layer):
         values = []
         for (layer_shapes,) in shapes:
             init.draw(self.scheme, rng, layer_shapes, self.units, dtype)  # the forward one's
-            values.append([init.draw(self.scheme, rng, layer_shapes, self.units, dtype)])
+            values.append(
+                [init.draw(self.scheme, rng, layer_shapes, self.units, dtype, self.variant)]
+            )
         return values
 
     def get_canonical_params(self):

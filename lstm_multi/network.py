@@ -116,8 +116,8 @@ def layer_step(ops, variant, p, x_t, h, c):
     h, c (..., H) (h (..., P) with a projection) -> (h_t, c_t). For cells that a
     framework's own loop drives (Flax's ``nn.RNN``, an Equinox ``lax.scan``)."""
     U_step = ops.prepare_step_weight(step.recurrent_weight(ops, variant, p["U"]))
-    zx = x_t @ p["W"] + p["b"]
-    h, c, _ = step.step_forward(ops, variant, zx, h, c, U_step, extra_params(p))
+    zx = step.input_half(variant, x_t, p)
+    h, c, _ = step.step_forward(ops, variant, zx, h, c, U_step, step.step_params(variant, p))
     return h, c
 
 
@@ -143,9 +143,9 @@ def loop_direction(ops, variant, p, xs, h0, c0, valid, record=False):
     is None unless ``record``. Past a sequence's length its state is carried
     unchanged and its output is zero.
     """
-    zxs = ops.unstack_time(ops.project(xs, p["W"], p["b"]))
+    zxs = ops.unstack_time(step.input_projection(ops, variant, xs, p))
     U_step = ops.prepare_step_weight(step.recurrent_weight(ops, variant, p["U"]))
-    extra = extra_params(p)
+    extra = step.step_params(variant, p)
     h, c = h0, ops.cast(c0, ops.state_dtype(ops.dtype_name(c0)))  # float32 for half inputs
     ys, caches, rs = [], [], []
     for t, zx in enumerate(zxs):

@@ -94,6 +94,7 @@ def export(model, args, path=None, *, kwargs=None, dynamic_shapes=None, **option
     _require("onnx")
     import torch
 
+    _check_variants(model)
     table.update(options.pop("custom_translation_table", None) or {})
     return torch.onnx.export(
         model,
@@ -106,6 +107,20 @@ def export(model, args, path=None, *, kwargs=None, dynamic_shapes=None, **option
         opset_version=options.pop("opset_version", OPSET),
         **options,
     )
+
+
+def _check_variants(model):
+    """A NotImplementedError naming the first lstm_multi module of ``model`` whose variant
+    the ONNX step cannot write yet (row reductions: ``GatePrograms.kernel_refusal``)."""
+    for name, module in getattr(model, "named_modules", lambda: [])():
+        variant = getattr(module, "_variant_spec", None)
+        why = None if variant is None else variant.programs.kernel_refusal()
+        if why is not None:
+            raise NotImplementedError(
+                f"model: module {name or '(the model)'!r} runs the variant {variant.name!r}, "
+                f"whose gate math has {why}: not yet in the ONNX export (torch.export and "
+                "the array engines run it)"
+            )
 
 
 # the translation of lstm_multi::direction --------------------------------------------

@@ -52,6 +52,15 @@ class ArrayModuleOps:
     def tanh(self, z):
         return self.xp.tanh(z)
 
+    def rsqrt(self, z):
+        """1 / sqrt(z) (the gate math's ``rsqrt``; z > 0)."""
+        return 1 / self.xp.sqrt(z)
+
+    def row_mean(self, z):
+        """The mean over the last axis (a row's H units), kept as (..., 1) so that it
+        broadcasts against the row (the gate math's ``mean``)."""
+        return self.xp.mean(z, axis=-1, keepdims=True)
+
     # the gate math of one step; a backend overrides these with fused kernels
     #
     # Half precision (float16, bfloat16): the matrix products of a step run in

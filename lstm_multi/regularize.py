@@ -37,7 +37,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from . import step
-from .network import extra_params
 
 
 class StepMasks(NamedTuple):
@@ -114,7 +113,8 @@ def regularized_step(ops, variant, zx, h, c, v, U, extra, keep_h, keep_c, recurr
     booleans (a real step) or None. Where v is False h and c are held and y_t is zero.
     """
     r = h if variant.recurrent_state == "h" else c
-    z = zx + ops.cast(recurrent_product(ops, r, U, recurrent), ops.dtype_name(zx))
+    zr = ops.cast(recurrent_product(ops, r, U, recurrent), ops.dtype_name(zx))
+    z = ops.concat([zx, zr], -1) if variant.split else zx + zr  # split: [x_t W, r U]
     h_new, c_new, cache = step.gates_and_projection(ops, variant, z, c, extra)
     h_new = blend(keep_h, h, h_new)
     c_new = blend(keep_c, c, c_new)
@@ -138,9 +138,9 @@ def loop_direction(ops, variant, p, xs, h0, c0, valid, masks, record=False):
     """``network.loop_direction`` with ``masks`` (a ``StepMasks`` in reading order): a
     Python loop over ``regularized_step``. Returns (ys, h_T, c_T, tape or None); with
     autodiff ops (torch, JAX) the loop is differentiated as it is."""
-    zxs = ops.unstack_time(ops.project(xs, p["W"], p["b"]))
+    zxs = ops.unstack_time(step.input_projection(ops, variant, xs, p))
     U = step.recurrent_weight(ops, variant, p["U"])
-    extra = extra_params(p)
+    extra = step.step_params(variant, p)
     h, c = h0, ops.cast(c0, ops.state_dtype(ops.dtype_name(c0)))
     ys, caches, rs = [], [], []
     for t, zx in enumerate(zxs):
@@ -179,7 +179,7 @@ def backward_direction(ops, variant, p, tape, dys, dh, dc, valid):
     """
     xs, rs, caches, masks = tape
     U = step.recurrent_weight(ops, variant, p["U"])
-    extra = extra_params(p)
+    extra = step.step_params(variant, p)
     h0_like, c0_like = dh, dc
     dc = ops.cast(dc, ops.state_dtype(ops.dtype_name(xs)))
     dextra = {k: ops.zeros_like(ops.cast(v, ops.dtype_name(dc))) for k, v in extra.items()}
@@ -198,7 +198,8 @@ def backward_direction(ops, variant, p, tape, dys, dh, dc, valid):
         dz, dc_prev, dextra_t = step.gates_and_projection_backward(
             ops, variant, dh_new, dc_new, cache, extra
         )
-        dr = recurrent_product_backward(ops, dz, U, masks.recurrent)
+        dzr = dz[..., dz.shape[-1] // 2 :] if variant.split else dz
+        dr = recurrent_product_backward(ops, dzr, U, masks.recurrent)
         dc_prev = _plus(dc_prev, dc_prev_keep)
         if variant.recurrent_state == "h":
             dh_prev = _plus(dr, dh_prev)
@@ -224,27 +225,38 @@ def backward_direction(ops, variant, p, tape, dys, dh, dc, valid):
 
 def _sequence_grads(ops, variant, p, xs, rs, dzs, masks):
     """dW = sum_t x_t^T dz_t, db = sum dz, dx_t = dz_t W^T and dU (per gate block, the
-    recurrent input masked as the forward masked it; unused blocks zeroed)."""
+    recurrent input masked as the forward masked it; unused blocks zeroed). Split halves
+    (dz (T, B, 8H) = [dzx, dzr]): dW and dx from dzx, dU from dzr, and no db here (b is
+    a parameter of the gate math, its gradient among the step's)."""
+    if variant.split:
+        half = dzs.shape[2] // 2
+        dzx, dzr = dzs[..., :half], dzs[..., half:]
+    else:
+        dzx = dzr = dzs
     t, b = dzs.shape[0], dzs.shape[1]
-    dz2 = ops.reshape(dzs, (t * b, dzs.shape[2]))
-    x2 = ops.reshape(xs, (t * b, xs.shape[2]))
+    dx2 = ops.reshape(dzx, (t * b, dzx.shape[2]))
+    dr2 = ops.reshape(dzr, (t * b, dzr.shape[2]))
     if masks.recurrent is None:
         r2 = ops.reshape(rs, (t * b, rs.shape[2]))
-        dU = ops.transpose(ops.cast(r2, ops.dtype_name(dz2))) @ dz2
+        dU = ops.transpose(ops.cast(r2, ops.dtype_name(dr2))) @ dr2
     else:
-        hidden = dzs.shape[2] // 4
+        hidden = dzr.shape[2] // 4
         blocks = []
         for g in range(4):
             r_g = ops.reshape(rs * masks.recurrent[None, :, g], (t * b, rs.shape[2]))
-            dz_g = dz2[:, g * hidden : (g + 1) * hidden]
-            blocks.append(ops.transpose(ops.cast(r_g, ops.dtype_name(dz2))) @ dz_g)
+            dz_g = dr2[:, g * hidden : (g + 1) * hidden]
+            blocks.append(ops.transpose(ops.cast(r_g, ops.dtype_name(dr2))) @ dz_g)
         dU = ops.concat(blocks, -1)
     unused = step.recurrent_mask(ops, variant, dU.shape[-1] // 4, dU)
     if unused is not None:
         dU = dU * unused
-    dW = ops.transpose(ops.cast(x2, ops.dtype_name(dz2))) @ dz2
-    dx = ops.reshape(dz2 @ ops.transpose(ops.cast(p["W"], ops.dtype_name(dz2))), xs.shape)
-    return {"W": dW, "U": dU, "b": ops.sum(dz2, 0)}, dx
+    x2 = ops.reshape(xs, (t * b, xs.shape[2]))
+    dW = ops.transpose(ops.cast(x2, ops.dtype_name(dx2))) @ dx2
+    dx = ops.reshape(dx2 @ ops.transpose(ops.cast(p["W"], ops.dtype_name(dx2))), xs.shape)
+    grads = {"W": dW, "U": dU}
+    if not variant.split:
+        grads["b"] = ops.sum(dx2, 0)
+    return grads, dx
 
 
 def draw(ops, key, like, shapes_of, rates):

@@ -6,7 +6,8 @@ split in two: the preactivation ``z = x_t W + b + r U`` (the input half
 math that turns ``z`` and the previous cell state into the new state.
 
 A variant's gate math is a plain Python function of per-unit values, written
-with ``+ - *``, ``sigmoid`` and ``tanh`` (``lstm_multi.compile``)::
+with ``+ - *``, ``sigmoid``, ``tanh``, ``rsqrt`` and the row mean ``mean``
+(``lstm_multi.compile``)::
 
     def lstm(z, c_prev):
         i, f, g, o = sigmoid(z.i), sigmoid(z.f), tanh(z.g), sigmoid(z.o)
@@ -28,6 +29,18 @@ sigmoid. The built-in variants (``VARIANTS``)::
                      c_t = f c_{t-1} + i g;  o=σ(z_o + p_o c_t);  h_t = o tanh(c_t)
     "peephole_full"  r = c_{t-1}; i=σ(z_i) f=σ(z_f) o=σ(z_o) g=σ(x_t W_g + b_g)
                      c_t = f c_{t-1} + i g;  h_t = tanh(o c_t)
+
+the layer-normalised LSTM of Ba, Kiros & Hinton, "Layer Normalization" (2016),
+each LN over the whole row of its argument (the biased variance, eps = 1e-5)::
+
+    "layernorm"           z   = LN(x_t W; γ_x, β_x) + LN(h_{t-1} U; γ_h, β_h) + b   (4H)
+                          c_t = σ(z_f) c_{t-1} + σ(z_i) tanh(z_g)
+                          h_t = σ(z_o) tanh(LN(c_t; γ_c, β_c))                    (H)
+    "layernorm_peephole"  the same z, and the gates of "peephole":
+                          i=σ(z_i + p_i c_{t-1}) f=σ(z_f + p_f c_{t-1}) o=σ(z_o + p_o c_t)
+                          h_t = o tanh(LN(c_t; γ_c, β_c))
+
+    LN(v; γ, β) = γ (v - mean(v)) / sqrt(var(v) + eps) + β      (``layer_norm``)
 
 and the variants of Greff et al., "LSTM: A Search Space Odyssey" (2017), each
 the peephole LSTM (their "vanilla", ``"peephole"`` here) with one change::
@@ -52,10 +65,39 @@ recurrence never reads h_{t-1}: an initial h0 is accepted (so a previous
 chunk's (h_n, c_n) can be passed on unchanged) but does not enter the
 computation, and its gradient is zero.
 
+Split halves. LN(x_t W) needs x_t W without b, and r U apart from it, where
+every other variant takes their sum: a variant declares ``halves="split"`` and
+its step contract becomes::
+
+    zx_t = x_t W                 (B, 4H), still one GEMM for the whole sequence,
+                                 only without b folded in
+    zr_t = r U                   (B, 4H), the step's recurrent product
+    h_t, c_t = gates(zx_t, zr_t, c_{t-1}, b, params)
+
+with the gate math written ``forward(zx, zr, c_prev, b, **params)``: ``zx.i``
+... ``zr.o`` are the halves' gate blocks and ``b`` (rows i, f, g, o) is the
+bias, now an ordinary per-unit parameter of the gate math (the same (4H,)
+numbers in gate order, so b's layout and converters are unchanged). The
+backward gives dzx and dzr apart: dW and dx read dzx, dU and dr read dzr, and
+db is the gate math's own parameter gradient (``lstm_multi.step``).
+
+Row reductions. ``mean(v)`` is the mean of the per-unit value v over the H
+units of its row (one sequence's state), read as the same number at every
+unit; a mean over the 4H preactivations is ``0.25 * mean(v.i + v.f + v.g +
+v.o)``. The derived backward spreads a row mean's gradient evenly
+(d mean(v) / d v_j = 1 / H). So far the array code (NumPy, PyTorch, JAX, CuPy
+arrays) and the C++ CPU kernels (a row function in phases; split halves not
+yet in their batch split) run reductions, ``rsqrt`` and split halves; the CUDA C,
+Triton, Pallas and ONNX emitters map one thread to one unit and refuse them by
+name, and the engine table keeps such a variant on the engines that run it.
+
 Canonical parameters of one layer and direction (``in`` is input_size for
 layer 0 and H * num_directions after)::
 
     W (in, 4H)   U (H, 4H)   b (4H,)   [p (rows, H) for the peephole variants]
+    [gamma_x, beta_x, gamma_h, beta_h (4, H), rows (i, f, g, o): the (4H,) gains and
+     shifts of LN(x_t W) and LN(r U) in gate order; gamma_c, beta_c (1, H), row c: those
+     of LN(c_t) -- for the layer-normalised variants; gains start at 1, shifts at 0]
 """
 
 from __future__ import annotations
@@ -65,7 +107,7 @@ import hashlib
 
 from . import validation
 from .compile import derive, emit_array, trace
-from .compile.trace import sigmoid, tanh
+from .compile.trace import mean, rsqrt, sigmoid, tanh
 
 GATE_ORDER = ("i", "f", "g", "o")
 STATE_ORDER = ("h", "c")
@@ -77,9 +119,10 @@ _BUILTINS: dict[str, Variant] = {}
 
 
 def split_gates(z, hidden_size):
-    """Split (B, 4H) preactivations into the four (B, H) blocks, in gate order."""
+    """Split (B, kH) preactivations into their k (B, H) blocks, in order: the four gates
+    (B, 4H), or for split halves (B, 8H) the four of x_t W, then the four of r U."""
     h = hidden_size
-    return z[..., 0:h], z[..., h : 2 * h], z[..., 2 * h : 3 * h], z[..., 3 * h : 4 * h]
+    return tuple(z[..., k * h : (k + 1) * h] for k in range(z.shape[-1] // h))
 
 
 class Variant:
@@ -90,8 +133,15 @@ class Variant:
     and each entry of ``params`` (name -> row names) arrives as an object whose
     attributes are that parameter's rows, e.g. ``params={"p": ("i", "f", "o")}``
     gives ``p.i, p.f, p.o``, a parameter of shape (3, H). Only ``+ - *``,
-    unary minus, float constants and ``lstm_multi.sigmoid`` / ``lstm_multi.tanh``
-    may be used; anything else is a TypeError when the variant is first traced.
+    unary minus, float constants, ``lstm_multi.sigmoid`` / ``tanh`` / ``rsqrt``
+    and the row mean ``lstm_multi.mean`` may be used; anything else is a TypeError
+    when the variant is first traced.
+
+    ``halves="split"`` (the module doc): the gate math is ``forward(zx, zr, c_prev,
+    b, **params)``, the input half x_t W and the recurrent half r U apart and the
+    bias b (rows i, f, g, o) among its parameters. ``param_init`` (name -> number)
+    gives parameters a fixed initial value under every initialisation scheme (the
+    layer norms' gains 1, shifts 0); the others are drawn as the scheme says.
 
     ``recurrent_state`` says which state feeds the recurrent product r @ U:
     ``"h"`` (h_{t-1}, the usual LSTM) or ``"c"`` (c_{t-1}).
@@ -121,6 +171,8 @@ class Variant:
         recurrent_state="h",
         unused_recurrent_gates=(),
         extends_lstm=False,
+        halves="fused",
+        param_init=None,
     ):
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"name: expected an identifier-like string, got {name!r}")
@@ -148,12 +200,27 @@ class Variant:
                 f"unused_recurrent_gates: expected gates among {GATE_ORDER}, got {unused!r}"
             )
         validation.check_bool("extends_lstm", extends_lstm)
+        if halves not in derive.HALVES:
+            raise ValueError(f"halves: expected one of {derive.HALVES}, got {halves!r}")
+        param_init = dict(param_init or {})
+        for key, value in param_init.items():
+            if key not in params:
+                raise ValueError(
+                    f"param_init: expected names among the variant's params {sorted(params)}, "
+                    f"got {key!r}"
+                )
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise TypeError(
+                    f"param_init[{key!r}]: expected a number, got {type(value).__name__}"
+                )
         self.name = name
         self.forward = forward
         self.params = {k: tuple(v) for k, v in params.items()}
         self.recurrent_state = recurrent_state
         self.unused_recurrent_gates = unused
         self.extends_lstm = extends_lstm
+        self.halves = halves
+        self.param_init = {k: float(v) for k, v in param_init.items()}
         builtin = _BUILTINS.get(name)
         if builtin is not None and self.fingerprint != builtin.fingerprint:
             mine, theirs = fingerprint_fields(self), fingerprint_fields(builtin)
@@ -178,7 +245,7 @@ class Variant:
     @functools.cached_property
     def programs(self) -> derive.GatePrograms:
         """The traced forward and the derived backward (``lstm_multi.compile``)."""
-        return derive.gate_programs(self.forward, self.params)
+        return derive.gate_programs(self.forward, self.params, self.halves)
 
     @functools.cached_property
     def array_code(self):
@@ -193,13 +260,33 @@ class Variant:
         """Shapes of the parameters beyond W, U, b: (rows, H) each."""
         return {name: (len(rows), hidden_size) for name, rows in self.params.items()}
 
+    @property
+    def split(self) -> bool:
+        """Whether the step takes x_t W and r U apart, with the bias among the gate math's
+        parameters (``halves="split"``; see the module doc)."""
+        return self.halves == "split"
+
+    @property
+    def gate_params(self) -> dict[str, tuple[str, ...]]:
+        """The per-unit parameters the gate math reads: ``params``, and for split halves
+        the bias ``b`` first, rows (i, f, g, o) (its (4H,) in gate order)."""
+        return derive.gate_params(self.params, self.halves)
+
     def param_rows(self, extra):
-        """The rows of the variant's own parameters, ``extra[name][r]`` (each (H,)), in the
-        order the generated code takes them (``array_code``)."""
-        return [extra[name][r] for name, rows in self.params.items() for r in range(len(rows))]
+        """The rows of the gate math's parameters, ``extra[name][r]`` (each (H,)), in the
+        order the generated code takes them (``array_code``); for split halves the
+        bias's four (H,) blocks ``extra["b"]`` first."""
+        rows = []
+        if self.split:
+            b = extra["b"]
+            h = b.shape[-1] // 4
+            rows += [b[k * h : (k + 1) * h] for k in range(4)]
+        rows += [extra[name][r] for name, names in self.params.items() for r in range(len(names))]
+        return rows
 
     def gates_forward(self, ops, z, c_prev, extra):
-        """(B, 4H) preactivations and c_{t-1} -> (h_t, c_t, cache).
+        """(B, 4H) preactivations (split halves: (B, 8H), x_t W then r U, without b) and
+        c_{t-1} -> (h_t, c_t, cache).
 
         The cache is the tuple of forward values the derived backward reads.
         """
@@ -207,18 +294,21 @@ class Variant:
         return forward(ops, *split_gates(z, c_prev.shape[-1]), c_prev, *self.param_rows(extra))
 
     def gates_backward(self, ops, dh, dc, cache, extra):
-        """Gradients at (h_t, c_t) -> (dz (B, 4H), dc_{t-1} excluding r @ U, extra grads).
+        """Gradients at (h_t, c_t) -> (dz (B, 4H) or for split halves (B, 8H), dc_{t-1}
+        excluding r @ U, extra grads).
 
-        The extra grads are a dict like ``extra`` holding this step's
-        contribution (already summed over the batch).
+        The extra grads are a dict like ``extra`` holding this step's contribution
+        (already summed over the batch); for split halves it has the bias's ``b`` (4H,).
         """
         _, backward = self.array_code
         out = backward(ops, dh, dc, *self.param_rows(extra), *cache)
-        grads, k = {}, 5
-        for name, rows in self.params.items():  # each row's gradient, summed over the batch
-            grads[name] = ops.stack(list(out[k : k + len(rows)]), 0)
+        count = len(self.programs.z_inputs)
+        grads, k = {}, count + 1
+        for name, rows in self.gate_params.items():  # each row's gradient, summed over B
+            join = ops.concat if name == "b" and self.split else ops.stack
+            grads[name] = join(list(out[k : k + len(rows)]), 0)
             k += len(rows)
-        return ops.concat(list(out[:4]), -1), out[4], grads
+        return ops.concat(list(out[:count]), -1), out[count], grads
 
     def __getstate__(self):
         # the traced programs and the generated code are rebuilt on first use
@@ -255,9 +345,11 @@ def fingerprint_fields(variant: Variant) -> dict[str, str]:
     backward is derived from them), ``params``, its own parameters with their rows in
     order (the layout), ``recurrent_state``, ``unused_recurrent_gates`` and
     ``extends_lstm``. Not its name, nor how its Python function is written."""
-    graph, _, h, c = derive.trace_forward(variant.forward, variant.params)
+    graph, _, h, c = derive.trace_forward(variant.forward, variant.gate_params, variant.halves)
     digests = _node_digests(graph, [h.id, c.id])
+    halves = {"halves": variant.halves} if variant.split else {}  # fused: as before
     return {
+        **halves,
         "h": digests[h.id],
         "c": digests[c.id],
         "params": ";".join(f"{name}:{','.join(rows)}" for name, rows in variant.params.items()),
@@ -369,7 +461,65 @@ def _cifg(z, c_prev, p):
     return o * tanh(c), c
 
 
+#: the layer normalisation's epsilon (Ba, Kiros & Hinton 2016; PyTorch's LayerNorm default)
+LN_EPS = 1e-5
+
+
+def layer_norm(values, gamma, beta, eps=LN_EPS):
+    """LN(v; gamma, beta) = gamma (v - mean(v)) / sqrt(var(v) + eps) + beta over a whole row,
+    the biased variance; ``values``, ``gamma``, ``beta`` are parallel lists of per-unit
+    values, one per block of H units (four blocks: a row of 4H preactivations; one: H
+    units). Gate math: the row's mean is the blocks' mean of ``mean``."""
+    k = len(values)
+    total = values[0]
+    for v in values[1:]:
+        total = total + v
+    mu = (1.0 / k) * mean(total)
+    centred = [v - mu for v in values]
+    square = centred[0] * centred[0]
+    for d in centred[1:]:
+        square = square + d * d
+    scale = rsqrt((1.0 / k) * mean(square) + eps)
+    return [g * (d * scale) + b for d, g, b in zip(centred, gamma, beta, strict=True)]
+
+
+def _layernorm_z(zx, zr, b, gamma_x, beta_x, gamma_h, beta_h):
+    """z = LN(x_t W; gamma_x, beta_x) + LN(r U; gamma_h, beta_h) + b, each LN over the 4H."""
+    x = layer_norm(list(zx), list(gamma_x), list(beta_x))
+    r = layer_norm(list(zr), list(gamma_h), list(beta_h))
+    return [xk + rk + bk for xk, rk, bk in zip(x, r, b, strict=True)]
+
+
+def _layernorm(zx, zr, c_prev, b, gamma_x, beta_x, gamma_h, beta_h, gamma_c, beta_c):
+    zi, zf, zg, zo = _layernorm_z(zx, zr, b, gamma_x, beta_x, gamma_h, beta_h)
+    c = sigmoid(zf) * c_prev + sigmoid(zi) * tanh(zg)
+    (c_norm,) = layer_norm([c], [gamma_c.c], [beta_c.c])
+    return sigmoid(zo) * tanh(c_norm), c
+
+
+def _layernorm_peephole(zx, zr, c_prev, b, p, gamma_x, beta_x, gamma_h, beta_h, gamma_c, beta_c):
+    zi, zf, zg, zo = _layernorm_z(zx, zr, b, gamma_x, beta_x, gamma_h, beta_h)
+    i = sigmoid(zi + p.i * c_prev)
+    f = sigmoid(zf + p.f * c_prev)
+    c = f * c_prev + i * tanh(zg)
+    o = sigmoid(zo + p.o * c)
+    (c_norm,) = layer_norm([c], [gamma_c.c], [beta_c.c])
+    return o * tanh(c_norm), c
+
+
 _PEEPHOLES = {"p": ("i", "f", "o")}
+#: the layer-normalised variants' own parameters: gains and shifts of the three LNs
+_LAYER_NORMS = {
+    "gamma_x": GATE_ORDER,
+    "beta_x": GATE_ORDER,
+    "gamma_h": GATE_ORDER,
+    "beta_h": GATE_ORDER,
+    "gamma_c": ("c",),
+    "beta_c": ("c",),
+}
+#: gains start at 1, shifts at 0, under every initialisation scheme
+_LAYER_NORM_INIT = {"gamma_x": 1.0, "beta_x": 0.0, "gamma_h": 1.0, "beta_h": 0.0,
+                    "gamma_c": 1.0, "beta_c": 0.0}  # fmt: skip
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
@@ -385,6 +535,20 @@ VARIANTS: dict[str, Variant] = {
         Variant("niaf", _niaf, params=_PEEPHOLES),
         Variant("noaf", _noaf, params=_PEEPHOLES),
         Variant("cifg", _cifg, params={"p": ("i", "o")}),
+        Variant(
+            "layernorm",
+            _layernorm,
+            params=_LAYER_NORMS,
+            halves="split",
+            param_init=_LAYER_NORM_INIT,
+        ),
+        Variant(
+            "layernorm_peephole",
+            _layernorm_peephole,
+            params={**_PEEPHOLES, **_LAYER_NORMS},
+            halves="split",
+            param_init=_LAYER_NORM_INIT,
+        ),
     )
 }
 #: other names of built-in variants (Greff et al.'s)

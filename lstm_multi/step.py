@@ -15,7 +15,18 @@ and its backward, per step::
     dr   = dz U^T        (into dh_{t-1}, or dc_{t-1} where r = c_{t-1})
 
 with dW, dU, db and dx formed afterwards from the whole sequence's dz
-(``projection_grads``), one product each. U is the variant's recurrent weight:
+(``projection_grads``), one product each.
+
+A variant with split halves (``Variant.halves == "split"``, the layer-normalised
+ones) reads x_t W and r U apart, and the bias as a parameter of its gate math::
+
+    zx_t = x_t W (B, 4H)        still one whole-sequence product, without b
+    z    = [zx_t, r U] (B, 8H)  the two halves side by side, never added
+    m_t, c_t = gates(z, c_{t-1}, extra + {b})
+
+and in the backward dz (B, 8H) is [dzx, dzr]: dr = dzr U^T, dW = sum x^T dzx,
+dU = sum r^T dzr, dx = dzx W^T, and db comes from the gate math (the gradient
+of its parameter b), not from a sum of dz. U is the variant's recurrent weight:
 the canonical U with the blocks of the gates the variant leaves unused
 (``Variant.unused_recurrent_gates``) zeroed (``recurrent_weight``).
 
@@ -52,6 +63,28 @@ def recurrent_weight(ops, variant, U):
     return U if mask is None else U * mask
 
 
+def input_half(variant, x, p):
+    """The step's input half from canonical parameters ``p``: x W + b (x W alone for split
+    halves), for inputs x (..., in); one product however many steps x holds."""
+    zx = x @ p["W"]
+    return zx if variant.split else zx + p["b"]
+
+
+def input_projection(ops, variant, xs, p):
+    """``input_half`` of a whole sequence xs (T, B, in) -> (T, B, 4H) as ``ops.project``'s
+    one (T*B, in) x (in, 4H) product (fresh: the steps may write into it). Split halves
+    add a zero bias: the product stays the backend's fastest one."""
+    b = ops.zeros_like(p["b"]) if variant.split else p["b"]
+    return ops.project(xs, p["W"], b)
+
+
+def step_params(variant, p):
+    """What a step reads of canonical parameters ``p`` beyond W and U (``extra``): the
+    variant's own, W_hr with a projection, and b for split halves."""
+    skip = ("W", "U") if variant.split else ("W", "U", "b")
+    return {k: v for k, v in p.items() if k not in skip}
+
+
 def gate_params(extra):
     """The parameters the gate math reads: ``extra`` without the projection ``W_hr``."""
     return {k: v for k, v in extra.items() if k != spec.PROJECTION}
@@ -70,14 +103,18 @@ def step_forward(ops, variant, zx, h_prev, c_prev, U_step, extra):
     backward (and m_t last, with a projection).
     """
     r = h_prev if variant.recurrent_state == "h" else c_prev
-    z = ops.step_gemm(r, U_step, zx)
+    if variant.split:  # [x_t W, r U] side by side (module doc)
+        z = ops.concat([zx, ops.step_gemm(r, U_step, ops.zeros_like(zx))], -1)
+    else:
+        z = ops.step_gemm(r, U_step, zx)
     return gates_and_projection(ops, variant, z, c_prev, extra)
 
 
 def gates_and_projection(ops, variant, z, c_prev, extra):
     """The step after its recurrent product: the gate math on the preactivations z
-    (B, 4H), then the projection if there is one. Returns (h_t, c_t, cache) as
-    ``step_forward`` does (``lstm_multi.regularize`` forms z its own way)."""
+    (B, 4H; (B, 8H) [x_t W, r U] for a split-halves variant), then the projection if
+    there is one. Returns (h_t, c_t, cache) as ``step_forward`` does
+    (``lstm_multi.regularize`` forms z its own way)."""
     W_hr = extra.get(spec.PROJECTION)
     if W_hr is None:
         return ops.gates_forward(variant, z, c_prev, extra)
@@ -98,7 +135,7 @@ def step_backward(ops, variant, dh, dc, cache, U_step_t, extra):
     dW_hr = m_t^T dh_t (in dz's dtype) is among the extra grads.
     """
     dz, dc_prev, dextra = gates_and_projection_backward(ops, variant, dh, dc, cache, extra)
-    dr = ops.step_gemm_t(dz, U_step_t)
+    dr = ops.step_gemm_t(dz[..., dz.shape[-1] // 2 :] if variant.split else dz, U_step_t)
     if variant.recurrent_state == "h":
         return dz, dr, dc_prev, dextra
     return dz, ops.zeros_like(dh), dc_prev + dr, dextra
@@ -127,13 +164,34 @@ def projection_grads(ops, variant, xs, rs, dzs, W):
     xs: (T, B, in) the layer's inputs; rs: (T, B, H or P) the recurrent inputs r;
     dzs: (T, B, 4H) the preactivation gradients; W: (in, 4H).
     Returns (dW (in, 4H), dU (H or P, 4H), db (4H,), dxs (T, B, in)).
+
+    Split halves: dzs is (T, B, 8H), [dzx, dzr]; dW and dx read dzx, dU reads dzr, and
+    db is None (the gate math's parameter b has its own gradient).
     """
     t, b = dzs.shape[0], dzs.shape[1]
     dz2 = ops.reshape(dzs, (t * b, dzs.shape[2]))
     x2 = ops.reshape(xs, (t * b, xs.shape[2]))
     r2 = ops.reshape(rs, (t * b, rs.shape[2]))
+    if variant.split:
+        return _split_projection_grads(ops, variant, xs, x2, r2, dz2, W)
     dW, dU, dx2 = ops.sequence_grads(x2, r2, dz2, W)
     mask = recurrent_mask(ops, variant, dU.shape[-1] // 4, dU)
     if mask is not None:
         dU = dU * mask
     return dW, dU, ops.sum(dz2, 0), ops.reshape(dx2, (t, b, xs.shape[2]))
+
+
+def _split_projection_grads(ops, variant, xs, x2, r2, dz2, W):
+    """``projection_grads`` for split halves, on 2-d (T*B, ...) arrays: one product each,
+    in dz2's dtype as ``ops.sequence_grads`` forms them."""
+    width = W.shape[1]
+    dzx2, dzr2 = dz2[:, :width], dz2[:, width:]
+    dtype = ops.dtype_name(dz2)
+    x2, r2, W = (ops.cast(a, dtype) for a in (x2, r2, W))
+    dW = ops.transpose(x2) @ dzx2
+    dU = ops.transpose(r2) @ dzr2
+    dx2 = dzx2 @ ops.transpose(W)
+    mask = recurrent_mask(ops, variant, width // 4, dU)
+    if mask is not None:
+        dU = dU * mask
+    return dW, dU, None, ops.reshape(dx2, (xs.shape[0], xs.shape[1], xs.shape[2]))

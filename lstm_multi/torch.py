@@ -223,6 +223,8 @@ class LSTM(GraphOwner, nn.LSTM):
                 for key, shape in variant.extra_param_shapes(hidden_size).items():
                     weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
                     nn.init.uniform_(weight, -bound, bound)
+                    if key in variant.param_init:  # the layer norms' gains 1, shifts 0
+                        nn.init.constant_(weight, variant.param_init[key])
                     word = self._extra_names.get(key, key)
                     name = f"weight_{word}_l{layer}{_suffix(direction)}"
                     self.register_parameter(name, weight)
@@ -823,6 +825,9 @@ class NaiveLSTM(nn.Module):
         bound = 1.0 / math.sqrt(hidden_size)
         for weight in self.parameters():
             nn.init.uniform_(weight, -bound, bound)
+        for name, value in resolved.param_init.items():  # the layer norms' gains 1, shifts 0
+            for row in resolved.params[name]:
+                nn.init.constant_(getattr(self, f"{name}_{row}"), value)
 
     @property
     def _variant_spec(self):
@@ -855,17 +860,28 @@ class NaiveLSTM(nn.Module):
             name: torch.stack([getattr(self, f"{name}_{row}") for row in rows])
             for name, rows in variant.params.items()
         }
+        if variant.split:  # the bias is the gate math's (spec: split halves)
+            extra["b"] = torch.cat([getattr(self, f"b_{gate}") for gate in spec.GATE_ORDER])
         outputs = []
         for t in range(steps):
             x_t = x[:, t, :]
             r = h_t if variant.recurrent_state == "h" else c_t
-            z = []
+            zx, zr = [], []
             for gate in spec.GATE_ORDER:
-                z_k = x_t @ getattr(self, f"W_{gate}") + getattr(self, f"b_{gate}")
+                zx_k = x_t @ getattr(self, f"W_{gate}")
+                if not variant.split:
+                    zx_k = zx_k + getattr(self, f"b_{gate}")
+                zr_k = None
                 if gate not in variant.unused_recurrent_gates:
-                    z_k = z_k + r @ getattr(self, f"U_{gate}")
-                z.append(z_k)
-            h_t, c_t, _ = variant.gates_forward(OPS, torch.cat(z, -1), c_t, extra)
+                    zr_k = r @ getattr(self, f"U_{gate}")
+                zx.append(zx_k)
+                zr.append(zr_k)
+            if variant.split:  # x_t W_k and r U_k apart, side by side
+                zr = [torch.zeros_like(a) if b is None else b for a, b in zip(zx, zr, strict=True)]
+                z = torch.cat(zx + zr, -1)
+            else:
+                z = torch.cat([a if b is None else a + b for a, b in zip(zx, zr, strict=True)], -1)
+            h_t, c_t, _ = variant.gates_forward(OPS, z, c_t, extra)
             outputs.append(h_t)
         y = torch.stack(outputs, dim=1 if self.batch_first else 0)
         return y, (h_t.unsqueeze(0), c_t.unsqueeze(0))

@@ -36,6 +36,21 @@ one row per gate that reads the cell, in gate order)::
 
 with z = x_t W + r U + b split into four blocks of width H.
 
+The layer-normalised LSTM of Ba, Kiros & Hinton (2016), r = h_{t-1}, each LN over
+the whole row of its argument (eps = 1e-5, the biased variance)::
+
+    "layernorm"           z   = LN(x_t W; γ_x, β_x) + LN(h_{t-1} U; γ_h, β_h) + b   (4H)
+                          c_t = σ(z_f) c_{t-1} + σ(z_i) tanh(z_g)
+                          h_t = σ(z_o) tanh(LN(c_t; γ_c, β_c))                    (H)
+    "layernorm_peephole"  the same z; i=σ(z_i + p_i c_{t-1}) f=σ(z_f + p_f c_{t-1})
+                          c_t = f c_{t-1} + i tanh(z_g); o=σ(z_o + p_o c_t)
+                          h_t = o tanh(LN(c_t; γ_c, β_c))
+
+    LN(v; γ, β) = γ (v - mean(v)) / sqrt(var(v) + eps) + β
+
+with γ_x, β_x, γ_h, β_h stored as (4, H), rows (i, f, g, o) (the (4H,) vectors
+in gate order), γ_c, β_c as (1, H), and p (3, H) rows (i, f, o).
+
 With a projection (proj_size P > 0, the LSTMP of Sak et al. 2014), the h each
 row above produces is m_t, and h_t = m_t W_hr with W_hr (H, P): the
 recurrence (r = h_{t-1}), the outputs, h_n and the next layer read the
@@ -53,7 +68,23 @@ except ImportError:  # the oracle's functions skip the test that calls them (req
     torch = None
 
 GATES = ("i", "f", "g", "o")
-VARIANTS = ("lstm", "peephole", "peephole_full", "nig", "nfg", "nog", "niaf", "noaf", "cifg")
+VARIANTS = (
+    "lstm",
+    "peephole",
+    "peephole_full",
+    "nig",
+    "nfg",
+    "nog",
+    "niaf",
+    "noaf",
+    "cifg",
+    "layernorm",
+    "layernorm_peephole",
+)
+#: the layer-normalised variants, their normalisations' parameters and their rows
+LAYER_NORMS = ("layernorm", "layernorm_peephole")
+LAYER_NORM_ROWS = {"gamma_x": 4, "beta_x": 4, "gamma_h": 4, "beta_h": 4, "gamma_c": 1, "beta_c": 1}
+LN_EPS = 1e-5
 #: the peephole rows (gates reading the cell) of each variant that has them
 PEEPHOLE_ROWS = {
     "peephole": ("i", "f", "o"),
@@ -63,6 +94,7 @@ PEEPHOLE_ROWS = {
     "niaf": ("i", "f", "o"),
     "noaf": ("i", "f", "o"),
     "cifg": ("i", "o"),
+    "layernorm_peephole": ("i", "f", "o"),
 }
 
 
@@ -77,6 +109,8 @@ def param_shapes(variant, input_size, hidden_size, num_layers, num_directions, p
         one = {"W": (size, 4 * h), "U": (recurrent, 4 * h), "b": (4 * h,)}
         if variant in PEEPHOLE_ROWS:
             one["p"] = (len(PEEPHOLE_ROWS[variant]), h)
+        if variant in LAYER_NORMS:
+            one.update({k: (rows, h) for k, rows in LAYER_NORM_ROWS.items()})
         if proj_size:
             one["W_hr"] = (h, proj_size)
         shapes.append([dict(one) for _ in range(num_directions)])
@@ -135,6 +169,42 @@ def step(variant, x_t, h_prev, c_prev, W, U, b, p, drop=None):
     raise ValueError(f"oracle: unknown variant {variant!r}")
 
 
+def layer_norm(v, gamma, beta, eps=LN_EPS):
+    """LN(v; γ, β) over the whole vector v (its last axis), with the biased variance."""
+    centred = v - v.mean(-1, keepdim=True)
+    variance = (centred * centred).mean(-1, keepdim=True)
+    return gamma * centred / torch.sqrt(variance + eps) + beta
+
+
+def layer_norm_step(variant, x_t, h_prev, c_prev, p, drop=None):
+    """One step of "layernorm" / "layernorm_peephole" (table above) from the parameters p;
+    drop: recurrent dropout's masks (4, R) as in ``step`` (gate k's block of h_{t-1} U
+    reads h_{t-1} * drop[k]), or None."""
+    h = c_prev.shape[-1]
+    if drop is None:
+        recurrent = h_prev @ p["U"]
+    else:
+        recurrent = torch.cat(
+            [(h_prev * drop[k]) @ p["U"][:, k * h : (k + 1) * h] for k in range(4)], -1
+        )
+    z = (
+        layer_norm(x_t @ p["W"], p["gamma_x"].reshape(-1), p["beta_x"].reshape(-1))
+        + layer_norm(recurrent, p["gamma_h"].reshape(-1), p["beta_h"].reshape(-1))
+        + p["b"]
+    )
+    zi, zf, zg, zo = (_block(z, gate, h) for gate in GATES)
+    if variant == "layernorm":
+        c = torch.sigmoid(zf) * c_prev + torch.sigmoid(zi) * torch.tanh(zg)
+        o = torch.sigmoid(zo)
+    else:
+        peep = p["p"]
+        i = torch.sigmoid(zi + peep[0] * c_prev)
+        f = torch.sigmoid(zf + peep[1] * c_prev)
+        c = f * c_prev + i * torch.tanh(zg)
+        o = torch.sigmoid(zo + peep[2] * c)
+    return o * torch.tanh(layer_norm(c, p["gamma_c"][0], p["beta_c"][0])), c
+
+
 def greff_step(variant, z, c_prev, p):
     """The Greff et al. variants: "peephole" with its one change (see the table)."""
     peep = dict(zip(PEEPHOLE_ROWS[variant], p, strict=True))
@@ -175,10 +245,13 @@ def run_sequence(variant, params, xs, h0, c0, masks=None):
             m = {} if masks is None else masks[k]
             for t in order:
                 h_prev, c_prev = h, c
-                h, c = step(
-                    variant, layer_input[t], h, c, p["W"], p["U"], p["b"], p.get("p"),
-                    m.get("drop"),
-                )  # fmt: skip
+                if variant in LAYER_NORMS:
+                    h, c = layer_norm_step(variant, layer_input[t], h, c, p, m.get("drop"))
+                else:
+                    h, c = step(
+                        variant, layer_input[t], h, c, p["W"], p["U"], p["b"], p.get("p"),
+                        m.get("drop"),
+                    )  # fmt: skip
                 if "W_hr" in p:
                     h = h @ p["W_hr"]  # the projection: m_t W_hr
                 h = _zone(m.get("keep_h"), t, h_prev, h)

@@ -24,6 +24,13 @@ import lstm_multi
 #: plain LSTM, a variant with its own parameter, and one with the c_{t-1} recurrence.
 #: Tests of the math itself run over every variant (``VARIANTS``).
 CORE_VARIANTS = ("lstm", "peephole", "peephole_full")
+#: the built-in variants the one-thread-a-unit kernel emitters (CUDA C, Triton, Pallas)
+#: write: all but those with row reductions (the layer-normalised ones, which the C++ CPU
+#: kernels and the array engines run; tests/test_layernorm.py checks that the others
+#: refuse them by name)
+KERNEL_VARIANTS = tuple(
+    sorted(n for n, v in lstm_multi.spec.VARIANTS.items() if v.programs.kernel_refusal() is None)
+)
 
 
 @dataclass(frozen=True)

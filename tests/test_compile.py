@@ -149,7 +149,14 @@ def oracle_gates(name, z, c_prev, extra, dh, dc):
     W = torch.eye(width, dtype=torch.float64)
     U = torch.zeros(c_prev.shape[-1], width, dtype=torch.float64)
     b = torch.zeros(width, dtype=torch.float64)
-    h, c = oracle.step(name, zt, torch.zeros_like(ct), ct, W, U, b, pt.get("p"))
+    if name in oracle.LAYER_NORMS:  # split halves: z = [x_t W, h_{t-1} U], W = U = I (4H)
+        half = width // 2
+        eye = torch.eye(half, dtype=torch.float64)
+        h, c = oracle.layer_norm_step(
+            name, zt[..., :half], zt[..., half:], ct, {"W": eye, "U": eye, **pt}
+        )
+    else:
+        h, c = oracle.step(name, zt, torch.zeros_like(ct), ct, W, U, b, pt.get("p"))
     ((h * torch.tensor(dh)).sum() + (c * torch.tensor(dc)).sum()).backward()
     grads = {k: v.grad.numpy() for k, v in pt.items()}
     return h.detach().numpy(), c.detach().numpy(), zt.grad.numpy(), ct.grad.numpy(), grads
@@ -161,9 +168,11 @@ def test_array_code_equals_oracle_gates(name):
     gate math (not against the program it was generated from)."""
     variant = spec.VARIANTS[name]
     rng = np.random.default_rng(5)
-    z = rng.normal(size=(3, 4 * 5)) * 2
+    z = rng.normal(size=(3, (8 if variant.split else 4) * 5)) * 2  # split: [x_t W, r U]
     c_prev, dh, dc = (rng.normal(size=(3, 5)) for _ in range(3))
     extra = {k: rng.normal(size=s) for k, s in variant.extra_param_shapes(5).items()}
+    if variant.split:  # the bias is the gate math's
+        extra["b"] = rng.normal(size=4 * 5)
     h, c, cache = variant.gates_forward(NP_OPS, z, c_prev, extra)
     dz, dc_prev, dextra = variant.gates_backward(NP_OPS, dh, dc, cache, extra)
     want = oracle_gates(name, z, c_prev, extra, dh, dc)

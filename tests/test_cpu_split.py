@@ -70,7 +70,8 @@ class _threads:
         torch.set_num_threads(self.before)
 
 
-@pytest.mark.parametrize("variant", sorted(spec.VARIANTS))
+#: split halves (the layer-normalised variants) do not run the batch split yet (kernel_direction)
+@pytest.mark.parametrize("variant", sorted(n for n, v in spec.VARIANTS.items() if not v.split))
 def test_split_loops_match_the_oracle(variant, monkeypatch):
     used = _split_used(monkeypatch)
     config = _config(variant)  # batch 3: rows 0 | 1, 2 over two threads

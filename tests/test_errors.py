@@ -29,7 +29,7 @@ def test_unknown_backend_lists_the_known_ones():
 def test_unknown_variant_lists_them(backend):
     with pytest.raises(
         ValueError,
-        match=r"variant: expected one of \['cifg', 'lstm', .*'peephole_full'\], got 'gru'",
+        match=r"variant: expected one of \['cifg', 'layernorm', .*'peephole_full'\], got 'gru'",
     ):
         lstm_multi.get_cell(backend)(3, 4, variant="gru")
 

@@ -42,6 +42,8 @@ CASES = {
     "niaf": {},
     "noaf": {"num_layers": 2, "bidirectional": True, "proj_size": 2},
     "cifg": {"num_layers": 2, "bidirectional": True},
+    "layernorm": {"num_layers": 2, "bidirectional": True},
+    "layernorm_peephole": {"proj_size": 2, "batch_first": True},
 }
 
 

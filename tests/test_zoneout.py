@@ -136,6 +136,16 @@ def test_variants_with_a_mask_agree_with_the_oracle(variant, extra):
     _against_oracle("numpy", 2, mask=mask, variant=variant, **{**RATES, **extra})
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_layer_normalised_lstm_with_every_regularizer_agrees_with_the_oracle(backend):
+    """Split halves (x_t W and r U apart, b in the gate math): recurrent dropout masks the
+    r U half, zoneout blends the step's result, DropConnect masks U; two layers, both
+    directions, right padding, training."""
+    lengths = np.array([5, 2, 4])
+    cell = _against_oracle(backend, 5, lengths=lengths, variant="layernorm", **RATES)
+    assert cell.last_choice.engine in ("array", "scan")
+
+
 def test_torch_and_jax_agree_with_the_oracle_on_peephole_full():
     for backend in ("torch", "jax"):
         _against_oracle(backend, 5, variant="peephole_full", proj_size=0, **RATES)

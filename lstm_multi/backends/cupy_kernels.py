@@ -109,7 +109,8 @@ class FusedOps(ArrayModuleOps):
     """``ArrayModuleOps`` whose per-step work goes through ``kernels``.
 
     ``gates_forward`` / ``gates_backward`` run one fused kernel each, for every
-    variant, and ``add_matmul`` accumulates ``r @ U`` into the step's slice of
+    variant the kernel emitters write (a variant with row reductions, which they do
+    not yet, runs its generated array code on ``xp`` instead), and ``add_matmul`` accumulates ``r @ U`` into the step's slice of
     the hoisted input projection in place. With ``CudaKernels`` this is the
     CuPy backend's ops; with the tests' ``ProgramKernels`` the same plumbing runs on the
     CPU for tests.
@@ -121,10 +122,14 @@ class FusedOps(ArrayModuleOps):
         self.name = name
 
     def gates_forward(self, variant, z, c_prev, extra):
+        if variant.programs.kernel_refusal() is not None:  # row reductions: the array code
+            return super().gates_forward(variant, z, c_prev, extra)
         c_prev = self.cast(c_prev, self.state_dtype(self.dtype_name(z)))
         return self.kernels.forward(variant, z, c_prev, extra)
 
     def gates_backward(self, variant, dh, dc, cache, extra):
+        if variant.programs.kernel_refusal() is not None:
+            return super().gates_backward(variant, dh, dc, cache, extra)
         dc = self.cast(dc, self.state_dtype(self.dtype_name(dh)))
         dz, dc_prev, terms = self.kernels.backward(variant, dh, dc, cache, extra)
         # summed over time in the state dtype, rounded to each parameter's dtype once (bptt)

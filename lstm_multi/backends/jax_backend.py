@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import bptt, network, regularize, validation
+from .. import step as step_module
 from ..cell import FunctionalCell
 from ..ops import ArrayModuleOps
 from ..step import recurrent_weight
@@ -37,6 +38,9 @@ class JaxOps(ArrayModuleOps):
 
     def sigmoid(self, z):
         return jax.nn.sigmoid(z)
+
+    def rsqrt(self, z):
+        return jax.lax.rsqrt(z)
 
     def is_array(self, x):
         return isinstance(x, jax.Array)
@@ -173,18 +177,19 @@ def _forward_scan(variant, p, xs, h0, c0, valid, record, unroll, in_step):
     """
     ops = OPS
     U_step = ops.prepare_step_weight(recurrent_weight(ops, variant, p["U"]))
-    extra = network.extra_params(p)
+    extra = step_module.step_params(variant, p)
 
     def step(carry, inputs):
         h, c = carry
         x_t, v = inputs
         r = h if variant.recurrent_state == "h" else c
-        zx = x_t @ p["W"] + p["b"] if in_step else x_t
+        zx = step_module.input_half(variant, x_t, p) if in_step else x_t
         h, c, y, cache = network.masked_step(ops, variant, zx, h, c, v, U_step, extra)
         return (h, c), ((y, r, cache) if record else y)
 
     if not in_step:
-        xs = ops.project(xs, p["W"], p["b"])  # (T, B, 4H): the steps read z_x from here
+        # (T, B, 4H): the steps read z_x from here
+        xs = step_module.input_projection(ops, variant, xs, p)
 
     # the cell state is carried in float32 for half-precision inputs (ops.state_dtype)
     c_start = ops.cast(c0, ops.state_dtype(ops.dtype_name(c0)))
@@ -220,7 +225,7 @@ def _direction_backward(variant, plan, saved, cotangents):
     p, xs, h0, c0, valid, (rs, caches) = saved
     dys, dh, dc = cotangents
     U_step_t = ops.prepare_step_weight_t(recurrent_weight(ops, variant, p["U"]))
-    extra = network.extra_params(p)
+    extra = step_module.step_params(variant, p)
     h0_like, c0_like = dh, dc
     dc = ops.cast(dc, ops.state_dtype(ops.dtype_name(xs)))
 
@@ -270,7 +275,7 @@ def regularized_scan(variant, p, xs, h0, c0, valid, masks):
     over; probabilities (evaluation) and the recurrent-dropout masks are closed over."""
     ops = OPS
     U = recurrent_weight(ops, variant, p["U"])
-    extra = network.extra_params(p)
+    extra = step_module.step_params(variant, p)
     per_step = [k if hasattr(k, "shape") and k.ndim == 3 else None for k in masks[:2]]
     fixed = [None if s is not None else k for s, k in zip(per_step, masks[:2], strict=True)]
 
@@ -284,7 +289,7 @@ def regularized_scan(variant, p, xs, h0, c0, valid, masks):
         )
         return (h, c), y
 
-    zxs = ops.project(xs, p["W"], p["b"])
+    zxs = step_module.input_projection(ops, variant, xs, p)
     c_start = ops.cast(c0, ops.state_dtype(ops.dtype_name(c0)))
     carry = _varying_like((h0, c_start), xs, p, valid)
     (h, c), ys = jax.lax.scan(step, carry, (zxs, valid, *per_step))

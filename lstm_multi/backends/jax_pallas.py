@@ -79,6 +79,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from .. import bptt, environment, network, spec, validation
+from ..compile import derive
 from ..compile.emit_cuda import forward_stored
 from ..step import recurrent_weight
 from . import jax_backend
@@ -546,6 +547,7 @@ def pallas_direction(ops, variant, p, xs, h0, c0, valid, plan, kernels=KERNELS):
     (reverse mode) through a custom VJP that runs the persistent backward. Where the
     kernels do not fit (``kernels.fits``), ``jax_backend.scan_direction`` runs the
     direction, compiled as ``plan`` (a ``jax_backend.ScanPlan``) says."""
+    derive.check_kernel_programs(variant.programs, "Pallas kernel emitter")
     if not kernels.fits(variant, p, xs) or str(h0.dtype) != str(xs.dtype):
         return jax_backend.scan_direction(ops, variant, p, xs, h0, c0, valid, plan)
     ys, h, c = _direction(variant, kernels, p, xs, h0, c0, valid)

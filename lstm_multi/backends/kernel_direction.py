@@ -76,7 +76,10 @@ def backward_any(ops, variant, p, tape, dys, dh, dc, valid):
 
 
 def kernels_for(ops, variant, *arrays):
-    """The variant's CPU kernels for these arrays, or None (not host float32/64, or none here)."""
+    """The variant's CPU kernels for these arrays, or None (not host float32/64, none here, or
+    a variant the C++ emitter does not write yet: ``GatePrograms.kernel_refusal``)."""
+    if spec.get_variant(variant).programs.kernel_refusal(reductions=True, split=True):
+        return None
     scalar = ops.cpu_scalar(arrays[0])
     if scalar is None or any(ops.cpu_scalar(a) != scalar for a in arrays[1:]):
         return None
@@ -89,13 +92,44 @@ def direction_kernels(ops, variant, p, xs, h0, c0):
 
 
 def _packed_params(ops, variant, p, like):
-    """The variant's own parameters as one (R, H) array, rows in ``programs.param_rows`` order
-    (a (1, H) zero array when it has none: the kernels never read it then)."""
+    """The gate math's parameters as one (R, H) array, rows in ``programs.param_rows`` order:
+    for split halves the bias b's four blocks first, then the variant's own (a (1, H) zero
+    array when there are none: the kernels never read it then)."""
     extra = extra_params(p)
     rows = [extra[name] for name in variant.params]
+    if variant.split:
+        rows.insert(0, ops.reshape(p["b"], (4, like.shape[-1])))
     if not rows:
         return ops.zeros((1, like.shape[-1]), like)
     return ops.contiguous(ops.concat(rows, 0))
+
+
+def _unpacked_grads(ops, variant, dP):
+    """dP (R, H), the parameter rows' gradients, -> the gradients by name (b's as (4H,) for
+    split halves: the gate math's own, ``bptt.direction_grads`` takes it over db)."""
+    dextra, row = {}, 0
+    if variant.split:
+        dextra["b"] = ops.reshape(dP[0:4], (4 * dP.shape[-1],))
+        row = 4
+    for name, rows in variant.params.items():
+        dextra[name] = dP[row : row + len(rows)]
+        row += len(rows)
+    return dextra
+
+
+def _input_projection(ops, kernels, variant, p, xs, like):
+    """x W + b (x W alone for split halves: b is the gate math's) of the whole sequence,
+    (T, B, 4H), one product into a fresh buffer the loops may add r U into."""
+    steps, batch, hidden = xs.shape[0], like.shape[0], like.shape[-1]
+    b = ops.zeros_like(p["b"]) if variant.split else p["b"]
+    out = _fresh(ops, kernels, (steps, batch, 4 * hidden), like)
+    return ops.contiguous(ops.project_into(xs, p["W"], b, out))
+
+
+def _no_batch_split(variant):
+    """Whether the batch-split loops cannot run the variant: split halves need r U apart
+    from x_t W, which they add into it (the sequence loops in C keep it apart)."""
+    return variant.split
 
 
 def _valid_bytes(ops, valid):
@@ -157,8 +191,7 @@ def forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record=False)
         return _forward_projected(ops, kernels, variant, p, xs, h0, c0, valid, record)
     steps, batch, hidden = xs.shape[0], h0.shape[0], h0.shape[-1]
     # (T, B, G), on huge pages where large; the loops add r U into it
-    zx = ops.project_into(xs, p["W"], p["b"], _fresh(ops, kernels, (steps, batch, 4 * hidden), h0))
-    zx = ops.contiguous(zx)
+    zx = _input_projection(ops, kernels, variant, p, xs, h0)
     U = ops.contiguous(recurrent_weight(ops, variant, p["U"]))
     P = _packed_params(ops, variant, p, h0)
     hs = _fresh(ops, kernels, (steps + 1, batch, hidden), h0)
@@ -177,7 +210,10 @@ def forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record=False)
             steps, batch, hidden, address(zx), address(U), address(hs), address(cs),
             address(P), v, address(ys), s,
         )  # fmt: skip
-    elif (split := _split_plan(ops, kernels, batch, hidden)) is not None:
+    elif (
+        not _no_batch_split(variant)
+        and (split := _split_plan(ops, kernels, batch, hidden)) is not None
+    ):
         loops, threads = split
         packed = _packed(ops, loops, U, batch, threads, hidden, transposed=False)
         loops.forward(
@@ -203,6 +239,11 @@ def forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record=False)
             )  # fmt: skip
     tape = KernelTape(xs, hs, cs, saved, kernels) if record else None
     return ys, hs[steps], cs[steps], tape
+
+
+def _recurrent_half(variant, dz):
+    """The part of a step's dz (B, 4H or 8H) that r U received: all of it, or dzr."""
+    return dz[:, dz.shape[-1] // 2 :] if variant.split else dz
 
 
 def _require(kernels):
@@ -244,7 +285,8 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
     dys = ops.contiguous(ops.cast(dys, ops.dtype_name(hs)))
     dh = ops.contiguous(ops.cast(dh, ops.dtype_name(hs))) + 0  # fresh: updated in place
     dc = ops.contiguous(ops.cast(dc, ops.dtype_name(hs))) + 0
-    dzs = _fresh(ops, kernels, (steps, batch, 4 * hidden), hs)
+    width = kernels.z_blocks * hidden  # 4H, or 8H for split halves: [dzx, dzr]
+    dzs = _fresh(ops, kernels, (steps, batch, width), hs)
     dP = ops.zeros(P.shape, P)
     valid_bytes = _valid_bytes(ops, valid)
     address = ops.address
@@ -256,7 +298,10 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
             address(saved),
             address(P), v, address(U_t), address(dzs), address(dP),
         )  # fmt: skip
-    elif (split := _split_plan(ops, kernels, batch, hidden)) is not None:
+    elif (
+        not _no_batch_split(variant)
+        and (split := _split_plan(ops, kernels, batch, hidden)) is not None
+    ):
         loops, threads = split
         packed = _packed(ops, loops, U, batch, threads, hidden, transposed=True)
         loops.backward(
@@ -270,10 +315,10 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
         state, item = batch * hidden, _itemsize(kernels)
         dy_at = _offsets(address(dys), steps, state * item)
         s_at = _offsets(address(saved), steps, kernels.saved_count * state * item)
-        dz_at = _offsets(address(dzs), steps, 4 * state * item)
+        dz_at = _offsets(address(dzs), steps, kernels.z_blocks * state * item)
         c_at = _offsets(address(cs), steps + 1, state * item)
         v_at = _offsets(v, steps, batch)
-        dzs_t = ops.unstack_time(dzs)
+        dzs_t = [_recurrent_half(variant, dz) for dz in ops.unstack_time(dzs)]
         dr_at, dh_at, dc_at = address(dr), address(dh), address(dc)
         p_at, dp_at = address(P), address(dP)
         for t in range(steps - 1, -1, -1):
@@ -286,10 +331,7 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
             dh += dr
         else:
             dc += dr
-    dextra, row = {}, 0
-    for name, rows in variant.params.items():
-        dextra[name] = dP[row : row + len(rows)]
-        row += len(rows)
+    dextra = _unpacked_grads(ops, variant, dP)
     rs = (hs if variant.recurrent_state == "h" else cs)[:steps]
     return bptt.direction_grads(ops, variant, p, xs, rs, dzs, dextra, dh, dc, h0_like, c0_like)
 
@@ -308,8 +350,7 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
 def _forward_projected(ops, kernels, variant, p, xs, h0, c0, valid, record):
     steps, batch, hidden = xs.shape[0], c0.shape[0], c0.shape[-1]
     W_hr = p[spec.PROJECTION]
-    zx = ops.project_into(xs, p["W"], p["b"], _fresh(ops, kernels, (steps, batch, 4 * hidden), c0))
-    zx = ops.contiguous(zx)
+    zx = _input_projection(ops, kernels, variant, p, xs, c0)
     U = ops.contiguous(recurrent_weight(ops, variant, p["U"]))
     P = _packed_params(ops, variant, p, c0)
     hs = ops.empty((steps + 1, batch, W_hr.shape[1]), h0)
@@ -357,7 +398,7 @@ def _backward_projected(ops, kernels, variant, p, tape, dys, dh, dc, valid):
     dys = ops.cast(dys, ops.dtype_name(hs))
     dh = ops.cast(dh, ops.dtype_name(hs))
     dc = ops.contiguous(ops.cast(dc, ops.dtype_name(cs))) + 0  # updated in place
-    dzs = _fresh(ops, kernels, (steps, batch, 4 * hidden), cs)
+    dzs = _fresh(ops, kernels, (steps, batch, kernels.z_blocks * hidden), cs)
     douts = ops.empty((steps, batch, W_hr.shape[1]), hs)  # dy_t + dh_t
     dm = ops.empty((batch, hidden), cs)
     dm_h = ops.zeros((batch, hidden), cs)  # the kernel's own dh: always zero
@@ -367,10 +408,11 @@ def _backward_projected(ops, kernels, variant, p, tape, dys, dh, dc, valid):
     address = ops.address
     state, item = batch * hidden, _itemsize(kernels)
     s_at = _offsets(address(saved), steps, kernels.saved_count * state * item)
-    dz_at = _offsets(address(dzs), steps, 4 * state * item)
+    dz_at = _offsets(address(dzs), steps, kernels.z_blocks * state * item)
     c_at = _offsets(address(cs), steps + 1, state * item)
     v_at = _offsets(None if valid_bytes is None else address(valid_bytes), steps, batch)
-    dzs_t, douts_t = ops.unstack_time(dzs), ops.unstack_time(douts)
+    dzs_t = [_recurrent_half(variant, dz) for dz in ops.unstack_time(dzs)]
+    douts_t = ops.unstack_time(douts)
     reads_c = variant.recurrent_state == "c"
     # past the length dy_t is never read (it may hold anything, NaN included): the row
     # of douts is zero there, else 0 * NaN would reach dm and dW_hr = sum_t m_t^T douts_t
@@ -391,10 +433,7 @@ def _backward_projected(ops, kernels, variant, p, tape, dys, dh, dc, valid):
         dh = inside if valid is None else ops.where(valid[t], inside, dh)
     if reads_c:
         dc += dr_c
-    dextra, row = {}, 0
-    for name, rows in variant.params.items():
-        dextra[name] = dP[row : row + len(rows)]
-        row += len(rows)
+    dextra = _unpacked_grads(ops, variant, dP)
     m2 = ops.reshape(ms, (steps * batch, hidden))
     douts2 = ops.reshape(douts, (steps * batch, W_hr.shape[1]))  # not -1: batch may be 0
     dextra[spec.PROJECTION] = ops.transpose(m2) @ douts2

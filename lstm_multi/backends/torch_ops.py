@@ -45,6 +45,12 @@ class TorchOps(ArrayModuleOps):
     def sigmoid(self, z):
         return torch.sigmoid(z)
 
+    def rsqrt(self, z):
+        return torch.rsqrt(z)
+
+    def row_mean(self, z):
+        return torch.mean(z, dim=-1, keepdim=True)
+
     def stop_gradient(self, x):
         return x.detach()
 

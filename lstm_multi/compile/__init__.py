@@ -13,6 +13,6 @@ the generated C++ is ``lstm_multi.kernels``.
 """
 
 from .derive import GatePrograms, gate_programs
-from .trace import sigmoid, tanh
+from .trace import mean, rsqrt, sigmoid, tanh
 
-__all__ = ["GatePrograms", "gate_programs", "sigmoid", "tanh"]
+__all__ = ["GatePrograms", "gate_programs", "mean", "rsqrt", "sigmoid", "tanh"]

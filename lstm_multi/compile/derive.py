@@ -9,9 +9,15 @@
       a + b: da += g, db += g          a - b: da += g, db -= g
       a * b: da += g b, db += g a      -a: da -= g
       s = sigmoid(a): da += g (s (1 - s))      t = tanh(a): da += g (1 - t t)
+      y = rsqrt(a): da += g (-0.5 y y y)       m = mean(a): da += mean(g)
 
-  (the derivatives of sigmoid and tanh are written with their own outputs, so
-  the backward reads the forward's activations instead of recomputing them);
+  (the derivatives of sigmoid, tanh and rsqrt are written with their own
+  outputs, so the backward reads the forward's activations instead of
+  recomputing them). Every value is read as (B, H), a per-row one (a ``mean``)
+  as the same number at each unit, so the mean's rule is the transpose of
+  "average, then broadcast": d m_k / d a_j = 1 / H for every unit k, and
+  da_j = sum_k g_k / H = mean(g). The rule needs no case for per-row adjoints:
+  mean(g) of a per-row g is g itself;
 * outputs: the gradients of the preactivations ``dz_i dz_f dz_g dz_o``, of
   ``c_prev`` (the part that does not go through r @ U) and of each parameter
   row, per element (the caller sums these over the batch).
@@ -27,7 +33,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .trace import Expr, Graph, live_nodes, operation_count
+from .trace import (
+    Expr,
+    Graph,
+    array_only_operations,
+    has_reductions,
+    live_nodes,
+    operation_count,
+)
 
 GATES = ("i", "f", "g", "o")
 
@@ -50,20 +63,40 @@ class Rows:
         return iter(getattr(self, name) for name in self._names)
 
 
+#: the halves a variant's step may take: "fused" (one z = x_t W + b + r U) or "split"
+HALVES = ("fused", "split")
+
+
+def z_names(halves="fused"):
+    """The names of a step's preactivation inputs: ``z_i .. z_o`` (fused), or
+    ``zx_i .. zx_o, zr_i .. zr_o`` (split: x_t W and r U apart, gate order in each)."""
+    if halves == "split":
+        return tuple(f"zx_{g}" for g in GATES) + tuple(f"zr_{g}" for g in GATES)
+    return tuple(f"z_{g}" for g in GATES)
+
+
 @dataclass(frozen=True)
 class GatePrograms:
     """A variant's traced forward and derived backward over one shared graph.
 
-    Input names: ``z_i z_f z_g z_o c_prev`` and ``{param}_{row}`` for each row of
-    each per-unit parameter; the backward also reads ``dh dc``.
+    Input names: ``z_i z_f z_g z_o`` (``halves == "split"``: ``zx_i .. zx_o zr_i ..
+    zr_o``), ``c_prev`` and ``{param}_{row}`` for each row of each per-unit parameter
+    (for split halves the bias ``b`` comes first among them, rows ``i f g o``); the
+    backward also reads ``dh dc``.
     """
 
     graph: Graph
-    params: dict  # parameter name -> its row names
+    params: dict  # parameter name -> its row names (the bias "b" first for split halves)
     inputs: dict  # input name -> node id (forward and backward inputs)
     forward_outputs: dict  # "h", "c" -> node id
     saved: tuple  # node ids the backward reads from the forward, in node order
-    backward_outputs: dict  # "dz_i" ... "dz_o", "dc_prev", "d{param}_{row}" -> node id
+    backward_outputs: dict  # "dz_i" ... "dz_o" (or dzx_*, dzr_*), "dc_prev", "d{param}_{row}"
+    halves: str = "fused"
+
+    @property
+    def z_inputs(self):
+        """The preactivation inputs' names (``z_names``)."""
+        return z_names(self.halves)
 
     @property
     def param_rows(self):
@@ -72,11 +105,35 @@ class GatePrograms:
 
     @property
     def forward_inputs(self):
-        return ("z_i", "z_f", "z_g", "z_o", "c_prev", *self.param_rows)
+        return (*self.z_inputs, "c_prev", *self.param_rows)
 
     @property
     def backward_inputs(self):
         return ("dh", "dc", *self.param_rows)
+
+    @property
+    def has_reductions(self):
+        """Whether the forward or the backward reduces over a row (``trace.mean``)."""
+        roots = [*self.forward_outputs.values(), *self.backward_outputs.values()]
+        return has_reductions(self.graph, roots)
+
+    def kernel_refusal(self, reductions=False, split=False) -> str | None:
+        """Why a kernel emitter cannot write these programs, or None where it can: a row
+        reduction or an array-only operation (unless ``reductions``: the emitter writes
+        ``mean`` and ``rsqrt``), or split halves (unless ``split``). The C++ emitter
+        writes both; the CUDA C, Triton, Pallas and ONNX emitters map one thread or lane
+        to one unit and write neither."""
+        roots = [*self.forward_outputs.values(), *self.backward_outputs.values()]
+        reasons = []
+        if not reductions:
+            if has_reductions(self.graph, roots):
+                reasons.append("row reductions (mean)")
+            reasons += [op for op in array_only_operations(self.graph, roots) if op != "mean"]
+        if self.halves == "split" and not split:
+            reasons.append("split halves (x_t W and r U apart)")
+        if not reasons:
+            return None
+        return reasons[0] if len(reasons) == 1 else ", ".join(reasons[:-1]) + " and " + reasons[-1]
 
     def forward_operations(self):
         """Operations of the forward (its outputs and the saved values)."""
@@ -94,18 +151,47 @@ class GatePrograms:
         return node.name if node.op == "input" else f"s{node_id}"
 
 
-def trace_forward(forward, params):
-    """Run ``forward(z, c_prev, **params)`` on traced inputs; returns (graph, inputs, h, c)."""
+def check_kernel_programs(programs: GatePrograms, target: str, reductions=False, split=False):
+    """A NotImplementedError naming what ``target`` (a kernel emitter) does not write yet,
+    where ``programs.kernel_refusal(reductions, split)`` finds something."""
+    why = programs.kernel_refusal(reductions, split)
+    if why is not None:
+        raise NotImplementedError(
+            f"{target}: the gate math has {why}, which the {target} does not write yet; "
+            "the array code runs it (engine 'array' or 'scan')"
+        )
+
+
+def gate_params(params, halves="fused"):
+    """The per-unit parameters the gate math reads: ``params``, and for split halves the
+    bias ``b`` first, rows (i, f, g, o) (the (4H,) bias in gate order)."""
+    params = {name: tuple(rows) for name, rows in (params or {}).items()}
+    return {"b": GATES, **params} if halves == "split" else params
+
+
+def trace_forward(forward, params, halves="fused"):
+    """Run the gate math on traced inputs; returns (graph, inputs, h, c).
+
+    ``forward(z, c_prev, **params)`` for fused halves; ``forward(zx, zr, c_prev, b,
+    **params)`` for split ones (``params`` already holding ``b``: ``gate_params``).
+    """
+    if halves not in HALVES:
+        raise ValueError(f"halves: expected one of {HALVES}, got {halves!r}")
     graph = Graph()
-    inputs = {f"z_{gate}": graph.input(f"z_{gate}") for gate in GATES}
+    inputs = {name: graph.input(name) for name in z_names(halves)}
     inputs["c_prev"] = graph.input("c_prev")
     rows = {}
     for name, row_names in params.items():
         values = [graph.input(f"{name}_{row}") for row in row_names]
         inputs.update(zip((f"{name}_{row}" for row in row_names), values, strict=True))
         rows[name] = Rows(row_names, values)
-    z = Rows(GATES, [inputs[f"z_{gate}"] for gate in GATES])
-    result = forward(z, inputs["c_prev"], **rows)
+    if halves == "split":
+        zx = Rows(GATES, [inputs[f"zx_{gate}"] for gate in GATES])
+        zr = Rows(GATES, [inputs[f"zr_{gate}"] for gate in GATES])
+        result = forward(zx, zr, inputs["c_prev"], **rows)
+    else:
+        z = Rows(GATES, [inputs[f"z_{gate}"] for gate in GATES])
+        result = forward(z, inputs["c_prev"], **rows)
     if not (isinstance(result, tuple) and len(result) == 2):
         raise TypeError(
             f"gate math: forward must return (h, c), got {type(result).__name__}"
@@ -147,13 +233,18 @@ def _backward_rule(graph, node, node_id, g):
         return [(args[0], g * (value * (1 - value)))]
     if op == "tanh":
         return [(args[0], g * (1 - value * value))]
+    if op == "rsqrt":
+        return [(args[0], g * (value * value * value * -0.5))]
+    if op == "mean":
+        return [(args[0], graph.apply("mean", g))]
     return []  # inputs and constants
 
 
-def gate_programs(forward, params=None) -> GatePrograms:
-    """Trace ``forward`` and derive its backward (see the module doc)."""
-    params = {name: tuple(rows) for name, rows in (params or {}).items()}
-    graph, inputs, h, c = trace_forward(forward, params)
+def gate_programs(forward, params=None, halves="fused") -> GatePrograms:
+    """Trace ``forward`` and derive its backward (see the module doc). ``params`` are the
+    variant's own; with ``halves="split"`` the bias joins them (``gate_params``)."""
+    params = gate_params(params, halves)
+    graph, inputs, h, c = trace_forward(forward, params, halves)
     forward_live = live_nodes(graph, [h.id, c.id])
     forward_set = set(forward_live)
     dh, dc = graph.input("dh"), graph.input("dc")
@@ -168,7 +259,8 @@ def gate_programs(forward, params=None) -> GatePrograms:
             previous = adjoint.get(arg)
             adjoint[arg] = contribution if previous is None else previous + contribution
     zero = graph.const(0)
-    wanted = [f"z_{gate}" for gate in GATES] + ["c_prev"]
+    z_inputs = list(z_names(halves))
+    wanted = [*z_inputs, "c_prev"]
     wanted += [f"{name}_{row}" for name, rows in params.items() for row in rows]
     outputs = {}
     for name in wanted:
@@ -177,7 +269,7 @@ def gate_programs(forward, params=None) -> GatePrograms:
     # what the backward reads from the forward: forward nodes that are arguments of
     # backward-only nodes, or backward outputs themselves (parameters excluded: the
     # backward is given them directly)
-    param_ids = {inputs[n].id for n in wanted[5:]}
+    param_ids = {inputs[n].id for n in wanted[len(z_inputs) + 1 :]}
     backward_only = set(live_nodes(graph, outputs.values())) - forward_set
     referenced = {a for n in backward_only for a in graph.nodes[n].args if a in forward_set}
     referenced |= {n for n in outputs.values() if n in forward_set}
@@ -191,4 +283,5 @@ def gate_programs(forward, params=None) -> GatePrograms:
         forward_outputs={"h": h.id, "c": c.id},
         saved=saved,
         backward_outputs=outputs,
+        halves=halves,
     )

@@ -1,8 +1,10 @@
 """Array code from gate programs: Python functions over an ``ops`` object.
 
 The same text runs on NumPy, CuPy, PyTorch and JAX arrays: each node becomes
-one line with ``+ - *`` on arrays and ``ops.sigmoid`` / ``ops.tanh`` (the
-backend's accurate nonlinearities, ``lstm_multi.ops``)::
+one line with ``+ - *`` on arrays and ``ops.sigmoid`` / ``ops.tanh`` /
+``ops.rsqrt`` (the backend's accurate nonlinearities, ``lstm_multi.ops``); a
+row mean is ``ops.row_mean`` (the mean over the last axis, kept as (B, 1), which
+broadcasts against the (B, H) values)::
 
     def forward(ops, z_i, z_f, z_g, z_o, c_prev):
         v5 = ops.sigmoid(z_i)
@@ -21,7 +23,8 @@ dtype. (The trace refuses nan and inf constants.)
 
 An output that is a known constant (a gradient that is identically zero, say)
 comes back as an array of ``like``'s shape and dtype, so callers never see a
-Python number. ``source_forward``/``source_backward`` give the text (shown in
+Python number; an output that is a per-row value (``trace.row_valued``: (B, 1))
+is broadcast to ``like``'s shape the same way. Saved values may stay (B, 1). ``source_forward``/``source_backward`` give the text (shown in
 errors and docs); ``compile_programs`` returns the two functions.
 """
 
@@ -30,9 +33,11 @@ from __future__ import annotations
 import math
 
 from .derive import GatePrograms
-from .trace import PRIMITIVES, live_nodes
+from .trace import PRIMITIVES, live_nodes, row_valued
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*"}
+#: the ``ops`` function of each operation written as a call
+_FUNCTIONS = {"sigmoid": "sigmoid", "tanh": "tanh", "rsqrt": "rsqrt", "mean": "row_mean"}
 
 
 def literal(value) -> str:
@@ -56,7 +61,7 @@ def _lines(
     programs: GatePrograms,
     roots,
     given,
-    function=lambda op: f"ops.{op}",
+    function=lambda op: f"ops.{_FUNCTIONS[op]}",
     delete=True,
     constant=literal,
 ):
@@ -130,32 +135,39 @@ def _lines(
     return lines
 
 
-def _output(programs, node_id, given, like):
+def _output(programs, node_id, given, like, full=True):
+    """An output: its name, a constant as an array like ``like``, and (``full``) a per-row
+    value broadcast to ``like``'s shape."""
     node = programs.graph.nodes[node_id]
+    zeros = f"ops.zeros_like({like})"
     if node.op == "const":
-        zeros = f"ops.zeros_like({like})"
         if node.value == 0 and math.copysign(1.0, node.value) > 0:
             return zeros
         return f"({zeros} + {literal(node.value)})"
-    return _name(programs, node_id, given)
+    name = _name(programs, node_id, given)
+    if full and node_id not in given and node_id in row_valued(programs.graph, [node_id]):
+        return f"({zeros} + {name})"
+    return name
 
 
 def source_forward(programs: GatePrograms) -> str:
-    """``forward(ops, z_i, z_f, z_g, z_o, c_prev, *param rows) -> (h, c, saved)``."""
+    """``forward(ops, *z inputs, c_prev, *param rows) -> (h, c, saved)`` (the z inputs:
+    ``z_i .. z_o``, or for split halves ``zx_i .. zx_o, zr_i .. zr_o``)."""
     given = {programs.inputs[n]: n for n in programs.forward_inputs}
     roots = [*programs.forward_outputs.values(), *programs.saved]
     lines = [f"def forward(ops, {', '.join(programs.forward_inputs)}):"]
     lines += _lines(programs, roots, given)
     h = _output(programs, programs.forward_outputs["h"], given, "c_prev")
     c = _output(programs, programs.forward_outputs["c"], given, "c_prev")
-    saved = [_output(programs, n, given, "c_prev") for n in programs.saved]
+    saved = [_output(programs, n, given, "c_prev", full=False) for n in programs.saved]
     lines.append(f"    return {h}, {c}, ({''.join(s + ', ' for s in saved)})")
     return "\n".join(lines) + "\n"
 
 
 def source_backward(programs: GatePrograms) -> str:
     """``backward(ops, dh, dc, *param rows, *saved) -> (dz_i, dz_f, dz_g, dz_o, dc_prev,
-    *param row gradients summed over the batch)``."""
+    *param row gradients summed over the batch)`` (split halves: the eight dzx_*, dzr_*
+    first)."""
     given = {programs.inputs[n]: n for n in programs.backward_inputs}
     saved_names = [programs.saved_name(n) for n in programs.saved]
     given.update(zip(programs.saved, saved_names, strict=True))
@@ -166,7 +178,8 @@ def source_backward(programs: GatePrograms) -> str:
     results = [_output(programs, n, given, "dc") for n in outputs]
     # the parameter rows' gradients are summed over the batch at once, so that
     # their (B, H) terms are temporaries, not arrays kept to the end
-    results[5:] = [f"ops.sum({r}, 0)" for r in results[5:]]
+    first = len(programs.z_inputs) + 1
+    results[first:] = [f"ops.sum({r}, 0)" for r in results[first:]]
     lines.append(f"    return ({''.join(r + ', ' for r in results)})")
     return "\n".join(lines) + "\n"
 

@@ -31,44 +31,130 @@ polynomials in float and libm in double (``lm_math.h``).
 
 from __future__ import annotations
 
+from . import derive
 from .derive import GATES, GatePrograms
 from .emit_cuda import c_name, c_statements, forward_stored
-from .trace import live_nodes
+from .trace import live_nodes, row_valued
 
-_FUNCTIONS = {"sigmoid": "lm_sigmoid", "tanh": "lm_tanh"}
+_FUNCTIONS = {"sigmoid": "lm_sigmoid", "tanh": "lm_tanh", "rsqrt": "lm_rsqrt"}
 
 
-def _param_loads(programs: GatePrograms, used):
-    """Loads of the parameter rows the program uses, from the packed P (R, H)."""
-    lines = []
-    for r, key in enumerate(programs.param_rows):
-        if programs.inputs[key] in used:
-            lines.append(f"const S v_{key} = P[{r} * H + j];")
-    return lines
+def _param_load(programs: GatePrograms, key):
+    """The load of one parameter row's unit j from the packed P (R, H)."""
+    return f"P[{programs.param_rows.index(key)} * H + j]"
+
+
+def _mean_of(accumulator):
+    """A row mean from the sum of its H units (what ``numpy.mean`` divides)."""
+    return f"{accumulator} / S(H)"
+
+
+def _row_loops(programs: GatePrograms, roots, unit_loads, row_loads, final):
+    """The body of a row function computing ``roots``: ``#pragma omp simd`` loops over the
+    H units of the row, as many as the program's row reductions need.
+
+    ``unit_loads``: node id -> (variable name, C expression of unit j) of the per-unit
+    values given (z, c_{t-1}, parameter rows, saved values); ``row_loads``: node id ->
+    (name, C expression) of the per-row values given (saved row means). ``final(names)``
+    -> the lines of the last loop after its statements (stores), ``names`` (node id ->
+    name) giving every row value.
+
+    The row-wise layout: a ``mean`` needs its argument at every unit of the row before
+    any unit can read it, so each node gets a phase: a per-unit operation runs in the
+    loop of its arguments' latest phase, a row mean is available one loop after its
+    argument (loop k sums the arguments of the means of phase k + 1, ``reduction(+)``),
+    and a per-row operation is one scalar statement between the loops. A per-unit value
+    a later loop needs again is recomputed there (the same expression: the same bits),
+    not stored: the row stays in registers and the only traffic is the loads. Without a
+    reduction this is the one loop it always was.
+    """
+    graph = programs.graph
+    given = {n: name for n, (name, _) in {**unit_loads, **row_loads}.items()}
+    order = live_nodes(graph, roots, given)
+    per_row = row_valued(graph, roots) | set(row_loads)
+    phase: dict[int, int] = {}
+    for node_id in order:
+        node = graph.nodes[node_id]
+        if node_id in given or node.op in ("const", "input"):
+            phase[node_id] = 0
+        elif node.op == "mean":
+            phase[node_id] = phase[node.args[0]] + 1
+        else:
+            phase[node_id] = max(phase[a] for a in node.args)
+    last = max([phase[n] for n in order], default=0)
+    lines = [f"const S v_{name} = {load};" for name, load in row_loads.values()]
+    known = dict(given)  # node id -> name of what is available as a variable
+
+    def loop(roots_k, reduce, tail):
+        inputs = {n: known[n] for n in known}
+        needed = set(live_nodes(graph, roots_k, inputs))
+        body = [
+            f"const S v_{name} = {load};" for n, (name, load) in unit_loads.items() if n in needed
+        ]
+        body += c_statements(programs, roots_k, inputs, _FUNCTIONS)
+        pragma = "#pragma omp simd"
+        if reduce:
+            pragma += f" reduction(+:{', '.join(reduce)})"
+        return [pragma, "for (long j = 0; j < H; ++j) {", *("  " + b for b in body + tail), "}"]
+
+    for k in range(last + 1):
+        # the per-row scalars of phase k (beyond the means, set after loop k - 1)
+        scalars = [n for n in order if n in per_row and n not in known and phase[n] == k
+                   and graph.nodes[n].op not in ("mean", "const", "input")]  # fmt: skip
+        for n in scalars:
+            lines += [s for s in c_statements(programs, [n], known, _FUNCTIONS)]
+            known[n] = f"r{n}"
+            lines.append(f"const S v_r{n} = v{n};")
+        if k == last:
+            break
+        means = [n for n in order if graph.nodes[n].op == "mean" and phase[n] == k + 1]
+        sums = [f"lm_sum{n}" for n in means]
+        lines += [f"S {acc} = S(0);" for acc in sums]
+        adds = [f"{acc} += {c_name(programs, graph.nodes[n].args[0], known)};"
+                for acc, n in zip(sums, means, strict=True)]  # fmt: skip
+        lines += loop([graph.nodes[n].args[0] for n in means], sums, adds)
+        for acc, n in zip(sums, means, strict=True):
+            lines.append(f"const S v_r{n} = {_mean_of(acc)};")
+            known[n] = f"r{n}"
+    # the per-row values are scalars by now; a given per-unit value a root is must be loaded
+    per_unit_roots = [r for r in roots if r in unit_loads or r not in known]
+    return lines + loop(per_unit_roots, [], final(known))
 
 
 def _forward_row(programs: GatePrograms) -> str:
     inputs = {programs.inputs[n]: n for n in programs.forward_inputs}
     stored = forward_stored(programs)
     roots = [*programs.forward_outputs.values(), *stored]
-    used = set(live_nodes(programs.graph, roots, inputs))
-    lines = [
-        f"const S v_z_{gate} = SUM ? z[{k} * H + j] + zr[{k} * H + j] : z[{k} * H + j];"
-        for k, gate in enumerate(GATES)
-        if programs.inputs[f"z_{gate}"] in used
-    ]
-    if programs.inputs["c_prev"] in used:
-        lines.append("const S v_c_prev = c_prev[j];")
-    lines += _param_loads(programs, used)
-    lines += c_statements(programs, roots, inputs, _FUNCTIONS)
-    h = c_name(programs, programs.forward_outputs["h"], inputs)
-    lines += [f"h[j] = {h};", f"y[j] = {h};"]
-    lines.append(f"c[j] = {c_name(programs, programs.forward_outputs['c'], inputs)};")
-    stores = [
-        f"saved[{k} * stride + j] = {c_name(programs, n, inputs)};" for k, n in enumerate(stored)
-    ]
-    body = "\n    ".join(lines)
-    record = "\n      ".join(stores)
+    if programs.halves == "split":  # z is x_t W, zr is r U (always given): apart
+        unit_loads = {
+            programs.inputs[f"{half}_{gate}"]: (f"{half}_{gate}", f"{array}[{k} * H + j]")
+            for half, array in (("zx", "z"), ("zr", "zr"))
+            for k, gate in enumerate(GATES)
+        }
+    else:
+        unit_loads = {
+            programs.inputs[f"z_{gate}"]: (
+                f"z_{gate}",
+                f"SUM ? z[{k} * H + j] + zr[{k} * H + j] : z[{k} * H + j]",
+            )
+            for k, gate in enumerate(GATES)
+        }
+    unit_loads[programs.inputs["c_prev"]] = ("c_prev", "c_prev[j]")
+    unit_loads.update(
+        (programs.inputs[key], (key, _param_load(programs, key))) for key in programs.param_rows
+    )
+
+    def final(known):
+        def name(n):
+            return c_name(programs, n, {**inputs, **known})
+
+        h = name(programs.forward_outputs["h"])
+        lines = [f"h[j] = {h};", f"y[j] = {h};"]
+        lines.append(f"c[j] = {name(programs.forward_outputs['c'])};")
+        stores = [f"  saved[{k} * stride + j] = {name(n)};" for k, n in enumerate(stored)]
+        return [*lines, "if (RECORD) {", *stores, "}"]
+
+    body = "\n  ".join(_row_loops(programs, roots, unit_loads, {}, final))
     return f"""
 template <bool RECORD, bool SUM>
 static inline void lm_forward_row(long H, const S* __restrict z, const S* __restrict zr,
@@ -76,13 +162,7 @@ static inline void lm_forward_row(long H, const S* __restrict z, const S* __rest
                                   S* __restrict h, S* __restrict c, S* __restrict y,
                                   S* __restrict saved, long stride) {{
   (void)zr; (void)P; (void)saved; (void)stride;
-#pragma omp simd
-  for (long j = 0; j < H; ++j) {{
-    {body}
-    if (RECORD) {{
-      {record}
-    }}
-  }}
+  {body}
 }}
 """
 
@@ -92,44 +172,48 @@ def _backward_row(programs: GatePrograms) -> str:
     saved_names = [programs.saved_name(n) for n in programs.saved]
     inputs.update(zip(programs.saved, saved_names, strict=True))
     outputs = programs.backward_outputs
-    used = set(live_nodes(programs.graph, outputs.values(), inputs))
-    # only what the program reads: an unused variable fails the build under -Werror (a
-    # variant whose h or c is a constant, or whose gradients do not depend on them)
-    lines = []
-    if programs.inputs["dh"] in used:
-        lines.append("const S v_dh = dh[j] + dy[j];")
-    if programs.inputs["dc"] in used:
-        lines.append("const S v_dc = dc[j];")
-    # c_{t-1} and c_t are read from the carried states, the rest from the tape
+    # c_{t-1} and c_t are read from the carried states, the rest from the tape; a saved
+    # per-row value (a row mean) is read once, from the row's first unit (the forward
+    # stores it at every unit)
     tape = {programs.inputs["c_prev"]: "c_prev[j]", programs.forward_outputs["c"]: "c[j]"}
     tape.update((n, f"saved[{k} * stride + j]") for k, n in enumerate(forward_stored(programs)))
-    lines += [
-        f"const S v_{name} = {tape[node]};"
-        for node, name in zip(programs.saved, saved_names, strict=True)
-        if node in used
-    ]
-    lines += _param_loads(programs, used)
-    lines += c_statements(programs, outputs.values(), inputs, _FUNCTIONS)
-    lines += [
-        f"dz[{k} * H + j] = {c_name(programs, outputs[f'dz_{gate}'], inputs)};"
-        for k, gate in enumerate(GATES)
-    ]
-    lines += [f"dc[j] = {c_name(programs, outputs['dc_prev'], inputs)};", "dh[j] = S(0);"]
-    lines += [
-        f"dP[{r} * H + j] += {c_name(programs, outputs[f'd{key}'], inputs)};"
-        for r, key in enumerate(programs.param_rows)
-    ]
-    body = "\n    ".join(lines)
+    per_row = row_valued(programs.graph, list(programs.saved))
+    unit_loads = {programs.inputs["dh"]: ("dh", "dh[j] + dy[j]"),
+                  programs.inputs["dc"]: ("dc", "dc[j]")}  # fmt: skip
+    row_loads = {}
+    for node, name in zip(programs.saved, saved_names, strict=True):
+        if node in per_row:
+            row_loads[node] = (name, tape[node].replace("+ j]", "]"))
+        else:
+            unit_loads[node] = (name, tape[node])
+    unit_loads.update(
+        (programs.inputs[key], (key, _param_load(programs, key))) for key in programs.param_rows
+    )
+    used = set(live_nodes(programs.graph, outputs.values(), inputs))
+    row_loads = {n: v for n, v in row_loads.items() if n in used}  # -Werror: no unused ones
+
+    def final(known):
+        def name(n):
+            return c_name(programs, n, {**inputs, **known})
+
+        lines = [
+            f"dz[{k} * H + j] = {name(outputs[f'd{z}'])};" for k, z in enumerate(programs.z_inputs)
+        ]
+        lines += [f"dc[j] = {name(outputs['dc_prev'])};", "dh[j] = S(0);"]
+        lines += [
+            f"dP[{r} * H + j] += {name(outputs[f'd{key}'])};"
+            for r, key in enumerate(programs.param_rows)
+        ]
+        return lines
+
+    body = "\n  ".join(_row_loops(programs, list(outputs.values()), unit_loads, row_loads, final))
     return f"""
 static inline void lm_backward_row(long H, const S* __restrict dy, S* __restrict dh,
                                    S* __restrict dc, const S* __restrict c_prev,
                                    const S* __restrict c, const S* __restrict saved, long stride,
                                    const S* __restrict P, S* __restrict dz, S* __restrict dP) {{
   (void)dy; (void)c_prev; (void)c; (void)P; (void)dP; (void)saved; (void)stride;
-#pragma omp simd
-  for (long j = 0; j < H; ++j) {{
-    {body}
-  }}
+  {body}
 }}
 """
 
@@ -139,6 +223,7 @@ def cpu_source(programs: GatePrograms, scalar: str, recurrent_state: str = "h") 
 
     ``recurrent_state`` ("h" or "c") is the state the sequence loop multiplies by U.
     """
+    derive.check_kernel_programs(programs, "C++ kernel emitter", reductions=True, split=True)
     if scalar not in ("float", "double"):
         raise ValueError(f"scalar: expected 'float' or 'double', got {scalar!r}")
     if recurrent_state not in ("h", "c"):
@@ -151,6 +236,7 @@ def cpu_source(programs: GatePrograms, scalar: str, recurrent_state: str = "h") 
         f"#define LM_RECURRENT {recurrent_state}s",
         f"#define LM_RECURRENT_GRAD d{recurrent_state}",
         f"#define LM_R {len(programs.param_rows)}",
+        f"#define LM_G {len(programs.z_inputs)}",
         '#include "lm_math.h"',
     ]
     rows = _forward_row(programs) + _backward_row(programs)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from . import derive
 from .derive import GATES, GatePrograms
 from .emit_array import literal
 from .trace import PRIMITIVES, live_nodes
@@ -111,6 +112,7 @@ def forward_stored(programs: GatePrograms):
 
 def forward_kernel(programs: GatePrograms, label: str) -> KernelSource:
     """The forward kernel: outputs ``h, c`` and one ``S`` array per stored saved value."""
+    derive.check_kernel_programs(programs, "CUDA C kernel emitter")
     inputs = {programs.inputs[n]: n for n in programs.forward_inputs}
     stored = forward_stored(programs)
     roots = [*programs.forward_outputs.values(), *stored]
@@ -135,6 +137,7 @@ def forward_kernel(programs: GatePrograms, label: str) -> KernelSource:
 
 def backward_kernel(programs: GatePrograms, label: str) -> KernelSource:
     """The backward kernel: ``dz`` (raw, B x 4H), ``dc_prev`` and ``d{param}`` terms (raw)."""
+    derive.check_kernel_programs(programs, "CUDA C kernel emitter")
     inputs = {programs.inputs[n]: n for n in programs.backward_inputs}
     saved_names = [programs.saved_name(n) for n in programs.saved]
     inputs.update(zip(programs.saved, saved_names, strict=True))

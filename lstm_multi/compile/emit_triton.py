@@ -27,6 +27,7 @@ these kernels without a GPU).
 
 from __future__ import annotations
 
+from . import derive
 from .derive import GATES, GatePrograms
 from .emit_array import _lines, literal
 from .emit_cuda import forward_stored
@@ -399,6 +400,7 @@ def sequence_backward_source(programs: GatePrograms, interpret: bool = False) ->
 
 
 def module_source(programs: GatePrograms, interpret: bool = False) -> str:
+    derive.check_kernel_programs(programs, "Triton kernel emitter")
     return "\n\n".join(
         [
             PRELUDE,

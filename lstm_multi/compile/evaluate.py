@@ -27,6 +27,9 @@ _APPLY = {
     "neg": lambda a: -a,
     "sigmoid": _sigmoid,
     "tanh": np.tanh,
+    "rsqrt": lambda a: 1 / np.sqrt(a),
+    # a row's mean over its units (the last axis), kept as (..., 1): it broadcasts
+    "mean": lambda a: np.mean(a, axis=-1, keepdims=True),
 }
 
 
@@ -44,7 +47,10 @@ def evaluate(programs: GatePrograms, roots, values):
             raise KeyError(f"gate program: input {node.name!r} was not given")
         else:
             known[node_id] = _APPLY[node.op](*(known[a] for a in node.args))
-    return [known[r] for r in roots]
+    # a per-row value (B, 1) reads as the same number at every unit: give it the full shape
+    return [
+        np.broadcast_to(known[r], np.broadcast_shapes(known[r].shape, like.shape)) for r in roots
+    ]
 
 
 def evaluate_forward(programs: GatePrograms, inputs: dict):

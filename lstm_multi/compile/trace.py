@@ -14,8 +14,21 @@ identities are applied as nodes are made (``x + 0``, ``x * 1``, ``x * 0``,
 ``0 - x``, ``-(-x)``, ``a + (-b)`` as ``a - b``, constants folded), which keeps derived programs free of
 work on known zeros.
 
-The operations are the subset every emitter writes in every target language:
-``+ - *``, unary ``-``, ``sigmoid`` and ``tanh``, with finite float constants.
+The operations are ``+ - *``, unary ``-``, ``sigmoid``, ``tanh`` and ``rsqrt``
+(1 / sqrt(x)), with finite float constants, and one reduction: ``mean(x)``, the
+mean of the per-unit value ``x`` over the H units of the row (of one sequence's
+state), a per-row value that then reads as the same number at every unit (so
+``x - mean(x)`` centres a row, and ``mean(x * x)`` is its mean square). A node
+is *per-row* when it is a ``mean`` or an operation of per-row values and
+constants only (``row_valued``); the emitters hold such a value once a row
+((B, 1) in array code) and broadcast it where it meets per-unit values.
+
+Every emitter writes the element-wise operations; ``mean`` and ``rsqrt`` are so
+far written by the array code (NumPy, PyTorch, JAX, CuPy arrays) and the C++
+CPU kernels (a row function in phases, ``emit_cpu._row_loops``): the CUDA C, Triton,
+Pallas and ONNX emitters map one thread to one unit and refuse a program with a
+reduction (``GatePrograms.kernel_refusal``), and the engine table keeps such a
+variant off them.
 A constant is held as the Python float (a double) it was written as; every
 target writes it exactly and rounds it once to its computation type, as NumPy's
 ``np.full_like(x, k)`` does (``evaluate``): in a float32 kernel 1e60 is inf and
@@ -32,7 +45,20 @@ import math
 from typing import NamedTuple
 
 #: operation name -> number of arguments
-PRIMITIVES = {"add": 2, "sub": 2, "mul": 2, "neg": 1, "sigmoid": 1, "tanh": 1}
+PRIMITIVES = {
+    "add": 2,
+    "sub": 2,
+    "mul": 2,
+    "neg": 1,
+    "sigmoid": 1,
+    "tanh": 1,
+    "rsqrt": 1,
+    "mean": 1,
+}
+#: operations that reduce over the units of a row
+REDUCTIONS = ("mean",)
+#: operations only the array emitter writes so far (the kernel emitters refuse them)
+ARRAY_ONLY = ("mean", "rsqrt")
 _COMMUTATIVE = ("add", "mul")
 
 
@@ -132,6 +158,9 @@ class Graph:
             node = self.nodes[args[0].id]
             if node.op == "neg":
                 return Expr(self, node.args[0])
+        elif op == "mean":  # the mean of a row's mean is that mean
+            if self.nodes[args[0].id].op == "mean":
+                return args[0]
         return None
 
 
@@ -149,6 +178,15 @@ def _fold(op, values):
         return 1.0 / (1.0 + e) if values[0] >= 0 else e / (1.0 + e)
     if op == "tanh":
         return math.tanh(values[0])
+    if op == "rsqrt":
+        if values[0] <= 0:
+            raise ValueError(
+                f"gate math: rsqrt({values[0]!r}): expected a positive number (1 / sqrt of "
+                "zero or a negative number is inf or nan)"
+            )
+        return 1.0 / math.sqrt(values[0])
+    if op == "mean":  # the mean of a constant over the row is the constant
+        return values[0]
     raise ValueError(f"unknown operation {op!r}")
 
 
@@ -199,7 +237,10 @@ class Expr:
     def _refuse(self, what):
         raise TypeError(
             f"gate math: {what} is not in the traced subset (+, -, *, unary -, sigmoid, "
-            "tanh and float constants), which every kernel target can express"
+            "tanh, rsqrt, float constants and the row mean lstm_multi.mean); not allowed: "
+            "division (write x * rsqrt(y * y) or a constant's inverse), **, comparisons, "
+            "branches on traced values, other functions, and reductions other than the "
+            "mean over a row's units"
         )
 
     def __truediv__(self, other):
@@ -235,7 +276,7 @@ def _unary(op, x, on_number):
         return on_number(float(x))
     raise TypeError(
         f"{op}: expected a traced gate-math value or a number, got {type(x).__name__} "
-        "(lstm_multi.sigmoid and lstm_multi.tanh are for a Variant's gate math; "
+        "(lstm_multi.sigmoid, tanh, rsqrt and mean are for a Variant's gate math; "
         "on arrays use the array library's own)"
     )
 
@@ -248,6 +289,51 @@ def sigmoid(x):
 def tanh(x):
     """The hyperbolic tangent, for gate math."""
     return _unary("tanh", x, math.tanh)
+
+
+def rsqrt(x):
+    """1 / sqrt(x), for gate math (x must be positive: add an epsilon, ``rsqrt(v + 1e-5)``).
+    Its derivative is -x^(-3/2) / 2, written with its output y as -y^3 / 2."""
+    return _unary("rsqrt", x, lambda v: _fold("rsqrt", [v]))
+
+
+def mean(x):
+    """The mean over the H units of the row of the per-unit value ``x``, for gate math.
+
+    The result is one number per row (per sequence of the batch), read as the same
+    value at every unit: ``x - mean(x)`` centres the row, ``mean(d * d)`` of a centred
+    ``d`` is its (biased) variance. A mean over the 4H preactivations of a step is the
+    mean of the gates' sum over 4: ``0.25 * mean(z.i + z.f + z.g + z.o)``. The
+    derivative spreads each row's gradient sum evenly: d mean(x) / d x_j = 1 / H.
+    """
+    return _unary("mean", x, float)
+
+
+def row_valued(graph: Graph, node_ids) -> set[int]:
+    """The nodes among ``node_ids`` (and what they depend on) that are per-row values: a
+    ``mean``, or an operation whose arguments are all per-row values or constants. A
+    constant alone is not listed (it is neither: every emitter writes it in place)."""
+    found: set[int] = set()
+    for node_id in live_nodes(graph, node_ids):
+        node = graph.nodes[node_id]
+        if node.op == "mean":
+            found.add(node_id)
+        elif node.op in PRIMITIVES and all(
+            a in found or graph.nodes[a].op == "const" for a in node.args
+        ):
+            found.add(node_id)
+    return found
+
+
+def has_reductions(graph: Graph, roots) -> bool:
+    """Whether computing ``roots`` reduces over a row (a ``mean`` node)."""
+    return any(graph.nodes[n].op in REDUCTIONS for n in live_nodes(graph, roots))
+
+
+def array_only_operations(graph: Graph, roots) -> list[str]:
+    """The operations among those ``roots`` depend on that only the array emitter writes
+    (``ARRAY_ONLY``), sorted; empty where every kernel emitter can write them all."""
+    return sorted({graph.nodes[n].op for n in live_nodes(graph, roots)} & set(ARRAY_ONLY))
 
 
 def live_nodes(graph: Graph, roots, given=()) -> list[int]:

@@ -82,6 +82,8 @@ class CpuKernels:
         self.name, self.scalar = variant.name, scalar  # not the variant: see ``_load``
         programs = variant.programs
         self.saved_count = len(emit_cuda.forward_stored(programs))
+        #: the blocks of H a row of dz has: 4, or 8 for split halves ([dzx, dzr], ``LM_G``)
+        self.z_blocks = len(programs.z_inputs)
         self.rows = len(programs.param_rows)
         if source is None:
             source = kernel_source(variant, scalar)

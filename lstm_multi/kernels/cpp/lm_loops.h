@@ -9,6 +9,10 @@
 //   LM_R               the rows of the packed parameters P (R, H)
 //   LM_RECURRENT       hs or cs: the state the sequence loop multiplies by U
 //   LM_RECURRENT_GRAD  dh or dc: its gradient
+//   LM_G               the blocks of H a row of dz has: 4 (the gates), or 8 for split
+//                      halves (dzx then dzr: x_t W and r U apart, the sequence loops
+//                      form r U in a scratch row of their own; the batch split does not
+//                      take them)
 //   lm_forward_row<RECORD, SUM>(H, z, zr, c_prev, P, h, c, y, saved, stride)
 //   lm_backward_row(H, dy, dh, dc, c_prev, c, saved, stride, P, dz, dP)
 //                      one row's gate math over its H units, forward and backward
@@ -48,6 +52,7 @@
 // the loop in C matters (the per-step call overhead of a framework is what dominates
 // there).
 #pragma once
+#include <vector>
 
 // rows b0 <= b < b1 of a step of batch B
 template <bool RECORD, bool SUM>
@@ -102,11 +107,11 @@ static void lm_step_backward_rows(long b0, long b1, long B, long H, const S* dy,
       for (long j = 0; j < H; ++j) dr_into[o + j] += dr[o + j];
     }
     if (valid && !valid[b]) {  // past the length: dz is zero, dh and dc pass through
-      for (long j = 0; j < 4 * H; ++j) dz[4 * o + j] = S(0);
+      for (long j = 0; j < LM_G * H; ++j) dz[LM_G * o + j] = S(0);
       continue;
     }
     lm_backward_row(H, dy + o, dh + o, dc + o, c_prev + o, c + o, saved + o, stride, P,
-                    dz + 4 * o, dP);
+                    dz + LM_G * o, dP);
   }
 }
 
@@ -162,8 +167,20 @@ template <bool RECORD>
 static void lm_sequence_forward_t(long T, long B, long H, S* zx, const S* U, S* hs, S* cs,
                                   const S* P, const unsigned char* valid, S* ys, S* saved) {
   const long BH = B * H;
+  // split halves: r U in a row of its own, never added into x_t W
+  std::vector<S> recurrent(LM_G == 8 ? 4 * BH : 0);
   for (long t = 0; t < T; ++t) {
     S* z = zx + t * 4 * BH;
+    S* zr = LM_G == 8 ? recurrent.data() : 0;
+    if (zr) {
+      for (long k = 0; k < 4 * BH; ++k) zr[k] = S(0);
+      lm_add_product(B, H, LM_RECURRENT + t * BH, U, zr);
+      lm_step_forward_t<RECORD, true>(B, H, z, zr, hs + t * BH, cs + t * BH, P,
+                                      valid ? valid + t * B : 0, hs + (t + 1) * BH,
+                                      cs + (t + 1) * BH, ys + t * BH,
+                                      RECORD ? saved + t * LM_NS * BH : saved);
+      continue;
+    }
     lm_add_product(B, H, LM_RECURRENT + t * BH, U, z);
     lm_step_forward_t<RECORD, false>(B, H, z, 0, hs + t * BH, cs + t * BH, P,
                                      valid ? valid + t * B : 0, hs + (t + 1) * BH,
@@ -183,17 +200,18 @@ extern "C" void lm_sequence_forward(long T, long B, long H, S* zx, const S* U, S
 extern "C" void lm_sequence_backward(long T, long B, long H, const S* dys, S* dh, S* dc,
                                      const S* cs, const S* saved, const S* P, const unsigned char* valid,
                                      const S* Ut, S* dzs, S* dP) {
-  const long BH = B * H, G = 4 * H;
+  // a row of dz: LM_G blocks of H; r U's part (all of it, or dzr) starts at R
+  const long BH = B * H, G = LM_G * H, R = (LM_G - 4) * H;
   S* dr = LM_RECURRENT_GRAD;
   for (long t = T - 1; t >= 0; --t) {
-    S* dz = dzs + t * 4 * BH;
+    S* dz = dzs + t * LM_G * BH;
     lm_step_backward(B, H, dys + t * BH, 0, dh, dc, cs + t * BH, cs + (t + 1) * BH,
                      saved + t * LM_NS * BH, P,
                      valid ? valid + t * B : 0, dz, dP);
     for (long b = 0; b < B; ++b) {  // dr += dz U^T, as rows of Ut
       S* drb = dr + b * H;
-      for (long j = 0; j < G; ++j) {
-        const S a = dz[b * G + j];
+      for (long j = 0; j < 4 * H; ++j) {
+        const S a = dz[b * G + R + j];
         const S* u = Ut + j * H;
 #pragma omp simd
         for (long k = 0; k < H; ++k) drb[k] += a * u[k];

@@ -1,4 +1,4 @@
-// The nonlinearities of the generated gate math: lm_sigmoid and lm_tanh, in float and
+// The nonlinearities of the generated gate math: lm_sigmoid, lm_tanh and lm_rsqrt, in float and
 // in double (overloads: the generated code calls them on its scalar S).
 //
 // In float they are branch-free polynomials on a Cephes-style exp (a few ulp, the same
@@ -59,3 +59,8 @@ static inline double lm_sigmoid(double x) {
 }
 
 static inline double lm_tanh(double x) { return __builtin_tanh(x); }
+
+// 1 / sqrt(x), the gate math's rsqrt: a correctly rounded square root and one division, as
+// the array code's 1 / sqrt(x) (x > 0 where the gate math adds its epsilon)
+static inline float lm_rsqrt(float x) { return 1.0f / __builtin_sqrtf(x); }
+static inline double lm_rsqrt(double x) { return 1.0 / __builtin_sqrt(x); }
