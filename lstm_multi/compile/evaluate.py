@@ -47,10 +47,15 @@ def evaluate(programs: GatePrograms, roots, values):
             raise KeyError(f"gate program: input {node.name!r} was not given")
         else:
             known[node_id] = _APPLY[node.op](*(known[a] for a in node.args))
-    # a per-row value (B, 1) reads as the same number at every unit: give it the full shape
-    return [
-        np.broadcast_to(known[r], np.broadcast_shapes(known[r].shape, like.shape)) for r in roots
-    ]
+    # a per-row value (B, 1) reads as the same number at every unit: give it the full shape,
+    # as a fresh, writable array (a broadcast view is read-only, and callers write into
+    # the results, as a graph replay copies into the captured outputs)
+    return [_full_shape(known[r], like.shape) for r in roots]
+
+
+def _full_shape(value, shape):
+    full = np.broadcast_shapes(value.shape, shape)
+    return value if value.shape == full else np.array(np.broadcast_to(value, full))
 
 
 def evaluate_forward(programs: GatePrograms, inputs: dict):
