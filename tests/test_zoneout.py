@@ -90,7 +90,12 @@ def _against_oracle(backend, key, lengths=None, mask=None, **kwargs):
     masks = None
     if step_masks is not None:
         masks = [
-            {"keep_h": _numpy(m.keep_h), "keep_c": _numpy(m.keep_c), "drop": _numpy(m.recurrent)}
+            {
+                "keep_h": _numpy(m.keep_h),
+                "keep_c": _numpy(m.keep_c),
+                "drop": _numpy(m.recurrent),
+                "drop_x": _numpy(m.inputs),
+            }
             for m in step_masks
         ]
     want = oracle.oracle(

@@ -265,9 +265,10 @@ def autodiff_direction(ops, variant, p, xs, h0, c0, valid, plan):
 
 
 def regularized_scan(variant, p, xs, h0, c0, valid, masks):
-    """One direction with zoneout / recurrent dropout (``regularize.regularized_step``) in
-    ``lax.scan``, differentiated by JAX itself. The per-step zoneout masks are scanned
-    over; probabilities (evaluation) and the recurrent-dropout masks are closed over."""
+    """One direction with zoneout / recurrent / input dropout (``regularize.regularized_step``,
+    the input's projection ``regularize.input_projection``) in ``lax.scan``, differentiated
+    by JAX itself. The per-step zoneout masks are scanned over; probabilities
+    (evaluation) and the recurrent-dropout masks are closed over."""
     ops = OPS
     U = recurrent_weight(ops, variant, p["U"])
     extra = network.extra_params(p)
@@ -284,7 +285,7 @@ def regularized_scan(variant, p, xs, h0, c0, valid, masks):
         )
         return (h, c), y
 
-    zxs = ops.project(xs, p["W"], p["b"])
+    zxs = regularize.input_projection(ops, xs, p["W"], p["b"], masks.inputs)
     c_start = ops.cast(c0, ops.state_dtype(ops.dtype_name(c0)))
     carry = _varying_like((h0, c_start), xs, p, valid)
     (h, c), ys = jax.lax.scan(step, carry, (zxs, valid, *per_step))
@@ -410,6 +411,7 @@ class Cell(FunctionalCell):
         zoneout: float | tuple[float, float] = 0.0,
         recurrent_dropout: float = 0.0,
         dropconnect: float = 0.0,
+        input_dropout: float = 0.0,
     ):
         if not (kernel is None or (isinstance(kernel, str) and kernel in self.KERNELS)):
             raise ValueError(f"kernel: expected None or 'pallas_persistent', got {kernel!r}")
@@ -423,7 +425,7 @@ class Cell(FunctionalCell):
         super().__init__(
             input_size, hidden_size, variant, num_layers, bidirectional, batch_first,
             proj_size, dropout, engine, zoneout=zoneout, recurrent_dropout=recurrent_dropout,
-            dropconnect=dropconnect,
+            dropconnect=dropconnect, input_dropout=input_dropout,
         )  # fmt: skip
         self.autodiff = validation.check_bool("autodiff", autodiff)
         if self.engine == "pallas_persistent" and self.autodiff:
