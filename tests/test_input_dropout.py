@@ -220,6 +220,9 @@ def test_keras_dropout_is_keras_rule():
     mask = np.asarray(ref.cell.get_dropout_mask(np.zeros((batch, features), "float32")))
     assert mask.shape == (batch, features) and set(np.unique(mask)) <= {0.0, 2.0}
     want = np.asarray(ref(x, training=True))
+    own = np.asarray(ours._input_mask(x))  # the layer's own draw: one row per sequence
+    assert own.shape == (batch, features) and set(np.unique(own)) <= {0.0, 2.0}
+    assert ours.cell.input_dropout == 0.0  # the cell runs x * mask, on any engine
     ours._input_mask = lambda x: mask
     assert_close(np.asarray(ours(x, training=True)), want, "float32", "y")
     assert_close(np.asarray(ours(x)), np.asarray(ref(x)), "float32", "inference")
