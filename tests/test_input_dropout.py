@@ -20,6 +20,8 @@ from test_zoneout import BACKENDS, RATES, _against_oracle, _array, _cell, _keras
 import lstm_multi
 from lstm_multi import regularize
 
+oracle = pytest.importorskip("oracle")
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_agrees_with_the_oracle(backend):
@@ -305,3 +307,15 @@ def test_keras_layer_refuses_bad_dropout():
         lk.LSTM(4, dropout=1.0)
     with pytest.raises(TypeError, match="dropout"):
         lk.LSTM(4, dropout="0.2")
+
+
+@pytest.mark.parametrize("variant", oracle.VARIANTS)
+def test_every_variant_agrees_with_the_oracle(variant, thorough):
+    if not thorough:
+        pytest.skip("every variant runs under --thorough (peephole, peephole_full, lstm run "
+                    "in the default run)")  # fmt: skip
+    for backend in BACKENDS:
+        _against_oracle(
+            backend, 11, lengths=np.array([5, 3, 1]), variant=variant, input_dropout=0.35
+        )
+        _against_oracle(backend, 12, variant=variant, proj_size=2, input_dropout=0.2, **RATES)
