@@ -319,8 +319,8 @@ class FunctionalCell:
         (T, B, P or H) and ``keep_c`` (T, B, H) zoneout masks (1: the unit keeps its
         previous value) time-major on x's time axis, or the probabilities p_h, p_c
         without a key (evaluation); ``recurrent`` (B, 4, R) recurrent dropout's masks
-        per gate; ``inputs`` (B, 4, F_in) input dropout's masks per gate. u_masks: None, or per layer-direction DropConnect's (R, 4H) mask.
-        The same int or key gives the masks the call draws (a generator advances).
+        per gate; ``inputs`` (B, 4, F_in) input dropout's masks per gate. u_masks: None,
+        or per layer-direction DropConnect's (R, 4H) mask. The same int or key gives the masks the call draws (a generator advances).
         """
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"x: expected an array, got {type(x).__name__}")

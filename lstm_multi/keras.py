@@ -218,8 +218,11 @@ class LSTM(keras.layers.Layer):
             ``implementation=1``) four masks, one per gate, x ∘ e_g read by gate g's
             product (the cell's ``input_dropout``). With ``num_layers`` > 1 the first
             case drops the layer's input only and the second each layer's input (as
-            stacked ``keras.layers.LSTM(dropout=..., recurrent_dropout=...)``). Not
-            ``nn.LSTM``'s ``dropout``, which acts between layers, per step.
+            stacked ``keras.layers.LSTM(dropout=..., recurrent_dropout=...)``); with
+            ``bidirectional`` the first case's one mask is the two directions' (the
+            two layers of ``keras.layers.Bidirectional`` draw one each), the second's
+            masks each direction's own. Not ``nn.LSTM``'s ``dropout``, which acts
+            between layers, per step.
         recurrent_dropout: ``keras.layers.LSTM``'s: in training, the previous h as each
             gate's recurrent product reads it is multiplied by that gate's own
             inverted-dropout mask (B, units), drawn once per call and kept over the
