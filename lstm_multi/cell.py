@@ -68,10 +68,16 @@ class FunctionalCell:
         recurrent_dropout: Keras's: in a training call, the recurrent input of each
             gate's product multiplied by its own inverted-dropout mask (B, R), drawn
             once per call and fixed over the sequence (Gal & Ghahramani 2016).
+        input_dropout: in a training call, each layer-direction's input x_t as each
+            gate's product reads it multiplied by that gate's own inverted-dropout mask
+            (B, F_in), drawn once per call and fixed over the sequence:
+            zx_t = concat_g((x_t ∘ e_g) W_g) + b (Gal & Ghahramani's variational
+            dropout on the input; Keras's ``dropout`` as ``recurrent_dropout`` runs it,
+            four masks). Every layer's input, the first layer's x and the others'.
         dropconnect: in a training call, U multiplied by one inverted-dropout mask per
             layer-direction and call (haste's ``dropout``, Wan et al. 2013).
-            See ``lstm_multi.regularize`` for the equations; zoneout and recurrent
-            dropout run on the array engines (numpy, torch "array", jax "scan"),
+            See ``lstm_multi.regularize`` for the equations; zoneout, recurrent and
+            input dropout run on the array engines (numpy, torch "array", jax "scan"),
             DropConnect on every engine.
 
     ``cell(params, x, state=None, lengths=None, mask=None)`` returns ``y, (h_n, c_n)``;
@@ -97,6 +103,7 @@ class FunctionalCell:
         zoneout: float | tuple[float, float] = 0.0,
         recurrent_dropout: float = 0.0,
         dropconnect: float = 0.0,
+        input_dropout: float = 0.0,
     ):
         self.input_size = validation.check_positive_int("input_size", input_size)
         self.hidden_size = validation.check_positive_int("hidden_size", hidden_size)
@@ -111,6 +118,7 @@ class FunctionalCell:
         self.zoneout = regularize.check_zoneout(zoneout)
         self.recurrent_dropout = regularize.check_rate("recurrent_dropout", recurrent_dropout)
         self.dropconnect = regularize.check_rate("dropconnect", dropconnect)
+        self.input_dropout = regularize.check_rate("input_dropout", input_dropout)
         #: the ``engines.Choice`` of the most recent call (None before the first)
         self.last_choice = None
 
@@ -118,7 +126,7 @@ class FunctionalCell:
         projection = f", proj_size={self.proj_size}" if self.proj_size else ""
         projection += f", dropout={self.dropout}" if self.dropout else ""
         projection += f", zoneout={self.zoneout}" if any(self.zoneout) else ""
-        for name in ("recurrent_dropout", "dropconnect"):
+        for name in ("recurrent_dropout", "dropconnect", "input_dropout"):
             projection += f", {name}={getattr(self, name)}" if getattr(self, name) else ""
         return (
             f"{type(self).__name__}(input_size={self.input_size}, hidden_size={self.hidden_size}, "
@@ -240,8 +248,10 @@ class FunctionalCell:
         return self._choose(x, masks, network.is_step_mask(steps_mask), regularized)
 
     def _has_step_masks(self, training):
-        """Whether a call runs zoneout or recurrent dropout in its time loop."""
-        return any(self.zoneout) or (training and bool(self.recurrent_dropout))
+        """Whether a call runs zoneout, recurrent or input dropout in its time loop."""
+        return any(self.zoneout) or (
+            training and bool(self.recurrent_dropout or self.input_dropout)
+        )
 
     def _choose(self, x, layer_masks=False, step_mask=False, step_masks=False) -> engines.Choice:
         """``engines.select_engine`` for a call on x (``layer_masks``: with dropout masks;
@@ -301,16 +311,16 @@ class FunctionalCell:
         return self._from_time_major(y), (h_n, c_n)
 
     def regularizer_masks(self, x, dropout_key=None):
-        """The zoneout, recurrent-dropout and DropConnect masks a call on ``x`` with
-        ``dropout_key`` runs: ``(step_masks, u_masks)``.
+        """The zoneout, recurrent- and input-dropout and DropConnect masks a call on ``x``
+        with ``dropout_key`` runs: ``(step_masks, u_masks)``.
 
-        step_masks: None (no zoneout or recurrent dropout in this call), or per
+        step_masks: None (no zoneout, recurrent or input dropout in this call), or per
         layer-direction k = layer * D + direction a ``regularize.StepMasks``: ``keep_h``
         (T, B, P or H) and ``keep_c`` (T, B, H) zoneout masks (1: the unit keeps its
         previous value) time-major on x's time axis, or the probabilities p_h, p_c
         without a key (evaluation); ``recurrent`` (B, 4, R) recurrent dropout's masks
-        per gate. u_masks: None, or per layer-direction DropConnect's (R, 4H) mask.
-        The same int or key gives the masks the call draws (a generator advances).
+        per gate; ``inputs`` (B, 4, F_in) input dropout's masks per gate. u_masks: None,
+        or per layer-direction DropConnect's (R, 4H) mask. The same int or key gives the masks the call draws (a generator advances).
         """
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"x: expected an array, got {type(x).__name__}")
@@ -326,7 +336,7 @@ class FunctionalCell:
         count = self.num_layers * self.num_directions
         if not training:
             return (regularize.evaluation_masks(count, p_h, p_c) if p_h or p_c else None), None
-        rates = (p_h, p_c, self.recurrent_dropout, self.dropconnect)
+        rates = (p_h, p_c, self.recurrent_dropout, self.dropconnect, self.input_dropout)
         if not any(rates):
             return None, None
         steps, batch = x.shape[0], x.shape[1]
@@ -337,13 +347,14 @@ class FunctionalCell:
                 (steps, batch, self.hidden_size),
                 width,
                 p["U"],
+                p["W"][0],
             )
             for layer in self.param_shapes()
             for p in layer
         ]
         step_masks, u_masks = regularize.draw(self.ops, dropout_key, x, shapes_of, rates)
         return (
-            step_masks if p_h or p_c or self.recurrent_dropout else None,
+            step_masks if p_h or p_c or self.recurrent_dropout or self.input_dropout else None,
             u_masks if self.dropconnect else None,
         )
 

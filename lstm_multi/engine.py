@@ -84,7 +84,7 @@ class Case:
     tracing: under ``torch.jit.trace``, which records plain ops only (PyTorch's own
     kernel is one); step_mask: a per-step mask that is not right padding (left padding,
     gaps, a row with no real step; right padding runs as lengths); step_masks: zoneout
-    (training or evaluation) or recurrent dropout inside the time loop
+    (training or evaluation), recurrent or input dropout inside the time loop
     (``lstm_multi.regularize``), which only the ``REGULARIZING`` engines run.
     """
 
@@ -252,28 +252,29 @@ def _never(case: Case) -> str | None:
     return None
 
 
-#: the engines that run zoneout and recurrent dropout (``lstm_multi.regularize``): the
+#: the engines that run zoneout, recurrent and input dropout (``lstm_multi.regularize``): the
 #: array loops, differentiated by hand (NumPy) or by the framework (torch, JAX)
 REGULARIZING = ("array", "scan")
 
 
 def _refusal(engine: Engine, case: Case) -> str | None:
-    """``engine.refusal(case)``, and a refusal of zoneout / recurrent dropout by the
+    """``engine.refusal(case)``, and a refusal of zoneout / recurrent / input dropout by the
     engines outside ``REGULARIZING`` (their kernels have no such step yet)."""
     if case.step_masks and engine.name not in REGULARIZING:
         return (
-            "its kernels run no zoneout or recurrent dropout (the array loop does: "
-            f"engines {', '.join(REGULARIZING)})"
+            "its kernels run no zoneout, recurrent dropout or input dropout (the array loop "
+            f"does: engines {', '.join(REGULARIZING)})"
         )
     return engine.refusal(case)
 
 
 def _check_regularizable(case: Case) -> None:
-    """A ValueError where a case with zoneout / recurrent dropout has no engine at all."""
+    """A ValueError where a case with zoneout / recurrent / input dropout has no engine."""
     if case.step_masks and not any(e.name in REGULARIZING for e in engines(case.backend)):
         raise ValueError(
-            f"zoneout / recurrent_dropout: no engine of the {case.backend} backend runs them "
-            f"yet (the numpy, torch and jax backends do: engines {', '.join(REGULARIZING)})"
+            f"zoneout / recurrent_dropout / input_dropout: no engine of the {case.backend} "
+            "backend runs them yet (the numpy, torch and jax backends do: engines "
+            f"{', '.join(REGULARIZING)})"
         )
 
 

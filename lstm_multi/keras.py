@@ -209,12 +209,27 @@ class LSTM(keras.layers.Layer):
             ``keras.layers.Bidirectional(LSTM(units, seed=s))`` starts as
             ``LSTM(units, bidirectional=True, seed=s)`` does (one layer) rather than
             with two equal directions.
+        dropout: ``keras.layers.LSTM``'s: in training, the input dropped with this
+            rate (inverted dropout, kept entries scaled by 1 / (1 - dropout)) by masks
+            drawn once per call and kept over the sequence. With
+            ``recurrent_dropout`` 0 (Keras's ``implementation=2``) one mask (B, features)
+            on x before the cell, so every engine runs it (the fused kernels
+            included); with ``recurrent_dropout`` > 0 (which makes Keras's cell
+            ``implementation=1``) four masks, one per gate, x ∘ e_g read by gate g's
+            product (the cell's ``input_dropout``). With ``num_layers`` > 1 the first
+            case drops the layer's input only and the second each layer's input (as
+            stacked ``keras.layers.LSTM(dropout=..., recurrent_dropout=...)``); with
+            ``bidirectional`` the first case's one mask is the two directions' (the
+            two layers of ``keras.layers.Bidirectional`` draw one each), the second's
+            masks each direction's own. Not ``nn.LSTM``'s ``dropout``, which acts
+            between layers, per step.
         recurrent_dropout: ``keras.layers.LSTM``'s: in training, the previous h as each
             gate's recurrent product reads it is multiplied by that gate's own
             inverted-dropout mask (B, units), drawn once per call and kept over the
             sequence (Keras 3's ``LSTMCell``, four masks). The masks come from the
-            layer's ``keras.random.SeedGenerator(seed)``, not the same numbers as
-            Keras's layer draws (the rule is the same; tested with Keras's masks).
+            layer's ``keras.random.SeedGenerator(seed)`` (``dropout``'s too), not the
+            same numbers as Keras's layer draws (the rule is the same; tested with
+            Keras's masks).
         zoneout: p or (p_h, p_c) (Krueger et al. 2017; no Keras argument): in training
             each unit of h (c) keeps its previous value with probability p_h (p_c),
             per step; in inference the expectation.
@@ -256,12 +271,14 @@ class LSTM(keras.layers.Layer):
         proj_size=0,
         scheme="keras",
         seed=None,
+        dropout=0.0,
         recurrent_dropout=0.0,
         zoneout=0.0,
         dropconnect=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.dropout = regularize.check_rate("dropout", dropout)
         self.recurrent_dropout = regularize.check_rate("recurrent_dropout", recurrent_dropout)
         self.zoneout = regularize.check_zoneout(zoneout)
         self.dropconnect = regularize.check_rate("dropconnect", dropconnect)
@@ -290,7 +307,7 @@ class LSTM(keras.layers.Layer):
         self.seed = _check_seed(seed)
         # the regularizers' masks (made only where they are used, so that other layers
         # keep exactly their weights and variables)
-        rates = (self.recurrent_dropout, *self.zoneout, self.dropconnect)
+        rates = (self.dropout, self.recurrent_dropout, *self.zoneout, self.dropconnect)
         self.seed_generator = keras.random.SeedGenerator(self.seed) if any(rates) else None
         self._backend = _cell_backend()
         self.supports_masking = True
@@ -328,6 +345,8 @@ class LSTM(keras.layers.Layer):
             "proj_size": self.proj_size,
             "zoneout": self.zoneout,
             "recurrent_dropout": self.recurrent_dropout,
+            # Keras's implementation 1 (any recurrent_dropout): four input masks, per gate
+            "input_dropout": self.dropout if self.recurrent_dropout else 0.0,
             "dropconnect": self.dropconnect,
         }
 
@@ -456,6 +475,8 @@ class LSTM(keras.layers.Layer):
         if self.go_backwards:  # Keras's: the input and its mask read from the end
             x = ops.flip(x, axis=1)
             mask = None if mask is None else ops.flip(mask, axis=1)
+        if training and self.dropout and not self.recurrent_dropout:
+            x = x * ops.cast(self._input_mask(x), dtype)[:, None, :]  # implementation 2's
         key = None
         if training and self.seed_generator is not None:  # the masks' randomness
             key = keras.random.randint((), 0, 2**31 - 1, seed=self.seed_generator)
@@ -474,6 +495,13 @@ class LSTM(keras.layers.Layer):
         if not self.return_state:
             return output
         return output, h_n, c_n
+
+    def _input_mask(self, x):
+        """``dropout``'s one inverted-dropout mask (B, features) for a call on x (B, T,
+        features), Keras's ``implementation=2`` (``recurrent_dropout`` 0): every step of
+        a sequence is multiplied by the same row."""
+        ones = ops.ones_like(x[:, 0, :])
+        return keras.random.dropout(ones, rate=self.dropout, seed=self.seed_generator)
 
     def _initial_state(self, initial_state, batch):
         """``[h0, c0]`` in Keras's layout -> the cell's ``(h0, c0)``, each (L * D, B, H)."""
@@ -562,6 +590,7 @@ class LSTM(keras.layers.Layer):
             proj_size=self.proj_size,
             scheme=self.scheme,
             seed=self.seed,
+            dropout=self.dropout,
             recurrent_dropout=self.recurrent_dropout,
             zoneout=list(self.zoneout),
             dropconnect=self.dropconnect,

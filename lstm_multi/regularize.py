@@ -1,6 +1,6 @@
-"""Zoneout, recurrent dropout and DropConnect on U: the regularizers inside the recurrence.
+"""Zoneout, recurrent and input dropout, DropConnect on U: the regularizers inside the recurrence.
 
-Three regularizers act within a layer-direction's time loop (inter-layer ``dropout``
+Four regularizers act within a layer-direction's time loop (inter-layer ``dropout``
 acts between layers, in ``network``). With h̃_t, c̃_t the step's own results (the
 spec's gate math, ``step.gates_and_projection``)::
 
@@ -18,6 +18,14 @@ spec's gate math, ``step.gates_and_projection``)::
         inverted-dropout masks (0 with probability p, else 1 / (1 - p)), one per gate
         as Keras 3's ``LSTMCell`` draws them (its ``implementation=1``, which any
         ``recurrent_dropout`` forces), drawn once per call and fixed over the sequence.
+        Training only.
+
+    input dropout (Gal & Ghahramani 2016; Keras's ``dropout`` with ``recurrent_dropout``)
+                                     zx_t = concat_g((x_t ∘ e_g) W_g) + b
+        x_t (B, F_in) the layer-direction's input; e (B, 4, F_in) inverted-dropout
+        masks, one per gate (Keras 3's ``LSTMCell`` with ``implementation=1``: its four
+        ``dropout`` masks), drawn once per call and fixed over the sequence. Backward:
+        dW_g = sum_t (x_t ∘ e_g)^T dz_{t,g}, dx_t = sum_g (dz_{t,g} W_g^T) ∘ e_g.
         Training only.
 
     DropConnect on U (Wan et al. 2013; haste's ``dropout``, AWD-LSTM's weight drop)
@@ -44,12 +52,14 @@ class StepMasks(NamedTuple):
 
     keep_h: (T, B, P or H) 0/1 zoneout masks of h (training), the float p_h (evaluation)
     or None; keep_c: likewise for c (B, H); recurrent: (B, 4, R) recurrent-dropout masks
-    or None. A NamedTuple, so that JAX sees a pytree.
+    or None; inputs: (B, 4, F_in) input-dropout masks or None. A NamedTuple, so that JAX
+    sees a pytree.
     """
 
     keep_h: Any = None
     keep_c: Any = None
     recurrent: Any = None
+    inputs: Any = None
 
 
 def check_rate(name, p) -> float:
@@ -69,6 +79,23 @@ def check_zoneout(zoneout) -> tuple[float, float]:
         return check_rate("zoneout", zoneout[0]), check_rate("zoneout", zoneout[1])
     p = check_rate("zoneout", zoneout)
     return p, p
+
+
+def input_projection(ops, xs, W, b, inputs):
+    """zx = x W + b for every step (T, B, 4H), or with input-dropout masks (B, 4, F_in)
+    concat_g((x ∘ e_g) W_g) + b (each gate's product reads its own masked x)."""
+    if inputs is None:
+        return ops.project(xs, W, b)
+    hidden = W.shape[-1] // 4
+    blocks = [
+        ops.project(
+            xs * inputs[None, :, g],
+            W[:, g * hidden : (g + 1) * hidden],
+            b[g * hidden : (g + 1) * hidden],
+        )
+        for g in range(4)
+    ]
+    return ops.concat(blocks, -1)
 
 
 def recurrent_product(ops, r, U, recurrent):
@@ -138,7 +165,8 @@ def loop_direction(ops, variant, p, xs, h0, c0, valid, masks, record=False):
     """``network.loop_direction`` with ``masks`` (a ``StepMasks`` in reading order): a
     Python loop over ``regularized_step``. Returns (ys, h_T, c_T, tape or None); with
     autodiff ops (torch, JAX) the loop is differentiated as it is."""
-    zxs = ops.unstack_time(step.input_projection(ops, variant, xs, p))
+    b = ops.zeros_like(p["b"]) if variant.split else p["b"]  # split halves: x W alone
+    zxs = ops.unstack_time(input_projection(ops, xs, p["W"], b, masks.inputs))
     U = step.recurrent_weight(ops, variant, p["U"])
     extra = step.step_params(variant, p)
     h, c = h0, ops.cast(c0, ops.state_dtype(ops.dtype_name(c0)))
@@ -225,9 +253,11 @@ def backward_direction(ops, variant, p, tape, dys, dh, dc, valid):
 
 def _sequence_grads(ops, variant, p, xs, rs, dzs, masks):
     """dW = sum_t x_t^T dz_t, db = sum dz, dx_t = dz_t W^T and dU (per gate block, the
-    recurrent input masked as the forward masked it; unused blocks zeroed). Split halves
-    (dz (T, B, 8H) = [dzx, dzr]): dW and dx from dzx, dU from dzr, and no db here (b is
-    a parameter of the gate math, its gradient among the step's)."""
+    recurrent input masked as the forward masked it; unused blocks zeroed). With
+    input-dropout masks e (B, 4, F_in): dW_g = sum_t (x_t ∘ e_g)^T dz_{t,g} and
+    dx_t = sum_g (dz_{t,g} W_g^T) ∘ e_g. Split halves (dz (T, B, 8H) = [dzx, dzr]): dW
+    and dx from dzx, dU from dzr, and no db here (b is a parameter of the gate math, its
+    gradient among the step's)."""
     if variant.split:
         half = dzs.shape[2] // 2
         dzx, dzr = dzs[..., :half], dzs[..., half:]
@@ -251,8 +281,21 @@ def _sequence_grads(ops, variant, p, xs, rs, dzs, masks):
     if unused is not None:
         dU = dU * unused
     x2 = ops.reshape(xs, (t * b, xs.shape[2]))
-    dW = ops.transpose(ops.cast(x2, ops.dtype_name(dx2))) @ dx2
-    dx = ops.reshape(dx2 @ ops.transpose(ops.cast(p["W"], ops.dtype_name(dx2))), xs.shape)
+    W = ops.cast(p["W"], ops.dtype_name(dx2))
+    if masks.inputs is None:
+        dW = ops.transpose(ops.cast(x2, ops.dtype_name(dx2))) @ dx2
+        dx = ops.reshape(dx2 @ ops.transpose(W), xs.shape)
+    else:
+        hidden = dzx.shape[2] // 4
+        dW_blocks, dx = [], None
+        for g in range(4):
+            block = slice(g * hidden, (g + 1) * hidden)
+            e_g = masks.inputs[None, :, g]
+            x_g = ops.reshape(xs * e_g, (t * b, xs.shape[2]))
+            dW_blocks.append(ops.transpose(ops.cast(x_g, ops.dtype_name(dx2))) @ dx2[:, block])
+            dx_g = ops.reshape(dx2[:, block] @ ops.transpose(W[:, block]), xs.shape) * e_g
+            dx = dx_g if dx is None else dx + dx_g
+        dW = ops.concat(dW_blocks, -1)
     grads = {"W": dW, "U": dU}
     if not variant.split:
         grads["b"] = ops.sum(dx2, 0)
@@ -263,19 +306,23 @@ def draw(ops, key, like, shapes_of, rates):
     """The masks of one training call: ``(step_masks, u_masks)``.
 
     shapes_of: per layer-direction ``(h_shape (T, B, P or H), c_shape (T, B, H),
-    r_width R, U shape)``; rates: ``(p_h, p_c, recurrent_dropout, dropconnect)``.
-    step_masks[k]: a ``StepMasks`` (time on x's axis); u_masks[k]: the (R, 4H)
-    DropConnect mask or None. All drawn from one ``ops.random_uniform`` call in this
-    order (per layer-direction: k^h, k^c, d, M, each where its rate is above 0).
+    r_width R, U shape, input width F_in)``; rates: ``(p_h, p_c, recurrent_dropout,
+    dropconnect, input_dropout)``. step_masks[k]: a ``StepMasks`` (time on x's axis);
+    u_masks[k]: the (R, 4H) DropConnect mask or None. All drawn from one
+    ``ops.random_uniform`` call in this order: per layer-direction k^h, k^c, d, M, each
+    where its rate is above 0; then per layer-direction the input masks e (after all
+    the others, so that adding input dropout leaves the other masks' values as they were).
     """
-    p_h, p_c, p_r, p_u = rates
+    p_h, p_c, p_r, p_u, p_x = rates
     shapes = []
-    for h_shape, c_shape, width, u_shape in shapes_of:
+    for h_shape, c_shape, width, u_shape, _ in shapes_of:
         batch = h_shape[1]
         shapes += [h_shape] if p_h else []
         shapes += [c_shape] if p_c else []
         shapes += [(batch, 4, width)] if p_r else []
         shapes += [u_shape] if p_u else []
+    for h_shape, _, _, _, in_width in shapes_of:
+        shapes += [(h_shape[1], 4, in_width)] if p_x else []
     draws = iter(ops.random_uniform(key, shapes, like))
     dtype = ops.dtype_name(like)
     state = ops.state_dtype(dtype)
@@ -291,6 +338,7 @@ def draw(ops, key, like, shapes_of, rates):
         keep_h, keep_c = keep(p_h, dtype), keep(p_c, state)
         step_masks.append(StepMasks(keep_h, keep_c, drop(p_r)))
         u_masks.append(drop(p_u))
+    step_masks = [m._replace(inputs=drop(p_x)) for m in step_masks]
     return step_masks, u_masks
 
 
@@ -307,6 +355,7 @@ __all__ = [
     "check_zoneout",
     "draw",
     "evaluation_masks",
+    "input_projection",
     "loop_direction",
     "regularized_step",
 ]

@@ -132,9 +132,13 @@ class LSTM(GraphOwner, nn.LSTM):
     in evaluation the expectation h_t = p_h h_{t-1} + (1 - p_h) h̃_t (c likewise).
     ``recurrent_dropout`` (Keras's): in training, the recurrent input of each gate's
     product times its own inverted-dropout mask, fixed over the sequence.
+    ``input_dropout`` (Keras's ``dropout`` as ``recurrent_dropout`` runs it): in
+    training, each layer-direction's input as each gate's product reads it times that
+    gate's own inverted-dropout mask, fixed over the sequence (not ``nn.LSTM``'s
+    ``dropout``, which acts between layers, per step).
     ``dropconnect`` (haste's ``dropout``): in training, U times one inverted-dropout
     mask per call. The masks are drawn from torch's default generator (one seed per
-    call, so ``torch.manual_seed`` repeats them). Zoneout and recurrent dropout run on
+    call, so ``torch.manual_seed`` repeats them). Zoneout, recurrent and input dropout run on
     the "array" engine (the loop under autograd; ``explain`` says why the others are
     passed over); DropConnect runs on every engine, ``nn.LSTM``'s kernel included.
 
@@ -166,10 +170,12 @@ class LSTM(GraphOwner, nn.LSTM):
         zoneout=0.0,
         recurrent_dropout=0.0,
         dropconnect=0.0,
+        input_dropout=0.0,
     ):
         zoneout = regularize.check_zoneout(zoneout)
         recurrent_dropout = regularize.check_rate("recurrent_dropout", recurrent_dropout)
         dropconnect = regularize.check_rate("dropconnect", dropconnect)
+        input_dropout = regularize.check_rate("input_dropout", input_dropout)
         input_size = validation.check_positive_int("input_size", input_size)
         hidden_size = validation.check_positive_int("hidden_size", hidden_size)
         num_layers = validation.check_positive_int("num_layers", num_layers)
@@ -213,6 +219,7 @@ class LSTM(GraphOwner, nn.LSTM):
         self.zoneout, self.recurrent_dropout, self.dropconnect = (
             zoneout, recurrent_dropout, dropconnect,
         )  # fmt: skip
+        self.input_dropout = input_dropout
         #: the ``lstm_multi.engines.Choice`` of the most recent call (None before the first)
         self.last_choice = None
         # the variant's own parameters, after nn.LSTM's (which nn.LSTM.__init__ drew
@@ -275,22 +282,23 @@ class LSTM(GraphOwner, nn.LSTM):
             text += ", cuda_graphs=True"
         if any(self.__dict__.get("zoneout", ())):
             text += f", zoneout={self.zoneout}"
-        for name in ("recurrent_dropout", "dropconnect"):
+        for name in ("recurrent_dropout", "dropconnect", "input_dropout"):
             if self.__dict__.get(name):
                 text += f", {name}={getattr(self, name)}"
         return text
 
     def _step_masks_on(self):
-        """Whether this call runs zoneout or recurrent dropout in its loop."""
+        """Whether this call runs zoneout, recurrent or input dropout in its loop."""
         zoneout = any(self.__dict__.get("zoneout", ()))
-        return zoneout or (self.training and bool(self.__dict__.get("recurrent_dropout")))
+        rates = self.__dict__.get("recurrent_dropout"), self.__dict__.get("input_dropout")
+        return zoneout or (self.training and any(rates))
 
     def _regularized(self, params, x):
         """(params with DropConnect's U, step masks or None) for time-major x; the masks
         drawn from one seed of torch's default generator (``lstm_multi.regularize``)."""
         p_h, p_c = self.__dict__.get("zoneout", (0.0, 0.0))
         rates = (p_h, p_c, self.__dict__.get("recurrent_dropout", 0.0))
-        rates += (self.__dict__.get("dropconnect", 0.0),)
+        rates += (self.__dict__.get("dropconnect", 0.0), self.__dict__.get("input_dropout", 0.0))
         count = self.num_layers * self.num_directions
         if not self.training:
             masks = regularize.evaluation_masks(count, p_h, p_c) if p_h or p_c else None
@@ -301,7 +309,13 @@ class LSTM(GraphOwner, nn.LSTM):
         steps, batch, hidden = x.shape[0], x.shape[1], self.hidden_size
         out = self.proj_size or hidden
         shapes_of = [
-            ((steps, batch, out), (steps, batch, hidden), p["U"].shape[0], tuple(p["U"].shape))
+            (
+                (steps, batch, out),
+                (steps, batch, hidden),
+                p["U"].shape[0],
+                tuple(p["U"].shape),
+                p["W"].shape[0],
+            )
             for layer in params
             for p in layer
         ]
@@ -309,7 +323,7 @@ class LSTM(GraphOwner, nn.LSTM):
         if rates[3]:
             it = iter(u_masks)
             params = [[{**p, "U": p["U"] * next(it)} for p in layer] for layer in params]
-        return params, (step_masks if any(rates[:3]) else None)
+        return params, (step_masks if any(rates[:3]) or rates[4] else None)
 
     # the variant in the state_dict ------------------------------------------------
 

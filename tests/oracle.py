@@ -133,19 +133,24 @@ def _block(matrix, gate, h):
     return matrix[..., k * h : (k + 1) * h]
 
 
-def step(variant, x_t, h_prev, c_prev, W, U, b, p, drop=None):
+def step(variant, x_t, h_prev, c_prev, W, U, b, p, drop=None, drop_x=None):
     """One time step of one sequence: x_t (in,), h_prev, c_prev (H,) -> (h_t, c_t).
 
     drop: recurrent dropout's masks (4, R), one per gate (Keras 3's): gate k's
     product reads recurrent * drop[k]; None: no recurrent dropout.
+    drop_x: input dropout's masks (4, in), one per gate (Keras 3's implementation 1):
+    gate k's input product reads x_t * drop_x[k]; None: no input dropout.
     """
     require_torch()
     h = c_prev.shape[-1]
     recurrent = c_prev if variant == "peephole_full" else h_prev
 
+    def x_of(gate):
+        return x_t if drop_x is None else x_t * drop_x[GATES.index(gate)]
+
     def z(gate):
         r = recurrent if drop is None else recurrent * drop[GATES.index(gate)]
-        return x_t @ _block(W, gate, h) + r @ _block(U, gate, h) + _block(b, gate, h)
+        return x_of(gate) @ _block(W, gate, h) + r @ _block(U, gate, h) + _block(b, gate, h)
 
     if variant == "lstm":
         i, f = torch.sigmoid(z("i")), torch.sigmoid(z("f"))
@@ -161,7 +166,7 @@ def step(variant, x_t, h_prev, c_prev, W, U, b, p, drop=None):
         return o * torch.tanh(c), c
     if variant == "peephole_full":
         i, f, o = torch.sigmoid(z("i")), torch.sigmoid(z("f")), torch.sigmoid(z("o"))
-        g = torch.sigmoid(x_t @ _block(W, "g", h) + _block(b, "g", h))  # no recurrent term
+        g = torch.sigmoid(x_of("g") @ _block(W, "g", h) + _block(b, "g", h))  # no recurrent
         c = f * c_prev + i * g
         return torch.tanh(o * c), c
     if variant in PEEPHOLE_ROWS:
@@ -176,19 +181,21 @@ def layer_norm(v, gamma, beta, eps=LN_EPS):
     return gamma * centred / torch.sqrt(variance + eps) + beta
 
 
-def layer_norm_step(variant, x_t, h_prev, c_prev, p, drop=None):
+def layer_norm_step(variant, x_t, h_prev, c_prev, p, drop=None, drop_x=None):
     """One step of "layernorm" / "layernorm_peephole" (table above) from the parameters p;
-    drop: recurrent dropout's masks (4, R) as in ``step`` (gate k's block of h_{t-1} U
-    reads h_{t-1} * drop[k]), or None."""
+    drop, drop_x: recurrent and input dropout's masks (4, R), (4, in) as in ``step``
+    (gate k's block of h_{t-1} U reads h_{t-1} * drop[k], of x_t W x_t * drop_x[k]), or
+    None."""
     h = c_prev.shape[-1]
-    if drop is None:
-        recurrent = h_prev @ p["U"]
-    else:
-        recurrent = torch.cat(
-            [(h_prev * drop[k]) @ p["U"][:, k * h : (k + 1) * h] for k in range(4)], -1
-        )
+
+    def product(v, weight, masks):
+        if masks is None:
+            return v @ weight
+        return torch.cat([(v * masks[k]) @ weight[:, k * h : (k + 1) * h] for k in range(4)], -1)
+
+    recurrent = product(h_prev, p["U"], drop)
     z = (
-        layer_norm(x_t @ p["W"], p["gamma_x"].reshape(-1), p["beta_x"].reshape(-1))
+        layer_norm(product(x_t, p["W"], drop_x), p["gamma_x"].reshape(-1), p["beta_x"].reshape(-1))
         + layer_norm(recurrent, p["gamma_h"].reshape(-1), p["beta_h"].reshape(-1))
         + p["b"]
     )
@@ -227,7 +234,7 @@ def run_sequence(variant, params, xs, h0, c0, masks=None):
 
     masks[k] (layer-direction k), for zoneout and recurrent dropout: {"keep_h": (L, P
     or H) 0/1 masks or a probability p_h, "keep_c": likewise for c, "drop": (4, R) or
-    None}, indexed by the sequence's valid steps in time order. Zoneout (Krueger et al.
+    None, "drop_x": (4, in) input dropout's masks of the layer-direction or None}, indexed by the sequence's valid steps in time order. Zoneout (Krueger et al.
     2017) after the step (and its projection): h_t = k_h h_{t-1} + (1 - k_h) h̃_t, c_t
     likewise; the output is the zoned h_t.
     Returns (ys (L, D*H), h_n (L*D, H), c_n (L*D, H)).
@@ -246,11 +253,13 @@ def run_sequence(variant, params, xs, h0, c0, masks=None):
             for t in order:
                 h_prev, c_prev = h, c
                 if variant in LAYER_NORMS:
-                    h, c = layer_norm_step(variant, layer_input[t], h, c, p, m.get("drop"))
+                    h, c = layer_norm_step(
+                        variant, layer_input[t], h, c, p, m.get("drop"), m.get("drop_x")
+                    )
                 else:
                     h, c = step(
                         variant, layer_input[t], h, c, p["W"], p["U"], p["b"], p.get("p"),
-                        m.get("drop"),
+                        m.get("drop"), m.get("drop_x"),
                     )  # fmt: skip
                 if "W_hr" in p:
                     h = h @ p["W_hr"]  # the projection: m_t W_hr
@@ -287,6 +296,9 @@ def _sequence_masks(masks, t, n):
             "keep_h": pick(m.get("keep_h")),
             "keep_c": pick(m.get("keep_c")),
             "drop": None if m.get("drop") is None else torch.tensor(np.asarray(m["drop"])[n]),
+            "drop_x": (
+                None if m.get("drop_x") is None else torch.tensor(np.asarray(m["drop_x"])[n])
+            ),
         }
         for m in masks
     ]
@@ -301,7 +313,8 @@ def oracle(variant, params, x, h0, c0, lengths, dy, dh_n, dc_n, mask=None, masks
     lengths: sequence n is then the steps where mask[n] is True, in order;
     dy (T, B, D*(P or H)).
     masks[k] (layer-direction k): zoneout and recurrent dropout, {"keep_h": (T, B, P or
-    H) or a float, "keep_c": (T, B, H) or a float, "drop": (B, 4, R) or None}, indexed
+    H) or a float, "keep_c": (T, B, H) or a float, "drop": (B, 4, R) or None, "drop_x":
+    (B, 4, in of the layer) or None}, indexed
     by x's time axis (see ``run_sequence``).
     The gradients are those of sum(y*dy) + sum(h_n*dh_n) + sum(c_n*dc_n).
     Returns {"y", "h_n", "c_n", "grads", "dx", "dh0", "dc0"}.

@@ -325,11 +325,12 @@ def test_every_quantised_engine_keeps_the_accuracy(engine, monkeypatch):
 def test_a_module_with_zoneout_is_refused():
     """Zoneout changes the evaluation output (the expectation blend), which the int8 loop
     does not run: refused by name instead of quantised into another function.
-    Recurrent dropout and DropConnect act in training only, so those modules quantise."""
+    Recurrent and input dropout and DropConnect act in training only, so those modules
+    quantise."""
     model = LSTM(3, 4, variant="peephole", zoneout=0.3).eval()
     with pytest.raises(ValueError, match="module: its zoneout"):
         quantize_dynamic(model)
-    for kw in (dict(recurrent_dropout=0.3), dict(dropconnect=0.3)):
+    for kw in (dict(recurrent_dropout=0.3), dict(dropconnect=0.3), dict(input_dropout=0.3)):
         model = LSTM(3, 4, variant="peephole", **kw).eval()
         x = torch.randn(5, 2, 3)
         with torch.no_grad():

@@ -90,7 +90,12 @@ def _against_oracle(backend, key, lengths=None, mask=None, **kwargs):
     masks = None
     if step_masks is not None:
         masks = [
-            {"keep_h": _numpy(m.keep_h), "keep_c": _numpy(m.keep_c), "drop": _numpy(m.recurrent)}
+            {
+                "keep_h": _numpy(m.keep_h),
+                "keep_c": _numpy(m.keep_c),
+                "drop": _numpy(m.recurrent),
+                "drop_x": _numpy(m.inputs),
+            }
             for m in step_masks
         ]
     want = oracle.oracle(
@@ -138,11 +143,12 @@ def test_variants_with_a_mask_agree_with_the_oracle(variant, extra):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_layer_normalised_lstm_with_every_regularizer_agrees_with_the_oracle(backend):
-    """Split halves (x_t W and r U apart, b in the gate math): recurrent dropout masks the
-    r U half, zoneout blends the step's result, DropConnect masks U; two layers, both
-    directions, right padding, training."""
+    """Split halves (x_t W and r U apart, b in the gate math): input and recurrent dropout
+    mask the x_t W and r U halves, zoneout blends the step's result, DropConnect masks U;
+    two layers, both directions, right padding, training."""
     lengths = np.array([5, 2, 4])
-    cell = _against_oracle(backend, 5, lengths=lengths, variant="layernorm", **RATES)
+    rates = {**RATES, "input_dropout": 0.2}
+    cell = _against_oracle(backend, 5, lengths=lengths, variant="layernorm", **rates)
     assert cell.last_choice.engine in ("array", "scan")
 
 

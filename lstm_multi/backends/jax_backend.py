@@ -270,9 +270,10 @@ def autodiff_direction(ops, variant, p, xs, h0, c0, valid, plan):
 
 
 def regularized_scan(variant, p, xs, h0, c0, valid, masks):
-    """One direction with zoneout / recurrent dropout (``regularize.regularized_step``) in
-    ``lax.scan``, differentiated by JAX itself. The per-step zoneout masks are scanned
-    over; probabilities (evaluation) and the recurrent-dropout masks are closed over."""
+    """One direction with zoneout / recurrent / input dropout (``regularize.regularized_step``,
+    the input's projection ``regularize.input_projection``) in ``lax.scan``, differentiated
+    by JAX itself. The per-step zoneout masks are scanned over; probabilities
+    (evaluation) and the recurrent-dropout masks are closed over."""
     ops = OPS
     U = recurrent_weight(ops, variant, p["U"])
     extra = step_module.step_params(variant, p)
@@ -289,7 +290,8 @@ def regularized_scan(variant, p, xs, h0, c0, valid, masks):
         )
         return (h, c), y
 
-    zxs = step_module.input_projection(ops, variant, xs, p)
+    b = ops.zeros_like(p["b"]) if variant.split else p["b"]  # split halves: x W alone
+    zxs = regularize.input_projection(ops, xs, p["W"], b, masks.inputs)
     c_start = ops.cast(c0, ops.state_dtype(ops.dtype_name(c0)))
     carry = _varying_like((h0, c_start), xs, p, valid)
     (h, c), ys = jax.lax.scan(step, carry, (zxs, valid, *per_step))
@@ -415,6 +417,7 @@ class Cell(FunctionalCell):
         zoneout: float | tuple[float, float] = 0.0,
         recurrent_dropout: float = 0.0,
         dropconnect: float = 0.0,
+        input_dropout: float = 0.0,
     ):
         if not (kernel is None or (isinstance(kernel, str) and kernel in self.KERNELS)):
             raise ValueError(f"kernel: expected None or 'pallas_persistent', got {kernel!r}")
@@ -428,7 +431,7 @@ class Cell(FunctionalCell):
         super().__init__(
             input_size, hidden_size, variant, num_layers, bidirectional, batch_first,
             proj_size, dropout, engine, zoneout=zoneout, recurrent_dropout=recurrent_dropout,
-            dropconnect=dropconnect,
+            dropconnect=dropconnect, input_dropout=input_dropout,
         )  # fmt: skip
         self.autodiff = validation.check_bool("autodiff", autodiff)
         if self.engine == "pallas_persistent" and self.autodiff:

@@ -357,11 +357,12 @@ class Cell(GraphOwner, FunctionalCell):
         zoneout: float | tuple[float, float] = 0.0,
         recurrent_dropout: float = 0.0,
         dropconnect: float = 0.0,
+        input_dropout: float = 0.0,
     ):
         super().__init__(
             input_size, hidden_size, variant, num_layers, bidirectional, batch_first,
             proj_size, dropout, zoneout=zoneout, recurrent_dropout=recurrent_dropout,
-            dropconnect=dropconnect,
+            dropconnect=dropconnect, input_dropout=input_dropout,
         )  # fmt: skip
         if native is not None and not isinstance(native, bool):
             raise TypeError(f"native: expected True, False or None, got {native!r}")
