@@ -146,6 +146,26 @@ THOROUGH_ONLY = {
         "the other variants' backward is the same generated code (their gradients meet the "
         "oracle's in test_agreement on every draw)",
     ),
+    "test_greff_variant_matches_oracle": (
+        lambda p: p["backend"] == "jax" and p["name"] != "cifg",
+        "JAX runs each Greff variant's generated array code as numpy and torch do here; "
+        "cifg takes JAX's path",
+    ),
+    "test_outputs_and_gradients_match_the_oracle_and_the_cell": (
+        lambda p: p["variant"] == "cifg",
+        "the Equinox layer runs the cell, whose variants test_agreement checks; lstm and "
+        "peephole take the layer's path",
+    ),
+    "test_kernels_match_the_oracle": (
+        lambda p: p["variant"] in ("nig", "nfg", "nog", "niaf", "noaf"),
+        "the other Greff variants' C++ is peephole's with one gate changed; lstm, peephole, "
+        "peephole_full, cifg and the layer-normalised variants take the kernels' paths",
+    ),
+    "test_the_layer_normalised_lstm_with_every_regularizer_agrees_with_the_oracle": (
+        lambda p: p["backend"] == "jax",
+        "numpy (the hand-written backward) and torch take the path; JAX differentiates the "
+        "same regularized step in its scan",
+    ),
     "test_keras_in_float64_on_its_torch_backend": (
         lambda p: True,
         "the Keras converters' float32 tests take the same path",

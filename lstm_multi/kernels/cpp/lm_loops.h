@@ -63,6 +63,7 @@ static void lm_step_forward_rows(long b0, long b1, long B, long H, const S* z, c
   for (long b = b0; b < b1; ++b) {
     const long o = b * H;
     if (valid && !valid[b]) {  // past the length: carry the state, output zero
+#pragma omp simd
       for (long j = 0; j < H; ++j) {
         h[o + j] = h_prev[o + j];
         c[o + j] = c_prev[o + j];

@@ -92,6 +92,7 @@ static void lm_split_backward_t(long T, long B, long H, const S* dys, S* dh, S* 
     }
   }
   for (long i = 0; i < threads; ++i)
+#pragma omp simd
     for (long k = 0; k < R; ++k) dP[k] += parts[i * R + k];
 }
 
