@@ -111,10 +111,11 @@ def export(model, args, path=None, *, kwargs=None, dynamic_shapes=None, **option
 
 def _check_variants(model):
     """A NotImplementedError naming the first lstm_multi module of ``model`` whose variant
-    the ONNX step cannot write yet (row reductions: ``GatePrograms.kernel_refusal``)."""
+    the ONNX step cannot write (``GatePrograms.kernel_refusal`` with row reductions and split
+    halves allowed: none today; the check stands for operations the language gains later)."""
     for name, module in getattr(model, "named_modules", lambda: [])():
         variant = getattr(module, "_variant_spec", None)
-        why = None if variant is None else variant.programs.kernel_refusal()
+        why = None if variant is None else variant.programs.kernel_refusal(True, True)
         if why is not None:
             raise NotImplementedError(
                 f"model: module {name or '(the model)'!r} runs the variant {variant.name!r}, "
@@ -212,8 +213,9 @@ def _scan(variant, p, xs, h0, c0, valid, hidden, dtype):
 
     op = _op()
     elem = dtype.value  # the ONNX TensorProto data type
-    # the input half of every step at once, and U with the unused blocks zeroed
-    zx = op.Add(op.MatMul(xs, p["W"]), p["b"])
+    # the input half of every step at once (x W + b; x W alone for split halves, whose
+    # gate math adds b), and U with the unused blocks zeroed
+    zx = op.MatMul(xs, p["W"]) if variant.split else op.Add(op.MatMul(xs, p["W"]), p["b"])
     U = p["U"]
     if variant.unused_recurrent_gates:
         mask = [
@@ -230,6 +232,11 @@ def _scan(variant, p, xs, h0, c0, valid, hidden, dtype):
     carried = [("U", U)] + [
         (label, op.Reshape(op.Slice(p[name], [k], [k + 1], [0]), [-1])) for label, name, k in rows
     ]
+    if variant.split:  # b's rows (i, f, g, o): the gate blocks of the (4H,) bias
+        carried += [
+            (f"b_{gate}", op.Slice(p["b"], [k * hidden], [(k + 1) * hidden], [0]))
+            for k, gate in enumerate(spec.GATE_ORDER)
+        ]
     projected = spec.PROJECTION in p
     if projected:
         carried.append(("W_hr", p[spec.PROJECTION]))
@@ -238,12 +245,19 @@ def _scan(variant, p, xs, h0, c0, valid, hidden, dtype):
     step = emit_onnx.forward_step(
         variant.programs, {"h": "m_new" if projected else "h_new", "c": "c_new"}, prefix="s_"
     )
-    nodes = [helper.make_node("Add", ["zx_t", "rU"], ["z"])]
     r = "h" if variant.recurrent_state == "h" else "c_prev"
-    nodes.insert(0, helper.make_node("MatMul", [r, "U"], ["rU"]))
-    nodes.append(
-        helper.make_node("Split", ["z"], [f"z_{g}" for g in spec.GATE_ORDER], axis=1, num_outputs=4)
-    )
+    nodes = [helper.make_node("MatMul", [r, "U"], ["rU"])]
+    if variant.split:  # the halves apart: zx_i ... zx_o and zr_i ... zr_o
+        for half, value in (("zx", "zx_t"), ("zr", "rU")):
+            names = [f"{half}_{g}" for g in spec.GATE_ORDER]
+            nodes.append(helper.make_node("Split", [value], names, axis=1, num_outputs=4))
+    else:
+        nodes.append(helper.make_node("Add", ["zx_t", "rU"], ["z"]))
+        names = [f"z_{g}" for g in spec.GATE_ORDER]
+        nodes.append(helper.make_node("Split", ["z"], names, axis=1, num_outputs=4))
+    if any(n.op_type == "ReduceMean" for n in step.nodes):
+        axes = helper.make_tensor(emit_onnx.AXES + "_value", onnx.TensorProto.INT64, [1], [-1])
+        nodes.append(helper.make_node("Constant", [], [emit_onnx.AXES], value=axes))
     for name, value in step.constants.items():
         tensor = helper.make_tensor(name + "_value", elem, [], [value])
         nodes.append(helper.make_node("Constant", [], [name], value=tensor))

@@ -23,9 +23,18 @@ def _odd(z, c_prev, q):  # constants, a subtraction, a negation, h = an input
     return c_prev, c
 
 
+def _row_valued(z, c_prev):  # a row's mean and rsqrt; h_t a per-row value (B, 1) widened
+    c = sigmoid(z.f) * c_prev + sigmoid(z.i) * tanh(z.g)
+    centred = c - lstm_multi.mean(c)
+    return lstm_multi.mean(sigmoid(z.o)), centred * lstm_multi.rsqrt(
+        lstm_multi.mean(centred * centred) + 1e-5
+    )
+
+
 VARIANTS = [
-    *(v for v in lstm_multi.spec.VARIANTS.values() if v.programs.kernel_refusal() is None),
+    *lstm_multi.spec.VARIANTS.values(),
     Variant("odd", _odd, params={"q": ("a",)}),
+    Variant("row_valued", _row_valued),
 ]
 
 
@@ -38,6 +47,8 @@ def run_step(variant, inputs):
         )
         for name, value in step.constants.items()
     ]
+    axes = helper.make_tensor("axes_v", onnx.TensorProto.INT64, [1], [-1])
+    nodes.append(helper.make_node("Constant", [], [emit_onnx.AXES], value=axes))
     nodes += [helper.make_node(n.op_type, list(n.inputs), [n.output]) for n in step.nodes]
     graph = helper.make_graph(
         nodes,
@@ -60,10 +71,14 @@ def test_emitted_step_equals_the_evaluated_program(variant):
     np.testing.assert_allclose(c, c_ref, rtol=1e-14, atol=1e-15)
 
 
-def test_a_row_reduction_is_refused_by_name():
-    """The layer-normalised variants' row means and rsqrt are not in the ONNX step yet."""
-    with pytest.raises(NotImplementedError, match=r"ONNX emitter: .*row reductions \(mean\)"):
-        emit_onnx.forward_step(lstm_multi.spec.VARIANTS["layernorm"].programs, {"h": "h", "c": "c"})
+def test_row_reductions_are_reduce_mean_and_rsqrt_sqrt_then_reciprocal():
+    """A row's mean is one ReduceMean over the last axis, rsqrt a Sqrt and a Reciprocal."""
+    step = emit_onnx.forward_step(
+        lstm_multi.spec.VARIANTS["layernorm"].programs, {"h": "h", "c": "c"}
+    )
+    ops = [n.op_type for n in step.nodes]
+    assert ops.count("ReduceMean") >= 2 and ops.count("Sqrt") == ops.count("Reciprocal") >= 1
+    assert all(emit_onnx.AXES in n.inputs for n in step.nodes if n.op_type == "ReduceMean")
 
 
 def test_every_primitive_has_an_onnx_operator():

@@ -55,7 +55,6 @@ HEADERS = Path(__file__).parent / "cpp"
 
 FLAGS = (
     "-O2",  # as fast as -O3 here (the gate loops are omp simd), in 0.6x the compile time
-
     "-march=native",
     "-fno-math-errno",  # lets the compiler vectorise; no code here reads errno
     "-fno-trapping-math",  # selects of floating values become blends (vectorisable)
