@@ -166,6 +166,41 @@ THOROUGH_ONLY = {
         "numpy (the hand-written backward) and torch take the path; JAX differentiates the "
         "same regularized step in its scan",
     ),
+    "test_backend_matches_nn_lstm": (
+        lambda p: p["backend"] == "jax",
+        "the JAX cell meets the oracle on every draw (test_backend_matches_oracle) and the "
+        "oracle meets nn.LSTM (test_oracle_matches_nn_lstm)",
+    ),
+    "test_degenerate_variants_compile_and_are_checked": (
+        lambda p: p["name"] not in ("c_independent_of_c_prev", "both_constant"),
+        "c independent of c_prev and both outputs constant take the degenerate paths of the "
+        "emitters (an unread input, an output with no operation)",
+    ),
+    "test_consistent_forward_and_backward_mutation_fails_the_oracle": (
+        lambda p: p["backend"] == "jax",
+        "the suite's power is shown on numpy and torch; JAX's cell runs the same oracle check",
+    ),
+    "test_backward_only_mutation_fails_the_oracle": (
+        lambda p: p["backend"] == "jax",
+        "the suite's power is shown on numpy and torch; JAX's cell runs the same oracle check",
+    ),
+    "test_projection_backward_mutation_fails_the_oracle": (
+        lambda p: p["backend"] == "jax",
+        "the suite's power is shown on numpy and torch; JAX's cell runs the same oracle check",
+    ),
+    "test_a_half_precision_cell_state_fails_the_check": (
+        lambda p: p["backend"] == "jax" and p["dtype"] == "bfloat16",
+        "JAX's float16 case shows the check's power; bfloat16 is the same rule",
+    ),
+    "test_half_precision_running_sums_fail_the_check": (
+        lambda p: p["backend"] == "jax" and p["dtype"] == "bfloat16",
+        "JAX's float16 case shows the check's power; bfloat16 is the same rule",
+    ),
+    "test_outputs_and_gradients_equal_the_oracle": (
+        lambda p: p["variant"] == "nig",
+        "the Flax layers run the cell, whose Greff variants test_agreement checks; lstm and "
+        "peephole take the layers' path",
+    ),
     "test_keras_in_float64_on_its_torch_backend": (
         lambda p: True,
         "the Keras converters' float32 tests take the same path",
