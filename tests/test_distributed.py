@@ -23,7 +23,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import tolerance
+from conftest import LAYER_NORM_FACTOR, float64_key, tolerance
 from oracle import VARIANTS as ORACLE_VARIANTS
 from test_examples import EXAMPLES, load_example
 
@@ -71,7 +71,11 @@ def test_ddp_two_processes_equal_one_process(tmp_path, thorough):
         worst[name] = max((ddp[k] - one[k]).abs().max().item() for k in tensors) / scale
     print("largest |DDP - one process| / max(1, max|parameter|) per variant:", worst)
     # the gradient all-reduce sums the two halves' in another order than one process: rounding
-    assert max(worst.values()) <= tolerance("float64"), worst
+    # (amplified by a layer norm's 1/sigma in the layer-normalised variants: LAYER_NORM_FACTOR)
+    variants = {name: variant for name, variant, _ in configs}
+    for name, found in worst.items():
+        factor = LAYER_NORM_FACTOR if float64_key(variants[name]) != "float64" else 1
+        assert found <= factor * tolerance("float64"), worst
 
 
 def test_example_runs_under_torchrun_and_resumes(tmp_path):

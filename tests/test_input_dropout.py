@@ -314,7 +314,9 @@ def test_every_variant_agrees_with_the_oracle(variant, thorough):
     if not thorough:
         pytest.skip("every variant runs under --thorough (peephole, peephole_full, lstm run "
                     "in the default run)")  # fmt: skip
-    for backend in BACKENDS:
+    # JAX runs every variant's generated array code in one regularized scan: two variants
+    # (fused and split halves) take its path; numpy's hand-written backward and torch every one
+    for backend in BACKENDS if variant in ("peephole", "layernorm") else ("numpy", "torch"):
         _against_oracle(
             backend, 11, lengths=np.array([5, 3, 1]), variant=variant, input_dropout=0.35
         )

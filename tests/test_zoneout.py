@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import assert_close, float64_key
 
 import lstm_multi
 
@@ -102,7 +102,7 @@ def _against_oracle(backend, key, lengths=None, mask=None, **kwargs):
         cell.variant.name, np_params, x, h0, c0, lengths, dy, dh_n, dc_n, mask=mask, masks=masks
     )
     for name, got in (("y", y), ("h_n", h_n), ("c_n", c_n), ("dx", dx), ("dh0", dh0), ("dc0", dc0)):
-        assert_close(_numpy(got), want[name], "float64", name)
+        assert_close(_numpy(got), want[name], float64_key(cell.variant), name)
     for k, (got, wanted) in enumerate(
         zip(
             (q for layer in grads for q in layer),
@@ -114,7 +114,7 @@ def _against_oracle(backend, key, lengths=None, mask=None, **kwargs):
             expected = wanted[name]
             if name == "U" and u_masks is not None:
                 expected = expected * _numpy(u_masks[k])
-            assert_close(_numpy(got[name]), expected, "float64", f"d{name} of {k}")
+            assert_close(_numpy(got[name]), expected, float64_key(cell.variant), f"d{name} of {k}")
     return cell
 
 
@@ -484,6 +484,8 @@ def test_every_variant_agrees_with_the_oracle(variant, thorough):
     if not thorough:
         pytest.skip("every variant runs under --thorough (peephole, peephole_full, lstm, cifg "
                     "run in the default run)")  # fmt: skip
-    for backend in BACKENDS:
+    # JAX runs every variant's generated array code in one regularized scan: two variants
+    # (fused and split halves) take its path; numpy's hand-written backward and torch every one
+    for backend in BACKENDS if variant in ("peephole", "layernorm") else ("numpy", "torch"):
         _against_oracle(backend, 11, lengths=np.array([5, 3, 1]), variant=variant, **RATES)
         _against_oracle(backend, None, variant=variant, proj_size=2, **RATES)
