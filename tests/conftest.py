@@ -201,6 +201,19 @@ THOROUGH_ONLY = {
         "the Flax layers run the cell, whose Greff variants test_agreement checks; lstm and "
         "peephole take the layers' path",
     ),
+    "test_jax_unrolled_scan_equals_plain_scan_and_numpy": (
+        lambda p: p["variant"] != "peephole",
+        "the unrolled scan runs every variant's generated step alike; peephole takes it",
+    ),
+    "test_every_engine_name_runs_and_matches_the_oracle": (
+        lambda p: p["backend"] == "jax" and p["engine"] == "pallas_persistent",
+        "test_pallas compares the Pallas kernels, interpreted, with the oracle",
+    ),
+    "test_garbage_in_the_padding_changes_nothing": (
+        lambda p: p["path"][0] == "jax" and p["path"][1].get("autodiff"),
+        "the JAX cell's default (its custom VJP) takes the padding path; autodiff=True "
+        "differentiates the same forward",
+    ),
     "test_keras_in_float64_on_its_torch_backend": (
         lambda p: True,
         "the Keras converters' float32 tests take the same path",
