@@ -83,6 +83,25 @@ def _recorded_variant(state_dict, prefix):
     return name, fingerprint
 
 
+def _as_given(input, y, h_n, c_n, lengths, packed, unbatched, batch_first):
+    """The time-major result (y (T, B, D*P), h_n, c_n) in the form ``input`` came in: a
+    ``PackedSequence`` (in its sorting), unbatched (T, ...), or batch-first (B, T, ...)."""
+    if packed:
+        order = input.sorted_indices
+        if order is None:
+            data = pack_padded_sequence(y, lengths, enforce_sorted=True).data
+        else:
+            data = pack_padded_sequence(
+                y.index_select(1, order), lengths[order.cpu()], enforce_sorted=True
+            ).data
+        return PackedSequence(
+            data, input.batch_sizes, input.sorted_indices, input.unsorted_indices
+        ), (h_n, c_n)
+    if unbatched:
+        return y.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+    return (y.transpose(0, 1) if batch_first else y), (h_n, c_n)
+
+
 class LSTM(GraphOwner, nn.LSTM):
     r"""A multi-layer LSTM, ``torch.nn.LSTM``'s drop-in, with the variants of ``lstm_multi.spec``.
 
@@ -675,20 +694,7 @@ class LSTM(GraphOwner, nn.LSTM):
                 between_layers=between,
                 step_masks=step_masks,
             )
-        if packed:
-            order = input.sorted_indices
-            if order is None:
-                data = pack_padded_sequence(y, lengths, enforce_sorted=True).data
-            else:
-                data = pack_padded_sequence(
-                    y.index_select(1, order), lengths[order.cpu()], enforce_sorted=True
-                ).data
-            return PackedSequence(
-                data, input.batch_sizes, input.sorted_indices, input.unsorted_indices
-            ), (h_n, c_n)
-        if unbatched:
-            return y.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
-        return (y.transpose(0, 1) if self.batch_first else y), (h_n, c_n)
+        return _as_given(input, y, h_n, c_n, lengths, packed, unbatched, self.batch_first)
 
     def _mask_steps(self, mask, input, batch, unbatched):
         """``forward``'s mask checked -> what the network runs (``network.mask_steps``):
@@ -1123,20 +1129,7 @@ class QuantizedLSTM(nn.Module):
             y, h_n, c_n = torch_int8.forward(
                 self._variant_spec, self._qparams, x.contiguous(), h0, c0, lengths
             )
-        if packed:
-            order = input.sorted_indices
-            if order is None:
-                data = pack_padded_sequence(y, lengths, enforce_sorted=True).data
-            else:
-                data = pack_padded_sequence(
-                    y.index_select(1, order), lengths[order.cpu()], enforce_sorted=True
-                ).data
-            return PackedSequence(
-                data, input.batch_sizes, input.sorted_indices, input.unsorted_indices
-            ), (h_n, c_n)
-        if unbatched:
-            return y.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
-        return (y.transpose(0, 1) if self.batch_first else y), (h_n, c_n)
+        return _as_given(input, y, h_n, c_n, lengths, packed, unbatched, self.batch_first)
 
 
 break_graph_at(QuantizedLSTM, ("forward",))  # run eagerly under torch.compile, as LSTM
