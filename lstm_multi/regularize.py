@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from . import step
+from . import step, validation
 
 
 class StepMasks(NamedTuple):
@@ -64,7 +64,7 @@ class StepMasks(NamedTuple):
 
 def check_rate(name, p) -> float:
     """A drop or keep probability: a number in [0, 1)."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
+    if not validation.is_real_number(p):
         raise TypeError(f"{name}: expected a number in [0, 1), got {type(p).__name__}")
     if not 0 <= p < 1:
         raise ValueError(f"{name}: expected a number in [0, 1), got {p!r}")

@@ -205,8 +205,7 @@ class LSTM(GraphOwner, nn.LSTM):
         validation.check_bool("cuda_graphs", cuda_graphs)
         requested, excluded = engine_from_options(engine, native, gate_kernel, cuda_graphs)
         if (
-            isinstance(dropout, bool)
-            or not isinstance(dropout, (int, float))
+            not validation.is_real_number(dropout)
             or not 0 <= dropout <= 1
         ):
             raise ValueError(f"dropout: expected a number in [0, 1], got {dropout!r}")

@@ -76,10 +76,16 @@ def check_state(ops, state, expected_shapes, dtype_name):
         check_array_shape(ops, f"state {part}", array, shape, dtype_name)
 
 
+def is_real_number(value) -> bool:
+    """Whether ``value`` is a real number a rate may be: a Python or NumPy int or float
+    (``numbers.Real``), not a bool and not an array or tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_dropout(dropout, num_layers):
     """dropout: a probability in [0, 1); warns, as nn.LSTM does, when one layer has none
     to apply to (dropout acts between layers)."""
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+    if not is_real_number(dropout):
         raise TypeError(f"dropout: expected a number in [0, 1), got {type(dropout).__name__}")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")

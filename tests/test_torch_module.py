@@ -439,6 +439,21 @@ def test_bad_constructor_arguments(kwargs, match):
         LSTM(**args)
 
 
+def test_rates_take_numpy_numbers_as_nn_lstm_does_and_refuse_bools_and_tensors():
+    """nn.LSTM takes ``dropout=np.float32(0.1)``; so do its drop-in and the regularizers,
+    each rate stored as a Python float. A bool, NumPy's included, or a tensor is no rate."""
+    rate = np.float32(0.25)
+    module = LSTM(3, 4, num_layers=2, dropout=rate, zoneout=rate, recurrent_dropout=rate)
+    assert module.dropout == torch.nn.LSTM(3, 4, num_layers=2, dropout=rate).dropout
+    assert type(module.zoneout[0]) is float and module.zoneout == (0.25, 0.25)
+    assert type(module.recurrent_dropout) is float
+    for bad in (True, np.bool_(True), torch.tensor(0.1)):
+        with pytest.raises((TypeError, ValueError), match="dropout: expected a number"):
+            LSTM(3, 4, num_layers=2, dropout=bad)
+        with pytest.raises(TypeError, match="zoneout: expected a number"):
+            LSTM(3, 4, zoneout=bad)
+
+
 def test_bad_bool_argument():
     with pytest.raises(TypeError, match="bidirectional: expected True or False, got 1"):
         LSTM(3, 4, bidirectional=1)
