@@ -204,10 +204,7 @@ class LSTM(GraphOwner, nn.LSTM):
         validation.check_bool("native", native)
         validation.check_bool("cuda_graphs", cuda_graphs)
         requested, excluded = engine_from_options(engine, native, gate_kernel, cuda_graphs)
-        if (
-            not validation.is_real_number(dropout)
-            or not 0 <= dropout <= 1
-        ):
+        if not validation.is_real_number(dropout) or not 0 <= dropout <= 1:
             raise ValueError(f"dropout: expected a number in [0, 1], got {dropout!r}")
         proj_size = validation.check_proj_size(proj_size, hidden_size)
         variant = spec.get_variant(variant)
