@@ -10,8 +10,9 @@
   outputs and every gradient (the gains and shifts included), with layers, both
   directions, lengths, a per-step mask, initial state and projection;
 * the suite's power: a layer norm with the unbiased variance, or with eps 1e-3, fails it;
-* the engine table: every kernel engine refuses such a variant naming what it lacks,
-  "auto" picks the array engine (scan on JAX) and says why;
+* the engine table: every kernel engine but the C++ and the Pallas ones refuses such a
+  variant naming what it lacks, "auto" picks the array engine (scan on JAX) and says why
+  (the Pallas kernels against the oracle: tests/test_pallas.py);
 * the parameters: names, shapes, gains 1 and shifts 0 under every scheme.
 """
 
@@ -375,7 +376,6 @@ def _case(backend, device, dtype="float32", variant="layernorm", **kw):
         ("graphed_array", "cuda", "the CUDA-graph engines"),
         ("graphed_triton", "cuda", "the CUDA-graph engines"),
         ("graphed_triton_persistent", "cuda", "the CUDA-graph engines"),
-        ("pallas_persistent", "gpu", "the Pallas kernels"),
         ("cupy_graphed", "cuda", "the CUDA-graph engines"),
     ],
 )
@@ -393,6 +393,20 @@ def test_cpu_kernels_take_reductions_and_split_halves():
     for case in (_case("numpy", "cpu"), engine.Case("torch", "cpu", "float64", RMS, 16)):
         why = cpu.refusal(case)
         assert why is None or "compiler" in why, why
+
+
+def test_pallas_takes_reductions_and_split_halves():
+    """The Pallas kernels hold whole rows: they run "layernorm" when named (its limits
+    apply as to any variant); auto stays with the scan."""
+    pallas = engine.get_engine("pallas_persistent")
+    for variant in (*LAYER_NORMS, RMS):
+        case = engine.Case("jax", "gpu", "float32", spec.get_variant(variant), 16)
+        assert pallas.refusal(case) is None
+    wide = engine.Case("jax", "gpu", "float32", spec.VARIANTS["layernorm"], 65)
+    assert "hidden_size up to 64" in pallas.refusal(wide)
+    assert engine.select_engine(_case("jax", "gpu"), "pallas_persistent").engine == (
+        "pallas_persistent"
+    )
 
 
 def test_native_refuses_and_auto_picks_the_array_code():

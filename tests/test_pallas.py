@@ -8,7 +8,10 @@ with ``PallasKernels(interpret_float64=True)``, handed to the cell as
 and float32 (the kernels' own precision), lengths (one of length 1), both
 directions, 2 layers, an initial state, batches that are not a multiple of the
 16-row tile, a user's variant, the fallback to the scan, the options' checks,
-and ``jit`` / ``grad`` through the cell. On a GPU
+and ``jit`` / ``grad`` through the cell; row reductions and split halves: the
+layer-normalised variants in float32 against the oracle (H padded: each row mean
+over the real units only), a user's reduction against the scan, and a row mean
+over the padded tile, which must fail. On a GPU
 (``@pytest.mark.gpu``) the kernels run compiled through Triton.
 """
 
@@ -23,15 +26,15 @@ jax = pytest.importorskip("jax")
 pytest.importorskip("torch", reason="the oracle runs on torch")
 jnp = jax.numpy
 
-from conftest import assert_close, thorough_params  # noqa: E402
+from conftest import assert_close, float64_key, thorough_params  # noqa: E402
 from reference import KERNEL_VARIANTS, Config, make_problem, reference  # noqa: E402
-from test_agreement import assert_matches_reference, run_backend  # noqa: E402
+from test_agreement import assert_matches_reference, assert_outputs_match, run_backend  # noqa: E402
 
 import lstm_multi  # noqa: E402
-from lstm_multi import Variant, sigmoid, spec, tanh  # noqa: E402
+from lstm_multi import Variant, mean, rsqrt, sigmoid, spec, tanh  # noqa: E402
 from lstm_multi.backends import jax_pallas  # noqa: E402
 
-VARIANTS = list(KERNEL_VARIANTS)  # reductions: tests/test_layernorm.py
+VARIANTS = list(KERNEL_VARIANTS)  # those with row reductions: the layer-norm tests below
 PALLAS = {"engine": "pallas_persistent"}
 
 
@@ -108,6 +111,9 @@ def test_pallas_kernels_full_tiles_without_lengths(kernels, variant):
     assert kernels.launches == {"sequence_forward": 2, "sequence_backward": 1}, kernels.launches
 
 
+@pytest.mark.thorough_only(
+    "a user's Variant in the kernels: test_a_user_reduction_variant_gets_pallas_kernels"
+)
 def test_a_user_variant_gets_pallas_kernels(kernels):
     """A user's own Variant (cifg written anew) runs in the kernels its generated code
     gives, and matches the oracle's "cifg"."""
@@ -248,6 +254,113 @@ def test_pallas_cell_inside_user_jit_and_grad(kernels):
 def _loss(cell, params, x, lengths, dy):
     y, (h_n, c_n) = cell(params, x, lengths=lengths)
     return jnp.sum(y * dy) + jnp.sum(h_n) + jnp.sum(c_n * c_n)
+
+
+# row reductions and split halves --------------------------------------------------------
+
+#: (variant, case): "small" T = 3, B = 2, H = 8 (padded to 16), one direction, float32;
+#: "wide" 17 rows (a full tile and a padded one), H = 20 (padded to 32), 2 layers both ways,
+#: float64 under the interpreter (the kernels' structure to the layer norms' float64 bound)
+LAYER_NORM_CASES = {
+    "small": (Config("", 2, 3, 3, 8, 1, False, True, True, False, 7), [3, 2], "float32"),
+    "wide": (Config("", 17, 4, 3, 20, 2, True, True, True, True, 5), _lengths(17, 4), "float64"),
+}
+
+
+@pytest.mark.parametrize(
+    ("variant", "case"),
+    thorough_params(
+        [("layernorm_peephole", "small"), ("layernorm", "small"), ("layernorm", "wide")],
+        [("layernorm_peephole", "small")],
+    ),
+)
+def test_pallas_kernels_run_the_layer_norms(kernels, variant, case):
+    """Row reductions and split halves in the kernels: x_t W (without b) and r U apart, b
+    among the parameter rows, each LN's mean and variance over the row's real units; with
+    lengths and an initial state, against the oracle: outputs and every gradient (W, U, b,
+    p, the gains and shifts, x, h0, c0)."""
+    config, lengths, dtype = LAYER_NORM_CASES[case]
+    config = dataclasses.replace(config, variant=variant)
+    problem = _problem(config, lengths)
+    result = run_backend("jax", config, problem, dtype, **pallas_args(kernels))
+    key = float64_key(variant) if dtype == "float64" else dtype
+    assert_matches_reference(result, reference(config, problem), key, f"pallas/{variant}/{dtype}")
+    directions = config.num_layers * config.num_directions
+    assert kernels.launches == {"sequence_forward": 2 * directions, "sequence_backward": directions}
+
+
+def test_a_row_mean_over_the_padded_tile_fails_the_oracle(monkeypatch):
+    """The power of the test above over the kernels' row mean: a mean over the whole
+    16-lane tile (``jnp.mean``), the 8 padded lanes counted, gives outputs that fail it."""
+    monkeypatch.setattr(
+        jax_pallas._TileOps, "row_mean", lambda self, x: jnp.mean(x, axis=-1, keepdims=True)
+    )
+    config, lengths, dtype = LAYER_NORM_CASES["small"]
+    config = dataclasses.replace(config, variant="layernorm_peephole")
+    problem = _problem(config, lengths)
+    cell = config.cell("jax", **pallas_args(jax_pallas.PallasKernels(interpret=True)))
+    params = cell.from_numpy(
+        [[{k: v.astype(dtype) for k, v in p.items()} for p in layer] for layer in problem.params]
+    )
+    x, h0, c0 = (a.astype(dtype) for a in (problem.x, problem.h0, problem.c0))
+    y, (h_n, c_n) = cell(params, x, state=(h0, c0), lengths=problem.lengths)
+    result = {"y": np.asarray(y), "h_n": np.asarray(h_n), "c_n": np.asarray(c_n)}
+    with pytest.raises(AssertionError):
+        assert_outputs_match(result, reference(config, problem), dtype, False)
+
+
+def scaled_rms(z, c_prev, s):
+    """A user's reduction (fused halves): h = o tanh(c / (rms(c) |s|)), the division by |s|
+    written as the tracer asks, c rsqrt(s s). s is zero in the padded lanes, where 1/|s|
+    is inf and h nan: the kernels must keep that from the real units (the products read r's
+    padded lanes as zeros, the means skip them)."""
+    i, f, g, o = sigmoid(z.i), sigmoid(z.f), tanh(z.g), sigmoid(z.o)
+    c = f * c_prev + i * g
+    return o * tanh(c * rsqrt(mean(c * c) + 1e-5) * rsqrt(s.c * s.c)), c
+
+
+def test_a_user_reduction_variant_gets_pallas_kernels(kernels):
+    """A user's Variant with a row mean and rsqrt, H = 8 (padded to 16), lengths: the
+    kernels (float64 under the interpreter) give the scan's outputs and gradients."""
+    user = Variant("scaled_rms_pallas", scaled_rms, params={"s": ("c",)}, param_init={"s": 1.0})
+    Cell = lstm_multi.get_cell("jax")
+    pallas = Cell(3, 8, variant=user, **pallas_args(kernels))
+    scan = Cell(3, 8, variant=user)
+    params = scan.init(seed=0, dtype="float64")
+    rng = np.random.default_rng(2)
+    params[0][0]["s"] = params[0][0]["s"] + 0.3 * rng.standard_normal((1, 8))
+    x = rng.standard_normal((3, 4, 3))
+    dy = rng.standard_normal((3, 4, 8))
+    lengths = [4, 1, 3]
+    got = pallas(params, x, lengths=lengths), pallas.vjp(params, x, dy, lengths=lengths)
+    want = scan(params, x, lengths=lengths), scan.vjp(params, x, dy, lengths=lengths)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert_close(a, b, float64_key(user), "pallas/user reduction")
+    assert kernels.launches == {"sequence_forward": 2, "sequence_backward": 1}
+
+
+@pytest.mark.thorough_only("a lowering for a GPU, with no GPU: the interpreted tests run the math")
+def test_layer_norm_kernels_lower_through_triton_without_a_gpu():
+    """The forward and backward kernels of "layernorm_peephole" (H = 20, padded to 32;
+    lengths) go through Pallas's Triton lowering for CUDA, on the CPU: the lane sums, the
+    iota of the padding mask and the (16, 1) row values have Triton lowering rules (not
+    compiled to PTX: that needs a GPU)."""
+    variant = spec.VARIANTS["layernorm_peephole"]
+    kernels = jax_pallas.PallasKernels(interpret=False)
+    p = {k: jnp.zeros(s, jnp.float32) for k, s in spec.param_shapes(variant, 3, 20).items()}
+    xs, h0 = jnp.zeros((5, 3, 3), jnp.float32), jnp.zeros((3, 20), jnp.float32)
+    valid = jnp.ones((5, 3, 1), bool)
+
+    def gradients(p, xs, h0, c0):
+        def loss(p, xs, h0, c0):
+            ys, h, c = jax_pallas._direction(variant, kernels, p, xs, h0, c0, valid)
+            return ys.sum() + h.sum() + c.sum()
+
+        return jax.grad(loss)(p, xs, h0, c0)
+
+    lowered = jax.jit(gradients).trace(p, xs, h0, h0).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("lstm_multi_layernorm_peephole_sequence_") >= 2, "both kernels"
 
 
 @pytest.mark.gpu

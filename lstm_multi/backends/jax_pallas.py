@@ -24,16 +24,42 @@ then whole-sequence products of the stored dz (``bptt.direction_grads``), as in
 Where the equations come from. Nowhere here: the gate math inside both kernels
 is the variant's generated array code (``variant.array_code``, made by
 ``compile.emit_array`` from the traced program and its derived backward), called
-on the tiles loaded from the refs with ``_TileOps`` (the JAX backend's sigmoid and
-tanh, and a ``sum`` over the tile's valid rows). A user's own ``lstm_multi.Variant``
-gets kernels the same way.
+on the tiles loaded from the refs with ``_TileOps`` (the JAX backend's sigmoid,
+tanh and rsqrt, a ``row_mean`` over a tile's real units, and a ``sum`` over the
+tile's valid rows). A user's own ``lstm_multi.Variant`` gets kernels the same way,
+row reductions and split halves included.
 
-Shapes (the caller's, never padded): zx (T, B, 4H) = x W + b; U (H, 4H) with the
+Row reductions: the layout. A program holds whole rows: its (16, BLOCK_H) tiles
+span every unit of its 16 rows (BLOCK_H >= H), so the gate math's ``mean(v)``
+over a row's H units is a sum along the tile's lanes, in registers, with no pass
+over memory and nothing shared between programs (the grid splits only the batch,
+which a row reduction never crosses). It is the sum over the H real lanes (the
+padded ones selected away with ``where``, so that whatever they hold adds
+nothing) divided by H, a (16, 1) value that broadcasts against the row's
+tiles. A mean over the 4H preactivations is the spec's ``0.25 * mean(v_i + v_f +
+v_g + v_o)``: the four gate tiles summed lane by lane, then one lane sum. The
+derived backward's means (a row mean's gradient spread over the row) are the
+same lane sums. A per-row value on the tape is stored broadcast to a
+(16, BLOCK_H) tile like the others (3 of the 26 stored arrays of "layernorm"),
+so every load and store keeps the one tile shape.
+
+Split halves (``variant.split``, the layer-normalised variants): the caller's zx
+is x W without b (``step.input_projection``); a step hands the gate math x_t W_k
+and r U_k apart, eight tiles, and b's four gate blocks as parameter rows among
+the variant's own. The backward writes eight dz sequences, dzx_k then dzr_k:
+dh_{t-1} = sum_k dzr_k U_k^T, dW and dx come from dzx, dU from dzr, and db is the
+gate math's parameter sum, as the scan's (``step.projection_grads``).
+
+Shapes (the caller's, never padded): zx (T, B, 4H) = x W + b (split halves:
+x W); U (H, 4H) with the
 unused gate blocks zeroed (``step.recurrent_weight``); h0, c0 (B, H); valid
 (T, B, 1) booleans or None. Inside, B is padded to a multiple of 16 (the padded
 rows are marked invalid, so they hold zeros and add nothing to the sums) and H
 to ``BLOCK_H`` = max(16, next power of 2 of H) with zeros (zero rows and columns
-of U, so padded units never reach real ones); results are sliced back.
+of U, so padded units never reach real ones); results are sliced back. The
+forward zeroes r's padded lanes before the products: a gate math that leaves nan
+there (``c * rsqrt(s * s)`` with a parameter s, zero in the padding) would
+otherwise reach every real unit through 0 * nan in r U.
 The tape is the Triton kernels': hs and cs (T + 1, B, H) from h0, c0 on, and the
 "stored" values of the derived backward (``emit_cuda.forward_stored``: its saved
 values other than c_{t-1} and c_t, which the backward reads from cs).
@@ -78,10 +104,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .. import bptt, environment, network, spec, validation
-from ..compile import derive
+from .. import bptt, environment, spec, validation
 from ..compile.emit_cuda import forward_stored
-from ..step import recurrent_weight
+from ..step import input_projection, recurrent_weight, step_params
 from . import jax_backend
 
 _INPUT_DTYPES = ("float32", "float16", "bfloat16")
@@ -102,17 +127,35 @@ def block_hidden(hidden):
     return max(16, int(pl.next_power_of_2(hidden)))
 
 
-class _TileOps:
-    """The ops the generated gate code calls inside a kernel, on (BLOCK_B, BLOCK_H) tiles:
-    the JAX backend's sigmoid and tanh, and ``sum`` over the rows still inside their
-    sequence (``keep``, (BLOCK_B, 1) booleans, or None for all)."""
+def _real_units(shape, hidden):
+    """(BLOCK_B, BLOCK_H) booleans: True in the first ``hidden`` lanes (the real units),
+    False in the padding."""
+    return jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1) < hidden
 
-    def __init__(self, keep=None):
+
+class _TileOps:
+    """The ops the generated gate code calls inside a kernel, on (BLOCK_B, BLOCK_H) tiles of
+    a direction with ``hidden`` = H real units: the JAX backend's sigmoid, tanh and rsqrt;
+    ``row_mean``, the mean over a row's H real units, (BLOCK_B, 1), the padded lanes
+    selected away (``where``: whatever they hold, nan included, adds nothing); and ``sum``
+    over the rows still inside their sequence (``keep``, (BLOCK_B, 1) booleans, or None
+    for all)."""
+
+    def __init__(self, hidden, keep=None):
+        self.hidden = hidden
         self.keep = keep
 
     sigmoid = staticmethod(jax_backend.OPS.sigmoid)
     tanh = staticmethod(jnp.tanh)
+    rsqrt = staticmethod(jax.lax.rsqrt)
     zeros_like = staticmethod(jnp.zeros_like)
+
+    def row_mean(self, x):
+        if x.shape[-1] == 1:  # a per-row value (B, 1): its row's mean is itself
+            return x
+        if x.shape[-1] > self.hidden:
+            x = jnp.where(_real_units(x.shape, self.hidden), x, jnp.zeros_like(x))
+        return jnp.sum(x, axis=-1, keepdims=True) / self.hidden
 
     def sum(self, x, axis):
         if self.keep is not None:
@@ -131,10 +174,17 @@ def _index32(n):
 # the kernels --------------------------------------------------------------------------
 
 
-def _forward_kernel(variant, steps, compute, recurrent_c, has_valid, n_rows, stored_at):
-    """The forward kernel's body; refs in ``PallasKernels.sequence_forward``'s order."""
+def _forward_kernel(variant, steps, hidden, compute, has_valid, n_rows, stored_at):
+    """The forward kernel's body; refs in ``PallasKernels.sequence_forward``'s order.
+
+    A step: the four recurrent products r U_k, then the gate math on z_k = zx_k + r U_k
+    (fused halves) or on (zx_k, r U_k) apart (split halves: zx_k = x_t W_k without b, which
+    is among the parameter rows). Where H is padded, r's padded lanes are zeroed before
+    the products: whatever the gate math leaves there (a constant, a row value, rsqrt of
+    a zero) never reaches a real unit."""
     forward, _ = variant.array_code
-    ops = _TileOps()
+    ops = _TileOps(hidden)
+    recurrent_c = variant.recurrent_state == "c"
 
     def kernel(*refs):
         zx_refs, U_refs = refs[0:4], refs[4:8]
@@ -149,13 +199,18 @@ def _forward_kernel(variant, steps, compute, recurrent_c, has_valid, n_rows, sto
         h = h0_ref[...].astype(compute)
         c = c0_ref[...].astype(compute)
         tile = h.shape
+        real = _real_units(tile, hidden) if tile[1] > hidden else None
         hs_ref[0] = h.astype(hs_ref.dtype)
         cs_ref[0] = c.astype(cs_ref.dtype)
 
         def step(t, carry):
             h, c = carry
             r = c if recurrent_c else h
-            z = [zx_refs[g][t].astype(compute) + _dot(r, U[g]) for g in range(4)]
+            if real is not None:
+                r = jnp.where(real, r, jnp.zeros_like(r))
+            zx = [zx_refs[g][t].astype(compute) for g in range(4)]
+            zr = [_dot(r, U[g]) for g in range(4)]
+            z = [*zx, *zr] if variant.split else [a + b for a, b in zip(zx, zr, strict=True)]
             h_new, c_new, saved = forward(ops, *z, c, *rows)
             h_new = jnp.broadcast_to(h_new, tile)
             c_new = jnp.broadcast_to(c_new, tile)
@@ -179,14 +234,22 @@ def _forward_kernel(variant, steps, compute, recurrent_c, has_valid, n_rows, sto
     return kernel
 
 
-def _backward_kernel(variant, steps, compute, recurrent_c, has_valid, n_rows, saved_from):
+def _backward_kernel(variant, steps, hidden, compute, has_valid, n_rows, saved_from):
     """The backward kernel's body; refs in ``PallasKernels.sequence_backward``'s order.
 
     ``saved_from[j]`` says where the backward's j-th saved value comes from: ("c", 0)
     c_{t-1} (cs[t]), ("c", 1) c_t (cs[t + 1]), ("stored", i) the i-th stored array.
+    The gate backward gives the preactivations' gradients, four (fused halves: dz_k) or
+    eight (split halves: dzx_k then dzr_k), each zero past the length; dr = sum_k dz_k
+    U_k^T (split: dzr_k). The padded lanes need no guard here, unlike the forward's: the
+    tape comes in padded with zeros (``sequence_backward``), and the derived backward's
+    own operations are sums and products of it, dh, dc and the (zero-padded) parameter
+    rows, finite there; the row means skip those lanes.
     """
     _, backward = variant.array_code
     n_stored = sum(kind == "stored" for kind, _ in saved_from)
+    n_z = len(variant.programs.z_inputs)
+    recurrent_c = variant.recurrent_state == "c"
 
     def kernel(*refs):
         dys_ref, dhT_ref, dcT_ref, cs_ref = refs[0:4]
@@ -199,8 +262,8 @@ def _backward_kernel(variant, steps, compute, recurrent_c, has_valid, n_rows, sa
         k += n_rows
         valid_ref = refs[k] if has_valid else None
         k += has_valid
-        dz_refs = refs[k : k + 4]
-        dh0_ref, dc0_ref, *sum_refs = refs[k + 4 :]
+        dz_refs = refs[k : k + n_z]
+        dh0_ref, dc0_ref, *sum_refs = refs[k + n_z :]
         UT = [ref[...].astype(compute) for ref in UT_refs]
         rows = [ref[...].astype(compute) for ref in row_refs]
         dh = dhT_ref[...].astype(compute)
@@ -225,16 +288,18 @@ def _backward_kernel(variant, steps, compute, recurrent_c, has_valid, n_rows, sa
                 ref = cs_ref if kind == "c" else stored_refs[at]
                 index = t + at if kind == "c" else t
                 saved.append(ref[index].astype(compute))
-            out = backward(_TileOps(v), v_dh, v_dc, *rows, *saved)
+            out = backward(_TileOps(hidden, v), v_dh, v_dc, *rows, *saved)
             dz = []
-            for g in range(4):
+            for g in range(n_z):
                 dz_g = jnp.broadcast_to(out[g], tile)
                 if has_valid:
                     dz_g = jnp.where(v, dz_g, jnp.zeros_like(dz_g))
                 dz_refs[g][t] = dz_g.astype(dz_refs[g].dtype)
                 dz.append(dz_g)
-            dc_prev = jnp.broadcast_to(out[4], tile)
-            dr = _dot(dz[0], UT[0]) + _dot(dz[1], UT[1]) + _dot(dz[2], UT[2]) + _dot(dz[3], UT[3])
+            dc_prev = jnp.broadcast_to(out[n_z], tile)
+            dzr = dz[n_z - 4 :]
+            dr = _dot(dzr[0], UT[0]) + _dot(dzr[1], UT[1]) + _dot(dzr[2], UT[2])
+            dr = dr + _dot(dzr[3], UT[3])
             if recurrent_c:
                 dh_new, dc_new = jnp.zeros_like(dh), dc_prev + dr
             else:
@@ -244,7 +309,7 @@ def _backward_kernel(variant, steps, compute, recurrent_c, has_valid, n_rows, sa
                 dc = jnp.where(v, dc_new, dc)
             else:
                 dh, dc = dh_new, dc_new
-            terms = zip(sums, out[5:], strict=True)
+            terms = zip(sums, out[n_z + 1 :], strict=True)
             sums = tuple(s + jnp.broadcast_to(term, s.shape) for s, term in terms)
             return dh, dc, sums
 
@@ -362,9 +427,9 @@ class PallasKernels:
         return _pad_to(valid.reshape(steps, batch, 1).astype(jnp.int32), (steps, padded, 1))
 
     def sequence_forward(self, variant, zx, U, h0, c0, extra, valid):
-        """One direction forward: zx (T, B, 4H) = x W + b, U (H, 4H) (unused gate blocks
-        zeroed), h0, c0 (B, H), extra the variant's own parameters, valid (T, B, 1)
-        booleans or None.
+        """One direction forward: zx (T, B, 4H) = x W + b (split halves: x W), U (H, 4H)
+        (unused gate blocks zeroed), h0, c0 (B, H), extra the gate math's parameters (the
+        variant's own; split halves: b too), valid (T, B, 1) booleans or None.
 
         Returns (ys (T, B, H) in zx's dtype, hs (T + 1, B, H) in zx's dtype and cs
         (T + 1, B, H) float32 from h0, c0 on, the stored values (T, B, H) each,
@@ -405,9 +470,8 @@ class PallasKernels:
         out_specs = [_sequence_spec(steps, block_h)] + [_sequence_spec(steps + 1, block_h)] * 2
         out_specs += [_sequence_spec(steps, block_h)] * len(stored_nodes)
         kernel = _forward_kernel(
-            variant, steps, compute, variant.recurrent_state == "c", valid_in is not None,
-            len(rows), stored_at,
-        )  # fmt: skip
+            variant, steps, hidden, compute, valid_in is not None, len(rows), stored_at
+        )
         ys, hs, cs, *stored = pl.pallas_call(
             kernel,
             out_shape=out_shape,
@@ -426,7 +490,8 @@ class PallasKernels:
         (T, B, H), dh, dc (B, H) the gradients of the outputs and of h_T, c_T.
 
         Returns (dzs (T, B, 4H), dh0, dc0 (B, H), the parameter gradients {name: (rows,
-        H)}), float32; dW, dU, db and dx follow from dzs (``bptt.direction_grads``).
+        H)}), float32; dW, dU, db and dx follow from dzs (``bptt.direction_grads``). Split
+        halves: dzs (T, B, 8H) [dzx, dzr], and the gradients hold b's (4H,).
         """
         compute = self._compute_dtype("dys", dys)
         programs = variant.programs
@@ -463,15 +528,15 @@ class PallasKernels:
         in_specs += [_whole_spec((1, block_h))] * len(rows)
         if valid_in is not None:
             in_specs.append(pl.BlockSpec((steps, BLOCK_B, 1), lambda b: (0, b, 0)))
-        out_shape = [jax.ShapeDtypeStruct(sequence, compute)] * 4
+        n_z = len(programs.z_inputs)
+        out_shape = [jax.ShapeDtypeStruct(sequence, compute)] * n_z
         out_shape += [jax.ShapeDtypeStruct(tile, compute)] * 2
         out_shape += [jax.ShapeDtypeStruct((programs_n, block_h), compute)] * len(rows)
-        out_specs = [_sequence_spec(steps, block_h)] * 4 + [_tile_spec(block_h)] * 2
+        out_specs = [_sequence_spec(steps, block_h)] * n_z + [_tile_spec(block_h)] * 2
         out_specs += [pl.BlockSpec((1, block_h), lambda b: (b, 0))] * len(rows)
         kernel = _backward_kernel(
-            variant, steps, compute, variant.recurrent_state == "c", valid_in is not None,
-            len(rows), saved_from,
-        )  # fmt: skip
+            variant, steps, hidden, compute, valid_in is not None, len(rows), saved_from
+        )
         out = pl.pallas_call(
             kernel,
             out_shape=out_shape,
@@ -482,12 +547,13 @@ class PallasKernels:
             compiler_params=_triton_params(),
             name=f"lstm_multi_{variant.name}_sequence_backward",
         )(*inputs)
-        dzs = jnp.concatenate([d[:, :batch, :hidden] for d in out[:4]], axis=-1)
-        dh0, dc0 = out[4][:batch, :hidden], out[5][:batch, :hidden]
-        sums = [total.sum(0)[:hidden] for total in out[6:]]
+        dzs = jnp.concatenate([d[:, :batch, :hidden] for d in out[:n_z]], axis=-1)
+        dh0, dc0 = out[n_z][:batch, :hidden], out[n_z + 1][:batch, :hidden]
+        sums = [total.sum(0)[:hidden] for total in out[n_z + 2 :]]
         grads, k = {}, 0
-        for name, names in variant.params.items():
-            grads[name] = jnp.stack(sums[k : k + len(names)], 0)
+        for name, names in variant.gate_params.items():  # split halves: the bias b first
+            join = jnp.concatenate if name == "b" and variant.split else jnp.stack
+            grads[name] = join(sums[k : k + len(names)], 0)
             k += len(names)
         return dzs, dh0, dc0, grads
 
@@ -500,12 +566,14 @@ KERNELS = PallasKernels()
 
 
 def _weights(variant, p):
-    return recurrent_weight(jax_backend.OPS, variant, p["U"]), network.extra_params(p)
+    """U with the unused gate blocks zeroed, and the gate math's parameters (the variant's
+    own; for split halves b too)."""
+    return recurrent_weight(jax_backend.OPS, variant, p["U"]), step_params(variant, p)
 
 
 def _forward(variant, kernels, p, xs, h0, c0, valid):
     U, extra = _weights(variant, p)
-    zx = jax_backend.OPS.project(xs, p["W"], p["b"])
+    zx = input_projection(jax_backend.OPS, variant, xs, p)  # split halves: x W alone
     return kernels.sequence_forward(variant, zx, U, h0, c0, extra, valid)
 
 
@@ -547,7 +615,6 @@ def pallas_direction(ops, variant, p, xs, h0, c0, valid, plan, kernels=KERNELS):
     (reverse mode) through a custom VJP that runs the persistent backward. Where the
     kernels do not fit (``kernels.fits``), ``jax_backend.scan_direction`` runs the
     direction, compiled as ``plan`` (a ``jax_backend.ScanPlan``) says."""
-    derive.check_kernel_programs(variant.programs, "Pallas kernel emitter")
     if not kernels.fits(variant, p, xs) or str(h0.dtype) != str(xs.dtype):
         return jax_backend.scan_direction(ops, variant, p, xs, h0, c0, valid, plan)
     ys, h, c = _direction(variant, kernels, p, xs, h0, c0, valid)

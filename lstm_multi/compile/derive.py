@@ -121,8 +121,9 @@ class GatePrograms:
         """Why a kernel emitter cannot write these programs, or None where it can: a row
         reduction or an array-only operation (unless ``reductions``: the emitter writes
         ``mean`` and ``rsqrt``), or split halves (unless ``split``). The C++ and ONNX
-        emitters write both; the CUDA C, Triton and Pallas emitters map one thread or lane
-        to one unit and write neither."""
+        emitters write both, and the Pallas kernels (whole rows a program: never asked);
+        the CUDA C and Triton emitters map one thread or lane to one unit and write
+        neither."""
         roots = [*self.forward_outputs.values(), *self.backward_outputs.values()]
         reasons = []
         if not reductions:
