@@ -34,9 +34,10 @@ from test_agreement import (
 import lstm_multi
 from lstm_multi import Variant, engine, sigmoid, spec, tanh
 from lstm_multi.backends import cupy_kernels, kernel_direction
-from lstm_multi.compile import derive, emit_array, emit_cpu, evaluate, trace
+from lstm_multi.compile import derive, emit_array, emit_cpu, emit_cuda, evaluate, trace
 from lstm_multi.compile.trace import mean, rsqrt
 from lstm_multi.kernels import build
+from lstm_multi.kernels.host_kernels import HostKernels
 from lstm_multi.ops import ArrayModuleOps
 
 NP_OPS = ArrayModuleOps(np)
@@ -153,14 +154,15 @@ def test_row_mean_is_written_once_a_row():
 
 def test_user_reduction_variant_passes_check_variant():
     """Traced, derived and checked: finite differences of one step and of a network, the
-    array loop, the C++ kernels (which write reductions) and torch against NumPy; the
-    CUDA C and Triton kernels say they do not write it."""
+    array loop, the C++ kernels and the CUDA C row kernels on the host (which write
+    reductions) and torch against NumPy; the Triton kernels say they do not write it."""
     report = lstm_multi.testing.check_variant(RMS, backends=["numpy", "torch"])
     status = {r.name: r for r in report.results}
     assert status["gates"].status == status["network"].status == "passed"
     assert status["array"].status == status["torch"].status == "passed"
-    assert status["cpu"].status == ("passed" if build.host_compiler() else "skipped")
-    for name in ("kernels", "triton"):
+    for name in ("cpu", "kernels"):
+        assert status[name].status == ("passed" if build.host_compiler() else "skipped")
+    for name in ("triton",):
         assert status[name].status == "skipped" and "row reductions (mean)" in status[name].note
 
 
@@ -197,6 +199,103 @@ def test_a_wrong_row_mean_in_the_cpu_kernels_fails_check_variant(monkeypatch):
     monkeypatch.setattr(emit_cpu, "_mean_of", lambda accumulator: f"{accumulator} / S(H - 1)")
     report = lstm_multi.testing.check_variant(RMS, backends=["numpy"], raise_on_failure=False)
     assert [r.name for r in report.failed] == ["cpu"]
+
+
+# the CUDA C row kernels, compiled on the host ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def host_rows():
+    """``host_rows(variant, c_type)``: the variant's CUDA C kernels compiled for the host
+    (``HostKernels``, T = S = c_type), once a module (each compile takes a second)."""
+    if build.host_compiler() is None:
+        pytest.skip("no host C++ compiler")
+    built = {}
+
+    def make(variant, c_type="double"):
+        if (variant.name, c_type) not in built:
+            built[variant.name, c_type] = HostKernels(variant, c_type, c_type)
+        return built[variant.name, c_type]
+
+    return make
+
+
+def _host_step(kernels, variant, threads, seed=5):
+    """(kernel, program) pairs of one step, forward then backward from the kernel's own
+    saved values, the row kernels run with ``threads`` threads a block; the program is
+    evaluated in float64 on the inputs rounded to the kernels' type."""
+    kernels.threads = threads
+    z, c_prev, dh, dc, extra = _step_inputs(variant, np.random.default_rng(seed))
+    rounded = [np.asarray(a, kernels.T).astype(np.float64) for a in (z, c_prev, dh, dc)]
+    z, c_prev, dh, dc = rounded
+    extra = {k: np.asarray(v, kernels.T).astype(np.float64) for k, v in extra.items()}
+    program = ProgramKernels()
+    h, c, saved = program.forward(variant, z, c_prev, extra)
+    k_h, k_c, k_saved = kernels.forward(z, c_prev, extra)
+    dz, dc_prev, terms = program.backward(
+        variant, dh, dc, tuple(a.astype(np.float64) for a in k_saved), extra
+    )
+    k_dz, k_dc_prev, k_terms = kernels.backward(dh, dc, k_saved, extra)
+    pairs = [("h", k_h, h), ("c", k_c, c), ("dz", k_dz, dz), ("dc_prev", k_dc_prev, dc_prev)]
+    pairs += [(f"saved {i}", k, a) for i, (k, a) in enumerate(zip(k_saved, saved, strict=True))]
+    return pairs + [(f"d{name}", k_terms[name], terms[name]) for name in terms]
+
+
+#: block sizes for H = 5: threads striding over three and two units, and the GPU's choice
+#: (``emit_cuda.row_threads``: 32, most of them idle)
+ROW_THREADS = (2, 4, None)
+
+
+@pytest.mark.parametrize("variant", [RMS, *(spec.VARIANTS[n] for n in LAYER_NORMS)], ids=str)
+def test_cuda_row_kernels_on_the_host_equal_the_program(host_rows, variant):
+    """The CUDA C row kernels (one block a batch row; each pass's threads one after
+    another, the host's reading of the barriers) against the program's evaluation in
+    float64: h, c, the saved values, dz (dzx and dzr for split halves), dc_prev and every
+    parameter's per-element terms (b's among them), at several block sizes."""
+    kernels = host_rows(variant)
+    assert kernels.rows
+    for threads in ROW_THREADS:
+        for what, got, want in _host_step(kernels, variant, threads):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13,
+                                       err_msg=f"{what}, {threads} threads")  # fmt: skip
+
+
+def test_cuda_row_kernels_in_float_on_the_host(host_rows):
+    """The same in float (T = S = float; float16 runs only under NVRTC)."""
+    variant = spec.VARIANTS["layernorm"]
+    kernels = host_rows(variant, "float")
+    for threads in ROW_THREADS:
+        for what, got, want in _host_step(kernels, variant, threads):
+            assert got.dtype == np.float32, what
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{what}, {threads} threads")  # fmt: skip
+
+
+def _mismatch(kernels, variant, threads):
+    """The outputs where the host kernels differ from the program (names)."""
+    pairs = _host_step(kernels, variant, threads)
+    return [what for what, got, want in pairs if not np.allclose(got, want, 1e-9, 1e-9)]
+
+
+@needs_compiler
+def test_a_wrong_row_mean_in_the_cuda_kernels_fails(monkeypatch):
+    """The host tests' power over the CUDA C: a row mean dividing by H - 1 fails them."""
+    monkeypatch.setattr(emit_cuda, "_mean_of", lambda total: f"({total}) / S(H - 1)")
+    kernels = HostKernels(RMS)
+    assert {"h", "dz"} <= set(_mismatch(kernels, RMS, 4))
+
+
+@needs_compiler
+def test_a_tree_missing_a_level_fails_the_cuda_row_kernels(monkeypatch, thorough):
+    """A block sum whose tree starts a level low (half the partial sums lost) passes with
+    2 threads a block, where there is no level to lose, and fails with 4: why the host
+    tests run several block sizes."""
+    if not thorough:
+        pytest.skip("runs under --thorough only: the mean's power test runs by default")
+    monkeypatch.setattr(emit_cuda, "_TREE", emit_cuda._TREE.replace("lm_nt / 2", "lm_nt / 4"))
+    kernels = HostKernels(RMS)
+    assert _mismatch(kernels, RMS, 2) == []
+    assert {"h", "dz"} <= set(_mismatch(kernels, RMS, 4))
 
 
 #: reductions at the edges: an output that is a row value (broadcast back to (B, H) by
@@ -376,7 +475,6 @@ def _case(backend, device, dtype="float32", variant="layernorm", **kw):
         ("graphed_triton", "cuda", "the CUDA-graph engines"),
         ("graphed_triton_persistent", "cuda", "the CUDA-graph engines"),
         ("pallas_persistent", "gpu", "the Pallas kernels"),
-        ("cupy_graphed", "cuda", "the CUDA-graph engines"),
     ],
 )
 def test_kernel_engines_refuse_row_reductions_by_name(name, device, kernels):
@@ -393,6 +491,16 @@ def test_cpu_kernels_take_reductions_and_split_halves():
     for case in (_case("numpy", "cpu"), engine.Case("torch", "cpu", "float64", RMS, 16)):
         why = cpu.refusal(case)
         assert why is None or "compiler" in why, why
+
+
+def test_cupy_engines_take_reductions_and_split_halves():
+    """The CUDA C emitter writes row reductions and split halves: both CuPy engines run
+    "layernorm" and a user's reduction, fused (row kernels), in every dtype they take."""
+    for name in ("cupy_kernels", "cupy_graphed"):
+        for dtype in ("float16", "float32", "float64"):
+            for variant in (spec.VARIANTS["layernorm"], RMS):
+                case = engine.Case("cupy", "cuda", dtype, variant, 16)
+                assert engine.get_engine(name).refusal(case) is None, (name, dtype, variant)
 
 
 def test_native_refuses_and_auto_picks_the_array_code():
@@ -419,27 +527,44 @@ def test_explain_says_why_the_array_engine_runs():
     assert "row reductions (mean)" in dict(choice.passed_over)["triton"]
 
 
-def test_fused_ops_run_the_array_code_for_a_reduction():
-    """The CuPy backend's ops (here over NumPy, kernels evaluated by NumPy): a variant the
-    CUDA C emitter does not write runs its array code, the same numbers."""
+def test_fused_ops_run_a_reduction_through_the_kernels():
+    """The CuPy backend's ops (here over NumPy, kernels evaluated by NumPy): a variant with
+    reductions and split halves goes through the kernels (z (B, 8H), b a gate parameter,
+    its gradient (4H,) again), with the array code's numbers."""
     variant = spec.VARIANTS["layernorm_peephole"]
-    fused = cupy_kernels.FusedOps(ProgramKernels())
+
+    class Counting(ProgramKernels):
+        calls = 0
+
+        def forward(self, *args):
+            Counting.calls += 1
+            return super().forward(*args)
+
+    fused = cupy_kernels.FusedOps(Counting())
     z, c_prev, dh, dc, extra = _step_inputs(variant, np.random.default_rng(2))
     h, c, cache = fused.gates_forward(variant, z, c_prev, extra)
+    assert Counting.calls == 1
     want_h, want_c, want_cache = variant.gates_forward(NP_OPS, z, c_prev, extra)
-    assert np.array_equal(h, want_h) and np.array_equal(c, want_c)
-    dz, _, dextra = fused.gates_backward(variant, dh, dc, cache, extra)
-    want_dz, _, want_extra = variant.gates_backward(NP_OPS, dh, dc, want_cache, extra)
-    assert np.array_equal(dz, want_dz) and np.array_equal(dextra["gamma_c"], want_extra["gamma_c"])
+    assert_close(h, want_h, "float64", "h")
+    assert_close(c, want_c, "float64", "c")
+    dz, dc_prev, dextra = fused.gates_backward(variant, dh, dc, cache, extra)
+    want_dz, want_dc, want_extra = variant.gates_backward(NP_OPS, dh, dc, want_cache, extra)
+    assert dz.shape == z.shape and dextra["b"].shape == extra["b"].shape
+    assert_close(dz, want_dz, "float64", "dz")
+    assert_close(dc_prev, want_dc, "float64", "dc_prev")
+    assert set(dextra) == set(want_extra)
+    for name in want_extra:
+        assert_close(dextra[name], want_extra[name], "float64", f"d{name}")
 
 
 def test_kernel_emitters_refuse_by_name():
-    from lstm_multi.compile import emit_cuda, emit_triton
+    from lstm_multi.compile import emit_triton
 
     programs = spec.VARIANTS["layernorm"].programs
     assert "LM_G 8" in emit_cpu.cpu_source(programs, "double")  # the C++ one writes it
+    assert "__syncthreads" in emit_cuda.ROW_PRELUDE  # and CUDA C, as row kernels
+    assert emit_cuda.forward_row_kernel(programs, "x").means == 6
     for make, target, what in [
-        (lambda: emit_cuda.forward_kernel(programs, "x"), "CUDA C kernel emitter", "row"),
         (lambda: emit_triton.module_source(programs), "Triton kernel emitter", "row"),
     ]:
         with pytest.raises(
