@@ -10,8 +10,11 @@
   outputs and every gradient (the gains and shifts included), with layers, both
   directions, lengths, a per-step mask, initial state and projection;
 * the suite's power: a layer norm with the unbiased variance, or with eps 1e-3, fails it;
-* the engine table: every kernel engine refuses such a variant naming what it lacks,
-  "auto" picks the array engine (scan on JAX) and says why;
+* CuPy's CUDA C row kernels compiled on the host (each pass's threads one after
+  another) against the programs, at several block sizes, and their power (a wrong mean,
+  a tree missing a level); the whole networks against the oracle are in test_gpu.py;
+* the engine table: every other GPU kernel engine refuses such a variant naming what it
+  lacks, the CuPy engines take it, "auto" picks the array engine (scan on JAX) and says why;
 * the parameters: names, shapes, gains 1 and shifts 0 under every scheme.
 """
 

@@ -120,9 +120,9 @@ class GatePrograms:
     def kernel_refusal(self, reductions=False, split=False) -> str | None:
         """Why a kernel emitter cannot write these programs, or None where it can: a row
         reduction or an array-only operation (unless ``reductions``: the emitter writes
-        ``mean`` and ``rsqrt``), or split halves (unless ``split``). The C++ and ONNX
-        emitters write both; the CUDA C, Triton and Pallas emitters map one thread or lane
-        to one unit and write neither."""
+        ``mean`` and ``rsqrt``), or split halves (unless ``split``). The C++, ONNX and
+        CUDA C (row kernels) emitters write both; the Triton and Pallas emitters map one
+        thread or lane to one unit and write neither."""
         roots = [*self.forward_outputs.values(), *self.backward_outputs.values()]
         reasons = []
         if not reductions:
