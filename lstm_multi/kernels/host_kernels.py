@@ -65,9 +65,8 @@ class HostKernels:
         return [np.ascontiguousarray(extra[name], dtype=self.T) for name in names]
 
     def _launch(self, kernel, batch, hidden):
-        """The leading arguments of a call: the elements (element kernels), or the block's
-        threads and the shared bytes (row kernels) followed, after the kernel's own
-        arguments, by nothing: H and the rows are among them."""
+        """The arguments a call starts with: the number of elements (element kernels), or
+        the block's threads and the launch's shared bytes (row kernels)."""
         if not self.rows:
             return [ctypes.c_ssize_t(batch * hidden)]
         size = np.dtype(self.S).itemsize
@@ -76,6 +75,7 @@ class HostKernels:
         return [ctypes.c_int(threads), ctypes.c_longlong(shared)]
 
     def _sizes(self, batch, hidden):
+        """The sizes among a kernel's own arguments: H, and the rows (row kernels)."""
         sizes = [ctypes.c_longlong(hidden)]
         return sizes + ([ctypes.c_longlong(batch)] if self.rows else [])
 
