@@ -286,6 +286,22 @@ def test_cuda_row_kernels_in_float_on_the_host(host_rows):
                                        err_msg=f"{what}, {threads} threads")  # fmt: skip
 
 
+def test_row_threads_take_a_unit_a_thread_within_the_limits():
+    """A block of the power of two at or above H (a warp at least, 1024 at most, fewer where
+    registers or 48 KiB of shared memory bound it): past those a thread strides."""
+    programs = spec.VARIANTS["layernorm"].programs
+    kernels = (emit_cuda.forward_row_kernel(programs, "x"),
+               emit_cuda.backward_row_kernel(programs, "x"))  # fmt: skip
+    assert [emit_cuda.row_threads(h, kernels, 4) for h in (1, 5, 33, 128, 1024, 5000)] == [
+        32, 32, 64, 128, 1024, 1024]  # fmt: skip
+    assert emit_cuda.row_threads(1000, kernels, 8, max_threads=256) == 256
+    wide = kernels[0]._replace(sums=40)  # 40 sums of 8 bytes: 48 KiB holds 128 threads' worth
+    assert emit_cuda.row_threads(1000, [wide], 8) == 128
+    assert emit_cuda.shared_bytes(wide, 128, 8) <= emit_cuda.SHARED_LIMIT
+    with pytest.raises(ValueError, match="too many row means"):
+        emit_cuda.row_threads(10, [wide._replace(means=7000)], 8)
+
+
 def _mismatch(kernels, variant, threads):
     """The outputs where the host kernels differ from the program (names)."""
     pairs = _host_step(kernels, variant, threads)

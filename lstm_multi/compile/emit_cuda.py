@@ -299,6 +299,8 @@ def row_threads(hidden: int, kernels, itemsize: int, max_threads: int = 1024) ->
     two: 1024, or fewer where the compiled kernel's registers allow fewer), and fewer where
     the shared memory of any of ``kernels`` would pass 48 KiB; past that each thread strides
     over several units. Raises ValueError where even 2 threads need too much."""
+    if max_threads < 2:  # the tree adds the last two partial sums
+        raise ValueError(f"max_threads: expected at least 2, got {max_threads}")
     threads = 32
     while threads < hidden and threads < max_threads:
         threads *= 2
