@@ -24,7 +24,7 @@ unless said otherwise:
    with a float32 tolerance;
 6. ``kernels``: the CUDA C of the fused kernels (CuPy's), compiled on the host
    by a C++ compiler, against the array code (row kernels with 4 threads a block,
-   run one after another within each pass);
+   run one after another within each pass, in order and in reverse order);
 7. ``triton``: the Triton kernels (where torch and triton are installed), run
    by Triton's interpreter in float32, against the program's evaluation.
 
@@ -389,15 +389,19 @@ def _check_kernels(variant, rng, report):
     extra = _gate_extra(variant, rng, hidden)
     dh, dc = rng.normal(size=(batch, hidden)), rng.normal(size=(batch, hidden))
     h, c, cache = variant.gates_forward(_NP, z, c_prev, extra)
-    kh, kc, k_cache = kernels.forward(z, c_prev, extra)
     dz, dc_prev, dextra = variant.gates_backward(_NP, dh, dc, cache, extra)
-    k_dz, k_dc_prev, terms = kernels.backward(dh, dc, k_cache, extra)
-    # a saved row mean is (B, 1) in the array code and stored at every unit by the kernels
-    pairs = [(kh, h), (kc, c), (k_dz, dz), (k_dc_prev, dc_prev)]
-    pairs += [(k, np.broadcast_to(a, np.shape(k))) for k, a in zip(k_cache, cache, strict=True)]
-    pairs += [(np.reshape(terms[k].sum(0), np.shape(dextra[k])), dextra[k]) for k in dextra]
+    pairs = []
+    # row kernels: each pass's threads in order, then last to first (a race shows)
+    for reverse in (False, True) if kernels.rows else (False,):
+        kernels.reverse = reverse
+        kh, kc, k_cache = kernels.forward(z, c_prev, extra)
+        k_dz, k_dc_prev, terms = kernels.backward(dh, dc, k_cache, extra)
+        # a saved row mean is (B, 1) in the array code and stored at every unit by the kernels
+        pairs += [(kh, h), (kc, c), (k_dz, dz), (k_dc_prev, dc_prev)]
+        pairs += [(k, np.broadcast_to(a, np.shape(k))) for k, a in zip(k_cache, cache, strict=True)]
+        pairs += [(np.reshape(terms[k].sum(0), np.shape(dextra[k])), dextra[k]) for k in dextra]
     worst = max(_relative(a, b) for a, b in pairs)
-    threads = " (row kernels: 4 threads a block, one after another)" if kernels.rows else ""
+    threads = " (row kernels: 4 threads a block, in order and reversed)" if kernels.rows else ""
     _record(report, "kernels", worst, 1e-12, f"(CUDA C on the host vs array code{threads})")
 
 

@@ -394,7 +394,7 @@ class HostRawKernel:
 
     def __call__(self, grid, block, args, shared_mem=0):
         assert len(args) == len(self.params), f"{self.name}: {len(args)} arguments"
-        call, rows = [ctypes.c_int(block[0]), ctypes.c_longlong(shared_mem)], None
+        call, rows = [ctypes.c_int(block[0]), ctypes.c_longlong(shared_mem), ctypes.c_int(0)], None
         for (type_, name), arg in zip(self.params, args, strict=True):
             if type_ == "long long":
                 assert isinstance(arg, np.int64), f"{name}: expected numpy.int64, got {type(arg)}"

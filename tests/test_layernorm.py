@@ -234,11 +234,12 @@ def host_rows():
     return make
 
 
-def _host_step(kernels, variant, threads, seed=5):
+def _host_step(kernels, variant, threads, seed=5, reverse=False):
     """(kernel, program) pairs of one step, forward then backward from the kernel's own
-    saved values, the row kernels run with ``threads`` threads a block; the program is
-    evaluated in float64 on the inputs rounded to the kernels' type."""
-    kernels.threads = threads
+    saved values, the row kernels run with ``threads`` threads a block (each pass's last
+    to first with ``reverse``); the program is evaluated in float64 on the inputs rounded
+    to the kernels' type."""
+    kernels.threads, kernels.reverse = threads, reverse
     z, c_prev, dh, dc, extra = _step_inputs(variant, np.random.default_rng(seed))
     rounded = [np.asarray(a, kernels.T).astype(np.float64) for a in (z, c_prev, dh, dc)]
     z, c_prev, dh, dc = rounded
@@ -270,9 +271,16 @@ def test_cuda_row_kernels_on_the_host_equal_the_program(host_rows, variant):
     kernels = host_rows(variant)
     assert kernels.rows == (variant is not SPLIT)
     for threads in ROW_THREADS:
-        for what, got, want in _host_step(kernels, variant, threads):
+        pairs = _host_step(kernels, variant, threads)
+        for what, got, want in pairs:
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13,
                                        err_msg=f"{what}, {threads} threads")  # fmt: skip
+        # each pass's threads last to first: the same bits (no thread reads what another
+        # writes in the same pass)
+        for (what, got, _), (_, again, _) in zip(
+            pairs, _host_step(kernels, variant, threads, reverse=True), strict=True
+        ):
+            np.testing.assert_array_equal(again, got, err_msg=f"{what} reversed, {threads}")
 
 
 def test_cuda_row_kernels_in_float_on_the_host(host_rows):
@@ -302,9 +310,9 @@ def test_row_threads_take_a_unit_a_thread_within_the_limits():
         emit_cuda.row_threads(10, [wide._replace(means=7000)], 8)
 
 
-def _mismatch(kernels, variant, threads):
+def _mismatch(kernels, variant, threads, reverse=False):
     """The outputs where the host kernels differ from the program (names)."""
-    pairs = _host_step(kernels, variant, threads)
+    pairs = _host_step(kernels, variant, threads, reverse=reverse)
     return [what for what, got, want in pairs if not np.allclose(got, want, 1e-9, 1e-9)]
 
 
@@ -327,6 +335,19 @@ def test_a_tree_missing_a_level_fails_the_cuda_row_kernels(monkeypatch, thorough
     kernels = HostKernels(RMS)
     assert _mismatch(kernels, RMS, 2) == []
     assert {"h", "dz"} <= set(_mismatch(kernels, RMS, 4))
+
+
+@needs_compiler
+def test_a_race_in_the_tree_fails_the_reversed_host_run(monkeypatch, thorough):
+    """A tree level where threads lm_s .. 2 lm_s - 2 add too (a race: thread t - lm_s reads
+    the partial thread t writes in the same pass) is right when the host runs a pass's
+    threads in order, and fails run last to first: why the tests run both orders."""
+    if not thorough:
+        pytest.skip("runs under --thorough only: the mean's power test runs by default")
+    monkeypatch.setattr(emit_cuda, "_TREE_ADDERS", "lm_t < 2 * lm_s - 1")
+    kernels = HostKernels(RMS)
+    assert _mismatch(kernels, RMS, 8) == []
+    assert {"h", "dz"} <= set(_mismatch(kernels, RMS, 8, reverse=True))
 
 
 #: reductions at the edges: an output that is a row value (broadcast back to (B, H) by

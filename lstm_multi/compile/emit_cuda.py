@@ -40,10 +40,13 @@ NVRTC, for CuPy) and as host C++ (for a host compiler): its few macros (``ROW_PR
 make each pass between two barriers a loop over the block's threads, and the kernel a
 loop over the rows. Threads run one after another within a pass and every pass ends
 before the next begins, which is what ``__syncthreads()`` guarantees on the GPU; so the
-tests run this exact text without a GPU. What the host run cannot show: a race within a
-pass (two threads of one pass writing, or one writing what another reads: the host's
-order hides it; the emitter writes each partial sum's slot from its own thread only and
-the mean's from thread 0 after the tree), and anything about speed.
+tests run this exact text without a GPU. A race within a pass (one thread reading what
+another writes in the same pass) is what a sequential run could hide: the host runs the
+threads in order or, on request, in reverse order, and the tests require the same bits
+both ways (a race shows as a difference in most cases, not in every one: two orders of
+many). The emitter writes each partial sum's slot from its own thread only, and the mean
+from thread 0 in a pass of its own after the tree. Nothing about speed, registers or
+occupancy shows on the host.
 """
 
 from __future__ import annotations
@@ -243,9 +246,10 @@ ROW_PRELUDE = """
   extern __shared__ __align__(16) unsigned char lm_smem[]; \\
   S* lm_part = reinterpret_cast<S*>(lm_smem);
 #else
-// host: the block's threads one after another within each pass; the shared memory
-// (as many bytes as the launch gives, lm_shared_bytes) is fresh and NaN for each row,
-// and a launch that gives too little writes nothing (the outputs keep what they held)
+// host: the block's threads one after another within each pass, in order or (lm_reverse)
+// in reverse order; the shared memory (as many bytes as the launch gives, lm_shared_bytes)
+// is fresh and NaN for each row, and a launch that gives too little writes nothing (the
+// outputs keep what they held)
 #include <cmath>
 #include <vector>
 using std::exp;
@@ -255,10 +259,12 @@ using std::tanh;
 #define __device__
 #define __forceinline__ inline
 #define LM_KERNEL extern "C" void
-#define LM_LAUNCH_ARGS int lm_nt, long long lm_shared_bytes,
+#define LM_LAUNCH_ARGS int lm_nt, long long lm_shared_bytes, int lm_reverse,
 #define LM_BLOCK_THREADS
 #define LM_ROWS for (long long lm_b = 0; lm_b < lm_rows; ++lm_b)
-#define LM_THREADS for (int lm_t = 0; lm_t < lm_nt; ++lm_t)
+#define LM_THREADS \\
+  for (int lm_i = 0, lm_t = 0; \\
+       lm_i < lm_nt && ((lm_t = lm_reverse ? lm_nt - 1 - lm_i : lm_i), 1); ++lm_i)
 #define LM_BARRIER
 #define LM_SHARED(count) \\
   if ((long long)((count) * sizeof(S)) > lm_shared_bytes) return; \\
@@ -371,7 +377,7 @@ def _row_body(programs: GatePrograms, roots, unit_loads, row_loads, final):
         # the block's sum of each partial: a tree over the threads, then thread 0's mean
         adds = [f"  lm_part[{i} * lm_nt + lm_t] += lm_part[{i} * lm_nt + lm_t + lm_s];"
                 for i in range(len(means))]  # fmt: skip
-        tree = _pass(["if (lm_t < lm_s) {", *adds, "}"])
+        tree = _pass([f"if ({_TREE_ADDERS}) {{", *adds, "}"])
         lines += [_TREE, *("  " + t for t in tree), "}"]
         stores = [
             f"  lm_mean[{slots[m]}] = {_mean_of(f'lm_part[{i} * lm_nt] + lm_part[{i} * lm_nt + 1]')};"
@@ -383,6 +389,8 @@ def _row_body(programs: GatePrograms, roots, unit_loads, row_loads, final):
 
 #: the tree's levels: lm_s threads add the partial lm_s above theirs, down to the last two
 _TREE = "for (int lm_s = lm_nt / 2; lm_s > 1; lm_s /= 2) {"
+#: the threads that add at a level (the others' partials are what they read)
+_TREE_ADDERS = "lm_t < lm_s"
 
 
 def _mean_of(total):
@@ -485,8 +493,9 @@ def row_source(kernels, t_type: str, s_type: str) -> str:
     """The translation unit of row ``kernels`` in types T = ``t_type``, S = ``s_type``
     (``ROW_TYPES``): the text CuPy's ``RawKernel`` compiles with NVRTC, and a host C++
     compiler compiles as loops (module doc). On the host each kernel is ``extern "C" void
-    {name}(int lm_nt, long long lm_shared_bytes, <params>)`` (the block's threads, the
-    launch's shared memory), run once for all rows."""
+    {name}(int lm_nt, long long lm_shared_bytes, int lm_reverse, <params>)`` (the block's
+    threads, the launch's shared memory, whether a pass runs its threads last to first),
+    run once for all rows."""
     for given in (t_type, s_type):
         if given not in ROW_TYPES:
             raise ValueError(f"types: expected one of {ROW_TYPES}, got {given!r}")

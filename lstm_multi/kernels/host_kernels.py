@@ -33,6 +33,8 @@ class HostKernels:
 
     ``threads``: the block size a row kernel is run with (a power of two, at least 2);
     None takes ``emit_cuda.row_threads``' choice for the rows' H, as the CuPy runner does.
+    ``reverse``: run each pass's threads last to first (a race within a pass changes the
+    result with the order: ``emit_cuda``'s module doc).
     """
 
     def __init__(self, variant, t_type="double", s_type="double", threads=None):
@@ -43,6 +45,7 @@ class HostKernels:
         self.variant = variant
         self.T, self.S = _C_TYPES[t_type], _C_TYPES[s_type]
         self.threads = threads
+        self.reverse = False
         programs = variant.programs
         self.rows = emit_cuda.row_layout(programs)
         if self.rows:
@@ -66,13 +69,14 @@ class HostKernels:
 
     def _launch(self, kernel, batch, hidden):
         """The arguments a call starts with: the number of elements (element kernels), or
-        the block's threads and the launch's shared bytes (row kernels)."""
+        the block's threads, the launch's shared bytes and the threads' order (row
+        kernels)."""
         if not self.rows:
             return [ctypes.c_ssize_t(batch * hidden)]
         size = np.dtype(self.S).itemsize
         threads = self.threads or emit_cuda.row_threads(hidden, self.kernels, size)
         shared = emit_cuda.shared_bytes(kernel, threads, size)
-        return [ctypes.c_int(threads), ctypes.c_longlong(shared)]
+        return [ctypes.c_int(threads), ctypes.c_longlong(shared), ctypes.c_int(self.reverse)]
 
     def _sizes(self, batch, hidden):
         """The sizes among a kernel's own arguments: H, and the rows (row kernels)."""
