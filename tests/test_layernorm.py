@@ -261,7 +261,22 @@ def _host_step(kernels, variant, threads, seed=5, reverse=False):
 ROW_THREADS = (2, 4, None)
 
 
-@pytest.mark.parametrize("variant", [RMS, SPLIT, *(spec.VARIANTS[n] for n in LAYER_NORMS)], ids=str)
+#: "layernorm" (a compile of its own) under --thorough: the default run takes the row
+#: kernels' path with "layernorm_peephole", and "layernorm" through whole networks (test_gpu)
+HOST_ROW_VARIANTS = [
+    RMS,
+    SPLIT,
+    pytest.param(
+        spec.VARIANTS["layernorm"],
+        marks=pytest.mark.thorough_only(
+            "the default run takes the row kernels' path with layernorm_peephole"
+        ),
+    ),
+    spec.VARIANTS["layernorm_peephole"],
+]
+
+
+@pytest.mark.parametrize("variant", HOST_ROW_VARIANTS, ids=str)
 def test_cuda_row_kernels_on_the_host_equal_the_program(host_rows, variant):
     """The CUDA C row kernels (one block a batch row; each pass's threads one after
     another, the host's reading of the barriers) against the program's evaluation in
