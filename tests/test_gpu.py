@@ -851,6 +851,42 @@ def test_cupy_fused_kernels_equal_spec_on_gpu(name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [33, 1500])  # a unit a thread; a thread striding past 1024
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", ["layernorm", "layernorm_peephole"])
+def test_cupy_row_kernels_equal_spec_on_gpu(name, dtype, hidden):
+    """The compiled row kernels (row reductions, split halves) against the spec's math run
+    by plain CuPy: forward, saved values, backward and every parameter's gradient."""
+    target = GpuTarget("cupy").setup()
+    cupy = target.cupy
+    from lstm_multi.backends.cupy_backend import OPS
+
+    variant = spec.VARIANTS[name]
+    plain = ArrayModuleOps(cupy)
+    rng = np.random.default_rng(12)
+    batch = 5
+    z = rng.normal(size=(batch, 8 * hidden)) * 2
+    c_prev, dh, dc = (rng.normal(size=(batch, hidden)) for _ in range(3))
+    extra = {k: rng.normal(size=s) for k, s in variant.extra_param_shapes(hidden).items()}
+    extra["b"] = rng.normal(size=4 * hidden)
+    z, c_prev, dh, dc = (cupy.asarray(a, dtype=dtype) for a in (z, c_prev, dh, dc))
+    extra = {k: cupy.asarray(v, dtype=dtype) for k, v in extra.items()}
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == "float64" else dict(rtol=1e-4, atol=1e-4)
+    h, c, cache = OPS.gates_forward(variant, z, c_prev, extra)
+    h_ref, c_ref, cache_ref = variant.gates_forward(plain, z, c_prev, extra)
+    for a, b in zip((h, c, *cache), (h_ref, c_ref, *cache_ref), strict=True):
+        cupy.testing.assert_allclose(a, cupy.broadcast_to(b, a.shape), **tol)
+    dz, dc_prev, dextra = OPS.gates_backward(variant, dh, dc, cache, extra)
+    dz_ref, dc_prev_ref, dextra_ref = variant.gates_backward(plain, dh, dc, cache_ref, extra)
+    cupy.testing.assert_allclose(dz, dz_ref, **tol)
+    cupy.testing.assert_allclose(dc_prev, dc_prev_ref, **tol)
+    assert set(dextra) == set(dextra_ref)
+    for k in dextra_ref:
+        assert dextra[k].shape == dextra_ref[k].shape, k
+        cupy.testing.assert_allclose(dextra[k], dextra_ref[k], **tol)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("variant", CORE_VARIANTS)
 @pytest.mark.parametrize("native", [True, False])
 def test_torch_module_on_cuda_matches_cpu(variant, native):
