@@ -391,8 +391,8 @@ _TABLE = (
         "one generated fused CUDA C kernel per step each way, cuBLAS for the products",
         "cuda",
         ("float16", "float32", "float64"),
-        "a variant with row reductions (layernorm) runs its gate math as CuPy array code, "
-        "not a fused kernel",
+        "none: a variant with row reductions (layernorm) runs row kernels, one thread block "
+        "a batch row",
         None,
         "the CuPy default",
         "the CuPy backend's only direct engine",
@@ -404,11 +404,11 @@ _TABLE = (
         "the cupy_kernels loop, forward and backward, replayed from CUDA graphs",
         "cuda",
         ("float16", "float32", "float64"),
-        "no row reductions (layernorm)",
+        "none",
         "cupy_kernels",
         "cuda_graphs=True",
         "not in auto: no gain measured on an H100 (benchmarks/results/gpu/)",
-        lambda case: _kernel_math(case, "the CUDA-graph engines"),
+        _never,
     ),
     Engine(
         "scan",

@@ -23,13 +23,14 @@ unless said otherwise:
    backend computes it here (JAX only in its 64-bit mode), else in float32
    with a float32 tolerance;
 6. ``kernels``: the CUDA C of the fused kernels (CuPy's), compiled on the host
-   by a C++ compiler, against the program's own evaluation;
+   by a C++ compiler, against the array code (row kernels with 4 threads a block,
+   run one after another within each pass, in order and in reverse order);
 7. ``triton``: the Triton kernels (where torch and triton are installed), run
    by Triton's interpreter in float32, against the program's evaluation.
 
 A variant whose gate math a kernel emitter does not write yet has that target
-reported skipped with the reason (``kernels`` and ``triton`` for row
-reductions, ``rsqrt`` and split halves, which the C++ kernels, ``cpu``, write):
+reported skipped with the reason (``triton`` for row reductions, ``rsqrt`` and
+split halves, which the C++ kernels, ``cpu``, and the CUDA C, ``kernels``, write):
 the engine table runs it elsewhere.
 
 Returns a ``VariantReport`` (printable) and raises ``AssertionError`` listing
@@ -376,24 +377,32 @@ def _check_cpu(variant, rng, report):
 
 
 def _check_kernels(variant, rng, report):
-    if _not_written(variant, report, "kernels", "the CUDA C kernels"):
+    if _not_written(variant, report, "kernels", "the CUDA C kernels", cpu=True):
         return
-    kernels = _build(report, "kernels", lambda: HostKernels(variant, "double", "double"))
+    make = lambda: HostKernels(variant, "double", "double", threads=4)  # noqa: E731
+    kernels = _build(report, "kernels", make)
     if kernels is None:
         return
     batch, hidden = 3, 5
-    z = rng.normal(size=(batch, 4 * hidden)) * 1.5
+    z = rng.normal(size=(batch, len(variant.programs.z_inputs) * hidden)) * 1.5
     c_prev = rng.normal(size=(batch, hidden))
-    extra = {k: rng.normal(size=s) for k, s in variant.extra_param_shapes(hidden).items()}
+    extra = _gate_extra(variant, rng, hidden)
     dh, dc = rng.normal(size=(batch, hidden)), rng.normal(size=(batch, hidden))
     h, c, cache = variant.gates_forward(_NP, z, c_prev, extra)
-    kh, kc, k_cache = kernels.forward(z, c_prev, extra)
     dz, dc_prev, dextra = variant.gates_backward(_NP, dh, dc, cache, extra)
-    k_dz, k_dc_prev, terms = kernels.backward(dh, dc, k_cache, extra)
-    pairs = [(kh, h), (kc, c), *zip(k_cache, cache, strict=True), (k_dz, dz), (k_dc_prev, dc_prev)]
-    pairs += [(terms[k].sum(0), dextra[k]) for k in dextra]
+    pairs = []
+    # row kernels: each pass's threads in order, then last to first (a race shows)
+    for reverse in (False, True) if kernels.rows else (False,):
+        kernels.reverse = reverse
+        kh, kc, k_cache = kernels.forward(z, c_prev, extra)
+        k_dz, k_dc_prev, terms = kernels.backward(dh, dc, k_cache, extra)
+        # a saved row mean is (B, 1) in the array code and stored at every unit by the kernels
+        pairs += [(kh, h), (kc, c), (k_dz, dz), (k_dc_prev, dc_prev)]
+        pairs += [(k, np.broadcast_to(a, np.shape(k))) for k, a in zip(k_cache, cache, strict=True)]
+        pairs += [(np.reshape(terms[k].sum(0), np.shape(dextra[k])), dextra[k]) for k in dextra]
     worst = max(_relative(a, b) for a, b in pairs)
-    _record(report, "kernels", worst, 1e-12, "(CUDA C on the host vs array code)")
+    threads = " (row kernels: 4 threads a block, in order and reversed)" if kernels.rows else ""
+    _record(report, "kernels", worst, 1e-12, f"(CUDA C on the host vs array code{threads})")
 
 
 # 6. the Triton kernels, in Triton's interpreter -----------------------------------------

@@ -12,22 +12,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from lstm_multi import spec
 from lstm_multi.backends.device_graphs import Capturer, flatten
 from lstm_multi.compile import evaluate
 
 
 def _blocks(z, hidden):
-    return [z[:, k * hidden : (k + 1) * hidden] for k in range(4)]
+    return [z[:, k * hidden : (k + 1) * hidden] for k in range(z.shape[-1] // hidden)]
 
 
 def _rows(variant, extra):
-    """Input name -> parameter row, for the variant's parameters."""
-    return {
-        f"{name}_{row}": extra[name][r]
-        for name, rows in variant.params.items()
-        for r, row in enumerate(rows)
-    }
+    """Input name -> parameter row, for the gate math's parameters (split halves: the
+    bias ``b`` (4H,) as its four rows)."""
+    found = {}
+    for name, rows in variant.programs.params.items():
+        value = np.reshape(extra[name], (len(rows), -1))
+        found.update((f"{name}_{row}", value[r]) for r, row in enumerate(rows))
+    return found
 
 
 class ProgramKernels:
@@ -38,13 +38,8 @@ class ProgramKernels:
     def forward(self, variant, z, c_prev, extra):
         programs = variant.programs
         state = c_prev.dtype
-        inputs = dict(
-            zip(
-                ("z_i", "z_f", "z_g", "z_o"),
-                (b.astype(state) for b in _blocks(z, c_prev.shape[-1])),
-                strict=True,
-            )
-        )
+        blocks = (b.astype(state) for b in _blocks(z, c_prev.shape[-1]))
+        inputs = dict(zip(programs.z_inputs, blocks, strict=True))
         inputs["c_prev"] = c_prev
         inputs.update((k, v.astype(state)) for k, v in _rows(variant, extra).items())
         h, c, saved = evaluate.evaluate_forward(programs, inputs)
@@ -56,10 +51,10 @@ class ProgramKernels:
         inputs = {"dh": dh.astype(state), "dc": dc}
         inputs.update((k, v.astype(state)) for k, v in _rows(variant, extra).items())
         out = evaluate.evaluate_backward(programs, inputs, saved)
-        dz = np.concatenate([out[f"dz_{g}"] for g in spec.GATE_ORDER], -1)
+        dz = np.concatenate([out[f"d{z}"] for z in programs.z_inputs], -1)
         terms = {
             name: np.stack([out[f"d{name}_{row}"] for row in rows], 1)
-            for name, rows in variant.params.items()
+            for name, rows in programs.params.items()
         }
         return dz, out["dc_prev"], terms
 

@@ -105,11 +105,19 @@ def _assert_all_equal(got, want):
 
 
 @pytest.mark.parametrize(
-    "variant, proj_size", [("lstm", 0), ("peephole", 0), ("peephole_full", 0), ("peephole", 3)]
+    "variant, proj_size",
+    [
+        ("lstm", 0),
+        ("peephole", 0),
+        ("peephole_full", 0),
+        ("peephole", 3),
+        ("layernorm_peephole", 0),
+    ],  # fmt: skip
 )
 def test_graphed_cell_equals_the_cell_without_graphs(variant, proj_size):
     """Forward and vjp through replayed graphs give exactly the direct results, with
-    lengths (some sequences shorter), two layers, both directions, and a projection."""
+    lengths (some sequences shorter), two layers, both directions, and a projection; a
+    layer-normalised variant (row reductions, split halves) is graphed too."""
     direct, graphed, params, x, state, lengths = _cell_problem(variant, proj_size)
     want = _outputs(direct, params, x, state, lengths)
     for _ in range(3):

@@ -24,6 +24,7 @@ import importlib.machinery
 import importlib.util
 import itertools
 import os
+import re
 import sys
 import types
 
@@ -205,6 +206,24 @@ def test_cuda_kernels_compile_with_nvrtc(name):
         assert len(ptx) > 0, (name, direction, io)
 
 
+def test_cuda_row_kernels_compile_with_nvrtc():
+    """The row kernels' text (what CudaKernels gives ``cupy.RawKernel``) compiles with NVRTC
+    for every dtype pair, float16 through CuPy's ``float16`` (no GPU needed): both kernels
+    of a layer-normalised variant, under CUDA's definitions of the prelude's macros."""
+    cupy, _carray, _kernel, _scalar, core, compiler = _nvrtc_toolchain()
+    programs = spec.VARIANTS["layernorm_peephole"].programs
+    kernels = (emit_cuda.forward_row_kernel(programs, "ln"),
+               emit_cuda.backward_row_kernel(programs, "ln"))  # fmt: skip
+    options = (*core.assemble_cupy_compiler_options(()), "-arch=compute_80")
+    for io, state in [("float16", "float"), ("float", "float"), ("double", "double")]:
+        code = emit_cuda.row_source(kernels, io, state)
+        ptx, _ = compiler._NVRTCProgram(code, "kern.cu", (), (), method="ptx").compile(options)
+        text = ptx.decode() if isinstance(ptx, bytes) else ptx
+        for k in kernels:
+            assert f".entry {k.name}(" in text, (k.name, io)
+        assert "bar.sync" in text, io  # __syncthreads(): the barriers are CUDA's
+
+
 # ---------------------------------------------------------------------------
 # the CuPy ops' plumbing, run with NumPy arrays (CPU)
 
@@ -354,6 +373,42 @@ class HostElementwiseKernel:
         getattr(self.libraries[key], self.source.name)(*call)
 
 
+class HostRawKernel:
+    """``cupy.RawKernel`` on the CPU, for the row kernels: their text (CUDA under NVRTC, a
+    loop over rows and over each pass's threads for a host compiler: ``emit_cuda.row_source``)
+    compiled as it is by the host compiler, launched with the block's threads and the shared
+    bytes CudaKernels gives; every argument checked against the kernel's signature (type,
+    contiguity) and the launch against the rows (one block a row)."""
+
+    #: the most threads a block may have (a GPU's register bound): small, so that the
+    #: tests' H = 5 makes a thread stride over two units and leaves others idle
+    max_threads_per_block = 4
+
+    def __init__(self, code, name, options=()):
+        self.name = name
+        c_types = {"double": np.dtype(np.float64), "float": np.dtype(np.float32)}
+        self.dtypes = {alias: c_types[c] for c, alias in re.findall(r"typedef (\w+) ([TS]);", code)}
+        signature = re.search(rf"LM_KERNEL {name}\(LM_LAUNCH_ARGS (.*?)\) {{", code).group(1)
+        self.params = [item.rsplit(" ", 1) for item in signature.split(", ")]
+        self.library = compile_library(code)  # one library for both kernels: the disk cache
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        assert len(args) == len(self.params), f"{self.name}: {len(args)} arguments"
+        call, rows = [ctypes.c_int(block[0]), ctypes.c_longlong(shared_mem), ctypes.c_int(0)], None
+        for (type_, name), arg in zip(self.params, args, strict=True):
+            if type_ == "long long":
+                assert isinstance(arg, np.int64), f"{name}: expected numpy.int64, got {type(arg)}"
+                call.append(ctypes.c_longlong(int(arg)))
+                rows = int(arg) if name == "lm_rows" else rows
+                continue
+            alias = type_.removeprefix("const ").rstrip("*")
+            assert isinstance(arg, np.ndarray) and arg.flags.c_contiguous, name
+            assert arg.dtype == self.dtypes[alias], f"{name}: {arg.dtype}, not {alias}"
+            call.append(arg.ctypes.data_as(ctypes.c_void_p))
+        assert tuple(grid) == (rows,) and len(block) == 1, (grid, block)
+        getattr(self.library, self.name)(*call)
+
+
 def host_gemm(transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
     """cuBLAS gemm (``cupy.cublas.gemm``'s signature): out = alpha op(a) op(b) + beta out,
     op = transpose for "T"; with beta = 0 ``out`` is not read (cuBLAS's rule)."""
@@ -374,6 +429,7 @@ def host_cupy(monkeypatch):
     module = types.ModuleType("cupy")
     module.__getattr__ = lambda name: getattr(np, name)  # arrays and routines: NumPy's
     module.ElementwiseKernel = HostElementwiseKernel
+    module.RawKernel = HostRawKernel
     module.cublas = types.ModuleType("cupy.cublas")
     module.cublas.gemm = host_gemm
     monkeypatch.setitem(sys.modules, "cupy", module)
@@ -402,16 +458,34 @@ def _config(variant, **kw):
 
 
 #: a peephole network (two bidirectional layers, lengths), a plain one batch-first, and
-#: a projected one: every argument CudaKernels passes is read by some element
+#: a projected one: every argument CudaKernels passes is read by some element; the
+#: layer-normalised ones run the row kernels (split halves, row means) with 4 threads a
+#: block (``HostRawKernel``) for H = 5: a thread striding over two units, idle threads
 PINNED_HOST_CUDA = [
     _config("peephole"),
     _config("lstm", batch=3, steps=4, num_layers=1, bidirectional=False, batch_first=True),
     _config("cifg", num_layers=1, with_state=False, proj_size=2),
+    _config("layernorm_peephole", hidden_size=5),
+    _config("layernorm", hidden_size=5, num_layers=1, with_state=False, proj_size=2),
+]
+#: each layer-normalised case compiles its row kernels (a second or two): the default run
+#: takes one variant in each dtype, the thorough run both in both
+_ROW_THOROUGH = {("layernorm_peephole", "float32"), ("layernorm", "float64")}
+HOST_CUDA_CASES = [
+    pytest.param(
+        config,
+        dtype,
+        id=f"{dtype}-{config.variant}",
+        marks=[pytest.mark.thorough_only("the other variant in this dtype")]
+        if (config.variant, dtype) in _ROW_THOROUGH
+        else [],
+    )
+    for dtype in ("float64", "float32")
+    for config in PINNED_HOST_CUDA
 ]
 
 
-@pytest.mark.parametrize("config", PINNED_HOST_CUDA, ids=lambda c: c.variant)
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize(("config", "dtype"), HOST_CUDA_CASES)
 def test_cuda_kernels_host_side_matches_oracle(host_cupy, config, dtype):
     """CudaKernels (forward, backward, gemm_accumulate), its kernels' operation strings
     compiled on the host and cuBLAS's gemm emulated, in a whole network against the oracle."""
@@ -774,6 +848,42 @@ def test_cupy_fused_kernels_equal_spec_on_gpu(name):
     expected = scratch + a @ b
     assert OPS.add_matmul(scratch, a, b) is scratch
     cupy.testing.assert_allclose(scratch, expected, rtol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [33, 1500])  # a unit a thread; a thread striding past 1024
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", ["layernorm", "layernorm_peephole"])
+def test_cupy_row_kernels_equal_spec_on_gpu(name, dtype, hidden):
+    """The compiled row kernels (row reductions, split halves) against the spec's math run
+    by plain CuPy: forward, saved values, backward and every parameter's gradient."""
+    target = GpuTarget("cupy").setup()
+    cupy = target.cupy
+    from lstm_multi.backends.cupy_backend import OPS
+
+    variant = spec.VARIANTS[name]
+    plain = ArrayModuleOps(cupy)
+    rng = np.random.default_rng(12)
+    batch = 5
+    z = rng.normal(size=(batch, 8 * hidden)) * 2
+    c_prev, dh, dc = (rng.normal(size=(batch, hidden)) for _ in range(3))
+    extra = {k: rng.normal(size=s) for k, s in variant.extra_param_shapes(hidden).items()}
+    extra["b"] = rng.normal(size=4 * hidden)
+    z, c_prev, dh, dc = (cupy.asarray(a, dtype=dtype) for a in (z, c_prev, dh, dc))
+    extra = {k: cupy.asarray(v, dtype=dtype) for k, v in extra.items()}
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == "float64" else dict(rtol=1e-4, atol=1e-4)
+    h, c, cache = OPS.gates_forward(variant, z, c_prev, extra)
+    h_ref, c_ref, cache_ref = variant.gates_forward(plain, z, c_prev, extra)
+    for a, b in zip((h, c, *cache), (h_ref, c_ref, *cache_ref), strict=True):
+        cupy.testing.assert_allclose(a, cupy.broadcast_to(b, a.shape), **tol)
+    dz, dc_prev, dextra = OPS.gates_backward(variant, dh, dc, cache, extra)
+    dz_ref, dc_prev_ref, dextra_ref = variant.gates_backward(plain, dh, dc, cache_ref, extra)
+    cupy.testing.assert_allclose(dz, dz_ref, **tol)
+    cupy.testing.assert_allclose(dc_prev, dc_prev_ref, **tol)
+    assert set(dextra) == set(dextra_ref)
+    for k in dextra_ref:
+        assert dextra[k].shape == dextra_ref[k].shape, k
+        cupy.testing.assert_allclose(dextra[k], dextra_ref[k], **tol)
 
 
 @pytest.mark.gpu

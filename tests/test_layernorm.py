@@ -10,9 +10,12 @@
   outputs and every gradient (the gains and shifts included), with layers, both
   directions, lengths, a per-step mask, initial state and projection;
 * the suite's power: a layer norm with the unbiased variance, or with eps 1e-3, fails it;
-* the engine table: every kernel engine but the C++ and the Pallas ones refuses such a
-  variant naming what it lacks, "auto" picks the array engine (scan on JAX) and says why
-  (the Pallas kernels against the oracle: tests/test_pallas.py);
+* CuPy's CUDA C row kernels compiled on the host (each pass's threads one after
+  another) against the programs, at several block sizes, and their power (a wrong mean,
+  a tree missing a level); the whole networks against the oracle are in test_gpu.py;
+* the engine table: every other GPU kernel engine refuses such a variant naming what it
+  lacks, the CuPy and Pallas engines take it, "auto" picks the array engine (scan on
+  JAX) and says why (the Pallas kernels against the oracle: tests/test_pallas.py);
 * the parameters: names, shapes, gains 1 and shifts 0 under every scheme.
 """
 
@@ -35,9 +38,10 @@ from test_agreement import (
 import lstm_multi
 from lstm_multi import Variant, engine, sigmoid, spec, tanh
 from lstm_multi.backends import cupy_kernels, kernel_direction
-from lstm_multi.compile import derive, emit_array, emit_cpu, evaluate, trace
+from lstm_multi.compile import derive, emit_array, emit_cpu, emit_cuda, evaluate, trace
 from lstm_multi.compile.trace import mean, rsqrt
 from lstm_multi.kernels import build
+from lstm_multi.kernels.host_kernels import HostKernels
 from lstm_multi.ops import ArrayModuleOps
 
 NP_OPS = ArrayModuleOps(np)
@@ -111,6 +115,17 @@ def rms_norm_cell(z, c_prev, g):
 RMS = Variant("rms_cell", rms_norm_cell, params={"g": ("c",)}, param_init={"g": 1.0})
 
 
+def split_lstm(zx, zr, c_prev, b):
+    """The plain LSTM written with split halves and no reduction (the element kernels)."""
+    i, f, o = (sigmoid(x + r + bb) for x, r, bb in ((zx.i, zr.i, b.i), (zx.f, zr.f, b.f),
+                                                    (zx.o, zr.o, b.o)))  # fmt: skip
+    c = f * c_prev + i * tanh(zx.g + zr.g + b.g)
+    return o * tanh(c), c
+
+
+SPLIT = Variant("split_lstm", split_lstm, halves="split")
+
+
 def _step_inputs(variant, rng, batch=3, hidden=5):
     z = rng.normal(size=(batch, len(variant.programs.z_inputs) * hidden)) * 1.5
     c_prev, dh, dc = (rng.normal(size=(batch, hidden)) for _ in range(3))
@@ -154,14 +169,15 @@ def test_row_mean_is_written_once_a_row():
 
 def test_user_reduction_variant_passes_check_variant():
     """Traced, derived and checked: finite differences of one step and of a network, the
-    array loop, the C++ kernels (which write reductions) and torch against NumPy; the
-    CUDA C and Triton kernels say they do not write it."""
+    array loop, the C++ kernels and the CUDA C row kernels on the host (which write
+    reductions) and torch against NumPy; the Triton kernels say they do not write it."""
     report = lstm_multi.testing.check_variant(RMS, backends=["numpy", "torch"])
     status = {r.name: r for r in report.results}
     assert status["gates"].status == status["network"].status == "passed"
     assert status["array"].status == status["torch"].status == "passed"
-    assert status["cpu"].status == ("passed" if build.host_compiler() else "skipped")
-    for name in ("kernels", "triton"):
+    for name in ("cpu", "kernels"):
+        assert status[name].status == ("passed" if build.host_compiler() else "skipped")
+    for name in ("triton",):
         assert status[name].status == "skipped" and "row reductions (mean)" in status[name].note
 
 
@@ -198,6 +214,156 @@ def test_a_wrong_row_mean_in_the_cpu_kernels_fails_check_variant(monkeypatch):
     monkeypatch.setattr(emit_cpu, "_mean_of", lambda accumulator: f"{accumulator} / S(H - 1)")
     report = lstm_multi.testing.check_variant(RMS, backends=["numpy"], raise_on_failure=False)
     assert [r.name for r in report.failed] == ["cpu"]
+
+
+# the CUDA C row kernels, compiled on the host ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def host_rows():
+    """``host_rows(variant, c_type)``: the variant's CUDA C kernels compiled for the host
+    (``HostKernels``, T = S = c_type), once a module (each compile takes a second)."""
+    if build.host_compiler() is None:
+        pytest.skip("no host C++ compiler")
+    built = {}
+
+    def make(variant, c_type="double"):
+        if (variant.name, c_type) not in built:
+            built[variant.name, c_type] = HostKernels(variant, c_type, c_type)
+        return built[variant.name, c_type]
+
+    return make
+
+
+def _host_step(kernels, variant, threads, seed=5, reverse=False):
+    """(kernel, program) pairs of one step, forward then backward from the kernel's own
+    saved values, the row kernels run with ``threads`` threads a block (each pass's last
+    to first with ``reverse``); the program is evaluated in float64 on the inputs rounded
+    to the kernels' type."""
+    kernels.threads, kernels.reverse = threads, reverse
+    z, c_prev, dh, dc, extra = _step_inputs(variant, np.random.default_rng(seed))
+    rounded = [np.asarray(a, kernels.T).astype(np.float64) for a in (z, c_prev, dh, dc)]
+    z, c_prev, dh, dc = rounded
+    extra = {k: np.asarray(v, kernels.T).astype(np.float64) for k, v in extra.items()}
+    program = ProgramKernels()
+    h, c, saved = program.forward(variant, z, c_prev, extra)
+    k_h, k_c, k_saved = kernels.forward(z, c_prev, extra)
+    dz, dc_prev, terms = program.backward(
+        variant, dh, dc, tuple(a.astype(np.float64) for a in k_saved), extra
+    )
+    k_dz, k_dc_prev, k_terms = kernels.backward(dh, dc, k_saved, extra)
+    pairs = [("h", k_h, h), ("c", k_c, c), ("dz", k_dz, dz), ("dc_prev", k_dc_prev, dc_prev)]
+    pairs += [(f"saved {i}", k, a) for i, (k, a) in enumerate(zip(k_saved, saved, strict=True))]
+    return pairs + [(f"d{name}", k_terms[name], terms[name]) for name in terms]
+
+
+#: block sizes for H = 5: threads striding over three and two units, and the GPU's choice
+#: (``emit_cuda.row_threads``: 32, most of them idle)
+ROW_THREADS = (2, 4, None)
+
+
+#: "layernorm" (a compile of its own) under --thorough: the default run takes the row
+#: kernels' path with "layernorm_peephole", and "layernorm" through whole networks (test_gpu)
+HOST_ROW_VARIANTS = [
+    RMS,
+    SPLIT,
+    pytest.param(
+        spec.VARIANTS["layernorm"],
+        marks=pytest.mark.thorough_only(
+            "the default run takes the row kernels' path with layernorm_peephole"
+        ),
+    ),
+    spec.VARIANTS["layernorm_peephole"],
+]
+
+
+@pytest.mark.parametrize("variant", HOST_ROW_VARIANTS, ids=str)
+def test_cuda_row_kernels_on_the_host_equal_the_program(host_rows, variant):
+    """The CUDA C row kernels (one block a batch row; each pass's threads one after
+    another, the host's reading of the barriers) against the program's evaluation in
+    float64: h, c, the saved values, dz (dzx and dzr for split halves), dc_prev and every
+    parameter's per-element terms (b's among them), at several block sizes; split halves
+    without a reduction take the element kernels, z (B, 8H)."""
+    kernels = host_rows(variant)
+    assert kernels.rows == (variant is not SPLIT)
+    for threads in ROW_THREADS:
+        pairs = _host_step(kernels, variant, threads)
+        for what, got, want in pairs:
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13,
+                                       err_msg=f"{what}, {threads} threads")  # fmt: skip
+        # each pass's threads last to first: the same bits (no thread reads what another
+        # writes in the same pass)
+        for (what, got, _), (_, again, _) in zip(
+            pairs, _host_step(kernels, variant, threads, reverse=True), strict=True
+        ):
+            np.testing.assert_array_equal(again, got, err_msg=f"{what} reversed, {threads}")
+
+
+def test_cuda_row_kernels_in_float_on_the_host(host_rows):
+    """The same in float (T = S = float; float16 runs only under NVRTC)."""
+    variant = spec.VARIANTS["layernorm"]
+    kernels = host_rows(variant, "float")
+    for threads in ROW_THREADS:
+        for what, got, want in _host_step(kernels, variant, threads):
+            assert got.dtype == np.float32, what
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{what}, {threads} threads")  # fmt: skip
+
+
+def test_row_threads_take_a_unit_a_thread_within_the_limits():
+    """A block of the power of two at or above H (a warp at least, 1024 at most, fewer where
+    registers or 48 KiB of shared memory bound it): past those a thread strides."""
+    programs = spec.VARIANTS["layernorm"].programs
+    kernels = (emit_cuda.forward_row_kernel(programs, "x"),
+               emit_cuda.backward_row_kernel(programs, "x"))  # fmt: skip
+    assert [emit_cuda.row_threads(h, kernels, 4) for h in (1, 5, 33, 128, 1024, 5000)] == [
+        32, 32, 64, 128, 1024, 1024]  # fmt: skip
+    assert emit_cuda.row_threads(1000, kernels, 8, max_threads=256) == 256
+    wide = kernels[0]._replace(sums=40)  # 40 sums of 8 bytes: 48 KiB holds 128 threads' worth
+    assert emit_cuda.row_threads(1000, [wide], 8) == 128
+    assert emit_cuda.shared_bytes(wide, 128, 8) <= emit_cuda.SHARED_LIMIT
+    with pytest.raises(ValueError, match="too many row means"):
+        emit_cuda.row_threads(10, [wide._replace(means=7000)], 8)
+
+
+def _mismatch(kernels, variant, threads, reverse=False):
+    """The outputs where the host kernels differ from the program (names)."""
+    pairs = _host_step(kernels, variant, threads, reverse=reverse)
+    return [what for what, got, want in pairs if not np.allclose(got, want, 1e-9, 1e-9)]
+
+
+@needs_compiler
+def test_a_wrong_row_mean_in_the_cuda_kernels_fails(monkeypatch):
+    """The host tests' power over the CUDA C: a row mean dividing by H - 1 fails them."""
+    monkeypatch.setattr(emit_cuda, "_mean_of", lambda total: f"({total}) / S(H - 1)")
+    kernels = HostKernels(RMS)
+    assert {"h", "dz"} <= set(_mismatch(kernels, RMS, 4))
+
+
+@needs_compiler
+def test_a_tree_missing_a_level_fails_the_cuda_row_kernels(monkeypatch, thorough):
+    """A block sum whose tree starts a level low (half the partial sums lost) passes with
+    2 threads a block, where there is no level to lose, and fails with 4: why the host
+    tests run several block sizes."""
+    if not thorough:
+        pytest.skip("runs under --thorough only: the mean's power test runs by default")
+    monkeypatch.setattr(emit_cuda, "_TREE", emit_cuda._TREE.replace("lm_nt / 2", "lm_nt / 4"))
+    kernels = HostKernels(RMS)
+    assert _mismatch(kernels, RMS, 2) == []
+    assert {"h", "dz"} <= set(_mismatch(kernels, RMS, 4))
+
+
+@needs_compiler
+def test_a_race_in_the_tree_fails_the_reversed_host_run(monkeypatch, thorough):
+    """A tree level where threads lm_s .. 2 lm_s - 2 add too (a race: thread t - lm_s reads
+    the partial thread t writes in the same pass) is right when the host runs a pass's
+    threads in order, and fails run last to first: why the tests run both orders."""
+    if not thorough:
+        pytest.skip("runs under --thorough only: the mean's power test runs by default")
+    monkeypatch.setattr(emit_cuda, "_TREE_ADDERS", "lm_t < 2 * lm_s - 1")
+    kernels = HostKernels(RMS)
+    assert _mismatch(kernels, RMS, 8) == []
+    assert {"h", "dz"} <= set(_mismatch(kernels, RMS, 8, reverse=True))
 
 
 #: reductions at the edges: an output that is a row value (broadcast back to (B, H) by
@@ -376,7 +542,6 @@ def _case(backend, device, dtype="float32", variant="layernorm", **kw):
         ("graphed_array", "cuda", "the CUDA-graph engines"),
         ("graphed_triton", "cuda", "the CUDA-graph engines"),
         ("graphed_triton_persistent", "cuda", "the CUDA-graph engines"),
-        ("cupy_graphed", "cuda", "the CUDA-graph engines"),
     ],
 )
 def test_kernel_engines_refuse_row_reductions_by_name(name, device, kernels):
@@ -409,6 +574,16 @@ def test_pallas_takes_reductions_and_split_halves():
     )
 
 
+def test_cupy_engines_take_reductions_and_split_halves():
+    """The CUDA C emitter writes row reductions and split halves: both CuPy engines run
+    "layernorm" and a user's reduction, fused (row kernels), in every dtype they take."""
+    for name in ("cupy_kernels", "cupy_graphed"):
+        for dtype in ("float16", "float32", "float64"):
+            for variant in (spec.VARIANTS["layernorm"], RMS):
+                case = engine.Case("cupy", "cuda", dtype, variant, 16)
+                assert engine.get_engine(name).refusal(case) is None, (name, dtype, variant)
+
+
 def test_native_refuses_and_auto_picks_the_array_code():
     assert "not 'layernorm'" in engine.get_engine("native").refusal(_case("torch", "cuda"))
     on_cpu = "cpu_kernels" if build.host_compiler() else "array"
@@ -433,27 +608,44 @@ def test_explain_says_why_the_array_engine_runs():
     assert "row reductions (mean)" in dict(choice.passed_over)["triton"]
 
 
-def test_fused_ops_run_the_array_code_for_a_reduction():
-    """The CuPy backend's ops (here over NumPy, kernels evaluated by NumPy): a variant the
-    CUDA C emitter does not write runs its array code, the same numbers."""
+def test_fused_ops_run_a_reduction_through_the_kernels():
+    """The CuPy backend's ops (here over NumPy, kernels evaluated by NumPy): a variant with
+    reductions and split halves goes through the kernels (z (B, 8H), b a gate parameter,
+    its gradient (4H,) again), with the array code's numbers."""
     variant = spec.VARIANTS["layernorm_peephole"]
-    fused = cupy_kernels.FusedOps(ProgramKernels())
+
+    class Counting(ProgramKernels):
+        calls = 0
+
+        def forward(self, *args):
+            Counting.calls += 1
+            return super().forward(*args)
+
+    fused = cupy_kernels.FusedOps(Counting())
     z, c_prev, dh, dc, extra = _step_inputs(variant, np.random.default_rng(2))
     h, c, cache = fused.gates_forward(variant, z, c_prev, extra)
+    assert Counting.calls == 1
     want_h, want_c, want_cache = variant.gates_forward(NP_OPS, z, c_prev, extra)
-    assert np.array_equal(h, want_h) and np.array_equal(c, want_c)
-    dz, _, dextra = fused.gates_backward(variant, dh, dc, cache, extra)
-    want_dz, _, want_extra = variant.gates_backward(NP_OPS, dh, dc, want_cache, extra)
-    assert np.array_equal(dz, want_dz) and np.array_equal(dextra["gamma_c"], want_extra["gamma_c"])
+    assert_close(h, want_h, "float64", "h")
+    assert_close(c, want_c, "float64", "c")
+    dz, dc_prev, dextra = fused.gates_backward(variant, dh, dc, cache, extra)
+    want_dz, want_dc, want_extra = variant.gates_backward(NP_OPS, dh, dc, want_cache, extra)
+    assert dz.shape == z.shape and dextra["b"].shape == extra["b"].shape
+    assert_close(dz, want_dz, "float64", "dz")
+    assert_close(dc_prev, want_dc, "float64", "dc_prev")
+    assert set(dextra) == set(want_extra)
+    for name in want_extra:
+        assert_close(dextra[name], want_extra[name], "float64", f"d{name}")
 
 
 def test_kernel_emitters_refuse_by_name():
-    from lstm_multi.compile import emit_cuda, emit_triton
+    from lstm_multi.compile import emit_triton
 
     programs = spec.VARIANTS["layernorm"].programs
     assert "LM_G 8" in emit_cpu.cpu_source(programs, "double")  # the C++ one writes it
+    assert "__syncthreads" in emit_cuda.ROW_PRELUDE  # and CUDA C, as row kernels
+    assert emit_cuda.forward_row_kernel(programs, "x").means == 6
     for make, target, what in [
-        (lambda: emit_cuda.forward_kernel(programs, "x"), "CUDA C kernel emitter", "row"),
         (lambda: emit_triton.module_source(programs), "Triton kernel emitter", "row"),
     ]:
         with pytest.raises(

@@ -8,9 +8,11 @@ array module. What differs is the ops (``cupy_kernels.FusedOps``):
   loop (as on every backend); each step then accumulates r @ U into its slice
   of that buffer with one cuBLAS gemm (beta = 1), so no temporary is made;
 * the elementwise gate math of a step is one ``cupy.ElementwiseKernel``
-  forward and one backward, generated from the variant's forward math and its
-  derived backward (``lstm_multi.compile.emit_cuda``, via ``cupy_kernels``), for
-  every variant, a user's own included.
+  forward and one backward (a ``cupy.RawKernel`` each, one thread block a batch row,
+  for a variant with row reductions such as "layernorm"), generated from the variant's
+  forward math and its derived backward (``lstm_multi.compile.emit_cuda``, via
+  ``cupy_kernels``), for every variant, a user's own included. For split halves the
+  input projection adds no bias (``step.input_projection``): b is a gate parameter.
 
 Dtypes: float32, float64 and float16 (the gate math and the cell state in
 float32, see ``ArrayModuleOps.state_dtype``); CuPy has no bfloat16 here.

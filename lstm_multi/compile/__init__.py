@@ -4,7 +4,10 @@
 * ``derive``: reverse-mode differentiation of that DAG (``gate_programs``);
 * ``evaluate``: the reference NumPy interpreter of a program;
 * ``emit_array``: Python over an ``ops`` object (NumPy, CuPy, PyTorch, JAX);
-* ``emit_cuda``: CUDA C for CuPy's ElementwiseKernel (and host C++ for tests);
+* ``emit_cuda``: CUDA C for CuPy's ElementwiseKernel, and row kernels (RawKernel, a
+  thread block a row) for programs with row reductions (the same text runs on a host
+  C++ compiler in tests);
+* ``row_phases``: the passes over a row that its reductions need (C++ and CUDA C);
 * ``emit_triton``: the same kernels as a Triton module (run by its interpreter in
   the tests);
 

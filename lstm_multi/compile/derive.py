@@ -120,9 +120,9 @@ class GatePrograms:
     def kernel_refusal(self, reductions=False, split=False) -> str | None:
         """Why a kernel emitter cannot write these programs, or None where it can: a row
         reduction or an array-only operation (unless ``reductions``: the emitter writes
-        ``mean`` and ``rsqrt``), or split halves (unless ``split``). The C++ and ONNX
-        emitters write both, and the Pallas kernels (whole rows a program: never asked);
-        the CUDA C and Triton emitters map one thread or lane to one unit and write
+        ``mean`` and ``rsqrt``), or split halves (unless ``split``). The C++, ONNX and
+        CUDA C (row kernels) emitters write both, and the Pallas kernels (whole rows a
+        program: never asked); the Triton emitter maps one lane to one unit and writes
         neither."""
         roots = [*self.forward_outputs.values(), *self.backward_outputs.values()]
         reasons = []

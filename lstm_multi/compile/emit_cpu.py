@@ -34,6 +34,7 @@ from __future__ import annotations
 from . import derive
 from .derive import GATES, GatePrograms
 from .emit_cuda import c_name, c_statements, forward_stored
+from .row_phases import row_phases
 from .trace import live_nodes, row_valued
 
 _FUNCTIONS = {"sigmoid": "lm_sigmoid", "tanh": "lm_tanh", "rsqrt": "lm_rsqrt"}
@@ -70,18 +71,7 @@ def _row_loops(programs: GatePrograms, roots, unit_loads, row_loads, final):
     """
     graph = programs.graph
     given = {n: name for n, (name, _) in {**unit_loads, **row_loads}.items()}
-    order = live_nodes(graph, roots, given)
-    per_row = row_valued(graph, roots) | set(row_loads)
-    phase: dict[int, int] = {}
-    for node_id in order:
-        node = graph.nodes[node_id]
-        if node_id in given or node.op in ("const", "input"):
-            phase[node_id] = 0
-        elif node.op == "mean":
-            phase[node_id] = phase[node.args[0]] + 1
-        else:
-            phase[node_id] = max(phase[a] for a in node.args)
-    last = max([phase[n] for n in order], default=0)
+    phases = row_phases(graph, roots, given, row_loads)
     lines = [f"const S v_{name} = {load};" for name, load in row_loads.values()]
     known = dict(given)  # node id -> name of what is available as a variable
 
@@ -97,17 +87,15 @@ def _row_loops(programs: GatePrograms, roots, unit_loads, row_loads, final):
             pragma += f" reduction(+:{', '.join(reduce)})"
         return [pragma, "for (long j = 0; j < H; ++j) {", *("  " + b for b in body + tail), "}"]
 
-    for k in range(last + 1):
+    for k in range(phases.last + 1):
         # the per-row scalars of phase k (beyond the means, set after loop k - 1)
-        scalars = [n for n in order if n in per_row and n not in known and phase[n] == k
-                   and graph.nodes[n].op not in ("mean", "const", "input")]  # fmt: skip
-        for n in scalars:
+        for n in phases.row_scalars(k, known):
             lines += [s for s in c_statements(programs, [n], known, _FUNCTIONS)]
             known[n] = f"r{n}"
             lines.append(f"const S v_r{n} = v{n};")
-        if k == last:
+        if k == phases.last:
             break
-        means = [n for n in order if graph.nodes[n].op == "mean" and phase[n] == k + 1]
+        means = phases.means(k + 1)
         sums = [f"lm_sum{n}" for n in means]
         lines += [f"S {acc} = S(0);" for acc in sums]
         adds = [f"{acc} += {c_name(programs, graph.nodes[n].args[0], known)};"

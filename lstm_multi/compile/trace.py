@@ -25,8 +25,9 @@ constants only (``row_valued``); the emitters hold such a value once a row
 
 Every emitter writes the element-wise operations; ``mean`` and ``rsqrt`` are so
 far written by the array code (NumPy, PyTorch, JAX, CuPy arrays) and the C++
-CPU kernels (a row function in phases, ``emit_cpu._row_loops``): the CUDA C, Triton,
-Pallas and ONNX emitters map one thread to one unit and refuse a program with a
+CPU kernels (a row function in phases, ``emit_cpu._row_loops``) and CuPy's CUDA C (row
+kernels, ``emit_cuda``; both phase the row as ``row_phases`` says): the Triton and
+Pallas emitters map one thread to one unit and refuse a program with a
 reduction (``GatePrograms.kernel_refusal``), and the engine table keeps such a
 variant off them.
 A constant is held as the Python float (a double) it was written as; every
