@@ -254,8 +254,9 @@ def _never(case: Case) -> str | None:
 
 
 #: the engines that run zoneout, recurrent and input dropout (``lstm_multi.regularize``): the
-#: array loops, differentiated by hand (NumPy) or by the framework (torch, JAX)
-REGULARIZING = ("array", "scan")
+#: array loops, differentiated by hand (NumPy) or by the framework (torch, JAX), and CuPy's
+#: step loop, the NumPy loop on CuPy arrays (its gate math in the fused kernel)
+REGULARIZING = ("array", "scan", "cupy_kernels")
 
 
 def _refusal(engine: Engine, case: Case) -> str | None:
@@ -274,7 +275,7 @@ def _check_regularizable(case: Case) -> None:
     if case.step_masks and not any(e.name in REGULARIZING for e in engines(case.backend)):
         raise ValueError(
             f"zoneout / recurrent_dropout / input_dropout: no engine of the {case.backend} "
-            "backend runs them yet (the numpy, torch and jax backends do: engines "
+            "backend runs them yet (the numpy, torch, jax and cupy backends do: engines "
             f"{', '.join(REGULARIZING)})"
         )
 

@@ -53,7 +53,15 @@ CELL_ARGUMENTS = (
     "batch_first",
     "proj_size",
     "dropout",
+    "zoneout",
+    "recurrent_dropout",
+    "input_dropout",
+    "dropconnect",
 )
+
+#: the regularizers inside the time loop (``lstm_multi.regularize``): a call without
+#: ``inference`` and without a key is refused where one of them is on
+REGULARIZERS = ("zoneout", "recurrent_dropout", "input_dropout", "dropconnect")
 
 
 @functools.cache
@@ -102,6 +110,20 @@ class LSTM(eqx.Module):
             direction, h states (L * D, B, P)); 0, the default, for none.
         dropout: probability of zeroing each input of layers after the first (as
             ``nn.LSTM`` places it), in calls given a ``key``.
+        zoneout: p in [0, 1) or a pair (p_h, p_c) (Krueger et al. 2017): in training each
+            unit of h (of c) keeps its previous value with probability p_h (p_c), drawn
+            per step, h_t = k_t ∘ h_{t-1} + (1 - k_t) ∘ h̃_t; in inference the
+            expectation h_t = p_h h_{t-1} + (1 - p_h) h̃_t.
+        recurrent_dropout: Keras's: in training the recurrent input of gate g's product is
+            (h_{t-1} ∘ d_g) U_g, d_g (B, R) inverted dropout, one mask per gate, fixed over
+            the sequence; off in inference.
+        input_dropout: in training x_t as gate g's product reads it is x_t ∘ e_g, e_g
+            (B, F_in) inverted dropout, one mask per gate, fixed over the sequence.
+        dropconnect: in training U ∘ M, M (R, 4H) one inverted-dropout mask per call.
+            The four are the functional cell's (``lstm_multi.regularize``: the equations;
+            masks from the call's ``key``, gradients through the same masks). With any of
+            them a call is training unless it says ``inference=True``, and a training
+            call needs ``key=`` (as ``eqx.nn.Dropout``: a RuntimeError without).
         scheme: "equinox" (the default: ``eqx.nn.LSTMCell``'s U(-1/sqrt(H), 1/sqrt(H))
             for every entry, the same numbers as "uniform"), "keras" (glorot W,
             orthogonal U, forget bias 1, zero peepholes) or "flax"; see
@@ -113,7 +135,10 @@ class LSTM(eqx.Module):
 
     Fields: ``params``, the canonical ``params[layer][direction] = {"W": (in, 4H),
     "U": (H, 4H), "b": (4H,), ...}`` (the variant's extras such as ``"p"`` too), the
-    only arrays of the module; the configuration above is static.
+    only arrays of the module (so ``jax.grad`` and ``jax.tree.map`` take it as they take
+    its arrays); the configuration above is static. Hence no ``inference`` field:
+    ``eqx.nn.inference_mode`` leaves this layer as it is, and evaluation is the call's
+    ``inference=True``.
     """
 
     params: list
@@ -125,6 +150,10 @@ class LSTM(eqx.Module):
     batch_first: bool = eqx.field(static=True)
     proj_size: int = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
+    zoneout: tuple[float, float] = eqx.field(static=True)
+    recurrent_dropout: float = eqx.field(static=True)
+    input_dropout: float = eqx.field(static=True)
+    dropconnect: float = eqx.field(static=True)
 
     def __init__(
         self,
@@ -137,6 +166,10 @@ class LSTM(eqx.Module):
         batch_first=True,
         proj_size=0,
         dropout=0.0,
+        zoneout=0.0,
+        recurrent_dropout=0.0,
+        input_dropout=0.0,
+        dropconnect=0.0,
         scheme="equinox",
         dtype=jnp.float32,
         key=None,
@@ -150,6 +183,10 @@ class LSTM(eqx.Module):
             batch_first=batch_first,
             proj_size=proj_size,
             dropout=dropout,
+            zoneout=zoneout,
+            recurrent_dropout=recurrent_dropout,
+            input_dropout=input_dropout,
+            dropconnect=dropconnect,
         )
         seed = _checked_key(key)
         for name in CELL_ARGUMENTS:
@@ -173,7 +210,7 @@ class LSTM(eqx.Module):
 
     # running ------------------------------------------------------------------------
 
-    def __call__(self, x, state=None, lengths=None, *, mask=None, key=None):
+    def __call__(self, x, state=None, lengths=None, *, mask=None, key=None, inference=False):
         """Run the network over whole sequences.
 
         Arguments:
@@ -188,10 +225,14 @@ class LSTM(eqx.Module):
             mask: instead of lengths, (B, T) booleans, True at a real step, any pattern
                 (left padding, gaps; h and c held and the output zero at a masked
                 step; docs/masks.md), or (T,) for one sequence.
-            key: the dropout masks' randomness (a JAX key) for a module with ``dropout``
-                > 0: pass one to train with dropout; None (inference) runs without it.
-                Under ``jax.vmap`` of one-sequence calls, map over split keys
-                (``in_axes``) or every sequence gets the same masks.
+            key: the masks' randomness (a JAX key) in training: with ``zoneout``,
+                ``recurrent_dropout``, ``input_dropout`` or ``dropconnect`` a training
+                call needs one (RuntimeError without, as ``eqx.nn.Dropout``); with
+                ``dropout`` alone None runs without dropout. Under ``jax.vmap`` of
+                one-sequence calls, map over split keys (``in_axes``) or every sequence
+                gets the same masks.
+            inference: True runs evaluation (no dropout, zoneout's expectation; a key is
+                ignored); False (the default) training, as on ``eqx.nn.Dropout``.
 
         Returns:
             ``y, (h_n, c_n)``: y (B, T, D * H) (or (T, B, D * H), or (T, D * H) for one
@@ -201,6 +242,7 @@ class LSTM(eqx.Module):
         """
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"x: expected an array, got {type(x).__name__}")
+        key = self._training_key(key, inference)
         if len(x.shape) == 3:
             return self.cell(
                 self.params, x, state=state, lengths=lengths, mask=mask, dropout_key=key
@@ -227,6 +269,20 @@ class LSTM(eqx.Module):
             dropout_key=key,
         )
         return jnp.squeeze(y, batch_axis), (h_n[:, 0], c_n[:, 0])
+
+    def _training_key(self, key, inference):
+        """The call's ``dropout_key``: None in inference, else ``key`` (refused as None
+        where a regularizer inside the loop is on)."""
+        if validation.check_bool("inference", inference):
+            return None
+        on = [name for name in REGULARIZERS if any(np.atleast_1d(getattr(self, name)))]
+        if key is None and on:
+            raise RuntimeError(
+                f"key: a training call of an LSTM with {', '.join(on)} needs a JAX key "
+                "(model(x, key=jax.random.key(n))) to draw its masks; for evaluation "
+                "pass inference=True"
+            )
+        return key
 
     def step(self, x_t, state=None):
         """One time step of the whole stack (unidirectional only): returns ``y_t, (h, c)``.
@@ -281,9 +337,21 @@ class LSTM(eqx.Module):
     # canonical parameters and other frameworks' weights -----------------------------
 
     @classmethod
-    def from_params(cls, params, *, variant="lstm", batch_first=True, dropout=0.0):
+    def from_params(
+        cls,
+        params,
+        *,
+        variant="lstm",
+        batch_first=True,
+        dropout=0.0,
+        zoneout=0.0,
+        recurrent_dropout=0.0,
+        input_dropout=0.0,
+        dropconnect=0.0,
+    ):
         """A module holding the canonical ``params[layer][direction]`` (NumPy or JAX
-        arrays of one floating dtype, e.g. ``cell.to_numpy(...)`` of any backend).
+        arrays of one floating dtype, e.g. ``cell.to_numpy(...)`` of any backend), with
+        the rates given (see ``LSTM``).
 
         Sizes, layers, directions and the projection (``W_hr``) are read from the
         shapes; ``variant`` must be the
@@ -312,6 +380,10 @@ class LSTM(eqx.Module):
             batch_first=batch_first,
             proj_size=first[spec.PROJECTION].shape[1] if spec.PROJECTION in first else 0,
             dropout=dropout,
+            zoneout=zoneout,
+            recurrent_dropout=recurrent_dropout,
+            input_dropout=input_dropout,
+            dropconnect=dropconnect,
         )
         validation.check_params(OPS, params, cell.param_shapes(), dtype)
         arrays = cell.from_numpy(params)  # JAX arrays of the same values

@@ -19,10 +19,13 @@ Shapes (B batch, T time, H hidden_size, L num_layers, D 1 or 2 directions)::
     state, (h_n, c_n)   each (L * D, B, H); lengths (B,) integers in 1..T
 
 (with ``proj_size`` P: y (.., D * P), h0 and h_n (L * D, B, P), ``W_hr`` (H, P) per
-layer and direction). Dropout between layers (``dropout``) follows each framework's
-idiom: NNX draws from the ``"dropout"`` stream of the ``rngs`` it was built with unless
+layer and direction). Dropout between layers (``dropout``) and the regularizers inside the
+loop (``zoneout``, ``recurrent_dropout``, ``input_dropout``, ``dropconnect``: the functional
+cell's, ``lstm_multi.regularize``) follow each framework's idiom: NNX draws their masks from
+the ``"dropout"`` stream of the ``rngs`` it was built with (or of a call's ``rngs``) unless
 ``model.eval()`` (or ``deterministic=True``); Linen takes ``deterministic`` and the
-``"dropout"`` rng of ``apply``, as ``linen.Dropout`` does.
+``"dropout"`` rng of ``apply`` (``self.make_rng("dropout")``), as ``linen.Dropout`` does.
+Evaluation runs zoneout's expectation and no dropout.
 
 Initial parameters come from Flax's PRNG key (``rngs.params()`` for NNX, the ``"params"``
 stream for Linen) and equal ``cell.init(seed=key, dtype=param_dtype, scheme=scheme)``.
@@ -49,7 +52,7 @@ except ModuleNotFoundError as error:  # pragma: no cover - tested with flax hidd
         "pip install 'lstm_multi[flax]'"
     ) from error
 
-from . import init, network, spec, validation
+from . import init, network, regularize, spec, validation
 from .backends import jax_backend
 from .registry import get_cell
 
@@ -65,7 +68,30 @@ CELL_ARGS = (
     "batch_first",
     "proj_size",
     "dropout",
+    "zoneout",
+    "recurrent_dropout",
+    "input_dropout",
+    "dropconnect",
 )
+
+#: the regularizers inside the time loop (``lstm_multi.regularize``), each a module attribute
+REGULARIZERS = ("zoneout", "recurrent_dropout", "input_dropout", "dropconnect")
+
+
+def _config(module):
+    """The functional cell's arguments from a module's attributes (``CELL_ARGS``), a zoneout
+    pair as a tuple, so that equal configurations share one cached cell."""
+    config = {name: getattr(module, name) for name in CELL_ARGS}
+    if isinstance(config["zoneout"], list):
+        config["zoneout"] = tuple(config["zoneout"])
+    return config
+
+
+def _random(module):
+    """Whether a training call of ``module`` draws masks: inter-layer dropout, or one of the
+    regularizers inside the loop (zoneout, recurrent / input dropout, DropConnect)."""
+    rates = [getattr(module, name) for name in ("dropout", *REGULARIZERS)]
+    return any(any(r) if isinstance(r, (tuple, list)) else bool(r) for r in rates)
 
 
 def functional_cell(config, backend="jax"):
@@ -157,6 +183,18 @@ class LSTM(nnx.Module):
         proj_size: P > 0 projects h to width P (LSTMP, ``W_hr`` (H, P)); 0 for none.
         dropout: probability of zeroing each input of layers after the first (as
             ``nn.LSTM`` places it) while the module is in training mode.
+        zoneout: p in [0, 1) or a pair (p_h, p_c) (Krueger et al. 2017): in training each
+            unit of h (of c) keeps its previous value with probability p_h (p_c), drawn
+            per step, h_t = k_t ∘ h_{t-1} + (1 - k_t) ∘ h̃_t; in evaluation
+            (``deterministic``) the expectation h_t = p_h h_{t-1} + (1 - p_h) h̃_t.
+        recurrent_dropout: Keras's: in training the recurrent input of gate g's product is
+            (h_{t-1} ∘ d_g) U_g, d_g (B, R) inverted dropout, one mask per gate, fixed over
+            the sequence; off in evaluation.
+        input_dropout: in training x_t as gate g's product reads it is x_t ∘ e_g, e_g
+            (B, F_in) inverted dropout, one mask per gate, fixed over the sequence.
+        dropconnect: in training U ∘ M, M (R, 4H) one inverted-dropout mask per call.
+            The four are the functional cell's (``lstm_multi.regularize``, the equations;
+            the masks from the ``"dropout"`` stream, gradients through the same masks).
         scheme: the initial parameters: "flax" (the default: Flax's
             ``OptimizedLSTMCell``'s, lecun-normal W, orthogonal U per gate, zero b),
             "uniform" (``nn.LSTM``'s), "keras" or "equinox"; see ``lstm_multi.init``.
@@ -180,6 +218,10 @@ class LSTM(nnx.Module):
         batch_first=True,
         proj_size=0,
         dropout=0.0,
+        zoneout=0.0,
+        recurrent_dropout=0.0,
+        input_dropout=0.0,
+        dropconnect=0.0,
         scheme="flax",
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -192,6 +234,10 @@ class LSTM(nnx.Module):
         self.batch_first = batch_first
         self.proj_size = proj_size
         self.dropout = dropout
+        self.zoneout = regularize.check_zoneout(zoneout)  # (p_h, p_c)
+        self.recurrent_dropout = recurrent_dropout
+        self.input_dropout = input_dropout
+        self.dropconnect = dropconnect
         self.deterministic = False  # model.eval() sets it, as on nnx.Dropout
         functional_cell(self._cell_config())  # checks the arguments above
         self.scheme = init.check_scheme(scheme)
@@ -199,7 +245,7 @@ class LSTM(nnx.Module):
         if not isinstance(rngs, nnx.Rngs):
             raise TypeError(f"rngs: expected an nnx.Rngs, got {type(rngs).__name__}")
         params = _draw(self._cell_config(), rngs.params(), self.param_dtype, self.scheme)
-        self.rngs = rngs if dropout else None
+        self.rngs = rngs if _random(self) else None
         self.layers = nnx.List(
             [
                 nnx.List([nnx.Dict({k: nnx.Param(v) for k, v in p.items()}) for p in layer])
@@ -208,7 +254,7 @@ class LSTM(nnx.Module):
         )
 
     def _cell_config(self):
-        return {name: getattr(self, name) for name in CELL_ARGS}
+        return _config(self)
 
     @property
     def cell(self):
@@ -243,13 +289,14 @@ class LSTM(nnx.Module):
         for full sequences (outputs past a length are zero, h_n and c_n are the states
         at each sequence's last valid step); or mask: (B, T) booleans, True at a real
         step, any pattern (held state and zero output at a masked step; docs/masks.md).
-        With ``dropout``: ``deterministic`` (default
-        the module's, False until ``model.eval()``) turns it off; the masks come from
-        ``rngs`` (default the module's) ``"dropout"`` stream.
+        With ``dropout``, ``zoneout``, ``recurrent_dropout``, ``input_dropout`` or
+        ``dropconnect``: ``deterministic`` (default the module's, False until
+        ``model.eval()``) says evaluation (no dropout, zoneout's expectation); in training
+        the masks come from ``rngs`` (default the module's) ``"dropout"`` stream.
         """
         deterministic = self.deterministic if deterministic is None else deterministic
         key = None
-        if self.dropout and not deterministic:
+        if _random(self) and not deterministic:
             key = (rngs if rngs is not None else self.rngs).dropout()
         return self.cell(self.params, x, state=state, lengths=lengths, mask=mask, dropout_key=key)
 
@@ -264,9 +311,11 @@ class LinenLSTM(linen.Module):
     """A multi-layer, optionally bidirectional LSTM of any ``lstm_multi`` variant (Flax Linen).
 
     The fields are ``LSTM``'s arguments (input_size, hidden_size, variant, num_layers,
-    bidirectional, batch_first, proj_size, dropout, scheme, param_dtype) and
-    ``deterministic`` (as on ``linen.Dropout``: with ``dropout``, a field or a call
-    argument must say it; a training call needs ``rngs={"dropout": key}``);
+    bidirectional, batch_first, proj_size, dropout, zoneout, recurrent_dropout,
+    input_dropout, dropconnect, scheme, param_dtype) and ``deterministic`` (as on
+    ``linen.Dropout``: with any of the dropouts or zoneout, a field or a call argument
+    must say it; a training call needs ``rngs={"dropout": key}``, the masks' key;
+    ``deterministic=True`` is evaluation, zoneout's expectation);
     ``module.init(key, x)`` draws the
     parameters from the key's ``"params"`` stream (distinct keys, distinct parameters).
     ``variables["params"]["layers"]`` is the canonical ``[layer][direction][name]`` pytree;
@@ -283,6 +332,10 @@ class LinenLSTM(linen.Module):
     batch_first: bool = True
     proj_size: int = 0
     dropout: float = 0.0
+    zoneout: float | tuple[float, float] = 0.0
+    recurrent_dropout: float = 0.0
+    input_dropout: float = 0.0
+    dropconnect: float = 0.0
     deterministic: bool | None = None
     scheme: str = "flax"
     param_dtype: object = jnp.float32
@@ -295,7 +348,7 @@ class LinenLSTM(linen.Module):
 
     @linen.nowrap
     def _cell_config(self):
-        return {name: getattr(self, name) for name in CELL_ARGS}
+        return _config(self)
 
     @property
     def cell(self):
@@ -322,7 +375,7 @@ class LinenLSTM(linen.Module):
     def __call__(self, x, state=None, lengths=None, deterministic=None, mask=None):
         """Run the network over a sequence: returns ``y, (h_n, c_n)`` (see ``LSTM.__call__``)."""
         key = None
-        if self.dropout:
+        if _random(self):
             deterministic = linen.merge_param("deterministic", self.deterministic, deterministic)
             if not deterministic:
                 key = self.make_rng("dropout")

@@ -12,17 +12,23 @@ capture (``CupyCapturer``) runs in the ``gpu`` test at the end.
 
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_close  # noqa: E402
 from doubles import EagerCapturer, ProgramKernels  # noqa: E402
 
+import lstm_multi  # noqa: E402
 from lstm_multi import bptt, network, spec  # noqa: E402
 from lstm_multi.backends import cupy_graphs, device_graphs  # noqa: E402
 from lstm_multi.backends.cupy_kernels import FusedOps  # noqa: E402
 from lstm_multi.backends.numpy_backend import ArrayModuleCell  # noqa: E402
+from lstm_multi.cell import FunctionalCell  # noqa: E402
 
 
 def _numpy_capturer(kind=EagerCapturer):
@@ -87,12 +93,13 @@ def _cell_problem(variant, proj_size=0, seed=0, T=6, B=3, dtype="float64"):
     return direct, graphed, params, x, state, lengths
 
 
-def _outputs(cell, params, x, state, lengths, seed=1):
-    """Forward outputs, then every gradient of a fixed weighting of them (flat list)."""
-    y, (h_n, c_n) = cell(params, x, state, lengths)
+def _outputs(cell, params, x, state, lengths, seed=1, key=None):
+    """Forward outputs, then every gradient of a fixed weighting of them (flat list);
+    ``key``: the call's ``dropout_key``."""
+    y, (h_n, c_n) = cell(params, x, state, lengths, dropout_key=key)
     rng = np.random.default_rng(seed)
     dy, dh_n, dc_n = (rng.normal(size=a.shape).astype(a.dtype) for a in (y, h_n, c_n))
-    grads, dx, (dh0, dc0) = cell.vjp(params, x, dy, state, lengths, dh_n, dc_n)
+    grads, dx, (dh0, dc0) = cell.vjp(params, x, dy, state, lengths, dh_n, dc_n, dropout_key=key)
     flat = [g[k] for layer in grads for g in layer for k in sorted(g)]
     return [y, h_n, c_n, dx, dh0, dc0, *flat]
 
@@ -434,6 +441,65 @@ def _cupy_backend():
     return cupy_backend
 
 
+# ---------------------------------------------------------------------------
+# zoneout, recurrent and input dropout, DropConnect: the NumPy backend's loop on the CuPy ops
+
+REGULARIZERS = dict(zoneout=(0.3, 0.2), recurrent_dropout=0.3, input_dropout=0.2, dropconnect=0.25)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_regularized_calls_are_the_numpy_cells(cuda_graphs):
+    """The CuPy cell's plumbing (``FusedOps``: the generated gate kernels, here their
+    programs on NumPy) runs ``regularize``'s loop and hand-written backward: training
+    (masks from the key, the NumPy cell's draws) and evaluation (zoneout's expectation),
+    forward and vjp, equal the NumPy cell's ("array"), lengths, two layers, both
+    directions; on ``cupy_kernels`` (the graphed engine refuses such a call, and a cell
+    with graphs runs it directly, capturing nothing)."""
+    kw = dict(num_layers=2, bidirectional=True, batch_first=False, **REGULARIZERS)
+    cell = ProgramCell(4, 5, "peephole", cuda_graphs=cuda_graphs, **kw)
+    reference = lstm_multi.get_cell("numpy")(4, 5, "peephole", engine="array", **kw)
+    params = cell.init(0, "float64")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 3, 4))
+    state = tuple(rng.normal(size=s) for s in cell.state_shapes(3))
+    lengths = np.array([6, 4, 1])
+    for key in (7, None):
+        got = _outputs(cell, params, x, state, lengths, key=key)
+        want = _outputs(reference, params, x, state, lengths, key=key)
+        for k, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert_close(a, b, "float64", f"output {k} with key {key}")
+        assert cell.last_choice.engine == "cupy_kernels"
+    if cuda_graphs:
+        (passed,) = cell.explain(x, dropout_key=7).passed_over
+        assert passed[0] == "cupy_graphed" and "zoneout" in passed[1]
+    other = cell(params, x, state, lengths, dropout_key=8)[0]
+    assert not np.allclose(other, cell(params, x, state, lengths, dropout_key=7)[0])
+    assert cell.graph_stats()["captures"] == 0
+
+
+def test_the_cupy_cell_takes_every_functional_cell_keyword():
+    """The CuPy ``Cell`` spells out its constructor: every keyword of ``FunctionalCell``
+    (the regularizers included) must be there and reach it (read from the source, so
+    that it is checked without CuPy; ``test_the_cupy_cell_takes_cuda_graphs`` builds one
+    where CuPy imports)."""
+    source = (Path(lstm_multi.__file__).parent / "backends" / "cupy_backend.py").read_text()
+    (init,) = [
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef) and node.name == "__init__"
+    ]
+    taken = {a.arg for a in init.args.args + init.args.kwonlyargs}
+    wanted = set(inspect.signature(FunctionalCell.__init__).parameters)
+    assert wanted <= taken, sorted(wanted - taken)
+    (call,) = [
+        node
+        for node in ast.walk(init)
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "__init__"
+    ]
+    passed = {k.arg for k in call.keywords} | {a.id for a in call.args}
+    assert wanted - {"self"} <= passed, sorted(wanted - {"self"} - passed)
+
+
 def test_cuda_graphs_must_be_a_bool():
     for value in ("yes", 1, None):
         with pytest.raises(TypeError, match="cuda_graphs: expected True or False"):
@@ -450,6 +516,11 @@ def test_the_cupy_cell_takes_cuda_graphs():
     assert cell.cuda_graphs is True
     assert isinstance(cell._graphs.graphed_forward.capturer, cupy_graphs.CupyCapturer)
     assert cupy_backend.Cell(3, 4).cuda_graphs is False
+    rates = dict(zoneout=(0.2, 0.1), recurrent_dropout=0.1, input_dropout=0.3, dropconnect=0.4)
+    regularized = cupy_backend.Cell(3, 4, **rates)
+    assert {name: getattr(regularized, name) for name in rates} == rates
+    with pytest.raises(ValueError, match="recurrent_dropout"):
+        cupy_backend.Cell(3, 4, recurrent_dropout=1.0)
     assert "cuda_graphs=True" in cupy_backend.Cell.__doc__
 
 

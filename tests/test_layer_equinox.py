@@ -161,6 +161,10 @@ def test_from_params_takes_another_backends_parameters():
         "proj_size": 0,
         "dropout": 0.0,
         "batch_first": False,
+        "zoneout": (0.0, 0.0),
+        "recurrent_dropout": 0.0,
+        "input_dropout": 0.0,
+        "dropconnect": 0.0,
     }
     _leaves_close(model.params, np_params, "float64", "params")
     x = _normal(6, (T, B, IN))

@@ -489,3 +489,200 @@ def test_every_variant_agrees_with_the_oracle(variant, thorough):
     for backend in BACKENDS if variant in ("peephole", "layernorm") else ("numpy", "torch"):
         _against_oracle(backend, 11, lengths=np.array([5, 3, 1]), variant=variant, **RATES)
         _against_oracle(backend, None, variant=variant, proj_size=2, **RATES)
+
+
+# the Flax and Equinox layers -------------------------------------------------------------
+
+#: the functional cells' rates: the layers' problems are the one of
+#: ``test_jax_key_is_traceable_and_grad_is_the_vjp`` (one layer, "lstm", x (4, 2, 2)
+#: float64), which runs before them, so that the run's persistent compilation cache
+#: (conftest) has their programs (a compile takes seconds)
+LAYER_RATES = RATES
+LAYER_FRONTENDS = ("nnx", "linen", "equinox")
+
+
+class _Layer:
+    """One layer of a frontend (float64 "lstm", 2 -> 3, time-major, one layer: one
+    compiled scan shared by the tests) seen through one interface:
+    ``train(x, seed, lengths)`` (the framework's own key or stream from ``seed``),
+    ``evaluate(x, lengths)``, ``grads(x, seed)`` (the canonical parameters' gradients of
+    sum(y) in training), ``params`` (canonical) and ``cell_key(seed)``: the JAX key the
+    functional cell gets from ``seed``, None where the framework derives it (Linen's
+    ``make_rng`` folds in the module path)."""
+
+    def __init__(self, frontend, **rates):
+        jax = pytest.importorskip("jax")
+        if not jax.config.jax_enable_x64:
+            pytest.skip("float64 needs JAX's x64 mode")
+        jnp = jax.numpy
+        config = dict(batch_first=False, **rates)
+        self.frontend, self.jax = frontend, jax
+        if frontend == "equinox":
+            eqx = pytest.importorskip("equinox")
+            from lstm_multi.equinox import LSTM
+
+            model = LSTM(2, 3, dtype=jnp.float64, key=jax.random.key(0), **config)
+            self.params = model.params
+
+            def run(params, x, key, lengths=None):
+                with_params = eqx.tree_at(lambda m: m.params, model, params)
+                return with_params(x, lengths=lengths, key=key, inference=key is None)[0]
+
+            self._run, self.model = run, model
+            self.cell_key = jax.random.key
+            return
+        pytest.importorskip("flax")
+        from flax import nnx
+
+        from lstm_multi.flax import LSTM, LinenLSTM
+
+        if frontend == "nnx":
+            model = LSTM(2, 3, param_dtype=jnp.float64, rngs=nnx.Rngs(0), **config)
+            self.params = model.params
+
+            def run(model, x, key, lengths=None):
+                if key is None:
+                    return model(x, lengths=lengths, deterministic=True)[0]
+                return model(x, lengths=lengths, rngs=nnx.Rngs(dropout=key))[0]
+
+            def grads(x, seed):  # nnx.grad of the module: its Params' gradients
+                layers = nnx.to_pure_dict(nnx.grad(lambda m: run(m, x, seed).sum())(model))
+                layers = layers["layers"]
+                return [[layers[l][d] for d in sorted(layers[l])] for l in sorted(layers)]
+
+            self._run, self.model, self._grads = run, model, grads
+            self.cell_key = lambda seed: nnx.Rngs(dropout=seed).dropout()
+            return
+        module = LinenLSTM(2, 3, param_dtype=jnp.float64, **config)
+        x = jax.ShapeDtypeStruct((4, 2, 2), jnp.float64)
+        variables = module.lazy_init(jax.random.key(0), x, deterministic=True)
+        self.params = [[dict(p) for p in layer] for layer in variables["params"]["layers"]]
+
+        def run(params, x, key, lengths=None):
+            variables = {"params": {"layers": params}}
+            if key is None:
+                return module.apply(variables, x, lengths=lengths, deterministic=True)[0]
+            rngs = {"dropout": jax.random.key(key)}
+            return module.apply(variables, x, lengths=lengths, deterministic=False, rngs=rngs)[0]
+
+        self._run, self.model = run, module
+        self.cell_key = lambda seed: None
+
+    def train(self, x, seed, lengths=None):
+        return self._run(self._held(), x, seed, lengths)
+
+    def evaluate(self, x, lengths=None):
+        return self._run(self._held(), x, None, lengths)
+
+    def _held(self):
+        return self.model if self.frontend == "nnx" else self.params
+
+    def grads(self, x, seed):
+        if self.frontend == "nnx":
+            return self._grads(x, seed)
+        return self.jax.grad(lambda p: self._run(p, x, seed).sum())(self.params)
+
+
+def _layer_x(seed=0):
+    return np.random.default_rng(seed).standard_normal((4, 2, 2))  # (T, B, in)
+
+
+@pytest.mark.parametrize("frontend", LAYER_FRONTENDS)
+def test_layers_train_with_the_frameworks_keys(frontend):
+    """Training: one key gives the same masks (the same y), another key others; the masks
+    are the functional cell's given the key the framework hands it (NNX's ``"dropout"``
+    stream, Equinox's ``key=``), and so are the gradients (the same masks); finite."""
+    layer = _Layer(frontend, **LAYER_RATES)
+    x = _layer_x()
+    a, b = layer.train(x, 1), layer.train(x, 1)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = layer.train(x, 2)
+    assert not np.allclose(np.asarray(a), np.asarray(other))
+    assert not np.allclose(np.asarray(a), np.asarray(layer.evaluate(x)))
+    grads = layer.grads(x, 1)
+    leaves = [np.asarray(g) for g in layer.jax.tree.leaves(grads)]
+    assert leaves and all(np.isfinite(g).all() for g in leaves)
+    assert all(np.abs(g).sum() > 0 for g in leaves)
+    key = layer.cell_key(1)
+    if key is None:  # Linen: make_rng's key is the framework's own derivation
+        return
+    cell = layer.model.cell  # the layer's functional cell (its compiled calls)
+    assert (cell.zoneout, cell.recurrent_dropout, cell.dropconnect) == ((0.3, 0.2), 0.3, 0.25)
+    want = cell(layer.params, x, dropout_key=key)[0]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(want))
+    want_grads = layer.jax.grad(lambda p: cell(p, x, dropout_key=key)[0].sum())(layer.params)
+    for got, expected in zip(leaves, layer.jax.tree.leaves(want_grads), strict=True):
+        assert_close(got, np.asarray(expected), "float64", "gradient")
+
+
+@pytest.mark.parametrize("frontend", LAYER_FRONTENDS)
+def test_layers_evaluate_zoneouts_expectation(frontend):
+    """Evaluation (``deterministic=True``, ``inference=True``): h_t = p_h h_{t-1} +
+    (1 - p_h) h̃_t, c likewise, every dropout off: the oracle's zoneout with the
+    probabilities, on the layer's own parameters."""
+    layer = _Layer(frontend, **LAYER_RATES)
+    x = _layer_x(1)
+    lengths = None  # the program of the training test's evaluation: compiled once
+    y = np.asarray(layer.evaluate(x, lengths))
+    np.testing.assert_array_equal(y, np.asarray(layer.evaluate(x, lengths)))
+    p_h, p_c = LAYER_RATES["zoneout"]
+    params = [[{k: np.asarray(v) for k, v in p.items()} for p in lay] for lay in layer.params]
+    zeros = np.zeros((1, 2, 3))
+    want = oracle.oracle(
+        "lstm", params, x, zeros, zeros, lengths, np.zeros_like(y), zeros, zeros,
+        masks=[{"keep_h": p_h, "keep_c": p_c, "drop": None, "drop_x": None}],
+    )  # fmt: skip
+    assert_close(y, want["y"], "float64", "y")
+    plain = oracle.oracle("lstm", params, x, zeros, zeros, lengths, y, zeros, zeros)
+    assert not np.allclose(y, plain["y"])  # the expectation is not the plain network
+
+
+@pytest.mark.parametrize("frontend", LAYER_FRONTENDS)
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        (dict(zoneout=1.0), ValueError, "zoneout"),
+        (dict(zoneout=(0.1, -0.2)), ValueError, "zoneout"),
+        (dict(recurrent_dropout=-0.1), ValueError, "recurrent_dropout"),
+        (dict(input_dropout="0.2"), TypeError, "input_dropout"),
+        (dict(dropconnect=True), TypeError, "dropconnect"),
+    ],
+)
+def test_layers_refuse_bad_rates(frontend, kwargs, error, name):
+    with pytest.raises(error, match=name):
+        _Layer(frontend, **kwargs)
+
+
+def test_equinox_training_needs_a_key_and_inference_ignores_it():
+    """As ``eqx.nn.Dropout``: a training call without a key is a RuntimeError naming
+    ``key``; ``inference=True`` is evaluation whatever the key (``dropout`` alone keeps
+    its rule, no key no dropout: test_layer_equinox)."""
+    layer = _Layer("equinox", **LAYER_RATES)
+    jax = layer.jax
+    x = _layer_x()
+    with pytest.raises(RuntimeError, match="key: .*zoneout, recurrent_dropout, dropconnect"):
+        layer.model(x)
+    np.testing.assert_array_equal(
+        np.asarray(layer.model(x, key=jax.random.key(3), inference=True)[0]),
+        np.asarray(layer.evaluate(x)),
+    )
+    with pytest.raises(TypeError, match="inference"):
+        layer.model(x, key=jax.random.key(3), inference=None)
+    from lstm_multi.equinox import LSTM
+
+    again = LSTM.from_params(layer.params, zoneout=0.2, input_dropout=0.1)
+    assert again.zoneout == (0.2, 0.2) and again.recurrent_dropout == 0.0
+    assert again.cell.input_dropout == 0.1  # input dropout reaches the cell too
+
+
+def test_flax_deterministic_is_evaluation():
+    """NNX: ``model.eval()`` (the module's ``deterministic``) is evaluation; Linen: with a
+    regularizer, ``deterministic`` must be said, as on ``linen.Dropout``."""
+    layer = _Layer("nnx", **LAYER_RATES)
+    x = _layer_x()
+    layer.model.eval()
+    np.testing.assert_array_equal(np.asarray(layer.model(x)[0]), np.asarray(layer.evaluate(x)))
+    linen = _Layer("linen", **LAYER_RATES)
+    variables = {"params": {"layers": linen.params}}
+    with pytest.raises(Exception, match="deterministic"):
+        linen.model.apply(variables, x)

@@ -21,6 +21,13 @@ Arrays may be CuPy or NumPy (copied to the current device).
 ``cuda_graphs=True`` replays each layer-direction's whole forward (with its
 tape) and whole backward from CUDA graphs captured once per shape
 (``cupy_graphs``): one host call a direction instead of a few a step.
+
+Zoneout, recurrent and input dropout and DropConnect (``lstm_multi.regularize``)
+run as on NumPy: the regularized loop and its hand-written backward
+(``regularize.loop_direction`` / ``backward_direction``) with CuPy as the array
+module, the gate math of each step in the fused kernel; the masks are NumPy's
+draws from the same key, copied to the device, so a CuPy cell draws the NumPy
+cell's masks. Such a call runs on ``cupy_kernels``, never from the CUDA graphs.
 """
 
 from __future__ import annotations
@@ -90,10 +97,16 @@ class Cell(GraphedDirectionsCell, ArrayModuleCell):
         *,
         engine: str = "auto",
         cuda_graphs: bool = False,
+        zoneout: float | tuple[float, float] = 0.0,
+        recurrent_dropout: float = 0.0,
+        dropconnect: float = 0.0,
+        input_dropout: float = 0.0,
     ):
         super().__init__(
             input_size, hidden_size, variant, num_layers, bidirectional, batch_first,
-            proj_size, dropout, engine=engine, cuda_graphs=cuda_graphs,
+            proj_size, dropout, engine=engine, cuda_graphs=cuda_graphs, zoneout=zoneout,
+            recurrent_dropout=recurrent_dropout, dropconnect=dropconnect,
+            input_dropout=input_dropout,
         )  # fmt: skip
 
     def _device_type(self, x):

@@ -65,7 +65,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, NamedTuple
 
-from .. import bptt, network, validation
+from .. import bptt, network, regularize, validation
 from . import kernel_direction
 from .device_graphs import (
     Capturer,
@@ -273,12 +273,21 @@ class GraphedDirectionsCell:
         if self._graphs is not None:
             self._graphs.free()
 
-    def _run_direction(self, ops, variant, p, xs, h0, c0, valid, record=False, engine=None):
-        if self._graphs is None:
-            return super()._run_direction(ops, variant, p, xs, h0, c0, valid, record)
+    def _run_direction(
+        self, ops, variant, p, xs, h0, c0, valid, record=False, engine=None, step_masks=None
+    ):
+        """Through the graphs where the cell has them and the call's engine is theirs;
+        a call with ``step_masks`` (zoneout, recurrent / input dropout, which the graphed
+        engine refuses) or on another engine runs the array module cell's loop."""
+        graphed = engine in (None, "cupy_graphed") and step_masks is None
+        if self._graphs is None or not graphed:
+            kwargs = {} if engine is None else {"engine": engine}
+            return super()._run_direction(
+                ops, variant, p, xs, h0, c0, valid, record, step_masks=step_masks, **kwargs
+            )
         return self._graphs.run_direction(ops, variant, p, xs, h0, c0, valid, record)
 
     def _backward_direction(self, ops, variant, p, tape, dys, dh, dc, valid):
-        if self._graphs is None:
+        if self._graphs is None or isinstance(tape, regularize.Tape):
             return super()._backward_direction(ops, variant, p, tape, dys, dh, dc, valid)
         return self._graphs.backward_direction(ops, variant, p, tape, dys, dh, dc, valid)
