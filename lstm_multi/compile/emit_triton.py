@@ -1,7 +1,8 @@
 """Triton from gate programs: one elementwise kernel forward and one backward per variant.
 
 The same programs as the CUDA C of ``emit_cuda``, written as a Triton module:
-one program instance per ``BLOCK`` elements of the (B, H) state, the gate
+one program instance per ``BLOCK`` elements of the (B, H) state (whole rows for
+a variant with row reductions, below), the gate
 blocks of z (B, 4H) and the parameter rows read through pointers with the
 same index arithmetic. Every load is converted to float32, the math runs in
 float32, h (and, as in the CUDA kernels, nothing else) is stored in the input
@@ -12,6 +13,29 @@ interpreter, so the module defines both nonlinearities from ``tl.exp``:
 sigmoid as the two-branch ``1 / (1 + e)`` / ``e / (1 + e)`` with
 ``e = exp(-|x|)``, and tanh as ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)`` for
 |x| >= 0.625 and Cephes' float32 polynomial below (where ``1 - e`` would cancel).
+
+Row reductions and split halves (``"layernorm"``, a user's RMS norm). A row mean
+needs the whole row in one program, so a variant whose gate math reduces over a
+row (``row_layout``) gets per-step kernels of another layout: one program per
+``BLOCK_B`` rows, each a (BLOCK_B, BLOCK_H) tile with BLOCK_H = H rounded up to a
+power of two (the runner takes BLOCK_B = 256 // BLOCK_H, at least 1), the index
+names of the flat layout (``offs``, ``mask``, ``lm_b``, ``lm_j``) as 2-D tiles so
+that the same load, store and math lines serve both. A variant without
+reductions keeps the flat layout exactly. The persistent kernels already hold
+(BLOCK_B, BLOCK_H) tiles of whole rows. A mean is the module's ``_lm_mean(mask,
+H, x)``: the masked row sum over H, (BLOCK_B, 1), which broadcasts against the
+tile; padding columns (H < BLOCK_H) and rows past B never enter it. A saved
+per-row value is stored at every unit of its row ((B, H), as the C++ kernels
+keep it), a per-row h, c or dz broadcast to the tile. ``rsqrt`` is ``1 /
+sqrt_rn(x)`` (the IEEE square root, not the approximate one).
+
+Split halves: the gate math reads x_t W (``zx_*``) and r U (``zr_*``) apart. The
+per-step kernels read them from the (B, 8H) z the generic step forms ([x_t W, r
+U], ``step.step_forward``) and write dz (B, 8H) as [dzx, dzr]; the persistent
+forward loads zx_t (x_t W without b) and keeps r U from its ``tl.dot`` apart,
+and its backward stores dzs (T, B, 8H) and forms dr from dzr alone. The bias is
+the gate math's parameter ``b`` (rows i, f, g, o of the (4H,) vector), its
+gradient one of the parameter terms.
 
 Constants: Triton types a Python float literal as float32 only when it is 0 or
 a normal float32 (2^-126 <= |k| <= FLT_MAX); any other (1e-40, 5e-324, 1e60)
@@ -61,15 +85,62 @@ def _lm_tanh(x):
 @triton.jit
 def _lm_add(a, b):
     return a + b
+
+
+@triton.jit
+def _lm_rsqrt(x):
+    return 1.0 / tl.sqrt_rn(x)
+
+
+@triton.jit
+def _lm_mean(keep, H, x):
+    return tl.reduce(tl.where(keep, x, 0.0), 1, _lm_sum)[:, None] / H
 '''
+
+
+def _sum_combine(interpret):
+    """The module's ``_lm_sum``, the combine of its sums (``tl.reduce``): ``_lm_add``
+    compiled; under the interpreter triton.language's own ``_sum_combine``, which the
+    interpreter runs as one ``np.sum`` (it calls any other combine once an element: 108
+    row means of "layernorm" took 13 s of a 24 s test). Not ``tl.sum``: a jit function of
+    triton.language, which the interpreter cannot call when triton was imported before
+    TRITON_INTERPRET was set."""
+    return "tl.standard._sum_combine" if interpret else "_lm_add"
+
 
 _INDEX = [
     "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
     "    mask = offs < n",
     "    lm_b = offs // H",
     "    lm_j = offs - lm_b * H",
-    "    lm_row = lm_b * 4 * H + lm_j",
 ]
+
+#: the row-wise layout of a variant with row reductions: a (BLOCK_B, BLOCK_H) tile of whole
+#: rows, with the flat layout's names (offs, mask, lm_b, lm_j) as 2-D index tiles
+_ROW_INDEX = [
+    "    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)",
+    "    lm_b = rows[:, None]",
+    "    lm_j = tl.arange(0, BLOCK_H)[None, :]",
+    "    mask = (lm_b < B) & (lm_j < H)",
+    "    offs = lm_b * H + lm_j",
+]
+
+
+def row_layout(programs: GatePrograms) -> bool:
+    """Whether the per-step kernels take whole rows (a (BLOCK_B, BLOCK_H) tile a program,
+    signature ``..., B, H, BLOCK_B, BLOCK_H``): where the gate math reduces over a row.
+    Otherwise one program per BLOCK flat elements (``..., n, H, BLOCK``)."""
+    return programs.has_reductions
+
+
+def _index(programs: GatePrograms):
+    """The per-step kernels' index lines and trailing arguments in ``programs``' layout;
+    ``lm_row`` indexes a row of z (B, 4H; split halves (B, 8H): [x_t W, r U])."""
+    width = len(programs.z_inputs)
+    row = [f"    lm_row = lm_b * {width} * H + lm_j"]
+    if row_layout(programs):
+        return _ROW_INDEX + row, "B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr"
+    return _INDEX + row, "n, H, BLOCK: tl.constexpr"
 
 
 def _function(op):
@@ -105,82 +176,104 @@ def _store(pointer, index, value, cast=False):
     return f"    tl.store({pointer} + {index}, {value}, mask=mask)"
 
 
-def _value(programs, node_id, given):
-    """A node's name in the kernel, or its constant broadcast to the block."""
+def _value(programs, node_id, given, shape="[BLOCK]"):
+    """A node's name in the kernel, or its constant broadcast to the block (``shape``)."""
     node = programs.graph.nodes[node_id]
     if node_id in given:
         return given[node_id]
     if node.op == "const":
-        return f"tl.full([BLOCK], {literal(node.value)}, tl.float32)"
+        return f"tl.full({shape}, {literal(node.value)}, tl.float32)"
     return f"v{node_id}"
 
 
-def _param_loads(programs, used, tile=False):
-    """Loads of the parameter rows the program reads: per element of a block, or (``tile``)
-    one (1, BLOCK_H) row broadcast over a (BLOCK_B, BLOCK_H) tile."""
+def _math(programs, roots, given, constant):
+    """``emit_array._lines`` as Triton statements: a row mean ``_lm_mean(x)`` is given the
+    tile's mask and H (``_lm_mean(mask, H, x)``: the masked row sum over H, (BLOCK_B, 1))."""
+    lines = _lines(programs, roots, given, _function, delete=False, constant=constant)
+    return [line.replace("_lm_mean(", "_lm_mean(mask, H, ") for line in lines]
+
+
+def _param_loads(programs, used, tile=False, rows=False):
+    """Loads of the parameter rows the program reads: per element of a block, or (``tile``,
+    or the per-step ``rows`` layout) one (1, BLOCK_H) row broadcast over a (BLOCK_B,
+    BLOCK_H) tile."""
     lines = []
     for name, rows in programs.params.items():
         for r, row in enumerate(rows):
             key = f"{name}_{row}"
             if programs.inputs[key] not in used:
                 continue
-            if tile:
+            if tile or rows:  # rows: lm_j is already (1, BLOCK_H)
                 load = f"tl.load({name}_ptr + {r} * H + lm_j, mask=lm_j < H, other=0.0)"
-                lines.append(f"    v_{key} = {load}.to(tl.float32)[None, :]")
+                lines.append(f"    v_{key} = {load}.to(tl.float32){'[None, :]' if tile else ''}")
             else:
                 lines.append(f"    v_{key} = {_load(f'{name}_ptr', f'{r} * H + lm_j')}")
     return lines
 
 
 def forward_source(programs: GatePrograms) -> str:
-    """``forward(z, c_prev, *params, h, c, *stored, n, H, BLOCK)``: what the CUDA kernel does."""
+    """``forward(z, c_prev, *params, h, c, *stored, n, H, BLOCK)``: what the CUDA kernel does
+    (row layout, ``row_layout``: ``..., B, H, BLOCK_B, BLOCK_H``)."""
     inputs = {programs.inputs[name]: f"v_{name}" for name in programs.forward_inputs}
     stored = forward_stored(programs)
     roots = [*programs.forward_outputs.values(), *stored]
+    rows = row_layout(programs)
+    index, sizes = _index(programs)
+    shape = "[BLOCK_B, BLOCK_H]" if rows else "[BLOCK]"
     pointers = ["z_ptr", "c_prev_ptr", *(f"{p}_ptr" for p in programs.params), "h_ptr", "c_ptr"]
     pointers += [f"{programs.saved_name(s)}_ptr" for s in stored]
-    lines = ["@triton.jit", f"def forward({', '.join(pointers)}, n, H, BLOCK: tl.constexpr):"]
-    lines += _INDEX
-    lines += [f"    v_z_{g} = {_load('z_ptr', f'{k} * H + lm_row')}" for k, g in enumerate(GATES)]
+    lines = ["@triton.jit", f"def forward({', '.join(pointers)}, {sizes}):"]
+    lines += index
+    lines += [
+        f"    v_{name} = {_load('z_ptr', f'{k} * H + lm_row')}"
+        for k, name in enumerate(programs.z_inputs)
+    ]
     lines.append(f"    v_c_prev = {_load('c_prev_ptr', 'offs')}")
-    lines += _param_loads(programs, set(inputs))
-    lines += _lines(programs, roots, inputs, _function, delete=False, constant=_BLOCK_CONSTANT)
-    h, c = (_value(programs, programs.forward_outputs[k], inputs) for k in ("h", "c"))
+    lines += _param_loads(programs, set(inputs), rows=rows)
+    lines += _math(programs, roots, inputs, _TILE_CONSTANT if rows else _BLOCK_CONSTANT)
+    h, c = (_value(programs, programs.forward_outputs[k], inputs, shape) for k in ("h", "c"))
     lines.append(_store("h_ptr", "offs", h, cast=True))
     lines.append(_store("c_ptr", "offs", c))
-    for s in stored:
-        lines.append(_store(f"{programs.saved_name(s)}_ptr", "offs", _value(programs, s, inputs)))
+    for s in stored:  # a per-row value (B, 1) is stored at each unit of its row
+        lines.append(
+            _store(f"{programs.saved_name(s)}_ptr", "offs", _value(programs, s, inputs, shape))
+        )
     return "\n".join(lines) + "\n"
 
 
 def backward_source(programs: GatePrograms) -> str:
-    """``backward(dh, dc, *saved, *params, dz, dc_prev, *param terms, n, H, BLOCK)``."""
+    """``backward(dh, dc, *saved, *params, dz, dc_prev, *param terms, n, H, BLOCK)`` (row
+    layout: ``..., B, H, BLOCK_B, BLOCK_H``); dz (B, 4H) or, split halves, (B, 8H)."""
     saved_names = [programs.saved_name(s) for s in programs.saved]
     given = {programs.inputs["dh"]: "v_dh", programs.inputs["dc"]: "v_dc"}
     given.update((s, f"v_{name}") for s, name in zip(programs.saved, saved_names, strict=True))
     for name in programs.param_rows:
         given[programs.inputs[name]] = f"v_{name}"
     outputs = programs.backward_outputs
+    rows = row_layout(programs)
+    index, sizes = _index(programs)
+    shape = "[BLOCK_B, BLOCK_H]" if rows else "[BLOCK]"
     pointers = ["dh_ptr", "dc_ptr", *(f"{s}_ptr" for s in saved_names)]
     pointers += [f"{p}_ptr" for p in programs.params]
     pointers += ["dz_ptr", "dc_prev_ptr", *(f"d{p}_ptr" for p in programs.params)]
-    lines = ["@triton.jit", f"def backward({', '.join(pointers)}, n, H, BLOCK: tl.constexpr):"]
-    lines += _INDEX
+    lines = ["@triton.jit", f"def backward({', '.join(pointers)}, {sizes}):"]
+    lines += index
     lines.append(f"    v_dh = {_load('dh_ptr', 'offs')}")
     lines.append(f"    v_dc = {_load('dc_ptr', 'offs')}")
     lines += [f"    v_{s} = {_load(f'{s}_ptr', 'offs')}" for s in saved_names]
-    lines += _param_loads(programs, set(given))
-    lines += _lines(
-        programs, list(outputs.values()), given, _function, delete=False, constant=_BLOCK_CONSTANT
+    lines += _param_loads(programs, set(given), rows=rows)
+    lines += _math(
+        programs, list(outputs.values()), given, _TILE_CONSTANT if rows else _BLOCK_CONSTANT
     )
-    for k, g in enumerate(GATES):
-        value = _value(programs, outputs[f"dz_{g}"], given)
+    for k, name in enumerate(programs.z_inputs):
+        value = _value(programs, outputs[f"d{name}"], given, shape)
         lines.append(_store("dz_ptr", f"{k} * H + lm_row", value))
-    lines.append(_store("dc_prev_ptr", "offs", _value(programs, outputs["dc_prev"], given)))
-    for name, rows in programs.params.items():
-        for r, row in enumerate(rows):
-            value = _value(programs, outputs[f"d{name}_{row}"], given)
-            index = f"(lm_b * {len(rows)} + {r}) * H + lm_j"
+    dc_prev = _value(programs, outputs["dc_prev"], given, shape)
+    lines.append(_store("dc_prev_ptr", "offs", dc_prev))
+    for name, param_rows in programs.params.items():
+        for r, row in enumerate(param_rows):
+            value = _value(programs, outputs[f"d{name}_{row}"], given, shape)
+            index = f"(lm_b * {len(param_rows)} + {r}) * H + lm_j"
             lines.append(_store(f"d{name}_ptr", index, value))
     return "\n".join(lines) + "\n"
 
@@ -201,10 +294,20 @@ _TILE = [
 
 def _tile_value(programs, node_id, given):
     """As ``_value``, a constant broadcast to the (BLOCK_B, BLOCK_H) tile."""
-    node = programs.graph.nodes[node_id]
-    if node_id not in given and node.op == "const":
-        return f"tl.full([BLOCK_B, BLOCK_H], {literal(node.value)}, tl.float32)"
-    return _value(programs, node_id, given)
+    return _value(programs, node_id, given, "[BLOCK_B, BLOCK_H]")
+
+
+def _whole_tile(text):
+    """``text`` broadcast to the tile: a per-row value (BLOCK_B, 1) becomes (BLOCK_B,
+    BLOCK_H), as a loop-carried state or an operand of ``tl.dot`` must be."""
+    return f"tl.broadcast_to({text}, [BLOCK_B, BLOCK_H])"
+
+
+def _recurrent_halves(programs):
+    """(name, gate) of the preactivation inputs that hold r U: all four of z (fused), the
+    ``zr_*`` of split halves; the others (``zx_*``) are x_t W alone."""
+    names = programs.z_inputs[-len(GATES) :]
+    return list(zip(names, GATES, strict=True))
 
 
 def _recurrent_blocks():
@@ -233,8 +336,9 @@ def sequence_forward_source(programs: GatePrograms, interpret: bool = False) -> 
 
     One program per ``BLOCK_B`` rows of the batch runs the whole time loop: z_t =
     zx_t + r_{t-1} U (``tl.dot`` with U's gate blocks held for the whole sequence),
-    the gate math, the states held past each length (``valid`` (T, B) bytes), and
-    stores h_t, c_t into hs, cs (T + 1, B, H; the caller writes h0, c0 at index 0),
+    the gate math (split halves: zx_t = x_t W without b, and r U, apart; a
+    row mean over the tile's whole rows), the states held past each length (``valid``
+    (T, B) bytes), and stores h_t, c_t into hs, cs (T + 1, B, H; the caller writes h0, c0 at index 0),
     y_t (zero past the length) and the saved values (T, B, H each). float32 math
     (``tl.dot`` in IEEE float32).
     """
@@ -262,17 +366,20 @@ def sequence_forward_source(programs: GatePrograms, interpret: bool = False) -> 
         "            r = h",
         "        zx_t = zx_ptr + t * B * 4 * H",
     ]
+    split = programs.halves == "split"
     for k, g in enumerate(GATES):
         load = f"tl.load(zx_t + zrow + {k} * H, mask=mask, other=0.0).to(tl.float32)"
-        lines.append(f"        v_z_{g} = {load} + tl.dot(r, U_{g}, input_precision='ieee')")
+        product = f"tl.dot(r, U_{g}, input_precision='ieee')"
+        if split:  # x_t W and r U apart (zx holds x W, no bias)
+            lines += [f"        v_zx_{g} = {load}", f"        v_zr_{g} = {product}"]
+        else:
+            lines.append(f"        v_z_{g} = {load} + {product}")
     lines.append("        v_c_prev = c")
-    lines += _indent(
-        _lines(programs, roots, inputs, _function, delete=False, constant=_TILE_CONSTANT)
-    )
+    lines += _indent(_math(programs, roots, inputs, _TILE_CONSTANT))
     h_new, c_new = (_tile_value(programs, programs.forward_outputs[k], inputs) for k in ("h", "c"))
     lines += [
-        f"        h_new = {h_new}",
-        f"        c_new = {c_new}",
+        f"        h_new = {_whole_tile(h_new)}",
+        f"        c_new = {_whole_tile(c_new)}",
         "        if HAS_VALID:",
         "            v = (tl.load(valid_ptr + t * B + rows, mask=row_ok, other=0) != 0)[:, None]",
         "            y = tl.where(v, h_new, 0.0)",
@@ -299,7 +406,8 @@ def sequence_backward_source(programs: GatePrograms, interpret: bool = False) ->
     *param partial sums, T, B, H, ...)``: the reverse time loop of one direction.
 
     Per step the derived gate backward (c_{t-1} and c_t read from cs), dz_t stored
-    into dzs (T, B, 4H; zero past the length), dh_{t-1} = dz_t U^T or, when the
+    into dzs (T, B, 4H, or for split halves (T, B, 8H) [dzx, dzr]; zero past the
+    length), dh_{t-1} = dz_t U^T (split halves: dzr_t U^T) or, when the
     recurrence reads c, dc_{t-1} += dz_t U^T (``tl.dot`` with U's blocks held), and
     the parameter terms summed over the tile's rows and the steps into this
     program's row of each ``d{name}`` (programs, rows, H). Past a length dz is zero
@@ -311,6 +419,7 @@ def sequence_backward_source(programs: GatePrograms, interpret: bool = False) ->
     for name in programs.param_rows:
         given[programs.inputs[name]] = f"v_{name}"
     outputs = programs.backward_outputs
+    width = len(programs.z_inputs)  # dz_t (B, 4H), or (B, 8H) [dzx, dzr] for split halves
     stored = forward_stored(programs)
     from_states = {
         programs.inputs["c_prev"]: "tl.load(cs_ptr + at, mask=mask, other=0.0)",
@@ -329,11 +438,12 @@ def sequence_backward_source(programs: GatePrograms, interpret: bool = False) ->
         *_TILE,
         *_recurrent_blocks(),
         *_param_loads(programs, set(given), tile=True),
+        f"    dzrow = rows[:, None] * {width} * H + lm_j[None, :]",
         "    dh = tl.load(dhT_ptr + state, mask=mask, other=0.0).to(tl.float32)",
         "    dc = tl.load(dcT_ptr + state, mask=mask, other=0.0).to(tl.float32)",
     ]
     sums = [f"{name}_{row}" for name, rows in programs.params.items() for row in rows]
-    # (tl.full and tl.reduce with the module's own _lm_add, not tl.zeros / tl.sum: those are
+    # (tl.full and tl.reduce with the module's _lm_sum, not tl.zeros / tl.sum: those are
     # jit functions of triton.language that its interpreter cannot call when triton was
     # imported before TRITON_INTERPRET was set)
     lines += [f"    sum_{key} = tl.full([BLOCK_H], 0.0, tl.float32)" for key in sums]
@@ -353,17 +463,15 @@ def sequence_backward_source(programs: GatePrograms, interpret: bool = False) ->
     for node, name in zip(programs.saved, saved_names, strict=True):
         load = from_states.get(node, f"tl.load({name}_ptr + at, mask=mask, other=0.0)")
         lines.append(f"        v_{name} = {load}")
-    backward = _lines(
-        programs, list(outputs.values()), given, _function, delete=False, constant=_TILE_CONSTANT
-    )
-    lines += _indent(backward)
-    for k, g in enumerate(GATES):
-        value = _tile_value(programs, outputs[f"dz_{g}"], given)
+    lines += _indent(_math(programs, list(outputs.values()), given, _TILE_CONSTANT))
+    for k, name in enumerate(programs.z_inputs):
+        value = _whole_tile(_tile_value(programs, outputs[f"d{name}"], given))
         lines += [
-            f"        dz_{g} = {value}",
+            f"        d{name} = {value}",
             "        if HAS_VALID:",
-            f"            dz_{g} = tl.where(v, dz_{g}, 0.0)",
-            f"        tl.store(dzs_ptr + t * B * 4 * H + zrow + {k} * H, dz_{g}, mask=mask)",
+            f"            d{name} = tl.where(v, d{name}, 0.0)",
+            f"        tl.store(dzs_ptr + t * B * {width} * H + dzrow + {k} * H, d{name}, "
+            "mask=mask)",
         ]
     for key in sums:
         value = _tile_value(programs, outputs[f"d{key}"], given)
@@ -371,10 +479,13 @@ def sequence_backward_source(programs: GatePrograms, interpret: bool = False) ->
             f"        term_{key} = {value}",
             "        if HAS_VALID:",
             f"            term_{key} = tl.where(v, term_{key}, 0.0)",
-            f"        sum_{key} += tl.reduce(tl.where(mask, term_{key}, 0.0), 0, _lm_add)",
+            f"        sum_{key} += tl.reduce(tl.where(mask, term_{key}, 0.0), 0, _lm_sum)",
         ]
-    dr = " + ".join(f"tl.dot(dz_{g}, tl.trans(U_{g}), input_precision='ieee')" for g in GATES)
-    dc_prev = _tile_value(programs, outputs["dc_prev"], given)
+    dr = " + ".join(
+        f"tl.dot(d{name}, tl.trans(U_{g}), input_precision='ieee')"
+        for name, g in _recurrent_halves(programs)
+    )
+    dc_prev = _whole_tile(_tile_value(programs, outputs["dc_prev"], given))
     lines += [
         f"        dr = {dr}",
         "        if RECURRENT_C:",
@@ -400,10 +511,10 @@ def sequence_backward_source(programs: GatePrograms, interpret: bool = False) ->
 
 
 def module_source(programs: GatePrograms, interpret: bool = False) -> str:
-    derive.check_kernel_programs(programs, "Triton kernel emitter")
+    derive.check_kernel_programs(programs, "Triton kernel emitter", reductions=True, split=True)
     return "\n\n".join(
         [
-            PRELUDE,
+            PRELUDE + f"\n\n_lm_sum = {_sum_combine(interpret)}\n",
             forward_source(programs),
             backward_source(programs),
             sequence_forward_source(programs, interpret),
