@@ -3,7 +3,9 @@
 Each variant's forward and backward kernel against the NumPy evaluation of the
 same programs in float64 (what the CUDA C is checked against too), half inputs,
 the kernels' own sigmoid and tanh against float64 references, and a user's
-variant. On a GPU the same kernels run compiled (tests/test_gpu.py does not
+variant. Row reductions and split halves: the layer-normalised built-ins on both
+engines against the oracle, a user's RMS norm against the array code, and that
+check's power (a row mean over H + 1 fails it). On a GPU the same kernels run compiled (tests/test_gpu.py does not
 cover them yet).
 """
 
