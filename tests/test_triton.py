@@ -80,6 +80,41 @@ def test_triton_kernels_equal_the_program(kernels, name):
     _check(kernels, variant, *_inputs(variant, np.random.default_rng(1)), tol=2e-6)
 
 
+@pytest.mark.parametrize("name", ["layernorm", "layernorm_peephole"])
+def test_triton_kernels_with_row_reductions_equal_the_array_code(kernels, name):
+    """The per-step kernels of a split-halves variant with row means (whole rows a program:
+    3 rows of 5 units in an (8, 8)... tile of 32 rows by 8 columns, padding both ways)
+    against the array code in float64: h, c, the saved values (a per-row one stored at
+    every unit), dz (B, 8H) = [dzx, dzr], dc_{t-1} and each parameter's terms, b's
+    included (B, 4, H)."""
+    from lstm_multi.ops import ArrayModuleOps
+
+    variant, ops = spec.VARIANTS[name], ArrayModuleOps(np)
+    rng = np.random.default_rng(6)
+    batch, hidden = 3, 5
+    z = (rng.normal(size=(batch, 8 * hidden)) * 1.5).astype(np.float32)
+    c_prev, dh, dc = (rng.normal(size=(batch, hidden)).astype(np.float32) for _ in range(3))
+    shapes = {**variant.extra_param_shapes(hidden), "b": (4 * hidden,)}
+    extra = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    wide = {k: _wide(v) for k, v in extra.items()}
+    h, c, saved = kernels.forward(variant, _t(z), _t(c_prev), {k: _t(v) for k, v in extra.items()})
+    rh, rc, rsaved = variant.gates_forward(ops, _wide(z), _wide(c_prev), wide)
+    for got, want in zip((h, c, *saved), (rh, rc, *rsaved), strict=True):
+        want = np.broadcast_to(want, (batch, hidden))
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+    dz, dc_prev, terms = kernels.backward(
+        variant, _t(dh), _t(dc), saved, {k: _t(v) for k, v in extra.items()}
+    )
+    rdz, rdc_prev, rgrads = variant.gates_backward(ops, _wide(dh), _wide(dc), rsaved, wide)
+    assert dz.shape == (batch, 8 * hidden)
+    np.testing.assert_allclose(dz.numpy(), rdz, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dc_prev.numpy(), rdc_prev, rtol=1e-5, atol=1e-5)
+    assert set(terms) == set(rgrads) == set(variant.gate_params)
+    for k, term in terms.items():
+        got = term.sum(0).reshape(rgrads[k].shape).numpy()
+        np.testing.assert_allclose(got, rgrads[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
 def test_triton_kernels_take_half_inputs(kernels):
     """float16 in: the math in float32, h rounded to float16 (a half ulp of it)."""
     variant = spec.VARIANTS["peephole"]
