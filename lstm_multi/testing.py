@@ -29,9 +29,9 @@ unless said otherwise:
    by Triton's interpreter in float32, against the program's evaluation.
 
 A variant whose gate math a kernel emitter does not write yet has that target
-reported skipped with the reason (``triton`` for row reductions, ``rsqrt`` and
-split halves, which the C++ kernels, ``cpu``, and the CUDA C, ``kernels``, write):
-the engine table runs it elsewhere.
+reported skipped with the reason: today every emitter writes row reductions,
+``rsqrt`` and split halves (the C++ kernels, ``cpu``; the CUDA C row kernels,
+``kernels``; Triton, ``triton``), so only an operation none of them writes would be.
 
 Returns a ``VariantReport`` (printable) and raises ``AssertionError`` listing
 what failed, unless ``raise_on_failure=False``. A target is never reported
@@ -417,8 +417,7 @@ def _triton_kernels(make, variant):
 
 
 def _check_triton(variant, rng, report):
-    if _not_written(variant, report, "triton", "the Triton kernels"):
-        return
+    # (no _not_written: the Triton kernels write row reductions, rsqrt and split halves)
     missing = [m for m in ("torch", "triton") if importlib.util.find_spec(m) is None]
     if missing:
         note = f"({' and '.join(missing)} not installed: pip install {' '.join(missing)})"
@@ -430,12 +429,13 @@ def _check_triton(variant, rng, report):
 
     programs = variant.programs
     batch, hidden = 3, 5
-    z = (rng.normal(size=(batch, 4 * hidden)) * 1.5).astype(np.float32)
+    width = len(programs.z_inputs)  # 4 blocks of z, or 8 (x_t W, r U) for split halves
+    z = (rng.normal(size=(batch, width * hidden)) * 1.5).astype(np.float32)
     c_prev, dh, dc = (rng.normal(size=(batch, hidden)).astype(np.float32) for _ in range(3))
-    extra = {
-        k: rng.normal(size=s).astype(np.float32)
-        for k, s in variant.extra_param_shapes(hidden).items()
-    }
+    shapes = variant.extra_param_shapes(hidden)
+    if variant.split:
+        shapes["b"] = (4 * hidden,)
+    extra = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
     t_extra = {k: torch.from_numpy(v) for k, v in extra.items()}
     with environment.temporarily("TRITON_INTERPRET", "1"):
         kernels = _build(report, "triton", lambda: _triton_kernels(TritonKernels, variant))
@@ -451,22 +451,25 @@ def _check_triton(variant, rng, report):
             note = f"({type(why).__name__}: {why})"
             report.results.append(CheckResult("triton", "FAILED", note=note))
             return
-    wide = {k: np.asarray(v, np.float64) for k, v in extra.items()}
-    inputs = dict(zip(("z_i", "z_f", "z_g", "z_o"), np.split(z.astype(np.float64), 4, -1),
+    wide = {
+        name: np.asarray(extra[name], np.float64).reshape(len(rows), hidden)
+        for name, rows in variant.gate_params.items()
+    }
+    inputs = dict(zip(programs.z_inputs, np.split(z.astype(np.float64), width, -1),
                       strict=True))  # fmt: skip
     inputs["c_prev"] = c_prev.astype(np.float64)
-    for name, rows in variant.params.items():
+    for name, rows in variant.gate_params.items():
         inputs.update((f"{name}_{row}", wide[name][r]) for r, row in enumerate(rows))
     want_h, want_c, want_saved = evaluate.evaluate_forward(programs, inputs)
     back = {"dh": dh.astype(np.float64), "dc": dc.astype(np.float64)}
     back.update((k, v) for k, v in inputs.items() if k in programs.param_rows)
     saved64 = [np.asarray(s.numpy(), np.float64) for s in saved]
     out = evaluate.evaluate_backward(programs, back, saved64)
-    want_dz = np.concatenate([out[f"dz_{g}"] for g in spec.GATE_ORDER], -1)
+    want_dz = np.concatenate([out[f"d{name}"] for name in programs.z_inputs], -1)
     pairs = [(h.numpy(), want_h), (c.numpy(), want_c), (dz.numpy(), want_dz)]
     pairs += [(s.numpy(), w) for s, w in zip(saved, want_saved, strict=True)]
     pairs.append((dc_prev.numpy(), out["dc_prev"]))
-    for name, rows in variant.params.items():
+    for name, rows in variant.gate_params.items():
         want = np.stack([out[f"d{name}_{row}"] for row in rows], 1)
         pairs.append((terms[name].numpy(), want))
     worst = max(_relative(a, b) for a, b in pairs)

@@ -26,8 +26,8 @@ import lstm_multi
 CORE_VARIANTS = ("lstm", "peephole", "peephole_full")
 #: the built-in variants the one-thread-a-unit kernel emitters (CUDA C, Triton, Pallas)
 #: write: all but those with row reductions (the layer-normalised ones, which the C++ CPU
-#: kernels and the array engines run; tests/test_layernorm.py checks that the others
-#: refuse them by name)
+#: kernels, the Triton kernels (tests/test_triton.py) and the array engines run;
+#: tests/test_layernorm.py checks that the others refuse them by name)
 KERNEL_VARIANTS = tuple(
     sorted(n for n, v in lstm_multi.spec.VARIANTS.items() if v.programs.kernel_refusal() is None)
 )

@@ -13,15 +13,16 @@
 * CuPy's CUDA C row kernels compiled on the host (each pass's threads one after
   another) against the programs, at several block sizes, and their power (a wrong mean,
   a tree missing a level); the whole networks against the oracle are in test_gpu.py;
-* the engine table: every other GPU kernel engine refuses such a variant naming what it
-  lacks, the CuPy and Pallas engines take it, "auto" picks the array engine (scan on
-  JAX) and says why (the Pallas kernels against the oracle: tests/test_pallas.py);
+* the engine table: the C++, CUDA C, Triton and Pallas engines take such a variant, the
+  one that does not (``graphed_array``) refuses naming what it lacks, "auto" picks the
+  array engine on the GPU (scan on JAX) and says why (the Triton engines on the oracle:
+  tests/test_triton.py, and here under --thorough; Pallas's: tests/test_pallas.py);
 * the parameters: names, shapes, gains 1 and shifts 0 under every scheme.
 """
 
 from __future__ import annotations
 
-import re
+import importlib.util
 
 import numpy as np
 import pytest
@@ -169,16 +170,16 @@ def test_row_mean_is_written_once_a_row():
 
 def test_user_reduction_variant_passes_check_variant():
     """Traced, derived and checked: finite differences of one step and of a network, the
-    array loop, the C++ kernels and the CUDA C row kernels on the host (which write
-    reductions) and torch against NumPy; the Triton kernels say they do not write it."""
+    array loop, the C++ kernels, the CUDA C row kernels on the host and the Triton kernels
+    (interpreted), which all write reductions, and torch against NumPy."""
     report = lstm_multi.testing.check_variant(RMS, backends=["numpy", "torch"])
     status = {r.name: r for r in report.results}
     assert status["gates"].status == status["network"].status == "passed"
     assert status["array"].status == status["torch"].status == "passed"
     for name in ("cpu", "kernels"):
         assert status[name].status == ("passed" if build.host_compiler() else "skipped")
-    for name in ("triton",):
-        assert status[name].status == "skipped" and "row reductions (mean)" in status[name].note
+    triton = importlib.util.find_spec("triton") is not None
+    assert status["triton"].status == ("passed" if triton else "skipped")
 
 
 @needs_compiler
@@ -429,31 +430,45 @@ def _run(backend, config, problem, variant=None, **kwargs):
     return run_cell(_cell_for(backend, config, variant, **kwargs), config, problem, "float64")
 
 
-#: (backend, engine): the array engines, JAX's scan, and the C++ kernels
+#: (backend, engine): the array engines, JAX's scan, the C++ kernels and the Triton ones
+#: (interpreted, float32; the default run's cases are tests/test_triton.py's)
 ENGINES = [("numpy", "array"), ("numpy", "cpu_kernels"), ("torch", "array"),
-           ("torch", "cpu_kernels"), ("jax", "auto")]  # fmt: skip
+           ("torch", "cpu_kernels"), ("jax", "auto"), ("torch", "triton"),
+           ("torch", "triton_persistent")]  # fmt: skip
+TRITON_ENGINES = ("triton", "triton_persistent")
 
 
 @pytest.mark.parametrize("case", list(CONFIGS))
 @pytest.mark.parametrize("variant", LAYER_NORMS)
 @pytest.mark.parametrize(("backend", "engine_name"), ENGINES)
-def test_layernorm_matches_the_oracle(backend, engine_name, variant, case, thorough):
-    """Outputs and every gradient (W, U, b, p, the gains and shifts, x, h0, c0), float64.
-    JAX compiles each case (seconds): the default run takes its path with "layers" of
-    "layernorm_peephole" (and "layernorm" in the mask test)."""
+def test_layernorm_matches_the_oracle(backend, engine_name, variant, case, thorough, monkeypatch):
+    """Outputs and every gradient (W, U, b, p, the gains and shifts, x, h0, c0), float64
+    (the Triton kernels: float32, interpreted). JAX compiles each case (seconds): the
+    default run takes its path with "layers" of "layernorm_peephole" (and "layernorm" in
+    the mask test); the Triton interpreter takes seconds a case too: the default run takes
+    its path in tests/test_triton.py (smaller sizes)."""
     if backend == "jax" and (case, variant) != ("layers", "layernorm_peephole") and not thorough:
         pytest.skip("runs under --thorough only: JAX takes its path with layernorm_peephole")
+    if engine_name in TRITON_ENGINES:
+        if not thorough:
+            pytest.skip("runs under --thorough only: tests/test_triton.py takes the path")
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     _backend(backend)
     if engine_name == "cpu_kernels" and build.host_compiler() is None:
         pytest.skip("no host C++ compiler")
     config = _config(variant, **CONFIGS[case])
     problem = make_problem(config)
     expected = reference(config, problem)
-    for dtype in ("float64", "float32") if engine_name == "cpu_kernels" else ("float64",):
+    dtypes = {"cpu_kernels": ("float64", "float32"), "triton": ("float32",),
+              "triton_persistent": ("float32",)}.get(engine_name, ("float64",))  # fmt: skip
+    for dtype in dtypes:
         cell = _cell_for(backend, config, engine=engine_name)
         result = run_cell(cell, config, problem, dtype)
+        # (the persistent kernels take no projection: the per-step Triton kernels run it)
+        ran = "triton" if (engine_name, case) == ("triton_persistent", "projection") else None
         if engine_name != "auto":
-            assert cell.last_choice.engine == engine_name
+            assert cell.last_choice.engine == (ran or engine_name)
         assert_matches_reference(result, expected, dtype, f"{backend}/{engine_name}/{case}")
 
 
@@ -534,21 +549,33 @@ def _case(backend, device, dtype="float32", variant="layernorm", **kw):
     return engine.Case(backend, device, dtype, spec.VARIANTS[variant], 16, **kw)
 
 
+def test_every_engine_but_native_takes_row_reductions_and_split_halves():
+    """Every engine of the table writes (or runs the array code of) "layernorm" and a
+    user's RMS norm: none refuses it for its gate math; only PyTorch's own kernel, which
+    computes plain "lstm", does (the Triton engines need triton; their test follows)."""
+    devices = {"cuda": "cuda", "cpu": "cpu", "gpu (interpreted on cpu)": "gpu", "any": "cpu"}
+    for candidate in engine.engines():
+        if candidate.name == "native" or "triton" in candidate.name:
+            continue
+        device = devices.get(candidate.devices.split(",")[0].split(" (")[0], "cuda")
+        for backend in candidate.backends:
+            for variant in (spec.VARIANTS["layernorm"], RMS):
+                case = engine.Case(backend, device, candidate.dtypes[-1], variant, 16)
+                why = candidate.refusal(case)
+                assert why is None or "compiler" in why, (candidate.name, backend, why)
+
+
 @pytest.mark.parametrize(
-    ("name", "device", "kernels"),
-    [
-        ("triton", "cuda", "the Triton kernels"),
-        ("triton_persistent", "cuda", "the Triton kernels"),
-        ("graphed_array", "cuda", "the CUDA-graph engines"),
-        ("graphed_triton", "cuda", "the CUDA-graph engines"),
-        ("graphed_triton_persistent", "cuda", "the CUDA-graph engines"),
-    ],
+    "name", ["triton", "triton_persistent", "graphed_triton", "graphed_triton_persistent"]
 )
-def test_kernel_engines_refuse_row_reductions_by_name(name, device, kernels):
-    backend = engine.get_engine(name).backends[0]
-    why = engine.get_engine(name).refusal(_case(backend, device))
-    assert why is not None and why.startswith("row reductions (mean), rsqrt and split halves")
-    assert f"not yet in {kernels}" in why
+def test_triton_engines_take_reductions_and_split_halves(name, monkeypatch):
+    """The Triton kernels write row reductions, rsqrt and split halves: the Triton engines
+    (and their graph replays) take "layernorm" and a user's RMS norm on CUDA tensors."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    triton = importlib.util.find_spec("triton") is not None
+    for case in (_case("torch", "cuda"), engine.Case("torch", "cuda", "float32", RMS, 16)):
+        why = engine.get_engine(name).refusal(case)
+        assert (why is None) if triton else ("triton" in why), why
 
 
 def test_cpu_kernels_take_reductions_and_split_halves():
@@ -595,17 +622,16 @@ def test_native_refuses_and_auto_picks_the_array_code():
         ("cupy", "cuda", "cupy_kernels"),
     ]:
         assert engine.select_engine(_case(backend, device)).engine == picked
-    named = engine.select_engine(_case("torch", "cuda"), "triton_persistent")
-    assert named.engine == "array"
-    assert [n for n, _ in named.passed_over] == ["triton_persistent", "triton"]
+    for name in ("graphed_array", "triton", "graphed_triton"):  # each runs it when named
+        assert engine.select_engine(_case("torch", "cuda"), name).engine == name
 
 
 def test_explain_says_why_the_array_engine_runs():
-    """On the GPU (the case, no device needed) every kernel engine refuses by name."""
-    choice = engine.select_engine(_case("torch", "cuda"), "graphed_triton")
+    """On the GPU (the case, no device needed) auto passes over PyTorch's kernel, which
+    computes plain "lstm" only, and says so."""
+    choice = engine.select_engine(_case("torch", "cuda"), "auto")
     assert choice.engine == "array"
-    assert "row reductions (mean)" in dict(choice.passed_over)["graphed_triton"]
-    assert "row reductions (mean)" in dict(choice.passed_over)["triton"]
+    assert "not 'layernorm'" in dict(choice.passed_over)["native"]
 
 
 def test_fused_ops_run_a_reduction_through_the_kernels():
@@ -638,20 +664,19 @@ def test_fused_ops_run_a_reduction_through_the_kernels():
         assert_close(dextra[name], want_extra[name], "float64", f"d{name}")
 
 
-def test_kernel_emitters_refuse_by_name():
+def test_every_kernel_emitter_writes_the_layer_norm():
     from lstm_multi.compile import emit_triton
 
     programs = spec.VARIANTS["layernorm"].programs
     assert "LM_G 8" in emit_cpu.cpu_source(programs, "double")  # the C++ one writes it
     assert "__syncthreads" in emit_cuda.ROW_PRELUDE  # and CUDA C, as row kernels
     assert emit_cuda.forward_row_kernel(programs, "x").means == 6
-    for make, target, what in [
-        (lambda: emit_triton.module_source(programs), "Triton kernel emitter", "row"),
-    ]:
-        with pytest.raises(
-            NotImplementedError, match=re.escape(f"{target}: the gate math has {what}")
-        ):
-            make()
+    # the Triton one too: six row means (of the three LNs) a step, forward and persistent
+    assert emit_triton.forward_source(programs).count("_lm_mean(mask, H, ") == 6
+    assert emit_triton.sequence_forward_source(programs).count("_lm_mean(mask, H, ") == 6
+    # CUDA C's element kernels are for programs without reductions: asked, they say so
+    with pytest.raises(ValueError, match="the element kernels are for programs without row"):
+        emit_cuda.forward_kernel(programs, "x")
 
 
 # parameters ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import thorough_params  # noqa: E402
 from doubles import EagerCapturer  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
 
@@ -88,7 +89,14 @@ def _run(cell, runner, params, x, h0, c0, lengths):
 
 
 @pytest.mark.parametrize(
-    "variant, proj_size", [("lstm", 0), ("peephole", 0), ("peephole_full", 0), ("peephole", 3)]
+    "variant, proj_size",
+    [
+        ("lstm", 0),
+        ("peephole", 0),
+        ("peephole_full", 0),
+        ("peephole", 3),
+        ("layernorm_peephole", 3),
+    ],
 )
 def test_replays_equal_direct_calls_bit_for_bit(variant, proj_size):
     """Forward and backward replayed from graphs give exactly the direct results, with
@@ -650,9 +658,13 @@ def test_the_module_takes_the_options_and_checks_them():
     torch.testing.assert_close(chosen(x)[0], plain(x)[0], rtol=1e-6, atol=1e-6)
 
 
-def test_replays_of_the_triton_gate_kernels_equal_direct_calls(monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    "variant", thorough_params(["peephole", "layernorm"], ["peephole"], "the default run takes")
+)
+def test_replays_of_the_triton_gate_kernels_equal_direct_calls(variant, monkeypatch, tmp_path):
     """The graphed loop over the per-step Triton kernels (Triton's interpreter on the
-    CPU): the tape of the Triton ops crosses the graph like the array code's."""
+    CPU): the tape of the Triton ops crosses the graph like the array code's ("layernorm":
+    split halves and whole rows a program, engine "graphed_triton")."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("LSTM_MULTI_CACHE", str(tmp_path))
@@ -667,7 +679,7 @@ def test_replays_of_the_triton_gate_kernels_equal_direct_calls(monkeypatch, tmp_
         ops, False, torch_graphs.graphed_engine_for(engine, applies=lambda tensors: True)
     )
     direct = torch_bptt.direction_runner(ops, False, None)
-    cell, params, x, h0, c0, lengths = _problem("peephole", layers=1, T=4)
+    cell, params, x, h0, c0, lengths = _problem(variant, layers=1, T=4)
     want = _run(cell, direct, params, x, h0, c0, lengths)
     for _ in range(3):
         got = _run(cell, graphed, params, x, h0, c0, lengths)

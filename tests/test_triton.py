@@ -3,7 +3,9 @@
 Each variant's forward and backward kernel against the NumPy evaluation of the
 same programs in float64 (what the CUDA C is checked against too), half inputs,
 the kernels' own sigmoid and tanh against float64 references, and a user's
-variant. On a GPU the same kernels run compiled (tests/test_gpu.py does not
+variant. Row reductions and split halves: the layer-normalised built-ins on both
+engines against the oracle, a user's RMS norm against the array code, and that
+check's power (a row mean over H + 1 fails it). On a GPU the same kernels run compiled (tests/test_gpu.py does not
 cover them yet).
 """
 
@@ -15,12 +17,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install triton)")
 
+from conftest import thorough_params  # noqa: E402
 from doubles import ProgramKernels  # noqa: E402
 from reference import KERNEL_VARIANTS  # noqa: E402
 
-from lstm_multi import Variant, sigmoid, spec, tanh  # noqa: E402
+from lstm_multi import Variant, mean, rsqrt, sigmoid, spec, tanh  # noqa: E402
 
-VARIANTS = list(KERNEL_VARIANTS)  # reductions: tests/test_layernorm.py
+VARIANTS = list(KERNEL_VARIANTS)  # reductions and split halves: the layer-norm tests below
 
 
 @pytest.fixture
@@ -75,6 +78,41 @@ def _check(kernels, variant, z, c_prev, extra, dh, dc, tol):
 def test_triton_kernels_equal_the_program(kernels, name):
     variant = spec.VARIANTS[name]
     _check(kernels, variant, *_inputs(variant, np.random.default_rng(1)), tol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["layernorm", "layernorm_peephole"])
+def test_triton_kernels_with_row_reductions_equal_the_array_code(kernels, name):
+    """The per-step kernels of a split-halves variant with row means (whole rows a program:
+    3 rows of 5 units in an (8, 8)... tile of 32 rows by 8 columns, padding both ways)
+    against the array code in float64: h, c, the saved values (a per-row one stored at
+    every unit), dz (B, 8H) = [dzx, dzr], dc_{t-1} and each parameter's terms, b's
+    included (B, 4, H)."""
+    from lstm_multi.ops import ArrayModuleOps
+
+    variant, ops = spec.VARIANTS[name], ArrayModuleOps(np)
+    rng = np.random.default_rng(6)
+    batch, hidden = 3, 5
+    z = (rng.normal(size=(batch, 8 * hidden)) * 1.5).astype(np.float32)
+    c_prev, dh, dc = (rng.normal(size=(batch, hidden)).astype(np.float32) for _ in range(3))
+    shapes = {**variant.extra_param_shapes(hidden), "b": (4 * hidden,)}
+    extra = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    wide = {k: _wide(v) for k, v in extra.items()}
+    h, c, saved = kernels.forward(variant, _t(z), _t(c_prev), {k: _t(v) for k, v in extra.items()})
+    rh, rc, rsaved = variant.gates_forward(ops, _wide(z), _wide(c_prev), wide)
+    for got, want in zip((h, c, *saved), (rh, rc, *rsaved), strict=True):
+        want = np.broadcast_to(want, (batch, hidden))
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+    dz, dc_prev, terms = kernels.backward(
+        variant, _t(dh), _t(dc), saved, {k: _t(v) for k, v in extra.items()}
+    )
+    rdz, rdc_prev, rgrads = variant.gates_backward(ops, _wide(dh), _wide(dc), rsaved, wide)
+    assert dz.shape == (batch, 8 * hidden)
+    np.testing.assert_allclose(dz.numpy(), rdz, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dc_prev.numpy(), rdc_prev, rtol=1e-5, atol=1e-5)
+    assert set(terms) == set(rgrads) == set(variant.gate_params)
+    for k, term in terms.items():
+        got = term.sum(0).reshape(rgrads[k].shape).numpy()
+        np.testing.assert_allclose(got, rgrads[k], rtol=1e-5, atol=1e-5, err_msg=k)
 
 
 def test_triton_kernels_take_half_inputs(kernels):
@@ -236,6 +274,87 @@ def test_persistent_kernels_match_the_oracle(kernels, variant, persistent_launch
     )
     assert_matches_reference(result, expected, "float64", f"oracle vs fallback/{variant}")
     assert launches == {"sequence_forward": 8, "sequence_backward": 4}, launches
+
+
+#: the layer-normalised built-ins (row reductions, split halves) on both engines: the default
+#: run takes each engine with one of them, the thorough run the product
+LAYER_NORM_CASES = thorough_params(
+    [(e, v) for e in ("triton", "triton_persistent") for v in ("layernorm", "layernorm_peephole")],
+    [("triton", "layernorm"), ("triton_persistent", "layernorm_peephole")],
+)
+
+
+@pytest.mark.parametrize(("engine_name", "variant"), LAYER_NORM_CASES)
+def test_triton_engines_run_layer_norm_against_the_oracle(
+    kernels, engine_name, variant, persistent_launches
+):
+    """The layer-normalised variants on the per-step kernels (whole rows a program) and the
+    persistent ones (a row mean over the tile), against the oracle in float32: outputs and
+    every gradient (W, U, b, the gains and shifts, p, x, h0, c0), both directions, lengths
+    and an initial state; H = 6, so the tiles have padding columns the means must skip."""
+    from reference import Config, make_problem, reference
+    from test_agreement import assert_matches_reference, run_cell
+
+    config = Config(variant, 2, 3, 2, 6, 1, True, True, True, False, 13)
+    problem = make_problem(config)
+    cell = config.cell("torch", native=False, engine=engine_name)
+    result = run_cell(cell, config, problem, "float32")
+    assert cell.last_choice.engine == engine_name
+    assert_matches_reference(result, reference(config, problem), "float32", engine_name)
+    persistent = engine_name == "triton_persistent"  # call and vjp's forward, 2 directions
+    want = (
+        {"sequence_forward": 4, "sequence_backward": 2}
+        if persistent
+        else dict.fromkeys(persistent_launches, 0)
+    )
+    assert persistent_launches == want
+
+
+def _rms_norm_cell(z, c_prev, g):
+    """A user's reduction: h = o tanh(g c / rms(c)), the RMS over the row of c."""
+    c = sigmoid(z.f) * c_prev + sigmoid(z.i) * tanh(z.g)
+    return sigmoid(z.o) * tanh(g.c * c * rsqrt(mean(c * c) + 1e-5)), c
+
+
+@pytest.mark.parametrize("perturbed", [False, True], ids=["mean", "sum over H+1"])
+@pytest.mark.parametrize("engine_name", ["triton", "triton_persistent"])
+def test_a_user_reduction_variant_runs_on_the_triton_engines(
+    kernels, engine_name, perturbed, monkeypatch
+):
+    """A user's RMS norm of c on both Triton engines equals the array code (float32 against
+    float64, 1e-4), outputs and every gradient; and the check has power: the kernels' row
+    mean divided by H + 1 instead of H fails it."""
+    import lstm_multi
+    from lstm_multi.compile import emit_triton
+
+    if perturbed:
+        wrong = emit_triton.PRELUDE.replace("[:, None] / H\n", "[:, None] / (H + 1)\n")
+        assert wrong != emit_triton.PRELUDE
+        monkeypatch.setattr(emit_triton, "PRELUDE", wrong)
+    # a new Variant each run: the engine's kernels are cached per variant object
+    variant = Variant("rms_c", _rms_norm_cell, params={"g": ("c",)}, param_init={"g": 1.0})
+    Cell = lstm_multi.get_cell("torch")
+    sizes = dict(input_size=3, hidden_size=6, variant=variant, bidirectional=True, native=False)
+    reference, fused = Cell(**sizes, engine="array"), Cell(**sizes, engine=engine_name)
+    params = reference.init(seed=1, dtype="float64")
+    rng = np.random.default_rng(0)
+    x, dy = rng.normal(size=(2, 3, 3)), rng.normal(size=(2, 3, 12))
+    want = reference(params, x, lengths=[3, 2]), reference.vjp(params, x, dy, lengths=[3, 2])
+    single = [[{k: v.float() for k, v in d.items()} for d in layer] for layer in params]
+    x32, dy32 = x.astype(np.float32), dy.astype(np.float32)
+    got = fused(single, x32, lengths=[3, 2]), fused.vjp(single, x32, dy32, lengths=[3, 2])
+    assert fused.last_choice.engine == engine_name
+
+    def compare():
+        for a, b in zip(_leaves(got), _leaves(want), strict=True):
+            a, b = torch.as_tensor(a).detach().double(), torch.as_tensor(b).detach()
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+    if perturbed:
+        with pytest.raises(AssertionError):
+            compare()
+    else:
+        compare()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import bptt, environment, spec
-from ..step import recurrent_weight
+from ..step import input_projection, recurrent_weight
 from .torch_bptt import OneDnnTorchOps, direction_runner_for
 from .triton_kernels import TritonKernels
 
@@ -54,7 +54,8 @@ class TritonTorchOps(OneDnnTorchOps):
         if not triton_can_run(dh):
             return super().gates_backward(variant, dh, dc, cache, extra)
         dz, dc_prev, terms = self.kernels.backward(variant, dh, dc, cache, extra)
-        return dz, dc_prev, {name: t.sum(0) for name, t in terms.items()}
+        # (B, rows, H) terms summed over the batch, in the parameter's shape (b: (4H,))
+        return dz, dc_prev, {name: t.sum(0).reshape(extra[name].shape) for name, t in terms.items()}
 
 
 TRITON_OPS = TritonTorchOps()
@@ -70,11 +71,11 @@ class PersistentEngine:
 
     def _weights(self, variant, p):
         U = recurrent_weight(self.ops, variant, p["U"])
-        return U, {name: p[name] for name in variant.params}
+        return U, {name: p[name] for name in variant.gate_params}
 
     def forward(self, variant, p, xs, h0, c0, valid, record):
         U, extra = self._weights(variant, p)
-        zx = self.ops.project(xs, p["W"], p["b"])
+        zx = input_projection(self.ops, variant, xs, p)  # x W + b, or x W for split halves
         ys, hs, cs, stored = self.ops.kernels.sequence_forward(variant, zx, U, h0, c0, extra, valid)
         tape = (xs, hs, cs, *stored) if record else ()
         return ys, hs[-1], cs[-1].to(c0.dtype), tape

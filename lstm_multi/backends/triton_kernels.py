@@ -5,7 +5,10 @@
 ``backward(variant, dh, dc, saved, extra) -> (dz, dc_prev, terms)``, with
 ``terms`` each parameter's per-element gradient terms (B, rows, H). The kernels
 (``lstm_multi.compile.emit_triton``) are generated per variant, a user's own
-included, on first use. They run on CUDA tensors, or on CPU tensors under
+included, on first use. A variant with split halves (``"layernorm"``) takes z
+(B, 8H) = [x_t W, r U] and gives dz (B, 8H) = [dzx, dzr], its bias b among the
+parameters (terms (B, 4, H)); one with row reductions runs whole rows a program
+(``emit_triton.row_layout``). They run on CUDA tensors, or on CPU tensors under
 ``TRITON_INTERPRET=1`` (set before first use), which is how CI tests them.
 
 The math is float32: inputs may be float32, float16 or bfloat16 (h comes back
@@ -25,6 +28,7 @@ import triton
 
 from .. import environment
 from ..compile.emit_cuda import forward_stored
+from ..compile.emit_triton import row_layout
 from ..kernels import triton_modules
 from ..kernels.build import cache_dir
 
@@ -56,11 +60,24 @@ class TritonKernels:
                 f"float16 or bfloat16 tensors, got {tensor.dtype}"
             )
 
-    def _grid(self, n):
-        return (triton.cdiv(n, self.BLOCK),)
+    def _launch(self, kernel, programs, shape, *args):
+        """``kernel`` over a (B, H) state in the programs' layout (``emit_triton.row_layout``):
+        BLOCK flat elements a program, or, where the gate math reduces over a row, whole
+        rows: BLOCK_B = BLOCK // BLOCK_H rows (at least one) of BLOCK_H = H rounded up to a
+        power of two, a tile of BLOCK elements while H <= BLOCK."""
+        batch, hidden = shape
+        if not row_layout(programs):
+            n = batch * hidden
+            return kernel[(triton.cdiv(n, self.BLOCK),)](*args, n, hidden, BLOCK=self.BLOCK)
+        block_h = triton.next_power_of_2(hidden)
+        block_b = max(1, self.BLOCK // block_h)
+        grid = (triton.cdiv(batch, block_b),)
+        return kernel[grid](*args, batch, hidden, BLOCK_B=block_b, BLOCK_H=block_h)
 
     def _params(self, variant, extra, like):
-        return [extra[name].to(like.dtype).contiguous() for name in variant.params]
+        """The gate math's parameters (``Variant.gate_params``: for split halves the bias b
+        (4H,) first, its rows i, f, g, o at b + r H), contiguous in ``like``'s dtype."""
+        return [extra[name].to(like.dtype).contiguous() for name in variant.gate_params]
 
     def forward(self, variant, z, c_prev, extra):
         self._check("z", z)
@@ -72,10 +89,10 @@ class TritonKernels:
         c = torch.empty(shape, dtype=torch.float32, device=z.device)
         stored = {n: torch.empty_like(c) for n in forward_stored(programs)}
         params = self._params(variant, extra, z)
-        n = c.numel()
-        self.module(variant).forward[self._grid(n)](
-            z, c_prev, *params, h, c, *stored.values(), n, shape[-1], BLOCK=self.BLOCK
-        )
+        self._launch(
+            self.module(variant).forward, programs, shape, z, c_prev, *params, h, c,
+            *stored.values(),
+        )  # fmt: skip
         known = {programs.inputs["c_prev"]: c_prev, programs.forward_outputs["c"]: c, **stored}
         return h, c, tuple(known[node] for node in programs.saved)
 
@@ -84,17 +101,18 @@ class TritonKernels:
         batch, hidden = dc.shape
         dh, dc = dh.contiguous(), dc.to(torch.float32).contiguous()
         saved = [s.to(torch.float32).contiguous() for s in saved]
-        dz = torch.empty((batch, 4 * hidden), dtype=torch.float32, device=dc.device)
+        width = len(variant.programs.z_inputs) * hidden  # 4H, or 8H for split halves
+        dz = torch.empty((batch, width), dtype=torch.float32, device=dc.device)
         dc_prev = torch.empty_like(dc)
         terms = {
             name: torch.empty((batch, len(rows), hidden), dtype=torch.float32, device=dc.device)
-            for name, rows in variant.params.items()
+            for name, rows in variant.gate_params.items()
         }
         params = self._params(variant, extra, dh)
-        n = dc.numel()
-        self.module(variant).backward[self._grid(n)](
-            dh, dc, *saved, *params, dz, dc_prev, *terms.values(), n, hidden, BLOCK=self.BLOCK
-        )
+        self._launch(
+            self.module(variant).backward, variant.programs, (batch, hidden), dh, dc, *saved,
+            *params, dz, dc_prev, *terms.values(),
+        )  # fmt: skip
         return dz, dc_prev, terms
 
     # the whole time loop in one launch ----------------------------------------------
@@ -119,8 +137,9 @@ class TritonKernels:
         return valid.reshape(valid.shape[0], valid.shape[1]).to(torch.uint8).contiguous()
 
     def sequence_forward(self, variant, zx, U, h0, c0, extra, valid):
-        """One direction forward: zx (T, B, 4H) = x W + b, U (H, 4H) (unused gate blocks
-        zeroed), h0, c0 (B, H), valid (T, B, 1) booleans or None.
+        """One direction forward: zx (T, B, 4H) = x W + b (split halves: x W, the bias is
+        among ``extra``), U (H, 4H) (unused gate blocks zeroed), h0, c0 (B, H), valid (T,
+        B, 1) booleans or None.
 
         Returns (ys (T, B, H) in zx's dtype, hs and cs (T + 1, B, H) from h0, c0 on,
         the stored values (T, B, H) each, float32, as ``forward_stored`` lists them).
@@ -147,19 +166,21 @@ class TritonKernels:
     def sequence_backward(self, variant, dys, dh, dc, cs, stored, U, extra, valid):
         """One direction backward from ``sequence_forward``'s cs and stored values.
 
-        Returns (dzs (T, B, 4H), dh0, dc0 (B, H), the parameter gradients {name: (rows,
-        H)}), float32; dW, dU, db and dx follow from dzs (``bptt.direction_grads``).
+        Returns (dzs (T, B, 4H), or (T, B, 8H) [dzx, dzr] for split halves, dh0, dc0 (B,
+        H), the parameter gradients in ``extra``'s shapes: (rows, H), b (4H,)), float32;
+        dW, dU, db and dx follow from dzs (``bptt.direction_grads``).
         """
         self._check("dys", dys)
         steps, batch, hidden = dys.shape
         device, f32 = dys.device, torch.float32
         programs_n = triton.cdiv(batch, self.BLOCK_B)
-        dzs = torch.empty((steps, batch, 4 * hidden), dtype=f32, device=device)
+        width = len(variant.programs.z_inputs) * hidden  # 4H, or 8H [dzx, dzr] (split)
+        dzs = torch.empty((steps, batch, width), dtype=f32, device=device)
         dh0 = torch.empty((batch, hidden), dtype=f32, device=device)
         dc0 = torch.empty_like(dh0)
         sums = {
             name: torch.zeros((programs_n, len(rows), hidden), dtype=f32, device=device)
-            for name, rows in variant.params.items()
+            for name, rows in variant.gate_params.items()
         }
         self.module(variant).sequence_backward[(programs_n,)](
             dys.contiguous(), dh.to(f32).contiguous(), dc.to(f32).contiguous(), cs, *stored,
@@ -167,4 +188,5 @@ class TritonKernels:
             self._valid_bytes(valid, dys), dzs, dh0, dc0, *sums.values(), steps, batch, hidden,
             **self._sequence_meta(variant, batch, hidden, valid),
         )  # fmt: skip
-        return dzs, dh0, dc0, {name: total.sum(0) for name, total in sums.items()}
+        return dzs, dh0, dc0, {name: total.sum(0).reshape(extra[name].shape)
+                               for name, total in sums.items()}  # fmt: skip
