@@ -85,12 +85,11 @@ Row reductions. ``mean(v)`` is the mean of the per-unit value v over the H
 units of its row (one sequence's state), read as the same number at every
 unit; a mean over the 4H preactivations is ``0.25 * mean(v.i + v.f + v.g +
 v.o)``. The derived backward spreads a row mean's gradient evenly
-(d mean(v) / d v_j = 1 / H). So far the array code (NumPy, PyTorch, JAX, CuPy
-arrays), the C++ CPU kernels (a row function in phases; split halves not
-yet in their batch split) and CuPy's CUDA C (row kernels: a thread block a row) run
-reductions, ``rsqrt`` and split halves; the Triton and Pallas emitters map one thread
-to one unit and refuse them by name, and the engine table keeps such a variant on the
-engines that run it.
+(d mean(v) / d v_j = 1 / H). Every target runs reductions, ``rsqrt`` and split
+halves: the array code (NumPy, PyTorch, JAX, CuPy arrays), the C++ CPU kernels
+(a row function in phases), CuPy's CUDA C (row kernels: a thread block a row),
+Triton (per-step and persistent: whole rows a program), Pallas (whole rows a
+program) and ONNX (``ReduceMean``).
 
 Canonical parameters of one layer and direction (``in`` is input_size for
 layer 0 and H * num_directions after)::

@@ -23,13 +23,13 @@ is *per-row* when it is a ``mean`` or an operation of per-row values and
 constants only (``row_valued``); the emitters hold such a value once a row
 ((B, 1) in array code) and broadcast it where it meets per-unit values.
 
-Every emitter writes the element-wise operations; ``mean`` and ``rsqrt`` are so
-far written by the array code (NumPy, PyTorch, JAX, CuPy arrays) and the C++
-CPU kernels (a row function in phases, ``emit_cpu._row_loops``) and CuPy's CUDA C (row
-kernels, ``emit_cuda``; both phase the row as ``row_phases`` says): the Triton and
-Pallas emitters map one thread to one unit and refuse a program with a
-reduction (``GatePrograms.kernel_refusal``), and the engine table keeps such a
-variant off them.
+Every emitter writes the element-wise operations, ``mean`` and ``rsqrt``: the
+array code (NumPy, PyTorch, JAX, CuPy arrays), the C++ CPU kernels (a row
+function in phases, ``emit_cpu``) and CuPy's CUDA C (row kernels, ``emit_cuda``;
+both phase the row as ``row_phases`` says), Triton (a program takes whole rows;
+a mean is a masked sum over the row, ``emit_triton``), the Pallas kernels (whole
+rows a program, ``jax_pallas``) and ONNX (``emit_onnx``). An emitter that meets
+an operation it does not write refuses it by name (``GatePrograms.kernel_refusal``).
 A constant is held as the Python float (a double) it was written as; every
 target writes it exactly and rounds it once to its computation type, as NumPy's
 ``np.full_like(x, k)`` does (``evaluate``): in a float32 kernel 1e60 is inf and
