@@ -86,8 +86,8 @@ units of its row (one sequence's state), read as the same number at every
 unit; a mean over the 4H preactivations is ``0.25 * mean(v.i + v.f + v.g +
 v.o)``. The derived backward spreads a row mean's gradient evenly
 (d mean(v) / d v_j = 1 / H). So far the array code (NumPy, PyTorch, JAX, CuPy
-arrays) and the C++ CPU kernels (a row function in phases; split halves not
-yet in their batch split) run reductions, ``rsqrt`` and split halves; the CUDA C,
+arrays) and the C++ CPU kernels (a row function in phases, in every loop
+including the batch split) run reductions, ``rsqrt`` and split halves; the CUDA C,
 Triton, Pallas and ONNX emitters map one thread to one unit and refuse them by
 name, and the engine table keeps such a variant on the engines that run it.
 
