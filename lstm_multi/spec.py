@@ -87,7 +87,7 @@ unit; a mean over the 4H preactivations is ``0.25 * mean(v.i + v.f + v.g +
 v.o)``. The derived backward spreads a row mean's gradient evenly
 (d mean(v) / d v_j = 1 / H). Every target runs reductions, ``rsqrt`` and split
 halves: the array code (NumPy, PyTorch, JAX, CuPy arrays), the C++ CPU kernels
-(a row function in phases), CuPy's CUDA C (row kernels: a thread block a row),
+(a row function in phases, in every loop including the batch split), CuPy's CUDA C (row kernels: a thread block a row),
 Triton (per-step and persistent: whole rows a program), Pallas (whole rows a
 program) and ONNX (``ReduceMean``).
 

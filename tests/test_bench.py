@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import lstm_multi
@@ -522,6 +523,77 @@ def test_the_articles_module_runs_only_when_named_or_in_full_runs():
     assert "article" in chosen(["bench", "--full"])
     assert "article" in chosen(["bench", "--peer", "article"])
     assert "article" not in chosen(["bench", "--full", "--no-peers"])
+
+
+def test_the_layer_norm_baselines_run_with_the_layernorm_variant_only():
+    """The framework-ops layer norm LSTM has "layernorm" cases only, so the default run
+    (lstm, peephole, peephole_full) measures nothing more; ``-v layernorm`` adds its eager
+    form, and its torch.compile form (a compile per size and mode) is named or in --full."""
+    from lstm_multi.bench import cli, suite
+
+    pytest.importorskip("torch")
+
+    def cases(argv):
+        parser = cli.build_parser()
+        chosen = cli.config_from_args(parser.parse_args(argv), parser)
+        variants = chosen.variants or config.DEFAULT_VARIANTS
+        return {(r.name, v) for r, v in suite._cases(suite.select_runners(chosen), variants)}
+
+    assert not {name for name, _ in cases(["bench"])} & {
+        "layernorm.torch_ops",
+        "layernorm.torch_compile",
+    }
+    layernorm = cases(["bench", "-b", "torch", "-v", "layernorm"])
+    assert {("torch", "layernorm"), ("layernorm.torch_ops", "layernorm")} <= layernorm
+    assert "layernorm.torch_compile" not in {name for name, _ in layernorm}
+    named = cases(["bench", "-b", "torch", "-v", "layernorm", "--peer", "layernorm.torch_compile"])
+    assert ("layernorm.torch_compile", "layernorm") in named
+    assert ("layernorm.torch_compile", "layernorm") in cases(["bench", "-v", "layernorm", "--full"])
+
+
+def test_the_framework_ops_layer_norm_lstm_agrees_with_the_oracle():
+    """The baseline the "layernorm" rows are compared with (``peers.layernorm_lstm_module``,
+    written by hand in plain torch as a user would) computes the oracle's function, outputs
+    and every gradient, float64: the comparison is like for like."""
+    torch = pytest.importorskip("torch")
+    from reference import Config, make_problem, reference
+
+    from lstm_multi.bench import peers
+
+    shape = dict(batch=3, steps=5, input_size=4, hidden_size=6, num_layers=1)
+    problem_config = Config("layernorm", **shape, bidirectional=False, with_state=True,
+                            with_lengths=False, batch_first=False, seed=3)  # fmt: skip
+    problem = make_problem(problem_config)
+    expected = reference(problem_config, problem)
+    p = problem.params[0][0]
+    module = peers.layernorm_lstm_module()(4, 6).double()
+    norms = {"x": module.ln_x, "h": module.ln_h, "c": module.ln_c}
+    with torch.no_grad():
+        for name in ("W", "U", "b"):
+            getattr(module, name).copy_(torch.tensor(p[name]))
+        for key, norm in norms.items():
+            norm.weight.copy_(torch.tensor(p[f"gamma_{key}"].reshape(-1)))
+            norm.bias.copy_(torch.tensor(p[f"beta_{key}"].reshape(-1)))
+    x = torch.tensor(problem.x.swapaxes(0, 1), requires_grad=True)  # batch-first
+    h0 = torch.tensor(problem.h0[0], requires_grad=True)
+    c0 = torch.tensor(problem.c0[0], requires_grad=True)
+    y, (h_n, c_n) = module(x, (h0, c0))
+    loss = (y * torch.tensor(problem.dy.swapaxes(0, 1))).sum()
+    loss = loss + (h_n * torch.tensor(problem.dh_n[0])).sum()
+    (loss + (c_n * torch.tensor(problem.dc_n[0])).sum()).backward()
+    got = {"y": y.detach().numpy().swapaxes(0, 1), "h_n": h_n.detach().numpy()[None],
+           "c_n": c_n.detach().numpy()[None], "dx": x.grad.numpy().swapaxes(0, 1),
+           "dh0": h0.grad.numpy()[None], "dc0": c0.grad.numpy()[None]}  # fmt: skip
+    for key, value in got.items():
+        np.testing.assert_allclose(value, expected[key], rtol=1e-10, atol=1e-12, err_msg=key)
+    want = expected["grads"][0][0]
+    grads = {name: getattr(module, name).grad.numpy() for name in ("W", "U", "b")}
+    for key, norm in norms.items():
+        grads[f"gamma_{key}"] = norm.weight.grad.numpy().reshape(want[f"gamma_{key}"].shape)
+        grads[f"beta_{key}"] = norm.bias.grad.numpy().reshape(want[f"beta_{key}"].shape)
+    assert set(grads) == set(want)
+    for key, value in grads.items():
+        np.testing.assert_allclose(value, want[key], rtol=1e-10, atol=1e-12, err_msg=f"d{key}")
 
 
 def test_backend_choice_restricts_every_row():

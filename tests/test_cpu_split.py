@@ -70,8 +70,7 @@ class _threads:
         torch.set_num_threads(self.before)
 
 
-#: split halves (the layer-normalised variants) do not run the batch split yet (kernel_direction)
-@pytest.mark.parametrize("variant", sorted(n for n, v in spec.VARIANTS.items() if not v.split))
+@pytest.mark.parametrize("variant", sorted(spec.VARIANTS))
 def test_split_loops_match_the_oracle(variant, monkeypatch):
     used = _split_used(monkeypatch)
     config = _config(variant)  # batch 3: rows 0 | 1, 2 over two threads
@@ -98,11 +97,14 @@ def _vjp_of(cell, params, x, dy, lengths):
     return [y, *state, dx, dh0, dc0, *torch.utils._pytree.tree_leaves(grads)]
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("variant", ["peephole", "peephole_full"])
+@pytest.mark.parametrize(
+    ("variant", "threads"),
+    [(v, n) for v in ("peephole", "peephole_full") for n in (1, 2, 3)] + [("layernorm", 3)],
+)
 def test_split_equals_the_per_step_loop(variant, threads, monkeypatch):
     """The split loops against one torch.mm and one fused step call a step (both forced
-    past the whole-sequence C loop, which would otherwise take this size)."""
+    past the whole-sequence C loop, which would otherwise take this size); "layernorm"'s
+    split halves (r U in a scratch array of its own, dzr's half of dz) over 3 uneven threads."""
     used = _split_used(monkeypatch)
     cell = lstm_multi.get_cell("torch")(5, 40, variant=variant, num_layers=2,
                                         bidirectional=True, native=False)  # fmt: skip

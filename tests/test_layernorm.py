@@ -168,6 +168,19 @@ def test_row_mean_is_written_once_a_row():
     assert source.count("ops.rsqrt(") == 3
 
 
+@pytest.mark.parametrize("variant", LAYER_NORMS)
+def test_cpu_forward_row_computes_each_nonlinearity_once(variant):
+    """The C++ forward row runs in five loops (three layer norms); the gates' sigmoids and
+    tanh, which c_t needs, are kept in scratch by the loop that computes them, not called
+    again in the loops after it (emit_cpu._row_loops; benchmarks/NOTES.md section 23):
+    three sigmoids and two tanh, as a plain LSTM's row."""
+    source = emit_cpu.cpu_source(spec.VARIANTS[variant].programs, "float")
+    forward = source[source.index("lm_forward_row(") : source.index("lm_backward_row(")]
+    assert forward.count("#pragma omp simd") == 5
+    assert forward.count("lm_sigmoid(") == 3 and forward.count("lm_tanh(") == 2
+    assert "lm_row_scratch(" in forward
+
+
 def test_user_reduction_variant_passes_check_variant():
     """Traced, derived and checked: finite differences of one step and of a network, the
     array loop, the C++ kernels, the CUDA C row kernels on the host and the Triton kernels

@@ -126,12 +126,6 @@ def _input_projection(ops, kernels, variant, p, xs, like):
     return ops.contiguous(ops.project_into(xs, p["W"], b, out))
 
 
-def _no_batch_split(variant):
-    """Whether the batch-split loops cannot run the variant: split halves need r U apart
-    from x_t W, which they add into it (the sequence loops in C keep it apart)."""
-    return variant.split
-
-
 def _valid_bytes(ops, valid):
     """(T, B, 1) booleans -> C-contiguous (T, B) bytes (a bool is one byte, 0 or 1), or None."""
     if valid is None:
@@ -210,10 +204,7 @@ def forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record=False)
             steps, batch, hidden, address(zx), address(U), address(hs), address(cs),
             address(P), v, address(ys), s,
         )  # fmt: skip
-    elif (
-        not _no_batch_split(variant)
-        and (split := _split_plan(ops, kernels, batch, hidden)) is not None
-    ):
+    elif (split := _split_plan(ops, kernels, batch, hidden)) is not None:
         loops, threads = split
         packed = _packed(ops, loops, U, batch, threads, hidden, transposed=False)
         loops.forward(
@@ -298,10 +289,7 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
             address(saved),
             address(P), v, address(U_t), address(dzs), address(dP),
         )  # fmt: skip
-    elif (
-        not _no_batch_split(variant)
-        and (split := _split_plan(ops, kernels, batch, hidden)) is not None
-    ):
+    elif (split := _split_plan(ops, kernels, batch, hidden)) is not None:
         loops, threads = split
         packed = _packed(ops, loops, U, batch, threads, hidden, transposed=True)
         loops.backward(

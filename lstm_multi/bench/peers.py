@@ -1,4 +1,5 @@
-"""Builders of the peers: torch.nn.LSTM, the article's module, Flax, Equinox, Keras, GEMMs alone.
+"""Builders of the peers: torch.nn.LSTM, the article's module, a layer norm LSTM in plain
+torch ops, Flax, Equinox, Keras, GEMMs alone.
 
 Each ``build_*(runner, case)`` imports its framework, sets up parameters and
 data for the case and returns a callable that runs one iteration and waits for
@@ -8,7 +9,9 @@ the gradients of every parameter and of x for the output gradient dy).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import math
 import sys
 
 from .. import environment
@@ -109,6 +112,108 @@ def build_article(runner, case):
         fw.to_device(dy_np, case.dtype, case.device),
         (zeros, zeros),
     )
+
+
+# a layer-normalised LSTM written in plain torch ------------------------------
+
+
+@functools.cache
+def layernorm_lstm_module():
+    """``LayerNormLSTM``, the class (defined on first use: importing this module imports no
+    framework).
+
+    Why it exists: it is the baseline that lstm_multi's "layernorm" variant is measured
+    against, what a PyTorch user writes today for the layer-normalised LSTM of Ba, Kiros &
+    Hinton (2016), since ``nn.LSTM`` has no layer norm: ``nn.LayerNorm`` modules and a
+    Python loop over time under autograd. It is not lstm_multi's math (that is
+    ``spec.py``'s "layernorm", generated into the kernels) and does not import it: it is
+    the thing being measured, written as a user would, so a change to the spec must not
+    change it. tests/test_bench.py checks it against the independent oracle
+    (tests/oracle.py), so that the rows compare the same function. Its equations, per
+    step t (x_t (B, I), h, c (B, H), the LN over the last axis, eps 1e-5)::
+
+        z   = LN_x(x_t W) + LN_h(h_{t-1} U) + b            (B, 4H), blocks (i, f, g, o)
+        c_t = σ(z_f) c_{t-1} + σ(z_i) tanh(z_g)
+        h_t = σ(z_o) tanh(LN_c(c_t))
+
+    with W (I, 4H), U (H, 4H), b (4H,) and the three ``nn.LayerNorm``'s gains and shifts.
+    As a careful user would, it forms LN_x(x_t W) for every step at once before the loop
+    (one GEMM, one layer norm); ``step`` is the rest of a step, which
+    ``compile_step=True`` hands to ``torch.compile`` (the loop stays in Python: the whole
+    module under ``torch.compile`` unrolls the loop, and its first forward+backward at
+    T=100 had not finished after 400 s on 2 loaded cores; the step compiles in ~16 s).
+    """
+    import torch
+    from torch import nn
+
+    class LayerNormLSTM(nn.Module):
+        def __init__(self, input_size, hidden_size, compile_step=False):
+            super().__init__()
+            self.hidden_size = hidden_size
+            scale = 1.0 / math.sqrt(hidden_size)
+            self.W = nn.Parameter(torch.empty(input_size, 4 * hidden_size).uniform_(-scale, scale))
+            self.U = nn.Parameter(torch.empty(hidden_size, 4 * hidden_size).uniform_(-scale, scale))
+            self.b = nn.Parameter(torch.zeros(4 * hidden_size))
+            self.ln_x = nn.LayerNorm(4 * hidden_size)
+            self.ln_h = nn.LayerNorm(4 * hidden_size)
+            self.ln_c = nn.LayerNorm(hidden_size)
+            self.step = torch.compile(self._step, dynamic=False) if compile_step else self._step
+
+        def _step(self, zx_t, h, c):
+            z = zx_t + self.ln_h(h @ self.U) + self.b
+            i, f, g, o = z.chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(self.ln_c(c))
+            return h, c
+
+        def forward(self, x, state=None):
+            """x (B, T, I) -> (y (B, T, H), (h_T, c_T)); state (h_0, c_0), zeros if None."""
+            if state is None:
+                zeros = x.new_zeros(x.shape[0], self.hidden_size)
+                state = (zeros, zeros)
+            h, c = state
+            zx = self.ln_x(x @ self.W)  # (B, T, 4H), every step at once
+            ys = []
+            # unbind: one backward for all steps (zx[:, t] would fill a (B, T, 4H) gradient
+            # each step, measured 3x the whole forward+backward at medium)
+            for zx_t in zx.unbind(1):
+                h, c = self.step(zx_t, h, c)
+                ys.append(h)
+            return torch.stack(ys, 1), (h, c)
+
+    return LayerNormLSTM
+
+
+def _build_layernorm_ops(case, compile_step):
+    _require("torch")
+    import torch
+
+    fw = frameworks.get("torch")
+    fw.check(case.device, case.dtype)
+    if case.mode == "step":
+        raise Unavailable("no step mode for the framework-ops layer norm LSTM (whole sequences)")
+    s = case.size
+    torch.manual_seed(case.seed)
+    module = layernorm_lstm_module()(s.input_size, s.hidden_size, compile_step=compile_step)
+    module = module.to(device=case.device, dtype=getattr(torch, case.dtype))
+    x_np, dy_np = case.data()
+    return _torch_runner(
+        fw,
+        case,
+        module,
+        fw.to_device(x_np, case.dtype, case.device),
+        fw.to_device(dy_np, case.dtype, case.device),
+    )
+
+
+def build_layernorm_ops(runner, case):
+    """The framework-ops layer norm LSTM (``layernorm_lstm_module``), eager."""
+    return _build_layernorm_ops(case, compile_step=False)
+
+
+def build_layernorm_ops_compiled(runner, case):
+    """The same with its step under ``torch.compile`` (its compile time is the first call's)."""
+    return _build_layernorm_ops(case, compile_step=True)
 
 
 # jax ------------------------------------------------------------------------

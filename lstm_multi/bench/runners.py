@@ -213,6 +213,25 @@ def all_runners():
             in_default=False,
         ),
         Runner(
+            "layernorm.torch_ops",
+            "torch",
+            "peer",
+            peers.build_layernorm_ops,
+            ("layernorm",),
+            "the layer norm LSTM as a user writes it in torch: nn.LayerNorm, a Python loop "
+            "over time, autograd (run with -v layernorm)",
+        ),
+        Runner(
+            "layernorm.torch_compile",
+            "torch",
+            "peer",
+            peers.build_layernorm_ops_compiled,
+            ("layernorm",),
+            "the same, its step under torch.compile (its compile, ~15 s a size and mode, is "
+            "the first call's, not timed)",
+            in_default=False,
+        ),
+        Runner(
             "flax",
             "jax",
             "peer",

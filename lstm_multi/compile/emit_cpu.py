@@ -18,7 +18,8 @@ programs, which is
   gradient),
 
 and ``#include`` lines for the fixed C++ around it, which is no part of this
-package: ``lm_math.h`` (the nonlinearities, before the rows) and
+package: ``lm_math.h`` (the nonlinearities) and ``lm_scratch.h`` (the row functions'
+per-thread scratch, ``lm_row_scratch``), before the rows, and
 ``lm_kernels.h`` (the step, sequence and batch-split loops and the BLAS
 binding, after them), in ``lstm_multi/kernels/cpp``; ``lm_loops.h`` there
 states the exported functions' contracts. The text compiles with ``-I`` that
@@ -50,6 +51,11 @@ def _mean_of(accumulator):
     return f"{accumulator} / S(H)"
 
 
+#: the operations worth storing a value for rather than computing it again in a later loop
+#: (a call of a polynomial or libm function, against a load from a row of scratch)
+_COSTLY = frozenset(_FUNCTIONS)
+
+
 def _row_loops(programs: GatePrograms, roots, unit_loads, row_loads, final):
     """The body of a row function computing ``roots``: ``#pragma omp simd`` loops over the
     H units of the row, as many as the program's row reductions need.
@@ -65,48 +71,122 @@ def _row_loops(programs: GatePrograms, roots, unit_loads, row_loads, final):
     loop of its arguments' latest phase, a row mean is available one loop after its
     argument (loop k sums the arguments of the means of phase k + 1, ``reduction(+)``),
     and a per-row operation is one scalar statement between the loops. A per-unit value
-    a later loop needs again is recomputed there (the same expression: the same bits),
-    not stored: the row stays in registers and the only traffic is the loads. Without a
-    reduction this is the one loop it always was.
+    a later loop needs again is computed there again when that is cheap (sums and
+    products of loaded values: the same expression, the same bits), and kept otherwise:
+    a value whose computation calls a nonlinearity (``_COSTLY``: c_t under a layer norm
+    is two sigmoids and a tanh away from the row's z) is stored by the loop that
+    computes it into a row of scratch (``lm_row_scratch``, per thread, H values per kept
+    node, in L1 or L2) and loaded from there by the later loops (benchmarks/NOTES.md
+    section 23). Without a reduction this is the one loop it always was.
     """
     graph = programs.graph
     given = {n: name for n, (name, _) in {**unit_loads, **row_loads}.items()}
     phases = row_phases(graph, roots, given, row_loads)
+    phase, per_row, last = phases.phase, phases.per_row, phases.last
+    means = {k: phases.means(k + 1) for k in range(last)}
+    loop_roots = {k: [graph.nodes[n].args[0] for n in means[k]] for k in range(last)}
+    loop_roots[last] = [r for r in roots if r in unit_loads or r not in per_row]
+    kept = _kept_values(graph, loop_roots, phase, given, per_row)
+    slot = {n: q for q, n in enumerate(sorted(kept))}
     lines = [f"const S v_{name} = {load};" for name, load in row_loads.values()]
+    if kept:
+        lines.append(f"S* const lm_scratch = lm_row_scratch({len(kept)} * H);")
     known = dict(given)  # node id -> name of what is available as a variable
 
-    def loop(roots_k, reduce, tail):
-        inputs = {n: known[n] for n in known}
+    def loop(k, reduce, tail):
+        earlier = {n: f"k{n}" for n in kept if phase[n] < k}
+        inputs = {**known, **earlier}
+        roots_k = loop_roots[k] + sorted(n for n in kept if phase[n] == k)
         needed = set(live_nodes(graph, roots_k, inputs))
         body = [
             f"const S v_{name} = {load};" for n, (name, load) in unit_loads.items() if n in needed
         ]
+        body += [f"const S v_k{n} = lm_scratch[{slot[n]} * H + j];"
+                 for n in sorted(earlier) if n in needed]  # fmt: skip
         body += c_statements(programs, roots_k, inputs, _FUNCTIONS)
+        body += [f"lm_scratch[{slot[n]} * H + j] = v{n};" for n in sorted(kept) if phase[n] == k]
         pragma = "#pragma omp simd"
         if reduce:
             pragma += f" reduction(+:{', '.join(reduce)})"
         return [pragma, "for (long j = 0; j < H; ++j) {", *("  " + b for b in body + tail), "}"]
 
-    for k in range(phases.last + 1):
+    for k in range(last + 1):
         # the per-row scalars of phase k (beyond the means, set after loop k - 1)
         for n in phases.row_scalars(k, known):
             lines += [s for s in c_statements(programs, [n], known, _FUNCTIONS)]
             known[n] = f"r{n}"
             lines.append(f"const S v_r{n} = v{n};")
-        if k == phases.last:
+        if k == last:
             break
-        means = phases.means(k + 1)
-        sums = [f"lm_sum{n}" for n in means]
+        sums = [f"lm_sum{n}" for n in means[k]]
         lines += [f"S {acc} = S(0);" for acc in sums]
         adds = [f"{acc} += {c_name(programs, graph.nodes[n].args[0], known)};"
-                for acc, n in zip(sums, means, strict=True)]  # fmt: skip
-        lines += loop([graph.nodes[n].args[0] for n in means], sums, adds)
-        for acc, n in zip(sums, means, strict=True):
+                for acc, n in zip(sums, means[k], strict=True)]  # fmt: skip
+        lines += loop(k, sums, adds)
+        for acc, n in zip(sums, means[k], strict=True):
             lines.append(f"const S v_r{n} = {_mean_of(acc)};")
             known[n] = f"r{n}"
-    # the per-row values are scalars by now; a given per-unit value a root is must be loaded
-    per_unit_roots = [r for r in roots if r in unit_loads or r not in known]
-    return lines + loop(per_unit_roots, [], final(known))
+    earlier = {n: f"k{n}" for n in kept if phase[n] < last}
+    return lines + loop(last, [], final({**known, **earlier}))
+
+
+def _kept_values(graph, loop_roots, phase, given, per_row):
+    """The per-unit values kept in scratch rather than computed again (see ``_row_loops``):
+    walking each loop's roots down from the last loop, a value of an earlier phase is
+    kept when a row mean sums it or computing it calls a nonlinearity, and computed
+    again otherwise; a kept value becomes a root of its own phase's loop, whose walk
+    comes later."""
+    costly: dict[int, bool] = {}
+
+    def is_costly(n):  # its computation from the loads and row values calls a function
+        if n not in costly:
+            node = graph.nodes[n]
+            if n in given or n in per_row or node.op in ("const", "input"):
+                costly[n] = False
+            else:
+                costly[n] = node.op in _COSTLY or any(is_costly(a) for a in node.args)
+        return costly[n]
+
+    # a value a row mean sums, read again later, is always kept: formed again, its bits
+    # could differ (the compiler contracts a * b + c into one rounding in one loop and
+    # not in another), and v - mean(v) must be exactly zero where the row is one unit
+    last = max(loop_roots)
+    summed = {n for k in loop_roots if k < last for n in loop_roots[k]}
+    kept: set[int] = set()
+    for k in sorted(loop_roots, reverse=True):
+        stack, seen = list(loop_roots[k]) + [n for n in kept if phase[n] == k], set()
+        while stack:
+            n = stack.pop()
+            node = graph.nodes[n]
+            if n in seen or n in given or n in per_row or node.op in ("const", "input"):
+                continue
+            seen.add(n)
+            if phase[n] < k and (n in summed or is_costly(n)):
+                kept.add(n)
+                continue
+            stack.extend(node.args)
+    # a kept value that is cheap to form from other kept ones (c_t - mean(c_t) from c_t)
+    # is formed from them again: in order, so that each test sees the earlier decisions
+    for n in sorted(kept - summed):
+        if not _calls_from(graph, n, given, per_row, kept - {n}):
+            kept.discard(n)
+    return kept
+
+
+def _calls_from(graph, node_id, given, per_row, known):
+    """Whether computing ``node_id`` from the loads, row values and ``known`` calls a
+    nonlinearity (``_COSTLY``)."""
+    stack, seen = [node_id], set()
+    while stack:
+        n = stack.pop()
+        node = graph.nodes[n]
+        if n in seen or n in given or n in per_row or n in known or node.op in ("const", "input"):
+            continue
+        seen.add(n)
+        if node.op in _COSTLY:
+            return True
+        stack.extend(node.args)
+    return False
 
 
 def _forward_row(programs: GatePrograms) -> str:
@@ -226,6 +306,7 @@ def cpu_source(programs: GatePrograms, scalar: str, recurrent_state: str = "h") 
         f"#define LM_R {len(programs.param_rows)}",
         f"#define LM_G {len(programs.z_inputs)}",
         '#include "lm_math.h"',
+        '#include "lm_scratch.h"',
     ]
     rows = _forward_row(programs) + _backward_row(programs)
     return "\n".join(head) + rows + '\n#include "lm_kernels.h"\n'

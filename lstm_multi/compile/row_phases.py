@@ -14,8 +14,9 @@ row kernels of ``emit_cuda``) runs in phases, one pass over the row's units each
 Pass k (k = 0 .. ``last``) computes what phase k holds: the arguments of the means of
 phase k + 1 for k < ``last``, the roots in the last pass. Without a reduction there is
 one phase, and one pass. How a pass keeps or recomputes the per-unit values an earlier
-pass computed is the emitter's choice (both recompute them from the loads: the same
-expression gives the same bits, and nothing per unit is stored between passes).
+pass computed is the emitter's choice: the CUDA C row kernels recompute them from the
+loads; the C++ row functions keep a value whose computation calls a nonlinearity, or
+that a mean summed, in a per-thread scratch row (``emit_cpu``).
 """
 
 from __future__ import annotations

@@ -108,37 +108,41 @@ extern "C" void lm_blas_pack(long rows, long H, const S* U, int transposed, S* p
     lm_blas_pack_t<int>(rows, H, U, transposed, packed);
 }
 
-// z (rows, G) += r (rows, H) U, U (H, G); from the packed U where there is one
+// z (rows, G) = beta z + r (rows, H) U, U (H, G); from the packed U where there is one.
+// beta is 1 (add r U into x_t W + b) or 0 (r U alone, for split halves: z is not read
+// then, as BLAS promises for beta = 0)
 template <typename I>
 static void lm_product_forward(long rows, long H, const S* r, const S* U, const S* packed,
-                               S* z) {
+                               S beta, S* z) {
   if (rows <= 0) return;
   const I G = (I)(4 * H), n = (I)rows, k = (I)H;
   if (packed) {
     ((typename lm_blas_api<I>::compute)lm_compute)(LM_ROW_MAJOR, LM_NO_TRANS, LM_PACKED, n, G,
                                                     k, (const float*)r, k,
-                                                    (const float*)packed, G, 1.0f, (float*)z, G);
+                                                    (const float*)packed, G, (float)beta,
+                                                    (float*)z, G);
     return;
   }
-  const S one = S(1);  // column-major: z^T (G, rows) += U^T (G, H) r^T (H, rows)
-  ((typename lm_blas_api<I>::gemm)lm_gemm)("N", "N", &G, &n, &k, &one, U, &G, r, &k, &one, z,
+  const S one = S(1);  // column-major: z^T (G, rows) = beta z^T + U^T (G, H) r^T (H, rows)
+  ((typename lm_blas_api<I>::gemm)lm_gemm)("N", "N", &G, &n, &k, &one, U, &G, r, &k, &beta, z,
                                             &G);
 }
 
-// d (rows, H) += dz (rows, G) U^T, U (H, G); from the packed U^T where there is one
+// d (rows, H) += dz (rows, G) U^T, U (H, G), a row of dz ``ldz`` apart (G, or 8H for
+// split halves, whose dzr starts at dz); from the packed U^T where there is one
 template <typename I>
-static void lm_product_backward(long rows, long H, const S* dz, const S* U, const S* packed,
-                                S* d) {
+static void lm_product_backward(long rows, long H, const S* dz, long ldz, const S* U,
+                                const S* packed, S* d) {
   if (rows <= 0) return;
-  const I G = (I)(4 * H), n = (I)rows, k = (I)H;
+  const I G = (I)(4 * H), n = (I)rows, k = (I)H, ld = (I)ldz;
   if (packed) {
     ((typename lm_blas_api<I>::compute)lm_compute)(LM_ROW_MAJOR, LM_NO_TRANS, LM_PACKED, n, k,
-                                                    G, (const float*)dz, G,
+                                                    G, (const float*)dz, ld,
                                                     (const float*)packed, k, 1.0f, (float*)d, k);
     return;
   }
   const S one = S(1);  // column-major: d^T (H, rows) += (U^T)^T (H, G) dz^T (G, rows)
-  ((typename lm_blas_api<I>::gemm)lm_gemm)("T", "N", &k, &n, &G, &one, U, &G, dz, &G, &one, d,
+  ((typename lm_blas_api<I>::gemm)lm_gemm)("T", "N", &k, &n, &G, &one, U, &G, dz, &ld, &one, d,
                                             &k);
 }
 #endif

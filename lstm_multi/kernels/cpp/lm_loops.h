@@ -10,9 +10,8 @@
 //   LM_RECURRENT       hs or cs: the state the sequence loop multiplies by U
 //   LM_RECURRENT_GRAD  dh or dc: its gradient
 //   LM_G               the blocks of H a row of dz has: 4 (the gates), or 8 for split
-//                      halves (dzx then dzr: x_t W and r U apart, the sequence loops
-//                      form r U in a scratch row of their own; the batch split does not
-//                      take them)
+//                      halves (dzx then dzr: x_t W and r U apart, the sequence and
+//                      batch-split loops form r U in a scratch array of their own)
 //   lm_forward_row<RECORD, SUM>(H, z, zr, c_prev, P, h, c, y, saved, stride)
 //   lm_backward_row(H, dy, dh, dc, c_prev, c, saved, stride, P, dz, dP)
 //                      one row's gate math over its H units, forward and backward

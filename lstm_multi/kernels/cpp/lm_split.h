@@ -10,7 +10,9 @@
 // Each thread takes its own rows b0 <= b < b1 of the batch for the whole sequence:
 // rows of different sequences never meet in a step, so the threads run T steps without
 // waiting for one another. A step's product on those rows is one call of the BLAS, made
-// inside this OpenMP region, where MKL runs single-threaded. The OpenMP runtime must be
+// inside this OpenMP region, where MKL runs single-threaded. Split halves (LM_G 8): the
+// product r U goes into a (B, G) scratch array of its own (each thread its rows, beta 0)
+// instead of into x_t W, and the backward's product reads dz's second half, dzr. The OpenMP runtime must be
 // the BLAS's own (the caller checks lm_same_openmp_runtime): MKL on another runtime
 // would start a team of its own inside each of these threads.
 //
@@ -33,13 +35,26 @@ static void lm_split_forward_t(long T, long B, long H, S* zx, const S* U, const 
                                S* hs, S* cs, const S* P, const unsigned char* valid, S* ys,
                                S* saved, int threads) {
   const long BH = B * H, G = 4 * H;
+  // split halves: r U in rows of its own, never added into x_t W (every row written by
+  // its thread's product before it is read)
+  std::vector<S> recurrent(LM_G == 8 ? G * B : 0);
+  S* zr = LM_G == 8 ? recurrent.data() : 0;
 #pragma omp parallel num_threads(threads)
   {
     long b0, b1;
     lm_thread_rows(B, &b0, &b1);
     for (long t = 0; t < T; ++t) {
       S* z = zx + t * G * B;
-      lm_product_forward<I>(b1 - b0, H, LM_RECURRENT + t * BH + b0 * H, U, packed, z + b0 * G);
+      const S* r = LM_RECURRENT + t * BH + b0 * H;
+      if (zr) {
+        lm_product_forward<I>(b1 - b0, H, r, U, packed, S(0), zr + b0 * G);
+        lm_step_forward_rows<RECORD, true>(b0, b1, B, H, z, zr, hs + t * BH, cs + t * BH, P,
+                                           valid ? valid + t * B : 0, hs + (t + 1) * BH,
+                                           cs + (t + 1) * BH, ys + t * BH,
+                                           RECORD ? saved + t * LM_NS * BH : saved);
+        continue;
+      }
+      lm_product_forward<I>(b1 - b0, H, r, U, packed, S(1), z + b0 * G);
       lm_step_forward_rows<RECORD, false>(b0, b1, B, H, z, 0, hs + t * BH, cs + t * BH, P,
                                           valid ? valid + t * B : 0, hs + (t + 1) * BH,
                                           cs + (t + 1) * BH, ys + t * BH,
@@ -75,7 +90,8 @@ static void lm_split_backward_t(long T, long B, long H, const S* dys, S* dh, S* 
                                 const S* cs, const S* saved, const S* P,
                                 const unsigned char* valid, const S* U, const S* packed,
                                 S* dzs, S* dP, long threads) {
-  const long BH = B * H, G = 4 * H, R = LM_R * H;
+  // a row of dz: LM_G blocks of H; r U's part (all of it, or dzr) starts at Z
+  const long BH = B * H, G = LM_G * H, Z = (LM_G - 4) * H, R = LM_R * H;
   std::vector<S> parts(threads * R, S(0));
 #pragma omp parallel num_threads((int)threads)
   {
@@ -88,7 +104,7 @@ static void lm_split_backward_t(long T, long B, long H, const S* dys, S* dh, S* 
       lm_step_backward_rows(b0, b1, B, H, dys + t * BH, 0, dh, dc, cs + t * BH,
                             cs + (t + 1) * BH, saved + t * LM_NS * BH, P,
                             valid ? valid + t * B : 0, dz, mine);
-      lm_product_backward<I>(b1 - b0, H, dz + b0 * G, U, packed, d + b0 * H);
+      lm_product_backward<I>(b1 - b0, H, dz + b0 * G + Z, G, U, packed, d + b0 * H);
     }
   }
   for (long i = 0; i < threads; ++i)
