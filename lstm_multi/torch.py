@@ -941,12 +941,6 @@ class QuantizedLSTM(nn.Module):
                 "module: expected a float32 module on the CPU (int8 inference runs fbgemm's "
                 f"CPU kernels), got {weight.dtype} on {weight.device}; .float().cpu() it first"
             )
-        if module._variant_spec.split:
-            raise ValueError(
-                f"module: its variant {module._variant_spec.name!r} reads x_t W and r U apart "
-                "(split halves, as layer norm does), which QuantizedLSTM's int8 loop does not "
-                "run yet; quantise a module of another variant, or keep this one in float32"
-            )
         if any(module.__dict__.get("zoneout", ())):
             raise ValueError(
                 f"module: its zoneout {module.zoneout} changes the evaluation output too "

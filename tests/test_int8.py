@@ -42,10 +42,8 @@ from lstm_multi.torch import LSTM, QuantizedLSTM, quantize_dynamic  # noqa: E402
 EMULATED_TOL = 1e-4
 FLOAT_TOL = 0.1
 
-#: split-halves variants (layer norm) are refused (test_a_split_halves_variant_is_refused)
-SPLIT = ("layernorm", "layernorm_peephole")
 VARIANTS = thorough_params(
-    [v for v in oracle.VARIANTS if v not in SPLIT], ["lstm", "peephole", "peephole_full", "cifg"]
+    oracle.VARIANTS, ["lstm", "peephole", "peephole_full", "cifg", "layernorm_peephole"]
 )
 
 
@@ -69,10 +67,19 @@ def _fake_quantised(a):
     return torch.quantize_per_tensor(a, scale, zero, torch.quint8).dequantize()
 
 
+def _row_fake_quantised(a):
+    """a quantised row by row: each row scaled to a max |a| of 1, fake-quantised, and
+    scaled back (the layer norms' int8 products)."""
+    scale = a.abs().amax(-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return _fake_quantised(a / scale) * scale
+
+
 def _emulated(variant, params, x, h0, c0):
     """The int8 network, time-major and batched, from ``oracle.step`` on the dequantised
     weights and fake-quantised activations: z = [q(x_t), q(r)] [W; U] + b (the step's
-    U given as zero, so r enters through the stacked product only); full sequences."""
+    U given as zero, so r enters through the stacked product only); the layer norms
+    from ``oracle.layer_norm_step`` on q(x_t) and q(h_{t-1}); full sequences."""
     layer_input, h_n, c_n = x, [], []
     for layer, directions in enumerate(params):
         outputs = []
@@ -80,14 +87,20 @@ def _emulated(variant, params, x, h0, c0):
             k = layer * len(directions) + direction
             xs = layer_input.flip(0) if direction == 1 else layer_input
             steps, batch, size = xs.shape
-            xq = _fake_quantised(xs.reshape(steps * batch, size)).reshape(steps, batch, size)
+            rows = xs.reshape(steps * batch, size)
+            quantise = _row_fake_quantised if variant in oracle.LAYER_NORMS else _fake_quantised
+            xq = quantise(rows).reshape(steps, batch, size)
             stacked = torch.cat([p["W"], p["U"]], 0)
             h, c, ys = h0[k], c0[k], []
             for t in range(steps):
                 r = c if variant == "peephole_full" else h
-                a = torch.cat([xq[t], _fake_quantised(r)], -1)
-                no_u = torch.zeros(r.shape[-1], p["U"].shape[1])
-                m, c = oracle.step(variant, a, h, c, stacked, no_u, p["b"], p.get("p"))
+                if variant in oracle.LAYER_NORMS:  # x_t W and r U normalised apart, each
+                    # row of an activation quantised on its own scale (torch_int8's doc)
+                    m, c = oracle.layer_norm_step(variant, xq[t], _row_fake_quantised(r), c, p)
+                else:
+                    a = torch.cat([xq[t], _fake_quantised(r)], -1)
+                    no_u = torch.zeros(r.shape[-1], p["U"].shape[1])
+                    m, c = oracle.step(variant, a, h, c, stacked, no_u, p["b"], p.get("p"))
                 h = m if "W_hr" not in p else _fake_quantised(m) @ p["W_hr"]
                 ys.append(h)
             y = torch.stack(ys)
@@ -125,11 +138,15 @@ def test_int8_agrees_with_the_oracle_on_dequantised_weights(
         y, (h_n, c_n) = quantised(x, (h0, c0))
         expected = _emulated(variant, quantised.dequantized_params(), x, h0, c0)
         y_float, (h_float, c_float) = module(x, (h0, c0))
+    # a layer norm centres and divides by its row's deviation, so it scales the products'
+    # int8 error up (0.19 seen on these +-3.9 inputs at H=8); on a trained model it is as
+    # exact as the rest: examples/int8_digits.py gives float32's accuracy and predictions
+    near_float = FLOAT_TOL * (2.5 if variant in oracle.LAYER_NORMS else 1)
     for got, want, floated in zip(
         (y, h_n, c_n), expected, (y_float, h_float, c_float), strict=True
     ):
         assert (got - want).abs().max() < EMULATED_TOL
-        assert (got - floated).abs().max() < FLOAT_TOL
+        assert (got - floated).abs().max() < near_float
     # int8 really ran: float arithmetic would sit ~1e-6 from the float module
     assert (y - y_float).abs().max() > 1e-4
 
@@ -179,8 +196,9 @@ def test_lengths_packed_masks_batch_first_and_unbatched(variant):
     assert y_empty.shape == (0, 6, 16) and h_empty.shape == (4, 0, 8)
 
 
-def test_the_array_code_path_agrees_with_the_kernel_step(monkeypatch):
-    quantised = quantize_dynamic(_module("peephole", 1, False, 3))
+@pytest.mark.parametrize("variant", ["peephole", "layernorm"])
+def test_the_array_code_path_agrees_with_the_kernel_step(variant, monkeypatch):
+    quantised = quantize_dynamic(_module(variant, 1, False, 3))
     x = _input()
     with torch.no_grad():
         kernels = quantised(x)[0]
@@ -339,11 +357,3 @@ def test_a_module_with_zoneout_is_refused():
         x = torch.randn(5, 2, 3)
         with torch.no_grad():
             assert (quantize_dynamic(model)(x)[0] - model(x)[0]).abs().max() < 0.1
-
-
-@pytest.mark.parametrize("variant", SPLIT)
-def test_a_split_halves_variant_is_refused(variant):
-    """Layer norm reads x_t W and r U apart, which the int8 loop (z = zx + r U) does not:
-    refused by name instead of quantised into another function (it gave outputs 1.2 off)."""
-    with pytest.raises(ValueError, match=f"module: its variant {variant!r} reads x_t W and r U"):
-        quantize_dynamic(LSTM(3, 4, variant=variant).eval())

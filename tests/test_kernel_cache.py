@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 import weakref
 from pathlib import Path
@@ -75,7 +76,10 @@ def _run(script, cache, **env):
 
 
 def _libraries(cache):
-    return sorted((Path(cache) / "kernels").glob("gates_*.so"))
+    """The kernel libraries in ``cache`` (not the OpenMP probe, ``cpu_kernels.openmp_available``)."""
+    probe = build.library_digest(build.host_compiler(), cpu_kernels.OPENMP_PROBE, cpu_kernels.FLAGS)
+    found = (Path(cache) / "kernels").glob("gates_*.so")
+    return sorted(path for path in found if path.name != f"gates_{probe}.so")
 
 
 def _intact(library):
@@ -496,3 +500,40 @@ def test_a_damaged_generated_triton_module_is_rewritten(tmp_path, monkeypatch):
     assert path.read_text() == whole and again is not module
     assert callable(again.forward) and callable(again.sequence_backward)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left
+
+
+def test_a_failed_kernel_build_is_not_retried_without_openmp(fresh_state, monkeypatch):
+    """Only a compiler without OpenMP (the probe fails) builds the kernels without it; a
+    failure of the kernels' own text is raised and warned about, not hidden by a second
+    build without OpenMP (whose kernels would silently lose the batch split)."""
+    monkeypatch.setattr(cpu_kernels, "_warned", [])
+    real, asked = build.compile_library, []
+
+    def kernels_fail(source, flags=build.DEFAULT_FLAGS, include_dirs=()):
+        asked.append(tuple(flags))
+        if "lm_openmp_threads" in source:
+            return real(source, flags, include_dirs)
+        raise build.BuildFailed("compiling the generated kernels failed:\ngates.cpp:9: error: x")
+
+    monkeypatch.setattr(build, "compile_library", kernels_fail)
+    with pytest.warns(RuntimeWarning, match="gates.cpp:9: error: x"):
+        assert cpu_kernels.cpu_kernels(_fresh_variant("own_failure"), "float") is None
+    assert asked == [cpu_kernels.FLAGS, cpu_kernels.FLAGS]  # the probe, then the kernels
+
+
+def test_a_compiler_without_openmp_builds_simd_loops_without_the_batch_split(
+    fresh_state, monkeypatch
+):
+    real, asked = build.compile_library, []
+
+    def no_openmp(source, flags=build.DEFAULT_FLAGS, include_dirs=()):
+        asked.append(tuple(flags))
+        if "-fopenmp" in flags:
+            raise build.BuildFailed("fatal error: omp.h: No such file or directory")
+        return real(source, flags, include_dirs)
+
+    monkeypatch.setattr(build, "compile_library", no_openmp)
+    kernels = cpu_kernels.cpu_kernels(_fresh_variant("no_openmp"), "float")
+    assert kernels is not None and asked == [cpu_kernels.FLAGS, cpu_kernels.FLAGS_WITHOUT_OPENMP]
+    # built without OpenMP: no batch-split loops on any BLAS
+    assert kernels.split_loops(types.SimpleNamespace(library="libblas.so")) is None

@@ -91,7 +91,7 @@ def direction_kernels(ops, variant, p, xs, h0, c0):
     return kernels_for(ops, variant, xs, h0, c0, *p.values())
 
 
-def _packed_params(ops, variant, p, like):
+def packed_params(ops, variant, p, like):
     """The gate math's parameters as one (R, H) array, rows in ``programs.param_rows`` order:
     for split halves the bias b's four blocks first, then the variant's own (a (1, H) zero
     array when there are none: the kernels never read it then)."""
@@ -187,7 +187,7 @@ def forward_direction(ops, kernels, variant, p, xs, h0, c0, valid, record=False)
     # (T, B, G), on huge pages where large; the loops add r U into it
     zx = _input_projection(ops, kernels, variant, p, xs, h0)
     U = ops.contiguous(recurrent_weight(ops, variant, p["U"]))
-    P = _packed_params(ops, variant, p, h0)
+    P = packed_params(ops, variant, p, h0)
     hs = _fresh(ops, kernels, (steps + 1, batch, hidden), h0)
     cs = _fresh(ops, kernels, (steps + 1, batch, hidden), h0)
     hs[0], cs[0] = h0, c0
@@ -272,7 +272,7 @@ def backward_direction(ops, kernels, variant, p, tape, dys, dh, dc, valid):
     steps, batch, hidden = dys.shape
     h0_like, c0_like = dh, dc
     U = ops.contiguous(recurrent_weight(ops, variant, p["U"]))
-    P = _packed_params(ops, variant, p, hs)
+    P = packed_params(ops, variant, p, hs)
     dys = ops.contiguous(ops.cast(dys, ops.dtype_name(hs)))
     dh = ops.contiguous(ops.cast(dh, ops.dtype_name(hs))) + 0  # fresh: updated in place
     dc = ops.contiguous(ops.cast(dc, ops.dtype_name(hs))) + 0
@@ -340,7 +340,7 @@ def _forward_projected(ops, kernels, variant, p, xs, h0, c0, valid, record):
     W_hr = p[spec.PROJECTION]
     zx = _input_projection(ops, kernels, variant, p, xs, c0)
     U = ops.contiguous(recurrent_weight(ops, variant, p["U"]))
-    P = _packed_params(ops, variant, p, c0)
+    P = packed_params(ops, variant, p, c0)
     hs = ops.empty((steps + 1, batch, W_hr.shape[1]), h0)
     cs = _fresh(ops, kernels, (steps + 1, batch, hidden), c0)
     ms = _fresh(ops, kernels, (steps, batch, hidden), c0)
@@ -381,7 +381,7 @@ def _backward_projected(ops, kernels, variant, p, tape, dys, dh, dc, valid):
     h0_like, c0_like = dh, dc
     W_hr = p[spec.PROJECTION]
     U = ops.contiguous(recurrent_weight(ops, variant, p["U"]))
-    P = _packed_params(ops, variant, p, cs)
+    P = packed_params(ops, variant, p, cs)
     W_hr_t, U_t = ops.transpose(W_hr), ops.transpose(U)
     dys = ops.cast(dys, ops.dtype_name(hs))
     dh = ops.cast(dh, ops.dtype_name(hs))

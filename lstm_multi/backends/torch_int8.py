@@ -27,6 +27,15 @@ A direction runs, with float32 everywhere else:
                                  variant's array code where no kernels are built here
     h_t = int8(m_t W_hr)         with a projection (P, H); else h_t = m_t
 
+For a split-halves variant (the layer norms: ``Variant.halves == "split"``) zx is
+int8(x W) alone and the gate math reads [zx_t, int8(r U)] apart, with b one of its
+float parameters (as ``step.step_forward`` in float). A layer norm divides each row
+of a product by that row's deviation, so a row of small activations, quantised on
+the scale of the tensor's largest, would have its rounding error blown up (0.47 off
+the float module seen): there each product quantises its activation rows scaled to
+a max of 1 and scales the rows of the result back (``row_scaled``: exact in float,
+so each row keeps 7 bits of its own).
+
 The variant's own per-unit parameters (peepholes) and the biases stay float32. No
 gradient: the products are not differentiable (inference only). The network
 around the directions (layers, bidirectional, lengths and masks, states) is
@@ -47,6 +56,7 @@ import torch
 from .. import network, spec
 from ..kernels.cpu_kernels import cpu_kernels
 from ..step import gate_params, recurrent_weight
+from . import kernel_direction
 from .torch_ops import OPS
 
 #: the quantised engines whose int8 activations take 7 bits (``reduce_range``), as
@@ -100,10 +110,14 @@ def quantize_direction(variant, p):
     parameters float32 as they are."""
     variant = spec.get_variant(variant)
     U = recurrent_weight(OPS, variant, p["U"].detach())
+    b = p["b"].detach().to(torch.float32).contiguous()
     out = {
-        "W": pack(quantize_weight(p["W"].T), p["b"].detach().to(torch.float32)),
+        # split halves: x W without b, which the gate math reads as a parameter
+        "W": pack(quantize_weight(p["W"].T), None if variant.split else b),
         "U": pack(quantize_weight(U.T)),
     }
+    if variant.split:
+        out["b"] = b
     for key in variant.params:
         out[key] = p[key].detach().to(torch.float32).contiguous()
     if spec.PROJECTION in p:
@@ -115,6 +129,7 @@ def dequantized(variant, q):
     """The float parameters that the int8 ones stand for (weights dequantised; the bias
     and the variant's own as kept): {"W", "U", "b", ...} canonical, for comparisons."""
     W, b = torch.ops.quantized.linear_unpack(q["W"].packed)
+    b = q["b"] if spec.get_variant(variant).split else b
     out = {"W": W.dequantize().T, "U": q["U"].weight.dequantize().T, "b": b}
     for key in spec.get_variant(variant).params:
         out[key] = q[key]
@@ -123,12 +138,22 @@ def dequantized(variant, q):
     return out
 
 
+def row_scaled(product, a):
+    """``product(a)`` (a bias-free int8 product) with each row of a (..., n) quantised on
+    its own scale: product(a / s) * s, s = max |a_row| (rows of zeros kept as they are)."""
+    scale = a.abs().amax(-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return product(a / scale) * scale
+
+
 def run_direction(ops, variant, q, xs, h0, c0, valid):
     """``network.loop_direction``'s contract with int8 products (see the module doc):
     xs (T, B, in), h0 (B, H or P), c0 (B, H), valid (T, B, 1) or None; ``q`` from
     ``quantize_direction``. Returns (ys, h_T, c_T, None)."""
     steps, batch, hidden = xs.shape[0], c0.shape[0], c0.shape[-1]
-    zx = q["W"](xs.reshape(steps * batch, xs.shape[2])).view(steps, batch, 4 * hidden)
+    rows = xs.reshape(steps * batch, xs.shape[2])
+    zx = row_scaled(q["W"], rows) if variant.split else q["W"](rows)
+    zx = zx.view(steps, batch, 4 * hidden)
     kernels = cpu_kernels(variant, "float")
     if kernels is None:
         return _array_direction(variant, q, zx, h0, c0, valid)
@@ -143,9 +168,7 @@ def _kernel_direction(kernels, variant, q, zx, h0, c0, valid):
     steps, batch, hidden = zx.shape[0], c0.shape[0], c0.shape[-1]
     projected = spec.PROJECTION in q
     width = h0.shape[-1]
-    extra = network.extra_params(q)
-    rows = [extra[name] for name in variant.params]
-    P = torch.cat(rows, 0).contiguous() if rows else c0.new_zeros((1, hidden))
+    P = kernel_direction.packed_params(OPS, variant, q, c0)
     hs = c0.new_empty((steps + 1, batch, width))
     cs = c0.new_empty((steps + 1, batch, hidden))
     ms = c0.new_empty((steps, batch, hidden))  # m_t, zero past the length
@@ -166,7 +189,10 @@ def _kernel_direction(kernels, variant, q, zx, h0, c0, valid):
     W_hr = q.get(spec.PROJECTION)
     h_steps, m_steps, y_steps = hs.unbind(0), ms.unbind(0), ys.unbind(0)
     for t in range(steps):
-        product = linear(rs[t], U.packed, U.reduce_range)  # r U (B, 4H) float32
+        if variant.split:  # r U (B, 4H) float32, each row on its own scale (module doc)
+            product = row_scaled(lambda a: linear(a, U.packed, U.reduce_range), rs[t])
+        else:
+            product = linear(rs[t], U.packed, U.reduce_range)
         h_in, h_out = (no_h_at, held_at) if projected else (h_at, h_at + h_step)
         step(
             batch, hidden, z_at + t * gates, product.data_ptr(), h_in, c_at + t * state,
@@ -186,9 +212,13 @@ def _array_direction(variant, q, zx, h0, c0, valid):
     no CPU kernels are built here (no compiler, or ``LSTM_MULTI_CPU_KERNELS=0``)."""
     W_hr = q.get(spec.PROJECTION)
     extra = gate_params(network.extra_params(q))
+    if variant.split:
+        extra["b"] = q["b"]
     h, c, ys = h0, c0, []
     for t in range(zx.shape[0]):
-        z = zx[t] + q["U"](c if variant.recurrent_state == "c" else h)
+        r = c if variant.recurrent_state == "c" else h
+        zr = row_scaled(q["U"], r) if variant.split else q["U"](r)
+        z = torch.cat([zx[t], zr], -1) if variant.split else zx[t] + zr
         m, c_new, _ = OPS.gates_forward(variant, z, c, extra)
         h_new = m if W_hr is None else W_hr(m)
         if valid is None:

@@ -66,6 +66,32 @@ FLAGS = (
 #: and no batch-split loops
 FLAGS_WITHOUT_OPENMP = tuple("-fopenmp-simd" if f == "-fopenmp" else f for f in FLAGS)
 
+#: a translation unit that builds and links only where the compiler has OpenMP
+OPENMP_PROBE = (
+    '#include <omp.h>\nextern "C" int lm_openmp_threads() { return omp_get_max_threads(); }\n'
+)
+
+
+#: (build.generation, compiler) -> whether that compiler builds OpenMP (``openmp_available``)
+_openmp_probes: dict = {}
+
+
+def openmp_available() -> bool:
+    """Whether the host compiler builds and links OpenMP with ``FLAGS`` (Apple's clang
+    does not): probed once a process and compiler by building a one-function library
+    (cached on disk like the kernels; probed again after ``build.forget_loaded``).
+    Without it the kernels are built with ``FLAGS_WITHOUT_OPENMP`` and have no
+    batch-split loops."""
+    key = (build.generation, build.host_compiler())
+    if key not in _openmp_probes:
+        try:
+            build.compile_library(OPENMP_PROBE, FLAGS)
+            _openmp_probes[key] = True
+        except build.BuildFailed:
+            _openmp_probes[key] = False
+    return _openmp_probes[key]
+
+
 _SIZE = ctypes.c_long
 _ADDRESS = ctypes.c_void_p
 
@@ -87,10 +113,10 @@ class CpuKernels:
         self.rows = len(programs.param_rows)
         if source is None:
             source = kernel_source(variant, scalar)
-        try:
-            library = build.compile_library(source, FLAGS, (HEADERS,))
-        except build.BuildFailed:  # no OpenMP runtime with this compiler (Apple's clang)
-            library = build.compile_library(source, FLAGS_WITHOUT_OPENMP, (HEADERS,))
+        # without OpenMP (Apple's clang) the simd loops alone; any other failure is the
+        # kernels' own, raised (not retried without OpenMP, which would hide it)
+        flags = FLAGS if openmp_available() else FLAGS_WITHOUT_OPENMP
+        library = build.compile_library(source, flags, (HEADERS,))
         self.step_forward = _bind(library.lm_step_forward, 2, 10)
         self.step_backward = _bind(library.lm_step_backward, 2, 11)
         self.sequence_forward = _bind(library.lm_sequence_forward, 3, 8)
