@@ -107,14 +107,17 @@ def test_forward_mode_with_autodiff(variant, thorough):
     lengths = jnp.asarray([4, 2])
     loss = _loss_of_x(cell, params, lengths)
     tangent = jnp.ones_like(x)
-    _, directional = jax.jvp(loss, (x,), (tangent,))
-    reverse = jax.grad(_loss_of_x(fast, params, lengths))(x)
+    # each transform under jit: compiled once (eagerly every call would trace and compile
+    # its scans again; the central difference below calls the gradient twice)
+    _, directional = jax.jit(lambda x, t: jax.jvp(loss, (x,), (t,)))(x, tangent)
+    reverse = jax.jit(jax.grad(_loss_of_x(fast, params, lengths)))(x)
     assert_close(directional, jnp.sum(reverse * tangent), "float64", "jvp against grad")
-    assert_close(jax.jacfwd(loss)(x), reverse, "float64", "jacfwd against grad")
+    assert_close(jax.jit(jax.jacfwd(loss))(x), reverse, "float64", "jacfwd against grad")
     hessian = jax.jit(jax.hessian(loss))(x)
     eps = 1e-6
     e = jnp.zeros_like(x).at[0, 1, 0].set(eps)
-    column = (jax.grad(loss)(x + e) - jax.grad(loss)(x - e)) / (2 * eps)
+    gradient = jax.jit(jax.grad(loss))
+    column = (gradient(x + e) - gradient(x - e)) / (2 * eps)
     # a central difference with step 1e-6: truncation ~eps**2 and cancellation ~1e-16 / eps
     np.testing.assert_allclose(hessian[..., 0, 1, 0], column, rtol=1e-5, atol=1e-7)
     square = np.asarray(hessian).reshape(16, 16)
