@@ -263,6 +263,18 @@ def torch_runners(dev):
         module = article_module(inp, hidden, peephole=variant == "peephole_full").to(dev)
         return module_runner(module, *tensors(size, dtype))
 
+    def layernorm_ops(variant, size, dtype):
+        """Issue 26's baseline: the layer norm LSTM as a user writes it in plain torch
+        (``bench.peers.layernorm_lstm_module``: nn.LayerNorm and a Python loop), eager."""
+        if variant != "layernorm":
+            raise Skip("the plain-torch baseline of the 'layernorm' rows only")
+        from lstm_multi.bench.peers import layernorm_lstm_module
+
+        steps, batch, inp, hidden = size
+        torch.manual_seed(0)
+        module = layernorm_lstm_module()(inp, hidden).to(dev, getattr(torch, dtype))
+        return module_runner(module, *tensors(size, dtype))
+
     def cell(native, needs_triton=False, max_hidden=None, **options):
         def make(variant, size, dtype):
             if needs_triton and not triton_here:
@@ -299,6 +311,7 @@ def torch_runners(dev):
         "lstm_multi torch generic, CUDA graphs": cell(False, gate_kernel="array", cuda_graphs=True),
         "lstm_multi torch generic": cell(False),
         "article CustomLSTM (torch loop)": article,
+        "layer norm LSTM in plain torch (nn.LayerNorm loop)": layernorm_ops,
     }
 
 
