@@ -190,7 +190,7 @@ def _kernel_direction(kernels, variant, q, zx, h0, c0, valid):
     h_steps, m_steps, y_steps = hs.unbind(0), ms.unbind(0), ys.unbind(0)
     for t in range(steps):
         if variant.split:  # r U (B, 4H) float32, each row on its own scale (module doc)
-            product = row_scaled(lambda a: linear(a, U.packed, U.reduce_range), rs[t])
+            product = row_scaled(U, rs[t])
         else:
             product = linear(rs[t], U.packed, U.reduce_range)
         h_in, h_out = (no_h_at, held_at) if projected else (h_at, h_at + h_step)

@@ -25,14 +25,23 @@ def _require(*modules):
             raise Unavailable(f"{module} is not installed (pip install 'lstm_multi[bench]')")
 
 
+def _case_data(fw, case):
+    """The case's input x and output gradient dy on its device, in its dtype."""
+    x_np, dy_np = case.data()
+    return fw.to_device(x_np, case.dtype, case.device), fw.to_device(dy_np, case.dtype, case.device)
+
+
 # torch ----------------------------------------------------------------------
 
 
-def _torch_runner(fw, case, module, x, dy, *state):
-    """Time ``module(x, *state)`` (forward) or it and its gradients (forward+backward);
-    in step mode, T calls of ``module(x[:, t:t+1], state)`` (batch-first modules
-    that take and return ``(h, c)``, as ``nn.LSTM``)."""
+def _torch_runner(fw, case, module, *state):
+    """Time ``module(x, *state)`` (forward) or it and its gradients (forward+backward),
+    x and the output gradient dy the case's data on its device; in step mode, T calls
+    of ``module(x[:, t:t+1], state)`` (batch-first modules that take and return
+    ``(h, c)``, as ``nn.LSTM``)."""
     import torch
+
+    x, dy = _case_data(fw, case)
 
     if case.mode == "step":
         steps = [x[:, t : t + 1] for t in range(x.shape[1])]
@@ -77,14 +86,7 @@ def build_torch_lstm(runner, case):
         device=case.device,
         dtype=getattr(torch, case.dtype),
     )
-    x_np, dy_np = case.data()
-    return _torch_runner(
-        fw,
-        case,
-        module,
-        fw.to_device(x_np, case.dtype, case.device),
-        fw.to_device(dy_np, case.dtype, case.device),
-    )
+    return _torch_runner(fw, case, module)
 
 
 def build_article(runner, case):
@@ -103,15 +105,7 @@ def build_article(runner, case):
     module = module.to(device=case.device, dtype=dtype)
     # the article makes its default zero state in float32: pass one in the run's dtype
     zeros = torch.zeros(s.batch, s.hidden_size, device=case.device, dtype=dtype)
-    x_np, dy_np = case.data()
-    return _torch_runner(
-        fw,
-        case,
-        module,
-        fw.to_device(x_np, case.dtype, case.device),
-        fw.to_device(dy_np, case.dtype, case.device),
-        (zeros, zeros),
-    )
+    return _torch_runner(fw, case, module, (zeros, zeros))
 
 
 # a layer-normalised LSTM written in plain torch ------------------------------
@@ -196,14 +190,7 @@ def _build_layernorm_ops(case, compile_step):
     torch.manual_seed(case.seed)
     module = layernorm_lstm_module()(s.input_size, s.hidden_size, compile_step=compile_step)
     module = module.to(device=case.device, dtype=getattr(torch, case.dtype))
-    x_np, dy_np = case.data()
-    return _torch_runner(
-        fw,
-        case,
-        module,
-        fw.to_device(x_np, case.dtype, case.device),
-        fw.to_device(dy_np, case.dtype, case.device),
-    )
+    return _torch_runner(fw, case, module)
 
 
 def build_layernorm_ops(runner, case):
@@ -244,11 +231,6 @@ def _jax_runner(fw, case, apply, params, x, dy):
     return run
 
 
-def _jax_data(fw, case):
-    x_np, dy_np = case.data()
-    return fw.to_device(x_np, case.dtype, case.device), fw.to_device(dy_np, case.dtype, case.device)
-
-
 def build_flax(runner, case):
     _require("jax", "flax")
     import jax
@@ -256,7 +238,7 @@ def build_flax(runner, case):
 
     fw = frameworks.get("jax")
     fw.check(case.device, case.dtype)
-    x, dy = _jax_data(fw, case)
+    x, dy = _case_data(fw, case)
     cell = nn.OptimizedLSTMCell(features=case.size.hidden_size, dtype=x.dtype, param_dtype=x.dtype)
     model = nn.RNN(cell)
     params = jax.device_put(model.init(jax.random.key(case.seed), x), x.devices().pop())
@@ -271,7 +253,7 @@ def build_equinox(runner, case):
 
     fw = frameworks.get("jax")
     fw.check(case.device, case.dtype)
-    x, dy = _jax_data(fw, case)
+    x, dy = _case_data(fw, case)
     s = case.size
     cell = eqx.nn.LSTMCell(
         s.input_size, s.hidden_size, key=jax.random.key(case.seed), dtype=x.dtype
@@ -331,7 +313,7 @@ def build_keras(runner, case):
 
     fw = frameworks.get("jax")
     fw.check(case.device, case.dtype)
-    x, dy = _jax_data(fw, case)
+    x, dy = _case_data(fw, case)
     s = case.size
     layer = keras.layers.LSTM(s.hidden_size, return_sequences=True, dtype=case.dtype)
     layer.build((s.batch, s.steps, s.input_size))

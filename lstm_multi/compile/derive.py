@@ -121,9 +121,9 @@ class GatePrograms:
         """Why a kernel emitter cannot write these programs, or None where it can: a row
         reduction or an array-only operation (unless ``reductions``: the emitter writes
         ``mean`` and ``rsqrt``), or split halves (unless ``split``). The C++, ONNX and
-        CUDA C (row kernels) emitters write both, and the Pallas kernels (whole rows a
-        program: never asked); the Triton emitter maps one lane to one unit and writes
-        neither."""
+        CUDA C (row kernels) and Triton (whole rows a program) emitters write both, and
+        so do the Pallas kernels (whole rows a program: never asked); the check remains
+        for an operation no emitter writes."""
         roots = [*self.forward_outputs.values(), *self.backward_outputs.values()]
         reasons = []
         if not reductions:
@@ -150,6 +150,13 @@ class GatePrograms:
         """A stable name for a saved value: its input name, or ``s{id}``."""
         node = self.graph.nodes[node_id]
         return node.name if node.op == "input" else f"s{node_id}"
+
+    def backward_given(self) -> dict:
+        """Node id -> name of every value the backward is given: its inputs
+        (``backward_inputs``) and the saved values (``saved_name``)."""
+        given = {self.inputs[n]: n for n in self.backward_inputs}
+        given.update((n, self.saved_name(n)) for n in self.saved)
+        return given
 
 
 def check_kernel_programs(programs: GatePrograms, target: str, reductions=False, split=False):

@@ -35,8 +35,8 @@ from __future__ import annotations
 from . import derive
 from .derive import GATES, GatePrograms
 from .emit_cuda import c_name, c_statements, forward_stored
-from .row_phases import row_phases
-from .trace import live_nodes, row_valued
+from .row_phases import row_phases, saved_loads
+from .trace import live_nodes
 
 _FUNCTIONS = {"sigmoid": "lm_sigmoid", "tanh": "lm_tanh", "rsqrt": "lm_rsqrt"}
 
@@ -236,24 +236,19 @@ static inline void lm_forward_row(long H, const S* __restrict z, const S* __rest
 
 
 def _backward_row(programs: GatePrograms) -> str:
-    inputs = {programs.inputs[n]: n for n in programs.backward_inputs}
-    saved_names = [programs.saved_name(n) for n in programs.saved]
-    inputs.update(zip(programs.saved, saved_names, strict=True))
+    inputs = programs.backward_given()
     outputs = programs.backward_outputs
     # c_{t-1} and c_t are read from the carried states, the rest from the tape; a saved
     # per-row value (a row mean) is read once, from the row's first unit (the forward
     # stores it at every unit)
     tape = {programs.inputs["c_prev"]: "c_prev[j]", programs.forward_outputs["c"]: "c[j]"}
     tape.update((n, f"saved[{k} * stride + j]") for k, n in enumerate(forward_stored(programs)))
-    per_row = row_valued(programs.graph, list(programs.saved))
     unit_loads = {programs.inputs["dh"]: ("dh", "dh[j] + dy[j]"),
                   programs.inputs["dc"]: ("dc", "dc[j]")}  # fmt: skip
-    row_loads = {}
-    for node, name in zip(programs.saved, saved_names, strict=True):
-        if node in per_row:
-            row_loads[node] = (name, tape[node].replace("+ j]", "]"))
-        else:
-            unit_loads[node] = (name, tape[node])
+    saved_units, row_loads = saved_loads(
+        programs, lambda node, name: tape[node], lambda node, name: tape[node].replace("+ j]", "]")
+    )
+    unit_loads.update(saved_units)
     unit_loads.update(
         (programs.inputs[key], (key, _param_load(programs, key))) for key in programs.param_rows
     )

@@ -56,8 +56,8 @@ from typing import NamedTuple
 from . import derive
 from .derive import GatePrograms
 from .emit_array import literal
-from .row_phases import row_phases
-from .trace import PRIMITIVES, live_nodes, row_valued
+from .row_phases import row_phases, saved_loads
+from .trace import PRIMITIVES, live_nodes
 
 PREAMBLE = """
 // 1 / (1 + exp(-x)) to a few ulp in both tails (as ArrayModuleOps.sigmoid):
@@ -191,9 +191,8 @@ def backward_kernel(programs: GatePrograms, label: str) -> KernelSource:
     terms (raw) (programs without reductions: ``row_layout``)."""
     check_programs(programs)
     _check_layout(programs, row=False)
-    inputs = {programs.inputs[n]: n for n in programs.backward_inputs}
+    inputs = programs.backward_given()
     saved_names = [programs.saved_name(n) for n in programs.saved]
-    inputs.update(zip(programs.saved, saved_names, strict=True))
     outputs = programs.backward_outputs
     used = set(live_nodes(programs.graph, outputs.values(), inputs))
     ins = "T dh, S dc" + "".join(f", S {name}" for name in saved_names)
@@ -450,19 +449,14 @@ def backward_row_kernel(programs: GatePrograms, label: str) -> RowKernelSource:
     value is read at its row's first unit."""
     check_programs(programs)
     _check_layout(programs, row=True)
-    inputs = {programs.inputs[n]: n for n in programs.backward_inputs}
-    saved_names = [programs.saved_name(n) for n in programs.saved]
-    inputs.update(zip(programs.saved, saved_names, strict=True))
+    inputs = programs.backward_given()
     outputs = programs.backward_outputs
-    per_row = row_valued(programs.graph, list(programs.saved))
     unit_loads = {programs.inputs["dh"]: ("dh", "(S)dh[lm_u]"),
                   programs.inputs["dc"]: ("dc", "dc[lm_u]")}  # fmt: skip
-    row_loads = {}
-    for node, name in zip(programs.saved, saved_names, strict=True):
-        if node in per_row:
-            row_loads[node] = (name, f"{name}[lm_b * H]")
-        else:
-            unit_loads[node] = (name, f"{name}[lm_u]")
+    saved_units, row_loads = saved_loads(
+        programs, lambda node, name: f"{name}[lm_u]", lambda node, name: f"{name}[lm_b * H]"
+    )
+    unit_loads.update(saved_units)
     unit_loads.update(_row_param_loads(programs))
 
     def final(known):
@@ -480,7 +474,7 @@ def backward_row_kernel(programs: GatePrograms, label: str) -> RowKernelSource:
 
     body, sums, means = _row_body(programs, list(outputs.values()), unit_loads, row_loads, final)
     params = [("const T*", "dh"), ("const S*", "dc")]
-    params += [("const S*", name) for name in saved_names]
+    params += [("const S*", name) for name in map(programs.saved_name, programs.saved)]
     params += [("const T*", name) for name in programs.params]
     params += [("long long", "H"), ("long long", "lm_rows"), ("S*", "dz"), ("S*", "dc_prev")]
     params += [("S*", f"d{name}") for name in programs.params]

@@ -56,6 +56,22 @@ class RowPhases(NamedTuple):
         ]
 
 
+def saved_loads(programs, load_unit, load_row):
+    """The backward's saved values as a row function loads them: (unit loads, row loads),
+    node id -> (name, load). A per-row saved value (a row mean, stored at every unit by
+    the forward) is read once a row, ``load_row(node, name)``; the others per unit,
+    ``load_unit(node, name)``."""
+    per_row = row_valued(programs.graph, list(programs.saved))
+    units, rows = {}, {}
+    for node in programs.saved:
+        name = programs.saved_name(node)
+        if node in per_row:
+            rows[node] = (name, load_row(node, name))
+        else:
+            units[node] = (name, load_unit(node, name))
+    return units, rows
+
+
 def row_phases(graph: Graph, roots, given, per_row_given=()) -> RowPhases:
     """The phases (module doc) of computing ``roots`` from the nodes ``given`` (loaded:
     phase 0), of which ``per_row_given`` are per-row values (a saved mean)."""
