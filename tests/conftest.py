@@ -70,6 +70,24 @@ def pytest_configure(config):
         name = "thorough"
     settings.load_profile(name)
     _THOROUGH = name == "thorough"
+    if config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None):
+        one_thread_pool_a_worker()
+
+
+#: the thread pools a test process would start a thread a core in
+THREAD_POOL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def one_thread_pool_a_worker():
+    """One thread in each pool (OpenMP: torch and the C++ kernels; MKL; OpenBLAS: NumPy)
+    of every pytest-xdist worker, which ``-n auto`` starts a core each: a worker's torch
+    with a thread a core spins its OpenMP threads on the core the other worker computes
+    on (the whole run 5% slower on 2 cores). Set here, in the controller, before it
+    starts the workers, which inherit it (and the subprocesses they start, unless a test
+    sets its own); a test of more threads sets them itself (torch.set_num_threads, as
+    test_cpu_split does). A value already in the environment is kept."""
+    for name in THREAD_POOL_VARIABLES:
+        os.environ.setdefault(name, "1")
 
 
 _THOROUGH = False

@@ -102,7 +102,10 @@ def test_jax_mesh_of_two_devices_equals_one_device(thorough):
     """One variant (with its custom VJP) and the autodiff path, both ways; every variant in
     the thorough run (what the mesh adds is the same for each: sharding, shard_map, pmean)."""
     pytest.importorskip("jax")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    # two host devices, beside the flags the tests compile with (conftest.py: LLVM's
+    # optimisation off, which halves this test's time)
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    env = {**os.environ, "XLA_FLAGS": flags.strip()}
     variants = ORACLE_VARIANTS if thorough else ("peephole",)
     which = ["--all"] if thorough else ["--variant", "peephole"]
     done = subprocess.run(
