@@ -260,8 +260,11 @@ def test_persistent_kernels_match_the_oracle(kernels, variant, persistent_launch
     from test_agreement import assert_matches_reference, run_backend
 
     launches = persistent_launches
-    config = Config(variant, 3, 5, 2, 5, 2, True, True, True, True, 13)
+    # 3 steps (the interpreter runs each step of each program instance: few steps), and a
+    # seed whose lengths (1, 3, 2) end two sequences early (seed 13 drew all full lengths)
+    config = Config(variant, 3, 3, 2, 5, 2, True, True, True, True, 14)
     problem = make_problem(config)
+    assert sorted(problem.lengths) == [1, 2, 3]
     expected = reference(config, problem)
     result = run_backend(
         "torch", config, problem, "float32", native=False, gate_kernel="triton_persistent"
