@@ -33,16 +33,16 @@ PATHS = [
 ]
 
 
-def module(path, dtype=torch.float64, **kwargs):
+def module(path, dtype=torch.float64, sizes=(3, 4), **kwargs):
     variant, native = path
     torch.manual_seed(0)
     args = {"num_layers": 2, "bidirectional": True, **kwargs}
-    return LSTM(3, 4, variant=variant, native=native, dtype=dtype, **args)
+    return LSTM(*sizes, variant=variant, native=native, dtype=dtype, **args)
 
 
-def inputs(dtype=torch.float64, steps=5, batch=2):
+def inputs(dtype=torch.float64, steps=5, batch=2, features=3):
     g = torch.Generator().manual_seed(1)
-    return torch.randn(steps, batch, 3, generator=g, dtype=dtype)
+    return torch.randn(steps, batch, features, generator=g, dtype=dtype)
 
 
 def param_grads(m):
@@ -104,11 +104,14 @@ GRADGRAD_PATHS = [
 
 @pytest.mark.parametrize("path", GRADGRAD_PATHS)
 def test_gradcheck_and_gradgradcheck(path):
-    m = module(path, num_layers=1, bidirectional=True)
+    """Full Jacobians, so every input and weight entry costs a few evaluations: 2 hidden
+    units a direction (not the other tests' 4; 158 entries, not 362) beside 3 features
+    (input and hidden sizes differ, so a size mixed up still shows), a batch of 2."""
+    m = module(path, sizes=(3, 2), num_layers=1, bidirectional=True)
     names = [n for n, _ in m.named_parameters()]
     x = inputs(steps=3).requires_grad_(True)
-    h0 = (0.5 * torch.randn(2, 2, 4, dtype=torch.float64)).requires_grad_(True)
-    c0 = (0.5 * torch.randn(2, 2, 4, dtype=torch.float64)).requires_grad_(True)
+    h0 = (0.5 * torch.randn(2, 2, 2, dtype=torch.float64)).requires_grad_(True)
+    c0 = (0.5 * torch.randn(2, 2, 2, dtype=torch.float64)).requires_grad_(True)
     weights = [p.detach().clone().requires_grad_(True) for p in m.parameters()]
 
     def f(x, h0, c0, *weights):
@@ -121,10 +124,12 @@ def test_gradcheck_and_gradgradcheck(path):
 
 @pytest.mark.parametrize("variant", CORE_VARIANTS)
 def test_gradcheck_of_the_functional_cell_with_lengths(variant):
-    cell = lstm_multi.get_cell("torch")(2, 3, variant=variant, native=False)
+    """Full Jacobians (hidden 2, as in test_gradcheck_and_gradgradcheck: fewer entries;
+    3 features, a size other than the hidden one)."""
+    cell = lstm_multi.get_cell("torch")(3, 2, variant=variant, native=False)
     params = cell.init(seed=0, dtype="float64")
     keys = list(params[0][0])
-    x = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
     values = [params[0][0][k].clone().requires_grad_(True) for k in keys]
 
     def f(x, *values):

@@ -213,11 +213,11 @@ def test_torch_cell_with_triton_gates_equals_the_array_code(kernels, variant, mo
     reference = Cell(**sizes, native=False, gate_kernel="array")
     fused = Cell(**sizes, native=False, gate_kernel="triton")
     rng = np.random.default_rng(5)
-    lengths = [5, 3]
+    lengths = [3, 2]  # 3 steps: a launch a step, each interpreted; one sequence ends early
     for dtype, tol in (("float32", 2e-5), ("float64", 0.0)):
         params = reference.init(seed=1, dtype=dtype)
-        x = rng.normal(size=(2, 5, 3)).astype(dtype)
-        dy = rng.normal(size=(2, 5, 8)).astype(dtype)
+        x = rng.normal(size=(2, 3, 3)).astype(dtype)
+        dy = rng.normal(size=(2, 3, 8)).astype(dtype)
         want = reference(params, x, lengths=lengths), reference.vjp(params, x, dy, lengths=lengths)
         got = fused(params, x, lengths=lengths), fused.vjp(params, x, dy, lengths=lengths)
         flat = (
@@ -226,8 +226,8 @@ def test_torch_cell_with_triton_gates_equals_the_array_code(kernels, variant, mo
         )
         for a, b in zip(*flat, strict=True):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)
-        if dtype == "float32":  # 2 layers x 2 directions x 5 steps; call and vjp
-            assert launches == {"forward": 40, "backward": 20}, launches
+        if dtype == "float32":  # 2 layers x 2 directions x 3 steps; call and vjp
+            assert launches == {"forward": 24, "backward": 12}, launches
             launches.update(forward=0, backward=0)
         assert fused.last_choice.engine == ("triton" if dtype == "float32" else "array")
     assert launches == {"forward": 0, "backward": 0}  # float64: the array code
@@ -260,8 +260,11 @@ def test_persistent_kernels_match_the_oracle(kernels, variant, persistent_launch
     from test_agreement import assert_matches_reference, run_backend
 
     launches = persistent_launches
-    config = Config(variant, 3, 5, 2, 5, 2, True, True, True, True, 13)
+    # 3 steps (the interpreter runs each step of each program instance: few steps), and a
+    # seed whose lengths (1, 3, 2) end two sequences early (seed 13 drew all full lengths)
+    config = Config(variant, 3, 3, 2, 5, 2, True, True, True, True, 14)
     problem = make_problem(config)
+    assert sorted(problem.lengths) == [1, 2, 3]
     expected = reference(config, problem)
     result = run_backend(
         "torch", config, problem, "float32", native=False, gate_kernel="triton_persistent"
