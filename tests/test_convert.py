@@ -42,13 +42,26 @@ def _randomised(tree, seed, dtype="float32"):
     return {k: 0.5 * rng.standard_normal(np.shape(v)).astype(dtype) for k, v in tree.items()}
 
 
+#: one cell per (backend, layers, bidirectional): the tests' parameters (converted from
+#: each framework, in either dtype) run through its compiled calls, not each a new cell's
+#: (a cell holds no parameters or state: the same numbers as a fresh one)
+_CELLS = {}
+
+
+def _cell(backend, num_layers, bidirectional):
+    key = (backend, num_layers, bidirectional)
+    if key not in _CELLS:
+        _CELLS[key] = lstm_multi.get_cell(backend)(
+            IN, H, num_layers=num_layers, bidirectional=bidirectional
+        )
+    return _CELLS[key]
+
+
 def _ours(params, x, bidirectional=False, lengths=None):
     """(backend, y, h_n, c_n) of the converted ``params`` on every lstm_multi backend."""
     runs = []
     for backend in BACKENDS:
-        cell = lstm_multi.get_cell(backend)(
-            IN, H, num_layers=len(params), bidirectional=bidirectional
-        )
+        cell = _cell(backend, len(params), bidirectional)
         y, (h_n, c_n) = cell(cell.from_numpy(params), x, lengths=lengths)
         runs.append((backend, *(np.asarray(cell.ops.to_numpy(a)) for a in (y, h_n, c_n))))
     return runs

@@ -227,7 +227,7 @@ def test_keras_go_backwards_is_refused_and_would_compute_something_else():
         convert.from_keras([layer])
     # what the refused weights would compute, read as they are
     plain = keras.layers.LSTM(hidden, return_sequences=True)
-    plain(x)
+    plain.build(x.shape)  # its weights, to be overwritten (a call would run it too)
     for target, source in zip(plain.weights, layer.weights, strict=True):
         target.assign(source.numpy())
     params = convert.from_keras(plain)

@@ -59,9 +59,20 @@ def test_outputs_and_gradients_match_the_oracle_and_the_cell(variant, dtype):
         model, x, state = args
         return loss(lambda m, x, s: m(x, s, LENGTHS), model, x, state)
 
-    (_, outputs), (grads, dx, dstate) = eqx.filter_jit(
-        eqx.filter_value_and_grad(of_module, has_aux=True)
-    )((model, x, (h0, c0)))
+    cell = lstm_multi.get_cell("jax")(IN, H, variant=variant, num_layers=2, bidirectional=True)
+    run = lambda p, x, s: cell(p, x, s, LENGTHS)  # noqa: E731
+    of_cell = jax.value_and_grad(
+        lambda p, x, s: loss(run, p, x, s), argnums=(0, 1, 2), has_aux=True
+    )
+
+    # the module and the cell differentiated in one program: one compilation, not two (each
+    # is traced on its own, so a module computing anything but the cell differs below)
+    @eqx.filter_jit
+    def both(model, x, state):
+        module = eqx.filter_value_and_grad(of_module, has_aux=True)((model, x, state))
+        return module, of_cell(model.params, x, state)
+
+    ((_, outputs), (grads, dx, dstate)), ((_, cell_outputs), cell_grads) = both(model, x, (h0, c0))
 
     want = oracle.oracle(
         variant,
@@ -82,11 +93,6 @@ def test_outputs_and_gradients_match_the_oracle_and_the_cell(variant, dtype):
     assert_close(dstate[1], want["dc0"], dtype, "dc0")
     _leaves_close(grads.params, want["grads"], dtype, "grads")
 
-    cell = lstm_multi.get_cell("jax")(IN, H, variant=variant, num_layers=2, bidirectional=True)
-    run = lambda p, x, s: cell(p, x, s, LENGTHS)  # noqa: E731
-    (_, cell_outputs), cell_grads = jax.jit(
-        jax.value_and_grad(lambda p, x, s: loss(run, p, x, s), argnums=(0, 1, 2), has_aux=True)
-    )(model.params, x, (h0, c0))
     _leaves_close(outputs, cell_outputs, dtype, "outputs against the cell")
     _leaves_close((grads.params, dx, dstate), cell_grads, dtype, "grads against the cell")
 
@@ -119,16 +125,23 @@ def test_imported_equinox_cells_compute_what_they_computed():
     assert (model.num_layers, model.bidirectional, model.variant.name) == (2, False, "lstm")
     x = _normal(4, (B, T, IN))
     dy = _normal(5, (B, T, H))
-    want = _scan_equinox(cells, x)
-    _leaves_close(model(x), (want[0], want[1:]), "float64", "outputs")
+    peephole = LSTM.from_equinox(cells, variant="peephole")  # zero peepholes: the same function
 
     def loss(run, weights, x):
         return jnp.sum(run(weights, x)[0] * dy)
 
-    grads, dx = jax.grad(lambda m, x: loss(lambda m, x: m(x), m, x), argnums=(0, 1))(model, x)
-    want_grads, want_dx = eqx.filter_jit(eqx.filter_grad(lambda a: loss(_scan_equinox, *a)))(
-        (cells, x)
+    # every computation of the check in one program (one compilation; eager, each call and
+    # each operation around the scans was compiled on its own)
+    @eqx.filter_jit
+    def computed(model, peephole, cells, x):
+        grads = jax.grad(lambda m, x: loss(lambda m, x: m(x), m, x), argnums=(0, 1))(model, x)
+        want_grads = eqx.filter_grad(lambda a: loss(_scan_equinox, *a))((cells, x))
+        return model(x), _scan_equinox(cells, x), peephole(x)[0], grads, want_grads
+
+    got, want, got_peephole, (grads, dx), (want_grads, want_dx) = computed(
+        model, peephole, cells, x
     )
+    _leaves_close(got, (want[0], want[1:]), "float64", "outputs")
     assert_close(dx, want_dx, "float64", "dx")
     for layer, cell in enumerate(want_grads):
         g = grads.params[layer][0]
@@ -140,8 +153,7 @@ def test_imported_equinox_cells_compute_what_they_computed():
     for cell, (again,) in zip(cells, back, strict=True):
         for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(cell), strict=True):
             np.testing.assert_array_equal(a, b)
-    peephole = LSTM.from_equinox(cells, variant="peephole")  # zero peepholes: the same function
-    assert_close(peephole(x)[0], want[0], "float64", "peephole from Equinox cells")
+    assert_close(got_peephole, want[0], "float64", "peephole from Equinox cells")
     reverse = eqx.nn.LSTMCell(IN, H, dtype=jnp.float64, key=jax.random.key(3))
     pair = LSTM.from_equinox([(cells[0], reverse)])  # one layer, both directions
     assert pair.bidirectional and pair.num_layers == 1
@@ -356,12 +368,18 @@ def test_projection_and_dropout_are_the_cells():
                                       dropout=0.5)  # fmt: skip
     x = jnp.asarray(_normal(4, (B, T, IN), "float32"))
     key = jax.random.key(5)
-    for k in (None, key):
-        y, (h_n, c_n) = eqx.filter_jit(lambda m, x, k: m(x, key=k))(model, x, k)
-        want, (wh, wc) = cell(model.params, x, dropout_key=k)
+
+    # the module's calls and the cell's, with and without a key, in one program (one
+    # compilation; the module's eager calls are the other tests')
+    @eqx.filter_jit
+    def computed(model, x, key):
+        return [(model(x, key=k), cell(model.params, x, dropout_key=k)[0]) for k in (None, key)]
+
+    outputs = computed(model, x, key)
+    for (y, (h_n, c_n)), want in outputs:
         np.testing.assert_array_equal(y, want)
         assert h_n.shape == (2, B, 2) and c_n.shape == (2, B, H)
-    assert not np.allclose(model(x)[0], model(x, key=key)[0])
+    assert not np.allclose(outputs[0][0][0], outputs[1][0][0])  # the key drops units
     again = LSTM.from_params(model.params, variant="peephole", dropout=0.5)
     assert again.proj_size == 2 and again.dropout == 0.5
 
@@ -389,11 +407,17 @@ def test_lstm_cell_scanned_is_the_sequence_call():
     def loss_functional(params):
         return jnp.sum(functional(params, x)[0] ** 2)
 
-    y = jax.vmap(run_cell, in_axes=(None, 0))(cell, x)
+    # both ways, outputs and gradients, in one program (one compilation)
+    @eqx.filter_jit
+    def computed(cell):
+        y = jax.vmap(run_cell, in_axes=(None, 0))(cell, x)
+        grads = eqx.filter_grad(loss_cell)(cell).params
+        params = [[cell.params]]
+        return y, functional(params, x)[0], grads, jax.grad(loss_functional)(params)[0][0]
+
+    y, y_functional, got, want = computed(cell)
     # the cell under lax.scan and vmap against the layer's own scan: float32 rounding only
-    assert_close(y, functional([[cell.params]], x)[0], "float32", "y")
-    got = eqx.filter_grad(loss_cell)(cell).params
-    want = jax.grad(loss_functional)([[cell.params]])[0][0]
+    assert_close(y, y_functional, "float32", "y")
     for k in want:
         assert_close(got[k], want[k], "float32", f"d{k}")
     with pytest.raises(TypeError, match="key"):

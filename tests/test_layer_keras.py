@@ -880,7 +880,7 @@ def test_a_gapped_mask_under_jit_is_the_eager_one():
 
     layer = _ours(return_sequences=True)
     x = _inputs()
-    layer(x)  # built outside the trace
+    layer.build(x.shape)  # built outside the trace
     run = jax.jit(lambda x, mask: layer(x, mask=mask))
     for mask in (MASK, *GENERAL_MASKS.values()):
         np.testing.assert_allclose(
