@@ -32,13 +32,13 @@ except ModuleNotFoundError as error:  # pragma: no cover - exercised in a subpro
         "pip install 'lstm_multi[equinox]'"
     ) from error
 
-import functools
 
 import numpy as np
 
 from . import convert, init, network, spec, validation
 from .backends.jax_backend import OPS, x64_enabled
 from .backends.jax_backend import Cell as _JaxCell
+from .registry import shared_cell
 
 __all__ = ["LSTM", "LSTMCell"]
 
@@ -62,13 +62,6 @@ CELL_ARGUMENTS = (
 #: the regularizers inside the time loop (``lstm_multi.regularize``): a call without
 #: ``inference`` and without a key is refused where one of them is on
 REGULARIZERS = ("zoneout", "recurrent_dropout", "input_dropout", "dropconnect")
-
-
-@functools.cache
-def _functional_cell(arguments):
-    """One JAX cell per configuration (``arguments``: (name, value) pairs), so that every
-    module of that configuration shares its compiled calls."""
-    return _JaxCell(**dict(arguments))
 
 
 def _checked_key(key):
@@ -202,7 +195,7 @@ class LSTM(eqx.Module):
     @property
     def cell(self):
         """The JAX functional cell this module runs (shared by modules of one configuration)."""
-        return _functional_cell(tuple(self.cell_arguments().items()))
+        return shared_cell("jax", **self.cell_arguments())
 
     @property
     def num_directions(self):

@@ -39,8 +39,6 @@ in a ``jax.pure_callback`` (``_draw``): the same numbers, traced, vmapped or not
 
 from __future__ import annotations
 
-import functools
-
 try:
     import jax
     import jax.numpy as jnp
@@ -54,7 +52,7 @@ except ModuleNotFoundError as error:  # pragma: no cover - tested with flax hidd
 
 from . import init, network, regularize, spec, validation
 from .backends import jax_backend
-from .registry import get_cell
+from .registry import shared_cell
 
 __all__ = ["LSTM", "LinenCell", "LinenLSTM"]
 
@@ -95,23 +93,10 @@ def _random(module):
 
 
 def functional_cell(config, backend="jax"):
-    """The functional cell of ``backend`` built from ``config`` (a dict of ``CELL_ARGS``).
-
-    Cells are shared between modules of equal configuration: the JAX cell compiles its calls
-    once per cell, and a Linen module is rebuilt on every ``apply``. A value that cannot be
-    a cache key is never valid, and the cell's constructor says which argument it is.
-    """
-    key = tuple((name, type(value), value) for name, value in config.items())
-    try:
-        hash(key)
-    except TypeError:
-        return get_cell(backend)(**config)
-    return _cached_cell(backend, key)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_cell(backend, key):
-    return get_cell(backend)(**{name: value for name, _, value in key})
+    """The functional cell of ``backend`` built from ``config`` (a dict of ``CELL_ARGS``),
+    shared between modules of equal configuration (``registry.shared_cell``): the JAX cell
+    compiles its calls once per cell, and a Linen module is rebuilt on every ``apply``."""
+    return shared_cell(backend, **config)
 
 
 def _param_dtype(param_dtype):

@@ -100,7 +100,7 @@ import numpy as np
 
 from . import init, regularize, spec, validation
 from .ops import ArrayModuleOps
-from .registry import get_cell
+from .registry import get_cell, shared_cell
 
 __all__ = ["LSTM"]
 
@@ -376,7 +376,8 @@ class LSTM(keras.layers.Layer):
                 f"a first call on a batch), got the input shape {input_shape}"
             )
         input_size = int(input_shape[-1])
-        self.cell = get_cell(self._backend)(input_size, **self._cell_kwargs())
+        # one cell per configuration, shared by every layer of it (its JAX programs compiled once)
+        self.cell = shared_cell(self._backend, input_size=input_size, **self._cell_kwargs())
         seed = self.seed if self.seed is not None else int(np.random.randint(0, 2**31 - 1))
         # drawn in float32 (float64 for float64 variables) and cast to the variables' dtype
         float64 = keras.backend.standardize_dtype(self.variable_dtype) == "float64"

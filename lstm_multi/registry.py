@@ -7,10 +7,11 @@ imports its framework at its top and exposes ``Cell`` and ``unavailable_reason()
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .cell import FunctionalCell
@@ -77,6 +78,28 @@ def load_backend(name: str) -> ModuleType:
 def get_cell(name: str) -> type[FunctionalCell]:
     """The functional cell class of backend ``name`` (see ``lstm_multi.cell.FunctionalCell``)."""
     return load_backend(name).Cell
+
+
+def shared_cell(name: str, **config: Any) -> FunctionalCell:
+    """The functional cell of backend ``name`` built from ``config`` (its constructor's
+    keyword arguments), one per configuration: the framework layers (Flax, Equinox,
+    Keras) share a cell between layers of equal configuration, so that a JAX cell's
+    compiled calls serve them all instead of each layer tracing and compiling its own.
+    Cells hold no parameters or state, so sharing one changes no number. Values equal but
+    of another type (1 and 1.0, True and 1) are other configurations; a configuration
+    with a value that cannot be a key (a list) gets a cell of its own, whose constructor
+    checks it as always."""
+    key = tuple((argument, type(value), value) for argument, value in sorted(config.items()))
+    try:
+        hash(key)
+    except TypeError:
+        return get_cell(name)(**config)
+    return _shared_cell(name, key)
+
+
+@functools.lru_cache(maxsize=128)
+def _shared_cell(name: str, key: tuple) -> FunctionalCell:
+    return get_cell(name)(**{argument: value for argument, _, value in key})
 
 
 def available_backends() -> list[str]:

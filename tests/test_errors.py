@@ -327,3 +327,20 @@ def test_lengths_of_any_integer_dtype_and_framework(backend, bidirectional):
         np.testing.assert_array_equal(np.asarray(dx), want_dx, err_msg=name)
     with pytest.raises(TypeError, match="lengths: expected integers, got dtype bool"):
         cell(params, x, lengths=np.array([True, True]))
+
+
+def test_shared_cells_are_one_per_configuration_and_bad_ones_still_refused():
+    """``registry.shared_cell`` (the framework layers' cells): equal configurations share a
+    cell, a value of another type (1.0 for 1) or another value is another cell, and a bad
+    argument is the constructor's error, never a cached cell."""
+    shared = lstm_multi.registry.shared_cell
+    one = shared("numpy", input_size=3, hidden_size=4, variant="peephole")
+    assert shared("numpy", hidden_size=4, variant="peephole", input_size=3) is one
+    assert shared("numpy", input_size=3, hidden_size=5, variant="peephole") is not one
+    assert shared("numpy", input_size=3, hidden_size=4, variant="lstm") is not one
+    with pytest.raises(ValueError, match="hidden_size"):
+        shared("numpy", input_size=3, hidden_size=0)
+    with pytest.raises((TypeError, ValueError), match="hidden_size"):
+        shared("numpy", input_size=3, hidden_size=4.0)
+    with pytest.raises((TypeError, ValueError), match="hidden_size"):
+        shared("numpy", input_size=3, hidden_size=[4])  # not a key: built, and refused

@@ -774,6 +774,19 @@ def test_config_round_trip(options):
 
 
 @here
+def test_layers_of_one_configuration_share_their_cell():
+    """Layers of equal configuration run one functional cell (its compiled programs serve
+    every layer: ``registry.shared_cell``); their weights stay their own."""
+    a, b = _ours(variant="peephole", seed=1), _ours(variant="peephole", seed=2)
+    other = _ours(units=H + 1, variant="peephole", seed=1)
+    for layer in (a, b, other):
+        layer.build((B, T, F))
+    assert a.cell is b.cell and other.cell is not a.cell
+    first = [keras.ops.convert_to_numpy(layer.weights[0]) for layer in (a, b)]
+    assert not np.array_equal(*first)
+
+
+@here
 def test_a_registered_variant_round_trips(monkeypatch):
     from lstm_multi import Variant, sigmoid, spec, tanh
 
