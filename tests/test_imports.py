@@ -162,9 +162,12 @@ def test_the_suite_collects_without_torch_and_jax(tmp_path):
         f"import site, sys; site.addsitedir({str(farm)!r}); import pytest; "
         "sys.exit(pytest.main(sys.argv[1:]))"
     )
+    # --assert=plain: the modules imported as Python imports them, without pytest's
+    # rewriting of every assert (half of this child's time where no rewritten module is
+    # cached, PYTHONDONTWRITEBYTECODE: 4.9 -> 2.6 CPU s; the same 1468 tests collected)
     done = subprocess.run(
         [sys.executable, "-S", "-c", code, "--collect-only", "-q", "-p", "no:cacheprovider",
-         "-p", "no:xdist", "-rs", tests],
+         "-p", "no:xdist", "--assert=plain", "-rs", tests],
         capture_output=True, text=True, cwd=os.path.dirname(tests),
     )  # fmt: skip
     summary = [line for line in done.stdout.splitlines() if not line.startswith("tests/")]
