@@ -103,7 +103,10 @@ def test_console_script_runs_everything_at_a_tiny_size(tmp_path, thorough):
     """The README's command via the script, both modes, the default variants: every
     backend and peer (the JAX process's Flax, Equinox and Keras rows too) under
     --thorough; otherwise the torch and numpy processes, the report and the plot (the JAX
-    process, which compiles each of its cases, took half of this test's time)."""
+    process, which compiles each of its cases, took half of this test's time). With
+    --threads: the torch and NumPy processes' thread probes (a T50 B64 I128 H256 LSTM
+    each, at 1 thread and at the cores, three rounds: 2-3 s of this test's 8 s) are
+    test_the_thread_probes_choose_and_the_report_says_what_they_measured's, in process."""
     chosen = [] if thorough else ["--backend", "torch,numpy"]
     exe = shutil.which("lstm-multi") or os.path.join(os.path.dirname(sys.executable), "lstm-multi")
     command = [exe] if os.path.exists(exe) else [sys.executable, "-m", "lstm_multi.bench"]
@@ -119,6 +122,8 @@ def test_console_script_runs_everything_at_a_tiny_size(tmp_path, thorough):
             "--warmup",
             "0",
             "--no-progress",
+            "--threads",
+            "1",
             "--out",
             str(tmp_path),
             *chosen,
@@ -179,6 +184,8 @@ def test_in_process_run_subset(tmp_path, capsys):
             "2",
             "--retries",
             "0",
+            "--threads",
+            "1",  # the thread probe: test_the_thread_probes_choose_and_the_report_says...
             "--warmup",
             "0",
             "--no-progress",
@@ -235,6 +242,7 @@ def test_default_run_is_short_and_says_where_and_how_long(tmp_path, capsys, monk
     assert set(every.variants) == set(lstm_multi.VARIANTS)
     monkeypatch.chdir(tmp_path)
     arguments = ["bench", "--backend", "numpy", "--no-peers", "--size", TINY, "--mode", "forward"]
+    arguments += ["--threads", "1"]  # no thread probe: a test of its own measures it
     assert cli.run([*arguments, "--repeats", "1", "--warmup", "0", "--no-progress"]) == 0
     captured = capsys.readouterr()
     first = captured.err.splitlines()[0]  # how long it will take comes first
@@ -673,6 +681,42 @@ def test_a_busy_machine_is_said():
     assert share is None or 0.0 <= share <= 1.0
 
 
+def test_the_thread_probes_choose_and_the_report_says_what_they_measured(monkeypatch):
+    """What the torch and NumPy processes of a run without --threads do first (the other
+    tests that run the benchmark pass --threads, which skips it): each times its own
+    framework's LSTM at 1 thread and at the cores, keeps the faster and says so; the
+    report shows what was measured. Here in this process, at a tiny probe shape (the
+    shape is not what is tested: it was 2-3 s of the script's test at T50 B64 I128 H256)
+    and with two cores whatever this machine has, so that the probe runs; this process's
+    thread settings are put back."""
+    torch = pytest.importorskip("torch")
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from lstm_multi.bench import report, threads
+
+    monkeypatch.setattr(threads, "PROBE_SHAPE", (4, 2, 3, 5))
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    said, before = [], torch.get_num_threads()
+    chosen = config.BenchConfig()  # threads=None: measured
+    assert chosen.threads is None
+    try:
+        with threadpoolctl.threadpool_limits(limits=None):  # restored on leaving
+            info = {**threads.set_torch_threads(chosen, said.append)}
+            info.update(threads.set_numpy_threads(chosen, said.append))
+    finally:
+        torch.set_num_threads(before)
+    assert info["torch_threads"] in (1, 2) and info["numpy_threads"] in (1, 2)
+    for name in ("torch", "numpy"):
+        probe = info[f"{name}_thread_probe_s"]
+        assert set(probe) == {"1", "2"} and all(s > 0 for s in probe.values()), probe
+    assert said[0].startswith(f"torch threads: {info['torch_threads']} (measured: 1 -> ")
+    assert said[1].startswith(f"numpy threads: {info['numpy_threads']} (measured: 1 -> ")
+    results = _results([])
+    results["meta"]["machine"].update(info)
+    md = report.markdown(results)
+    assert f"- torch intra-op threads: {info['torch_threads']} (measured: 1 -> " in md
+    assert f"- NumPy's BLAS threads: {info['numpy_threads']} (measured: 1 -> " in md
+
+
 def test_torch_threads_are_the_faster_measured_setting():
     from lstm_multi.bench import threads
 
@@ -822,10 +866,13 @@ def runners():
 
 ISOLATION_CHECK = """
 import os, sys
-from lstm_multi.bench import config, suite
+from lstm_multi.bench import config, machine, suite
+# threads: the cores, the value a run without --threads gives the child's pools, but
+# without the NumPy thread probe (a test of its own measures it)
 cfg = config.BenchConfig(
     sizes=(config.parse_size("3,1,2,2"),), backends=("numpy",), modes=("forward",),
     repeats=2, warmup=0, progress=False, registry="bench_stub_registry:runners",
+    threads=machine.usable_cores(),
 )
 results = suite.run_benchmark(cfg)
 print(sorted(r["runner"] for r in results["results"]))

@@ -87,12 +87,55 @@ def _intact(library):
     return record.read_text().strip() == hashlib.sha256(library.read_bytes()).hexdigest()
 
 
+#: the libraries the tests below need only to find in a cache, by (variant, scalar)
+SEEDS = (("peephole", "float"), ("peephole", "double"), ("lstm", "float"))
+
+
 @pytest.fixture(scope="module")
-def built_cache(tmp_path_factory):
-    """A cache holding the peephole float32 kernels, built once by another process."""
+def shared_libraries():
+    """Libraries of the run's own kernel cache (the configured one, where the rest of the
+    suite builds and loads the generated kernels: in CI the other tests build these
+    three), by (variant, scalar), and the OpenMP probe's ("probe"), loaded or built there
+    now. ``_seed`` copies them into a test's empty cache, where a test would otherwise
+    build them (about a second of the compiler each) only to have them there; the builds
+    a test is about (a rebuild, a build in a fallback directory or without OpenMP) it
+    still does. Those not found there (an unusable cache) are left out: the test then
+    builds them, as it did before."""
+    found = {}
+    for name, scalar in SEEDS:
+        variant = spec.get_variant(name)
+        if cpu_kernels.cpu_kernels(variant, scalar) is None:
+            continue
+        openmp = cpu_kernels.openmp_available()
+        flags = cpu_kernels.FLAGS if openmp else cpu_kernels.FLAGS_WITHOUT_OPENMP
+        source = cpu_kernels.kernel_source(variant, scalar)
+        digest = build.library_digest(build.host_compiler(), source, flags, (cpu_kernels.HEADERS,))
+        found[name, scalar] = build.cache_dir() / f"gates_{digest}.so"
+    probe = build.library_digest(build.host_compiler(), cpu_kernels.OPENMP_PROBE, cpu_kernels.FLAGS)
+    found["probe"] = build.cache_dir() / f"gates_{probe}.so"
+    return {key: path for key, path in found.items() if path.exists() and _intact(path)}
+
+
+def _seed(cache, shared, *keys):
+    """Copies the ``shared_libraries`` ``keys`` (and the OpenMP probe's) into ``cache``,
+    each with its record; -> whether all of ``keys`` were there to copy."""
+    folder = Path(cache) / "kernels"
+    folder.mkdir(parents=True, exist_ok=True)
+    for key in ("probe", *keys):
+        if key in shared:
+            for path in (shared[key], shared[key].with_suffix(".sha256")):
+                shutil.copy2(path, folder / path.name)
+    return all(key in shared for key in keys)
+
+
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory, shared_libraries):
+    """A cache holding the peephole float32 kernels (and the OpenMP probe): copied from
+    the run's own cache, else built once by another process."""
     cache = tmp_path_factory.mktemp("built_cache")
-    done = _run(CELL_SCRIPT, cache)
-    assert done.returncode == 0, done.stderr
+    if not _seed(cache, shared_libraries, ("peephole", "float")):
+        done = _run(CELL_SCRIPT, cache)
+        assert done.returncode == 0, done.stderr
     assert len(_libraries(cache)) == 1
     return cache
 
@@ -411,12 +454,16 @@ def _assert_host_kernels_compute(variant):
     np.testing.assert_allclose(c, c_want, rtol=1e-12, atol=1e-12)
 
 
-def test_clear_cache_forgets_loaded_kernels_and_failed_builds(fresh_state, monkeypatch):
-    variant = _fresh_variant("cleared")
+def test_clear_cache_forgets_loaded_kernels_and_failed_builds(
+    fresh_state, monkeypatch, shared_libraries
+):
+    variant = _fresh_variant("cleared")  # peephole's source: the library seeded here
+    _seed(fresh_state, shared_libraries, ("peephole", "double"))
     first = cpu_kernels.cpu_kernels(variant, "double")
     assert first is not None and cpu_kernels.cpu_kernels(variant, "double") is first
     lstm_multi.kernels.clear_cache()
     assert _libraries(fresh_state) == []
+    _seed(fresh_state, shared_libraries)  # the OpenMP probe only: the kernels are rebuilt
     second = cpu_kernels.cpu_kernels(variant, "double")
     assert second is not None and second is not first and len(_libraries(fresh_state)) == 1
     # a failed build is remembered (no rebuild every call) until clear_cache
@@ -432,11 +479,17 @@ def test_clear_cache_forgets_loaded_kernels_and_failed_builds(fresh_state, monke
     monkeypatch.setattr(build, "compile_library", real)
     assert cpu_kernels.cpu_kernels(other, "float") is None
     lstm_multi.kernels.clear_cache()
+    # the library there to load (a remembered failure would return None without looking)
+    _seed(fresh_state, shared_libraries, ("peephole", "float"))
     assert cpu_kernels.cpu_kernels(other, "float") is not None
 
 
-def test_a_missing_compiler_is_not_remembered_once_there_is_one(fresh_state, monkeypatch):
-    """What made tests/test_cpu_split.py crash after a test without a compiler."""
+def test_a_missing_compiler_is_not_remembered_once_there_is_one(
+    fresh_state, monkeypatch, shared_libraries
+):
+    """What made tests/test_cpu_split.py crash after a test without a compiler. (The
+    library is in the cache: with a compiler the kernels are looked for again and load.)"""
+    _seed(fresh_state, shared_libraries, ("lstm", "float"))
     monkeypatch.setattr(cpu_kernels, "_warned", ["warned already"])
     variant = spec.get_variant("lstm")
     with monkeypatch.context() as patch:
