@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -70,6 +71,10 @@ def test_docs_page_runs(page, thorough, tmp_path):
         text=True,
         timeout=600,
         cwd=tmp_path,
+        # a page's `import keras` runs on the Keras backend of the environment, else JAX (not
+        # Keras's own default, TensorFlow, which the layer does not support); without this,
+        # a page ran on whatever a test module collected before had set in this process
+        env={**os.environ, "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "jax")},
     )
     ran = [line[4:] for line in result.stderr.splitlines() if line.startswith("--- ")]
     assert result.returncode == 0, (
