@@ -26,8 +26,8 @@ jax = pytest.importorskip("jax")
 pytest.importorskip("torch", reason="the oracle runs on torch")
 jnp = jax.numpy
 
-from conftest import assert_close, float64_key, thorough_params  # noqa: E402
-from reference import KERNEL_VARIANTS, Config, make_problem, reference  # noqa: E402
+from conftest import assert_close, float64_key, thorough_params, to_numpy  # noqa: E402
+from reference import KERNEL_VARIANTS, Config, batch_layout, make_problem, reference  # noqa: E402
 from test_agreement import assert_matches_reference, assert_outputs_match, run_backend  # noqa: E402
 
 import lstm_multi  # noqa: E402
@@ -73,6 +73,46 @@ def _problem(config, lengths=None):
     return problem
 
 
+def run_pallas(config, problem, dtype, kernels):
+    """``run_backend``'s results for the cell on ``kernels`` (of a config with an initial
+    state), its outputs and every gradient from one jitted ``jax.vjp`` of its call: one
+    program to compile (seconds under the interpreter: most of these tests' time), where
+    the call and ``vjp`` are two. The kernels run as in ``vjp``: the custom VJP's forward
+    (the launch whose outputs and tape are checked), then its backward; the lengths are
+    the call's own (NumPy, as given). The cell's call and ``vjp`` outside a jit meet the
+    oracle on the kernels in test_masks.py's test_pallas_kernels_run_a_mask and in
+    test_pallas_kernels_full_tiles_without_lengths, and the scan's results below."""
+    assert config.with_state, "the gradients of the initial state are taken from it"
+    cell = config.cell("jax", **pallas_args(kernels))
+    cast = (lambda a: a.astype(dtype)) if dtype != "float64" else (lambda a: a)
+    params = cell.from_numpy(
+        [[{k: cast(v) for k, v in p.items()} for p in layer] for layer in problem.params]
+    )
+    x, dy = (cast(batch_layout(config, a)) for a in (problem.x, problem.dy))
+    h0, c0, dh_n, dc_n = (cast(a) for a in (problem.h0, problem.c0, problem.dh_n, problem.dc_n))
+
+    @jax.jit
+    def outputs_and_gradients(params, x, h0, c0, dy, dh_n, dc_n):
+        def call(params, x, h0, c0):
+            return cell(params, x, state=(h0, c0), lengths=problem.lengths)
+
+        outputs, pullback = jax.vjp(call, params, x, h0, c0)
+        return outputs, pullback((dy, (dh_n, dc_n)))
+
+    (y, (h_n, c_n)), (grads, dx, dh0, dc0) = outputs_and_gradients(
+        params, x, h0, c0, dy, dh_n, dc_n
+    )
+    return {
+        "y": batch_layout(config, to_numpy(y)),
+        "h_n": to_numpy(h_n),
+        "c_n": to_numpy(c_n),
+        "grads": to_numpy(grads),
+        "dx": batch_layout(config, to_numpy(dx)),
+        "dh0": to_numpy(dh0),
+        "dc0": to_numpy(dc0),
+    }
+
+
 def _lengths(batch, steps):
     """Lengths in 1..T with a 1, a T and shorter ones between."""
     return [(1, steps, 2, steps - 1, 3)[n % 5] for n in range(batch)]
@@ -84,9 +124,9 @@ def test_pallas_kernels_match_the_oracle(kernels, variant):
     one), H = 8 (padded to 16), in float64 (both directions: the tests below)."""
     config = Config(variant, 17, 5, 3, 8, 1, False, True, True, True, 7)
     problem = _problem(config, _lengths(17, 5))
-    result = run_backend("jax", config, problem, "float64", **pallas_args(kernels))
+    result = run_pallas(config, problem, "float64", kernels)
     assert_matches_reference(result, reference(config, problem), "float64", f"pallas/{variant}")
-    # call, and vjp (forward with the tape, then backward)
+    # jax.vjp traces the call (the primal) and the custom VJP's forward, then the backward
     assert kernels.launches == {"sequence_forward": 2, "sequence_backward": 1}, kernels.launches
 
 
@@ -96,7 +136,7 @@ def test_pallas_kernels_two_layers_match_the_oracle(kernels, dtype):
     and in float64."""
     config = Config("peephole", 3, 6, 4, 16, 2, True, True, True, True, 11)
     problem = _problem(config, [6, 1, 4])
-    result = run_backend("jax", config, problem, dtype, **pallas_args(kernels))
+    result = run_pallas(config, problem, dtype, kernels)
     assert_matches_reference(result, reference(config, problem), dtype, f"pallas/2 layers/{dtype}")
     assert kernels.launches == {"sequence_forward": 8, "sequence_backward": 4}, kernels.launches
 
@@ -285,7 +325,7 @@ def test_pallas_kernels_run_the_layer_norms(kernels, variant, case):
     config, lengths, dtype = LAYER_NORM_CASES[case]
     config = dataclasses.replace(config, variant=variant)
     problem = _problem(config, lengths)
-    result = run_backend("jax", config, problem, dtype, **pallas_args(kernels))
+    result = run_pallas(config, problem, dtype, kernels)
     key = float64_key(variant) if dtype == "float64" else dtype
     assert_matches_reference(result, reference(config, problem), key, f"pallas/{variant}/{dtype}")
     directions = config.num_layers * config.num_directions
