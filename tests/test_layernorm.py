@@ -27,9 +27,9 @@ import importlib.util
 
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import assert_close, to_numpy
 from doubles import ProgramKernels
-from reference import Config, make_problem, reference
+from reference import Config, batch_layout, make_problem, reference
 from test_agreement import (
     assert_gradients_match,
     assert_matches_reference,
@@ -452,6 +452,24 @@ ENGINES = [("numpy", "array"), ("numpy", "cpu_kernels"), ("torch", "array"),
 TRITON_ENGINES = ("triton", "triton_persistent")
 
 
+def _run_jax(cell, config, problem):
+    """``run_cell``'s float64 results for a JAX cell, from one jitted ``jax.vjp`` of its
+    call (test_zoneout's ``_jax_outputs_and_gradients``, which says why), for a config
+    with an initial state (the gradients of the state are taken from it)."""
+    from test_zoneout import _jax_outputs_and_gradients
+
+    params = cell.from_numpy(problem.params)
+    x, dy = (batch_layout(config, a) for a in (problem.x, problem.dy))
+    state = (problem.h0, problem.c0)
+    cotangents = (dy, problem.dh_n, problem.dc_n)
+    outputs, gradients = _jax_outputs_and_gradients(
+        cell, params, x, state, cotangents, {"lengths": problem.lengths}
+    )
+    (y, (h_n, c_n)), (grads, dx, dh0, dc0) = to_numpy(outputs), to_numpy(gradients)
+    return {"y": batch_layout(config, y), "h_n": h_n, "c_n": c_n, "grads": grads,
+            "dx": batch_layout(config, dx), "dh0": dh0, "dc0": dc0}  # fmt: skip
+
+
 @pytest.mark.parametrize("case", list(CONFIGS))
 @pytest.mark.parametrize("variant", LAYER_NORMS)
 @pytest.mark.parametrize(("backend", "engine_name"), ENGINES)
@@ -482,7 +500,10 @@ def test_layernorm_matches_the_oracle(backend, engine_name, variant, case, thoro
               "triton_persistent": ("float32",)}.get(engine_name, ("float64",))  # fmt: skip
     for dtype in dtypes:
         cell = _cell_for(backend, config, engine=engine_name)
-        result = run_cell(cell, config, problem, dtype)
+        if backend == "jax" and config.with_state:  # one compiled program (``_run_jax``)
+            result = _run_jax(cell, config, problem)
+        else:
+            result = run_cell(cell, config, problem, dtype)
         # (the persistent kernels take no projection: the per-step Triton kernels run it)
         ran = "triton" if (engine_name, case) == ("triton_persistent", "projection") else None
         if engine_name != "auto":
