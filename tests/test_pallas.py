@@ -113,6 +113,28 @@ def run_pallas(config, problem, dtype, kernels):
     }
 
 
+def scan_reference(scan, params, x, dy, lengths):
+    """``(scan(params, x, lengths=lengths), scan.vjp(params, x, dy, lengths=lengths))``,
+    the scan cell's results that the tests below hold the kernels to, from one jitted
+    ``jax.vjp`` of its call with the zero initial states given (the call's own without a
+    state) and zero final-state cotangents (``vjp``'s defaults): one program to compile
+    where the call and ``vjp`` are two. The scan's own call and ``vjp`` are checked
+    against the oracle throughout the suite (test_agreement, test_jax)."""
+    batch = x.shape[0] if scan.batch_first else x.shape[1]
+    zeros = tuple(jnp.zeros(shape, jnp.asarray(x).dtype) for shape in scan.state_shapes(batch))
+
+    @jax.jit
+    def outputs_and_gradients(params, x, dy):
+        def call(params, x, h0, c0):
+            return scan(params, x, state=(h0, c0), lengths=lengths)
+
+        (y, (h_n, c_n)), pullback = jax.vjp(call, params, x, *zeros)
+        grads, dx, dh0, dc0 = pullback((dy, (jnp.zeros_like(h_n), jnp.zeros_like(c_n))))
+        return (y, (h_n, c_n)), (grads, dx, (dh0, dc0))
+
+    return outputs_and_gradients(params, x, dy)
+
+
 def _lengths(batch, steps):
     """Lengths in 1..T with a 1, a T and shorter ones between."""
     return [(1, steps, 2, steps - 1, 3)[n % 5] for n in range(batch)]
@@ -223,8 +245,7 @@ def test_pallas_kernels_take_half_inputs(kernels, dtype):
     y, (h_n, c_n) = pallas(half, x.astype(dtype), lengths=[5, 1, 3])
     grads, dx, _ = pallas.vjp(half, x.astype(dtype), dy.astype(dtype), lengths=[5, 1, 3])
     assert y.dtype == h_n.dtype == c_n.dtype == grads[0][0]["W"].dtype == dx.dtype == dtype
-    want_y, _ = scan(params, x, lengths=[5, 1, 3])
-    want_grads, want_dx, _ = scan.vjp(params, x, dy, lengths=[5, 1, 3])
+    (want_y, _), (want_grads, want_dx, _) = scan_reference(scan, params, x, dy, [5, 1, 3])
     tolerance = 2e-2 if dtype == "bfloat16" else 2e-3
     for got, want in ((y, want_y), (dx, want_dx), (grads[0][0]["p"], want_grads[0][0]["p"])):
         np.testing.assert_allclose(
@@ -376,7 +397,7 @@ def test_a_user_reduction_variant_gets_pallas_kernels(kernels):
     dy = rng.standard_normal((3, 4, 8))
     lengths = [4, 1, 3]
     got = pallas(params, x, lengths=lengths), pallas.vjp(params, x, dy, lengths=lengths)
-    want = scan(params, x, lengths=lengths), scan.vjp(params, x, dy, lengths=lengths)
+    want = scan_reference(scan, params, x, dy, lengths)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert_close(a, b, float64_key(user), "pallas/user reduction")
     assert kernels.launches == {"sequence_forward": 2, "sequence_backward": 1}
