@@ -25,9 +25,15 @@ def _numpy(a):
     return np.asarray(a.detach() if hasattr(a, "detach") else a)
 
 
-def _cells(backend, num_layers=3, dropout=0.4, **kwargs):
+def _cells(backend, num_layers=None, dropout=0.4, **kwargs):
+    """The cell with dropout, of ``num_layers`` or, by default, three layers (two masks)
+    on numpy and torch and two (one mask) on JAX: JAX's compilations are most of its time
+    (a scan forward and backward a layer-direction), and the masks' places, the point of
+    a third layer, are test_placement_is_between_layers's, which runs three everywhere."""
     if backend not in lstm_multi.available_backends():
         pytest.skip(f"{backend} is not installed")
+    if num_layers is None:
+        num_layers = 2 if backend == "jax" else 3
     Cell = lstm_multi.get_cell(backend)
     return Cell(num_layers=num_layers, dropout=dropout, **SIZES, **kwargs)
 
@@ -57,7 +63,7 @@ def test_keys_choose_the_masks(backend):
     cell = _cells(backend)
     params = cell.init(seed=1, dtype="float64")
     x = np.random.default_rng(0).standard_normal((3, 5, 2))
-    plain = lstm_multi.get_cell(backend)(num_layers=3, **SIZES)
+    plain = lstm_multi.get_cell(backend)(num_layers=cell.num_layers, **SIZES)
     y_eval = _numpy(cell(params, x)[0])
     np.testing.assert_array_equal(y_eval, _numpy(plain(params, x)[0]))  # no key: no dropout
     a, b, c = (_numpy(cell(params, x, dropout_key=_key(backend, n))[0]) for n in (7, 7, 8))
@@ -80,7 +86,7 @@ def test_masks_are_inverted_dropout_of_the_given_rate(backend):
 def test_placement_is_between_layers(backend):
     """Layer by layer by hand, with the cell's own masks: layer 0 reads x as it is, and
     the input of layers 1 and 2 is multiplied by mask 1 and mask 2 (nn.LSTM's places)."""
-    cell = _cells(backend, batch_first=False)
+    cell = _cells(backend, num_layers=3, batch_first=False)
     params = cell.init(seed=2, dtype="float64")
     x = _array(backend, np.random.default_rng(1).standard_normal((5, 3, 2)))
     key = _key(backend, 9)

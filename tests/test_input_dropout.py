@@ -15,7 +15,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import assert_close
-from test_zoneout import BACKENDS, RATES, _against_oracle, _array, _cell, _keras, _key, _numpy
+from test_zoneout import (
+    BACKENDS,
+    RATES,
+    _against_oracle,
+    _array,
+    _cell,
+    _keras,
+    _key,
+    _layers,
+    _numpy,
+)
 
 import lstm_multi
 from lstm_multi import regularize
@@ -25,21 +35,25 @@ oracle = pytest.importorskip("oracle")
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_agrees_with_the_oracle(backend):
-    """Input dropout alone: peephole, two layers (layer 1 reads 2 H), both directions,
-    right padding; each layer-direction's four gates read x through their own masks."""
+    """Input dropout alone: peephole, two layers (layer 1 reads 2 H; JAX one, as
+    test_zoneout's ``_layers`` says: its two layers are the next test's), both
+    directions, right padding; each layer-direction's four gates read x through their
+    own masks."""
     cell = _against_oracle(
-        backend, 7, lengths=np.array([5, 2, 4]), variant="peephole", input_dropout=0.4
+        backend, 7, np.array([5, 2, 4]), variant="peephole", input_dropout=0.4, **_layers(backend)
     )
     assert cell.last_choice.engine in ("array", "scan")
     masks, _ = cell.regularizer_masks(_array(backend, np.zeros((5, 3, 2))), _key(backend, 7))
-    assert [tuple(m.inputs.shape) for m in masks] == [(3, 4, 2)] * 2 + [(3, 4, 6)] * 2
+    widths = [2, 6][: cell.num_layers]
+    assert [tuple(m.inputs.shape) for m in masks] == [(3, 4, w) for w in widths for _ in "fr"]
     assert all(m.recurrent is None and m.keep_h is None for m in masks)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_with_every_regularizer_agrees_with_the_oracle(backend):
     """Input dropout with zoneout, recurrent dropout and DropConnect; a mask with gaps
-    (numpy) or r = c (peephole_full, whose g gate reads x only) on torch and jax."""
+    (numpy) or r = c (peephole_full, whose g gate reads x only) on torch and jax; two
+    layers on every backend (JAX's two layers with its regularizers are checked here)."""
     if backend == "numpy":
         mask = np.array([[1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], bool)
         _against_oracle(backend, 3, mask=mask, proj_size=2, input_dropout=0.3, **RATES)
@@ -69,9 +83,10 @@ def test_the_masks_are_per_gate_and_inverted():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_rate_and_evaluation_are_the_plain_network_exactly(backend):
-    plain = _cell(backend, variant="peephole")
-    zero = _cell(backend, variant="peephole", input_dropout=0.0)
-    dropped = _cell(backend, variant="peephole", input_dropout=0.5)
+    layers = _layers(backend)  # JAX: one layer, each cell's programs compiled
+    plain = _cell(backend, variant="peephole", **layers)
+    zero = _cell(backend, variant="peephole", input_dropout=0.0, **layers)
+    dropped = _cell(backend, variant="peephole", input_dropout=0.5, **layers)
     params = plain.init(seed=1, dtype="float64")
     x = _array(backend, np.random.default_rng(1).standard_normal((4, 2, 2)))
     want, _ = plain(params, x, dropout_key=_key(backend, 3))

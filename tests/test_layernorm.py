@@ -22,13 +22,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import assert_close, to_numpy
 from doubles import ProgramKernels
-from reference import Config, make_problem, reference
+from reference import Config, batch_layout, make_problem, reference
 from test_agreement import (
     assert_gradients_match,
     assert_matches_reference,
@@ -451,15 +452,35 @@ ENGINES = [("numpy", "array"), ("numpy", "cpu_kernels"), ("torch", "array"),
 TRITON_ENGINES = ("triton", "triton_persistent")
 
 
+def _run_jax(cell, config, problem):
+    """``run_cell``'s float64 results for a JAX cell, from one jitted ``jax.vjp`` of its
+    call (test_zoneout's ``_jax_outputs_and_gradients``, which says why), for a config
+    with an initial state (the gradients of the state are taken from it)."""
+    from test_zoneout import _jax_outputs_and_gradients
+
+    params = cell.from_numpy(problem.params)
+    x, dy = (batch_layout(config, a) for a in (problem.x, problem.dy))
+    state = (problem.h0, problem.c0)
+    cotangents = (dy, problem.dh_n, problem.dc_n)
+    outputs, gradients = _jax_outputs_and_gradients(
+        cell, params, x, state, cotangents, {"lengths": problem.lengths}
+    )
+    (y, (h_n, c_n)), (grads, dx, dh0, dc0) = to_numpy(outputs), to_numpy(gradients)
+    return {"y": batch_layout(config, y), "h_n": h_n, "c_n": c_n, "grads": grads,
+            "dx": batch_layout(config, dx), "dh0": dh0, "dc0": dc0}  # fmt: skip
+
+
 @pytest.mark.parametrize("case", list(CONFIGS))
 @pytest.mark.parametrize("variant", LAYER_NORMS)
 @pytest.mark.parametrize(("backend", "engine_name"), ENGINES)
 def test_layernorm_matches_the_oracle(backend, engine_name, variant, case, thorough, monkeypatch):
     """Outputs and every gradient (W, U, b, p, the gains and shifts, x, h0, c0), float64
-    (the Triton kernels: float32, interpreted). JAX compiles each case (seconds): the
-    default run takes its path with "layers" of "layernorm_peephole" (and "layernorm" in
-    the mask test); the Triton interpreter takes seconds a case too: the default run takes
-    its path in tests/test_triton.py (smaller sizes)."""
+    (the Triton kernels: float32, interpreted). JAX compiles each case (seconds, a scan
+    forward and backward a layer-direction): the default run takes its path with "layers"
+    of "layernorm_peephole" in one layer, both directions (the layers' plumbing is the
+    network's, which numpy and torch run here in two; "layernorm" in the mask test); the
+    thorough run every case as written. The Triton interpreter takes seconds a case too:
+    the default run takes its path in tests/test_triton.py (smaller sizes)."""
     if backend == "jax" and (case, variant) != ("layers", "layernorm_peephole") and not thorough:
         pytest.skip("runs under --thorough only: JAX takes its path with layernorm_peephole")
     if engine_name in TRITON_ENGINES:
@@ -471,13 +492,18 @@ def test_layernorm_matches_the_oracle(backend, engine_name, variant, case, thoro
     if engine_name == "cpu_kernels" and build.host_compiler() is None:
         pytest.skip("no host C++ compiler")
     config = _config(variant, **CONFIGS[case])
+    if backend == "jax" and not thorough:
+        config = dataclasses.replace(config, num_layers=1)
     problem = make_problem(config)
     expected = reference(config, problem)
     dtypes = {"cpu_kernels": ("float64", "float32"), "triton": ("float32",),
               "triton_persistent": ("float32",)}.get(engine_name, ("float64",))  # fmt: skip
     for dtype in dtypes:
         cell = _cell_for(backend, config, engine=engine_name)
-        result = run_cell(cell, config, problem, dtype)
+        if backend == "jax" and config.with_state:  # one compiled program (``_run_jax``)
+            result = _run_jax(cell, config, problem)
+        else:
+            result = run_cell(cell, config, problem, dtype)
         # (the persistent kernels take no projection: the per-step Triton kernels run it)
         ran = "triton" if (engine_name, case) == ("triton_persistent", "projection") else None
         if engine_name != "auto":

@@ -26,8 +26,8 @@ jax = pytest.importorskip("jax")
 pytest.importorskip("torch", reason="the oracle runs on torch")
 jnp = jax.numpy
 
-from conftest import assert_close, float64_key, thorough_params  # noqa: E402
-from reference import KERNEL_VARIANTS, Config, make_problem, reference  # noqa: E402
+from conftest import assert_close, float64_key, thorough_params, to_numpy  # noqa: E402
+from reference import KERNEL_VARIANTS, Config, batch_layout, make_problem, reference  # noqa: E402
 from test_agreement import assert_matches_reference, assert_outputs_match, run_backend  # noqa: E402
 
 import lstm_multi  # noqa: E402
@@ -73,6 +73,68 @@ def _problem(config, lengths=None):
     return problem
 
 
+def run_pallas(config, problem, dtype, kernels):
+    """``run_backend``'s results for the cell on ``kernels`` (of a config with an initial
+    state), its outputs and every gradient from one jitted ``jax.vjp`` of its call: one
+    program to compile (seconds under the interpreter: most of these tests' time), where
+    the call and ``vjp`` are two. The kernels run as in ``vjp``: the custom VJP's forward
+    (the launch whose outputs and tape are checked), then its backward; the lengths are
+    the call's own (NumPy, as given). The cell's call and ``vjp`` outside a jit meet the
+    oracle on the kernels in test_masks.py's test_pallas_kernels_run_a_mask and in
+    test_pallas_kernels_full_tiles_without_lengths, and the scan's results below."""
+    assert config.with_state, "the gradients of the initial state are taken from it"
+    cell = config.cell("jax", **pallas_args(kernels))
+    cast = (lambda a: a.astype(dtype)) if dtype != "float64" else (lambda a: a)
+    params = cell.from_numpy(
+        [[{k: cast(v) for k, v in p.items()} for p in layer] for layer in problem.params]
+    )
+    x, dy = (cast(batch_layout(config, a)) for a in (problem.x, problem.dy))
+    h0, c0, dh_n, dc_n = (cast(a) for a in (problem.h0, problem.c0, problem.dh_n, problem.dc_n))
+
+    @jax.jit
+    def outputs_and_gradients(params, x, h0, c0, dy, dh_n, dc_n):
+        def call(params, x, h0, c0):
+            return cell(params, x, state=(h0, c0), lengths=problem.lengths)
+
+        outputs, pullback = jax.vjp(call, params, x, h0, c0)
+        return outputs, pullback((dy, (dh_n, dc_n)))
+
+    (y, (h_n, c_n)), (grads, dx, dh0, dc0) = outputs_and_gradients(
+        params, x, h0, c0, dy, dh_n, dc_n
+    )
+    return {
+        "y": batch_layout(config, to_numpy(y)),
+        "h_n": to_numpy(h_n),
+        "c_n": to_numpy(c_n),
+        "grads": to_numpy(grads),
+        "dx": batch_layout(config, to_numpy(dx)),
+        "dh0": to_numpy(dh0),
+        "dc0": to_numpy(dc0),
+    }
+
+
+def scan_reference(scan, params, x, dy, lengths):
+    """``(scan(params, x, lengths=lengths), scan.vjp(params, x, dy, lengths=lengths))``,
+    the scan cell's results that the tests below hold the kernels to, from one jitted
+    ``jax.vjp`` of its call with the zero initial states given (the call's own without a
+    state) and zero final-state cotangents (``vjp``'s defaults): one program to compile
+    where the call and ``vjp`` are two. The scan's own call and ``vjp`` are checked
+    against the oracle throughout the suite (test_agreement, test_jax)."""
+    batch = x.shape[0] if scan.batch_first else x.shape[1]
+    zeros = tuple(jnp.zeros(shape, jnp.asarray(x).dtype) for shape in scan.state_shapes(batch))
+
+    @jax.jit
+    def outputs_and_gradients(params, x, dy):
+        def call(params, x, h0, c0):
+            return scan(params, x, state=(h0, c0), lengths=lengths)
+
+        (y, (h_n, c_n)), pullback = jax.vjp(call, params, x, *zeros)
+        grads, dx, dh0, dc0 = pullback((dy, (jnp.zeros_like(h_n), jnp.zeros_like(c_n))))
+        return (y, (h_n, c_n)), (grads, dx, (dh0, dc0))
+
+    return outputs_and_gradients(params, x, dy)
+
+
 def _lengths(batch, steps):
     """Lengths in 1..T with a 1, a T and shorter ones between."""
     return [(1, steps, 2, steps - 1, 3)[n % 5] for n in range(batch)]
@@ -84,9 +146,9 @@ def test_pallas_kernels_match_the_oracle(kernels, variant):
     one), H = 8 (padded to 16), in float64 (both directions: the tests below)."""
     config = Config(variant, 17, 5, 3, 8, 1, False, True, True, True, 7)
     problem = _problem(config, _lengths(17, 5))
-    result = run_backend("jax", config, problem, "float64", **pallas_args(kernels))
+    result = run_pallas(config, problem, "float64", kernels)
     assert_matches_reference(result, reference(config, problem), "float64", f"pallas/{variant}")
-    # call, and vjp (forward with the tape, then backward)
+    # jax.vjp traces the call (the primal) and the custom VJP's forward, then the backward
     assert kernels.launches == {"sequence_forward": 2, "sequence_backward": 1}, kernels.launches
 
 
@@ -96,7 +158,7 @@ def test_pallas_kernels_two_layers_match_the_oracle(kernels, dtype):
     and in float64."""
     config = Config("peephole", 3, 6, 4, 16, 2, True, True, True, True, 11)
     problem = _problem(config, [6, 1, 4])
-    result = run_backend("jax", config, problem, dtype, **pallas_args(kernels))
+    result = run_pallas(config, problem, dtype, kernels)
     assert_matches_reference(result, reference(config, problem), dtype, f"pallas/2 layers/{dtype}")
     assert kernels.launches == {"sequence_forward": 8, "sequence_backward": 4}, kernels.launches
 
@@ -183,8 +245,7 @@ def test_pallas_kernels_take_half_inputs(kernels, dtype):
     y, (h_n, c_n) = pallas(half, x.astype(dtype), lengths=[5, 1, 3])
     grads, dx, _ = pallas.vjp(half, x.astype(dtype), dy.astype(dtype), lengths=[5, 1, 3])
     assert y.dtype == h_n.dtype == c_n.dtype == grads[0][0]["W"].dtype == dx.dtype == dtype
-    want_y, _ = scan(params, x, lengths=[5, 1, 3])
-    want_grads, want_dx, _ = scan.vjp(params, x, dy, lengths=[5, 1, 3])
+    (want_y, _), (want_grads, want_dx, _) = scan_reference(scan, params, x, dy, [5, 1, 3])
     tolerance = 2e-2 if dtype == "bfloat16" else 2e-3
     for got, want in ((y, want_y), (dx, want_dx), (grads[0][0]["p"], want_grads[0][0]["p"])):
         np.testing.assert_allclose(
@@ -223,10 +284,12 @@ def test_pallas_kernels_option_is_checked():
 
 
 def test_pallas_cell_inside_user_jit_and_grad(kernels):
-    """jax.grad of a jitted loss through the cell gives the cell's own vjp, and the scan's."""
+    """jax.grad of a jitted loss through the cell gives the cell's own vjp, and the scan's.
+    One layer both ways: the transforms' path through the kernels is a direction's (the
+    layers' plumbing, two layers in the kernels, is the two-layer test's above), and each
+    layer is compiled again, in the kernels' program and the scan's."""
     Cell = lstm_multi.get_cell("jax")
-    sizes = dict(input_size=3, hidden_size=8, variant="peephole_full", num_layers=2,
-                 bidirectional=True)  # fmt: skip
+    sizes = dict(input_size=3, hidden_size=8, variant="peephole_full", bidirectional=True)
     cell, scan = Cell(**sizes, **pallas_args(kernels)), Cell(**sizes)
     params = cell.init(seed=0, dtype="float64")
     rng = np.random.default_rng(0)
@@ -239,12 +302,13 @@ def test_pallas_cell_inside_user_jit_and_grad(kernels):
         return _loss(cell, params, x, lengths, dy)
 
     grads, dx = jax.grad(loss, argnums=(0, 1))(params, x, lengths)
-    assert kernels.launches["sequence_backward"] == 4
+    assert kernels.launches["sequence_backward"] == 2
     want_grads, want_dx = jax.grad(
         lambda params, x: _loss(scan, params, x, lengths, dy), argnums=(0, 1)
     )(params, x)
     assert_close(dx, want_dx, "float64", "dx")
-    for layer in range(2):
+    assert len(grads) == len(want_grads) == 1
+    for layer in range(1):
         for direction in range(2):
             for k in grads[layer][direction]:
                 got, want = grads[layer][direction][k], want_grads[layer][direction][k]
@@ -282,7 +346,7 @@ def test_pallas_kernels_run_the_layer_norms(kernels, variant, case):
     config, lengths, dtype = LAYER_NORM_CASES[case]
     config = dataclasses.replace(config, variant=variant)
     problem = _problem(config, lengths)
-    result = run_backend("jax", config, problem, dtype, **pallas_args(kernels))
+    result = run_pallas(config, problem, dtype, kernels)
     key = float64_key(variant) if dtype == "float64" else dtype
     assert_matches_reference(result, reference(config, problem), key, f"pallas/{variant}/{dtype}")
     directions = config.num_layers * config.num_directions
@@ -333,7 +397,7 @@ def test_a_user_reduction_variant_gets_pallas_kernels(kernels):
     dy = rng.standard_normal((3, 4, 8))
     lengths = [4, 1, 3]
     got = pallas(params, x, lengths=lengths), pallas.vjp(params, x, dy, lengths=lengths)
-    want = scan(params, x, lengths=lengths), scan.vjp(params, x, dy, lengths=lengths)
+    want = scan_reference(scan, params, x, dy, lengths)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert_close(a, b, float64_key(user), "pallas/user reduction")
     assert kernels.launches == {"sequence_forward": 2, "sequence_backward": 1}

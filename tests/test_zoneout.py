@@ -22,6 +22,15 @@ BACKENDS = ("numpy", "torch", "jax")
 RATES = dict(zoneout=(0.3, 0.2), recurrent_dropout=0.3, dropconnect=0.25)
 
 
+def _layers(backend):
+    """The layers of an oracle check whose point is not the layers: JAX runs one (both
+    directions), numpy and torch two. JAX's compilations are most of its time, a scan
+    forward and backward a layer-direction; the layers' plumbing (each layer-direction's
+    masks drawn, layer 1 reading 2 H) is the network's, shared with numpy and torch, and
+    JAX runs two layers in test_input_dropout's every-regularizer test."""
+    return {"num_layers": 1} if backend == "jax" else {}
+
+
 def _cell(backend, **kwargs):
     if backend not in lstm_multi.available_backends():
         pytest.skip(f"{backend} is not installed")
@@ -75,11 +84,17 @@ def _against_oracle(backend, key, lengths=None, mask=None, **kwargs):
     if key is not None:
         call["dropout_key"] = _key(backend, key)
     state = (_array(backend, h0), _array(backend, c0))
-    y, (h_n, c_n) = cell(params, _array(backend, x), state, **call)
-    grads, dx, (dh0, dc0) = cell.vjp(
-        params, _array(backend, x), _array(backend, dy), state,
-        dh_n=_array(backend, dh_n), dc_n=_array(backend, dc_n), **call,
-    )  # fmt: skip
+    cotangents = tuple(_array(backend, a) for a in (dy, dh_n, dc_n))
+    if backend == "jax":
+        (y, (h_n, c_n)), (grads, dx, dh0, dc0) = _jax_outputs_and_gradients(
+            cell, params, _array(backend, x), state, cotangents, call
+        )
+    else:
+        y, (h_n, c_n) = cell(params, _array(backend, x), state, **call)
+        grads, dx, (dh0, dc0) = cell.vjp(
+            params, _array(backend, x), cotangents[0], state,
+            dh_n=cotangents[1], dc_n=cotangents[2], **call,
+        )  # fmt: skip
     step_masks, u_masks = cell.regularizer_masks(
         _array(backend, x), None if key is None else _key(backend, key)
     )
@@ -118,17 +133,39 @@ def _against_oracle(backend, key, lengths=None, mask=None, **kwargs):
     return cell
 
 
+def _jax_outputs_and_gradients(cell, params, x, state, cotangents, call):
+    """The JAX cell's outputs and every gradient from one jitted ``jax.vjp`` of its call
+    (the key, lengths and mask as given): one program to compile where the call and
+    ``vjp`` are two, and a compilation is most of a JAX check's time. The cell's ``vjp``
+    is that ``jax.vjp`` of its call in a jit of its own; its own entry meets ``jax.grad``
+    in test_jax_key_is_traceable_and_grad_is_the_vjp and runs with the regularizers in
+    test_padding_does_not_leak."""
+    import jax
+
+    @jax.jit
+    def outputs_and_gradients(params, x, h0, c0, dy, dh_n, dc_n):
+        def run(params, x, h0, c0):
+            return cell(params, x, (h0, c0), **call)
+
+        outputs, pullback = jax.vjp(run, params, x, h0, c0)
+        return outputs, pullback((dy, (dh_n, dc_n)))
+
+    return outputs_and_gradients(params, x, *state, *cotangents)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_agrees_with_the_oracle(backend):
-    """All three regularizers, peephole, two layers, both directions, right padding."""
-    cell = _against_oracle(backend, 7, lengths=np.array([5, 2, 4]), variant="peephole", **RATES)
+    """All three regularizers, peephole, two layers (JAX one: ``_layers``), both
+    directions, right padding."""
+    lengths = np.array([5, 2, 4])
+    cell = _against_oracle(backend, 7, lengths, variant="peephole", **RATES, **_layers(backend))
     assert cell.last_choice.engine in ("array", "scan")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_evaluation_is_the_expectation(backend):
     """No key: h_t = p_h h_{t-1} + (1 - p_h) h̃_t and c likewise, against the oracle."""
-    _against_oracle(backend, None, lengths=np.array([5, 2, 4]), **RATES)
+    _against_oracle(backend, None, lengths=np.array([5, 2, 4]), **RATES, **_layers(backend))
 
 
 @pytest.mark.parametrize(
@@ -154,7 +191,9 @@ def test_the_layer_normalised_lstm_with_every_regularizer_agrees_with_the_oracle
 
 def test_torch_and_jax_agree_with_the_oracle_on_peephole_full():
     for backend in ("torch", "jax"):
-        _against_oracle(backend, 5, variant="peephole_full", proj_size=0, **RATES)
+        _against_oracle(
+            backend, 5, variant="peephole_full", proj_size=0, **RATES, **_layers(backend)
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -172,7 +211,7 @@ def test_zero_rates_are_the_plain_network_exactly(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_keys_choose_the_masks(backend):
-    cell = _cell(backend, **RATES)
+    cell = _cell(backend, **RATES, **_layers(backend))
     params = cell.init(seed=1, dtype="float64")
     x = _array(backend, np.random.default_rng(1).standard_normal((4, 2, 2)))
     a, _ = cell(params, x, dropout_key=_key(backend, 1))
