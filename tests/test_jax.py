@@ -114,14 +114,17 @@ def test_forward_mode_with_autodiff(variant, thorough):
     lengths = jnp.asarray([4, 2])
     loss = _loss_of_x(cell, params, lengths)
     tangent = np.ones_like(x)
-    # each transform under jit: compiled once (eagerly every call would trace and compile
-    # its scans again; the central difference below calls the gradient twice)
-    _, directional = jax.jit(lambda x, t: jax.jvp(loss, (x,), (t,)))(x, tangent)
+    # the transforms under jit: compiled once (eagerly every call would trace and compile
+    # its scans again; the central difference below calls the gradient twice); the three
+    # forward-mode ones in one program (a quarter less compiling than three programs)
+    forward_modes = jax.jit(
+        lambda x, t: (jax.jvp(loss, (x,), (t,))[1], jax.jacfwd(loss)(x), jax.hessian(loss)(x))
+    )
+    directional, jacobian, hessian = forward_modes(x, tangent)
     gradient = jax.jit(jax.grad(_loss_of_x(fast, params, lengths)))
     reverse = np.asarray(gradient(x))
     assert_close(directional, np.sum(reverse * tangent), "float64", "jvp against grad")
-    assert_close(jax.jit(jax.jacfwd(loss))(x), reverse, "float64", "jacfwd against grad")
-    hessian = jax.jit(jax.hessian(loss))(x)
+    assert_close(jacobian, reverse, "float64", "jacfwd against grad")
     eps = 1e-6
     e = np.zeros_like(x)
     e[0, 1, 0] = eps
