@@ -19,7 +19,10 @@ import lstm_multi  # noqa: E402
 
 @pytest.mark.parametrize("variant", CORE_VARIANTS)
 def test_cell_inside_user_jit_and_grad_matches_vjp(variant):
-    cell = lstm_multi.get_cell("jax")(3, 4, variant=variant, num_layers=2, bidirectional=True)
+    """One bidirectional layer (its compiling is the test's time): ``cell.vjp`` is itself
+    ``jax.vjp`` of the forward under ``jax.jit``, which test_agreement runs over stacks of
+    1-3 layers; every parameter's gradient is compared."""
+    cell = lstm_multi.get_cell("jax")(3, 4, variant=variant, bidirectional=True)
     params = cell.init(seed=0, dtype="float64")
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 5, 3)))
@@ -34,16 +37,18 @@ def test_cell_inside_user_jit_and_grad_matches_vjp(variant):
     grads, dx = jax.grad(loss, argnums=(0, 1))(params, x, lengths)
     want_grads, want_dx, _ = cell.vjp(params, x, dy, lengths=lengths)
     assert_close(dx, want_dx, "float64", "dx")
-    for k in grads[1][1]:
-        assert_close(grads[1][1][k], want_grads[1][1][k], "float64", k)
+    for direction, want in enumerate(want_grads[0]):
+        assert grads[0][direction].keys() == want.keys()
+        for k in want:
+            assert_close(grads[0][direction][k], want[k], "float64", f"{direction}: {k}")
 
 
 def test_cell_under_vmap_matches_batch():
     cell = lstm_multi.get_cell("jax")(3, 4, variant="peephole")
     params = cell.init(seed=0, dtype="float64")
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 2, 5, 3)))
+    x = np.random.default_rng(0).standard_normal((6, 2, 5, 3))  # reshaped in NumPy, not eagerly
     y = jax.vmap(lambda xi: cell(params, xi)[0])(x)
-    want = cell(params, x.reshape(12, 5, 3))[0].reshape(6, 2, 5, 4)
+    want = np.asarray(cell(params, x.reshape(12, 5, 3))[0]).reshape(6, 2, 5, 4)
     assert_close(y, want, "float64", "y")
 
 
@@ -103,21 +108,30 @@ def test_forward_mode_with_autodiff(variant, thorough):
     cell = Cell(2, 3, variant=variant, num_layers=layers, bidirectional=True, autodiff=True)
     fast = Cell(2, 3, variant=variant, num_layers=layers, bidirectional=True)  # custom VJP
     params = cell.init(seed=0, dtype="float64")
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 4, 2)))
+    # NumPy inputs, and NumPy arithmetic between the calls: each eager jnp operation would
+    # compile a program of its own
+    x = np.random.default_rng(1).standard_normal((2, 4, 2))
     lengths = jnp.asarray([4, 2])
     loss = _loss_of_x(cell, params, lengths)
-    tangent = jnp.ones_like(x)
-    # each transform under jit: compiled once (eagerly every call would trace and compile
-    # its scans again; the central difference below calls the gradient twice)
-    _, directional = jax.jit(lambda x, t: jax.jvp(loss, (x,), (t,)))(x, tangent)
-    reverse = jax.jit(jax.grad(_loss_of_x(fast, params, lengths)))(x)
-    assert_close(directional, jnp.sum(reverse * tangent), "float64", "jvp against grad")
-    assert_close(jax.jit(jax.jacfwd(loss))(x), reverse, "float64", "jacfwd against grad")
-    hessian = jax.jit(jax.hessian(loss))(x)
+    tangent = np.ones_like(x)
+    # the transforms under jit: compiled once (eagerly every call would trace and compile
+    # its scans again; the central difference below calls the gradient twice); the three
+    # forward-mode ones in one program (a quarter less compiling than three programs)
+    forward_modes = jax.jit(
+        lambda x, t: (jax.jvp(loss, (x,), (t,))[1], jax.jacfwd(loss)(x), jax.hessian(loss)(x))
+    )
+    directional, jacobian, hessian = forward_modes(x, tangent)
+    gradient = jax.jit(jax.grad(_loss_of_x(fast, params, lengths)))
+    reverse = np.asarray(gradient(x))
+    assert_close(directional, np.sum(reverse * tangent), "float64", "jvp against grad")
+    assert_close(jacobian, reverse, "float64", "jacfwd against grad")
     eps = 1e-6
-    e = jnp.zeros_like(x).at[0, 1, 0].set(eps)
-    gradient = jax.jit(jax.grad(loss))
-    column = (gradient(x + e) - gradient(x - e)) / (2 * eps)
+    e = np.zeros_like(x)
+    e[0, 1, 0] = eps
+    # the difference of the reverse-mode gradient compiled above (the custom VJP's: the
+    # same function as autodiff's to rounding, ~1e-16, which the step's 1/eps makes 1e-10,
+    # far below the bound): one program less than differencing autodiff's own gradient
+    column = (np.asarray(gradient(x + e)) - np.asarray(gradient(x - e))) / (2 * eps)
     # a central difference with step 1e-6: truncation ~eps**2 and cancellation ~1e-16 / eps
     np.testing.assert_allclose(hessian[..., 0, 1, 0], column, rtol=1e-5, atol=1e-7)
     square = np.asarray(hessian).reshape(16, 16)
@@ -142,7 +156,7 @@ def test_checkpoint_gives_the_same_gradient(autodiff):
     def loss(params):
         return jnp.sum(cell(params, x)[0] ** 2)
 
-    plain = jax.grad(loss)(params)
+    plain = jax.jit(jax.grad(loss))(params)  # one program (eagerly: one per stage)
     remat = jax.jit(jax.grad(jax.checkpoint(loss)))(params)
     for k in plain[0][0]:
         assert_close(remat[0][0][k], plain[0][0][k], "float64", k)
@@ -165,12 +179,14 @@ def test_out_of_range_lengths_are_an_error_under_jit(bad):
 def test_lengths_under_vmap_and_grad():
     cell = lstm_multi.get_cell("jax")(3, 4, variant="peephole")
     params = cell.init(seed=0, dtype="float64")
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2, 5, 3)))
-    lengths = jnp.asarray([[5, 1], [3, 4], [2, 5]])
-    ys = jax.vmap(lambda xi, ni: cell(params, xi, lengths=ni)[0])(x, lengths)
+    # NumPy inputs, indexed in NumPy (each eager jnp index would compile a program)
+    x = np.random.default_rng(0).standard_normal((3, 2, 5, 3))
+    lengths = np.asarray([[5, 1], [3, 4], [2, 5]])
+    ys = np.asarray(jax.vmap(lambda xi, ni: cell(params, xi, lengths=ni)[0])(x, lengths))
     for k in range(3):
-        assert_close(ys[k], cell(params, x[k], lengths=np.asarray(lengths[k]))[0], "float64", "y")
-    grads = jax.grad(lambda p: jnp.sum(cell(p, x[0], lengths=lengths[0])[0]))(params)
+        assert_close(ys[k], cell(params, x[k], lengths=lengths[k])[0], "float64", "y")
+    first = jnp.asarray(lengths[0])  # a concrete JAX array, as before; one jitted program
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(cell(p, x[0], lengths=first)[0])))(params)
     assert np.all(np.isfinite(np.asarray(grads[0][0]["p"])))
 
 
@@ -179,7 +195,8 @@ def test_lengths_under_vmap_and_grad():
 )
 def test_the_input_projections_placement_changes_no_result(variant):
     """x W + b inside each step (the CPU's default) or before the scan (elsewhere):
-    the same outputs and gradients in float64, with lengths and both directions."""
+    the same outputs and gradients in float64, with lengths and both directions (one
+    layer: a layer above projects its input, the layer below's output, in the same code)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(5, 3, 3))
     dy = rng.normal(size=(5, 3, 8))
@@ -187,7 +204,7 @@ def test_the_input_projections_placement_changes_no_result(variant):
     results = []
     for in_step in (True, False):
         cell = lstm_multi.get_cell("jax")(
-            3, 4, variant, 2, True, batch_first=False, project_in_step=in_step
+            3, 4, variant, 1, True, batch_first=False, project_in_step=in_step
         )
         params = cell.init(seed=1, dtype="float64")
         y, _ = cell(params, x, lengths=lengths)

@@ -99,8 +99,10 @@ def test_jax_step_under_jit_and_grad():
         return jnp.sum(y**2)
 
     assert_close(jax.jit(through_steps)(params), through_sequence(params), "float32", "loss")
-    got = jax.grad(through_steps)(params)
-    want = jax.grad(through_sequence)(params)
+    # the gradients jitted: one program each (eagerly, every step's operations compile
+    # one by one)
+    got = jax.jit(jax.grad(through_steps))(params)
+    want = jax.jit(jax.grad(through_sequence))(params)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert_close(a, b, "float32", "gradient through steps")
 
