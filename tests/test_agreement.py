@@ -55,6 +55,13 @@ def run_cell(cell, config, problem, dtype):
         dh_n=cast(problem.dh_n),
         dc_n=cast(problem.dc_n),
     )
+    return as_results(config, (y, h_n, c_n), (grads, dx, dh0, dc0))
+
+
+def as_results(config, outputs, gradients):
+    """A cell's ``(y, h_n, c_n)`` and ``(grads, dx, dh0, dc0)`` as the results the
+    comparisons take: float64-capable NumPy, y and dx time-major."""
+    (y, h_n, c_n), (grads, dx, dh0, dc0) = outputs, gradients
     return {
         "y": batch_layout(config, to_numpy(y)),
         "h_n": to_numpy(h_n),

@@ -26,9 +26,14 @@ jax = pytest.importorskip("jax")
 pytest.importorskip("torch", reason="the oracle runs on torch")
 jnp = jax.numpy
 
-from conftest import assert_close, float64_key, thorough_params, to_numpy  # noqa: E402
+from conftest import assert_close, float64_key, thorough_params  # noqa: E402
 from reference import KERNEL_VARIANTS, Config, batch_layout, make_problem, reference  # noqa: E402
-from test_agreement import assert_matches_reference, assert_outputs_match, run_backend  # noqa: E402
+from test_agreement import (  # noqa: E402
+    as_results,
+    assert_matches_reference,
+    assert_outputs_match,
+    run_backend,
+)
 
 import lstm_multi  # noqa: E402
 from lstm_multi import Variant, mean, rsqrt, sigmoid, spec, tanh  # noqa: E402
@@ -99,18 +104,8 @@ def run_pallas(config, problem, dtype, kernels):
         outputs, pullback = jax.vjp(call, params, x, h0, c0)
         return outputs, pullback((dy, (dh_n, dc_n)))
 
-    (y, (h_n, c_n)), (grads, dx, dh0, dc0) = outputs_and_gradients(
-        params, x, h0, c0, dy, dh_n, dc_n
-    )
-    return {
-        "y": batch_layout(config, to_numpy(y)),
-        "h_n": to_numpy(h_n),
-        "c_n": to_numpy(c_n),
-        "grads": to_numpy(grads),
-        "dx": batch_layout(config, to_numpy(dx)),
-        "dh0": to_numpy(dh0),
-        "dc0": to_numpy(dc0),
-    }
+    (y, (h_n, c_n)), gradients = outputs_and_gradients(params, x, h0, c0, dy, dh_n, dc_n)
+    return as_results(config, (y, h_n, c_n), gradients)
 
 
 def scan_reference(scan, params, x, dy, lengths):
